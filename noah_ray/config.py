@@ -1,0 +1,249 @@
+"""Job configuration: one schema (typed dataclasses) for the CLI, the Ray jobs and the tests.
+
+A job config is a YAML or JSON file with the sections below; every section and key is
+optional and defaults to the paper's settings.  Unknown keys and wrongly typed values are
+rejected on load with one line naming the key and the fix.
+
+.. code-block:: yaml
+
+    name: cifar100-noah
+    storage: s3://my-bucket/noah            # or a local directory / file:// URI
+    data:   {root: /data/vtab-1k, dataset: cifar100}
+    model:  {name: vit_base_patch16_224_in21k, checkpoint: /ckpt/ViT-B_16.npz}
+    space:  {num_layers: 12, modules: {vpt: {depths: [3,6,9,12], widths: [1,5,10]}, ...}}
+    supernet: {epochs: 500}
+    search:   {generations: 20, param_limit: 0.64}
+    retrain:  {epochs: 100, seeds: [0, 1, 2]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from noah_ray.space import ConfigError, SearchSpace
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin in (dict, Mapping):
+        return isinstance(value, Mapping)
+    return isinstance(value, tp)
+
+
+def section_from_dict(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in data.items():
+        if not _type_ok(v, hints[k]):
+            raise ConfigError(f"{where}.{k}: {v!r} is not a valid {getattr(hints[k], '__name__', hints[k])}")
+        if typing.get_origin(hints[k]) is tuple and isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check:
+        check(where)
+    return obj
+
+
+def _positive(where: str, **values: float) -> None:
+    for k, v in values.items():
+        if v is not None and v <= 0:
+            raise ConfigError(f"{where}.{k}: {v} must be > 0")
+
+
+@dataclass
+class DataConfig:
+    root: str = "./data"
+    dataset: str = "shapes_count"
+    format: str = "vtab"                  # vtab | fewshot | dg | folder
+    num_classes: int | None = None        # default: from the dataset registry / the files
+    img_size: int | None = None           # default: the backbone's input size
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    num_workers: int = 2
+    cache_decoded: bool = False
+    skip_corrupt: bool = False
+    shots: int | None = None              # few-shot: K
+    seed: int = 0                         # few-shot: list seed
+    train_split: str = "train800"         # supernet / search use train800 + val200
+    val_split: str = "val200"
+    final_train_split: str = "train800val200"
+    test_split: str = "test"
+
+    def check(self, where: str) -> None:
+        if self.format not in ("vtab", "fewshot", "dg", "folder"):
+            raise ConfigError(f"{where}.format: {self.format!r} unknown; use vtab, fewshot, dg or folder")
+        _positive(where, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
+                  num_classes=self.num_classes, img_size=self.img_size)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base_patch16_224_in21k"
+    checkpoint: str | None = None         # .npz (Google), .pth / .safetensors (timm); path or s3://
+    drop_path_rate: float = 0.1
+    lora_scale: float = 1.0
+    kv_shared: bool = False
+    fused_attn: bool = True
+    grad_checkpointing: bool = False
+    precision: str = "fp32"               # fp32 | bf16 | fp16
+
+    def check(self, where: str) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"{where}.precision: {self.precision!r} unknown; use fp32, bf16 or fp16")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ConfigError(f"{where}.drop_path_rate: {self.drop_path_rate} must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by supernet training and retraining."""
+
+    epochs: int = 500
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 10
+    num_workers: int = 1                  # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    checkpoint_every: int = 1             # epochs
+    eval_every: int = 1
+    eval_random_subnets: int = 3          # supernet: smallest + largest + this many fixed random
+    max_failures: int = 2
+    seed: int = 0
+    seeds: tuple[int, ...] = (0,)         # retrain: one run per seed, reported as mean +- std
+    method: str = "noah"                  # retrain: noah | linear | full | vpt | adapter | lora | e2vpt
+    subnet: str | None = None             # retrain: subnet file (default: the search's winner)
+
+    def check(self, where: str) -> None:
+        _positive(where, epochs=self.epochs, lr=self.lr, num_workers=self.num_workers,
+                  checkpoint_every=self.checkpoint_every, eval_every=self.eval_every)
+        if self.warmup_epochs < 0 or self.weight_decay < 0:
+            raise ConfigError(f"{where}: warmup_epochs and weight_decay must be >= 0")
+
+
+def _retrain_default() -> TrainConfig:
+    return TrainConfig(epochs=100, lr=1e-3)
+
+
+@dataclass
+class SearchConfig:
+    algorithm: str = "evolution"          # evolution | random | optuna
+    generations: int = 20
+    population: int = 50
+    top_k: int = 10
+    mutations: int = 25
+    crossovers: int = 25
+    mutation_prob: float = 0.2
+    depth_prob: float = 0.4
+    param_limit: float = 0.64             # millions of trainable module parameters (head excluded)
+    param_min: float = 0.0
+    max_concurrent: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    eval_batches: int | None = None       # None: the whole val split
+    seed: int = 0
+
+    def check(self, where: str) -> None:
+        if self.algorithm not in ("evolution", "random", "optuna"):
+            raise ConfigError(f"{where}.algorithm: {self.algorithm!r} unknown; use evolution, random or optuna")
+        _positive(where, generations=self.generations, population=self.population, top_k=self.top_k,
+                  param_limit=self.param_limit, max_concurrent=self.max_concurrent)
+        if self.top_k > self.population:
+            raise ConfigError(f"{where}.top_k: {self.top_k} exceeds population {self.population}")
+        if self.param_min >= self.param_limit:
+            raise ConfigError(f"{where}.param_min: {self.param_min} must be below param_limit {self.param_limit}")
+
+
+@dataclass
+class JobConfig:
+    name: str = "noah"
+    storage: str = "./noah-results"
+    storage_endpoint: str | None = None   # S3 endpoint override (no credentials here, ever)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    space: SearchSpace = field(default_factory=SearchSpace)
+    supernet: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    retrain: TrainConfig = field(default_factory=_retrain_default)
+
+    # ------------------------------------------------------------ loading
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "config") -> "JobConfig":
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown section {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        out = cls()
+        for k in ("name", "storage", "storage_endpoint"):
+            if k in data:
+                if not (isinstance(data[k], str) or (k == "storage_endpoint" and data[k] is None)):
+                    raise ConfigError(f"{where}.{k}: {data[k]!r} must be a string")
+                setattr(out, k, data[k])
+        if "data" in data:
+            out.data = section_from_dict(DataConfig, data["data"], f"{where}.data")
+        if "model" in data:
+            out.model = section_from_dict(ModelConfig, data["model"], f"{where}.model")
+        if "space" in data:
+            out.space = SearchSpace.from_dict(data["space"])
+        if "supernet" in data:
+            out.supernet = section_from_dict(TrainConfig, data["supernet"], f"{where}.supernet")
+        if "search" in data:
+            out.search = section_from_dict(SearchConfig, data["search"], f"{where}.search")
+        if "retrain" in data:
+            merged = {"epochs": 100, "lr": 1e-3, **(data["retrain"] or {})}
+            out.retrain = section_from_dict(TrainConfig, merged, f"{where}.retrain")
+        if not out.name or any(c in out.name for c in "/\\ "):
+            raise ConfigError(f"{where}.name: {out.name!r} must be a non-empty word without slashes or spaces")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> "JobConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; check the path")
+        try:
+            data = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{p}: cannot parse ({str(e).splitlines()[0]}); fix the file") from None
+        return cls.from_dict(data, where=str(p))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["space"] = self.space.to_dict()
+        for k in ("supernet", "retrain"):
+            out[k]["seeds"] = list(out[k]["seeds"])
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

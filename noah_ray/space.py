@@ -1,0 +1,412 @@
+"""Search space and subnet configurations (pure Python, no torch).
+
+A :class:`SubnetConfig` gives, for every prompt module, one width per transformer layer
+(0 = the module is absent in that layer).  A :class:`SearchSpace` says which widths and
+depths are allowed, samples, mutates and crosses configs, and counts the exact number of
+trainable parameters a materialised subnet holds.
+
+Depth semantics (NOAH): a module of depth ``d`` lives in layers ``0 .. d-1``; each of those
+layers picks its own width from the module's width choices.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+VPT = "vpt"
+LORA = "lora"
+ADAPTER = "adapter"
+KV_PROMPT = "kv_prompt"
+MODULES: tuple[str, ...] = (VPT, LORA, ADAPTER, KV_PROMPT)
+
+#: the paper's VTAB-1k space
+PAPER_DEPTHS: tuple[int, ...] = (3, 6, 9, 12)
+PAPER_VTAB_WIDTHS: tuple[int, ...] = (1, 5, 10)
+PAPER_FEWSHOT_WIDTHS: tuple[int, ...] = (5, 10, 50, 100)
+
+# names used by the original NOAH YAML files
+_NOAH_KEYS = {"VISUAL_PROMPT_DIM": VPT, "LORA_DIM": LORA, "ADAPTER_DIM": ADAPTER}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the value and the fix."""
+
+
+def _check_module(name: str) -> str:
+    if name not in MODULES:
+        raise ConfigError(f"unknown module {name!r}; use one of {', '.join(MODULES)}")
+    return name
+
+
+@dataclass(frozen=True)
+class ModuleSpace:
+    """Allowed depths and per-layer widths of one prompt module."""
+
+    depths: tuple[int, ...] = PAPER_DEPTHS
+    widths: tuple[int, ...] = PAPER_VTAB_WIDTHS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "depths", tuple(sorted(int(d) for d in self.depths)))
+        object.__setattr__(self, "widths", tuple(sorted(int(w) for w in self.widths)))
+        if not self.depths or any(d < 0 for d in self.depths):
+            raise ConfigError(f"depths {self.depths} must be a non-empty list of integers >= 0")
+        if not self.widths or any(w <= 0 for w in self.widths):
+            raise ConfigError(f"widths {self.widths} must be a non-empty list of integers > 0")
+
+    @property
+    def max_width(self) -> int:
+        return self.widths[-1]
+
+
+@dataclass(frozen=True)
+class BackboneShape:
+    """What the parameter count needs to know about a ViT."""
+
+    embed_dim: int = 768
+    num_heads: int = 12
+    depth: int = 12
+    num_classes: int = 100
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Exact trainable-parameter count of a materialised subnet."""
+
+    per_module: dict[str, int]
+    head: int
+
+    @property
+    def modules(self) -> int:
+        return sum(self.per_module.values())
+
+    @property
+    def total(self) -> int:
+        return self.modules + self.head
+
+
+def module_params(module: str, width: int, shape: BackboneShape, kv_shared: bool = False) -> int:
+    """Parameters one module of ``width`` adds to one layer (0 when width is 0)."""
+    d = shape.embed_dim
+    if width == 0:
+        return 0
+    if module == VPT:  # width prompt tokens of size d
+        return width * d
+    if module == LORA:  # A: r x d, B: 3d x r on the fused qkv
+        return 4 * d * width
+    if module == ADAPTER:  # down d->r (+bias), up r->d (+bias)
+        return 2 * d * width + width + d
+    if module == KV_PROMPT:  # key and value prompts, heads x n x head_dim each
+        return (1 if kv_shared else 2) * width * d
+    raise ConfigError(f"unknown module {module!r}; use one of {', '.join(MODULES)}")
+
+
+@dataclass(frozen=True)
+class SubnetConfig:
+    """Per-module, per-layer widths of one subnet (0 = absent in that layer)."""
+
+    widths: Mapping[str, tuple[int, ...]]
+
+    def __post_init__(self) -> None:
+        clean: dict[str, tuple[int, ...]] = {}
+        lengths = set()
+        for name, ws in self.widths.items():
+            _check_module(name)
+            if isinstance(ws, (str, bytes)) or not hasattr(ws, "__iter__"):
+                raise ConfigError(f"widths of {name!r} must be a list of integers, got {ws!r}")
+            values = tuple(ws)
+            for i, w in enumerate(values):
+                if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+                    raise ConfigError(
+                        f"{name} layer {i}: width {w!r} must be an integer >= 0"
+                    )
+            clean[name] = values
+            lengths.add(len(values))
+        if len(lengths) > 1:
+            raise ConfigError(
+                f"all modules need one width per layer, got lengths "
+                f"{ {k: len(v) for k, v in clean.items()} }"
+            )
+        # canonical order; drop nothing (an all-zero module is explicit and harmless)
+        object.__setattr__(self, "widths", {m: clean[m] for m in MODULES if m in clean})
+
+    # ----------------------------------------------------------------- views
+    @property
+    def num_layers(self) -> int:
+        return len(next(iter(self.widths.values()))) if self.widths else 0
+
+    def layer_widths(self, module: str) -> tuple[int, ...]:
+        return self.widths.get(module, (0,) * self.num_layers)
+
+    def depth(self, module: str) -> int:
+        """Index of the last layer holding the module, plus one."""
+        ws = self.layer_widths(module)
+        return max((i + 1 for i, w in enumerate(ws) if w > 0), default=0)
+
+    def active_modules(self) -> tuple[str, ...]:
+        return tuple(m for m, ws in self.widths.items() if any(ws))
+
+    def key(self) -> str:
+        """Canonical string: equal configs have equal keys (used to never score twice)."""
+        return json.dumps({m: list(ws) for m, ws in self.widths.items() if any(ws)},
+                          sort_keys=True, separators=(",", ":"))
+
+    def param_count(self, shape: BackboneShape, kv_shared: bool = False) -> ParamCount:
+        per = {m: sum(module_params(m, w, shape, kv_shared) for w in ws)
+               for m, ws in self.widths.items()}
+        return ParamCount(per, shape.embed_dim * shape.num_classes + shape.num_classes)
+
+    # -------------------------------------------------------------- builders
+    @classmethod
+    def empty(cls, num_layers: int = 12, modules: tuple[str, ...] = (VPT, LORA, ADAPTER)) -> "SubnetConfig":
+        return cls({m: (0,) * num_layers for m in modules})
+
+    @classmethod
+    def uniform(cls, num_layers: int = 12, **module_width: int) -> "SubnetConfig":
+        """The same width in every layer, e.g. ``uniform(12, vpt=10)`` (VPT-Deep baseline)."""
+        return cls({m: (w,) * num_layers for m, w in module_width.items()})
+
+    # ------------------------------------------------------------ round trip
+    def to_dict(self) -> dict[str, list[int]]:
+        return {m: list(ws) for m, ws in self.widths.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SubnetConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a subnet config must be a mapping of module -> widths, got {type(data).__name__}")
+        body = data.get("widths", data)
+        if not isinstance(body, Mapping):
+            raise ConfigError("'widths' must map module names to lists of per-layer widths")
+        return cls({str(k): tuple(v) if isinstance(v, list) else v for k, v in body.items()})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SubnetConfig":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"subnet config is not valid JSON ({e}); fix the file") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump({"widths": self.to_dict()}, default_flow_style=None, sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "SubnetConfig":
+        try:
+            return cls.from_dict(yaml.safe_load(text))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"subnet config is not valid YAML ({e}); fix the file") from None
+
+    def save(self, path: str | Path) -> None:
+        p = Path(path)
+        text = self.to_json() if p.suffix == ".json" else self.to_yaml()
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(p)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SubnetConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"subnet config file {str(p)!r} does not exist; check the path")
+        text = p.read_text()
+        return cls.from_json(text) if p.suffix == ".json" else cls.from_yaml(text)
+
+    @classmethod
+    def from_noah_yaml(cls, path: str | Path) -> "SubnetConfig":
+        """Read an original NOAH subnet file, taking its ``RETRAIN`` block.
+
+        The ``SUPERNET`` / ``SEARCH_SPACE`` blocks of those files are stale and ignored.
+        ``PREFIX_DIM`` must be all zero (prefix tuning is not part of NOAH's space).
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"NOAH subnet file {str(p)!r} does not exist; check the path")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+        if not isinstance(data, Mapping) or not isinstance(data.get("RETRAIN"), Mapping):
+            raise ConfigError(f"{p}: no RETRAIN block; a NOAH subnet file lists per-layer widths under RETRAIN")
+        retrain = data["RETRAIN"]
+        missing = [k for k in _NOAH_KEYS if k not in retrain]
+        if missing:
+            raise ConfigError(f"{p}: RETRAIN lacks {', '.join(missing)}; add one width per layer for each")
+        prefix = retrain.get("PREFIX_DIM") or []
+        if any(prefix):
+            raise ConfigError(f"{p}: RETRAIN.PREFIX_DIM {prefix} is not supported; set it to zeros")
+        widths: dict[str, Any] = {}
+        for key, module in _NOAH_KEYS.items():
+            value = retrain[key]
+            if not isinstance(value, list):
+                raise ConfigError(f"{p}: RETRAIN.{key} must be a list of per-layer widths, got {value!r}")
+            widths[module] = tuple(value)
+        try:
+            return cls(widths)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Which modules, depths and per-layer widths a search may pick."""
+
+    modules: Mapping[str, ModuleSpace] = field(
+        default_factory=lambda: {m: ModuleSpace() for m in (VPT, LORA, ADAPTER)})
+    num_layers: int = 12
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise ConfigError("a search space needs at least one module")
+        for m, s in self.modules.items():
+            _check_module(m)
+            if not isinstance(s, ModuleSpace):
+                raise ConfigError(f"module {m!r}: expected a ModuleSpace, got {s!r}")
+            bad = [d for d in s.depths if d > self.num_layers]
+            if bad:
+                raise ConfigError(f"module {m!r}: depth {bad[0]} exceeds the {self.num_layers} layers")
+        object.__setattr__(self, "modules", {m: self.modules[m] for m in MODULES if m in self.modules})
+
+    # ------------------------------------------------------------- factories
+    @classmethod
+    def paper_vtab(cls, num_layers: int = 12) -> "SearchSpace":
+        return cls(num_layers=num_layers)
+
+    @classmethod
+    def paper_fewshot(cls, num_layers: int = 12) -> "SearchSpace":
+        return cls({m: ModuleSpace(widths=PAPER_FEWSHOT_WIDTHS) for m in (VPT, LORA, ADAPTER)}, num_layers)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SearchSpace":
+        if not isinstance(data, Mapping) or "modules" not in data:
+            raise ConfigError("a search space needs 'modules': {name: {depths: [...], widths: [...]}}")
+        num_layers = int(data.get("num_layers", 12))
+        modules = {}
+        for name, spec in data["modules"].items():
+            _check_module(name)
+            spec = spec or {}
+            unknown = set(spec) - {"depths", "widths"}
+            if unknown:
+                raise ConfigError(f"module {name!r}: unknown key(s) {sorted(unknown)}; use depths, widths")
+            modules[name] = ModuleSpace(tuple(spec.get("depths", PAPER_DEPTHS)),
+                                        tuple(spec.get("widths", PAPER_VTAB_WIDTHS)))
+        return cls(modules, num_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_layers": self.num_layers,
+                "modules": {m: {"depths": list(s.depths), "widths": list(s.widths)}
+                            for m, s in self.modules.items()}}
+
+    # ---------------------------------------------------------------- limits
+    def max_widths(self) -> dict[str, int]:
+        return {m: s.max_width for m, s in self.modules.items()}
+
+    def largest(self) -> SubnetConfig:
+        return SubnetConfig({m: (s.max_width,) * max(s.depths) + (0,) * (self.num_layers - max(s.depths))
+                             for m, s in self.modules.items()})
+
+    def smallest(self) -> SubnetConfig:
+        return SubnetConfig({m: (s.widths[0],) * min(s.depths) + (0,) * (self.num_layers - min(s.depths))
+                             for m, s in self.modules.items()})
+
+    # ------------------------------------------------------------ validation
+    def validate(self, cfg: SubnetConfig) -> SubnetConfig:
+        """Raise :class:`ConfigError` naming the offending module/layer/value, else return cfg."""
+        if cfg.num_layers != self.num_layers:
+            raise ConfigError(f"subnet has {cfg.num_layers} layers, the space has {self.num_layers}; "
+                              f"give one width per layer")
+        for m, ws in cfg.widths.items():
+            if m not in self.modules:
+                if any(ws):
+                    raise ConfigError(f"module {m!r} is not in this search space "
+                                      f"({', '.join(self.modules)}); remove it or add it to the space")
+                continue
+            s = self.modules[m]
+            depth = cfg.depth(m)
+            for i, w in enumerate(ws):
+                if i < depth and w not in s.widths:
+                    raise ConfigError(f"{m} layer {i}: width {w} is not in {list(s.widths)} "
+                                      f"(modules fill layers 0..depth-1)")
+            if depth not in s.depths and not (depth == 0 and 0 in s.depths):
+                raise ConfigError(f"{m}: depth {depth} is not in {list(s.depths)}")
+        for m in self.modules:
+            if m not in cfg.widths and 0 not in self.modules[m].depths:
+                raise ConfigError(f"module {m!r} is missing from the subnet; give its per-layer widths")
+        return cfg
+
+    def contains(self, cfg: SubnetConfig) -> bool:
+        try:
+            self.validate(cfg)
+        except ConfigError:
+            return False
+        return True
+
+    # ------------------------------------------------------ random operators
+    def _module_widths(self, m: str, depth: int, rng: random.Random) -> tuple[int, ...]:
+        s = self.modules[m]
+        return tuple(rng.choice(s.widths) for _ in range(depth)) + (0,) * (self.num_layers - depth)
+
+    def sample(self, rng: random.Random) -> SubnetConfig:
+        """A random subnet: per module a depth, then a width per layer in 0..depth-1."""
+        return SubnetConfig({m: self._module_widths(m, rng.choice(s.depths), rng)
+                             for m, s in self.modules.items()})
+
+    def mutate(self, cfg: SubnetConfig, rng: random.Random, prob: float = 0.2,
+               depth_prob: float = 0.4) -> SubnetConfig:
+        """Per module: with ``depth_prob`` re-sample the depth (kept layers keep their widths,
+        new layers get random widths); then every active layer re-samples its width with ``prob``."""
+        out: dict[str, tuple[int, ...]] = {}
+        for m, s in self.modules.items():
+            ws = list(cfg.layer_widths(m))
+            depth = cfg.depth(m)
+            if rng.random() < depth_prob:
+                new_depth = rng.choice(s.depths)
+                ws = [ws[i] if i < min(depth, new_depth) else
+                      (rng.choice(s.widths) if i < new_depth else 0) for i in range(self.num_layers)]
+                depth = new_depth
+            for i in range(depth):
+                if rng.random() < prob:
+                    ws[i] = rng.choice(s.widths)
+            out[m] = tuple(ws)
+        return SubnetConfig(out)
+
+    def crossover(self, a: SubnetConfig, b: SubnetConfig, rng: random.Random,
+                  layer_prob: float = 0.5) -> SubnetConfig:
+        """Child takes each module's depth from one parent, and each active layer's width from
+        either parent (the other parent's width where it is active there, else a fresh draw)."""
+        out: dict[str, tuple[int, ...]] = {}
+        for m, s in self.modules.items():
+            wa, wb = a.layer_widths(m), b.layer_widths(m)
+            depth = a.depth(m) if rng.random() < 0.5 else b.depth(m)
+            ws = []
+            for i in range(self.num_layers):
+                if i >= depth:
+                    ws.append(0)
+                    continue
+                pick = [w for w in (wa[i], wb[i]) if w > 0]
+                if not pick:
+                    ws.append(rng.choice(s.widths))
+                elif len(pick) == 1:
+                    ws.append(pick[0])
+                else:
+                    ws.append(pick[0] if rng.random() < layer_prob else pick[1])
+            out[m] = tuple(ws)
+        return SubnetConfig(out)
+
+    def size(self) -> int:
+        """Number of distinct subnets in the space."""
+        total = 1
+        for s in self.modules.values():
+            total *= sum(len(s.widths) ** d for d in s.depths)
+        return total

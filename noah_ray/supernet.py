@@ -1,0 +1,239 @@
+"""A frozen timm ViT carrying prompt modules in every block.
+
+:class:`PromptedViT` wraps any timm ``VisionTransformer``.  Its *capacity* (a
+:class:`~noah_ray.space.SubnetConfig`) fixes how wide each module is in each layer; the
+*active* config (``set_active``) picks a subnet inside it by slicing (weight entanglement).
+A supernet is a PromptedViT at the search space's maximum capacity; ``extract(cfg)`` builds a
+standalone PromptedViT whose capacity is exactly ``cfg``, holding only the active weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from noah_ray.backbones import backbone_shape, create_backbone
+from noah_ray.modules import Adapter, AdapterMLP, DeepPrompt, KVPrompt, LoRA, PromptAttention
+from noah_ray.space import ADAPTER, KV_PROMPT, LORA, MODULES, VPT, BackboneShape, ConfigError, SearchSpace, SubnetConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class PromptBlock(nn.Module):
+    """One timm block with its prompt modules; inserts this layer's VPT tokens first.
+
+    ``num_in`` (prompt tokens entering) and ``strip`` (remove prompts after the block, set on
+    the last block) are fixed by ``set_active`` so the block is a plain ``x -> x`` function and
+    timm's ``checkpoint_seq`` applies unchanged.
+    """
+
+    def __init__(self, block: nn.Module, num_prefix: int, vpt: DeepPrompt | None) -> None:
+        super().__init__()
+        self.block = block
+        self.vpt = vpt
+        self.num_prefix = num_prefix
+        self.num_in = 0
+        self.num_out = 0
+        self.strip = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vpt is not None and self.vpt.active > 0:
+            x = self.vpt.insert(x, self.num_prefix, self.num_in)
+        x = self.block(x)
+        if self.strip and self.num_out:
+            x = torch.cat([x[:, : self.num_prefix], x[:, self.num_prefix + self.num_out:]], dim=1)
+        return x
+
+
+def _module(block: PromptBlock, name: str) -> nn.Module | None:
+    if name == VPT:
+        return block.vpt
+    if name == LORA:
+        return block.block.attn.lora
+    if name == KV_PROMPT:
+        return block.block.attn.kv_prompt
+    mlp = block.block.mlp
+    return mlp.adapter if isinstance(mlp, AdapterMLP) else None
+
+
+class PromptedViT(nn.Module):
+    """A timm ViT with prompt modules; only modules and head train (unless ``train_backbone``)."""
+
+    def __init__(self, backbone: VisionTransformer, capacity: SubnetConfig, *, lora_scale: float = 1.0,
+                 kv_shared: bool = False, train_backbone: bool = False) -> None:
+        super().__init__()
+        if not isinstance(backbone, VisionTransformer):
+            raise ConfigError(f"backbone must be a timm VisionTransformer, got {type(backbone).__name__}")
+        depth = len(backbone.blocks)
+        if capacity.num_layers != depth:
+            raise ConfigError(f"capacity has {capacity.num_layers} layers, backbone {depth}; "
+                              f"give one width per backbone layer")
+        self.shape = backbone_shape(backbone)
+        self.lora_scale, self.kv_shared, self.train_backbone = lora_scale, kv_shared, train_backbone
+        self.capacity = capacity
+        self.vit = backbone
+        self.vit.requires_grad_(train_backbone)
+        self.vit.head.requires_grad_(True)
+        d, heads = self.shape.embed_dim, self.shape.num_heads
+        blocks = []
+        for i, blk in enumerate(backbone.blocks):
+            c = {m: capacity.layer_widths(m)[i] for m in MODULES}
+            lora = LoRA(d, 3 * d, c[LORA], lora_scale) if c[LORA] else None
+            kvp = KVPrompt(heads, d // heads, c[KV_PROMPT], kv_shared) if c[KV_PROMPT] else None
+            blk.attn = PromptAttention(blk.attn, lora, kvp)
+            if c[ADAPTER]:
+                blk.mlp = AdapterMLP(blk.mlp, Adapter(d, c[ADAPTER]))
+            blocks.append(PromptBlock(blk, backbone.num_prefix_tokens, DeepPrompt(d, c[VPT]) if c[VPT] else None))
+        self.vit.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+        self.precision = "fp32"
+        self.set_active(capacity)
+
+    # ------------------------------------------------------------ factories
+    @classmethod
+    def supernet(cls, model_name: str, num_classes: int, space: SearchSpace, checkpoint: str | None = None,
+                 **kwargs) -> "PromptedViT":
+        """The supernet of ``space``: every module at maximum width in every layer up to its
+        largest depth."""
+        timm_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ("drop_path_rate", "img_size")}
+        vit = create_backbone(model_name, num_classes, checkpoint, **timm_kwargs)
+        if space.num_layers != len(vit.blocks):
+            raise ConfigError(f"search space has {space.num_layers} layers, {model_name} has "
+                              f"{len(vit.blocks)}; set num_layers: {len(vit.blocks)}")
+        return cls(vit, space.largest(), **kwargs)
+
+    # --------------------------------------------------------------- active
+    @property
+    def blocks(self) -> list[PromptBlock]:
+        return list(self.vit.blocks)
+
+    def module(self, name: str, layer: int) -> nn.Module | None:
+        return _module(self.vit.blocks[layer], name)
+
+    def set_active(self, cfg: SubnetConfig) -> None:
+        """Activate a subnet; every width must fit the capacity of its layer."""
+        if cfg.num_layers != self.capacity.num_layers:
+            raise ConfigError(f"subnet has {cfg.num_layers} layers, the model {self.capacity.num_layers}")
+        for m in cfg.widths:
+            cap = self.capacity.layer_widths(m)
+            for i, w in enumerate(cfg.layer_widths(m)):
+                if w > cap[i]:
+                    raise ConfigError(f"{m} layer {i}: width {w} exceeds the model's capacity {cap[i]}")
+        num_prompts = 0
+        for i, blk in enumerate(self.vit.blocks):
+            for m in MODULES:
+                mod = _module(blk, m)
+                if mod is not None:
+                    mod.set_width(cfg.layer_widths(m)[i])
+            blk.num_in = num_prompts
+            if cfg.layer_widths(VPT)[i] > 0:
+                num_prompts = cfg.layer_widths(VPT)[i]
+            blk.num_out = num_prompts
+            blk.strip = False
+        self.vit.blocks[-1].strip = True
+        self.active = cfg
+
+    # ---------------------------------------------------------------- extract
+    def extract(self, cfg: SubnetConfig | None = None) -> "PromptedViT":
+        """A standalone model whose capacity is exactly ``cfg`` (default: the active config),
+        holding copies of the active slices of every module and the head."""
+        cfg = cfg or self.active
+        self.set_active(cfg)
+        vit = copy.deepcopy(self._plain_backbone())
+        sub = PromptedViT(vit, cfg, lora_scale=self.lora_scale, kv_shared=self.kv_shared,
+                          train_backbone=self.train_backbone)
+        with torch.no_grad():
+            for i, (src, dst) in enumerate(zip(self.vit.blocks, sub.vit.blocks)):
+                for m in MODULES:
+                    w = cfg.layer_widths(m)[i]
+                    if w:
+                        for name, t in _module(src, m).sliced_state(w).items():
+                            getattr(_module(dst, m), name).copy_(t)
+        sub.grad_checkpointing, sub.precision = self.grad_checkpointing, self.precision
+        sub.set_fused_attn(self.vit.blocks[0].block.attn.fused_attn)
+        self.set_active(cfg)
+        return sub
+
+    def _plain_backbone(self) -> VisionTransformer:
+        """A deep copy of the timm ViT with the prompt modules taken out again."""
+        vit = copy.deepcopy(self.vit)
+        blocks = []
+        for pb in vit.blocks:
+            blk = pb.block
+            blk.attn = blk.attn.attn
+            if isinstance(blk.mlp, AdapterMLP):
+                blk.mlp = blk.mlp.mlp
+            blocks.append(blk)
+        vit.blocks = nn.Sequential(*blocks)
+        return vit
+
+    def backbone(self) -> VisionTransformer:
+        """The wrapped ViT without prompt modules (shares no tensors with this model)."""
+        return self._plain_backbone()
+
+    # ---------------------------------------------------------------- params
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what trains: modules and head (plus the backbone when ``train_backbone``)."""
+        return {k: v for k, v in self.state_dict().items()
+                if k in self._trainable_names()}
+
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self._trainable_names()
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ConfigError(f"trainable state does not fit this model: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}; use the same backbone and space")
+        self.load_state_dict(state, strict=False)
+
+    def num_trainable(self) -> dict[str, int]:
+        """Trainable parameter count per module and head, as materialised."""
+        out = {m: 0 for m in MODULES}
+        for blk in self.vit.blocks:
+            for m in MODULES:
+                mod = _module(blk, m)
+                if mod is not None:
+                    out[m] += sum(p.numel() for p in mod.parameters() if p.requires_grad)
+        out["head"] = sum(p.numel() for p in self.vit.head.parameters())
+        return out
+
+    # --------------------------------------------------------------- switches
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Per-block non-reentrant checkpointing (prompt insertion happens inside each block)."""
+        self.grad_checkpointing = enable
+
+    def set_fused_attn(self, enable: bool = True) -> None:
+        for blk in self.vit.blocks:
+            blk.block.attn.fused_attn = enable
+
+    def set_precision(self, precision: str) -> None:
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision {precision!r} unknown; use one of {', '.join(PRECISIONS)}")
+        self.precision = precision
+
+    def _autocast(self, device_type: str):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device_type, dtype=dtype)
+
+    # ---------------------------------------------------------------- forward
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            x = checkpoint_seq(vit.blocks, x, use_reentrant=False)
+        else:
+            x = vit.blocks(x)
+        return vit.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast(x.device.type):
+            return self.vit.forward_head(self.forward_features(x))

@@ -1,0 +1,57 @@
+"""Shared fixtures: one local Ray per session, a real S3 endpoint (moto) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+# Fake credentials for the local moto endpoint, set before Ray starts so that workers inherit
+# them through the environment (never through pickled objects).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray started once per test session: ``ray.init(address="local", num_cpus=2)``."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint (moto server) on 127.0.0.1; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket on the moto endpoint; yields ``(endpoint, bucket)``."""
+    import boto3
+
+    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-[]")
+    name = "".join(c for c in name if c.isalnum() or c == "-")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return s3_endpoint, name
