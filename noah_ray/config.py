@@ -9,7 +9,7 @@ rejected on load with one line naming the key and the fix.
     name: cifar100-noah
     storage: s3://my-bucket/noah            # or a local directory / file:// URI
     data:   {root: /data/vtab-1k, dataset: cifar100}
-    model:  {name: vit_base_patch16_224_in21k, checkpoint: /ckpt/ViT-B_16.npz}
+    model:  {name: vit_base_patch16_224.augreg_in21k, checkpoint: /ckpt/ViT-B_16.npz}
     space:  {num_layers: 12, modules: {vpt: {depths: [3,6,9,12], widths: [1,5,10]}, ...}}
     supernet: {epochs: 500}
     search:   {generations: 20, param_limit: 0.64}
@@ -108,7 +108,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_base_patch16_224_in21k"
+    name: str = "vit_base_patch16_224.augreg_in21k"
     checkpoint: str | None = None         # .npz (Google), .pth / .safetensors (timm); path or s3://
     drop_path_rate: float = 0.1
     lora_scale: float = 1.0

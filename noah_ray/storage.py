@@ -28,6 +28,52 @@ from noah_ray.space import ConfigError
 
 SCHEMA_VERSION = 1
 
+_widths = [(f"{m}_{k}", t) for m in ("vpt", "lora", "adapter", "kv_prompt")
+           for k, t in (("depth", pa.int16()), ("widths", pa.list_(pa.int16())))]
+
+#: the fixed schema of every result table (one Parquet dataset per table under the job's URI)
+TABLES: dict[str, pa.Schema] = {
+    # one row per evaluated search candidate
+    "trials": pa.schema([
+        ("run_id", pa.string()), ("job", pa.string()), ("dataset", pa.string()),
+        ("algorithm", pa.string()), ("trial_id", pa.string()), ("config_key", pa.string()),
+        ("config_json", pa.string()), *_widths,
+        ("params", pa.int64()), ("params_head", pa.int64()), ("val_acc", pa.float64()),
+        ("generation", pa.int32()), ("origin", pa.string()), ("parent_ids", pa.list_(pa.string())),
+        ("status", pa.string()), ("wall_time_s", pa.float64()), ("worker", pa.string()),
+        ("timestamp", pa.timestamp("ms", tz="UTC")),
+    ]),
+    # one row per generation of a search
+    "generations": pa.schema([
+        ("run_id", pa.string()), ("job", pa.string()), ("dataset", pa.string()), ("algorithm", pa.string()),
+        ("generation", pa.int32()), ("evaluated", pa.int32()), ("failed", pa.int32()),
+        ("best_val_acc", pa.float64()), ("best_params", pa.int64()), ("best_config_json", pa.string()),
+        ("timestamp", pa.timestamp("ms", tz="UTC")),
+    ]),
+    # non-dominated candidates (val accuracy vs params) of a finished search
+    "pareto": pa.schema([
+        ("run_id", pa.string()), ("job", pa.string()), ("dataset", pa.string()), ("algorithm", pa.string()),
+        ("trial_id", pa.string()), ("config_json", pa.string()), *_widths,
+        ("params", pa.int64()), ("params_head", pa.int64()), ("val_acc", pa.float64()),
+    ]),
+    # per-epoch supernet / retrain metrics; `subnet` names the evaluated subnet
+    # ("smallest", "largest", "random_0", ..., or "model" for retraining)
+    "train_metrics": pa.schema([
+        ("run_id", pa.string()), ("job", pa.string()), ("dataset", pa.string()), ("stage", pa.string()),
+        ("method", pa.string()), ("seed", pa.int32()), ("epoch", pa.int32()), ("subnet", pa.string()),
+        ("train_loss", pa.float64()), ("val_acc", pa.float64()), ("lr", pa.float64()),
+        ("images_per_s", pa.float64()), ("timestamp", pa.timestamp("ms", tz="UTC")),
+    ]),
+    # one row per finished retraining run (test accuracy reported once, selected on val)
+    "runs": pa.schema([
+        ("run_id", pa.string()), ("job", pa.string()), ("dataset", pa.string()), ("method", pa.string()),
+        ("seed", pa.int32()), ("config_json", pa.string()), ("params", pa.int64()),
+        ("params_head", pa.int64()), ("val_acc", pa.float64()), ("test_acc", pa.float64()),
+        ("best_epoch", pa.int32()), ("epochs", pa.int32()), ("wall_time_s", pa.float64()),
+        ("checkpoint_uri", pa.string()), ("timestamp", pa.timestamp("ms", tz="UTC")),
+    ]),
+}
+
 
 @dataclass(frozen=True)
 class Location:
@@ -153,8 +199,11 @@ def append_table(base: Location, table_name: str, table: pa.Table, part: str | N
     """Append rows to table ``table_name`` under ``base`` by writing one new Parquet file.
 
     Files are ``<base>/<table_name>/<part>.parquet``; earlier files are never rewritten.
-    The schema version is stored in the file metadata.
+    Tables named in :data:`TABLES` are checked and cast to their fixed schema; the schema
+    version is stored in the file metadata.
     """
+    if table_name in TABLES:
+        table = conform(table_name, table)
     meta = dict(table.schema.metadata or {})
     meta[b"noah_ray_schema_version"] = str(SCHEMA_VERSION).encode()
     table = table.replace_schema_metadata(meta)
@@ -163,6 +212,18 @@ def append_table(base: Location, table_name: str, table: pa.Table, part: str | N
     target = base.join(table_name, f"{part or uuid.uuid4().hex}.parquet")
     write_bytes(target, buf.getvalue())
     return target
+
+
+def conform(table_name: str, table: pa.Table) -> pa.Table:
+    """Cast ``table`` to the fixed schema of ``table_name`` (missing nullable columns -> null)."""
+    schema = TABLES[table_name]
+    extra = set(table.column_names) - set(schema.names)
+    if extra:
+        raise ConfigError(f"table {table_name!r}: unknown column(s) {sorted(extra)}; "
+                          f"the schema has {', '.join(schema.names)}")
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names
+            else pa.nulls(table.num_rows, f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def read_table(base: Location, table_name: str) -> pa.Table | None:
