@@ -221,7 +221,7 @@ def conform(table_name: str, table: pa.Table) -> pa.Table:
     if extra:
         raise ConfigError(f"table {table_name!r}: unknown column(s) {sorted(extra)}; "
                           f"the schema has {', '.join(schema.names)}")
-    cols = [table.column(f.name).cast(f.type, safe=False) if f.name in table.column_names
+    cols = [table.column(f.name).cast(f.type, safe=not pa.types.is_timestamp(f.type)) if f.name in table.column_names
             else pa.nulls(table.num_rows, f.type) for f in schema]
     return pa.Table.from_arrays(cols, schema=schema)
 
