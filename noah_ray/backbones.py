@@ -88,7 +88,12 @@ def load_backbone_weights(model: VisionTransformer, uri: str, *, endpoint: str |
         state["pos_embed"] = resample_abs_pos_embed(
             state["pos_embed"], model.patch_embed.grid_size,
             num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e)[:160])
+        raise ConfigError(f"checkpoint {uri!r} does not fit {type(model).__name__} ({first}); "
+                          f"check model.name") from None
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
         raise ConfigError(f"checkpoint {uri!r} does not fit {type(model).__name__}: missing {missing[:3]}, "
