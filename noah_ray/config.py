@@ -143,6 +143,7 @@ class TrainConfig:
     seeds: tuple[int, ...] = (0,)         # retrain: one run per seed, reported as mean +- std
     method: str = "noah"                  # retrain: noah | linear | full | vpt | adapter | lora | e2vpt
     subnet: str | None = None             # retrain: subnet file (default: the search's winner)
+    baselines: tuple[str, ...] = ()       # retrain: baselines the pipeline trains beside NOAH (linear, vpt, ...)
 
     def check(self, where: str) -> None:
         _positive(where, epochs=self.epochs, lr=self.lr, num_workers=self.num_workers,
@@ -172,6 +173,10 @@ class SearchConfig:
     gpus_per_trial: float = 0.0
     eval_batches: int | None = None       # None: the whole val split
     seed: int = 0
+    trial_retries: int = 1                # Tune retries of a crashed candidate evaluation before it counts as failed
+    cache_val: bool = True                # evaluation actors keep the decoded val batches in memory (val200 at 224px: ~120 MB)
+    hold_actors: bool = True              # while a generation's last candidates run, idle actors get short placeholder
+                                          # trials, so Tune keeps them (and their loaded supernet) for the next generation
 
     def check(self, where: str) -> None:
         if self.algorithm not in ("evolution", "random", "optuna"):
@@ -182,6 +187,15 @@ class SearchConfig:
             raise ConfigError(f"{where}.top_k: {self.top_k} exceeds population {self.population}")
         if self.param_min >= self.param_limit:
             raise ConfigError(f"{where}.param_min: {self.param_min} must be below param_limit {self.param_limit}")
+        if self.mutations < 0 or self.crossovers < 0 or self.mutations + self.crossovers > self.population:
+            raise ConfigError(f"{where}: mutations {self.mutations} + crossovers {self.crossovers} must be >= 0 "
+                              f"and at most population {self.population}")
+        for k in ("mutation_prob", "depth_prob"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise ConfigError(f"{where}.{k}: {getattr(self, k)} must be in [0, 1]")
+        _positive(where, cpus_per_trial=self.cpus_per_trial, eval_batches=self.eval_batches)
+        if self.gpus_per_trial < 0 or self.trial_retries < 0 or self.param_min < 0:
+            raise ConfigError(f"{where}: gpus_per_trial, trial_retries and param_min must be >= 0")
 
 
 @dataclass
@@ -243,6 +257,7 @@ class JobConfig:
         out["space"] = self.space.to_dict()
         for k in ("supernet", "retrain"):
             out[k]["seeds"] = list(out[k]["seeds"])
+            out[k]["baselines"] = list(out[k]["baselines"])
         return out
 
     def save(self, path: str | Path) -> None:

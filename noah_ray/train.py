@@ -17,6 +17,7 @@ continues from the last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -164,7 +165,7 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
 
     job = JobConfig.from_dict(config["job"])
-    stage, tc = config["stage"], TrainConfig(**{**config["train"], "seeds": tuple(config["train"]["seeds"])})
+    stage, tc = config["stage"], _train_config(config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -267,6 +268,10 @@ def train_loop(config: dict) -> None:
         storage.save_state(root.join(config["run_dir"], "final"), model.trainable_state_dict(), meta)
 
 
+def _train_config(data: dict) -> TrainConfig:
+    return TrainConfig(**{**data, "seeds": tuple(data["seeds"]), "baselines": tuple(data["baselines"])})
+
+
 def _write_metrics(stage_root, job, stage, config, epoch, metrics, rows) -> None:
     base = {"run_id": config["run_name"], "job": job.name, "dataset": job.data.dataset, "stage": stage,
             "method": config["method"], "seed": config["seed"], "epoch": epoch,
@@ -287,7 +292,7 @@ def _fit(job: JobConfig, stage: str, run_name: str, run_dir: str, tc: TrainConfi
     storage.check_writable(root)
     backbone = ensure_backbone(job)
     num_classes = _num_classes(job)
-    config = {"job": job.to_dict(), "stage": stage, "train": {**tc.__dict__, "seeds": list(tc.seeds)},
+    config = {"job": job.to_dict(), "stage": stage, "train": dataclasses.asdict(tc),
               "seed": seed, "method": method, "subnet": subnet.to_json() if subnet else None,
               "backbone": backbone, "num_classes": num_classes, "train_split": train_split,
               "run_name": run_name, "run_dir": run_dir}
