@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import math
+import pickle
+import zipfile
+from typing import Callable, Mapping
+
+import numpy as np
 import timm
+import torch
+from timm.layers import resample_abs_pos_embed
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
 
 from noah_ray.space import BackboneShape, ConfigError
+
+log = logging.getLogger(__name__)
 
 
 default_cfgs = generate_default_cfgs({
@@ -40,64 +52,229 @@ def create_backbone(name: str, num_classes: int, checkpoint: str | None = None, 
 
 
 def load_backbone_weights(model: VisionTransformer, uri: str, *, endpoint: str | None = None) -> None:
-    """Load backbone weights (the head stays fresh) from a Google ``.npz`` (``ViT-B_16.npz``
-    layout, loaded by timm's own converter), a timm ``.pth`` / ``.bin`` or a ``.safetensors`` file."""
-    import os
-    import tempfile
+    """Load backbone weights into ``model`` (its classifier head stays as it is).
 
-    import torch
+    ``uri`` is a local path, ``file://`` or ``s3://`` URI of a Google ``.npz`` (vit_jax
+    ``ViT-B_16.npz`` / ``ViT-L_16.npz`` layout, also big_vision / ``opt/target/`` prefixed), a
+    timm / torch ``.pth`` / ``.bin`` state dict (optionally wrapped in ``state_dict`` / ``model``)
+    or a ``.safetensors`` file; the format is recognised from the content.  The position
+    embedding is resampled when the checkpoint was trained at another resolution.  Anything that
+    does not fit raises one :class:`ConfigError` naming the tensor.
+    """
+    state, source, fmt = read_checkpoint(uri, endpoint=endpoint)
+    _fit_to_model(model, state, source, uri)
+    with torch.no_grad():
+        model.load_state_dict(state, strict=False)
+    log.info("loaded %d backbone tensors from %s (%s)", len(state), uri, fmt)
 
+
+def read_checkpoint(uri: str, *, endpoint: str | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """A checkpoint as a timm-keyed state dict, a map from each timm key to the tensor's name
+    in the file (for error messages) and the detected format (``npz``, ``safetensors``, ``torch``)."""
     from noah_ray import storage
 
     loc = storage.resolve(uri, endpoint)
     if not storage.exists(loc):
         raise ConfigError(f"backbone checkpoint {uri!r} does not exist; check model.checkpoint")
     data = storage.read_bytes(loc)
-    head = {k: v.clone() for k, v in model.head.state_dict().items()}
-    suffix = os.path.splitext(loc.path)[1].lower()
-    if suffix == ".npz":
-        with tempfile.NamedTemporaryFile(suffix=".npz") as f:
-            f.write(data)
-            f.flush()
-            try:
-                model.load_pretrained(f.name)
-            except (KeyError, ValueError, RuntimeError) as e:
-                raise ConfigError(f"{uri!r} is not a Google ViT .npz for {type(model).__name__} of this size "
-                                  f"({type(e).__name__}: {str(e)[:120]}); check model.name") from None
-        model.head.load_state_dict(head)
-        return
-    if suffix == ".safetensors":
+    fmt = _sniff(data)
+    if fmt == "npz":
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
+            raise ConfigError(f"{uri!r} is not a readable .npz ({type(e).__name__}: {str(e)[:100]})") from None
+        state, source = google_to_timm(arrays, where=uri)
+        return state, source, fmt
+    if fmt == "safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load
 
-        state = load(data)
-    else:
-        import io
-
         try:
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling problem is a bad file
-            raise ConfigError(f"{uri!r} is not a torch checkpoint ({type(e).__name__}); "
-                              f"use .npz, .pth/.bin or .safetensors") from None
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("head.")}
-    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
-        from timm.layers import resample_abs_pos_embed
+            state = load(data)
+        except (SafetensorError, ValueError) as e:
+            raise ConfigError(f"{uri!r} is not a readable .safetensors file ({str(e)[:100]})") from None
+    else:
+        state = _torch_state(data, uri)
+    state = _strip_prefixes(state)
+    return state, {k: k for k in state}, fmt
 
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], model.patch_embed.grid_size,
-            num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e)[:160])
-        raise ConfigError(f"checkpoint {uri!r} does not fit {type(model).__name__} ({first}); "
-                          f"check model.name") from None
-    missing = [k for k in missing if not k.startswith("head.")]
-    if missing or unexpected:
-        raise ConfigError(f"checkpoint {uri!r} does not fit {type(model).__name__}: missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}; check model.name")
+
+def _sniff(data: bytes) -> str:
+    if data[:4] == b"PK\x03\x04":
+        try:
+            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        except zipfile.BadZipFile:
+            return "torch"
+        return "npz" if names and all(n.endswith(".npy") for n in names) else "torch"
+    if len(data) > 9 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") < len(data):
+        return "safetensors"
+    return "torch"
+
+
+def _torch_state(data: bytes, uri: str) -> dict[str, torch.Tensor]:
+    import argparse
+
+    try:  # training scripts (DeiT, MAE, ...) store their argparse.Namespace beside the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise ConfigError(f"{uri!r} holds Python objects besides tensors and is not loaded for safety; "
+                              f"re-save it with torch.save(model.state_dict(), ...) or as .safetensors") from None
+        raise ConfigError(f"{uri!r} is not a torch checkpoint ({type(e).__name__}); "
+                          f"use .npz, .pth/.bin or .safetensors") from None
+    except Exception as e:  # noqa: BLE001 - any other unpickling problem is a bad file
+        raise ConfigError(f"{uri!r} is not a torch checkpoint ({type(e).__name__}); "
+                          f"use .npz, .pth/.bin or .safetensors") from None
+    for key in ("state_dict", "model", "module", "model_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{uri!r} is not a state dict of tensors; save model.state_dict()")
+    return state
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (DDP ``module.``, ``model.``, ``backbone.``) shared by all keys."""
+    changed = True
+    while changed and state:
+        changed = False
+        for p in ("module.", "model.", "backbone.", "encoder."):
+            if all(k.startswith(p) for k in state):
+                state = {k[len(p):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+# ------------------------------------------------------------------ Google .npz -> timm
+def google_to_timm(w: Mapping[str, np.ndarray], *, where: str = "npz"
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Convert a Google ViT checkpoint (vit_jax ``ViT-B_16.npz`` / ``ViT-L_16.npz``; big_vision
+    layouts with per-block or stacked ``encoderblock`` weights) to timm key names and layouts.
+
+    Returns the state dict (without classifier head or ``pre_logits``) and, per timm key, the name
+    of the array it came from.  Query, key and value kernels ``(D, heads, head_dim)`` are fused
+    into timm's ``qkv`` ``(3 D, D)``; the output kernel ``(heads, head_dim, D)`` becomes ``proj``.
+    """
+    prefix = next((p for p in ("", "opt/target/", "params/", "params/img/") if f"{p}embedding/kernel" in w), None)
+    if prefix is None:
+        raise ConfigError(f"{where!r} has no 'embedding/kernel' array, so it is not a Google ViT .npz; "
+                          f"give a ViT-B_16.npz-style file, a .pth or a .safetensors checkpoint")
+    if any("conv_root" in k or "/block1/" in k for k in w):
+        raise ConfigError(f"{where!r} is a hybrid ResNet+ViT checkpoint; only plain ViTs (ViT-B_16, ViT-L_16, ...) "
+                          f"are supported")
+    state: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
+
+    def put(key: str, name: str, fn: Callable[[np.ndarray], np.ndarray] = lambda a: a, arr=None) -> None:
+        a = w[prefix + name] if arr is None else arr
+        state[key] = torch.from_numpy(np.ascontiguousarray(fn(np.asarray(a, dtype=np.float32))))
+        source[key] = prefix + name
+
+    put("patch_embed.proj.weight", "embedding/kernel", lambda a: a.transpose(3, 2, 0, 1))
+    put("patch_embed.proj.bias", "embedding/bias")
+    if prefix + "cls" in w:
+        put("cls_token", "cls")
+    pos = next((n for n in ("Transformer/posembed_input/pos_embedding", "pos_embedding") if prefix + n in w), None)
+    if pos is None:
+        raise ConfigError(f"{where!r} has no position embedding array; it is not a ViT checkpoint")
+    put("pos_embed", pos, lambda a: a.reshape(1, -1, a.shape[-1]))
+    put("norm.weight", "Transformer/encoder_norm/scale")
+    put("norm.bias", "Transformer/encoder_norm/bias")
+
+    stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w
+    if stacked:
+        depth = int(w[f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"].shape[0])
+    else:
+        depth = 0
+        while f"{prefix}Transformer/encoderblock_{depth}/LayerNorm_0/scale" in w:
+            depth += 1
+    first = "Transformer/encoderblock/" if stacked else "Transformer/encoderblock_0/"
+    vit_jax = f"{prefix}{first}MlpBlock_3/Dense_0/kernel" in w
+    mha, mlp, ln2 = ("MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2") if vit_jax else \
+        ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1")
+
+    for i in range(depth):
+        blk = "Transformer/encoderblock/" if stacked else f"Transformer/encoderblock_{i}/"
+
+        def arr(name: str) -> np.ndarray:
+            try:
+                a = w[prefix + blk + name]
+            except KeyError:
+                raise ConfigError(f"{where!r}: array {prefix + blk + name!r} is missing; "
+                                  f"the file is not a complete Google ViT checkpoint") from None
+            return a[i] if stacked else a
+
+        t = f"blocks.{i}."
+        for ln, timm_ln in (("LayerNorm_0", "norm1"), (ln2, "norm2")):
+            put(t + f"{timm_ln}.weight", blk + f"{ln}/scale", arr=arr(f"{ln}/scale"))
+            put(t + f"{timm_ln}.bias", blk + f"{ln}/bias", arr=arr(f"{ln}/bias"))
+        q, k, v = (arr(f"{mha}/{n}/kernel") for n in ("query", "key", "value"))
+        d = q.shape[0]
+        put(t + "attn.qkv.weight", blk + f"{mha}/{{query,key,value}}/kernel",
+            arr=np.concatenate([x.reshape(d, -1).T for x in (q, k, v)]))
+        put(t + "attn.qkv.bias", blk + f"{mha}/{{query,key,value}}/bias",
+            arr=np.concatenate([arr(f"{mha}/{n}/bias").reshape(-1) for n in ("query", "key", "value")]))
+        out = arr(f"{mha}/out/kernel")
+        put(t + "attn.proj.weight", blk + f"{mha}/out/kernel", arr=out.reshape(-1, out.shape[-1]).T)
+        put(t + "attn.proj.bias", blk + f"{mha}/out/bias", arr=arr(f"{mha}/out/bias"))
+        for r in (0, 1):
+            put(t + f"mlp.fc{r + 1}.weight", blk + f"{mlp}/Dense_{r}/kernel", arr=arr(f"{mlp}/Dense_{r}/kernel").T)
+            put(t + f"mlp.fc{r + 1}.bias", blk + f"{mlp}/Dense_{r}/bias", arr=arr(f"{mlp}/Dense_{r}/bias"))
+    if any(k.startswith(prefix + "pre_logits/") for k in w):
+        log.info("%s: the pre_logits (representation) layer is not part of timm ViTs and is not loaded", where)
+    return state, source
+
+
+# ------------------------------------------------------------------ fitting to the model
+def _square_prefix(n_tokens: int, preferred: int) -> tuple[int, int] | None:
+    """``(num_prefix_tokens, grid_side)`` for a position table of ``n_tokens`` rows."""
+    for p in dict.fromkeys((preferred, 1, 0, 5, 4)):
+        side = math.isqrt(max(n_tokens - p, 0))
+        if n_tokens - p > 0 and side * side == n_tokens - p:
+            return p, side
+    return None
+
+
+def _fit_to_model(model: VisionTransformer, state: dict[str, torch.Tensor], source: dict[str, str],
+                  uri: str) -> None:
+    """Drop the classifier, resample ``pos_embed`` and check every tensor against ``model`` (in place)."""
+    name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    for k in [k for k in state if k.startswith(("head.", "pre_logits.", "head_drop."))]:
+        del state[k]
+    own = model.state_dict()
+    pos = state.get("pos_embed")
+    if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:
+        want = 0 if model.no_embed_class else model.num_prefix_tokens
+        found = _square_prefix(pos.shape[1], want)
+        if found is None or found[0] != want or pos.shape[-1] != own["pos_embed"].shape[-1]:
+            raise ConfigError(f"checkpoint {uri!r}: {source['pos_embed']} of shape {tuple(pos.shape)} does not fit "
+                              f"{name}'s position embedding {tuple(own['pos_embed'].shape)}; check model.name")
+        state["pos_embed"] = resample_abs_pos_embed(pos, list(model.patch_embed.grid_size),
+                                                    old_size=[found[1], found[1]], num_prefix_tokens=want)
+        log.info("%s: resampled the position embedding from %dx%d to %dx%d", uri, found[1], found[1],
+                 *model.patch_embed.grid_size)
+    for k in own:  # in the model's order
+        v = state.get(k)
+        if v is not None and tuple(v.shape) != tuple(own[k].shape):
+            as_key = "" if source.get(k, k) == k else f" for {k}"
+            raise ConfigError(f"checkpoint {uri!r}: {source.get(k, k)} has shape {tuple(v.shape)} but {name} "
+                              f"needs {tuple(own[k].shape)}{as_key}; the checkpoint is for another model size, "
+                              f"check model.name")
+    depth = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+    if depth and len(depth) != len(model.blocks):
+        raise ConfigError(f"checkpoint {uri!r} has {len(depth)} transformer blocks but {name} has "
+                          f"{len(model.blocks)}; check model.name")
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not k.startswith("head.")]
+    if unexpected or missing:
+        what = (f"unexpected {[source.get(k, k) for k in unexpected[:3]]}" if unexpected else "") + \
+               (", " if unexpected and missing else "") + (f"missing {missing[:3]}" if missing else "")
+        raise ConfigError(f"checkpoint {uri!r} does not fit {name} ({what}; {len(unexpected)} unexpected, "
+                          f"{len(missing)} missing); check model.name")
 
 
 def backbone_shape(model: VisionTransformer) -> BackboneShape:

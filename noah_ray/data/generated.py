@@ -8,14 +8,20 @@ as real data.  In the spirit of dSprites / Clevr:
 - ``gen_count``: how many objects (1-4), 4 classes
 - ``gen_texture``: stripe orientation inside the objects (0, 45, 90, 135 degrees), 4 classes
 - ``gen_color``: the object's colour (red, green, blue, yellow), 4 classes
+- ``gen_position``: which quadrant holds the (random) object, 4 classes (like dSprites location);
+  it needs a backbone whose position embeddings mean something (a pretrained one): with the
+  randomly initialised tiny test ViT it stayed at chance after 6 epochs in our check
+- ``gen_orientation``: orientation of a bar (0, 45, 90, 135 degrees, +-10), 4 classes (like
+  dSprites orientation)
 
-All tasks carry their signal in local texture / global statistics, which even a randomly
-initialised (frozen) ViT passes on; position-only tasks need a pretrained backbone.
+Shapes, colours, sizes, backgrounds and positions are random wherever they are not the label.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +29,8 @@ from PIL import Image, ImageDraw
 
 from noah_ray.space import ConfigError
 
-TASKS = ("gen_shape", "gen_count", "gen_texture", "gen_color")
+TASKS = ("gen_shape", "gen_count", "gen_texture", "gen_color", "gen_position", "gen_orientation")
+NUM_CLASSES = 4
 _COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 240), (235, 220, 40)]
 
 
@@ -77,6 +84,20 @@ def render(task: str, label: int, rng: np.random.RandomState, size: int = 32) ->
         arr = np.asarray(img).astype(np.float32)
         m = (np.asarray(mask) > 0)[..., None] * stripes[..., None]
         img = Image.fromarray(np.clip(arr * (1 - m) + colour * m, 0, 255).astype(np.uint8))
+    elif task == "gen_position":
+        qx, qy = label % 2, label // 2
+        small = size * rng.uniform(0.1, 0.16)
+        cx = (qx + rng.uniform(0.3, 0.7)) * size / 2
+        cy = (qy + rng.uniform(0.3, 0.7)) * size / 2
+        _object(draw, rng.randint(0, 4), cx, cy, small, _COLOURS[rng.randint(0, 4)])
+    elif task == "gen_orientation":
+        angle = math.radians(label * 45 + rng.uniform(-10, 10))
+        half_len, half_w = size * rng.uniform(0.3, 0.4), size * rng.uniform(0.05, 0.08)
+        cx, cy = rng.uniform(size * 0.4, size * 0.6, size=2)
+        ux, uy = math.cos(angle), -math.sin(angle)
+        corners = [(cx + a * half_len * ux - b * half_w * uy, cy + a * half_len * uy + b * half_w * ux)
+                   for a, b in ((1, 1), (1, -1), (-1, -1), (-1, 1))]
+        draw.polygon(corners, fill=_COLOURS[rng.randint(0, 4)])
     else:
         raise ConfigError(f"unknown generated task {task!r}; use one of {', '.join(TASKS)}")
     return img
@@ -87,32 +108,65 @@ def write_generated_vtab(root: str | Path, task: str = "gen_shape", *, num_train
                          seed: int = 0) -> Path:
     """Write ``task`` under ``<root>/<task>/`` in the VTAB-1k layout; returns that folder.
 
-    Classes are balanced within each split.  Existing files of a complete earlier write with the
-    same arguments are reused (the list files are written last).
+    Images are PNGs under ``images/<split>/``; ``train800.txt``, ``val200.txt``,
+    ``train800val200.txt`` (their concatenation) and ``test.txt`` list ``path label`` lines.
+    Classes are balanced within each split.  The folder is built beside the target and moved
+    into place, so concurrent writers and crashes never leave a half-written task; a complete
+    earlier write with the same arguments is reused, one with other arguments replaced.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown generated task {task!r}; use one of {', '.join(TASKS)}")
     for k, v in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test), ("img_size", img_size)):
-        if v <= 0:
-            raise ConfigError(f"{k} {v} must be > 0")
-    out = Path(root).expanduser() / task
+        if not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"generated data: {k} {v!r} must be a positive integer")
+    if img_size < 16:
+        raise ConfigError(f"generated data: img_size {img_size} is too small to draw shapes; use >= 16")
+    root = Path(root).expanduser()
+    out = root / task
     stamp = f"{task} {num_train} {num_val} {num_test} {img_size} {seed}"
-    if (out / ".generated").is_file() and (out / ".generated").read_text() == stamp:
+    if _stamp(out) == stamp:
         return out
-    lines: dict[str, list[str]] = {}
-    for offset, (split, n) in enumerate((("train800", num_train), ("val200", num_val), ("test", num_test))):
-        rng = np.random.RandomState(seed * 1000 + offset)
-        labels = np.arange(n) % 4
-        rng.shuffle(labels)
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        rows = []
-        for i, y in enumerate(labels.tolist()):
-            rel = f"images/{split}/{i:05d}.png"
-            render(task, y, rng, img_size).save(out / rel)
-            rows.append(f"{rel} {y}")
-        lines[split] = rows
-    lines["train800val200"] = lines["train800"] + lines["val200"]
-    for split, rows in lines.items():
-        (out / f"{split}.txt").write_text("\n".join(rows) + "\n")
-    (out / ".generated").write_text(stamp)
-    return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{task}.", dir=root))
+    tmp.chmod(0o755)
+    try:
+        lines: dict[str, list[str]] = {}
+        for offset, (split, n) in enumerate((("train800", num_train), ("val200", num_val), ("test", num_test))):
+            rng = np.random.RandomState(seed * 1000 + offset)
+            labels = np.arange(n) % NUM_CLASSES
+            rng.shuffle(labels)
+            (tmp / "images" / split).mkdir(parents=True)
+            rows = []
+            for i, y in enumerate(labels.tolist()):
+                rel = f"images/{split}/{i:05d}.png"
+                render(task, y, rng, img_size).save(tmp / rel)
+                rows.append(f"{rel} {y}")
+            lines[split] = rows
+        lines["train800val200"] = lines["train800"] + lines["val200"]
+        for split, rows in lines.items():
+            (tmp / f"{split}.txt").write_text("\n".join(rows) + "\n")
+        (tmp / ".generated").write_text(stamp)
+        if _stamp(out) == stamp:          # another writer finished first
+            return out
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{task}.old.", dir=root))
+            out.rename(old / task)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if _stamp(out) != stamp:      # lost a race to a writer with other arguments
+                raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return out
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stamp(folder: Path) -> str | None:
+    try:
+        return (folder / ".generated").read_text()
+    except OSError:
+        return None
