@@ -1,28 +1,46 @@
 """Ray Train loops: supernet training, subnet retraining and the baselines.
 
-Storage layout under ``<storage>/<job.name>/``::
+Every stage is a Ray Train ``TorchTrainer`` (DDP: gloo on CPU, nccl on GPU) whose run directory
+lives in the job's storage (a local directory or ``s3://``).  Storage layout under
+``<storage>/<job.name>/``::
 
-    backbone.safetensors            the frozen backbone, when the job names no checkpoint
-    supernet/ray/<run>/...          Ray Train run (checkpoints: trainable params + optimiser state)
-    supernet/final/                 model.safetensors + meta.json (what search loads)
-    supernet/train_metrics/         Parquet, one file per epoch (idempotent on resume)
-    retrain/ray/<run>/...           one Ray Train run per (method, seed)
-    retrain/<run>/best/             best-on-val weights of that run
-    retrain/train_metrics/, retrain/runs/   Parquet
+    backbone.safetensors                frozen backbone, written once when model.checkpoint is unset
+    supernet/                           Ray Train run of the supernet (RunConfig(name="supernet"))
+      spec.json                         what the run trains; a re-run with other settings fails fast
+      checkpoint_e00004/                trainable.safetensors, optimizer.safetensors, state.json,
+                                        rng_rank<k>.safetensors (the newest keep_checkpoints kept)
+      final/                            model.safetensors + meta.json: what load_supernet / search read
+      train_metrics/<run>-e00004.parquet   one file per epoch, one row per evaluated subnet
+      named/<name>/                     a named supernet run (train_supernet(run_name=...)), same layout
+    retrain/
+      runs/<run>-<fp>.parquet           one row per finished run (val-selected epoch, test once)
+      train_metrics/<run>-<fp>-e00004.parquet
+      <run>/                            run = <method>-seed<k>: the latest finished config of this run
+        best/, final/                     best-on-val weights; last weights + meta.json (test accuracy)
+        <fp>/                           Ray Train run of one config (fp: hash of subnet + hyper-parameters)
+          spec.json, checkpoint_e*/, best/, final/
 
-Re-running the same job resumes every stage from its last checkpoint (Ray Train V2: same
-``RunConfig(name, storage_path)``); a worker that dies is restarted (``FailureConfig``) and
-continues from the last checkpoint.
+Re-running a stage resumes from its last checkpoint (same RunConfig name and storage); a finished
+one returns at once.  A worker that dies is restarted (``FailureConfig``) and continues from the
+last checkpoint.  Checkpoints hold only what trains (modules + head), the optimiser, schedule,
+loss-scaler, epoch and per-rank RNG state, as safetensors + JSON.
+
+Baselines are fixed configs trained by the same loop (widths overridable with
+``retrain.baseline_widths``, learning rate with ``retrain.method_lr``): ``linear`` (head only),
+``full`` (backbone + head), ``vpt`` (VPT-Deep, 10 tokens per layer), ``adapter`` (bottleneck 8),
+``lora`` (rank 8 on q, k, v), ``e2vpt`` (5 visual + 5 key/value prompts per layer).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import math
 import os
 import random
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,17 +50,20 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from noah_ray import storage
+from noah_ray import optim, storage
 from noah_ray.backbones import create_backbone
 from noah_ray.config import JobConfig, TrainConfig
-from noah_ray.space import ConfigError, SubnetConfig
+from noah_ray.space import ConfigError, SearchSpace, SubnetConfig
 from noah_ray.supernet import PromptedViT
 
 METHODS = ("noah", "linear", "full", "vpt", "adapter", "lora", "e2vpt")
 
-#: fixed configs of the baselines (uniform widths in every layer), as in the papers' tables
-BASELINE_WIDTHS = {"linear": {}, "full": {}, "vpt": {"vpt": 10}, "adapter": {"adapter": 8},
-                   "lora": {"lora": 8}, "e2vpt": {"vpt": 10, "kv_prompt": 5}}
+#: uniform per-layer widths of the baselines (VPT-Deep 10 tokens, Adapter 8, LoRA rank 8, E2VPT 5 + 5)
+BASELINE_WIDTHS: dict[str, dict[str, int]] = {
+    "linear": {}, "full": {}, "vpt": {"vpt": 10}, "adapter": {"adapter": 8}, "lora": {"lora": 8},
+    "e2vpt": {"vpt": 5, "kv_prompt": 5}}
+SUPERNET_RUN = "supernet"
+BACKBONE_SEED = 0
 
 
 @dataclass
@@ -54,45 +75,47 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- models and configs
 def job_root(job: JobConfig) -> storage.Location:
     return storage.resolve(job.storage, job.storage_endpoint).join(job.name)
 
 
 def ensure_backbone(job: JobConfig) -> str | None:
-    """The backbone checkpoint every stage loads.  With no ``model.checkpoint`` (demo, tests),
-    a backbone is created once with a fixed seed and saved to ``<job>/backbone.safetensors``."""
+    """The backbone checkpoint every stage and worker loads: ``model.checkpoint``, or (demo, tests)
+    a backbone created once with a fixed seed and saved as ``<job>/backbone.safetensors``."""
     if job.model.checkpoint:
         return job.model.checkpoint
     loc = job_root(job).join("backbone.safetensors")
     if not storage.exists(loc):
         from safetensors.torch import save
 
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(job.supernet.seed)
+        rng = torch.random.get_rng_state()
+        torch.manual_seed(BACKBONE_SEED)
         vit = create_backbone(job.model.name, 1)
-        torch.random.set_rng_state(gen_state)
-        state = {k: v.contiguous() for k, v in vit.state_dict().items() if not k.startswith("head.")}
-        storage.write_bytes(loc, save(state))
+        torch.random.set_rng_state(rng)
+        storage.write_bytes(loc, save({k: v.contiguous() for k, v in vit.state_dict().items()
+                                       if not k.startswith("head.")}))
     return loc.uri
 
 
-def _num_classes(job: JobConfig) -> int:
-    from noah_ray.data import num_classes
-
-    return num_classes(job.data)
-
-
 def subnet_for(method: str, job: JobConfig, subnet: SubnetConfig | None) -> SubnetConfig:
+    """The fixed config ``method`` trains (NOAH: ``subnet``; baselines: uniform widths)."""
     if method not in METHODS:
         raise ConfigError(f"method {method!r} unknown; use one of {', '.join(METHODS)}")
     layers = job.space.num_layers
     if method == "noah":
         if subnet is None:
             raise ConfigError("retraining NOAH needs a subnet (the search's best_subnet.yaml or retrain.subnet)")
-        return job.space.validate(subnet)
-    return SubnetConfig.uniform(layers, **BASELINE_WIDTHS[method]) if BASELINE_WIDTHS[method] \
-        else SubnetConfig.empty(layers)
+        if subnet.num_layers != layers:
+            raise ConfigError(f"subnet has {subnet.num_layers} layers, the job's space {layers}; "
+                              f"give one width per backbone layer")
+        return subnet
+    widths = {**BASELINE_WIDTHS[method], **job.retrain.baseline_widths.get(method, {})}
+    unknown = sorted(set(job.retrain.baseline_widths) - set(BASELINE_WIDTHS))
+    if unknown:
+        raise ConfigError(f"retrain.baseline_widths: {unknown[0]!r} is not a baseline; "
+                          f"use {', '.join(BASELINE_WIDTHS)}")
+    return SubnetConfig.uniform(layers, **widths) if any(widths.values()) else SubnetConfig.empty(layers)
 
 
 def build_model(job: JobConfig, capacity: SubnetConfig | None, backbone_uri: str | None,
@@ -108,269 +131,405 @@ def build_model(job: JobConfig, capacity: SubnetConfig | None, backbone_uri: str
     return model
 
 
-def lr_lambda(total_steps: int, warmup_steps: int):
-    """Linear warm-up then cosine decay, per step."""
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
+def step_subnet(space: SearchSpace, seed: int, epoch: int, step: int) -> SubnetConfig:
+    """The subnet trained at (epoch, step): a pure function of its arguments, so every worker
+    picks the same one without communicating."""
+    return space.sample(random.Random(f"noah-step:{seed}:{epoch}:{step}"))
 
 
 def eval_subnets(job: JobConfig, count: int) -> dict[str, SubnetConfig]:
-    """The fixed subnets a supernet is evaluated on every epoch."""
-    rng = random.Random(job.supernet.seed + 7919)
+    """The fixed subnets a supernet is scored on every epoch: smallest, largest, ``count`` random."""
+    rng = random.Random(f"noah-eval:{job.supernet.seed}")
     out = {"smallest": job.space.smallest(), "largest": job.space.largest()}
     out.update({f"random_{i}": job.space.sample(rng) for i in range(count)})
     return out
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, loader, device) -> float:
+def accuracy(model: torch.nn.Module, loader, device: torch.device) -> float:
     model.eval()
     correct = total = 0
     for x, y in loader:
-        logits = model(x.to(device))
+        logits = model(x.to(device, non_blocking=True))
         correct += int((logits.argmax(-1).cpu() == y).sum())
         total += int(y.numel())
     return 100.0 * correct / max(total, 1)
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
+def _say(msg: str) -> None:
+    """One progress line on stdout (not through Ray Train's print patch, which doubles lines)."""
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
 
 
-# ----------------------------------------------------------------------------- the loop
-def _loaders(job: JobConfig, model: PromptedViT, train_split: str, rank: int, world: int):
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+# ----------------------------------------------------------------------------- the worker loop
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker; ``config`` holds plain data only (never credentials)."""
+    import ray.train
+    import ray.train.torch
     from torch.utils.data import DataLoader, DistributedSampler
 
     from noah_ray.data import build_dataset, build_loader, norm_for
 
-    mean, std, size = norm_for(model)
-    size = job.data.img_size or size
-    ds = build_dataset(job.data, train_split, train=True, mean=mean, std=std, img_size=size)
-    sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=job.supernet.seed) if world > 1 else None
-    per_worker = max(1, job.data.batch_size // world)
-    train = DataLoader(ds, batch_size=per_worker, shuffle=sampler is None, sampler=sampler,
-                       num_workers=job.data.num_workers, persistent_workers=job.data.num_workers > 0,
-                       drop_last=len(ds) >= per_worker * world * 2)
-    val = build_loader(job.data, job.data.val_split, train=False, mean=mean, std=std, img_size=size)
-    return train, val, sampler
-
-
-def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker; ``config`` holds plain data only (no credentials)."""
-    import ray.train
-    import ray.train.torch
-
     job = JobConfig.from_dict(config["job"])
-    stage, tc = config["stage"], _train_config(config["train"])
+    stage, seed, lr = config["stage"], config["seed"], config["lr"]
+    tc = job.supernet if stage == "supernet" else job.retrain
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    seed = config["seed"]
-    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32, as timm's train script
+    root = job_root(job)
+    run_dir = root.join(config["run_dir"])
+    tag = f"[{stage} {config['run_id']}]"
+    endpoint = job.storage_endpoint
+
+    torch.manual_seed(seed)  # identical initial weights on every rank
     capacity = SubnetConfig.from_json(config["subnet"]) if config["subnet"] else None
     model = build_model(job, capacity, config["backbone"], config["num_classes"],
-                        train_backbone=config["method"] == "full")
-    train_loader, val_loader, sampler = _loaders(job, model, config["train_split"], rank, world)
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    steps_per_epoch = len(train_loader)
+                        train_backbone=config["method"] == "full").to(device)
+    torch.manual_seed(seed + 1_000_003 * (rank + 1))  # independent drop-path / shuffling per rank
+    mean, std, size = norm_for(model)
+    size = job.data.img_size or size
+    ds = build_dataset(job.data, job.data.train_split, train=True, mean=mean, std=std, img_size=size,
+                       endpoint=endpoint)
+    sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=seed) if world > 1 else None
+    nw = job.data.num_workers
+    train_loader = DataLoader(ds, batch_size=job.data.batch_size // world, shuffle=sampler is None,
+                              sampler=sampler, num_workers=nw, persistent_workers=nw > 0,
+                              pin_memory=device.type == "cuda", drop_last=len(ds) >= 2 * job.data.batch_size)
+    val_loader = build_loader(job.data, job.data.val_split, train=False, mean=mean, std=std, img_size=size,
+                              endpoint=endpoint) if rank == 0 else None
+    steps = len(train_loader)
+    opt = optim.adamw(model, lr, tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(tc.epochs * steps_per_epoch, tc.warmup_epochs * steps_per_epoch))
+        opt, optim.warmup_cosine(tc.epochs * steps, tc.warmup_epochs * steps, min(1.0, tc.min_lr / lr)))
     scaler = torch.amp.GradScaler(device.type, enabled=job.model.precision == "fp16")
-    start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1}
-    ckpt = ray.train.get_checkpoint()
+    state = {"epoch": -1, "best_val": -1.0, "best_epoch": -1, "train_time_s": 0.0, "val_acc": {}, "start_epochs": []}
+    ckpt = optim.latest_checkpoint(run_dir)
     if ckpt:
-        with ckpt.as_directory() as d:
-            from safetensors.torch import load_file
-
-            model.load_trainable_state_dict(load_file(os.path.join(d, "trainable.safetensors")))
-            extra = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=False)
-            opt.load_state_dict(extra["optimizer"])
-            sched.load_state_dict(extra["scheduler"])
-            scaler.load_state_dict(extra["scaler"])
-            torch.random.set_rng_state(extra["torch_rng"])
-            start_epoch, best = extra["epoch"] + 1, extra["best"]
-        if rank == 0:
-            print(f"[{stage}] resuming from epoch {start_epoch}", flush=True)
-    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        state = optim.restore(ckpt, model, opt, sched, scaler, rank, device)
+    start = state["epoch"] + 1
+    state["start_epochs"] = [*state.get("start_epochs", []), start]  # one entry per (re)start
+    if rank == 0:
+        _say(f"{tag} {world} worker(s) on {device.type}, {len(ds)} images, global batch "
+             f"{job.data.batch_size}, {steps} steps/epoch, " +
+             (f"resuming at epoch {start + 1}/{tc.epochs} from {ckpt['name']}" if ckpt else f"{tc.epochs} epochs"))
+    net = ray.train.torch.prepare_model(model, move_to_device=False,
+                                        parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else model
-    root = storage.resolve(job.storage, job.storage_endpoint).join(job.name)
     fixed = eval_subnets(job, tc.eval_random_subnets) if stage == "supernet" else {"model": capacity}
-    t_start = time.time()
-    for epoch in range(start_epoch, tc.epochs):
+    session_t0 = time.time()
+    for epoch in range(start, tc.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
         model.train()
-        t0, seen, loss_sum, n_batches = time.time(), 0, 0.0, 0
+        t0, digest = time.time(), hashlib.sha1()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, batches, images
         for step, (x, y) in enumerate(train_loader):
-            if stage == "supernet":  # same subnet on every worker in this step
-                model.set_active(job.space.sample(random.Random(hash((seed, epoch, step)))))
-            x, y = x.to(device), y.to(device)
-            loss = F.cross_entropy(ddp(x).float(), y)
+            if stage == "supernet":
+                cfg = step_subnet(job.space, seed, epoch, step)
+                model.set_active(cfg)
+                digest.update(cfg.key().encode())
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(net(x).float(), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
-            loss_sum, n_batches, seen = loss_sum + loss.item(), n_batches + 1, seen + int(y.numel()) * world
-        ips = seen / max(time.time() - t0, 1e-9)
-        metrics = {"epoch": epoch, "train_loss": loss_sum / max(n_batches, 1), "images_per_s": ips,
-                   "lr": sched.get_last_lr()[0]}
-        do_eval = (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs
-        do_ckpt = (epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs
-        rows = []
-        if rank == 0 and do_eval:
+            sums += torch.stack([loss.detach().double(), sums.new_tensor(1.0), sums.new_tensor(float(y.numel()))])
+        if world > 1:
+            if stage == "supernet":
+                _check_same_subnets(digest.hexdigest(), epoch)
+            torch.distributed.all_reduce(sums)
+        elapsed = time.time() - t0
+        state["train_time_s"] += elapsed
+        loss_sum, batches, images = sums.tolist()
+        metrics = {"epoch": epoch, "train_loss": loss_sum / max(batches, 1), "lr": sched.get_last_lr()[0],
+                   "images_per_s": images / max(elapsed, 1e-9)}
+        last, val = epoch + 1 == tc.epochs, {}
+        if rank == 0 and ((epoch + 1) % tc.eval_every == 0 or last):
             for name, cfg in fixed.items():
                 model.set_active(cfg)
-                acc = accuracy(model, val_loader, device)
-                metrics[f"val_acc_{name}"] = acc
-                rows.append({"subnet": name, "val_acc": acc})
-            if stage != "supernet" and metrics["val_acc_model"] > best["val_acc"]:
-                best = {"val_acc": metrics["val_acc_model"], "epoch": epoch}
-                storage.save_state(root.join(config["run_dir"], "best"), model.trainable_state_dict(),
-                                   {"epoch": epoch, "val_acc": best["val_acc"]})
+                val[name] = accuracy(model, val_loader, device)
+            state["val_acc"] = val
+            metrics.update({f"val_acc_{k}": v for k, v in val.items()})
+            if stage == "retrain" and val["model"] > state["best_val"]:
+                state.update(best_val=val["model"], best_epoch=epoch)
+                storage.save_state(run_dir.join("best"), model.trainable_state_dict(),
+                                   {"epoch": epoch, "val_acc": val["model"]})
         if rank == 0:
-            _write_metrics(root.join(stage), job, stage, config, epoch, metrics, rows)
-            done = epoch + 1 - start_epoch
-            eta = (time.time() - t_start) / done * (tc.epochs - epoch - 1)
-            shown = metrics.get("val_acc_largest", metrics.get("val_acc_model"))
-            print(f"[{stage}] epoch {epoch + 1}/{tc.epochs} loss {metrics['train_loss']:.4f} "
-                  + (f"val {shown:.1f}% " if shown is not None else "")
-                  + f"{ips:.0f} img/s ETA {eta:.0f}s", flush=True)
-        checkpoint = None
-        tmp = None
-        if do_ckpt and rank == 0:
-            tmp = tempfile.mkdtemp(prefix="noah-ckpt-")
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()},
-                      os.path.join(tmp, "trainable.safetensors"))
-            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "scaler": scaler.state_dict(), "torch_rng": torch.random.get_rng_state(),
-                        "epoch": epoch, "best": best}, os.path.join(tmp, "train_state.pt"))
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump({"epoch": epoch, "stage": stage}, f)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({k: v for k, v in metrics.items()}, checkpoint=checkpoint)
-        fail_at = config.get("fail_once_at_epoch")
-        if fail_at is not None and epoch == fail_at and rank == 0 and not os.path.exists(config["fail_marker"]):
-            open(config["fail_marker"], "w").close()
-            raise RuntimeError(f"injected failure after epoch {epoch}")
+            _write_metrics(root.join(stage), job, config, metrics, val)
+            _progress(tag, tc, epoch, start, metrics, val, state, time.time() - session_t0, elapsed)
+        state["epoch"] = epoch
+        with tempfile.TemporaryDirectory(prefix="noah-ckpt-") as d:
+            checkpoint = None
+            if (epoch + 1) % tc.checkpoint_every == 0 or last:
+                optim.save_checkpoint(d, model, opt, sched, scaler, state, rank, world, device)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint,
+                             checkpoint_dir_name=f"checkpoint_e{epoch:05d}" if checkpoint else None)
+        _maybe_fail(config, epoch, rank)
     if rank == 0:
-        meta = {"stage": stage, "epochs": tc.epochs, "num_classes": config["num_classes"],
-                "model": job.model.name, "backbone": config["backbone"], "space": job.space.to_dict(),
-                "subnet": config["subnet"], "best": best}
-        storage.save_state(root.join(config["run_dir"], "final"), model.trainable_state_dict(), meta)
+        _finish(config, job, stage, model, run_dir, state, device, mean, std, size)
 
 
-def _train_config(data: dict) -> TrainConfig:
-    return TrainConfig(**{**data, "seeds": tuple(data["seeds"]), "baselines": tuple(data["baselines"])})
+def _check_same_subnets(digest: str, epoch: int) -> None:
+    digests = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"epoch {epoch}: workers trained different subnets ({digests}); "
+                           f"every worker must run the same noah_ray version")
 
 
-def _write_metrics(stage_root, job, stage, config, epoch, metrics, rows) -> None:
-    base = {"run_id": config["run_name"], "job": job.name, "dataset": job.data.dataset, "stage": stage,
-            "method": config["method"], "seed": config["seed"], "epoch": epoch,
+def _progress(tag, tc, epoch, start, metrics, val, state, session_s, epoch_s) -> None:
+    eta = session_s / (epoch + 1 - start) * (tc.epochs - epoch - 1)
+    shown = " ".join(f"{k} {v:.1f}%" for k, v in list(val.items())[:3])
+    if "model" in val:
+        shown = f"val {val['model']:.1f}% (best {state['best_val']:.1f}% @ {state['best_epoch'] + 1})"
+    _say(f"{tag} epoch {epoch + 1}/{tc.epochs} loss {metrics['train_loss']:.4f} lr {metrics['lr']:.2e} "
+         f"{shown + ' ' if shown else ''}{metrics['images_per_s']:.0f} img/s {epoch_s:.1f}s/epoch "
+         f"ETA {_fmt_s(eta)}")
+
+
+def _write_metrics(stage_root, job, config, metrics, val: dict) -> None:
+    base = {"run_id": config["run_id"], "job": job.name, "dataset": job.data.dataset, "stage": config["stage"],
+            "method": config["method"], "seed": config["seed"], "epoch": metrics["epoch"],
             "train_loss": metrics["train_loss"], "lr": metrics["lr"], "images_per_s": metrics["images_per_s"],
-            "timestamp": _now()}
-    rows = rows or [{"subnet": None, "val_acc": None}]
-    table = pa.Table.from_pylist([{**base, **r} for r in rows])
-    storage.append_table(stage_root, "train_metrics", table, part=f"{config['run_name']}-e{epoch:05d}")
+            "timestamp": datetime.now(timezone.utc)}
+    rows = [{**base, "subnet": k, "val_acc": v} for k, v in val.items()] or [{**base, "subnet": None,
+                                                                              "val_acc": None}]
+    storage.append_table(stage_root, "train_metrics", pa.Table.from_pylist(rows),
+                         part=f"{config['metrics_part']}-e{metrics['epoch']:05d}")
+
+
+def _maybe_fail(config: dict, epoch: int, rank: int) -> None:
+    """Test hook: fail once after ``epoch`` (``raise`` an error or ``kill`` the worker process)."""
+    for i, (at, mode) in enumerate(config.get("faults") or []):
+        marker = os.path.join(config["fault_dir"], f"fault-{i}")
+        if at == epoch and rank == 0 and not os.path.exists(marker):
+            open(marker, "w").close()
+            if mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected failure after epoch {epoch}")
+
+
+def _finish(config, job, stage, model, run_dir, state, device, mean, std, size) -> None:
+    """Rank 0 after the last epoch: the final artifact; for retraining, the test accuracy of the
+    best-on-val weights (evaluated once, here)."""
+    from noah_ray.data import build_loader
+
+    counts = model.num_trainable()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    meta = {"stage": stage, "run_id": config["run_id"], "epochs_done": state["epoch"] + 1,
+            "epochs": state["epoch"] + 1, "num_classes": config["num_classes"], "model": job.model.name,
+            "backbone": config["backbone"], "spec": config["spec"], "subnet": config["subnet"],
+            "method": config["method"], "seed": config["seed"], "train_time_s": state["train_time_s"],
+            "fingerprint": config["fingerprint"], "start_epochs": state["start_epochs"],
+            "val_acc": state["val_acc"], "params_head": counts["head"],
+            "params": trainable - counts["head"] if config["method"] == "full" else
+            sum(v for k, v in counts.items() if k != "head")}
+    last = model.trainable_state_dict()
+    if stage == "supernet":
+        meta["space"] = job.space.to_dict()
+        storage.save_state(run_dir.join("final"), last, meta)
+        return
+    best, best_meta = storage.load_state(run_dir.join("best"))
+    model.load_trainable_state_dict(best)
+    test = build_loader(job.data, job.data.test_split, train=False, mean=mean, std=std, img_size=size,
+                        endpoint=job.storage_endpoint)
+    meta.update(test_acc=accuracy(model, test, device), best_val=best_meta["val_acc"], best_epoch=best_meta["epoch"],
+                best_uri=run_dir.join("best").uri)
+    _say(f"[retrain {config['run_id']}] test {meta['test_acc']:.2f}% with the weights of epoch "
+         f"{best_meta['epoch'] + 1} (val {best_meta['val_acc']:.2f}%)")
+    storage.save_state(run_dir.join("final"), last, meta)
 
 
 # ----------------------------------------------------------------------------- drivers
-def _fit(job: JobConfig, stage: str, run_name: str, run_dir: str, tc: TrainConfig, *, method: str,
-         seed: int, subnet: SubnetConfig | None, train_split: str, _fail_once_at_epoch: int | None = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def _spec(job: JobConfig, stage: str, method: str, subnet: SubnetConfig | None, lr: float, seed: int,
+          num_classes: int) -> dict:
+    """What defines a run (its checkpoints are only valid for this); ``epochs`` may grow."""
+    tc, d, m = (job.supernet if stage == "supernet" else job.retrain), job.data, job.model
+    return {"stage": stage, "method": method, "model": m.name, "checkpoint": m.checkpoint,
+            "drop_path_rate": m.drop_path_rate, "lora_scale": m.lora_scale, "kv_shared": m.kv_shared,
+            "space": job.space.to_dict() if stage == "supernet" else None,
+            "subnet": subnet.to_dict() if subnet else None, "num_classes": num_classes,
+            "data": {"dataset": d.dataset, "format": d.format, "train_split": d.train_split,
+                     "batch_size": d.batch_size, "img_size": d.img_size, "shots": d.shots, "seed": d.seed},
+            "lr": lr, "weight_decay": tc.weight_decay, "warmup_epochs": tc.warmup_epochs,
+            "min_lr": tc.min_lr, "seed": seed}
+
+
+def _fingerprint(spec: dict) -> str:
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _check_spec(run_dir: storage.Location, spec: dict) -> None:
+    loc = run_dir.join("spec.json")
+    if storage.exists(loc):
+        old = json.loads(storage.read_text(loc))
+        diff = next((k for k in spec if old.get(k) != spec[k]), None)
+        if diff is not None:
+            raise ConfigError(f"{run_dir.uri!r} was trained with {diff} = {json.dumps(old.get(diff))[:120]}, "
+                              f"this job has {json.dumps(spec[diff])[:120]}; restore the setting, or use "
+                              f"another run_name or job name")
+    else:
+        storage.write_text(loc, json.dumps(spec, indent=1, sort_keys=True))
+
+
+def _preflight(job: JobConfig, tc: TrainConfig, splits: tuple[str, ...]) -> int:
+    """Everything that can be checked before Ray starts: storage, batch split, data files."""
+    from noah_ray.data import build_dataset, num_classes
+
+    storage.check_writable(storage.resolve(job.storage, job.storage_endpoint))
+    if job.data.batch_size % tc.num_workers:
+        raise ConfigError(f"data.batch_size {job.data.batch_size} does not split evenly over "
+                          f"{tc.num_workers} workers; use a multiple of {tc.num_workers}")
+    n = num_classes(job.data, endpoint=job.storage_endpoint)
+    light = dataclasses.replace(job.data, cache_decoded=False, skip_corrupt=False)
+    for split in splits:
+        build_dataset(light, split, train=False, endpoint=job.storage_endpoint)
+    if job.model.checkpoint and not storage.exists(storage.resolve(job.model.checkpoint, job.storage_endpoint)):
+        raise ConfigError(f"model.checkpoint {job.model.checkpoint!r} does not exist; check the path")
+    return n
+
+
+def _fit(job: JobConfig, stage: str, run_id: str, run_dir: str, *, method: str, seed: int,
+         subnet: SubnetConfig | None, lr: float, spec: dict, num_classes: int, metrics_part: str,
+         fingerprint: str | None = None, faults: list | None = None) -> dict:
+    """Run (or resume, or skip when finished) one Ray Train run; returns the final meta."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    root = storage.resolve(job.storage, job.storage_endpoint)
-    storage.check_writable(root)
-    backbone = ensure_backbone(job)
-    num_classes = _num_classes(job)
-    config = {"job": job.to_dict(), "stage": stage, "train": dataclasses.asdict(tc),
-              "seed": seed, "method": method, "subnet": subnet.to_json() if subnet else None,
-              "backbone": backbone, "num_classes": num_classes, "train_split": train_split,
-              "run_name": run_name, "run_dir": run_dir}
-    if _fail_once_at_epoch is not None:
-        config["fail_once_at_epoch"] = _fail_once_at_epoch
-        config["fail_marker"] = os.path.join(tempfile.gettempdir(), f"noah-fail-{job.name}-{run_name}-{os.getpid()}")
-    ray_root = root.join(job.name, stage, "ray")
+    tc = job.supernet if stage == "supernet" else job.retrain
+    loc = job_root(job).join(run_dir)
+    _check_spec(loc, spec)
+    final = loc.join("final", "meta.json")
+    if storage.exists(final):
+        meta = json.loads(storage.read_text(final))
+        if meta.get("epochs_done", 0) >= tc.epochs:
+            print(f"[{stage} {run_id}] finished earlier ({meta['epochs_done']} epochs) at {loc.uri}", flush=True)
+            return meta
+    config = {"job": job.to_dict(), "stage": stage, "run_id": run_id, "run_dir": run_dir,
+              "fingerprint": fingerprint, "metrics_part": metrics_part, "method": method, "seed": seed, "lr": lr,
+              "subnet": subnet.to_json() if subnet else None, "backbone": ensure_backbone(job),
+              "num_classes": num_classes, "spec": spec, "faults": faults,
+              "fault_dir": tempfile.mkdtemp(prefix="noah-faults-") if faults else None}
+    parent = loc.path.rsplit("/", 1)[0]
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=config,
+        train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker,
                                                            **({"GPU": 1} if tc.use_gpu else {})}),
-        run_config=RunConfig(name=run_name, storage_path=ray_root.path, storage_filesystem=ray_root.fs,
+        run_config=RunConfig(name=run_dir.rsplit("/", 1)[-1], storage_path=parent, storage_filesystem=loc.fs,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
-    final = root.join(job.name, run_dir, "final")
-    _, meta = storage.load_state(final)
-    return TrainResult(stage, run_name, meta["epochs"], final.uri, dict(result.metrics or {}))
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints)))
+    try:
+        trainer.fit()
+    except TrainingFailedError as e:
+        _raise_config_error(e)
+        raise
+    return json.loads(storage.read_text(final))
 
 
-def train_supernet(job: JobConfig, *, run_name: str | None = None,
-                   _fail_once_at_epoch: int | None = None) -> TrainResult:
-    """Train the job's supernet (a random subnet per step); resumes if run before."""
-    run_name = run_name or "supernet"
-    return _fit(job, "supernet", run_name, "supernet", job.supernet, method="noah", seed=job.supernet.seed,
-                subnet=None, train_split=job.data.train_split, _fail_once_at_epoch=_fail_once_at_epoch)
+def _raise_config_error(err: BaseException) -> None:
+    """A ConfigError raised inside a worker reaches the caller as itself (one line)."""
+    seen, todo = set(), [err, *getattr(err, "worker_failures", {}).values()]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ConfigError):
+            raise ConfigError(str(e)) from None
+        todo += [getattr(e, "cause", None), e.__cause__]
+
+
+def _check_run_name(name: str) -> str:
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise ConfigError(f"run name {name!r} must be a non-empty word of letters, digits, '-', '_' or '.'")
+    return name
+
+
+def _supernet_dir(run_name: str | None) -> str:
+    return "supernet" if run_name in (None, SUPERNET_RUN) else f"supernet/named/{_check_run_name(run_name)}"
+
+
+def train_supernet(job: JobConfig, *, run_name: str | None = None, _faults: list | None = None) -> TrainResult:
+    """Train the job's supernet, a random subnet per step (the same on every worker); resumes
+    from the last checkpoint if run before, returns at once if finished.
+
+    ``_faults`` (tests): ``[(epoch, "raise" | "kill"), ...]``, each triggered once on rank 0."""
+    tc = job.supernet
+    run_id, run_dir = run_name or SUPERNET_RUN, _supernet_dir(run_name)
+    n = _preflight(job, tc, (job.data.train_split, job.data.val_split))
+    spec = _spec(job, "supernet", "noah", None, tc.lr, tc.seed, n)
+    meta = _fit(job, "supernet", run_id, run_dir, method="noah", seed=tc.seed, subnet=None, lr=tc.lr,
+                spec=spec, num_classes=n, metrics_part=run_id, faults=_faults)
+    return TrainResult("supernet", run_id, meta["epochs_done"], job_root(job).join(run_dir, "final").uri,
+                       {f"val_acc_{k}": v for k, v in meta.get("val_acc", {}).items()})
 
 
 def load_supernet(job: JobConfig, run_name: str | None = None) -> PromptedViT:
-    """The trained supernet of ``job`` (backbone + the saved trainable weights)."""
-    final = job_root(job).join("supernet", "final")
+    """The trained supernet of ``job`` (its backbone + the final trainable weights), in eval mode."""
+    final = job_root(job).join(_supernet_dir(run_name), "final")
     if not storage.exists(final.join("meta.json")):
         raise ConfigError(f"no trained supernet at {final.uri!r}; run the supernet stage first")
     tensors, meta = storage.load_state(final)
-    model = build_model(job, None, meta["backbone"], meta["num_classes"])
+    backbone = job.model.checkpoint or job_root(job).join("backbone.safetensors").uri
+    model = build_model(job, None, backbone, int(meta["num_classes"]))
     model.load_trainable_state_dict(tensors)
     return model.eval()
 
 
 def retrain(job: JobConfig, subnet: SubnetConfig | None, *, method: str = "noah", seed: int = 0,
-            _fail_once_at_epoch: int | None = None) -> TrainResult:
-    """Train one fixed config from scratch; select the epoch on val, evaluate test once; add a
-    row to the ``runs`` table."""
+            _faults: list | None = None) -> TrainResult:
+    """Train one fixed config from scratch on ``data.train_split``; pick the epoch on
+    ``data.val_split``, evaluate ``data.test_split`` once with it; add a row to ``runs``."""
     cfg = subnet_for(method, job, subnet)
-    run_name = f"{method}-seed{seed}"
-    t0 = time.time()
-    res = _fit(job, "retrain", run_name, f"retrain/{run_name}", job.retrain, method=method, seed=seed,
-               subnet=cfg, train_split=job.data.train_split, _fail_once_at_epoch=_fail_once_at_epoch)
+    tc = job.retrain
+    lr = float(tc.method_lr.get(method, tc.lr))
+    n = _preflight(job, tc, (job.data.train_split, job.data.val_split, job.data.test_split))
+    run_id = f"{method}-seed{seed}"
+    spec = _spec(job, "retrain", method, cfg, lr, seed, n)
+    fp = _fingerprint(spec)
+    meta = _fit(job, "retrain", run_id, f"retrain/{run_id}/{fp}", method=method, seed=seed, subnet=cfg, lr=lr,
+                spec=spec, num_classes=n, metrics_part=f"{run_id}-{fp}", fingerprint=fp, faults=_faults)
     root = job_root(job)
-    tensors, best = storage.load_state(root.join("retrain", run_name, "best"))
-    model = build_model(job, cfg, ensure_backbone(job), _num_classes(job), train_backbone=method == "full")
-    model.load_trainable_state_dict(tensors)
-    from noah_ray.data import build_loader, norm_for
+    _publish(root.join("retrain", run_id, fp), root.join("retrain", run_id), fp)
+    row = {"run_id": run_id, "job": job.name, "dataset": job.data.dataset, "method": method, "seed": seed,
+           "config_json": cfg.to_json(), "params": meta["params"], "params_head": meta["params_head"],
+           "val_acc": meta["best_val"], "test_acc": meta["test_acc"], "best_epoch": meta["best_epoch"],
+           "epochs": meta["epochs_done"], "wall_time_s": meta["train_time_s"], "checkpoint_uri": meta["best_uri"],
+           "timestamp": datetime.now(timezone.utc)}
+    storage.append_table(root.join("retrain"), "runs", pa.Table.from_pylist([row]), part=f"{run_id}-{fp}")
+    print(f"[retrain] {method} seed {seed}: val {row['val_acc']:.2f}% (epoch {row['best_epoch'] + 1}) "
+          f"test {row['test_acc']:.2f}% params {row['params'] / 1e6:.4f}M", flush=True)
+    return TrainResult("retrain", run_id, meta["epochs_done"], root.join("retrain", run_id, fp, "final").uri,
+                       {**row, "fingerprint": fp})
 
-    mean, std, size = norm_for(model)
-    test = build_loader(job.data, job.data.test_split, train=False, mean=mean, std=std,
-                        img_size=job.data.img_size or size)
-    test_acc = accuracy(model, test, torch.device("cpu"))
-    count = cfg.param_count(model.shape, kv_shared=job.model.kv_shared)
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad) - count.head \
-        if method == "full" else count.modules
-    row = {"run_id": run_name, "job": job.name, "dataset": job.data.dataset, "method": method, "seed": seed,
-           "config_json": cfg.to_json(), "params": params, "params_head": count.head,
-           "val_acc": best["val_acc"], "test_acc": test_acc, "best_epoch": best["epoch"],
-           "epochs": job.retrain.epochs, "wall_time_s": time.time() - t0,
-           "checkpoint_uri": root.join("retrain", run_name, "best").uri, "timestamp": _now()}
-    storage.append_table(root.join("retrain"), "runs", pa.Table.from_pylist([row]), part=run_name)
-    print(f"[retrain] {method} seed {seed}: val {best['val_acc']:.2f}% (epoch {best['epoch'] + 1}) "
-          f"test {test_acc:.2f}% params {params / 1e6:.4f}M", flush=True)
-    res.metrics.update(row)
-    return res
+
+def _publish(attempt: storage.Location, alias: storage.Location, fp: str) -> None:
+    """Make ``<run>/best`` and ``<run>/final`` hold this config's result (meta.json written last)."""
+    current = alias.join("final", "meta.json")
+    if storage.exists(current) and json.loads(storage.read_text(current)).get("fingerprint") == fp:
+        return
+    for part in ("best", "final"):
+        for name in ("model.safetensors", "meta.json"):
+            storage.write_bytes(alias.join(part, name), storage.read_bytes(attempt.join(part, name)))
 
 
 def retrain_seeds(job: JobConfig, subnet: SubnetConfig | None, method: str = "noah") -> dict:
-    """Retrain for every seed in ``job.retrain.seeds``; test accuracy as mean and std."""
-    accs = [retrain(job, subnet, method=method, seed=s).metrics["test_acc"] for s in job.retrain.seeds]
+    """Retrain for every seed in ``retrain.seeds``; test accuracy as mean and (population) std."""
+    results = [retrain(job, subnet, method=method, seed=s) for s in job.retrain.seeds]
+    accs = [r.metrics["test_acc"] for r in results]
     return {"method": method, "test_acc_mean": statistics.fmean(accs),
-            "test_acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "runs": accs}
+            "test_acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "runs": accs,
+            "val_acc_mean": statistics.fmean(r.metrics["val_acc"] for r in results),
+            "run_ids": [r.run_name for r in results]}
