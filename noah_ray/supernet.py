@@ -154,6 +154,9 @@ class PromptedViT(nn.Module):
                     if w:
                         for name, t in _module(src, m).sliced_state(w).items():
                             getattr(_module(dst, m), name).copy_(t)
+                        gate = getattr(_module(src, m), "gate", None)  # fixed pruning gate (prune.py)
+                        if gate is not None:
+                            _module(dst, m).gate = gate[:w].detach().clone()
         sub.grad_checkpointing, sub.precision = self.grad_checkpointing, self.precision
         sub.set_fused_attn(self.vit.blocks[0].block.attn.fused_attn)
         self.set_active(cfg)
@@ -217,6 +220,11 @@ class PromptedViT(nn.Module):
         if precision not in PRECISIONS:
             raise ConfigError(f"precision {precision!r} unknown; use one of {', '.join(PRECISIONS)}")
         self.precision = precision
+
+    def grad_scaler(self, device_type: str = "cuda") -> torch.amp.GradScaler:
+        """A loss scaler for training at this model's precision: active for fp16 only (fp32 and
+        bf16 need none; a disabled scaler's ``scale``/``step``/``update`` are plain pass-throughs)."""
+        return torch.amp.GradScaler(device_type, enabled=self.precision == "fp16")
 
     def _autocast(self, device_type: str):
         if self.precision == "fp32":

@@ -2,6 +2,10 @@
 attention layer (queries unchanged, so the output length is unchanged and fused SDPA applies).
 
 Shapes ``(heads, max_len, head_dim)``; ``shared=True`` uses one tensor for keys and values.
+Token ``j``'s vector is ``key[:, j]`` flattened head-major (``heads * head_dim`` features).
+
+``gate`` (optional, ``(max_len, segments)``, not saved in the state dict) multiplies each
+token's key and value vectors segment-wise (E2VPT pruning, see :mod:`noah_ray.prune`).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import math
 
 import torch
 from torch import nn
+
+from noah_ray.modules.vpt import expand_gate
 
 
 class KVPrompt(nn.Module):
@@ -24,6 +30,7 @@ class KVPrompt(nn.Module):
         self.shared = shared
         self.max_width = max_len
         self.active = max_len
+        self.register_buffer("gate", None, persistent=False)
 
     def set_width(self, length: int) -> None:
         if not 0 <= length <= self.max_width:
@@ -33,9 +40,14 @@ class KVPrompt(nn.Module):
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``k, v``: (B, heads, N, head_dim) -> (B, heads, n + N, head_dim)."""
         n, b = self.active, k.shape[0]
-        pk = self.key[:, :n].to(k.dtype).unsqueeze(0).expand(b, -1, -1, -1)
         val = self.key if self.value is None else self.value
-        pv = val[:, :n].to(v.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+        pk, pv = self.key[:, :n], val[:, :n]
+        if self.gate is not None:
+            heads, _, head_dim = self.key.shape
+            g = expand_gate(self.gate[:n], heads * head_dim).reshape(n, heads, head_dim).transpose(0, 1)
+            pk, pv = pk * g, pv * g
+        pk = pk.to(k.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+        pv = pv.to(v.dtype).unsqueeze(0).expand(b, -1, -1, -1)
         return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
 
     def sliced_state(self, length: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,153 @@
+"""Images/s of a NOAH supernet training step vs a plain timm ViT of the same size.
+
+Variants, all with the backbone frozen and an AdamW step on what trains, timed in one process
+in interleaved rounds (so load drift hits all alike; per-step medians):
+
+    plain (head only)     timm ViT forward + backward, only the head trains (the issue's
+                          baseline; backward stops at the head)
+    plain (full bwd)      the same ViT with gradients flowing back through every block
+                          (pos_embed trains): the backward any prompt / adapter / LoRA method pays
+    supernet              PromptedViT supernet of the paper's VTAB space (VPT, LoRA, Adapter;
+                          depths {3,6,9,12}, widths {1,5,10}), a random subnet per step
+    supernet + ckpt       the same with per-block gradient checkpointing
+
+The overhead ratio is supernet step time / plain step time (issue goal: <= 1.15).  On CUDA the
+peak memory (``torch.cuda.max_memory_allocated``) of the supernet step with and without
+checkpointing is printed too.
+
+Defaults: CUDA: ``vit_base_patch16_224``, batch 64, bf16 autocast; CPU: the tiny
+``vit_noah_tiny_patch4_32``, batch 64, fp32.
+
+Usage: ``python bench/supernet_step.py [--device auto|cpu|cuda] [--model M] [--batch B]
+[--precision fp32|bf16] [--rounds R] [--steps S] [--threads T]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from noah_ray.backbones import create_backbone
+from noah_ray.space import SearchSpace
+from noah_ray.supernet import PromptedViT
+
+DEFAULTS = {"cuda": ("vit_base_patch16_224", 64, "bf16", 5, 10), "cpu": ("vit_noah_tiny_patch4_32", 64, "fp32", 10, 2)}
+
+
+class Variant:
+    """One model + its training step."""
+
+    def __init__(self, name: str, model: torch.nn.Module, x, y, precision: str, space: SearchSpace | None = None,
+                 seed: int = 0) -> None:
+        self.name, self.model, self.x, self.y, self.space = name, model, x, y, space
+        self.rng = random.Random(seed)
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        self.dtype = torch.bfloat16 if precision == "bf16" else None
+        self.times: list[float] = []
+        self.peak_mib = float("nan")
+
+    def step(self) -> None:
+        if self.space is not None:  # random subnet per step, as in supernet training
+            self.model.set_active(self.space.sample(self.rng))
+        ctx = contextlib.nullcontext() if self.dtype is None or self.space is not None else \
+            torch.autocast(self.x.device.type, dtype=self.dtype)  # PromptedViT autocasts itself
+        with ctx:
+            out = self.model(self.x)
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(out.float(), self.y).backward()
+        self.opt.step()
+
+    def timed(self, steps: int) -> None:
+        cuda = self.x.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        if cuda:
+            torch.cuda.synchronize()
+            self.peak_mib = torch.cuda.max_memory_allocated() / 2**20
+        self.times.append((time.perf_counter() - t0) / steps)
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(self.times)
+
+
+def build(args: argparse.Namespace) -> list[Variant]:
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    probe = create_backbone(args.model, 100)
+    depth, size = len(probe.blocks), probe.patch_embed.img_size
+    x = torch.randn(args.batch, 3, *size, device=dev)
+    y = torch.randint(0, 100, (args.batch,), device=dev)
+    variants = []
+    head_only = create_backbone(args.model, 100).to(dev).train()
+    head_only.requires_grad_(False)
+    head_only.head.requires_grad_(True)
+    variants.append(Variant("plain (head only)", head_only, x, y, args.precision))
+    full_bwd = create_backbone(args.model, 100).to(dev).train()
+    full_bwd.requires_grad_(False)
+    full_bwd.head.requires_grad_(True)
+    full_bwd.pos_embed.requires_grad_(True)
+    variants.append(Variant("plain (full bwd)", full_bwd, x, y, args.precision))
+    space = SearchSpace.paper_vtab(depth)
+    for ckpt in (False, True):
+        net = PromptedViT.supernet(args.model, 100, space).to(dev).train()
+        net.set_precision(args.precision)
+        net.set_grad_checkpointing(ckpt)
+        variants.append(Variant("supernet + ckpt" if ckpt else "supernet", net, x, y, args.precision, space))
+    return variants
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--model", default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"])
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant per round")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, batch, precision, rounds, steps = DEFAULTS[args.device]
+    args.model, args.batch, args.precision = args.model or model, args.batch or batch, args.precision or precision
+    args.rounds, args.steps = args.rounds or rounds, args.steps or steps
+    variants = build(args)
+    for v in variants:  # warm-up (kernels, AdamW state)
+        v.step()
+        v.step()
+    for _ in range(args.rounds):
+        for v in variants:
+            v.timed(args.steps)
+    print(f"{args.model}, batch {args.batch}, {args.precision}, device {args.device}, torch threads "
+          f"{torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps (median per step)")
+    base = variants[0]
+    cuda = args.device == "cuda"
+    print(f"{'variant':20s} {'img/s':>9s} {'ms/step':>9s} {'time x plain(head)':>19s}"
+          + (f" {'peak MiB':>9s}" if cuda else ""))
+    for v in variants:
+        print(f"{v.name:20s} {args.batch / v.step_s:9.1f} {1e3 * v.step_s:9.1f} {v.step_s / base.step_s:19.2f}"
+              + (f" {v.peak_mib:9.0f}" if cuda else ""))
+    sn, full = variants[2], variants[1]
+    print(f"overhead ratio supernet / plain (head only): {sn.step_s / base.step_s:.2f}; "
+          f"supernet / plain (full bwd): {sn.step_s / full.step_s:.2f} (issue goal <= 1.15)")
+    if cuda:
+        ck = variants[3]
+        print(f"supernet peak memory: {sn.peak_mib:.0f} MiB without, {ck.peak_mib:.0f} MiB with checkpointing "
+              f"({sn.peak_mib / ck.peak_mib:.2f}x lower) at {ck.step_s / sn.step_s:.2f}x step time")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""E2VPT pruning: removed tokens are really gone and equal a masked-attention reference,
+scores are mask gradients, plans map to SubnetConfigs, pruned segments stay zero, rewinding.
+
+Reference choice: a zeroed prompt token is NOT a removed one (a zero key still gets softmax
+weight, a zero VPT token still gets a value from LayerNorm biases), so the pruned model is
+compared with ``masked_forward`` below: the *unpruned* model run block by block with explicit
+attention where every pruned token is excluded as a key by an additive ``-inf`` bias (its own
+output row is discarded anyway: VPT tokens are replaced or stripped later).
+"""
+
+import copy
+import json
+from dataclasses import replace
+
+import pytest
+import timm  # noqa: F401  (registers the tiny backbone via noah_ray.backbones)
+import torch
+import torch.nn.functional as F
+
+from noah_ray import prune as P
+from noah_ray.backbones import create_backbone
+from noah_ray.modules.vpt import expand_gate
+from noah_ray.space import ConfigError, SubnetConfig
+from noah_ray.supernet import PromptedViT
+
+MODEL = "vit_noah_tiny_patch4_32"
+CFG = SubnetConfig({"vpt": [6, 0, 4, 8, 0, 2, 5, 0, 0, 1, 0, 3],
+                    "kv_prompt": [4, 0, 3, 5, 2, 0, 1, 0, 2, 0, 0, 6],
+                    "lora": [2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0]})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """2 shared cores: one intra-op thread avoids oversubscription stalls (30x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(shared: bool = False, seed: int = 0) -> PromptedViT:
+    torch.manual_seed(seed)
+    net = PromptedViT(create_backbone(MODEL, 5), CFG, kv_shared=shared).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return net
+
+
+def _batches(n: int = 2, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
+
+
+def _random_plan(net: PromptedViT, seed: int, segments: int = 0) -> P.PrunePlan:
+    """Random token scores -> plan; optionally random segment masks on top."""
+    g = torch.Generator().manual_seed(seed)
+    scores = {(m, i): torch.rand(w, 1, generator=g) for m in P.PRUNABLE
+              for i, w in enumerate(net.active.layer_widths(m)) if w}
+    plan = P.plan_tokens(scores, net.active, 0.5)
+    if segments:
+        seg = {(m, i): torch.rand(len(k), segments, generator=g)
+               for m, layers in plan.kept.items() for i, k in enumerate(layers) if k}
+        plan = P.plan_segments(plan, seg, 0.4, segments)
+    return plan
+
+
+# ------------------------------------------------------------------ masked reference
+def _attention(pa, x, key_alive):
+    a, (B, N, _) = pa.attn, x.shape
+    qkv = a.qkv(x)
+    if pa.lora is not None and pa.lora.active > 0:
+        qkv = qkv + pa.lora.delta(x)
+    q, k, v = qkv.reshape(B, N, 3, pa.num_heads, pa.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = a.q_norm(q), a.k_norm(k)
+    if pa.kv_prompt is not None and pa.kv_prompt.active > 0:
+        k, v = pa.kv_prompt.extend(k, v)
+    bias = torch.zeros(k.shape[2]).masked_fill(~key_alive, float("-inf"))
+    w = ((q * a.scale) @ k.transpose(-2, -1) + bias).softmax(-1)
+    return a.proj((w @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+def masked_forward(net: PromptedViT, x: torch.Tensor, plan: P.PrunePlan) -> torch.Tensor:
+    """Unpruned ``net`` (segments zeroed as in the plan) with pruned tokens masked out."""
+    net = copy.deepcopy(net)
+    alive = {}
+    with torch.no_grad():
+        for m, layers in plan.kept.items():
+            for i, w in enumerate(plan.base.layer_widths(m)):
+                keep = torch.zeros(w, dtype=torch.bool)
+                keep[list(layers[i])] = True
+                alive[(m, i)] = keep
+                mask = plan.masks(m, i)
+                if mask is not None:  # zero the pruned segments of kept tokens
+                    full = torch.ones(w, plan.num_segments)
+                    full[list(layers[i])] = mask
+                    P._fix_gate(net.module(m, i), full)
+                    net.module(m, i).gate = None
+    vit, npre = net.vit, net.vit.num_prefix_tokens
+    h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+    prompt_alive = torch.zeros(0, dtype=torch.bool)
+    for i, pb in enumerate(vit.blocks):
+        if pb.vpt is not None and pb.vpt.active > 0:
+            h = pb.vpt.insert(h, npre, pb.num_in)
+            prompt_alive = alive[("vpt", i)]
+        n_patch = h.shape[1] - npre - len(prompt_alive)
+        key_alive = torch.cat([torch.ones(npre, dtype=torch.bool), prompt_alive,
+                               torch.ones(n_patch, dtype=torch.bool)])
+        if ("kv_prompt", i) in alive:
+            key_alive = torch.cat([alive[("kv_prompt", i)], key_alive])
+        blk = pb.block
+        h = h + blk.ls1(_attention(blk.attn, blk.norm1(h), key_alive))
+        h = h + blk.ls2(blk.mlp(blk.norm2(h)))
+    h = torch.cat([h[:, :npre], h[:, npre + len(prompt_alive):]], dim=1)
+    return vit.forward_head(vit.norm(h))
+
+
+# ------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("shared,fused,segments", [(False, True, 0), (False, False, 8), (True, True, 8)])
+def test_removed_tokens_equal_masked_attention_reference(shared, fused, segments):
+    net = _model(shared)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    for seed in range(2):
+        plan = _random_plan(net, seed, segments)
+        if seed == 1:  # a layer whose KV prompts are all gone
+            kv = list(plan.kept["kv_prompt"])
+            kv[4] = ()
+            masks = {m: tuple(() if (m, i) == ("kv_prompt", 4) else r for i, r in enumerate(rows))
+                     for m, rows in plan.segment_masks.items()}
+            plan = replace(plan, kept={**plan.kept, "kv_prompt": tuple(kv)}, segment_masks=masks)
+        pruned = P.apply_plan(net, plan).eval()
+        pruned.set_fused_attn(fused)
+        with torch.no_grad():
+            ref, out = masked_forward(net, x, plan), pruned(x)
+            zeroed = _zero_gated(net, plan)(x)
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0), (seed, (out - ref).abs().max())
+        # zeroing instead of removing is a different network: the test can tell them apart
+        assert not torch.allclose(zeroed, ref, atol=1e-3)
+
+
+def _zero_gated(net, plan):
+    z = copy.deepcopy(net)
+    for m, layers in plan.kept.items():
+        for i, w in enumerate(plan.base.layer_widths(m)):
+            if w:
+                g = torch.zeros(w, 1)
+                g[list(layers[i])] = 1
+                z.module(m, i).gate = g
+    return z
+
+
+def test_pruned_model_is_smaller_in_sequence_keys_and_params():
+    net = _model()
+    plan = _random_plan(net, 0)
+    pruned = P.apply_plan(net, plan)
+    lens = {}
+    hooks = [pb.register_forward_hook(lambda mod, inp, out, i=i: lens.update({i: inp[0].shape[1]}))
+             for i, pb in enumerate(pruned.vit.blocks)]
+    pruned(torch.randn(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    cfg = plan.config()
+    assert cfg.layer_widths("vpt")[0] == len(plan.kept["vpt"][0]) < CFG.layer_widths("vpt")[0]
+    assert lens[0] == 1 + 64 and lens[1] == 1 + 64 + cfg.layer_widths("vpt")[0]
+    assert lens[3] == 1 + 64 + cfg.layer_widths("vpt")[2] < 1 + 64 + 4
+    assert pruned.module("kv_prompt", 3).key.shape[1] == len(plan.kept["kv_prompt"][3]) < 5
+    count = cfg.param_count(pruned.shape)
+    got = pruned.num_trainable()
+    assert {m: got[m] for m in count.per_module} == count.per_module
+    assert count.modules < CFG.param_count(net.shape).modules
+    # the net itself is untouched and still runs its own config
+    assert net.active == CFG and net.module("vpt", 0).prompts.shape[0] == 6
+
+
+def test_pruned_state_dict_extract_and_reload():
+    net = _model()
+    plan = _random_plan(net, 1, segments=4)
+    pruned = P.apply_plan(net, plan).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fresh = PromptedViT(create_backbone(MODEL, 5), plan.config())
+    fresh.vit.load_state_dict(pruned.vit.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        y = pruned(x)
+        assert torch.allclose(pruned.extract(plan.config()).eval()(x), y, atol=1e-6)
+        assert torch.allclose(fresh(x), y, atol=1e-6)  # zeroed segments survive a reload
+    restored = P.PrunePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert restored == plan
+
+
+def test_scores_are_mask_gradients():
+    """Token score = -dL/dgate = -sum(prompt * dL/dprompt) (signed), |.| per batch (abs)."""
+    net = _model()
+    batches = _batches(2)
+    signed = P.mask_scores(net, batches, score="signed")
+    absolute = P.mask_scores(net, batches, score="abs")
+    seg = P.mask_scores(net, batches, score="signed", num_segments=4)
+    assert all(p.grad is None for p in net.parameters())  # only the gates got gradients
+    per_batch = []
+    for x, y in batches:
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        per_batch.append({"vpt": -(net.module("vpt", 3).prompts * net.module("vpt", 3).prompts.grad),
+                          "kv": -(net.module("kv_prompt", 3).key * net.module("kv_prompt", 3).key.grad
+                                  + net.module("kv_prompt", 3).value * net.module("kv_prompt", 3).value.grad)})
+    vpt_tok = torch.stack([b["vpt"].sum(-1) for b in per_batch])           # (batches, 8)
+    kv_tok = torch.stack([b["kv"].sum((0, 2)) for b in per_batch])         # (batches, 5)
+    assert torch.allclose(signed[("vpt", 3)][:, 0], vpt_tok.mean(0), atol=1e-6)
+    assert torch.allclose(absolute[("vpt", 3)][:, 0], vpt_tok.abs().mean(0), atol=1e-6)
+    assert torch.allclose(signed[("kv_prompt", 3)][:, 0], kv_tok.mean(0), atol=1e-6)
+    vpt_seg = torch.stack([b["vpt"].reshape(8, 4, 12).sum(-1) for b in per_batch]).mean(0)
+    assert torch.allclose(seg[("vpt", 3)], vpt_seg, atol=1e-6)
+    assert net.module("vpt", 3).gate is None  # scoring leaves no gate behind
+
+
+def test_token_plan_keeps_highest_scores_and_respects_minimums():
+    base = SubnetConfig({"vpt": [4, 2, 0], "kv_prompt": [3, 1, 2]})
+    scores = {("vpt", 0): torch.tensor([[0.1], [0.9], [0.5], [0.3]]), ("vpt", 1): torch.tensor([[1.0], [2.0]]),
+              ("kv_prompt", 0): torch.tensor([[3.0], [1.0], [2.0]]), ("kv_prompt", 1): torch.tensor([[5.0]]),
+              ("kv_prompt", 2): torch.tensor([[1.0], [0.0]])}
+    plan = P.plan_tokens(scores, base, 0.5)
+    assert plan.kept["vpt"] == ((1, 2), (1,), ())
+    assert plan.kept["kv_prompt"] == ((0, 2), (0,), (0,))
+    heavy = P.plan_tokens(scores, base, 0.99)
+    assert heavy.config().layer_widths("vpt") == (1, 1, 0)          # VPT layers keep >= 1
+    assert heavy.config().layer_widths("kv_prompt") == (1, 1, 1)    # fractions < 1: one stays
+    two = P.plan_tokens(scores, base, 0.0, min_vpt_tokens=2)
+    seg = P.plan_segments(two, {("vpt", 0): torch.tensor([[0.0] * 4, [9.0, 0, 0, 0], [0.0] * 4, [8.0, 0.2, 0.3, 0.1]]),
+                                ("vpt", 1): torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5] * 4]),
+                                ("kv_prompt", 0): torch.tensor([[9.0] * 4, [0.0] * 4, [0.0] * 4]),
+                                ("kv_prompt", 1): torch.ones(1, 4), ("kv_prompt", 2): torch.ones(2, 4)}, 0.75, 4,
+                          min_vpt_tokens=2)
+    assert seg.kept["vpt"] == ((1, 3), (0, 1), ())               # tokens with no segment left go
+    assert seg.segment_masks["vpt"][0] == ((1, 0, 0, 0), (1, 1, 1, 0))
+    assert seg.segment_masks["vpt"][1] == ((0, 0, 1, 1), (1, 0, 0, 0))  # min 2 VPT: best dead revived
+    assert seg.kept["kv_prompt"][0] == (0,)
+    assert seg.config().layer_widths("vpt") == (2, 2, 0)
+
+
+def test_pruned_segments_stay_zero_while_training():
+    net = _model()
+    plan = _random_plan(net, 2, segments=4)
+    pruned = P.apply_plan(net, plan).train()
+    mod = pruned.module("vpt", 0)
+    zero = expand_gate(plan.masks("vpt", 0), 48) == 0
+    assert zero.any() and (mod.prompts[zero] == 0).all()
+    opt = torch.optim.AdamW([p for p in pruned.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for x, y in _batches(3):
+        opt.zero_grad()
+        F.cross_entropy(pruned(x), y).backward()
+        assert (mod.prompts.grad[zero] == 0).all() and mod.prompts.grad[~zero].abs().sum() > 0
+        opt.step()
+    assert (mod.prompts[zero] == 0).all()
+
+
+def test_prune_then_rewind_resets_kept_prompts_to_saved_init():
+    torch.manual_seed(0)
+    net = PromptedViT(create_backbone(MODEL, 5), CFG)
+    init = P.initial_state(net)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+    for x, y in _batches(2):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    cfg = P.PruneConfig(token_fraction=0.5, segment_fraction=0.25, num_segments=4, score_batches=2)
+    pruned, plan = P.prune(net, _batches(2), cfg)
+    rewound = P.rewind(net, plan, init)
+    for i, toks in enumerate(plan.kept["vpt"]):
+        if not toks:
+            continue
+        start = init[f"vit.blocks.{i}.vpt.prompts"][list(toks)]
+        trained = net.module("vpt", i).prompts[list(toks)].detach()
+        mask = plan.masks("vpt", i)
+        if mask is not None:
+            keep = expand_gate(mask, 48)
+            start, trained = start * keep, trained * keep
+        assert torch.equal(rewound.module("vpt", i).prompts.detach(), start)
+        assert torch.equal(pruned.module("vpt", i).prompts.detach(), trained)
+        assert not torch.equal(start, trained)
+    toks = plan.kept["kv_prompt"][3]
+    ref = init["vit.blocks.3.block.attn.kv_prompt.value"][:, list(toks)]
+    mask = plan.masks("kv_prompt", 3)
+    if mask is not None:
+        ref = ref * expand_gate(mask, 48).reshape(len(toks), 3, 16).transpose(0, 1)
+    assert torch.equal(rewound.module("kv_prompt", 3).value.detach(), ref)
+    assert torch.equal(rewound.vit.head.weight.detach(), init["vit.head.weight"])
+
+
+def test_bad_prune_settings_are_refused():
+    with pytest.raises(ConfigError, match="prune.token_fraction: 1.5 must be in"):
+        P.PruneConfig(token_fraction=1.5)
+    with pytest.raises(ConfigError, match="prune.score: 'sign' unknown"):
+        P.PruneConfig(score="sign")
+    net = _model()
+    with pytest.raises(ConfigError, match="num_segments 5 must divide the embed dim 48"):
+        P.mask_scores(net, _batches(1), num_segments=5)
+    plan = _random_plan(net, 0)
+    net.set_active(SubnetConfig({**CFG.to_dict(), "vpt": [min(w, 1) for w in CFG.layer_widths("vpt")]}))
+    with pytest.raises(ConfigError, match="set_active\\(plan.base\\) first"):
+        P.apply_plan(net, plan)
+    with pytest.raises(ConfigError, match="prune plan is malformed"):
+        P.PrunePlan.from_dict({"kept": {}})
+
+
+def test_rewound_model_retrains_and_round_trips_through_s3(s3_bucket):
+    from noah_ray import storage
+
+    endpoint, bucket = s3_bucket
+    torch.manual_seed(4)
+    net = PromptedViT(create_backbone(MODEL, 5), CFG)
+    init = P.initial_state(net)
+    batches = _batches(3)
+    cfg = P.PruneConfig(token_fraction=0.4, segment_fraction=0.3, num_segments=4, score_batches=3)
+    _, plan = P.prune(net, batches, cfg)
+    model = P.rewind(net, plan, init)
+
+    def loss():
+        model.eval()
+        with torch.no_grad():
+            return sum(float(F.cross_entropy(model(x), y)) for x, y in batches)
+
+    before = loss()
+    P.train_steps(model, batches, steps=30, lr=1e-2, seed=0)
+    assert loss() < 0.9 * before
+    zero = expand_gate(plan.masks("vpt", 0), 48) == 0
+    assert zero.any() and (model.module("vpt", 0).prompts[zero] == 0).all()
+
+    loc = storage.resolve(f"s3://{bucket}/pruned", endpoint)
+    P.save_pruned(loc, model, plan, {"seed": 4})
+    backbone = net.backbone()
+    loaded, plan2 = P.load_pruned(loc, backbone)
+    assert plan2 == plan and loaded.active == plan.config()
+    x = batches[0][0]
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    assert torch.equal(loaded.module("vpt", 0).gate, plan.masks("vpt", 0))  # gates re-installed
+    with pytest.raises(ConfigError, match="holds no prune plan"):
+        storage.save_state(storage.resolve(f"s3://{bucket}/other", endpoint), {}, {})
+        P.load_pruned(storage.resolve(f"s3://{bucket}/other", endpoint), backbone)
+
+
+def test_segment_scores_of_pruned_segments_are_zero():
+    net = _model()
+    plan = _random_plan(net, 3, segments=4)
+    pruned = P.apply_plan(net, plan)
+    scores = P.mask_scores(pruned, _batches(1), num_segments=4, modules=["vpt"])
+    for i, toks in enumerate(plan.kept["vpt"]):
+        mask = plan.masks("vpt", i)
+        if toks and mask is not None:
+            assert (scores[("vpt", i)][mask == 0] == 0).all()
+            assert scores[("vpt", i)][mask == 1].abs().sum() > 0
+    assert pruned.module("vpt", 0).gate is not None or plan.masks("vpt", 0) is None  # fixed gate kept
