@@ -2,9 +2,13 @@
 
     noah-ray demo                         the whole pipeline on generated data, locally
     noah-ray pipeline --config job.yaml   supernet -> search -> retrain
-    noah-ray supernet|search|retrain --config job.yaml
-    noah-ray results URI [--table leaderboard|vtab|trials|pareto|runs|curves] [--plots DIR]
+    noah-ray supernet|search|retrain --config job.yaml [--set key=value ...]
+    noah-ray results URI [--table leaderboard|vtab|trials|generations|pareto|runs|curves] [--plots DIR]
     noah-ray import-noah FILE...          original NOAH subnet files -> configs, parameter counts
+    noah-ray export JOB.yaml --out URI    a retrained subnet -> inference artifact (--merge-lora, --peft DIR)
+
+The same stages run as Ray jobs: ``ray job submit --working-dir . -- python -m jobs.pipeline
+--config jobs/configs/demo.yaml``.
 """
 
 from __future__ import annotations
@@ -13,78 +17,127 @@ import argparse
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Any, Sequence
 
 from noah_ray.space import ConfigError
 
+#: the stages each stage command runs
+STAGE_COMMANDS = {"pipeline": ("supernet", "search", "retrain"), "supernet": ("supernet",),
+                  "search": ("search",), "retrain": ("retrain",)}
+_STAGE_DOCS = {"pipeline": "supernet -> search -> retrain (each stage resumes)",
+               "supernet": "train the supernet (resumes from its last checkpoint)",
+               "search": "evolutionary search on the trained supernet (resumes; nothing is scored twice)",
+               "retrain": "retrain the searched subnet and the baselines; test accuracy over seeds"}
 
-def _load_job(args: argparse.Namespace):
+
+# ------------------------------------------------------------------------------ job configs
+def apply_overrides(data: dict, items: Sequence[str]) -> dict:
+    """Apply ``--set section.key=value`` items (values parsed as YAML) to a config dict."""
+    import yaml
+
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or any(not p for p in key.split(".")):
+            raise ConfigError(f"--set {item!r}: use KEY=VALUE, e.g. --set search.generations=5")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML; quote it") from None
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_job(path: str, overrides: Sequence[str] = ()):
+    """A job config from ``path`` with ``--set`` overrides applied (validated as one)."""
     from noah_ray.config import JobConfig
 
-    return JobConfig.load(args.config)
+    job = JobConfig.load(path)
+    if overrides:
+        job = JobConfig.from_dict(apply_overrides(job.to_dict(), overrides), where=f"{path} (with --set)")
+    return job
 
 
-def _stage_command(stages: tuple[str, ...]):
-    def run(args: argparse.Namespace) -> int:
-        from noah_ray import pipeline
+def demo_config(out: str | Path, quick: bool = False) -> Any:
+    """The embedded demo job (``noah_ray/configs/demo.yaml``) writing everything under ``out``."""
+    import yaml
 
-        job = _load_job(args)
-        if getattr(args, "subnet", None):
-            job.retrain.subnet = args.subnet
-        if getattr(args, "method", None):
-            job.retrain.method = args.method
-        pipeline.validate_job(job, stages)
-        pipeline.init_ray(args.address)
-        summary = pipeline.run_stages(job, stages)
-        _print_summary(summary)
-        return 0
-    return run
+    from noah_ray.config import JobConfig
+
+    data = yaml.safe_load(resources.files("noah_ray").joinpath("configs/demo.yaml").read_text())
+    out = Path(out).expanduser().resolve()
+    data["storage"] = str(out)
+    data["data"]["root"] = str(out / "data")
+    if quick:
+        data["supernet"].update(epochs=1, warmup_epochs=0, eval_random_subnets=0)
+        data["search"].update(generations=1, population=4, top_k=2, mutations=1, crossovers=1)
+        data["retrain"].update(epochs=1, warmup_epochs=0, baselines=["linear"])
+    return JobConfig.from_dict(data, where="demo config")
 
 
-def _print_summary(summary: dict) -> None:
-    if "search" in summary and summary["search"]["best"]:
-        s = summary["search"]
-        print(f"search: best val {s['val_acc']:.2f}% with {s['params'] / 1e6:.4f} M params "
-              f"({s['evaluated']} candidates scored) -> {s['uri']}")
-    for method, r in summary.get("retrain", {}).items():
-        print(f"retrain {method}: test {r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} % over {len(r['runs'])} seed(s)")
+# ------------------------------------------------------------------------------ commands
+def _stage_command(args: argparse.Namespace) -> int:
+    from noah_ray import pipeline, storage
+
+    job = load_job(args.config, args.set)
+    if getattr(args, "subnet", None):
+        job.retrain.subnet = args.subnet
+    if getattr(args, "method", None):
+        job.retrain.method = args.method
+    stages = STAGE_COMMANDS[args.stage_command]
+    pipeline.validate_job(job, stages)
+    storage.check_writable(storage.resolve(job.storage, job.storage_endpoint))    # before Ray starts
+    pipeline.init_ray(args.address)
+    print(pipeline.format_summary(pipeline.run_stages(job, stages)))
+    return 0
+
+
+def write_plots(uri: str, out_dir: str | Path, *, endpoint: str | None = None) -> list[Path]:
+    """Every plot the tables under ``uri`` allow: Pareto front, supernet curves, and the
+    architecture heat-map of each retrained NOAH subnet (else the search's best candidate)."""
+    from noah_ray import results
+
+    out_dir, paths = Path(out_dir), []
+    trials = results.load_trials(uri, endpoint=endpoint)
+    if not trials.empty:
+        paths.append(results.plot_pareto(uri, out_dir / "pareto.png", endpoint=endpoint))
+    if not results.supernet_curves(uri, endpoint=endpoint).empty:
+        paths.append(results.plot_supernet_curves(uri, out_dir / "supernet_curves.png", endpoint=endpoint))
+    for name, subnet in results.searched_subnets(uri, endpoint=endpoint).items():
+        if any(any(subnet.layer_widths(m)) for m in subnet.widths):
+            paths.append(results.plot_architecture(subnet, out_dir / f"architecture_{name}.png",
+                                                   title=f"searched subnet: {name}"))
+    return paths
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from noah_ray import pipeline, results
-    from noah_ray.config import JobConfig
-    from noah_ray.data import write_generated_vtab
+    from noah_ray import pipeline, results, storage
 
-    out = Path(args.out).resolve()
-    text = resources.files("noah_ray").joinpath("configs/demo.yaml").read_text()
-    import yaml
-
-    data = yaml.safe_load(text)
-    data["storage"] = str(out)
-    data["data"]["root"] = str(out / "data")
-    if args.quick:
-        data["supernet"]["epochs"], data["retrain"]["epochs"] = 2, 2
-        data["search"]["generations"], data["search"]["population"], data["search"]["top_k"] = 2, 6, 3
-        data["search"]["mutations"], data["search"]["crossovers"] = 2, 2
-        data["retrain"]["baselines"] = ["linear"]
-    job = JobConfig.from_dict(data, where="demo config")
-    print(f"noah-ray demo: generated '{job.data.dataset}' data, {job.model.name}, results in {out}", flush=True)
-    write_generated_vtab(out / "data", job.data.dataset, seed=0)
-    pipeline.validate_job(job)
-    pipeline.init_ray(args.address)
-    summary = pipeline.run_stages(job)
-    _print_summary(summary)
+    job = demo_config(args.out, args.quick)
+    out = Path(job.storage)
     uri = str(out / job.name)
-    print("\nleaderboard (test accuracy, mean +- std over seeds):")
+    print(f"noah-ray demo: generated task {job.data.dataset!r}, {job.model.name}, "
+          f"results in {out}", flush=True)
+    pipeline.validate_job(job)
+    storage.check_writable(storage.resolve(job.storage))
+    pipeline.init_ray(args.address, quiet=True)
+    summary = pipeline.run_stages(job)
+    print("\n" + pipeline.format_summary(summary))
+    print("\nleaderboard (test accuracy %, mean +- std over seeds; params in M, head excluded):")
     print(results.leaderboard(uri).to_string(index=False))
-    plots = out / "plots"
-    paths = [results.plot_pareto(uri, plots / "pareto.png"),
-             results.plot_supernet_curves(uri, plots / "supernet_curves.png"),
-             results.plot_architecture(pipeline.retrain_subnet(job), plots / "architecture.png",
-                                       title=f"searched subnet ({job.data.dataset})")]
+    paths = write_plots(uri, out / "plots")
     print("\nplots:\n" + "\n".join(f"  {p}" for p in paths))
-    print(f"\nquery the tables with pandas: noah_ray.results.load_trials({uri!r}) or "
-          f"pandas.read_parquet({uri + '/search/trials'!r})")
+    print(f"\nmore: noah-ray results {uri} --table trials|pareto|runs|curves\n"
+          f"      pandas.read_parquet({uri + '/search/trials'!r})")
     return 0
+
+
+_TABLES = ("leaderboard", "vtab", "trials", "generations", "pareto", "runs", "curves")
 
 
 def _results(args: argparse.Namespace) -> int:
@@ -93,14 +146,20 @@ def _results(args: argparse.Namespace) -> int:
     from noah_ray import results
 
     fn = {"leaderboard": results.leaderboard, "vtab": results.vtab_table, "trials": results.load_trials,
-          "pareto": results.pareto, "runs": results.runs, "curves": results.supernet_curves}[args.table]
+          "generations": results.generations, "pareto": results.pareto, "runs": results.runs,
+          "curves": results.supernet_curves}[args.table]
     df = fn(args.uri, endpoint=args.endpoint)
-    with pd.option_context("display.max_rows", args.max_rows, "display.width", 200, "display.max_columns", 30):
-        print(df.to_string(index=False) if not df.empty else f"(no {args.table} rows under {args.uri})")
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(args.csv, index=False)
+    if not args.wide:      # the per-layer widths and JSON configs stay in --csv / pandas
+        df = df.drop(columns=[c for c in df.columns if c.endswith(("_widths", "_json", "config_key"))
+                              or c in ("parent_ids", "worker", "checkpoint_uri")])
+    with pd.option_context("display.max_rows", args.max_rows, "display.width", 200,
+                           "display.max_columns", 40, "display.max_colwidth", 60):
+        print(df.to_string(index=False) if not df.empty else f"(no {args.table} rows under {args.uri} yet)")
     if args.plots:
-        for p in (results.plot_pareto(args.uri, Path(args.plots) / "pareto.png", endpoint=args.endpoint),
-                  results.plot_supernet_curves(args.uri, Path(args.plots) / "supernet_curves.png",
-                                               endpoint=args.endpoint)):
+        for p in write_plots(args.uri, args.plots, endpoint=args.endpoint):
             print(p)
     return 0
 
@@ -111,35 +170,50 @@ def _import_noah(args: argparse.Namespace) -> int:
     return import_noah_command(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="noah-ray", description=__doc__,
+def _export(args: argparse.Namespace) -> int:
+    from noah_ray.interop import export_command
+
+    return export_command(args)
+
+
+def add_stage_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """The options of a stage command (``noah-ray <command>`` and ``python -m jobs.<command>``)."""
+    p.add_argument("--config", required=True, help="job config (YAML or JSON)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set storage=s3://bucket/noah --set search.generations=5 "
+                        "(repeatable; values are YAML)")
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a new local Ray)")
+    if command == "retrain":
+        p.add_argument("--subnet", help="subnet file to retrain (default: the search's best_subnet.yaml)")
+        p.add_argument("--method", help="noah or a baseline: linear, full, vpt, adapter, lora, e2vpt")
+    p.set_defaults(func=_stage_command, stage_command=command)
+
+
+def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="run the whole pipeline on generated data with a tiny ViT (local Ray)")
-    p.add_argument("--out", default="./noah-results", help="where data, checkpoints and tables go")
+    p = sub.add_parser("demo", help="run the whole pipeline on generated data with a tiny ViT (local Ray)",
+                       description="The whole pipeline (supernet -> search -> retrain NOAH and baselines) on a "
+                                   "generated task with a tiny ViT; a few minutes on 2 CPU cores.")
+    p.add_argument("--out", default="./noah-results", help="where data, checkpoints, tables and plots go")
     p.add_argument("--quick", action="store_true", help="an even shorter run (smoke test)")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a new local Ray)")
     p.set_defaults(func=_demo)
 
-    for name, stages, doc in (("pipeline", ("supernet", "search", "retrain"), "supernet -> search -> retrain"),
-                              ("supernet", ("supernet",), "train the supernet (resumes)"),
-                              ("search", ("search",), "evolutionary search on the trained supernet (resumes)"),
-                              ("retrain", ("retrain",), "retrain the searched subnet and the baselines")):
-        p = sub.add_parser(name, help=doc, description=doc)
-        p.add_argument("--config", required=True, help="job config (YAML or JSON)")
-        p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a new local Ray)")
-        if name == "retrain":
-            p.add_argument("--subnet", help="subnet file to retrain (default: the search's best_subnet.yaml)")
-            p.add_argument("--method", help="noah or a baseline: linear, full, vpt, adapter, lora, e2vpt")
-        p.set_defaults(func=_stage_command(stages))
+    for name, doc in _STAGE_DOCS.items():
+        add_stage_arguments(sub.add_parser(name, help=doc, description=doc), name)
 
-    p = sub.add_parser("results", help="print result tables (and plots) from a job or storage URI")
-    p.add_argument("uri", help="a job (<storage>/<name>) or a storage root; local path or s3://")
-    p.add_argument("--table", default="leaderboard",
-                   choices=("leaderboard", "vtab", "trials", "pareto", "runs", "curves"))
+    p = sub.add_parser("results", help="print result tables (and plots) from a job or storage URI",
+                       description="Print a result table read from the Parquet files under URI (one job "
+                                   "<storage>/<name>, or a storage root holding many jobs).")
+    p.add_argument("uri", help="a job (<storage>/<name>) or a storage root; local path, file:// or s3://")
+    p.add_argument("--table", default="leaderboard", choices=_TABLES)
     p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--plots", default=None, help="also write PNG plots into this directory")
+    p.add_argument("--csv", default=None, help="also write the table (all columns) to this CSV file")
+    p.add_argument("--wide", action="store_true", help="print every column (per-layer widths, JSON configs)")
     p.add_argument("--max-rows", type=int, default=60)
     p.set_defaults(func=_results)
 
@@ -148,18 +222,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory to write the converted subnet configs (YAML)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="head size for the count (default: from the dataset name)")
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm ViT to count on (default: ViT-B/16)")
+    p.add_argument("--markdown", action="store_true", help="print one Markdown table instead of per-file blocks")
+    p.add_argument("--endpoint", default=None, help="S3 endpoint URL for an s3:// --out")
     p.set_defaults(func=_import_noah)
+
+    p = sub.add_parser("export", help="export a retrained subnet for inference (artifact, merged LoRA, peft)")
+    p.add_argument("source", help="a job config (YAML, with --run) or a subnet artifact directory / s3:// URI")
+    p.add_argument("--run", default="noah-seed0", help="retrain run id of the job (default: noah-seed0)")
+    p.add_argument("--out", help="write a subnet artifact (safetensors + meta.json); load with noah_ray.load_subnet")
+    p.add_argument("--merge-lora", action="store_true", help="fold LoRA into the qkv weights (no LoRA at inference)")
+    p.add_argument("--include-backbone", action="store_true", help="also store the whole backbone in the artifact")
+    p.add_argument("--peft", help="write the LoRA part and the head as a peft LoRA adapter into this directory")
+    p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: the job's / $AWS_ENDPOINT_URL)")
+    p.set_defaults(func=_export)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"noah-ray: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _run(build_parser(), argv)
+
+
+def stage_main(command: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """One stage command on its own (the ``jobs/`` entrypoints): ``stage_main("pipeline")``."""
+    parser = argparse.ArgumentParser(prog=prog or f"python -m jobs.{command}", description=_STAGE_DOCS[command])
+    add_stage_arguments(parser, command)
+    return _run(parser, argv)
 
 
 if __name__ == "__main__":

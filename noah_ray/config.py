@@ -104,6 +104,9 @@ class DataConfig:
             raise ConfigError(f"{where}.format: {self.format!r} unknown; use vtab, fewshot, dg or folder")
         _positive(where, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                   num_classes=self.num_classes, img_size=self.img_size)
+        _positive(where, shots=self.shots)
+        if self.num_workers < 0:
+            raise ConfigError(f"{where}.num_workers: {self.num_workers} must be >= 0 (0 loads in the main process)")
 
 
 @dataclass
@@ -135,21 +138,40 @@ class TrainConfig:
     num_workers: int = 1                  # Ray Train workers
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    checkpoint_every: int = 1             # epochs
-    eval_every: int = 1
+    checkpoint_every: int = 1             # epochs between checkpoints (a killed run loses at most this many)
+    eval_every: int = 1                   # epochs between val evaluations (the last epoch is always evaluated)
     eval_random_subnets: int = 3          # supernet: smallest + largest + this many fixed random
-    max_failures: int = 2
-    seed: int = 0
+    max_failures: int = 2                 # restarts of a failed worker group from the last checkpoint (-1: no limit)
+    seed: int = 0                         # supernet: init, per-step subnet sampling, shuffling
     seeds: tuple[int, ...] = (0,)         # retrain: one run per seed, reported as mean +- std
     method: str = "noah"                  # retrain: noah | linear | full | vpt | adapter | lora | e2vpt
     subnet: str | None = None             # retrain: subnet file (default: the search's winner)
     baselines: tuple[str, ...] = ()       # retrain: baselines the pipeline trains beside NOAH (linear, vpt, ...)
+    min_lr: float = 1e-5                  # floor of the cosine schedule (AutoFormer / NOAH code default)
+    keep_checkpoints: int = 2             # Ray Train checkpoints kept in storage (the newest ones)
+    baseline_widths: dict[str, dict[str, int]] = field(default_factory=dict)
+                                          # retrain: per-baseline uniform widths replacing the defaults
+                                          # (noah_ray.train.BASELINE_WIDTHS), e.g. {vpt: {vpt: 50}}
+    method_lr: dict[str, float] = field(default_factory=dict)
+                                          # retrain: per-method learning rate overriding `lr`, e.g. {full: 1.0e-4}
 
     def check(self, where: str) -> None:
         _positive(where, epochs=self.epochs, lr=self.lr, num_workers=self.num_workers,
                   checkpoint_every=self.checkpoint_every, eval_every=self.eval_every)
         if self.warmup_epochs < 0 or self.weight_decay < 0:
             raise ConfigError(f"{where}: warmup_epochs and weight_decay must be >= 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"{where}.min_lr: {self.min_lr} must be in [0, lr={self.lr}]")
+        _positive(where, keep_checkpoints=self.keep_checkpoints, cpus_per_worker=self.cpus_per_worker)
+        for k, v in self.method_lr.items():
+            if not _type_ok(v, float) or v <= 0:
+                raise ConfigError(f"{where}.method_lr.{k}: {v!r} must be a learning rate > 0")
+        if self.max_failures < -1:
+            raise ConfigError(f"{where}.max_failures: {self.max_failures} must be >= 0 (or -1: retry forever)")
+        for k, v in self.baseline_widths.items():
+            if not isinstance(v, Mapping) or not all(isinstance(w, int) and w >= 0 for w in v.values()):
+                raise ConfigError(f"{where}.baseline_widths.{k}: {v!r} must map module names to widths >= 0, "
+                                  f"e.g. {{vpt: 10}}")
 
 
 def _retrain_default() -> TrainConfig:

@@ -1,15 +1,15 @@
 """The chained stages (supernet -> search -> retrain), shared by the CLI and the Ray jobs.
 
-Everything about a job is validated before anything is written; each stage resumes from what
-earlier runs of the same job left in storage.
+Everything about a job is validated before anything is written (:func:`validate_job`); each
+stage resumes from what earlier runs of the same job left in storage, so running a finished
+job again only re-reads its results.
 """
 
 from __future__ import annotations
 
 import os
 import time
-
-import timm
+from pathlib import Path
 
 from noah_ray import storage
 from noah_ray.config import JobConfig
@@ -18,10 +18,48 @@ from noah_ray.space import ConfigError, SubnetConfig
 STAGES = ("supernet", "search", "retrain")
 
 
+def _is_generated(job: JobConfig) -> bool:
+    from noah_ray.data import registry
+
+    info = registry.lookup(job.data.dataset, job.data.format)
+    return job.data.format == "vtab" and info is not None and info.benchmark == "generated"
+
+
+def _check_data(job: JobConfig, stages: tuple[str, ...]) -> None:
+    """The splits the stages read exist (local roots; an ``s3://`` root is checked where it is
+    staged).  Generated tasks that are missing are written by :func:`prepare_data`."""
+    from noah_ray.data.readers import read_split
+
+    if str(job.data.root).startswith("s3://"):
+        return
+    if _is_generated(job) and not (Path(job.data.root).expanduser() / job.data.dataset).is_dir():
+        return
+    splits = [job.data.train_split, job.data.val_split]
+    if "retrain" in stages:
+        splits.append(job.data.test_split)
+    for split in dict.fromkeys(splits):
+        read_split(job.data, split)
+
+
+def _exists(uri: str, endpoint: str | None) -> bool:
+    loc = storage.resolve(uri, endpoint)
+    try:
+        return storage.exists(loc)
+    except OSError as e:
+        raise ConfigError(f"cannot reach {uri!r}: {str(e).splitlines()[0][:200]}; check the endpoint and "
+                          f"credentials") from None
+
+
 def validate_job(job: JobConfig, stages: tuple[str, ...] = STAGES) -> None:
-    """Raise one ConfigError for anything wrong with ``job``; writes nothing."""
+    """Raise one :class:`ConfigError` for anything wrong with ``job``; writes nothing.
+
+    Checks the storage URI, the model name and checkpoint, the search space against the
+    backbone, the dataset and its splits, the parameter limit against the space, the retraining
+    methods and subnet file."""
+    import timm
+
     from noah_ray.data import num_classes
-    from noah_ray.search import param_limit
+    from noah_ray.search import backbone_shape_of, param_limit
     from noah_ray.train import METHODS
 
     unknown = [s for s in stages if s not in STAGES]
@@ -31,32 +69,56 @@ def validate_job(job: JobConfig, stages: tuple[str, ...] = STAGES) -> None:
     if not timm.is_model(job.model.name):
         raise ConfigError(f"model.name {job.model.name!r} is not a timm model; use e.g. "
                           f"vit_base_patch16_224.augreg_in21k or vit_noah_tiny_patch4_32")
-    from noah_ray.search import backbone_shape_of
-
+    if job.model.checkpoint and not _exists(job.model.checkpoint, job.storage_endpoint):
+        raise ConfigError(f"model.checkpoint {job.model.checkpoint!r} does not exist; give the path or s3:// URI "
+                          f"of the backbone weights (e.g. ViT-B_16.npz)")
     depth = backbone_shape_of(job).depth
     if job.space.num_layers != depth:
         raise ConfigError(f"space.num_layers {job.space.num_layers} does not match {job.model.name} "
                           f"({depth} blocks); set space.num_layers: {depth}")
-    num_classes(job.data)
+    _check_data(job, stages)
+    num_classes(job.data, endpoint=job.storage_endpoint)
     if "search" in stages:
         param_limit(job)
+    for stage in ("supernet", "retrain"):
+        n = getattr(job, stage).num_workers
+        if stage in stages and job.data.batch_size % n:
+            raise ConfigError(f"data.batch_size {job.data.batch_size} does not split evenly over {stage}.num_workers "
+                              f"{n}; use a multiple of {n}")
     for m in (job.retrain.method, *job.retrain.baselines):
         if m not in METHODS:
             raise ConfigError(f"retrain method {m!r} unknown; use one of {', '.join(METHODS)}")
-    if job.retrain.subnet:
+    if "retrain" in stages and job.retrain.subnet:
         job.space.validate(SubnetConfig.load(job.retrain.subnet))
 
 
-def init_ray(address: str | None = None) -> None:
+def prepare_data(job: JobConfig) -> None:
+    """Write a generated task (``gen_*``) under ``data.root`` if it is not there yet."""
+    if _is_generated(job) and not str(job.data.root).startswith("s3://"):
+        from noah_ray.data import write_generated_vtab
+
+        folder = Path(job.data.root).expanduser() / job.data.dataset
+        if not folder.is_dir():
+            print(f"== data: writing generated task {job.data.dataset!r} to {folder}", flush=True)
+            write_generated_vtab(Path(job.data.root).expanduser(), job.data.dataset, seed=job.data.seed)
+
+
+def init_ray(address: str | None = None, *, quiet: bool = False) -> None:
     """Connect to ``address`` / ``$RAY_ADDRESS`` (set inside ``ray job submit``), else start a
-    local Ray on this machine."""
+    local Ray on this machine.  ``quiet`` keeps Ray's own log lines off the console (the
+    workers' progress lines still come through)."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, log_to_driver=True,
-             **({"include_dashboard": False} if address == "local" else {}))
+    kwargs: dict = {"include_dashboard": False} if address == "local" else {}
+    if quiet:
+        kwargs["logging_level"] = logging.WARNING
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")     # no Tune experiment banners
+    ray.init(address=address, log_to_driver=True, **kwargs)
 
 
 def retrain_subnet(job: JobConfig) -> SubnetConfig:
@@ -69,29 +131,53 @@ def retrain_subnet(job: JobConfig) -> SubnetConfig:
 
 
 def run_stages(job: JobConfig, stages: tuple[str, ...] = STAGES) -> dict:
-    """Run the requested stages in order; returns a summary per stage."""
+    """Run the requested stages in order (Ray must be initialised); returns a summary per stage."""
     from noah_ray.search import run_search
     from noah_ray.train import retrain_seeds, train_supernet
 
     validate_job(job, stages)
     storage.check_writable(storage.resolve(job.storage, job.storage_endpoint))
-    summary: dict = {}
+    prepare_data(job)
+    summary: dict = {"job": job.name, "uri": storage.resolve(job.storage, job.storage_endpoint).join(job.name).uri}
     t0 = time.time()
     if "supernet" in stages:
-        print(f"== supernet: {job.supernet.epochs} epochs, {job.supernet.num_workers} worker(s)", flush=True)
+        print(f"== supernet: {job.supernet.epochs} epoch(s), {job.supernet.num_workers} worker(s)", flush=True)
         res = train_supernet(job)
         summary["supernet"] = {"epochs": res.epochs_done, "uri": res.final_uri,
                                **{k: v for k, v in res.metrics.items() if k.startswith("val_acc")}}
     if "search" in stages:
-        print(f"== search: {job.search.algorithm}, {job.search.generations} generations, "
-              f"limit {job.search.param_limit} M", flush=True)
+        print(f"== search: {job.search.algorithm}, {job.search.generations} generation(s) x "
+              f"{job.search.population}, limit {job.search.param_limit} M", flush=True)
         res = run_search(job)
         summary["search"] = {"best": res.best.to_dict() if res.best else None, "val_acc": res.best_val_acc,
-                             "params": res.best_params, "evaluated": res.evaluated, "uri": res.uri}
+                             "params": res.best_params, "evaluated": res.evaluated, "uri": res.uri,
+                             "best_subnet_uri": res.best_subnet_uri, "finished": res.finished}
     if "retrain" in stages:
-        methods = (job.retrain.method, *job.retrain.baselines)
+        methods = tuple(dict.fromkeys((job.retrain.method, *job.retrain.baselines)))
         print(f"== retrain: {', '.join(methods)} x seeds {list(job.retrain.seeds)}", flush=True)
-        subnet = retrain_subnet(job) if job.retrain.method == "noah" else None
+        subnet = retrain_subnet(job) if "noah" in methods else None
         summary["retrain"] = {m: retrain_seeds(job, subnet if m == "noah" else None, m) for m in methods}
     summary["wall_time_s"] = time.time() - t0
     return summary
+
+
+def format_summary(summary: dict) -> str:
+    """Human-readable lines for a :func:`run_stages` summary."""
+    lines = []
+    if "supernet" in summary:
+        s = summary["supernet"]
+        accs = ", ".join(f"{k[len('val_acc_'):]} {v:.1f}%" for k, v in s.items() if k.startswith("val_acc_"))
+        lines.append(f"supernet: {s['epochs']} epoch(s)" + (f", val {accs}" if accs else "") + f" -> {s['uri']}")
+    if "search" in summary:
+        s = summary["search"]
+        if s["best"]:
+            lines.append(f"search: best val {s['val_acc']:.2f}% with {s['params'] / 1e6:.4f} M params "
+                         f"({s['evaluated']} candidates scored) -> {s['best_subnet_uri'] or s['uri']}")
+        else:
+            lines.append(f"search: no finished result yet ({s['evaluated']} candidates scored); run it again to resume")
+    for method, r in summary.get("retrain", {}).items():
+        lines.append(f"retrain {method}: test {r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} % "
+                     f"over {len(r['runs'])} seed(s)")
+    if "wall_time_s" in summary:
+        lines.append(f"done in {summary['wall_time_s']:.0f} s; results under {summary['uri']}")
+    return "\n".join(lines)

@@ -1,68 +1,111 @@
 """Result queries as pandas DataFrames, and plots.
 
-Every function takes a URI: one job (``<storage>/<job>``) or a whole storage root holding many
-jobs (one per dataset, say); the Parquet tables under it are found recursively.  The same
-tables can be read with plain pandas/pyarrow, e.g.
-``pandas.read_parquet("s3://bucket/noah/cifar100/search/trials")``.
+Every query takes a URI: one job (``<storage>/<job>``), a whole storage root holding many jobs
+(one per VTAB task, say), or a single stage folder; the Parquet tables below it are found
+recursively.  Tables and their stage folders (schemas in :data:`noah_ray.storage.TABLES`)::
+
+    <job>/supernet/train_metrics   per epoch and evaluated subnet (smallest, largest, random_i)
+    <job>/search/trials            one row per scored candidate (widths, params, val_acc, ...)
+    <job>/search/generations       one row per generation
+    <job>/search/pareto            the non-dominated candidates of each finished search
+    <job>/retrain/runs             one row per retraining run (val-selected epoch, test once)
+    <job>/retrain/train_metrics    per retraining epoch
+
+The same files read with plain pandas / pyarrow, e.g.
+``pandas.read_parquet("s3://bucket/noah/cifar100-noah/search/trials")`` (pass
+``storage_options={"client_kwargs": {"endpoint_url": ...}}`` or ``filesystem=`` for a
+non-AWS endpoint).
 """
 
 from __future__ import annotations
 
-import io
 import json
+import posixpath
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from noah_ray import storage
 from noah_ray.data import registry
-from noah_ray.space import MODULES, SubnetConfig
+from noah_ray.space import MODULES, ConfigError, SubnetConfig
 
-#: which stage folder holds each table
+#: which stage folders hold each table
 TABLE_STAGES = {"trials": ("search",), "generations": ("search",), "pareto": ("search",),
                 "runs": ("retrain",), "train_metrics": ("supernet", "retrain")}
 
 
-def load_table(uri: str, table: str, *, endpoint: str | None = None) -> pd.DataFrame:
-    """All rows of ``table`` below ``uri`` (empty DataFrame with the table's columns if none)."""
-    if table not in storage.TABLES:
-        from noah_ray.space import ConfigError
-
-        raise ConfigError(f"unknown table {table!r}; use one of {', '.join(storage.TABLES)}")
-    loc = storage.resolve(uri, endpoint)
-    parts = []
+def _stage_dirs(loc: storage.Location, table: str) -> list[storage.Location]:
+    """The ``<stage>`` folders under ``loc`` holding ``<stage>/<table>/*.parquet``."""
+    seen: dict[str, storage.Location] = {}
     for f in storage.list_files(loc, ".parquet"):
         segs = f.path.split("/")
         if len(segs) >= 3 and segs[-2] == table and segs[-3] in TABLE_STAGES[table]:
-            parts.append(pq.read_table(io.BytesIO(storage.read_bytes(f))).replace_schema_metadata(None))
+            stage_path = posixpath.dirname(posixpath.dirname(f.path))
+            if stage_path not in seen:
+                rel = posixpath.relpath(stage_path, loc.path)
+                seen[stage_path] = loc if rel == "." else loc.join(rel)
+    return list(seen.values())
+
+
+def load_table(uri: str, table: str, endpoint: str | None = None) -> pd.DataFrame:
+    """All rows of ``table`` below ``uri`` (an empty DataFrame with the table's columns if none)."""
+    if table not in storage.TABLES:
+        raise ConfigError(f"unknown table {table!r}; use one of {', '.join(storage.TABLES)}")
+    loc = storage.resolve(uri, endpoint)
+    try:
+        if not storage.exists(loc):
+            raise ConfigError(f"{loc.uri!r} does not exist; give a job (<storage>/<name>) or storage URI")
+        # a URI pointing at the table folder itself (<job>/search/trials)
+        if posixpath.basename(loc.path) == table:
+            parent = posixpath.dirname(loc.path)
+            loc = storage.Location(posixpath.dirname(loc.uri), loc.fs, parent, loc.endpoint)
+        parts = [t for d in _stage_dirs(loc, table) if (t := storage.read_table(d, table)) is not None]
+    except OSError as e:
+        raise ConfigError(f"cannot read {loc.uri!r}: {str(e).splitlines()[0][:200]}; "
+                          f"check the URI, endpoint and credentials") from None
     if not parts:
         return storage.TABLES[table].empty_table().to_pandas()
     return pa.concat_tables(parts, promote_options="default").to_pandas()
 
 
-def load_trials(uri: str, *, endpoint: str | None = None) -> pd.DataFrame:
-    return load_table(uri, "trials", endpoint=endpoint)
+def load_trials(uri: str, endpoint: str | None = None) -> pd.DataFrame:
+    """Every scored search candidate (one row each), in the order they were written."""
+    return load_table(uri, "trials", endpoint)
 
 
-def pareto(uri: str, *, endpoint: str | None = None) -> pd.DataFrame:
-    """The non-dominated candidates (val accuracy vs params), smallest first."""
-    return load_table(uri, "pareto", endpoint=endpoint).sort_values("params").reset_index(drop=True)
+def generations(uri: str, endpoint: str | None = None) -> pd.DataFrame:
+    """One row per search generation (best val accuracy so far, evaluated / failed counts)."""
+    df = load_table(uri, "generations", endpoint)
+    return df.sort_values(["job", "run_id", "generation"]).reset_index(drop=True)
 
 
-def runs(uri: str, *, endpoint: str | None = None) -> pd.DataFrame:
-    return load_table(uri, "runs", endpoint=endpoint)
+def pareto(uri: str, endpoint: str | None = None) -> pd.DataFrame:
+    """The non-dominated candidates (val accuracy vs module params) of each search, smallest first."""
+    df = load_table(uri, "pareto", endpoint)
+    return df.sort_values(["job", "run_id", "params"]).reset_index(drop=True)
 
 
-def leaderboard(uri: str, *, endpoint: str | None = None) -> pd.DataFrame:
-    """Per dataset and method: test accuracy mean and std over seeds, val accuracy, params."""
-    df = runs(uri, endpoint=endpoint)
-    cols = ["dataset", "method", "seeds", "test_acc_mean", "test_acc_std", "val_acc_mean", "params_m"]
+def runs(uri: str, endpoint: str | None = None) -> pd.DataFrame:
+    """One row per retraining run; a re-run of the same (job, method, seed) replaces the older row."""
+    df = load_table(uri, "runs", endpoint)
     if df.empty:
-        return pd.DataFrame(columns=cols)
+        return df
     df = df.sort_values("timestamp").drop_duplicates(["job", "method", "seed"], keep="last")
-    g = df.groupby(["dataset", "method"])
+    return df.sort_values(["dataset", "job", "method", "seed"]).reset_index(drop=True)
+
+
+LEADERBOARD_COLUMNS = ["dataset", "job", "method", "seeds", "test_acc_mean", "test_acc_std",
+                       "val_acc_mean", "params_m"]
+
+
+def leaderboard(uri: str, endpoint: str | None = None) -> pd.DataFrame:
+    """Per dataset, job and method: test accuracy mean and std (population, over seeds), val
+    accuracy, trainable module parameters in millions (head excluded); best first."""
+    df = runs(uri, endpoint)
+    if df.empty:
+        return pd.DataFrame(columns=LEADERBOARD_COLUMNS)
+    g = df.groupby(["dataset", "job", "method"])
     out = pd.DataFrame({
         "seeds": g["seed"].nunique(),
         "test_acc_mean": g["test_acc"].mean(),
@@ -70,33 +113,60 @@ def leaderboard(uri: str, *, endpoint: str | None = None) -> pd.DataFrame:
         "val_acc_mean": g["val_acc"].mean(),
         "params_m": g["params"].mean() / 1e6,
     }).reset_index()
-    return out.sort_values(["dataset", "test_acc_mean"], ascending=[True, False]).reset_index(drop=True)[cols]
+    out = out.sort_values(["dataset", "test_acc_mean"], ascending=[True, False]).reset_index(drop=True)
+    return out[LEADERBOARD_COLUMNS]
 
 
-def vtab_table(uri: str, *, endpoint: str | None = None) -> pd.DataFrame:
-    """Datasets x methods (mean test accuracy), VTAB order, with the group means
-    (Natural / Specialized / Structured) and their mean, as in the papers' tables."""
-    lb = leaderboard(uri, endpoint=endpoint)
+def vtab_table(uri: str, endpoint: str | None = None) -> pd.DataFrame:
+    """Methods x datasets (mean test accuracy over seeds) in VTAB order, with the group means
+    (``Natural``, ``Specialized``, ``Structured``), ``Mean`` (the mean of the group means, as
+    the VPT / NOAH tables report it) and the mean module parameters (``params_m``).  Datasets
+    outside VTAB-1k get columns but no group."""
+    lb = leaderboard(uri, endpoint)
     if lb.empty:
-        return pd.DataFrame()
-    wide = lb.pivot(index="method", columns="dataset", values="test_acc_mean")
+        return pd.DataFrame(columns=["method"])
+    wide = lb.pivot_table(index="method", columns="dataset", values="test_acc_mean", aggfunc="mean")
     order = [n for n in registry.names() if n in wide.columns]
-    order += [c for c in wide.columns if c not in order]
+    order += sorted(c for c in wide.columns if c not in order)
     wide = wide[order]
+    groups = []
     for group in registry.VTAB_GROUPS:
-        members = [c for c in order if (info := registry.lookup(c)) and info.group == group]
+        members = [c for c in order if registry.vtab_group(c) == group]
         if members:
-            wide[f"{group} mean"] = wide[members].mean(axis=1)
-    group_cols = [c for c in wide.columns if c.endswith(" mean")]
-    if group_cols:
-        wide["Mean"] = wide[group_cols].mean(axis=1)
+            wide[group] = wide[members].mean(axis=1)
+            groups.append(group)
+    if groups:
+        wide["Mean"] = wide[groups].mean(axis=1)
+    wide["params_m"] = lb.groupby("method")["params_m"].mean()
+    wide.columns.name = None
     return wide.reset_index()
 
 
-def supernet_curves(uri: str, *, endpoint: str | None = None) -> pd.DataFrame:
+def supernet_curves(uri: str, endpoint: str | None = None) -> pd.DataFrame:
     """Supernet training metrics: one row per (job, epoch, evaluated subnet)."""
-    df = load_table(uri, "train_metrics", endpoint=endpoint)
-    return df[df["stage"] == "supernet"].sort_values(["job", "epoch", "subnet"]).reset_index(drop=True)
+    df = load_table(uri, "train_metrics", endpoint)
+    df = df[df["stage"] == "supernet"]
+    return df.sort_values(["job", "epoch", "subnet"], na_position="first").reset_index(drop=True)
+
+
+def config_of(row: pd.Series) -> SubnetConfig:
+    """The SubnetConfig of a trials / pareto / runs / generations row."""
+    text = row["config_json"] if "config_json" in row else row["best_config_json"]
+    return SubnetConfig.from_dict(json.loads(text))
+
+
+def searched_subnets(uri: str, endpoint: str | None = None) -> dict[str, SubnetConfig]:
+    """Per job: the retrained NOAH subnet, else the best scored search candidate."""
+    out: dict[str, SubnetConfig] = {}
+    trials = load_trials(uri, endpoint)
+    trials = trials[(trials["status"].fillna("done") == "done") & trials["val_acc"].notna()]
+    for job, d in trials.groupby("job"):
+        out[job] = config_of(d.sort_values(["val_acc", "params"], ascending=[False, True]).iloc[0])
+    r = runs(uri, endpoint)
+    if not r.empty:
+        for job, d in r[r["method"] == "noah"].groupby("job"):
+            out[job] = config_of(d.iloc[-1])
+    return out
 
 
 # ------------------------------------------------------------------------------ plots
@@ -109,70 +179,77 @@ def _pyplot():
     return plt
 
 
-def plot_pareto(uri: str, path: str | Path, *, endpoint: str | None = None) -> Path:
-    """All evaluated candidates (grey) and the Pareto front (line): val accuracy vs params."""
+def plot_pareto(uri: str, path: str | Path, endpoint: str | None = None) -> Path:
+    """All scored candidates (grey) and each search's Pareto front: val accuracy vs params."""
+    trials = load_trials(uri, endpoint)
+    if trials.empty:
+        raise ConfigError(f"no search trials under {uri!r}; run the search stage first")
+    front = pareto(uri, endpoint)
     plt = _pyplot()
-    trials, front = load_trials(uri, endpoint=endpoint), pareto(uri, endpoint=endpoint)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ok = trials[trials["status"].fillna("ok") != "error"] if "status" in trials else trials
-    ax.scatter(ok["params"] / 1e6, ok["val_acc"], s=10, c="0.6", label="candidates")
-    ax.plot(front["params"] / 1e6, front["val_acc"], "o-", c="C3", label="Pareto front")
-    ax.set_xlabel("trainable module parameters (M)")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ok = trials[(trials["status"].fillna("done") == "done") & trials["val_acc"].notna()]
+    ax.scatter(ok["params"] / 1e6, ok["val_acc"], s=12, c="0.65", label=f"candidates ({len(ok)})")
+    for i, ((job, run), d) in enumerate(front.groupby(["job", "run_id"])):
+        ax.plot(d["params"] / 1e6, d["val_acc"], "o-", drawstyle="steps-post", c=f"C{(i + 3) % 10}",
+                label=f"Pareto front: {job} {run}")
+    ax.set_xlabel("trainable module parameters (M, head excluded)")
     ax.set_ylabel("val accuracy (%)")
-    ax.legend()
+    ax.set_title("search: accuracy vs size")
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
 def plot_architecture(subnet: SubnetConfig, path: str | Path, title: str = "") -> Path:
-    """Per-layer widths of every module as a heat-map (cf. NOAH Fig. 5)."""
-    plt = _pyplot()
+    """Per-layer widths of every module as a heat-map (modules x layers, cf. NOAH Fig. 5);
+    0 means the module is absent from that layer."""
     mods = [m for m in MODULES if m in subnet.widths]
     grid = [list(subnet.layer_widths(m)) for m in mods]
-    fig, ax = plt.subplots(figsize=(0.6 * subnet.num_layers + 2, 0.6 * len(mods) + 1.2))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    if not any(any(row) for row in grid):
+        raise ConfigError("the subnet has no modules (a linear probe); nothing to draw")
+    top = max(max(row) for row in grid)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(0.55 * subnet.num_layers + 2.5, 0.55 * len(mods) + 1.4))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0, vmax=top)
     for i, row in enumerate(grid):
         for j, w in enumerate(row):
-            ax.text(j, i, str(w), ha="center", va="center", color="w" if w < max(max(grid)) / 2 else "k", fontsize=8)
+            ax.text(j, i, str(w), ha="center", va="center", fontsize=8, color="w" if w < top / 2 else "k")
     ax.set_yticks(range(len(mods)), mods)
     ax.set_xticks(range(subnet.num_layers), [str(i + 1) for i in range(subnet.num_layers)])
-    ax.set_xlabel("layer")
+    ax.set_xlabel("transformer layer")
     ax.set_title(title or "searched subnet: width per layer")
-    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.colorbar(im, ax=ax, fraction=0.03, label="tokens / rank / width")
     return _save(fig, path)
 
 
-def plot_supernet_curves(uri: str, path: str | Path, *, endpoint: str | None = None) -> Path:
-    """Supernet loss and val accuracy of the fixed evaluation subnets per epoch."""
+def plot_supernet_curves(uri: str, path: str | Path, endpoint: str | None = None) -> Path:
+    """Supernet train loss and the val accuracy of the fixed evaluation subnets per epoch."""
+    df = supernet_curves(uri, endpoint)
+    if df.empty:
+        raise ConfigError(f"no supernet metrics under {uri!r}; run the supernet stage first")
     plt = _pyplot()
-    df = supernet_curves(uri, endpoint=endpoint)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    loss = df.drop_duplicates(["job", "epoch"])
-    for job, d in loss.groupby("job"):
-        a.plot(d["epoch"] + 1, d["train_loss"], label=job)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for job, d in df.drop_duplicates(["job", "run_id", "epoch"]).groupby("job"):
+        a.plot(d["epoch"] + 1, d["train_loss"], ".-", label=job)
     a.set_xlabel("epoch")
-    a.set_ylabel("train loss")
+    a.set_ylabel("train loss (random subnet per step)")
     a.legend(fontsize=7)
+    a.grid(alpha=0.3)
     for (job, sub), d in df.dropna(subset=["val_acc"]).groupby(["job", "subnet"]):
-        b.plot(d["epoch"] + 1, d["val_acc"], label=f"{job}: {sub}")
+        b.plot(d["epoch"] + 1, d["val_acc"], ".-", label=f"{job}: {sub}")
     b.set_xlabel("epoch")
     b.set_ylabel("val accuracy (%)")
     b.legend(fontsize=7)
+    b.grid(alpha=0.3)
     return _save(fig, path)
 
 
 def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(p, dpi=120)
-    fig.clf()
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
     return p
-
-
-def config_of(row: pd.Series) -> SubnetConfig:
-    """The SubnetConfig of a trials / pareto / runs row."""
-    return SubnetConfig.from_dict(json.loads(row["config_json"]))

@@ -38,6 +38,15 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the fix."""
 
 
+def _is_noah_file(text: str) -> bool:
+    """Whether YAML ``text`` is an original NOAH subnet file (a mapping with a RETRAIN block)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(data, Mapping) and "RETRAIN" in data
+
+
 def _check_module(name: str) -> str:
     if name not in MODULES:
         raise ConfigError(f"unknown module {name!r}; use one of {', '.join(MODULES)}")
@@ -217,11 +226,17 @@ class SubnetConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "SubnetConfig":
+        """A subnet config file (YAML or JSON); an original NOAH subnet file (with a ``RETRAIN``
+        block) is read as :meth:`from_noah_yaml` does."""
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"subnet config file {str(p)!r} does not exist; check the path")
         text = p.read_text()
-        return cls.from_json(text) if p.suffix == ".json" else cls.from_yaml(text)
+        if p.suffix == ".json":
+            return cls.from_json(text)
+        if "RETRAIN" in text and _is_noah_file(text):
+            return cls.from_noah_yaml(p)
+        return cls.from_yaml(text)
 
     @classmethod
     def from_noah_yaml(cls, path: str | Path) -> "SubnetConfig":
@@ -232,9 +247,12 @@ class SubnetConfig:
         """
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"NOAH subnet file {str(p)!r} does not exist; check the path")
+            what = "is a directory, not a file" if p.is_dir() else "does not exist"
+            raise ConfigError(f"NOAH subnet file {str(p)!r} {what}; check the path")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a text (UTF-8) file; give a NOAH subnet YAML file") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
         if not isinstance(data, Mapping) or not isinstance(data.get("RETRAIN"), Mapping):
@@ -244,7 +262,7 @@ class SubnetConfig:
         if missing:
             raise ConfigError(f"{p}: RETRAIN lacks {', '.join(missing)}; add one width per layer for each")
         prefix = retrain.get("PREFIX_DIM") or []
-        if any(prefix):
+        if not isinstance(prefix, list) or any(prefix):
             raise ConfigError(f"{p}: RETRAIN.PREFIX_DIM {prefix} is not supported; set it to zeros")
         widths: dict[str, Any] = {}
         for key, module in _NOAH_KEYS.items():

@@ -1,0 +1,6 @@
+"""``python -m jobs.pipeline --config X.yaml``: supernet -> search -> retrain, each stage resuming from what storage holds."""
+
+from jobs import run
+
+if __name__ == "__main__":
+    raise SystemExit(run("pipeline"))
