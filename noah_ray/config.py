@@ -174,6 +174,40 @@ class TrainConfig:
                                   f"e.g. {{vpt: 10}}")
 
 
+PRUNABLE: tuple[str, ...] = ("vpt", "kv_prompt")
+PRUNE_SCORES: tuple[str, ...] = ("abs", "signed")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """E2VPT pruning (``noah_ray.prune``); as the job section ``prune``, the ``e2vpt`` retraining
+    prunes its trained prompts, rewinds the kept ones to their initial values and retrains them
+    (rows ``e2vpt`` = before pruning, ``e2vpt-pruned`` = after).  Fractions are per layer."""
+
+    token_fraction: float = 0.5       # of each layer's prompt tokens removed
+    segment_fraction: float = 0.25    # of each layer's remaining segments zeroed (0: none)
+    num_segments: int = 16            # segments per token vector; must divide the embed dim
+    score: str = "abs"                # abs | signed (see noah_ray.prune)
+    score_batches: int = 16           # training batches used for each scoring pass
+    min_vpt_tokens: int = 1           # a VPT layer keeps at least this many tokens
+    modules: tuple[str, ...] = PRUNABLE
+
+    def __post_init__(self) -> None:
+        for name in ("token_fraction", "segment_fraction"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise ConfigError(f"prune.{name}: {v} must be in [0, 1)")
+        if self.score not in PRUNE_SCORES:
+            raise ConfigError(f"prune.score: {self.score!r} unknown; use abs or signed")
+        for name in ("num_segments", "score_batches", "min_vpt_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"prune.{name}: {getattr(self, name)} must be >= 1")
+        bad = [m for m in self.modules if m not in PRUNABLE]
+        if bad:
+            raise ConfigError(f"prune.modules: {bad[0]!r} cannot be pruned; use vpt and/or kv_prompt")
+        object.__setattr__(self, "modules", tuple(self.modules))
+
+
 def _retrain_default() -> TrainConfig:
     return TrainConfig(epochs=100, lr=1e-3)
 
@@ -231,6 +265,7 @@ class JobConfig:
     supernet: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: TrainConfig = field(default_factory=_retrain_default)
+    prune: PruneConfig | None = None      # E2VPT pruning + rewinding after the e2vpt retraining
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -259,6 +294,8 @@ class JobConfig:
         if "retrain" in data:
             merged = {"epochs": 100, "lr": 1e-3, **(data["retrain"] or {})}
             out.retrain = section_from_dict(TrainConfig, merged, f"{where}.retrain")
+        if data.get("prune") is not None:
+            out.prune = section_from_dict(PruneConfig, data["prune"], f"{where}.prune")
         if not out.name or any(c in out.name for c in "/\\ "):
             raise ConfigError(f"{where}.name: {out.name!r} must be a non-empty word without slashes or spaces")
         return out
@@ -280,6 +317,8 @@ class JobConfig:
         for k in ("supernet", "retrain"):
             out[k]["seeds"] = list(out[k]["seeds"])
             out[k]["baselines"] = list(out[k]["baselines"])
+        if out["prune"] is not None:
+            out["prune"]["modules"] = list(out["prune"]["modules"])
         return out
 
     def save(self, path: str | Path) -> None:

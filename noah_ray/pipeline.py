@@ -88,6 +88,14 @@ def validate_job(job: JobConfig, stages: tuple[str, ...] = STAGES) -> None:
     for m in (job.retrain.method, *job.retrain.baselines):
         if m not in METHODS:
             raise ConfigError(f"retrain method {m!r} unknown; use one of {', '.join(METHODS)}")
+    if job.prune is not None:
+        if "e2vpt" not in (job.retrain.method, *job.retrain.baselines):
+            raise ConfigError("the prune section applies to the e2vpt retraining only; add e2vpt to "
+                              "retrain.baselines, or remove prune")
+        dim = backbone_shape_of(job).embed_dim
+        if dim % job.prune.num_segments:
+            raise ConfigError(f"prune.num_segments {job.prune.num_segments} must divide {job.model.name}'s "
+                              f"embed dim {dim}; pick a divisor of {dim}")
     if "retrain" in stages and job.retrain.subnet:
         job.space.validate(SubnetConfig.load(job.retrain.subnet))
 

@@ -73,45 +73,17 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from noah_ray import storage
+from noah_ray.config import PRUNABLE, PRUNE_SCORES, PruneConfig
 from noah_ray.modules.vpt import expand_gate
 from noah_ray.space import KV_PROMPT, MODULES, VPT, BackboneShape, ConfigError, SubnetConfig, module_params
 from noah_ray.supernet import PromptedViT
 
-PRUNABLE: tuple[str, ...] = (VPT, KV_PROMPT)
-SCORES: tuple[str, ...] = ("abs", "signed")
+SCORES = PRUNE_SCORES
 
 #: (module, layer) -> scores of shape (tokens, segments)
 Scores = dict[tuple[str, int], torch.Tensor]
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """How much to prune (fractions are per layer)."""
-
-    token_fraction: float = 0.5       # of each layer's prompt tokens removed
-    segment_fraction: float = 0.25    # of each layer's remaining segments zeroed (0: none)
-    num_segments: int = 16            # segments per token vector; must divide the embed dim
-    score: str = "abs"                # abs | signed (see module docstring)
-    score_batches: int = 16           # training batches used for each scoring pass
-    min_vpt_tokens: int = 1           # a VPT layer keeps at least this many tokens
-    modules: tuple[str, ...] = PRUNABLE
-
-    def __post_init__(self) -> None:
-        for name in ("token_fraction", "segment_fraction"):
-            v = getattr(self, name)
-            if not 0 <= v < 1:
-                raise ConfigError(f"prune.{name}: {v} must be in [0, 1)")
-        if self.score not in SCORES:
-            raise ConfigError(f"prune.score: {self.score!r} unknown; use abs or signed")
-        for name in ("num_segments", "score_batches", "min_vpt_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"prune.{name}: {getattr(self, name)} must be >= 1")
-        bad = [m for m in self.modules if m not in PRUNABLE]
-        if bad:
-            raise ConfigError(f"prune.modules: {bad[0]!r} cannot be pruned; use vpt and/or kv_prompt")
-        object.__setattr__(self, "modules", tuple(self.modules))
 
 
 @dataclass(frozen=True)

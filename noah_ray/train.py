@@ -193,6 +193,11 @@ def train_loop(config: dict) -> None:
     capacity = SubnetConfig.from_json(config["subnet"]) if config["subnet"] else None
     model = build_model(job, capacity, config["backbone"], config["num_classes"],
                         train_backbone=config["method"] == "full").to(device)
+    if config.get("prune_plan"):  # E2VPT rewinding: the fresh model holds the same initial values
+        from noah_ray.prune import PrunePlan, apply_plan
+
+        plan = PrunePlan.from_dict(config["prune_plan"])
+        model, capacity = apply_plan(model, plan), plan.config()
     torch.manual_seed(seed + 1_000_003 * (rank + 1))  # independent drop-path / shuffling per rank
     mean, std, size = norm_for(model)
     size = job.data.img_size or size
@@ -335,6 +340,12 @@ def _finish(config, job, stage, model, run_dir, state, device, mean, std, size) 
             "val_acc": state["val_acc"], "params_head": counts["head"],
             "params": trainable - counts["head"] if config["method"] == "full" else
             sum(v for k, v in counts.items() if k != "head")}
+    if config.get("prune_plan"):
+        from noah_ray.prune import PrunePlan
+
+        meta["prune_plan"] = config["prune_plan"]
+        meta["params_materialised"] = meta["params"]
+        meta["params"] = PrunePlan.from_dict(config["prune_plan"]).effective_params(model.shape, model.kv_shared)
     last = model.trainable_state_dict()
     if stage == "supernet":
         meta["space"] = job.space.to_dict()
@@ -402,7 +413,7 @@ def _preflight(job: JobConfig, tc: TrainConfig, splits: tuple[str, ...]) -> int:
 
 def _fit(job: JobConfig, stage: str, run_id: str, run_dir: str, *, method: str, seed: int,
          subnet: SubnetConfig | None, lr: float, spec: dict, num_classes: int, metrics_part: str,
-         fingerprint: str | None = None, faults: list | None = None) -> dict:
+         fingerprint: str | None = None, faults: list | None = None, prune_plan: dict | None = None) -> dict:
     """Run (or resume, or skip when finished) one Ray Train run; returns the final meta."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
@@ -419,7 +430,7 @@ def _fit(job: JobConfig, stage: str, run_id: str, run_dir: str, *, method: str, 
     config = {"job": job.to_dict(), "stage": stage, "run_id": run_id, "run_dir": run_dir,
               "fingerprint": fingerprint, "metrics_part": metrics_part, "method": method, "seed": seed, "lr": lr,
               "subnet": subnet.to_json() if subnet else None, "backbone": ensure_backbone(job),
-              "num_classes": num_classes, "spec": spec, "faults": faults,
+              "num_classes": num_classes, "spec": spec, "faults": faults, "prune_plan": prune_plan,
               "fault_dir": tempfile.mkdtemp(prefix="noah-faults-") if faults else None}
     parent = loc.path.rsplit("/", 1)[0]
     trainer = TorchTrainer(
@@ -491,28 +502,86 @@ def load_supernet(job: JobConfig, run_name: str | None = None) -> PromptedViT:
 def retrain(job: JobConfig, subnet: SubnetConfig | None, *, method: str = "noah", seed: int = 0,
             _faults: list | None = None) -> TrainResult:
     """Train one fixed config from scratch on ``data.train_split``; pick the epoch on
-    ``data.val_split``, evaluate ``data.test_split`` once with it; add a row to ``runs``."""
+    ``data.val_split``, evaluate ``data.test_split`` once with it; add a row to ``runs``.
+
+    With a ``prune`` section, ``e2vpt`` then prunes the trained prompts (token-wise, then
+    segment-wise, scored on training batches), rewinds the kept ones to their initial values and
+    retrains them: a second run and row, ``e2vpt-pruned``, which is what is returned."""
     cfg = subnet_for(method, job, subnet)
     tc = job.retrain
     lr = float(tc.method_lr.get(method, tc.lr))
     n = _preflight(job, tc, (job.data.train_split, job.data.val_split, job.data.test_split))
-    run_id = f"{method}-seed{seed}"
+    result = _retrain_run(job, method, cfg, lr, seed, n, faults=_faults)
+    if method != "e2vpt" or job.prune is None:
+        return result
+    plan = _prune_plan(job, cfg, seed, n, result.metrics["checkpoint_uri"])
+    return _retrain_run(job, "e2vpt-pruned", cfg, lr, seed, n, prune_plan=plan)
+
+
+def _retrain_run(job: JobConfig, label: str, cfg: SubnetConfig, lr: float, seed: int, n: int, *,
+                 faults: list | None = None, prune_plan: dict | None = None) -> TrainResult:
+    method = "e2vpt" if prune_plan else label
+    run_id = f"{label}-seed{seed}"
     spec = _spec(job, "retrain", method, cfg, lr, seed, n)
+    if prune_plan:
+        spec["prune_plan"] = prune_plan
     fp = _fingerprint(spec)
     meta = _fit(job, "retrain", run_id, f"retrain/{run_id}/{fp}", method=method, seed=seed, subnet=cfg, lr=lr,
-                spec=spec, num_classes=n, metrics_part=f"{run_id}-{fp}", fingerprint=fp, faults=_faults)
+                spec=spec, num_classes=n, metrics_part=f"{run_id}-{fp}", fingerprint=fp, faults=faults,
+                prune_plan=prune_plan)
     root = job_root(job)
     _publish(root.join("retrain", run_id, fp), root.join("retrain", run_id), fp)
-    row = {"run_id": run_id, "job": job.name, "dataset": job.data.dataset, "method": method, "seed": seed,
-           "config_json": cfg.to_json(), "params": meta["params"], "params_head": meta["params_head"],
+    trained = cfg
+    if prune_plan:
+        from noah_ray.prune import PrunePlan
+
+        trained = PrunePlan.from_dict(prune_plan).config()
+    row = {"run_id": run_id, "job": job.name, "dataset": job.data.dataset, "method": label, "seed": seed,
+           "config_json": trained.to_json(), "params": meta["params"], "params_head": meta["params_head"],
            "val_acc": meta["best_val"], "test_acc": meta["test_acc"], "best_epoch": meta["best_epoch"],
            "epochs": meta["epochs_done"], "wall_time_s": meta["train_time_s"], "checkpoint_uri": meta["best_uri"],
            "timestamp": datetime.now(timezone.utc)}
     storage.append_table(root.join("retrain"), "runs", pa.Table.from_pylist([row]), part=f"{run_id}-{fp}")
-    print(f"[retrain] {method} seed {seed}: val {row['val_acc']:.2f}% (epoch {row['best_epoch'] + 1}) "
+    print(f"[retrain] {label} seed {seed}: val {row['val_acc']:.2f}% (epoch {row['best_epoch'] + 1}) "
           f"test {row['test_acc']:.2f}% params {row['params'] / 1e6:.4f}M", flush=True)
     return TrainResult("retrain", run_id, meta["epochs_done"], root.join("retrain", run_id, fp, "final").uri,
                        {**row, "fingerprint": fp})
+
+
+def _prune_plan(job: JobConfig, cfg: SubnetConfig, seed: int, n: int, best_uri: str) -> dict:
+    """Score the trained E2VPT prompts (best-on-val weights at ``best_uri``) on training batches
+    in a Ray task (the retraining's resources) and plan the pruning; the plan is stored next to
+    the weights (``prune_plan.json``) and reused when the job is re-run."""
+    import ray
+
+    loc = storage.resolve(best_uri, job.storage_endpoint).join("prune_plan.json")
+    want = {"prune": dataclasses.asdict(job.prune), "weights": best_uri}
+    if storage.exists(loc):
+        saved = json.loads(storage.read_text(loc))
+        if saved.get("for") == want:
+            return saved["plan"]
+    tc = job.retrain
+    task = ray.remote(_score_and_plan).options(num_cpus=tc.cpus_per_worker, num_gpus=1 if tc.use_gpu else 0)
+    plan = ray.get(task.remote(job.to_dict(), cfg.to_json(), ensure_backbone(job), n, best_uri, seed))
+    storage.write_text(loc, json.dumps({"for": want, "plan": plan}, indent=1))
+    return plan
+
+
+def _score_and_plan(job_dict: dict, cfg_json: str, backbone: str | None, n: int, best_uri: str, seed: int) -> dict:
+    from noah_ray.data import build_loader, norm_for
+    from noah_ray.prune import prune
+
+    job = JobConfig.from_dict(job_dict)
+    device = torch.device("cuda" if job.retrain.use_gpu and torch.cuda.is_available() else "cpu")
+    model = build_model(job, SubnetConfig.from_json(cfg_json), backbone, n).to(device)
+    tensors, _ = storage.load_state(storage.resolve(best_uri, job.storage_endpoint))
+    model.load_trainable_state_dict(tensors)
+    mean, std, size = norm_for(model)
+    torch.manual_seed(seed)
+    batches = build_loader(job.data, job.data.train_split, train=False, mean=mean, std=std,
+                           img_size=job.data.img_size or size, shuffle=True, endpoint=job.storage_endpoint)
+    _, plan = prune(model, batches, job.prune)
+    return plan.to_dict()
 
 
 def _publish(attempt: storage.Location, alias: storage.Location, fp: str) -> None:
@@ -529,7 +598,7 @@ def retrain_seeds(job: JobConfig, subnet: SubnetConfig | None, method: str = "no
     """Retrain for every seed in ``retrain.seeds``; test accuracy as mean and (population) std."""
     results = [retrain(job, subnet, method=method, seed=s) for s in job.retrain.seeds]
     accs = [r.metrics["test_acc"] for r in results]
-    return {"method": method, "test_acc_mean": statistics.fmean(accs),
+    return {"method": results[0].metrics["method"], "test_acc_mean": statistics.fmean(accs),
             "test_acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "runs": accs,
             "val_acc_mean": statistics.fmean(r.metrics["val_acc"] for r in results),
             "run_ids": [r.run_name for r in results]}

@@ -353,3 +353,52 @@ def test_segment_scores_of_pruned_segments_are_zero():
             assert (scores[("vpt", i)][mask == 0] == 0).all()
             assert scores[("vpt", i)][mask == 1].abs().sum() > 0
     assert pruned.module("vpt", 0).gate is not None or plan.masks("vpt", 0) is None  # fixed gate kept
+
+
+# ----------------------------------------------------------------------------- in the retraining job
+def test_e2vpt_retraining_prunes_rewinds_and_retrains_on_ray(ray_session, tmp_path):
+    """The job's ``prune`` section: the e2vpt run is followed by scoring, a stored plan and a
+    second (rewound, pruned) run whose row reports fewer, effective parameters."""
+    from noah_ray import storage
+    from noah_ray.config import JobConfig
+    from noah_ray.data import write_generated_vtab
+    from noah_ray.pipeline import validate_job
+    from noah_ray.train import retrain, retrain_seeds
+
+    write_generated_vtab(tmp_path / "data", "gen_color", num_train=48, num_val=16, num_test=16)
+    spec = {"name": "e2", "storage": str(tmp_path / "out"),
+            "data": {"root": str(tmp_path / "data"), "dataset": "gen_color", "batch_size": 16, "num_workers": 0},
+            "model": {"name": MODEL, "drop_path_rate": 0.0},
+            "retrain": {"epochs": 2, "lr": 3e-3, "warmup_epochs": 0, "seeds": [0], "baselines": ["e2vpt"],
+                        "baseline_widths": {"e2vpt": {"vpt": 4, "kv_prompt": 4}}},
+            "prune": {"token_fraction": 0.5, "segment_fraction": 0.25, "num_segments": 4, "score_batches": 2}}
+    job = JobConfig.from_dict(spec)
+    validate_job(job)
+    assert JobConfig.from_dict(job.to_dict()).prune == job.prune  # round trip (YAML-safe lists)
+    summary = retrain_seeds(job, None, method="e2vpt")
+    assert summary["method"] == "e2vpt-pruned"
+    root = storage.resolve(job.storage).join(job.name)
+    runs = storage.read_table(root.join("retrain"), "runs").to_pandas().set_index("method")
+    assert set(runs.index) == {"e2vpt", "e2vpt-pruned"}
+    dense, pruned = runs.loc["e2vpt"], runs.loc["e2vpt-pruned"]
+    d_cfg, p_cfg = (SubnetConfig.from_json(r["config_json"]) for r in (dense, pruned))
+    assert d_cfg.layer_widths("vpt") == (4,) * 12 and p_cfg.layer_widths("vpt") == (2,) * 12  # tokens removed
+    assert p_cfg.layer_widths("kv_prompt") == (2,) * 12
+    # VPT 2 x 48 and KV 2 x 2 x 48 per layer, 1/4 of the segments zeroed: 3/4 of that is effective
+    assert pruned["params"] == 12 * (2 * 48 + 2 * 2 * 48) * 3 // 4 < dense["params"] == 12 * (4 * 48 + 4 * 2 * 48)
+    assert 0 <= pruned["test_acc"] <= 100
+    saved = json.loads(storage.read_text(storage.resolve(dense["checkpoint_uri"]).join("prune_plan.json")))
+    plan = P.PrunePlan.from_dict(saved["plan"])
+    assert plan.config() == p_cfg
+    # the pruned run's best weights load onto the backbone with the plan's gates: zeroed segments stay 0
+    tensors, _ = storage.load_state(storage.resolve(pruned["checkpoint_uri"]))
+    prompts = [v for k, v in tensors.items() if k.endswith("vpt.prompts")]
+    assert prompts and all((p.reshape(p.shape[0], 4, -1).abs().sum(-1) == 0).any() for p in prompts)
+    again = retrain(job, None, method="e2vpt", seed=0)  # finished: reused, no third row
+    assert again.metrics["test_acc"] == pruned["test_acc"]
+    assert len(storage.read_table(root.join("retrain"), "runs")) == 2
+    bad = JobConfig.from_dict({**spec, "retrain": {**spec["retrain"], "baselines": ["lora"]}})
+    with pytest.raises(ConfigError, match="prune section applies to the e2vpt retraining only"):
+        validate_job(bad)
+    with pytest.raises(ConfigError, match="prune.num_segments 5 must divide"):
+        validate_job(JobConfig.from_dict({**spec, "prune": {"num_segments": 5}}))
