@@ -478,9 +478,17 @@ def model_from_run(job_path: str, run: str):
     cfg = SubnetConfig.from_json(subnet) if subnet else None
     if cfg is None:
         raise ConfigError(f"run {run!r} records no subnet; export a retrain run such as noah-seed0")
+    plan = None
+    if meta.get("prune_plan"):  # an e2vpt-pruned run: the kept tokens, pruned segments held at zero
+        from noah_ray.prune import PrunePlan, install_gates
+
+        plan = PrunePlan.from_dict(meta["prune_plan"])
+        cfg = plan.config()
     model = build_model(job, cfg, meta["backbone"], int(meta["num_classes"]),
                         train_backbone=run.startswith("full-"))
     model.load_trainable_state_dict(tensors)
+    if plan is not None:
+        install_gates(model, plan)
     return model.eval(), meta["backbone"], job.model.name, job.storage_endpoint
 
 

@@ -362,6 +362,7 @@ def test_e2vpt_retraining_prunes_rewinds_and_retrains_on_ray(ray_session, tmp_pa
     from noah_ray import storage
     from noah_ray.config import JobConfig
     from noah_ray.data import write_generated_vtab
+    from noah_ray.interop import model_from_run
     from noah_ray.pipeline import validate_job
     from noah_ray.train import retrain, retrain_seeds
 
@@ -394,6 +395,9 @@ def test_e2vpt_retraining_prunes_rewinds_and_retrains_on_ray(ray_session, tmp_pa
     tensors, _ = storage.load_state(storage.resolve(pruned["checkpoint_uri"]))
     prompts = [v for k, v in tensors.items() if k.endswith("vpt.prompts")]
     assert prompts and all((p.reshape(p.shape[0], 4, -1).abs().sum(-1) == 0).any() for p in prompts)
+    job.save(tmp_path / "job.yaml")  # `noah-ray export job.yaml --run e2vpt-pruned-seed0` reads it like this
+    model, *_ = model_from_run(str(tmp_path / "job.yaml"), "e2vpt-pruned-seed0")
+    assert model.capacity == p_cfg and model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
     again = retrain(job, None, method="e2vpt", seed=0)  # finished: reused, no third row
     assert again.metrics["test_acc"] == pruned["test_acc"]
     assert len(storage.read_table(root.join("retrain"), "runs")) == 2
