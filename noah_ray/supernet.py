@@ -182,8 +182,8 @@ class PromptedViT(nn.Module):
     # ---------------------------------------------------------------- params
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what trains: modules and head (plus the backbone when ``train_backbone``)."""
-        return {k: v for k, v in self.state_dict().items()
-                if k in self._trainable_names()}
+        names = self._trainable_names()
+        return {k: v for k, v in self.state_dict().items() if k in names}
 
     def _trainable_names(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}
