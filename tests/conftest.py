@@ -23,6 +23,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """In-process torch on one intra-op thread: two OpenMP threads on 2 shared cores (Ray
+    workers beside them) stall badly."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """Ray started once per test session: ``ray.init(address="local", num_cpus=2)``."""

@@ -29,13 +29,7 @@ CFG = SubnetConfig({"vpt": [3, 0, 5, 1, 0, 0, 7, 2, 0, 0, 4, 0],
                     "adapter": [0, 3, 0, 0, 2, 0, 5, 0, 0, 1, 0, 0]})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI box has 2 shared cores: one intra-op thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process torch on one thread (conftest)
 
 
 def _net(kv_shared: bool = False, seed: int = 0, **timm_kwargs) -> PromptedViT:

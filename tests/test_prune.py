@@ -29,13 +29,7 @@ CFG = SubnetConfig({"vpt": [6, 0, 4, 8, 0, 2, 5, 0, 0, 1, 0, 3],
                     "lora": [2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0]})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared cores: one intra-op thread avoids oversubscription stalls (30x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process torch on one thread (conftest)
 
 
 def _model(shared: bool = False, seed: int = 0) -> PromptedViT:

@@ -64,13 +64,6 @@ def test_warmup_cosine_schedule():
     assert all(f(s) >= f(s + 1) for s in range(10, 120))
 
 
-@pytest.fixture()
-def one_thread():
-    """In-process torch on one thread (two OpenMP threads crawl on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_optimizer_state_round_trips_through_safetensors_and_json(one_thread):
