@@ -188,7 +188,7 @@ def test_training_a_random_subnet_per_step_learns():
     xte, yte = _stripes_task(256, 1)
     rng = random.Random(0)
     net.train()
-    for step in range(300):
+    for step in range(120):  # ~100 steps reach 100% here; 120 leaves a margin
         idx = torch.randint(0, len(xtr), (32,))
         net.set_active(space.sample(rng))
         loss = F.cross_entropy(net(xtr[idx]), ytr[idx])
