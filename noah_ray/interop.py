@@ -55,6 +55,27 @@ class NoahImport:
     space: str                   # "vtab" / "few-shot" (paper spaces containing it) or "custom"
 
 
+#: the 19 searched VTAB-1k subnets of the original NOAH release, shipped with the package
+REFERENCE_DIR = Path(__file__).parent / "reference" / "noah_vtab"
+
+
+def reference_files() -> list[Path]:
+    """The original NOAH VTAB-1k subnet files (``ViT-B_prompt_<dataset>.yaml``), sorted."""
+    return sorted(REFERENCE_DIR.glob("ViT-B_prompt_*.yaml"))
+
+
+def reference_subnet(dataset: str) -> SubnetConfig:
+    """The subnet NOAH found for VTAB-1k ``dataset`` (registry names and variants accepted)."""
+    from noah_ray.data.registry import lookup
+
+    info = lookup(dataset)
+    found = {dataset_from_filename(p): p for p in reference_files()}
+    if info is None or info.name not in found:
+        raise ConfigError(f"no NOAH reference subnet for dataset {dataset!r}; use one of "
+                          f"{', '.join(sorted(k for k in found if k))}")
+    return SubnetConfig.from_noah_yaml(found[info.name])
+
+
 def dataset_from_filename(path: str | Path) -> str | None:
     """The registry dataset named by a NOAH file name (``ViT-B_prompt_cifar100.yaml`` ->
     ``cifar100``): the longest ``_``-separated suffix of the stem the registry knows."""

@@ -14,15 +14,14 @@ from safetensors.torch import save_file
 from noah_ray import load_subnet, save_subnet
 from noah_ray.backbones import create_backbone
 from noah_ray.cli import main
-from noah_ray.data.registry import get
-from noah_ray.interop import dataset_from_filename, export_peft, import_noah
+from noah_ray.data.registry import get, names
+from noah_ray.interop import (dataset_from_filename, export_peft, import_noah, reference_files,
+                               reference_subnet)
 from noah_ray.space import ADAPTER, KV_PROMPT, LORA, MODULES, VPT, ConfigError, SearchSpace, SubnetConfig
 from noah_ray.supernet import PromptedViT
 
-REF = Path("/work/shared/reference/noah-subnets/VTAB")
-REF_FILES = sorted(REF.glob("*.yaml"))
+REF_FILES = reference_files()  # the original release's files, shipped in noah_ray/reference/
 TINY = "vit_noah_tiny_patch4_32"
-needs_ref = pytest.mark.skipif(len(REF_FILES) != 19, reason="reference NOAH files not available")
 
 MIXED = SubnetConfig({VPT: (5, 1, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0),
                       LORA: (1, 5, 10, 5, 1, 10, 0, 0, 0, 0, 0, 0),
@@ -67,7 +66,14 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------ import
-@needs_ref
+def test_all_19_reference_files_ship_and_resolve_by_dataset() -> None:
+    assert len(REF_FILES) == 19
+    assert {dataset_from_filename(p) for p in REF_FILES} == set(get(n).name for n in names("vtab"))
+    assert reference_subnet("cifar") == SubnetConfig.from_noah_yaml(REF_FILES[1])  # folder-name variant
+    with pytest.raises(ConfigError, match="no NOAH reference subnet for dataset 'mnist'; use one of caltech101"):
+        reference_subnet("mnist")
+
+
 @pytest.mark.parametrize("path", REF_FILES, ids=lambda p: p.stem.replace("ViT-B_prompt_", ""))
 def test_reference_file_imports_validates_and_counts_exactly(path: Path) -> None:
     r = import_noah(path)
@@ -185,13 +191,12 @@ def test_cli_import_writes_to_s3(tmp_path: Path, s3_bucket, capsys) -> None:
     assert SubnetConfig.from_yaml(text) == import_noah(good).subnet
 
 
-@needs_ref
 def test_cli_markdown_table_covers_all_reference_files(capsys) -> None:
     assert main(["import-noah", *map(str, REF_FILES), "--markdown"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 + 19 + 1 and lines[0].startswith("| file |")
     cifar = next(line for line in lines if "cifar100" in line)
-    assert f"{import_noah(REF / 'ViT-B_prompt_cifar100.yaml').count.total:,}" in cifar
+    assert f"{import_noah(REF_FILES[1]).count.total:,}" in cifar
 
 
 # ------------------------------------------------------------------------ artifacts
