@@ -194,6 +194,8 @@ def test_cli_import_writes_to_s3(tmp_path: Path, s3_bucket, capsys) -> None:
 def test_cli_markdown_table_covers_all_reference_files(capsys) -> None:
     assert main(["import-noah", *map(str, REF_FILES), "--markdown"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert all(line in readme.splitlines() for line in lines)  # the README's table is this output
     assert len(lines) == 2 + 19 + 1 and lines[0].startswith("| file |")
     cifar = next(line for line in lines if "cifar100" in line)
     assert f"{import_noah(REF_FILES[1]).count.total:,}" in cifar
