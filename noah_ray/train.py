@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from noah_ray import optim, storage
 from noah_ray.backbones import create_backbone
 from noah_ray.config import JobConfig, TrainConfig
+from noah_ray.prune import PrunePlan, apply_plan, prune
 from noah_ray.space import ConfigError, SearchSpace, SubnetConfig
 from noah_ray.supernet import PromptedViT
 
@@ -194,8 +195,6 @@ def train_loop(config: dict) -> None:
     model = build_model(job, capacity, config["backbone"], config["num_classes"],
                         train_backbone=config["method"] == "full").to(device)
     if config.get("prune_plan"):  # E2VPT rewinding: the fresh model holds the same initial values
-        from noah_ray.prune import PrunePlan, apply_plan
-
         plan = PrunePlan.from_dict(config["prune_plan"])
         model, capacity = apply_plan(model, plan), plan.config()
     torch.manual_seed(seed + 1_000_003 * (rank + 1))  # independent drop-path / shuffling per rank
@@ -341,8 +340,6 @@ def _finish(config, job, stage, model, run_dir, state, device, mean, std, size) 
             "params": trainable - counts["head"] if config["method"] == "full" else
             sum(v for k, v in counts.items() if k != "head")}
     if config.get("prune_plan"):
-        from noah_ray.prune import PrunePlan
-
         meta["prune_plan"] = config["prune_plan"]
         meta["params_materialised"] = meta["params"]
         meta["params"] = PrunePlan.from_dict(config["prune_plan"]).effective_params(model.shape, model.kv_shared)
@@ -531,11 +528,7 @@ def _retrain_run(job: JobConfig, label: str, cfg: SubnetConfig, lr: float, seed:
                 prune_plan=prune_plan)
     root = job_root(job)
     _publish(root.join("retrain", run_id, fp), root.join("retrain", run_id), fp)
-    trained = cfg
-    if prune_plan:
-        from noah_ray.prune import PrunePlan
-
-        trained = PrunePlan.from_dict(prune_plan).config()
+    trained = PrunePlan.from_dict(prune_plan).config() if prune_plan else cfg
     row = {"run_id": run_id, "job": job.name, "dataset": job.data.dataset, "method": label, "seed": seed,
            "config_json": trained.to_json(), "params": meta["params"], "params_head": meta["params_head"],
            "val_acc": meta["best_val"], "test_acc": meta["test_acc"], "best_epoch": meta["best_epoch"],
@@ -569,7 +562,6 @@ def _prune_plan(job: JobConfig, cfg: SubnetConfig, seed: int, n: int, best_uri: 
 
 def _score_and_plan(job_dict: dict, cfg_json: str, backbone: str | None, n: int, best_uri: str, seed: int) -> dict:
     from noah_ray.data import build_loader, norm_for
-    from noah_ray.prune import prune
 
     job = JobConfig.from_dict(job_dict)
     device = torch.device("cuda" if job.retrain.use_gpu and torch.cuda.is_available() else "cpu")
