@@ -281,3 +281,10 @@ def backbone_shape(model: VisionTransformer) -> BackboneShape:
     blk = model.blocks[0]
     return BackboneShape(embed_dim=model.embed_dim, num_heads=blk.attn.num_heads,
                          depth=len(model.blocks), num_classes=model.num_classes)
+
+
+def shape_of(model_name: str, num_classes: int = 1) -> BackboneShape:
+    """The :class:`BackboneShape` of a timm ViT by name, built on the meta device (no memory,
+    no initialisation)."""
+    with torch.device("meta"):
+        return backbone_shape(create_backbone(model_name, num_classes))

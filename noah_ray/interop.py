@@ -90,11 +90,10 @@ def dataset_from_filename(path: str | Path) -> str | None:
 
 
 def backbone_shape_of(model_name: str, num_classes: int) -> BackboneShape:
-    """The :class:`BackboneShape` of a timm ViT, built on the meta device (no memory, no init)."""
-    from noah_ray.backbones import backbone_shape, create_backbone
+    """The :class:`BackboneShape` of a timm ViT (meta device: no memory, no init)."""
+    from noah_ray.backbones import shape_of
 
-    with torch.device("meta"):
-        return backbone_shape(create_backbone(model_name, num_classes))
+    return shape_of(model_name, num_classes)
 
 
 def _space_name(cfg: SubnetConfig) -> str:

@@ -194,14 +194,10 @@ def _engine_kwargs(engine_cls: type[SearchEngine], s: SearchConfig) -> dict[str,
 
 
 def backbone_shape_of(job: JobConfig) -> BackboneShape:
-    """The backbone's shape without allocating weights (meta device)."""
-    import torch
+    """The job's backbone shape without allocating weights (meta device)."""
+    from noah_ray.backbones import shape_of
 
-    from noah_ray.backbones import backbone_shape, create_backbone
-
-    with torch.device("meta"):
-        vit = create_backbone(job.model.name, job.data.num_classes or 1)
-    return backbone_shape(vit)
+    return shape_of(job.model.name, job.data.num_classes or 1)
 
 
 def param_limit(job: JobConfig, shape: BackboneShape | None = None) -> ParamLimit:
