@@ -14,12 +14,15 @@ The same stages run as Ray jobs: ``ray job submit --working-dir . -- python -m j
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import shlex
 import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from noah_ray.space import ConfigError
+from noah_ray.space import ConfigError, RunError
 
 #: the stages each stage command runs
 STAGE_COMMANDS = {"pipeline": ("supernet", "search", "retrain"), "supernet": ("supernet",),
@@ -82,7 +85,7 @@ def demo_config(out: str | Path, quick: bool = False) -> Any:
 
 # ------------------------------------------------------------------------------ commands
 def _stage_command(args: argparse.Namespace) -> int:
-    from noah_ray import pipeline, storage
+    from noah_ray import pipeline
 
     job = load_job(args.config, args.set)
     if getattr(args, "subnet", None):
@@ -90,10 +93,8 @@ def _stage_command(args: argparse.Namespace) -> int:
     if getattr(args, "method", None):
         job.retrain.method = args.method
     stages = STAGE_COMMANDS[args.stage_command]
-    pipeline.validate_job(job, stages)
-    storage.check_writable(storage.resolve(job.storage, job.storage_endpoint))    # before Ray starts
-    pipeline.init_ray(args.address)
-    print(pipeline.format_summary(pipeline.run_stages(job, stages)))
+    summary = pipeline.run_stages(job, stages, start_ray=functools.partial(pipeline.init_ray, args.address))
+    print(pipeline.format_summary(summary))
     return 0
 
 
@@ -116,17 +117,14 @@ def write_plots(uri: str, out_dir: str | Path, *, endpoint: str | None = None) -
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from noah_ray import pipeline, results, storage
+    from noah_ray import pipeline, results
 
     job = demo_config(args.out, args.quick)
     out = Path(job.storage)
     uri = str(out / job.name)
     print(f"noah-ray demo: generated task {job.data.dataset!r}, {job.model.name}, "
           f"results in {out}", flush=True)
-    pipeline.validate_job(job)
-    storage.check_writable(storage.resolve(job.storage))
-    pipeline.init_ray(args.address, quiet=True)
-    summary = pipeline.run_stages(job)
+    summary = pipeline.run_stages(job, start_ray=functools.partial(pipeline.init_ray, args.address, quiet=True))
     print("\n" + pipeline.format_summary(summary))
     print("\nleaderboard (test accuracy %, mean +- std over seeds; params in M, head excluded):")
     print(results.leaderboard(uri).to_string(index=False))
@@ -183,6 +181,8 @@ def add_stage_arguments(p: argparse.ArgumentParser, command: str) -> None:
                    help="override a config value, e.g. --set storage=s3://bucket/noah --set search.generations=5 "
                         "(repeatable; values are YAML)")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a new local Ray)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error (also: NOAH_RAY_DEBUG=1)")
     if command == "retrain":
         p.add_argument("--subnet", help="subnet file to retrain (default: the search's best_subnet.yaml)")
         p.add_argument("--method", help="noah or a baseline: linear, full, vpt, adapter, lora, e2vpt")
@@ -192,6 +192,7 @@ def add_stage_arguments(p: argparse.ArgumentParser, command: str) -> None:
 def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: NOAH_RAY_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run the whole pipeline on generated data with a tiny ViT (local Ray)",
@@ -239,13 +240,34 @@ def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(err: BaseException, command: str) -> str:
+    """One line for ``err``: a config / run error's own message (with the exact command that resumes
+    a stopped stage), else the exception's type and last line; URI credentials redacted."""
+    from noah_ray.security import redact
+
+    if isinstance(err, ConfigError):
+        text = str(err)
+    elif isinstance(err, RunError):
+        text = f"{err}: {command}"
+    else:
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        text = f"{type(err).__name__}: {lines[-1] if lines else 'no message'} (--debug shows the traceback)"
+    return redact(" ".join(text.split()))
+
+
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("NOAH_RAY_DEBUG") == "1"
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - every error ends as one line (the traceback with --debug)
+        if debug:
+            raise
+        command = f"{parser.prog} {shlex.join(sys.argv[1:] if argv is None else list(argv))}"
+        print(f"{parser.prog}: error: {error_line(e, command)}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

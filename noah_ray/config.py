@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from noah_ray.security import safe_name
 from noah_ray.space import ConfigError, SearchSpace
 
 
@@ -270,6 +271,9 @@ class JobConfig:
     # ------------------------------------------------------------ loading
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, where: str = "config") -> "JobConfig":
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: the top level must be a mapping of sections (name, storage, data, "
+                              f"model, space, ...), got a {type(data).__name__}")
         data = dict(data or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -286,18 +290,19 @@ class JobConfig:
         if "model" in data:
             out.model = section_from_dict(ModelConfig, data["model"], f"{where}.model")
         if "space" in data:
-            out.space = SearchSpace.from_dict(data["space"])
+            out.space = SearchSpace.from_dict(data["space"], f"{where}.space")
         if "supernet" in data:
             out.supernet = section_from_dict(TrainConfig, data["supernet"], f"{where}.supernet")
         if "search" in data:
             out.search = section_from_dict(SearchConfig, data["search"], f"{where}.search")
         if "retrain" in data:
+            if not isinstance(data["retrain"] or {}, Mapping):
+                raise ConfigError(f"{where}.retrain: expected a mapping, got {data['retrain']!r}")
             merged = {"epochs": 100, "lr": 1e-3, **(data["retrain"] or {})}
             out.retrain = section_from_dict(TrainConfig, merged, f"{where}.retrain")
         if data.get("prune") is not None:
             out.prune = section_from_dict(PruneConfig, data["prune"], f"{where}.prune")
-        if not out.name or any(c in out.name for c in "/\\ "):
-            raise ConfigError(f"{where}.name: {out.name!r} must be a non-empty word without slashes or spaces")
+        safe_name(out.name, f"{where}.name")
         return out
 
     @classmethod

@@ -30,6 +30,8 @@ from typing import Any, Sequence
 from noah_ray.space import BackboneShape, ConfigError, SearchSpace, SubnetConfig
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+#: what a failed attempt keeps when its candidate is tried again
+ATTEMPT_KEYS = ("error", "t", "worker", "eval_time_s")
 STATE_VERSION = 1
 
 
@@ -296,11 +298,15 @@ class SearchEngine:
                 "history": [vars(r) for r in self.history], "exhausted": self.exhausted,
                 "started": self.started, "rng": [version, list(internal), gauss]}
 
-    def set_state(self, state: dict[str, Any], *, requeue_running: bool = False) -> None:
+    def set_state(self, state: dict[str, Any], *, requeue_running: bool = False,
+                  requeue_failed: bool = False) -> None:
         """Restore ``get_state``.  ``requeue_running`` puts candidates that were being evaluated
         back in front of the queue (their evaluations are lost, e.g. in a new Tune experiment);
         without it they stay running under their tickets (Tune's experiment restore resumes
-        those trials).  ``generations`` may have been raised to extend a finished search."""
+        those trials).  ``requeue_failed`` gives failed candidates another attempt (a re-run after
+        the cause was fixed): each keeps its earlier attempts in ``info["attempts"]`` and the
+        generations it belongs to are reopened.  ``generations`` may have been raised to extend
+        a finished search."""
         if state.get("version") != STATE_VERSION or state.get("algorithm") != self.algorithm:
             raise ConfigError(f"search state is for {state.get('algorithm')!r} v{state.get('version')}, "
                               f"this is {self.algorithm!r} v{STATE_VERSION}; resume with the same algorithm")
@@ -323,10 +329,23 @@ class SearchEngine:
                 self.candidates[cid].status = QUEUED
             self.queue = back + self.queue
             self.running = {}
+        if requeue_failed:
+            self._requeue_failed()
         self._restored()
         if self.started:
             self._open_generation()
             self._advance()
+
+    def _requeue_failed(self) -> None:
+        failed = sorted((c for c in self.candidates.values() if c.status == FAILED), key=lambda c: c.cid)
+        for c in failed:
+            c.info.setdefault("attempts", []).append({k: c.info.pop(k) for k in ATTEMPT_KEYS if k in c.info})
+            c.status, c.score = QUEUED, None
+        if failed and failed[0].generation < self.generation:
+            reopened = min(c.generation for c in failed)
+            self.generation = reopened
+            self.history = [r for r in self.history if r.generation < reopened]
+        self.queue = [c.cid for c in failed] + self.queue
 
     def _restored(self) -> None:
         pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from noah_ray import storage
 from noah_ray.config import JobConfig
@@ -25,20 +26,15 @@ def _is_generated(job: JobConfig) -> bool:
     return job.data.format == "vtab" and info is not None and info.benchmark == "generated"
 
 
-def _check_data(job: JobConfig, stages: tuple[str, ...]) -> None:
-    """The splits the stages read exist (local roots; an ``s3://`` root is checked where it is
-    staged).  Generated tasks that are missing are written by :func:`prepare_data`."""
-    from noah_ray.data.readers import read_split
+def _check_data(job: JobConfig, stages: tuple[str, ...], num_classes: int) -> None:
+    """The splits the stages read, their labels and image headers (:func:`noah_ray.preflight.check_data`).
+    Generated tasks that are missing are written by :func:`prepare_data`."""
+    from noah_ray.preflight import check_data
 
-    if str(job.data.root).startswith("s3://"):
+    if _is_generated(job) and not str(job.data.root).startswith("s3://") and \
+            not (Path(job.data.root).expanduser() / job.data.dataset).is_dir():
         return
-    if _is_generated(job) and not (Path(job.data.root).expanduser() / job.data.dataset).is_dir():
-        return
-    splits = [job.data.train_split, job.data.val_split]
-    if "retrain" in stages:
-        splits.append(job.data.test_split)
-    for split in dict.fromkeys(splits):
-        read_split(job.data, split)
+    check_data(job, stages, num_classes)
 
 
 def _exists(uri: str, endpoint: str | None) -> bool:
@@ -76,8 +72,7 @@ def validate_job(job: JobConfig, stages: tuple[str, ...] = STAGES) -> None:
     if job.space.num_layers != depth:
         raise ConfigError(f"space.num_layers {job.space.num_layers} does not match {job.model.name} "
                           f"({depth} blocks); set space.num_layers: {depth}")
-    _check_data(job, stages)
-    num_classes(job.data, endpoint=job.storage_endpoint)
+    _check_data(job, stages, num_classes(job.data, endpoint=job.storage_endpoint))
     if "search" in stages:
         param_limit(job)
     for stage in ("supernet", "retrain"):
@@ -98,6 +93,21 @@ def validate_job(job: JobConfig, stages: tuple[str, ...] = STAGES) -> None:
                               f"embed dim {dim}; pick a divisor of {dim}")
     if "retrain" in stages and job.retrain.subnet:
         job.space.validate(SubnetConfig.load(job.retrain.subnet))
+
+
+def preflight(job: JobConfig, stages: tuple[str, ...] = STAGES):
+    """Everything checked before Ray starts, once per command: :func:`validate_job`, the backbone
+    checkpoint against the model, earlier stages' artifacts, the storage writable; returns a
+    :class:`~noah_ray.preflight.PreflightReport` (which stages still need Ray)."""
+    from noah_ray import preflight as checks
+    from noah_ray.data import num_classes
+
+    validate_job(job, stages)
+    storage.check_writable(storage.resolve(job.storage, job.storage_endpoint))
+    n = num_classes(job.data, endpoint=job.storage_endpoint)
+    checks.check_checkpoint(job, n)
+    checks.check_artifacts(job, stages)
+    return checks.PreflightReport(n, checks.pending_stages(job, stages, n))
 
 
 def prepare_data(job: JobConfig) -> None:
@@ -138,13 +148,27 @@ def retrain_subnet(job: JobConfig) -> SubnetConfig:
     return load_best_subnet(job)
 
 
-def run_stages(job: JobConfig, stages: tuple[str, ...] = STAGES) -> dict:
-    """Run the requested stages in order (Ray must be initialised); returns a summary per stage."""
+def run_stages(job: JobConfig, stages: tuple[str, ...] = STAGES, *,
+               start_ray: Callable[[], None] | None = None) -> dict:
+    """Run the requested stages in order; returns a summary per stage.
+
+    :func:`preflight` runs first; the job's lease (:mod:`noah_ray.lease`) is held throughout, so a
+    second run of the same job fails at once.  ``start_ray`` is called only when a stage has work
+    left (finished stages answer from storage); without it Ray must be initialised (or starts on
+    first use)."""
+    from noah_ray import lease
+
+    report = preflight(job, stages)
+    with lease.hold(job.storage, job.storage_endpoint, job.name):
+        if report.pending and start_ray is not None:
+            start_ray()
+        return _run(job, stages)
+
+
+def _run(job: JobConfig, stages: tuple[str, ...]) -> dict:
     from noah_ray.search import run_search
     from noah_ray.train import retrain_seeds, train_supernet
 
-    validate_job(job, stages)
-    storage.check_writable(storage.resolve(job.storage, job.storage_endpoint))
     prepare_data(job)
     summary: dict = {"job": job.name, "uri": storage.resolve(job.storage, job.storage_endpoint).join(job.name).uri}
     t0 = time.time()

@@ -25,6 +25,7 @@ Layout under ``<storage>/<job.name>/search/``::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -44,7 +45,8 @@ from noah_ray import storage
 from noah_ray.config import JobConfig, SearchConfig
 from noah_ray.evolution import (DONE, FAILED, Candidate, EvolutionEngine, GenerationRecord, NSGA2Engine,
                                 ParamLimit, RandomEngine, SearchEngine, pareto_front)
-from noah_ray.space import MODULES, BackboneShape, ConfigError, SearchSpace, SubnetConfig
+from noah_ray.security import safe_name, tune_without_credentials
+from noah_ray.space import MODULES, BackboneShape, ConfigError, RunError, SearchSpace, SubnetConfig
 
 log = logging.getLogger(__name__)
 METRIC = "val_acc"
@@ -74,6 +76,7 @@ class NoahSearcher(Searcher):
         self.hold_actors = hold_actors
         self._holds: set[str] = set()
         self.abort_after = 3                      # stop if this many results in a row fail before any success
+        self.fatal = False                        # a deterministic error (ConfigError) stopped the search
         self._streak = 0                          # failures in a row since this process started, before a success
         self.aborted = False
         self.extra_state: dict[str, Any] = {}     # saved alongside the engine (run settings)
@@ -113,13 +116,14 @@ class NoahSearcher(Searcher):
         if cid is None:
             return
         if error:
-            closed = self.engine.tell(trial_id, failed=True, info={"error": True})
+            closed = self.engine.tell(trial_id, failed=True)       # the error text: note_error
         elif not result:
             closed = self.engine.tell(trial_id)                 # stopped before scoring: requeue
         else:
             value = result.get(self.metric)
             ok = isinstance(value, (int, float)) and math.isfinite(value)
-            info = {k: result[k] for k in ("eval_time_s", "worker", "params_head") if k in result}
+            info = {k: result[k] for k in ("eval_time_s", "worker", "params_head", "error") if k in result}
+            self.fatal = self.fatal or bool(result.get("fatal"))
             closed = self.engine.tell(trial_id, (value if self.mode == "max" else -value) if ok else None,
                                       failed=not ok, info=info)
         status = self.engine.candidates[cid].status
@@ -128,6 +132,9 @@ class NoahSearcher(Searcher):
             self.aborted = bool(self.abort_after) and self._streak >= self.abort_after
         elif status == DONE:
             self._streak = -1                      # a success: failures no longer abort the search
+        self.aborted = self.aborted or self.fatal
+        if self.aborted:
+            self.extra_state["aborted"] = True     # never reported as finished; a re-run retries
         for rec in closed:
             log.info("generation %d/%d: %d evaluated, %d failed; best %s = %.4g at %s module parameters",
                      rec.generation + 1, self.engine.generations, rec.evaluated, rec.failed, self.metric,
@@ -148,8 +155,21 @@ class NoahSearcher(Searcher):
     def get_state(self) -> dict:
         return {**self.extra_state, "engine": self.engine.get_state(), "metric": self.metric, "mode": self.mode}
 
-    def set_state(self, state: dict, *, requeue_running: bool = False) -> None:
-        self.engine.set_state(state["engine"], requeue_running=requeue_running)
+    def set_state(self, state: dict, *, requeue_running: bool = False, requeue_failed: bool = False) -> None:
+        self.engine.set_state(state["engine"], requeue_running=requeue_running, requeue_failed=requeue_failed)
+
+    def note_error(self, candidate_id: str | None, error: str) -> None:
+        """Keep a failed evaluation's error (from Tune) with its candidate; saved with the state."""
+        c = self.engine.candidates.get(candidate_id or "")
+        if c is not None and c.status == FAILED and "error" not in c.info:
+            c.info["error"] = error
+            if self.store is not None:
+                self.store.save_state(self.get_state())
+
+    def first_error(self) -> str | None:
+        """The error of the earliest failed candidate of this attempt, if one was recorded."""
+        failed = [c for c in self.engine.candidates.values() if c.status == FAILED and isinstance(c.info.get("error"), str)]
+        return min(failed, key=lambda c: (c.info.get("t", 0.0), c.cid)).info["error"] if failed else None
 
     def save(self, checkpoint_path: str) -> None:
         tmp = checkpoint_path + ".tmp"
@@ -234,6 +254,17 @@ def _rows(cands: Sequence[Candidate], extra: dict[str, Any]) -> dict[str, list]:
     return cols
 
 
+def _attempts(c: Candidate) -> list[Candidate]:
+    """Rows of one candidate: each earlier failed attempt, then the last one."""
+    old = [dataclasses.replace(c, status=FAILED, score=None, info={**a, "attempt": i})
+           for i, a in enumerate(c.info.get("attempts", []))]
+    return old + [dataclasses.replace(c, info={**c.info, "attempt": len(old)})]
+
+
+def _error_text(err: Any) -> str | None:
+    return err if isinstance(err, str) else None
+
+
 def _utc(t: float | None = None) -> datetime:
     return datetime.fromtimestamp(time.time() if t is None else t, tz=timezone.utc)
 
@@ -259,7 +290,13 @@ class SearchStore:
 
     def load_state(self) -> dict | None:
         loc = self.state_loc
-        return json.loads(storage.read_text(loc)) if storage.exists(loc) else None
+        if not storage.exists(loc):
+            return None
+        try:
+            return json.loads(storage.read_text(loc))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"search state {loc.uri} is truncated or corrupt ({type(e).__name__}); restore it from "
+                              f"a backup, or delete it to start search run {self.run_id!r} again from scratch") from None
 
     def save_state(self, state: dict) -> None:
         storage.write_text(self.state_loc, json.dumps(state))
@@ -270,7 +307,10 @@ class SearchStore:
     def write_generation(self, rec: GenerationRecord, engine: SearchEngine) -> None:
         """The generation's trial rows and its summary row (fixed part names: idempotent)."""
         ms = [c for c in engine.members(rec.generation) if c.status in (DONE, FAILED)]
+        ms = [a for c in ms for a in _attempts(c)]
         cols = _rows(ms, self._ids())
+        cols["error"] = [_error_text(c.info.get("error")) for c in ms]
+        cols["attempt"] = [c.info.get("attempt", 0) for c in ms]
         cols["config_key"] = [c.config.key() for c in ms]
         cols["generation"] = [c.generation for c in ms]
         cols["origin"] = [c.origin for c in ms]
@@ -328,7 +368,7 @@ def default_val_batches(job: JobConfig, model) -> Iterable:
 
     mean, std, img_size = data.norm_for(model)
     return data.build_loader(job.data, job.data.val_split, train=False, mean=mean, std=std,
-                             img_size=job.data.img_size or img_size)
+                             img_size=job.data.img_size or img_size, endpoint=job.storage_endpoint)
 
 
 def default_loader(job: JobConfig):
@@ -365,6 +405,14 @@ class CandidateEvaluator(tune.Trainable):
 
     def setup(self, config: dict, job: dict, loader: Callable | None = None,
               val_data: Callable | None = None) -> None:
+        self.error = None
+        try:
+            self._setup(job, loader, val_data)
+        except ConfigError as e:               # deterministic: every retry would fail the same way
+            self.error = str(e)
+        self.reset_config(config)
+
+    def _setup(self, job: dict, loader: Callable | None, val_data: Callable | None) -> None:
         import torch
 
         t0 = time.perf_counter()
@@ -385,7 +433,6 @@ class CandidateEvaluator(tune.Trainable):
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.setup_time_s = time.perf_counter() - t0
         self._first = True
-        self.reset_config(config)
 
     def reset_config(self, new_config: dict) -> bool:
         self.hold_s = new_config.get("hold_s")
@@ -396,6 +443,8 @@ class CandidateEvaluator(tune.Trainable):
         if self.hold_s is not None:                     # placeholder: keeps this actor alive
             time.sleep(self.hold_s)
             return {METRIC: float("nan"), "hold": True, "done": True}
+        if self.error is not None:
+            return {METRIC: float("nan"), "error": self.error, "fatal": True, "done": True}
         t0 = time.perf_counter()
         self.model.set_active(self.subnet)
         acc, n = evaluate(self.model, self.batches, self.device, self.job.search.eval_batches)
@@ -470,10 +519,7 @@ def _check_settings(run: str, old: dict, new: dict) -> None:
 
 
 def _run_name(job: JobConfig, run_name: str | None) -> str:
-    name = run_name or f"{job.search.algorithm}-seed{job.search.seed}"
-    if not name or any(c in name for c in "/\\ ") or name.startswith("."):
-        raise ConfigError(f"run_name {name!r} must be a non-empty word without slashes or spaces")
-    return name
+    return safe_name(run_name or f"{job.search.algorithm}-seed{job.search.seed}", "search run_name")
 
 
 def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = True,
@@ -500,7 +546,10 @@ def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = Tr
             raise ConfigError(f"search run {run!r} already exists under {base.uri}; pass resume=True to "
                               f"continue it or choose another run_name")
         _check_settings(run, prior.get("settings", {}), _settings(job))
-        searcher.set_state(prior, requeue_running=True)
+        retry = not _succeeded(searcher, prior)   # unfinished, aborted or nothing scored: retry the failed
+        if retry:
+            searcher = SEARCHERS[s.algorithm].from_config(s, job.space, limit, store, hold_actors=s.hold_actors)
+        searcher.set_state(prior, requeue_running=True, requeue_failed=retry)
         attempt = prior.get("attempt", 0) + 1
         for rec in searcher.engine.history:      # idempotent: covers a crash between result and table
             store.write_generation(rec, searcher.engine)
@@ -511,10 +560,53 @@ def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = Tr
     if not searcher.finished:
         results = _fit(job, searcher, base, f"{run}-a{attempt:02d}", loader, val_data, callbacks, stop)
         if searcher.aborted:
-            first = str(results.errors[0]).strip().splitlines()[-1][:300] if results.errors else "no error recorded"
-            raise RuntimeError(f"search {run!r} stopped: its first {searcher.abort_after} candidate evaluations "
-                               f"failed ({first}); fix the cause and run again to resume")
-    return _finish(searcher, store, base)
+            raise RunError(_failure(searcher, run, results, "stopped: " + (
+                "a candidate evaluation failed with an error that no retry can fix" if searcher.fatal else
+                f"its first {searcher.abort_after} candidate evaluations failed")))
+    return _finish(searcher, store, base, run)
+
+
+def search_done(job: JobConfig, run_name: str | None = None) -> bool:
+    """Whether the job's search run finished with a winner (so running it again only reads it)."""
+    run = _run_name(job, run_name)
+    store = SearchStore(search_location(job).uri, job.storage_endpoint, run, job.name, job.data.dataset,
+                        job.search.algorithm)
+    prior = store.load_state()
+    want = json.loads(json.dumps(_settings(job)))
+    if prior is None or any(prior.get("settings", {}).get(k) != v for k, v in want.items()):
+        return False
+    return _succeeded(make_searcher(job), prior)
+
+
+def _succeeded(searcher: NoahSearcher, state: dict) -> bool:
+    """Whether saved ``state`` is a finished search with a winner (so a re-run only reads it)."""
+    searcher.set_state(state)
+    return not state.get("aborted") and searcher.finished and searcher.engine.best() is not None
+
+
+def _failure(searcher: NoahSearcher, run: str, results: tune.ResultGrid | None, what: str) -> str:
+    first = searcher.first_error()
+    if first is None and results is not None and results.errors:
+        first = str(results.errors[0])
+    first = _last_line(first) if first else "no error recorded"
+    return (f"search {run!r} {what} (first error: {first}); fix the cause and run the same command again: "
+            f"it retries the failed candidates")
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "")[:300]
+
+
+class _ErrorNotes(tune.Callback):
+    """Hands each failed trial's error text to the searcher (Tune's Searcher API only says 'error')."""
+
+    def __init__(self, searcher: NoahSearcher) -> None:
+        self.searcher = searcher
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        err = trial.get_error()
+        self.searcher.note_error(trial.config.get("candidate_id"), _last_line(err) if err else "trial crashed")
 
 
 def _fit(job: JobConfig, searcher: NoahSearcher, base: storage.Location, name: str, loader, val_data,
@@ -525,18 +617,22 @@ def _fit(job: JobConfig, searcher: NoahSearcher, base: storage.Location, name: s
     tune_dir = base.join("tune")
     run_config = tune.RunConfig(
         name=name, storage_path=tune_dir.path, storage_filesystem=tune_dir.fs, verbose=0,
-        failure_config=tune.FailureConfig(max_failures=s.trial_retries), callbacks=list(callbacks), stop=stop,
+        failure_config=tune.FailureConfig(max_failures=s.trial_retries), stop=stop,
+        callbacks=[_ErrorNotes(searcher), *callbacks],
         checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, checkpoint_frequency=0))
     tune_config = tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=s.max_concurrent,
                                   reuse_actors=True, trial_dirname_creator=_trial_dirname)
-    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config).fit()
+    with tune_without_credentials():             # no AWS secrets in trial runtime_envs (Ray logs those)
+        return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config).fit()
 
 
-def _finish(searcher: NoahSearcher, store: SearchStore, base: storage.Location) -> SearchResult:
+def _finish(searcher: NoahSearcher, store: SearchStore, base: storage.Location, run: str) -> SearchResult:
     eng = searcher.engine
     cands = list(eng.candidates.values())
     front = pareto_front(cands)
     best = eng.best()
+    if eng.finished and best is None:
+        raise RunError(_failure(searcher, run, None, f"ended with none of its {len(cands)} candidates scored"))
     best_uri = store.write_final(front, best) if eng.finished else None
     sign = 1.0 if searcher.mode == "max" else -1.0
     return SearchResult(

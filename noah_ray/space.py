@@ -38,6 +38,11 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the fix."""
 
 
+class RunError(RuntimeError):
+    """A stage stopped for a cause outside the config (data endpoint, corrupt file, ...); the message
+    names the first error, and running the same command again after fixing it resumes."""
+
+
 def _is_noah_file(text: str) -> bool:
     """Whether YAML ``text`` is an original NOAH subnet file (a mapping with a RETRAIN block)."""
     try:
@@ -45,6 +50,14 @@ def _is_noah_file(text: str) -> bool:
     except yaml.YAMLError:
         return False
     return isinstance(data, Mapping) and "RETRAIN" in data
+
+
+def _int_list(value: Any, key: str) -> tuple[int, ...]:
+    """``value`` as a tuple of integers, else a :class:`ConfigError` naming ``key``."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                      for v in value):
+        raise ConfigError(f"{key}: {value!r:.80} must be a list of integers, e.g. [1, 5, 10]")
+    return tuple(value)
 
 
 def _check_module(name: str) -> str:
@@ -306,19 +319,29 @@ class SearchSpace:
         return cls({m: ModuleSpace(widths=PAPER_FEWSHOT_WIDTHS) for m in (VPT, LORA, ADAPTER)}, num_layers)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SearchSpace":
-        if not isinstance(data, Mapping) or "modules" not in data:
-            raise ConfigError("a search space needs 'modules': {name: {depths: [...], widths: [...]}}")
-        num_layers = int(data.get("num_layers", 12))
+    def from_dict(cls, data: Mapping[str, Any], where: str = "space") -> "SearchSpace":
+        if not isinstance(data, Mapping) or not isinstance(data.get("modules"), Mapping):
+            raise ConfigError(f"{where}.modules: a search space needs 'modules': "
+                              f"{{name: {{depths: [...], widths: [...]}}}}, got {data!r:.80}")
+        unknown = sorted(set(data) - {"modules", "num_layers"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: modules, num_layers")
+        num_layers = data.get("num_layers", 12)
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+            raise ConfigError(f"{where}.num_layers: {num_layers!r} must be an integer >= 1 (the backbone's blocks)")
         modules = {}
         for name, spec in data["modules"].items():
             _check_module(name)
-            spec = spec or {}
+            spec = {} if spec is None else spec
+            if not isinstance(spec, Mapping):
+                raise ConfigError(f"{where}.modules.{name}: {spec!r:.80} must be a mapping {{depths: [...], "
+                                  f"widths: [...]}}")
             unknown = set(spec) - {"depths", "widths"}
             if unknown:
                 raise ConfigError(f"module {name!r}: unknown key(s) {sorted(unknown)}; use depths, widths")
-            modules[name] = ModuleSpace(tuple(spec.get("depths", PAPER_DEPTHS)),
-                                        tuple(spec.get("widths", PAPER_VTAB_WIDTHS)))
+            modules[name] = ModuleSpace(_int_list(spec.get("depths", PAPER_DEPTHS), f"{where}.modules.{name}.depths"),
+                                        _int_list(spec.get("widths", PAPER_VTAB_WIDTHS),
+                                                  f"{where}.modules.{name}.widths"))
         return cls(modules, num_layers)
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from noah_ray.security import has_userinfo, redact
 from noah_ray.space import ConfigError
 
 SCHEMA_VERSION = 1
@@ -42,6 +43,7 @@ TABLES: dict[str, pa.Schema] = {
         ("generation", pa.int32()), ("origin", pa.string()), ("parent_ids", pa.list_(pa.string())),
         ("status", pa.string()), ("wall_time_s", pa.float64()), ("worker", pa.string()),
         ("timestamp", pa.timestamp("ms", tz="UTC")),
+        ("attempt", pa.int32()), ("error", pa.string()),     # every attempt of a candidate, failed ones with their error
     ]),
     # one row per generation of a search
     "generations": pa.schema([
@@ -105,6 +107,9 @@ def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
     if region:
         kwargs["region"] = region
     if endpoint:
+        if has_userinfo(endpoint):
+            raise ConfigError(f"S3 endpoint {redact(endpoint)!r} carries credentials; remove them (they would be "
+                              f"logged) and give them through the environment / AWS credential chain")
         parsed = urlparse(endpoint)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ConfigError(f"S3 endpoint {endpoint!r} is not a URL; use e.g. http://127.0.0.1:9000")
@@ -117,6 +122,9 @@ def resolve(uri: str, endpoint: str | None = None) -> Location:
     """Turn ``/dir``, ``./dir``, ``file:///dir`` or ``s3://bucket/prefix`` into a Location."""
     if not isinstance(uri, str) or not uri.strip():
         raise ConfigError(f"storage URI {uri!r} is empty; give a directory or s3://bucket/prefix")
+    if has_userinfo(uri):
+        raise ConfigError(f"URI {redact(uri)!r} carries credentials; remove them from the URI (they would be "
+                          f"logged) and give them through the environment / AWS credential chain")
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
@@ -257,11 +265,20 @@ def save_state(loc: Location, tensors: dict, meta: dict) -> None:
     write_text(loc.join("meta.json"), json.dumps(meta, indent=1, sort_keys=True))
 
 
-def load_state(loc: Location) -> tuple[dict, dict]:
-    """Inverse of :func:`save_state`: ``(tensors, meta)``."""
+def load_state(loc: Location, recover: str = "write it again") -> tuple[dict, dict]:
+    """Inverse of :func:`save_state`: ``(tensors, meta)``.  A truncated or corrupt file raises one
+    :class:`ConfigError` naming it and ``recover`` (how to get a good one)."""
     import json
 
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
-    meta = json.loads(read_text(loc.join("meta.json")))
-    return load(read_bytes(loc.join("model.safetensors"))), meta
+    meta_loc, weights = loc.join("meta.json"), loc.join("model.safetensors")
+    try:
+        meta = json.loads(read_text(meta_loc))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{meta_loc.uri} is truncated or corrupt ({type(e).__name__}); {recover}") from None
+    try:
+        return load(read_bytes(weights)), meta
+    except (SafetensorError, ValueError) as e:
+        raise ConfigError(f"{weights.uri} is truncated or corrupt ({str(e).splitlines()[0][:80]}); {recover}") from None

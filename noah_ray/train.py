@@ -54,6 +54,7 @@ from noah_ray import optim, storage
 from noah_ray.backbones import create_backbone
 from noah_ray.config import JobConfig, TrainConfig
 from noah_ray.prune import PrunePlan, apply_plan, prune
+from noah_ray.security import safe_name
 from noah_ray.space import ConfigError, SearchSpace, SubnetConfig
 from noah_ray.supernet import PromptedViT
 
@@ -460,9 +461,13 @@ def _raise_config_error(err: BaseException) -> None:
 
 
 def _check_run_name(name: str) -> str:
-    if not name or not all(c.isalnum() or c in "-_." for c in name):
-        raise ConfigError(f"run name {name!r} must be a non-empty word of letters, digits, '-', '_' or '.'")
-    return name
+    return safe_name(name, "supernet run name")
+
+
+def supernet_recovery(final: storage.Location) -> str:
+    """How to recover from a damaged ``supernet/final``: the run resumes from its last checkpoint."""
+    return (f"delete {final.uri} and run the supernet stage again (it resumes from its last checkpoint "
+            f"and writes final/ anew)")
 
 
 def _supernet_dir(run_name: str | None) -> str:
@@ -484,12 +489,42 @@ def train_supernet(job: JobConfig, *, run_name: str | None = None, _faults: list
                        {f"val_acc_{k}": v for k, v in meta.get("val_acc", {}).items()})
 
 
+def _finished(run_dir: storage.Location, spec: dict, epochs: int) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``spec`` with at least ``epochs`` epochs."""
+    spec_loc, final = run_dir.join("spec.json"), run_dir.join("final", "meta.json")
+    if not (storage.exists(spec_loc) and storage.exists(final)):
+        return False
+    try:
+        same = json.loads(storage.read_text(spec_loc)) == json.loads(json.dumps(spec))
+        return same and json.loads(storage.read_text(final)).get("epochs_done", 0) >= epochs
+    except ValueError:
+        return False
+
+
+def supernet_done(job: JobConfig, num_classes: int) -> bool:
+    """Whether the job's supernet is trained (so the stage only reads it back)."""
+    tc = job.supernet
+    spec = _spec(job, "supernet", "noah", None, tc.lr, tc.seed, num_classes)
+    return _finished(job_root(job).join(_supernet_dir(None)), spec, tc.epochs)
+
+
+def retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str, seed: int, num_classes: int) -> bool:
+    """Whether retraining ``method`` with ``seed`` finished earlier (E2VPT with pruning: unknown, False)."""
+    if method == "e2vpt" and job.prune is not None:
+        return False
+    cfg = subnet_for(method, job, subnet)
+    lr = float(job.retrain.method_lr.get(method, job.retrain.lr))
+    spec = _spec(job, "retrain", method, cfg, lr, seed, num_classes)
+    run_id = f"{method}-seed{seed}"
+    return _finished(job_root(job).join("retrain", run_id, _fingerprint(spec)), spec, job.retrain.epochs)
+
+
 def load_supernet(job: JobConfig, run_name: str | None = None) -> PromptedViT:
     """The trained supernet of ``job`` (its backbone + the final trainable weights), in eval mode."""
     final = job_root(job).join(_supernet_dir(run_name), "final")
     if not storage.exists(final.join("meta.json")):
         raise ConfigError(f"no trained supernet at {final.uri!r}; run the supernet stage first")
-    tensors, meta = storage.load_state(final)
+    tensors, meta = storage.load_state(final, supernet_recovery(final))
     backbone = job.model.checkpoint or job_root(job).join("backbone.safetensors").uri
     model = build_model(job, None, backbone, int(meta["num_classes"]))
     model.load_trainable_state_dict(tensors)

@@ -93,7 +93,7 @@ def test_bad_config_is_one_line_and_writes_nothing(case, tmp_path, data_root, ca
     path.write_text(yaml.safe_dump(cfg))
     before_data, before = tree(data_root), tree(tmp_path)
     rc, out, err = run_cli(capsys, "pipeline", "--config", str(path))
-    assert rc == 2, (out, err)
+    assert rc == 1, (out, err)
     assert err.startswith("noah-ray: error: ") and message in err, err
     assert err.count("\n") == 1
     assert tree(tmp_path) == before and tree(data_root) == before_data
@@ -107,7 +107,7 @@ def test_missing_generated_data_is_not_an_error_but_other_data_is(tmp_path, caps
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     rc, _, err = run_cli(capsys, "supernet", "--config", str(path))
-    assert rc == 2 and "data root" in err and "does not exist" in err
+    assert rc == 1 and "data root" in err and "does not exist" in err
     from noah_ray import pipeline
     from noah_ray.config import JobConfig
 
@@ -127,7 +127,7 @@ def test_set_overrides(tmp_path, data_root, capsys):
                      ("search.generations=[1", "not valid YAML"), ("name.x=1", "'name' is not a section"),
                      ("search.generations=abc", "search.generations")):
         rc, _, err = run_cli(capsys, "search", "--config", str(path), "--set", bad)
-        assert rc == 2 and err.startswith("noah-ray: error: ") and msg in err, (bad, err)
+        assert rc == 1 and err.startswith("noah-ray: error: ") and msg in err, (bad, err)
     assert not (tmp_path / "r").exists()
 
 
@@ -135,13 +135,13 @@ def test_retrain_rejects_bad_method_and_subnet(tmp_path, data_root, capsys):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(tiny_config(data_root, str(tmp_path / "r"))))
     rc, _, err = run_cli(capsys, "retrain", "--config", str(path), "--method", "prompt")
-    assert rc == 2 and "retrain method 'prompt' unknown" in err
+    assert rc == 1 and "retrain method 'prompt' unknown" in err
     sub = tmp_path / "subnet.yaml"
     sub.write_text("widths: {vpt: [10, 10, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0]}\n")   # vpt is not in this space
     rc, _, err = run_cli(capsys, "retrain", "--config", str(path), "--subnet", str(sub))
-    assert rc == 2 and err.startswith("noah-ray: error: ") and "vpt" in err
+    assert rc == 1 and err.startswith("noah-ray: error: ") and "vpt" in err
     rc, _, err = run_cli(capsys, "retrain", "--config", str(path), "--subnet", str(tmp_path / "none.yaml"))
-    assert rc == 2 and "does not exist" in err
+    assert rc == 1 and "does not exist" in err
     assert not (tmp_path / "r").exists()
 
 
@@ -161,14 +161,14 @@ def test_results_command(tmp_path, capsys):
     rc, out, _ = run_cli(capsys, "results", job.uri, "--table", "trials")
     assert rc == 0 and "no trials rows" in out
     rc, _, err = run_cli(capsys, "results", str(tmp_path / "missing"))
-    assert rc == 2 and err.startswith("noah-ray: error: ") and "does not exist" in err
+    assert rc == 1 and err.startswith("noah-ray: error: ") and "does not exist" in err
 
 
 def test_console_script_error_is_one_line(tmp_path):
     exe = Path(sys.executable).with_name("noah-ray")
     p = subprocess.run([str(exe), "pipeline", "--config", str(tmp_path / "missing.yaml")],
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2
+    assert p.returncode == 1
     assert p.stderr == f"noah-ray: error: config file '{tmp_path / 'missing.yaml'}' does not exist; check the path\n"
 
 
@@ -208,8 +208,8 @@ def test_unreachable_s3_fails_fast_in_one_line(tmp_path, data_root, capsys):
 
     was_running = ray.is_initialized()
     rc, _, err = run_cli(capsys, "supernet", "--config", str(path))
-    assert rc == 2 and err.startswith("noah-ray: error: storage 's3://bucket/noah' (endpoint http://127.0.0.1:1) "
+    assert rc == 1 and err.startswith("noah-ray: error: storage 's3://bucket/noah' (endpoint http://127.0.0.1:1) "
                                       "is not writable") and err.count("\n") == 1
     assert ray.is_initialized() == was_running               # failed before starting Ray
     rc, _, err = run_cli(capsys, "results", "s3://bucket/noah", "--endpoint", "http://127.0.0.1:1")
-    assert rc == 2 and err.startswith("noah-ray: error: cannot read 's3://bucket/noah'") and err.count("\n") == 1
+    assert rc == 1 and err.startswith("noah-ray: error: cannot read 's3://bucket/noah'") and err.count("\n") == 1

@@ -41,7 +41,7 @@ def test_entrypoints_help_and_errors(tmp_path):
     bad.write_text("name: x\nstorage: ftp://h/x\n")
     p = subprocess.run([PY, "-m", "jobs.pipeline", "--config", str(bad)], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
-    assert p.returncode == 2
+    assert p.returncode == 1
     assert p.stderr.startswith("python -m jobs.pipeline: error: storage URI 'ftp://h/x'") and p.stderr.count("\n") == 1
 
 
@@ -72,7 +72,7 @@ def test_vtab_job_without_data_fails_up_front(tmp_path):
     p = subprocess.run([PY, "-m", "jobs.pipeline", "--config", "jobs/configs/vtab_cifar100.yaml",
                         "--set", f"storage={tmp_path / 'r'}"], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
-    assert p.returncode == 2 and "model.checkpoint './checkpoints/ViT-B_16.npz' does not exist" in p.stderr
+    assert p.returncode == 1 and "model.checkpoint './checkpoints/ViT-B_16.npz' does not exist" in p.stderr
     assert not (tmp_path / "r").exists()
 
 

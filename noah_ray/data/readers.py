@@ -80,7 +80,7 @@ def _stage_from_s3(root_uri: str, name: str, tried: list[str], endpoint: str | N
         for info in infos:
             if info.type != pafs.FileType.File:
                 continue
-            dst = local / posixpath.relpath(info.path, found.path)
+            dst = local / _cache_relpath(info.path, found.path, found.uri)
             if not (dst.is_file() and dst.stat().st_size == info.size):
                 todo.append((info.path, dst))
 
@@ -95,6 +95,16 @@ def _stage_from_s3(root_uri: str, name: str, tried: list[str], endpoint: str | N
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(fetch, todo))
     return local
+
+
+def _cache_relpath(key: str, prefix: str, uri: str) -> str:
+    """The object's path below the dataset prefix, refused when it could leave the cache folder."""
+    rel = key[len(prefix):].lstrip("/") if key.startswith(prefix) else key
+    parts = rel.split("/")
+    if not rel or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
+        raise ConfigError(f"object {key!r} under {uri!r} has a '.', '..' or empty path segment and is not "
+                          f"copied (it would land outside the data cache); rename or delete it")
+    return rel
 
 
 # ------------------------------------------------------------------ list files
