@@ -120,9 +120,12 @@ def _torch_state(data: bytes, uri: str) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
-            raise ConfigError(f"{uri!r} holds Python objects besides tensors and is not loaded for safety; "
-                              f"re-save it with torch.save(model.state_dict(), ...) or as .safetensors") from None
+        msg = str(e)
+        if "Unsupported global" in msg or ("Weights only load failed" in msg and "Unsupported operand" not in msg):
+            raise ConfigError(f"{uri!r} was refused for safety: it holds Python objects besides tensors, and "
+                              f"unpickling them could run code; convert it once where you trust it, e.g. "
+                              f"torch.save(torch.load(f, weights_only=False).state_dict(), 'weights.pth') or as "
+                              f".safetensors") from None
         raise ConfigError(f"{uri!r} is not a torch checkpoint ({type(e).__name__}); "
                           f"use .npz, .pth/.bin or .safetensors") from None
     except Exception as e:  # noqa: BLE001 - any other unpickling problem is a bad file

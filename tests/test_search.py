@@ -398,13 +398,29 @@ def broken_loader(job):
 
 
 @pytest.mark.slow
-def test_search_stops_with_the_cause_when_every_evaluation_fails(ray_session, tmp_path, tiny):
-    root, _ = tiny
-    job = tiny_job(root, str(tmp_path / "store"), trial_retries=0)
-    with pytest.raises(RuntimeError, match=r"first 3 candidate evaluations failed \(.*supernet file is broken"):
+def test_search_stops_with_the_cause_and_a_rerun_retries_the_failed(ray_session, tmp_path, tiny):
+    """A ConfigError while loading the supernet cannot succeed on retry: the search stops after one
+    attempt per running candidate, is not finished and writes no winner; once the cause is fixed,
+    running it again retries the failed candidates (the trials table keeps the failed attempts)."""
+    from noah_ray.space import RunError
+
+    root, state = tiny
+    job = tiny_job(root, str(tmp_path / "store"), generations=1)
+    with pytest.raises(RunError, match=r"no retry can fix \(first error: supernet file is broken\); fix the cause"):
         run_search(job, loader=broken_loader, val_data=val_data)
-    state = json.loads((tmp_path / "store" / "tiny" / "search" / "state" / "evolution-seed0.json").read_text())
-    assert sum(c["status"] == FAILED for c in state["engine"]["candidates"]) >= 3
+    base = tmp_path / "store" / "tiny" / "search"
+    saved = json.loads((base / "state" / "evolution-seed0.json").read_text())
+    failed = [c for c in saved["engine"]["candidates"] if c["status"] == FAILED]
+    assert saved["aborted"] and 1 <= len(failed) <= 2 and failed[0]["info"]["error"] == "supernet file is broken"
+    assert not (base / "best_subnet.yaml").exists()
+    loader = functools.partial(load_supernet_state, uri=save_supernet(job, state))
+    again = run_search(job, loader=loader, val_data=val_data)
+    assert again.finished and again.evaluated == 4 and again.failed == 0 and (base / "best_subnet.yaml").is_file()
+    trials = storage.read_table(storage.resolve(job.storage).join("tiny", "search"), "trials").to_pandas()
+    assert (trials.status == DONE).sum() == 4
+    old = trials[trials.status == FAILED]
+    assert len(old) == len(failed) and (old.error == "supernet file is broken").all() and (old.attempt == 0).all()
+    assert set(old.trial_id) <= set(trials[trials.status == DONE].trial_id)
 
 
 TUNE_RESTORE_SCRIPT = '''

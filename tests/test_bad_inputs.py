@@ -1,0 +1,287 @@
+"""The bad-input table: one CLI command per case on a job broken in one way.
+
+Each case asserts exit code 1, exactly one stderr line (no traceback) naming the bad value, no
+secret echoed, Ray never started, and every file that existed before (config, data, earlier
+results) unchanged by checksum.  Everything fails before Ray, so the table stays fast."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+
+from noah_ray import cli, pipeline, storage
+
+SECRET = "SECRETXX0wQ"
+
+
+@dataclass
+class World:
+    root: Path
+    data: Path
+    store: Path
+    cfg: dict
+    config: Path
+    backbone: bytes = b""
+
+    @property
+    def job(self) -> storage.Location:
+        return storage.resolve(str(self.store)).join("tiny")
+
+    def ds(self, name: str) -> Path:
+        return self.data / "gen_color" / name
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    from noah_ray.data import write_generated_vtab
+
+    root = tmp_path_factory.mktemp("bad-inputs-data")
+    write_generated_vtab(root, "gen_color", num_train=8, num_val=4, num_test=4)
+    return root
+
+
+@pytest.fixture(scope="module")
+def backbone_bytes() -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    from noah_ray.backbones import create_backbone
+
+    torch.manual_seed(0)
+    return save(create_backbone("vit_noah_tiny_patch4_32", 4).state_dict())
+
+
+def base_cfg(world: World) -> dict:
+    return {
+        "name": "tiny", "storage": str(world.store),
+        "data": {"root": str(world.data), "dataset": "gen_color", "batch_size": 8, "num_workers": 0},
+        "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
+        "space": {"num_layers": 12, "modules": {"lora": {"widths": [1, 2]}, "adapter": {"widths": [1, 2]}}},
+        "supernet": {"epochs": 1},
+        "search": {"generations": 1, "population": 4, "top_k": 2, "mutations": 1, "crossovers": 1,
+                   "param_limit": 0.01},
+        "retrain": {"epochs": 1}}
+
+
+# ------------------------------------------------------------------ case helpers
+def edit_line(path: Path, index: int, fn: Callable[[str], str]) -> None:
+    lines = path.read_text().splitlines()
+    lines[index] = fn(lines[index])
+    path.write_text("\n".join(lines) + "\n")
+
+
+def first_image(world: World, split: str) -> Path:
+    return world.ds("") / world.ds(f"{split}.txt").read_text().split()[0]
+
+
+def supernet_final(world: World, truncate: bool = False) -> None:
+    import torch
+
+    final = world.job.join("supernet", "final")
+    storage.save_state(final, {"w": torch.zeros(64)}, {"epochs_done": 1, "num_classes": 4})
+    if truncate:
+        p = Path(final.join("model.safetensors").path)
+        p.write_bytes(p.read_bytes()[:-100])
+
+
+def checkpoint(world: World, name: str, data: bytes) -> None:
+    path = world.root / name
+    path.write_bytes(data)
+    world.cfg["model"]["checkpoint"] = str(path)
+
+
+def wrong_shape_checkpoint(world: World) -> None:
+    from safetensors.torch import save
+
+    from noah_ray.backbones import create_backbone
+
+    checkpoint(world, "small.safetensors", save(create_backbone("vit_noah_tiny_patch4_32", 4, embed_dim=24).state_dict()))
+
+
+def pickled_checkpoint(world: World) -> None:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(torch.nn.Linear(2, 2), buf)
+    checkpoint(world, "model.pth", buf.getvalue())
+
+
+def npz_checkpoint(world: World) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, weights=np.zeros(3, dtype=np.float32))
+    checkpoint(world, "ViT-B_16.npz", buf.getvalue())
+
+
+def live_lease(world: World) -> None:
+    now = time.time()
+    storage.write_text(world.job.join("lease.json"), json.dumps(
+        {"token": "x", "host": "other-host", "pid": 4242, "since": now - 60, "renewed": now}))
+
+
+def section(key: str, value) -> Callable[[World], None]:
+    """Set ``a.b.c`` in the config to ``value``."""
+    def mutate(world: World) -> None:
+        *parents, last = key.split(".")
+        node = world.cfg
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return mutate
+
+
+def raw(text: str) -> Callable[[World], None]:
+    def mutate(world: World) -> None:
+        world.cfg = None
+        world.config.write_text(text)
+    return mutate
+
+
+def noah_subnet(world: World) -> None:
+    bad = world.root / "ViT-B_prompt_cifar.yaml"
+    bad.write_text("RETRAIN:\n  VISUAL_PROMPT_DIM: [10, 10\n  LORA_DIM: ]\n")
+    world.cfg["retrain"]["subnet"] = str(bad)
+
+
+def foreign_subnet(world: World) -> None:
+    path = world.root / "s.yaml"
+    path.write_text("widths: {vpt: [10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]}\n")
+    world.cfg["retrain"]["subnet"] = str(path)
+
+
+def state_json(world: World) -> None:
+    supernet_final(world)
+    storage.write_text(world.job.join("search", "state", "evolution-seed0.json"), '{"engine": {"candidates": [')
+
+
+# name: (mutate, command and extra args, text the one line must contain)
+CASES: dict[str, tuple[Callable[[World], None], tuple[str, ...], str]] = {
+    # ---------------------------------------------------------------- malformed configs
+    "num_layers is a word": (section("space.num_layers", "twelve"), ("pipeline",), "space.num_layers: 'twelve'"),
+    "widths is a number": (section("space.modules", {"lora": {"widths": 5}}), ("pipeline",),
+                           "space.modules.lora.widths: 5"),
+    "widths is a string": (section("space.modules", {"lora": {"widths": "abc"}}), ("pipeline",),
+                           "space.modules.lora.widths: 'abc'"),
+    "modules is a list": (section("space.modules", ["vpt"]), ("pipeline",), "space.modules"),
+    "module spec is a number": (section("space.modules", {"vpt": 5}), ("pipeline",), "space.modules.vpt: 5"),
+    "top level is a list": (raw("- name: x\n- storage: y\n"), ("pipeline",), "top level must be a mapping"),
+    "top level is a string": (raw("just words\n"), ("pipeline",), "got a str"),
+    "YAML does not parse": (raw("name: [x\n"), ("pipeline",), "cannot parse"),
+    "unknown section": (section("trainer", {"epochs": 1}), ("pipeline",), "unknown section 'trainer'"),
+    "unknown key": (section("search.generation", 3), ("pipeline",), "unknown key 'generation'"),
+    "generations is a word": (section("search.generations", "abc"), ("pipeline",), "search.generations: 'abc'"),
+    "population zero": (section("search.population", 0), ("pipeline",), "population: 0"),
+    "unknown algorithm": (section("search.algorithm", "bayes"), ("search",), "'bayes'"),
+    "unknown data format": (section("data.format", "tfrecord"), ("pipeline",), "'tfrecord'"),
+    "negative batch": (section("data.batch_size", -8), ("pipeline",), "batch_size: -8"),
+    "unknown precision": (section("model.precision", "fp8"), ("pipeline",), "'fp8'"),
+    "drop path out of range": (section("model.drop_path_rate", 1.5), ("pipeline",), "drop_path_rate: 1.5"),
+    "retrain is a list": (section("retrain", [1]), ("pipeline",), "retrain: expected a mapping"),
+    "unknown timm model": (section("model.name", "vit_nope"), ("pipeline",), "'vit_nope'"),
+    "unknown dataset": (section("data.dataset", "cifar1000"), ("pipeline",), "'cifar1000'"),
+    "batch does not split": (section("supernet.num_workers", 3), ("supernet",), "supernet.num_workers 3"),
+    "limit below the space": (section("search.param_limit", 1e-6), ("search",), "param_limit 1e-06"),
+    "unknown baseline": (section("retrain.baselines", ["prefix"]), ("pipeline",), "'prefix'"),
+    # ---------------------------------------------------------------- names and URIs
+    "name ..": (section("name", ".."), ("pipeline",), "name: '..'"),
+    "name .": (section("name", "."), ("pipeline",), "name: '.'"),
+    "name ...": (section("name", "..."), ("pipeline",), "name: '...'"),
+    "name with a slash": (section("name", "a/../b"), ("pipeline",), "name: 'a/../b'"),
+    "credentials in the storage URI": (section("storage", f"s3://AKIAXX:{SECRET}@bucket/noah"), ("pipeline",),
+                                       "s3://***@bucket/noah"),
+    "credentials in the endpoint": (lambda w: w.cfg.update(storage="s3://bucket/noah",
+                                                           storage_endpoint=f"http://AK:{SECRET}@127.0.0.1:9"),
+                                    ("pipeline",), "http://***@127.0.0.1:9"),
+    "credentials in the checkpoint URI": (section("model.checkpoint", f"s3://AK:{SECRET}@bucket/ViT-B_16.npz"),
+                                          ("pipeline",), "s3://***@bucket/ViT-B_16.npz"),
+    "unsupported scheme": (section("storage", "ftp://host/noah"), ("pipeline",), "'ftp'"),
+    "unknown method": (lambda w: None, ("retrain", "--method", "../x"), "retrain method '../x' unknown"),
+    # ---------------------------------------------------------------- --set
+    "--set without =": (lambda w: None, ("search", "--set", "search.generations"), "search.generations"),
+    "--set bad YAML": (lambda w: None, ("search", "--set", "search.generations=[1"), "search.generations=[1"),
+    "--set into a value": (lambda w: None, ("search", "--set", "name.x=1"), "'name' is not a section"),
+    # ---------------------------------------------------------------- subnet files
+    "NOAH subnet does not parse": (noah_subnet, ("retrain",), "ViT-B_prompt_cifar.yaml"),
+    "subnet file missing": (lambda w: None, ("retrain", "--subnet", "/nonexistent/subnet.yaml"),
+                            "/nonexistent/subnet.yaml"),
+    "subnet outside the space": (foreign_subnet, ("retrain",), "'vpt'"),
+    # ---------------------------------------------------------------- data
+    "test label out of range": (lambda w: edit_line(w.ds("test.txt"), 0, lambda ln: ln.rsplit(" ", 1)[0] + " 9"),
+                                ("retrain", "--method", "linear"), "label 9 is out of range 0..3"),
+    "train label not a number": (lambda w: edit_line(w.ds("train800.txt"), 1, lambda ln: ln.rsplit(" ", 1)[0] + " x"),
+                                 ("supernet",), "label 'x'"),
+    "val line without label": (lambda w: edit_line(w.ds("val200.txt"), 0, lambda ln: "lonely.png"),
+                               ("search",), "'lonely.png'"),
+    "corrupt train image": (lambda w: first_image(w, "train800").write_bytes(b"not an image"), ("supernet",),
+                            "images/train"),
+    "corrupt test image": (lambda w: first_image(w, "test").write_bytes(b"\x89PNG broken"),
+                           ("retrain", "--method", "linear"), "images/test"),
+    "missing val image": (lambda w: first_image(w, "val200").unlink(), ("search",), "does not exist"),
+    "missing test split": (lambda w: w.ds("test.txt").unlink(), ("retrain", "--method", "linear"), "test.txt"),
+    # ---------------------------------------------------------------- checkpoints
+    "checkpoint of another size": (wrong_shape_checkpoint, ("supernet",), "has shape (24,"),
+    "truncated checkpoint": (lambda w: checkpoint(w, "cut.safetensors", w.backbone[: len(w.backbone) // 2]),
+                             ("supernet",), "cut.safetensors"),
+    "pickled checkpoint": (pickled_checkpoint, ("supernet",), "refused for safety"),
+    "checkpoint of random bytes": (lambda w: checkpoint(w, "noise.pth", bytes(range(256)) * 4), ("supernet",),
+                                   "noise.pth"),
+    "npz that is not a ViT": (npz_checkpoint, ("supernet",), "has no 'embedding/kernel'"),
+    # ---------------------------------------------------------------- earlier stages
+    "search before the supernet": (lambda w: None, ("search",), "no trained supernet"),
+    "truncated supernet weights": (lambda w: supernet_final(w, truncate=True), ("search",),
+                                   "supernet/final/model.safetensors is truncated"),
+    "truncated search state": (state_json, ("search",), "evolution-seed0.json is truncated"),
+    "retrain before any search": (lambda w: None, ("retrain",), "no search winner"),
+    # ---------------------------------------------------------------- one run per job
+    "job already running": (live_lease, ("supernet",), "already running: host other-host, pid 4242"),
+}
+
+
+def checksums(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_before_ray_and_changes_nothing(case, tmp_path, template, backbone_bytes,
+                                                              monkeypatch, capsys):
+    import ray
+
+    mutate, argv, needle = CASES[case]
+    shutil.copytree(template, tmp_path / "data")
+    world = World(tmp_path, tmp_path / "data", tmp_path / "store", {}, tmp_path / "job.yaml", backbone_bytes)
+    world.cfg = base_cfg(world)
+    storage.append_table(storage.resolve(str(world.store)).join("earlier", "retrain"), "runs",
+                         pa.Table.from_pylist([{"run_id": "noah-seed0", "job": "earlier", "test_acc": 71.5}]))
+    mutate(world)
+    if world.cfg is not None:
+        world.config.write_text(yaml.safe_dump(world.cfg))
+    started: list = []
+    monkeypatch.setattr(pipeline, "init_ray", lambda *a, **k: started.append(a))
+    was_running = ray.is_initialized()
+    before = checksums(tmp_path)
+    rc = cli.main([argv[0], "--config", str(world.config), *argv[1:]])
+    out, err = capsys.readouterr()
+    assert rc == 1, (out, err)
+    assert err.count("\n") == 1 and err.startswith("noah-ray: error: ") and "Traceback" not in err, err
+    assert needle in err, err
+    assert SECRET not in err + out
+    assert started == [] and ray.is_initialized() == was_running
+    assert checksums(tmp_path) == before
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 40
