@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import yaml
 
 from noah_ray.security import safe_name
-from noah_ray.space import ConfigError, SearchSpace
+from noah_ray.space import ConfigError, SearchSpace, yaml_problem
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -312,8 +312,12 @@ class JobConfig:
             raise ConfigError(f"config file {str(p)!r} does not exist; check the path")
         try:
             data = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
+        except json.JSONDecodeError as e:
             raise ConfigError(f"{p}: cannot parse ({str(e).splitlines()[0]}); fix the file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: cannot parse ({yaml_problem(e)}); fix the file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a text (UTF-8) file; give a YAML or JSON job config") from None
         return cls.from_dict(data, where=str(p))
 
     def to_dict(self) -> dict[str, Any]:

@@ -43,6 +43,14 @@ class RunError(RuntimeError):
     names the first error, and running the same command again after fixing it resumes."""
 
 
+def yaml_problem(e: Exception) -> str:
+    """A YAML parse error in a few words: what and where (line, column)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def _is_noah_file(text: str) -> bool:
     """Whether YAML ``text`` is an original NOAH subnet file (a mapping with a RETRAIN block)."""
     try:
@@ -228,7 +236,7 @@ class SubnetConfig:
         try:
             return cls.from_dict(yaml.safe_load(text))
         except yaml.YAMLError as e:
-            raise ConfigError(f"subnet config is not valid YAML ({e}); fix the file") from None
+            raise ConfigError(f"subnet config is not valid YAML ({yaml_problem(e)}); fix the file") from None
 
     def save(self, path: str | Path) -> None:
         p = Path(path)
@@ -244,12 +252,19 @@ class SubnetConfig:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"subnet config file {str(p)!r} does not exist; check the path")
-        text = p.read_text()
-        if p.suffix == ".json":
-            return cls.from_json(text)
-        if "RETRAIN" in text and _is_noah_file(text):
-            return cls.from_noah_yaml(p)
-        return cls.from_yaml(text)
+        try:
+            text = p.read_text()
+            if p.suffix == ".json":
+                return cls.from_json(text)
+            if "RETRAIN" in text and _is_noah_file(text):
+                return cls.from_noah_yaml(p)
+            return cls.from_yaml(text)
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a text (UTF-8) file; give a subnet YAML / JSON file") from None
+        except ConfigError as e:
+            if str(p) in str(e):
+                raise
+            raise ConfigError(f"{p}: {e}") from None
 
     @classmethod
     def from_noah_yaml(cls, path: str | Path) -> "SubnetConfig":
@@ -267,7 +282,7 @@ class SubnetConfig:
         except UnicodeDecodeError:
             raise ConfigError(f"{p}: not a text (UTF-8) file; give a NOAH subnet YAML file") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+            raise ConfigError(f"{p}: not valid YAML ({yaml_problem(e)}); fix the file") from None
         if not isinstance(data, Mapping) or not isinstance(data.get("RETRAIN"), Mapping):
             raise ConfigError(f"{p}: no RETRAIN block; a NOAH subnet file lists per-layer widths under RETRAIN")
         retrain = data["RETRAIN"]
