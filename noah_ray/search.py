@@ -168,7 +168,8 @@ class NoahSearcher(Searcher):
 
     def first_error(self) -> str | None:
         """The error of the earliest failed candidate of this attempt, if one was recorded."""
-        failed = [c for c in self.engine.candidates.values() if c.status == FAILED and isinstance(c.info.get("error"), str)]
+        failed = [c for c in self.engine.candidates.values()
+                  if c.status == FAILED and isinstance(c.info.get("error"), str)]
         return min(failed, key=lambda c: (c.info.get("t", 0.0), c.cid)).info["error"] if failed else None
 
     def save(self, checkpoint_path: str) -> None:
@@ -295,8 +296,9 @@ class SearchStore:
         try:
             return json.loads(storage.read_text(loc))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"search state {loc.uri} is truncated or corrupt ({type(e).__name__}); restore it from "
-                              f"a backup, or delete it to start search run {self.run_id!r} again from scratch") from None
+            raise ConfigError(f"search state {loc.uri} is truncated or corrupt ({type(e).__name__}); restore it "
+                              f"from a backup, or delete it to start search run {self.run_id!r} again from "
+                              f"scratch") from None
 
     def save_state(self, state: dict) -> None:
         storage.write_text(self.state_loc, json.dumps(state))

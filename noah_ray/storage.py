@@ -43,7 +43,8 @@ TABLES: dict[str, pa.Schema] = {
         ("generation", pa.int32()), ("origin", pa.string()), ("parent_ids", pa.list_(pa.string())),
         ("status", pa.string()), ("wall_time_s", pa.float64()), ("worker", pa.string()),
         ("timestamp", pa.timestamp("ms", tz="UTC")),
-        ("attempt", pa.int32()), ("error", pa.string()),     # every attempt of a candidate, failed ones with their error
+        # one row per attempt of a candidate: failed attempts keep their error
+        ("attempt", pa.int32()), ("error", pa.string()),
     ]),
     # one row per generation of a search
     "generations": pa.schema([

@@ -65,6 +65,7 @@ BASELINE_WIDTHS: dict[str, dict[str, int]] = {
     "linear": {}, "full": {}, "vpt": {"vpt": 10}, "adapter": {"adapter": 8}, "lora": {"lora": 8},
     "e2vpt": {"vpt": 5, "kv_prompt": 5}}
 SUPERNET_RUN = "supernet"
+ERROR_FILE = "error.json"                 # a worker's non-retryable error, for the driver
 BACKBONE_SEED = 0
 
 
@@ -171,7 +172,26 @@ def _fmt_s(s: float) -> str:
 
 # ----------------------------------------------------------------------------- the worker loop
 def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker; ``config`` holds plain data only (never credentials)."""
+    """Runs on every Ray Train worker; ``config`` holds plain data only (never credentials).
+
+    A :class:`ConfigError` (a bad image, a bad file: every retry would fail the same way) is
+    written to ``<run>/error.json``, which the driver turns into one line.  With one worker it is
+    not raised (Ray Train would restart the worker ``max_failures`` times); with several it is
+    (the others may wait in a collective), and each restarted attempt ends at once on the file."""
+    import ray.train
+
+    marker = job_root(JobConfig.from_dict(config["job"])).join(config["run_dir"], ERROR_FILE)
+    try:
+        if storage.exists(marker):
+            raise ConfigError(json.loads(storage.read_text(marker))["error"])
+        _train_loop(config)
+    except ConfigError as e:
+        storage.write_text(marker, json.dumps({"error": str(e)}))
+        if ray.train.get_context().get_world_size() > 1:
+            raise
+
+
+def _train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from torch.utils.data import DataLoader, DistributedSampler
@@ -439,11 +459,16 @@ def _fit(job: JobConfig, stage: str, run_id: str, run_dir: str, *, method: str, 
         run_config=RunConfig(name=run_dir.rsplit("/", 1)[-1], storage_path=parent, storage_filesystem=loc.fs,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints)))
+    error = loc.join(ERROR_FILE)
+    if storage.exists(error):                    # left by an earlier attempt whose cause may be fixed now
+        loc.fs.delete_file(error.path)
     try:
         trainer.fit()
     except TrainingFailedError as e:
         _raise_config_error(e)
         raise
+    if storage.exists(error):
+        raise ConfigError(json.loads(storage.read_text(error))["error"])
     return json.loads(storage.read_text(final))
 
 

@@ -105,7 +105,8 @@ def wrong_shape_checkpoint(world: World) -> None:
 
     from noah_ray.backbones import create_backbone
 
-    checkpoint(world, "small.safetensors", save(create_backbone("vit_noah_tiny_patch4_32", 4, embed_dim=24).state_dict()))
+    small = create_backbone("vit_noah_tiny_patch4_32", 4, embed_dim=24)
+    checkpoint(world, "small.safetensors", save(small.state_dict()))
 
 
 def pickled_checkpoint(world: World) -> None:

@@ -268,7 +268,8 @@ def test_finished_stages_answer_from_storage_without_starting_ray(tmp_path, monk
     rc = cli.main(["search", "--config", str(path)])
     out, err = capsys.readouterr()
     assert rc == 0 and started == [], (out, err)
-    assert re.search(r"search: best val \d+\.\d\d% .*\(4 candidates scored\)", out) and (tmp_path / "store" / "done" / "search" / "best_subnet.yaml").is_file()
+    assert re.search(r"search: best val \d+\.\d\d% .*\(4 candidates scored\)", out)
+    assert (tmp_path / "store" / "done" / "search" / "best_subnet.yaml").is_file()
     rc = cli.main(["supernet", "--config", str(path)])
     out, err = capsys.readouterr()
     assert rc == 0 and started == [] and "finished earlier" in out, (out, err)
@@ -335,3 +336,33 @@ def test_search_with_data_and_storage_on_s3_writes_no_secret(ray_session, s3_buc
     for k in keys:
         body = client.get_object(Bucket=bucket, Key=k)["Body"].read()
         assert not any(n in body for n in needles), k
+
+
+# ------------------------------------------------------------------ 6. non-retryable errors in workers
+@pytest.mark.slow
+def test_a_corrupt_image_found_in_a_worker_ends_after_one_attempt(ray_session, tmp_path, capsys):
+    """An image whose header reads but whose pixels do not passes the preflight; the worker's
+    ConfigError is not retried (max_failures 2) and ends the command with one line."""
+    import ray
+    import yaml
+
+    from noah_ray import cli
+    from noah_ray.data import write_generated_vtab
+
+    write_generated_vtab(tmp_path / "data", "gen_color", num_train=8, num_val=4, num_test=4)
+    ds = tmp_path / "data" / "gen_color"
+    bad = ds / (ds / "train800.txt").read_text().split()[0]
+    bad.write_bytes(bad.read_bytes()[:100])
+    cfg = {"name": "corrupt", "storage": str(tmp_path / "store"),
+           "data": {"root": str(tmp_path / "data"), "dataset": "gen_color", "batch_size": 8, "num_workers": 0},
+           "model": {"name": "vit_noah_tiny_patch4_32"},
+           "space": {"num_layers": 12, "modules": {"lora": {"depths": [3], "widths": [1]}}},
+           "supernet": {"epochs": 1, "max_failures": 2, "eval_random_subnets": 0}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc = cli.main(["supernet", "--config", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and str(bad) in err and "skip_corrupt" in err, err
+    logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
+    raised = [str(p) for p in logs.rglob("*") if p.is_file() and str(bad).encode() in p.read_bytes()]
+    assert raised == []          # no worker raised it, so Ray Train had nothing to retry
