@@ -204,7 +204,7 @@ def import_noah_command(args: Any) -> int:
         for r, name in zip(rows, names):
             storage.write_text(out.join(name), r.subnet.to_yaml())
         print(f"wrote {len(rows)} subnet config(s) to {out.uri}", file=sys.stderr)
-    return 2 if failed else 0
+    return 1 if failed else 0
 
 
 # ============================================================================ artifacts

@@ -158,8 +158,8 @@ def test_malformed_noah_files_give_one_line_errors(tmp_path: Path, capsys, varia
         import_noah(p)
     msg = str(e.value)
     assert needle in msg and "\n" not in msg and p.name in msg
-    # the CLI reports the same single line and exits 2
-    assert main(["import-noah", str(p)]) == 2
+    # the CLI reports the same single line and exits 1
+    assert main(["import-noah", str(p)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("noah-ray: error:") and needle in err and len(err.splitlines()) == 1
 
@@ -168,7 +168,7 @@ def test_cli_import_prints_counts_and_writes_configs(tmp_path: Path, capsys) -> 
     good = _noah_file(tmp_path)
     bad = _noah_file(tmp_path, name="ViT-B_prompt_dtd.yaml", PREFIX_DIM=[1] * 12)
     out = tmp_path / "converted"
-    assert main(["import-noah", str(good), str(bad), "--out", str(out)]) == 2  # one bad file -> exit 2
+    assert main(["import-noah", str(good), str(bad), "--out", str(out)]) == 1  # one bad file -> exit 1
     cap = capsys.readouterr()
     r = import_noah(good)
     assert f"{r.count.total:,}" in cap.out and f"{r.count.head:,}" in cap.out and f"{r.count.modules:,}" in cap.out
@@ -349,7 +349,7 @@ def test_cli_export_from_artifact_and_job_run(tmp_path: Path, backbone_file: str
     torch.testing.assert_close(logits(again), logits(model), rtol=0, atol=1e-5)
     assert main(["export", str(tmp_path / "art"), "--out", str(tmp_path / "art3")]) == 0  # merged qkv kept
     torch.testing.assert_close(logits(load_subnet(str(tmp_path / "art3"))), logits(model), rtol=0, atol=1e-5)
-    assert main(["export", str(tmp_path / "art"), "--peft", str(tmp_path / "p2")]) == 2
+    assert main(["export", str(tmp_path / "art"), "--peft", str(tmp_path / "p2")]) == 1
     assert "merged" in capsys.readouterr().err
-    assert main(["export", str(tmp_path / "job.yaml"), "--run", "noah-seed9", "--out", str(tmp_path / "x")]) == 2
+    assert main(["export", str(tmp_path / "job.yaml"), "--run", "noah-seed9", "--out", str(tmp_path / "x")]) == 1
     assert "no finished retrain run" in capsys.readouterr().err
