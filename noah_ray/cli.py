@@ -260,8 +260,6 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     debug = getattr(args, "debug", False) or os.environ.get("NOAH_RAY_DEBUG") == "1"
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        raise
     except Exception as e:  # noqa: BLE001 - every error ends as one line (the traceback with --debug)
         if debug:
             raise

@@ -119,7 +119,10 @@ def _stage_done(stage: str, job: JobConfig, num_classes: int) -> bool:
     from noah_ray.pipeline import retrain_subnet
 
     methods = tuple(dict.fromkeys((job.retrain.method, *job.retrain.baselines)))
-    subnet = retrain_subnet(job) if "noah" in methods else None
+    try:
+        subnet = retrain_subnet(job) if "noah" in methods else None
+    except ConfigError:                  # e.g. the winner file is not written yet: the search stage writes it
+        return False
     return all(train.retrain_done(job, subnet if m == "noah" else None, m, seed, num_classes)
                for m in methods for seed in job.retrain.seeds)
 

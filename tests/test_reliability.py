@@ -366,3 +366,18 @@ def test_a_corrupt_image_found_in_a_worker_ends_after_one_attempt(ray_session, t
     logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
     raised = [str(p) for p in logs.rglob("*") if p.is_file() and str(bad).encode() in p.read_bytes()]
     assert raised == []          # no worker raised it, so Ray Train had nothing to retry
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    from noah_ray import cli
+
+    missing = str(tmp_path / "missing.yaml")
+    assert cli.main(["pipeline", "--config", missing]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="does not exist"):
+        cli.main(["--debug", "pipeline", "--config", missing])
+    with pytest.raises(ConfigError, match="does not exist"):
+        cli.stage_main("search", ["--config", missing, "--debug"])
+    monkeypatch.setenv("NOAH_RAY_DEBUG", "1")
+    with pytest.raises(ConfigError, match="does not exist"):
+        cli.main(["supernet", "--config", missing])

@@ -204,6 +204,6 @@ def test_bad_storage_or_job_fails_before_training(ray_session, data_root, tmp_pa
         load_supernet(make_job(data_root, str(tmp_path), "bad"))
     with pytest.raises(ConfigError, match="no trained supernet at .*/bad/supernet/named/other/final"):
         load_supernet(make_job(data_root, str(tmp_path), "bad"), run_name="other")
-    with pytest.raises(ConfigError, match="run name 'a/b' must be"):
+    with pytest.raises(ConfigError, match="run name: 'a/b' must be"):
         train_supernet(make_job(data_root, str(tmp_path), "bad"), run_name="a/b")
     assert not (tmp_path / "bad").exists()  # nothing was written
