@@ -19,7 +19,7 @@ import ray.cloudpickle
 
 from noah_ray import lease, security, storage
 from noah_ray.config import JobConfig
-from noah_ray.evolution import DONE, FAILED, QUEUED, EvolutionEngine, ParamLimit, TargetObjective
+from noah_ray.evolution import DONE, FAILED, QUEUED, ParamLimit, TargetObjective
 from noah_ray.search import EvolutionSearcher, SearchStore, _finish, _settings
 from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, RunError, SearchSpace, SubnetConfig
 
