@@ -607,7 +607,8 @@ class _ErrorNotes(tune.Callback):
         self.searcher = searcher
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        err = trial.get_error()
+        local = trial.error_file                  # written by Tune just now; storage gets it later
+        err = open(local).read() if local and os.path.exists(local) else trial.get_error()
         self.searcher.note_error(trial.config.get("candidate_id"), _last_line(err) if err else "trial crashed")
 
 

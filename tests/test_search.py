@@ -423,6 +423,27 @@ def test_search_stops_with_the_cause_and_a_rerun_retries_the_failed(ray_session,
     assert set(old.trial_id) <= set(trials[trials.status == DONE].trial_id)
 
 
+def unreachable_loader(job):
+    raise RuntimeError("data endpoint unreachable")
+
+
+@pytest.mark.slow
+def test_crashed_evaluations_keep_their_error_and_abort_the_search(ray_session, tmp_path, tiny):
+    """Evaluations that crash (a retryable error, passed through Tune's error path) are counted,
+    keep their error text, and three in a row stop the search as aborted (no winner)."""
+    from noah_ray.space import RunError
+
+    root, _ = tiny
+    job = tiny_job(root, str(tmp_path / "store"), generations=1, trial_retries=0)
+    with pytest.raises(RunError, match=r"first 3 candidate evaluations failed \(first error: .*data endpoint unreachable"):
+        run_search(job, loader=unreachable_loader, val_data=val_data)
+    base = tmp_path / "store" / "tiny" / "search"
+    saved = json.loads((base / "state" / "evolution-seed0.json").read_text())
+    errors = [c["info"].get("error") for c in saved["engine"]["candidates"] if c["status"] == FAILED]
+    assert saved["aborted"] and len(errors) >= 3 and all("data endpoint unreachable" in e for e in errors), errors
+    assert not (base / "best_subnet.yaml").exists()
+
+
 TUNE_RESTORE_SCRIPT = '''
 import json, os, sys
 import ray
