@@ -213,9 +213,14 @@ def _retrain_default() -> TrainConfig:
     return TrainConfig(epochs=100, lr=1e-3)
 
 
+#: search algorithms (``noah_ray.search.SEARCHERS``): evolution is NOAH's generational search,
+#: aging the asynchronous (barrier-free) regularized evolution
+SEARCH_ALGORITHMS: tuple[str, ...] = ("evolution", "aging", "random", "optuna")
+
+
 @dataclass
 class SearchConfig:
-    algorithm: str = "evolution"          # evolution | random | optuna
+    algorithm: str = "evolution"          # evolution | aging | random | optuna
     generations: int = 20
     population: int = 50
     top_k: int = 10
@@ -234,14 +239,19 @@ class SearchConfig:
     cache_val: bool = True                # evaluation actors keep the decoded val batches in memory (val200 at 224px: ~120 MB)
     hold_actors: bool = True              # while a generation's last candidates run, idle actors get short placeholder
                                           # trials, so Tune keeps them (and their loaded supernet) for the next generation
+    tournament: int = 0                   # aging: each parent is the best of this many living members (0: top_k parents)
 
     def check(self, where: str) -> None:
-        if self.algorithm not in ("evolution", "random", "optuna"):
-            raise ConfigError(f"{where}.algorithm: {self.algorithm!r} unknown; use evolution, random or optuna")
+        if self.algorithm not in SEARCH_ALGORITHMS:
+            raise ConfigError(f"{where}.algorithm: {self.algorithm!r} unknown; use "
+                              f"{', '.join(SEARCH_ALGORITHMS[:-1])} or {SEARCH_ALGORITHMS[-1]}")
         _positive(where, generations=self.generations, population=self.population, top_k=self.top_k,
                   param_limit=self.param_limit, max_concurrent=self.max_concurrent)
         if self.top_k > self.population:
             raise ConfigError(f"{where}.top_k: {self.top_k} exceeds population {self.population}")
+        if not 0 <= self.tournament <= self.population:
+            raise ConfigError(f"{where}.tournament: {self.tournament} must be between 0 (top_k parents) and "
+                              f"population {self.population}")
         if self.param_min >= self.param_limit:
             raise ConfigError(f"{where}.param_min: {self.param_min} must be below param_limit {self.param_limit}")
         if self.mutations < 0 or self.crossovers < 0 or self.mutations + self.crossovers > self.population:

@@ -1,6 +1,7 @@
 """Subnet search on Ray Tune: searchers, the candidate-evaluation trainable and ``run_search``.
 
-* :class:`EvolutionSearcher`, :class:`RandomSearcher`, :class:`OptunaSearcher` - Tune
+* :class:`EvolutionSearcher`, :class:`AgingSearcher`, :class:`RandomSearcher`,
+  :class:`OptunaSearcher` - Tune
   ``Searcher`` s wrapping the pure engines of :mod:`noah_ray.evolution`.  They never suggest an
   out-of-limit or already-seen subnet, count failed trials, and ``save``/``restore`` JSON
   state (Tune's experiment checkpoints, ``Tuner.restore``).  Pick one by name with
@@ -43,7 +44,7 @@ from ray.tune.search import Searcher
 
 from noah_ray import storage
 from noah_ray.config import JobConfig, SearchConfig
-from noah_ray.evolution import (DONE, FAILED, Candidate, EvolutionEngine, GenerationRecord, NSGA2Engine,
+from noah_ray.evolution import (DONE, FAILED, AgingEvolutionEngine, Candidate, EvolutionEngine, GenerationRecord, NSGA2Engine,
                                 ParamLimit, RandomEngine, SearchEngine, pareto_front)
 from noah_ray.security import safe_name, tune_without_credentials
 from noah_ray.space import MODULES, BackboneShape, ConfigError, RunError, SearchSpace, SubnetConfig
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 METRIC = "val_acc"
 #: search settings that change what a run computes; a resumed run must keep them
 _FIXED_KEYS = ("algorithm", "population", "top_k", "mutations", "crossovers", "mutation_prob",
-               "depth_prob", "param_limit", "param_min", "eval_batches", "seed")
+               "depth_prob", "param_limit", "param_min", "eval_batches", "seed", "tournament")
 
 
 # ====================================================================== searchers
@@ -73,7 +74,7 @@ class NoahSearcher(Searcher):
         super().__init__(metric=metric, mode=mode)
         self.engine = self.engine_cls(space, limit, **engine_kwargs)
         self.store = store
-        self.hold_actors = hold_actors
+        self.hold_actors = hold_actors and self.engine.batch    # only a generation barrier makes actors wait
         self._holds: set[str] = set()
         self.abort_after = 3                      # stop if this many results in a row fail before any success
         self.fatal = False                        # a deterministic error (ConfigError) stopped the search
@@ -190,6 +191,13 @@ class EvolutionSearcher(NoahSearcher):
     engine_cls = EvolutionEngine
 
 
+class AgingSearcher(NoahSearcher):
+    """Asynchronous regularized (aging) evolution: no generation barrier, no placeholder
+    trials; a free worker at once gets a child of the living population."""
+
+    engine_cls = AgingEvolutionEngine
+
+
 class RandomSearcher(NoahSearcher):
     """Random feasible, unseen subnets (baseline)."""
 
@@ -203,14 +211,16 @@ class OptunaSearcher(NoahSearcher):
 
 
 SEARCHERS: dict[str, type[NoahSearcher]] = {"evolution": EvolutionSearcher, "random": RandomSearcher,
-                                            "optuna": OptunaSearcher}
+                                            "optuna": OptunaSearcher, "aging": AgingSearcher}
 
 
 def _engine_kwargs(engine_cls: type[SearchEngine], s: SearchConfig) -> dict[str, Any]:
     kw: dict[str, Any] = {"population": s.population, "generations": s.generations, "seed": s.seed}
-    if engine_cls is EvolutionEngine:
+    if issubclass(engine_cls, EvolutionEngine):
         kw.update(top_k=s.top_k, mutations=s.mutations, crossovers=s.crossovers,
                   mutation_prob=s.mutation_prob, depth_prob=s.depth_prob)
+    if issubclass(engine_cls, AgingEvolutionEngine):
+        kw.update(tournament=s.tournament)
     return kw
 
 
