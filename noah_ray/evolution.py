@@ -19,17 +19,21 @@ directly.
 
 Every engine counts ``generations`` x ``population`` candidates (failed ones included) and
 groups them into generations for bookkeeping.  ``get_state`` / ``set_state`` round-trip
-through JSON, so an interrupted search resumes exactly where it stopped.
+through JSON, so an interrupted search resumes exactly where it stopped; ``take_delta`` gives
+what changed since its last call (constant size per result) and :func:`apply_deltas` replays
+such deltas onto a saved state (incremental persistence, :mod:`noah_ray.statelog`).
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import math
 import random
+import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from noah_ray.space import BackboneShape, ConfigError, SearchSpace, SubnetConfig
 
@@ -153,6 +157,9 @@ class SearchEngine:
         self.history: list[GenerationRecord] = []
         self.exhausted = False                      # no new feasible config could be found
         self.started = False
+        self._dirty: dict[str, None] = {}           # candidates changed since the last take_delta
+        self._delta_history = 0
+        self._delta_rng: tuple | None = None
 
     # ------------------------------------------------------------------ public
     @property
@@ -181,6 +188,7 @@ class SearchEngine:
         c = self.candidates[cid]
         c.status = RUNNING
         self.running[ticket] = cid
+        self._dirty[cid] = None
         return c
 
     def tell(self, ticket: str, score: float | None = None, *, failed: bool = False,
@@ -191,6 +199,7 @@ class SearchEngine:
         cid = self.running.pop(ticket, None)
         if cid is None:
             return []
+        self._dirty[cid] = None
         c = self.candidates[cid]
         if not failed and score is None:
             c.status = QUEUED
@@ -270,6 +279,7 @@ class SearchEngine:
         ids.append(c.cid)
         self.candidates[c.cid] = c
         self._by_key[c.config.key()] = c.cid
+        self._dirty[c.cid] = None
         return c
 
     def _random(self, generation: int, n: int, taken: set[str]) -> list[Candidate]:
@@ -302,6 +312,25 @@ class SearchEngine:
                 "history": [vars(r) for r in self.history], "exhausted": self.exhausted,
                 "started": self.started, "rng": [version, list(internal), gauss]}
 
+    def take_delta(self) -> dict[str, Any]:
+        """What changed since the previous call: the candidates created or changed (in creation
+        order), the small fields (queue, running, generation, ...), the generation records added,
+        and the random state if it moved.  Its size does not grow with the number of candidates;
+        :func:`apply_deltas` replays deltas onto a :meth:`get_state` (idempotent)."""
+        rng = self.rng.getstate()
+        out = {"candidates": [self.candidates[cid].to_dict() for cid in self._dirty],
+               "queue": list(self.queue), "running": dict(self.running), "generation": self.generation,
+               "exhausted": self.exhausted, "started": self.started, "history_from": self._delta_history,
+               "history": [vars(r) for r in self.history[self._delta_history:]]}
+        if rng != self._delta_rng:
+            out["rng"] = _pack_rng(rng)
+        self._dirty, self._delta_history, self._delta_rng = {}, len(self.history), rng
+        return out
+
+    def touch(self, cid: str) -> None:
+        """Mark a candidate changed outside ``ask`` / ``tell`` (e.g. its error noted), for ``take_delta``."""
+        self._dirty[cid] = None
+
     def set_state(self, state: dict[str, Any], *, requeue_running: bool = False,
                   requeue_failed: bool = False) -> None:
         """Restore ``get_state``.  ``requeue_running`` puts candidates that were being evaluated
@@ -323,6 +352,7 @@ class SearchEngine:
         self.running = dict(state["running"])
         self.generation = int(state["generation"])
         self.history = [GenerationRecord(**r) for r in state["history"]]
+        self._delta_history = 0                     # the next delta carries the whole (short) history
         self.exhausted = bool(state["exhausted"])
         self.started = bool(state["started"])
         version, internal, gauss = state["rng"]
@@ -333,6 +363,7 @@ class SearchEngine:
                 self.candidates[cid].status = QUEUED
             self.queue = back + self.queue
             self.running = {}
+            self._dirty.update(dict.fromkeys(back))
         if requeue_failed:
             self._requeue_failed()
         self._restored()
@@ -345,6 +376,7 @@ class SearchEngine:
         for c in failed:
             c.info.setdefault("attempts", []).append({k: c.info.pop(k) for k in ATTEMPT_KEYS if k in c.info})
             c.status, c.score = QUEUED, None
+            self._dirty[c.cid] = None
         if failed and failed[0].generation < self.generation:
             reopened = min(c.generation for c in failed)
             self.generation = reopened
@@ -353,6 +385,39 @@ class SearchEngine:
 
     def _restored(self) -> None:
         pass
+
+
+def _pack_rng(state: tuple) -> dict[str, Any]:
+    """``random.Random.getstate()`` in 3.4 kB of JSON (the plain list takes twice that)."""
+    version, internal, gauss = state
+    return {"v": version, "mt": base64.b64encode(struct.pack(f"<{len(internal)}I", *internal)).decode(),
+            "gauss": gauss}
+
+
+def _unpack_rng(packed: dict[str, Any]) -> list:
+    raw = base64.b64decode(packed["mt"])
+    return [packed["v"], list(struct.unpack(f"<{len(raw) // 4}I", raw)), packed["gauss"]]
+
+
+def apply_deltas(state: dict[str, Any], deltas: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Replay :meth:`SearchEngine.take_delta` results, oldest first, onto ``state`` (a
+    :meth:`SearchEngine.get_state`, changed in place and returned).  Replaying a delta twice
+    gives the same state."""
+    cands = state["candidates"]
+    pos = {d["cid"]: i for i, d in enumerate(cands)}
+    for d in deltas:
+        for c in d["candidates"]:
+            i = pos.setdefault(c["cid"], len(cands))
+            if i == len(cands):
+                cands.append(c)
+            else:
+                cands[i] = c
+        for k in ("queue", "running", "generation", "exhausted", "started"):
+            state[k] = d[k]
+        state["history"][d["history_from"]:] = d["history"]
+        if "rng" in d:
+            state["rng"] = _unpack_rng(d["rng"])
+    return state
 
 
 class RandomEngine(SearchEngine):

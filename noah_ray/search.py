@@ -20,7 +20,8 @@ Layout under ``<storage>/<job.name>/search/``::
     pareto/<run>.parquet             the accuracy-vs-params front of the finished run
     best_subnet.yaml                 the winner of the last finished run
     runs/<run>/best_subnet.yaml      the winner of each run
-    state/<run>.json                 searcher state, saved after every result (resume)
+    state/<run>/                     searcher state: snapshot + a record appended per result (resume;
+                                     noah_ray.statelog; state/<run>.json is the older format)
     tune/<run>-a<attempt>/           Ray Tune's experiment directories
 """
 
@@ -44,10 +45,11 @@ from ray.tune.search import Searcher
 
 from noah_ray import storage
 from noah_ray.config import JobConfig, SearchConfig
-from noah_ray.evolution import (DONE, FAILED, AgingEvolutionEngine, Candidate, EvolutionEngine, GenerationRecord, NSGA2Engine,
-                                ParamLimit, RandomEngine, SearchEngine, pareto_front)
+from noah_ray.evolution import (DONE, FAILED, AgingEvolutionEngine, Candidate, EvolutionEngine, GenerationRecord,
+                                NSGA2Engine, ParamLimit, RandomEngine, SearchEngine, apply_deltas, pareto_front)
 from noah_ray.security import safe_name, tune_without_credentials
 from noah_ray.space import MODULES, BackboneShape, ConfigError, RunError, SearchSpace, SubnetConfig
+from noah_ray.statelog import StateLog
 
 log = logging.getLogger(__name__)
 METRIC = "val_acc"
@@ -81,6 +83,7 @@ class NoahSearcher(Searcher):
         self._streak = 0                          # failures in a row since this process started, before a success
         self.aborted = False
         self.extra_state: dict[str, Any] = {}     # saved alongside the engine (run settings)
+        self._logged_extra: dict[str, Any] = {}   # extra_state as last appended to the store
 
     @classmethod
     def from_config(cls, search: SearchConfig, space: SearchSpace, limit: ParamLimit,
@@ -143,7 +146,18 @@ class NoahSearcher(Searcher):
         if self.store is not None:
             for rec in closed:
                 self.store.write_generation(rec, self.engine)
-            self.store.save_state(self.get_state())
+            self._persist()
+
+    def _persist(self) -> None:
+        """Append what changed to the store: the engine's delta, and the run's own fields (settings,
+        ``aborted``, ...) when they changed."""
+        delta: dict[str, Any] = {"engine": self.engine.take_delta()}
+        changed = {k: v for k, v in self.extra_state.items()
+                   if k not in self._logged_extra or self._logged_extra[k] != v}
+        if changed:
+            delta["searcher"] = changed
+            self._logged_extra = dict(self.extra_state)
+        self.store.append_state(delta, self.get_state)
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         return False        # Tune's ConcurrencyLimiter does it
@@ -164,8 +178,9 @@ class NoahSearcher(Searcher):
         c = self.engine.candidates.get(candidate_id or "")
         if c is not None and c.status == FAILED and "error" not in c.info:
             c.info["error"] = error
+            self.engine.touch(c.cid)
             if self.store is not None:
-                self.store.save_state(self.get_state())
+                self._persist()
 
     def first_error(self) -> str | None:
         """The error of the earliest failed candidate of this attempt, if one was recorded."""
@@ -297,21 +312,31 @@ class SearchStore:
 
     @property
     def state_loc(self) -> storage.Location:
-        return self.base.join("state", f"{self.run_id}.json")
+        return self.base.join("state", self.run_id)
+
+    @functools.cached_property
+    def state_log(self) -> StateLog:
+        return StateLog(self.state_loc, legacy=self.base.join("state", f"{self.run_id}.json"))
 
     def load_state(self) -> dict | None:
-        loc = self.state_loc
-        if not storage.exists(loc):
+        """The searcher state: the snapshot with every logged result replayed (or the older
+        single-file format)."""
+        got = self.state_log.load()
+        if got is None:
             return None
-        try:
-            return json.loads(storage.read_text(loc))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"search state {loc.uri} is truncated or corrupt ({type(e).__name__}); restore it "
-                              f"from a backup, or delete it to start search run {self.run_id!r} again from "
-                              f"scratch") from None
+        state, deltas = got
+        for d in deltas:
+            state.update(d.get("searcher", {}))
+        apply_deltas(state["engine"], [d["engine"] for d in deltas])
+        return state
 
     def save_state(self, state: dict) -> None:
-        storage.write_text(self.state_loc, json.dumps(state))
+        """A full snapshot (run start, resume)."""
+        self.state_log.snapshot(state)
+
+    def append_state(self, delta: dict, full: Callable[[], dict]) -> None:
+        """One result's changes; ``full()`` gives the whole state when the log is compacted."""
+        self.state_log.append(delta, full)
 
     def _ids(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "job": self.job, "dataset": self.dataset, "algorithm": self.algorithm}

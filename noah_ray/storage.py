@@ -181,6 +181,25 @@ def write_bytes(loc: Location, data: bytes) -> None:
             f.write(data)
 
 
+def append_bytes(loc: Location, data: bytes) -> None:
+    """Append ``data`` to a local file (created with its folder if missing).  S3 objects cannot
+    be appended to; write one object per record there (see :mod:`noah_ray.statelog`)."""
+    if loc.is_s3:
+        raise ValueError(f"{loc.uri}: S3 has no append; write one object per record")
+    loc.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
+    with loc.fs.open_append_stream(loc.path) as f:
+        f.write(data)
+
+
+def delete(loc: Location) -> None:
+    """Remove the file or folder at ``loc`` (nothing if it does not exist)."""
+    kind = loc.fs.get_file_info(loc.path).type
+    if kind == pafs.FileType.Directory:
+        loc.fs.delete_dir(loc.path)
+    elif kind == pafs.FileType.File:
+        loc.fs.delete_file(loc.path)
+
+
 def write_text(loc: Location, text: str) -> None:
     write_bytes(loc, text.encode())
 

@@ -411,7 +411,7 @@ def test_search_stops_with_the_cause_and_a_rerun_retries_the_failed(ray_session,
     with pytest.raises(RunError, match=r"no retry can fix \(first error: supernet file is broken\); fix the cause"):
         run_search(job, loader=broken_loader, val_data=val_data)
     base = tmp_path / "store" / "tiny" / "search"
-    saved = json.loads((base / "state" / "evolution-seed0.json").read_text())
+    saved = saved_state(base)
     failed = [c for c in saved["engine"]["candidates"] if c["status"] == FAILED]
     assert saved["aborted"] and 1 <= len(failed) <= 2 and failed[0]["info"]["error"] == "supernet file is broken"
     assert not (base / "best_subnet.yaml").exists()
@@ -423,6 +423,11 @@ def test_search_stops_with_the_cause_and_a_rerun_retries_the_failed(ray_session,
     old = trials[trials.status == FAILED]
     assert len(old) == len(failed) and (old.error == "supernet file is broken").all() and (old.attempt == 0).all()
     assert set(old.trial_id) <= set(trials[trials.status == DONE].trial_id)
+
+
+def saved_state(base: Path) -> dict:
+    """The searcher state of the tiny job's default run, as a resume reads it (snapshot + log)."""
+    return SearchStore(str(base), None, "evolution-seed0", "tiny", "gen_shape", "evolution").load_state()
 
 
 def unreachable_loader(job):
@@ -440,7 +445,7 @@ def test_crashed_evaluations_keep_their_error_and_abort_the_search(ray_session, 
     with pytest.raises(RunError, match=r"first 3 candidate evaluations failed \(first error: .*data endpoint unreachable"):
         run_search(job, loader=unreachable_loader, val_data=val_data)
     base = tmp_path / "store" / "tiny" / "search"
-    saved = json.loads((base / "state" / "evolution-seed0.json").read_text())
+    saved = saved_state(base)
     errors = [c["info"].get("error") for c in saved["engine"]["candidates"] if c["status"] == FAILED]
     assert saved["aborted"] and len(errors) >= 3 and all("data endpoint unreachable" in e for e in errors), errors
     assert not (base / "best_subnet.yaml").exists()
