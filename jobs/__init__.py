@@ -4,6 +4,9 @@
     ray job submit --working-dir . -- python -m jobs.supernet --config jobs/configs/vtab_cifar100.yaml \
         --set storage=s3://MY-BUCKET/noah
 
+    ray job submit --working-dir . -- python -m jobs.sweep --config jobs/configs/vtab_sweep.yaml \
+        --set storage=s3://MY-BUCKET/noah     # 19 VTAB tasks' pipelines at once, one storage root
+
 Inside a job ``RAY_ADDRESS`` names the cluster, so the stages run on it; outside one a local Ray
 is started.  Each module is the matching ``noah-ray`` subcommand (same options, same
 validation before anything is written, same resume behaviour).

@@ -2,6 +2,7 @@
 
     noah-ray demo                         the whole pipeline on generated data, locally
     noah-ray pipeline --config job.yaml   supernet -> search -> retrain
+    noah-ray sweep --config sweep.yaml    many datasets' pipelines at once (Ray tasks), one storage root
     noah-ray supernet|search|retrain --config job.yaml [--set key=value ...]
     noah-ray results URI [--table leaderboard|vtab|trials|generations|pareto|runs|curves] [--plots DIR]
     noah-ray import-noah FILE...          original NOAH subnet files -> configs, parameter counts
@@ -96,6 +97,45 @@ def _stage_command(args: argparse.Namespace) -> int:
     summary = pipeline.run_stages(job, stages, start_ray=functools.partial(pipeline.init_ray, args.address))
     print(pipeline.format_summary(summary))
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from noah_ray import pipeline, storage
+    from noah_ray.sweep import SweepConfig, format_outcomes, run_sweep
+
+    sweep = SweepConfig.load(args.config, lambda d: apply_overrides(d, args.set))
+    jobs = sweep.jobs()
+    root = storage.resolve(jobs[0].storage, jobs[0].storage_endpoint)
+    storage.check_writable(root)                                                   # before Ray starts
+    pipeline.init_ray(args.address)
+    print(f"== sweep: {len(jobs)} pipeline(s), {args.max_concurrent or sweep.sweep.max_concurrent} at a time, "
+          f"stages {', '.join(sweep.sweep.stages)} -> {root.uri}", flush=True)
+    outcomes = run_sweep(sweep, args.max_concurrent)
+    print(format_outcomes(outcomes, root.uri))
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        print(f"{args.prog}: error: {len(failed)} of {len(outcomes)} pipeline(s) failed ("
+              f"{'; '.join(f'{o.job}: {o.error}' for o in failed)[:600]}); fix them and run the sweep again "
+              f"(finished stages are not re-run)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser, prog: str) -> None:
+    """The options of ``noah-ray sweep`` and ``python -m jobs.sweep``."""
+    p.add_argument("--config", required=True, help="sweep file: a job config plus a sweep section (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value, e.g. --set storage=s3://bucket/noah --set sweep.max_concurrent=8")
+    p.add_argument("--max-concurrent", type=int, default=None, help="pipelines at once (default: sweep.max_concurrent)")
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a new local Ray)")
+    p.set_defaults(func=_sweep, prog=prog)
+
+
+def sweep_main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.sweep") -> int:
+    """``python -m jobs.sweep``: the ``noah-ray sweep`` command on its own (for ``ray job submit``)."""
+    parser = argparse.ArgumentParser(prog=prog, description="run a sweep's pipelines concurrently on the cluster")
+    add_sweep_arguments(parser, prog)
+    return _run(parser, argv)
 
 
 def write_plots(uri: str, out_dir: str | Path, *, endpoint: str | None = None) -> list[Path]:
@@ -205,6 +245,12 @@ def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
 
     for name, doc in _STAGE_DOCS.items():
         add_stage_arguments(sub.add_parser(name, help=doc, description=doc), name)
+
+    p = sub.add_parser("sweep", help="many datasets (shots, seeds) from one file: their pipelines at once",
+                       description="Run the pipeline of every dataset (x shots x seeds) a sweep file names, "
+                                   "concurrently as Ray tasks, into one storage root; failures are reported at "
+                                   "the end (exit 1), finished stages are not re-run.")
+    add_sweep_arguments(p, f"{prog} sweep")
 
     p = sub.add_parser("results", help="print result tables (and plots) from a job or storage URI",
                        description="Print a result table read from the Parquet files under URI (one job "

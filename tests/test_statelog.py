@@ -51,6 +51,19 @@ def step(searcher, running: list, i: int, concurrency: int = 3) -> int:
     return i
 
 
+def finish(searcher, start: int, concurrency: int) -> list[str]:
+    """Run ``searcher`` to its end; returns the config keys it had scored, in order."""
+    told, running, i = [], [], start
+    while not searcher.finished:
+        while len(running) < concurrency and isinstance(cfg := searcher.suggest(f"t{i}"), dict):
+            running.append((f"t{i}", cfg))
+            i += 1
+        tid, cfg = running.pop(0)
+        told.append(cfg["config_key"])
+        searcher.on_trial_complete(tid, {"val_acc": OBJECTIVE(SubnetConfig.from_dict(cfg["subnet"]))})
+    return told
+
+
 @pytest.mark.parametrize("cls", (EvolutionSearcher, AgingSearcher, RandomSearcher, OptunaSearcher))
 def test_replayed_log_equals_the_live_state_after_every_result(tmp_path, cls):
     st = store_at(str(tmp_path), compact=2000)         # small: several compactions in 24 results
@@ -108,14 +121,7 @@ def test_the_old_single_file_state_still_loads_and_resumes(tmp_path):
     s = EvolutionSearcher(SPACE, LIMIT, store=st, **EVO_KW)
     s.set_state(state, requeue_running=True)
     st.save_state(s.get_state())                         # as run_search does: a format-2 snapshot
-    told, running, i = [], [], 100
-    while not s.finished:
-        while len(running) < 2 and isinstance(cfg := s.suggest(f"t{i}"), dict):
-            running.append((f"t{i}", cfg))
-            i += 1
-        tid, cfg = running.pop(0)
-        told.append(cfg["config_key"])
-        s.on_trial_complete(tid, {"val_acc": OBJECTIVE(SubnetConfig.from_dict(cfg["subnet"]))})
+    told = finish(s, 100, 2)
     assert len(told) == 24 - 11 and not set(told) & scored        # nothing scored twice
     final = store_at(str(tmp_path)).load_state()
     assert sum(c["status"] == DONE for c in final["engine"]["candidates"]) == 24
@@ -189,13 +195,6 @@ def test_sigkill_loses_no_told_result_and_resume_scores_nothing_twice(tmp_path):
     s = AgingSearcher(SPACE, LIMIT, **{**EVO_KW, "generations": 40})
     s.set_state(state, requeue_running=True)
     done_before = {c.config.key() for c in s.engine.scored()}
-    told, running, i = [], [], 10_000
-    while not s.finished:
-        while len(running) < 4 and isinstance(cfg := s.suggest(f"r{i}"), dict):
-            running.append((f"r{i}", cfg))
-            i += 1
-        tid, cfg = running.pop(0)
-        told.append(cfg["config_key"])
-        s.on_trial_complete(tid, {"val_acc": OBJECTIVE(SubnetConfig.from_dict(cfg["subnet"]))})
+    told = finish(s, 10_000, 4)
     assert len(told) == len(set(told)) and not set(told) & done_before
     assert len(s.engine.scored()) == 320 == len(done_before) + len(told)

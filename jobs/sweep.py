@@ -1,0 +1,6 @@
+"""``python -m jobs.sweep --config X.yaml``: the pipelines of every dataset a sweep file names, concurrently on the cluster."""
+
+from noah_ray.cli import sweep_main
+
+if __name__ == "__main__":
+    raise SystemExit(sweep_main())

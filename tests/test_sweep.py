@@ -1,0 +1,104 @@
+"""Sweeps: one file naming many datasets (few-shot: shots x seeds), expanded into validated jobs;
+(slow) three generated datasets' pipelines run concurrently as Ray tasks, one with bad data
+failing while the others finish, into one storage root read by ``results.vtab_table``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from noah_ray import cli, results
+from noah_ray.space import ConfigError
+from noah_ray.sweep import SweepConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_sweep_expands_datasets_shots_and_seeds():
+    s = SweepConfig.from_dict({"name": "fs", "data": {"format": "fewshot"},
+                               "sweep": {"datasets": ["food101", "stanford_cars"], "shots": [1, 16],
+                                         "seeds": [0, 2], "max_concurrent": 3}})
+    jobs = s.jobs()
+    assert [j.name for j in jobs[:4]] == ["fs-food101-1shot-seed0", "fs-food101-1shot-seed2",
+                                          "fs-food101-16shot-seed0", "fs-food101-16shot-seed2"]
+    assert len(jobs) == 8 and len({j.name for j in jobs}) == 8
+    assert {(j.data.dataset, j.data.shots, j.data.seed) for j in jobs} == \
+        {(d, k, s) for d in ("food101", "stanford_cars") for k in (1, 16) for s in (0, 2)}
+    assert all(j.data.format == "fewshot" and j.storage == jobs[0].storage for j in jobs)
+
+
+def test_the_vtab_sweep_file_names_the_19_tasks_over_the_papers_job():
+    s = SweepConfig.load(REPO / "jobs" / "configs" / "vtab_sweep.yaml")
+    jobs = s.jobs()
+    assert len(jobs) == 19 and jobs[0].name == "vtab-cifar100" and jobs[-1].data.dataset == "smallnorb_ele"
+    assert all((j.search.population, j.search.param_limit, j.supernet.epochs) == (50, 0.64, 500) for j in jobs)
+
+
+@pytest.mark.parametrize("sweep, match", [
+    ({}, r"sweep.datasets: \[\] must name at least one dataset"),
+    ({"datasets": ["a", "a"]}, r"names a dataset twice"),
+    ({"datasets": ["a"], "shots": [0]}, r"sweep.shots: \[0\] must be positive integers"),
+    ({"datasets": ["a"], "stages": ["train"]}, r"sweep.stages: \['train'\]: use some of supernet, search, retrain"),
+    ({"datasets": ["a"], "colour": 1}, r"sweep: unknown key 'colour'"),
+])
+def test_sweep_errors_name_the_key(sweep, match):
+    with pytest.raises(ConfigError, match=match):
+        SweepConfig.from_dict({"sweep": sweep})
+
+
+def test_a_bad_job_section_fails_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"search.population: 0 must be > 0"):
+        SweepConfig.from_dict({"search": {"population": 0}, "sweep": {"datasets": ["a"]}})
+
+
+TASKS = ("gen_shape", "gen_count", "gen_color")
+
+
+@pytest.mark.slow
+def test_sweep_runs_pipelines_concurrently_and_isolates_a_failure(ray_session, tmp_path, capsys):
+    from noah_ray.data import write_generated_vtab
+
+    data = tmp_path / "data"
+    for t in TASKS:
+        write_generated_vtab(data, t, num_train=16, num_val=8, num_test=8, img_size=32)
+    bad = data / "gen_count" / "train800.txt"
+    bad.write_text(bad.read_text().replace(" 1\n", " one\n", 1))          # bad data: a label that is no integer
+    store = tmp_path / "store"
+    spec = {
+        "name": "sw", "storage": str(store),
+        "data": {"root": str(data), "batch_size": 8, "eval_batch_size": 8, "num_workers": 0},
+        "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
+        "space": {"num_layers": 12, "modules": {m: {"depths": [3, 6], "widths": [1, 4]} for m in ("vpt", "lora")}},
+        "supernet": {"epochs": 1, "warmup_epochs": 0, "eval_random_subnets": 0, "max_failures": 0},
+        "search": {"generations": 1, "population": 2, "top_k": 1, "mutations": 0, "crossovers": 0,
+                   "param_limit": 0.004, "max_concurrent": 1, "hold_actors": False},
+        "retrain": {"epochs": 1, "warmup_epochs": 0, "max_failures": 0},
+        "sweep": {"datasets": list(TASKS), "max_concurrent": 2},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    rc = cli.main(["sweep", "--config", str(path)])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert err.count("\n") == 1 and "1 of 3 pipeline(s) failed" in err and "sw-gen_count" in err
+    assert "train800.txt:" in err and "label 'one' is not an integer" in err
+    assert "ok      sw-gen_shape" in out and "ok      sw-gen_color" in out and "FAILED  sw-gen_count" in out
+    table = results.vtab_table(str(store))
+    assert table.method.tolist() == ["noah"]
+    assert {"gen_shape", "gen_color"} <= set(table.columns) and "gen_count" not in table.columns
+    assert table[["gen_shape", "gen_color"]].notna().all(axis=None)
+    assert not (store / "sw-gen_count" / "search").exists()
+
+
+def test_the_jobs_entrypoint_and_the_cli_know_sweep(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "jobs.sweep", "--help"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith("usage: python -m jobs.sweep") and "--max-concurrent" in p.stdout
+    single = tmp_path / "job.yaml"
+    single.write_text("name: x\n")
+    assert cli.main(["sweep", "--config", str(single)]) == 2       # a config error: one line, nothing run
