@@ -16,7 +16,7 @@
    appended per result, snapshots when the log has grown as large as the last one), measured
    on local storage (and on a local moto S3 server at 1,000 if moto is installed).
 
-Usage: ``nice python bench/scale_sim.py [--seeds 5] [--generations 40] [--skip-tune] [--skip-state]``
+Usage: ``nice python bench/scale_sim.py [--seeds 10] [--generations 40] [--skip-tune] [--skip-state]``
 The last line is ``utilisation at 64 workers: generational X, asynchronous Y``.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import logging
 import os
 import random
 import socket
@@ -34,14 +35,17 @@ import time
 from dataclasses import dataclass
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")               # no Tune experiment banners
 
+from noah_ray import storage  # noqa: E402
 from noah_ray.evolution import ParamLimit, TargetObjective  # noqa: E402
 from noah_ray.search import AgingSearcher, EvolutionSearcher, SearchStore  # noqa: E402
 from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig  # noqa: E402
 
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, 6)
 LIMIT = ParamLimit(0.01, BackboneShape(48, 3, 6, 10))
-MODES = {"generational": EvolutionSearcher, "asynchronous": AgingSearcher}
+MODES = {"generational": (EvolutionSearcher, {}), "asynchronous": (AgingSearcher, {}),
+         "async-t25": (AgingSearcher, {"tournament": 25})}
 NOAH = {"population": 50, "top_k": 10, "mutations": 25, "crossovers": 25}
 
 
@@ -52,30 +56,33 @@ def eval_time(rng: random.Random, sigma: float = 0.25, straggle_p: float = 0.05,
 
 @dataclass
 class SimResult:
-    utilisation: float
+    utilisation: float            # busy / (W x wall clock of the whole search)
+    steady: float                 # the same until the last candidate was handed out (no end-of-budget drain)
     wall: float
     time_to_99: float | None
     evals_to_99: int | None
 
 
-def simulate(cls, workers: int, seed: int, generations: int) -> SimResult:
+def simulate(cls, workers: int, seed: int, generations: int, **extra) -> SimResult:
     """One search to its full budget on ``workers`` simulated workers (discrete events)."""
     objective = TargetObjective.random(SPACE, LIMIT, seed=100 + seed)
-    searcher = cls(SPACE, LIMIT, generations=generations, seed=seed, **NOAH)
+    searcher = cls(SPACE, LIMIT, generations=generations, seed=seed, **{**NOAH, **extra})
     rng = random.Random(10_000 + seed)
     events: list = []                                # (finish time, ticket, config)
-    idle, busy, told, hit, n = workers, 0.0, 0, None, 0
+    spans: list[tuple[float, float]] = []            # (start, end) of every evaluation
+    idle, told, hit, n = workers, 0, None, 0
     now = 0.0
 
     def dispatch() -> None:
-        nonlocal idle, busy, n
+        nonlocal idle, n
         while idle:
             cfg = searcher.suggest(f"t{n}")
             if not isinstance(cfg, dict):            # None: wait for results; "FINISHED"
                 return
             d = eval_time(rng)
             heapq.heappush(events, (now + d, f"t{n}", cfg))
-            idle, busy, n = idle - 1, busy + d, n + 1
+            spans.append((now, now + d))
+            idle, n = idle - 1, n + 1
 
     dispatch()
     while events:
@@ -87,7 +94,11 @@ def simulate(cls, workers: int, seed: int, generations: int) -> SimResult:
             hit = (now, told)
         dispatch()
     assert searcher.finished and told == generations * NOAH["population"]
-    return SimResult(busy / (workers * now), now, hit[0] if hit else None, hit[1] if hit else None)
+    last = spans[-1][0]                              # when the budget's last candidate was handed out
+    busy = sum(e - s for s, e in spans)
+    early = sum(min(e, last) - s for s, e in spans if s < last)
+    return SimResult(busy / (workers * now), early / (workers * last) if last else 1.0, now,
+                     hit[0] if hit else None, hit[1] if hit else None)
 
 
 def _median(xs):
@@ -99,16 +110,22 @@ def bench_simulation(args) -> dict[str, float]:
     print(f"simulation: synthetic objective over {SPACE.size():.2e} subnets, budget {args.generations} x 50 "
           f"evaluations, eval time log-normal(median 1, sigma 0.25) with a 5 % x4 straggler tail, "
           f"{args.seeds} seeds (medians)")
-    print(f"{'workers':>7} {'mode':>13} {'utilisation':>11} {'wall':>8} {'time to 99%':>11} {'evals to 99%':>12}")
+    print("  utilisation: busy / (workers x wall clock) over the whole search; 'steady': until the last candidate "
+          "of the budget is handed out (without the end-of-budget drain); async-t25: asynchronous with "
+          "tournament 25")
+    print(f"{'workers':>7} {'mode':>13} {'utilisation':>11} {'steady':>7} {'wall':>8} {'time to 99%':>11} "
+          f"{'evals to 99%':>12}")
     util64 = {}
     for workers in (1, 8, 32, 64, 256):
-        for mode, cls in MODES.items():
+        for mode, (cls, extra) in MODES.items():
             t0 = time.perf_counter()
-            res = [simulate(cls, workers, seed, args.generations) for seed in range(args.seeds)]
+            res = [simulate(cls, workers, seed, args.generations, **extra) for seed in range(args.seeds)]
             util = statistics.median(r.utilisation for r in res)
             t99, e99 = _median([r.time_to_99 for r in res]), _median([r.evals_to_99 for r in res])
             reached = sum(r.evals_to_99 is not None for r in res)
-            print(f"{workers:>7} {mode:>13} {100 * util:>10.1f}% {statistics.median(r.wall for r in res):>8.1f} "
+            print(f"{workers:>7} {mode:>13} {100 * util:>10.1f}% "
+                  f"{100 * statistics.median(r.steady for r in res):>6.1f}% "
+                  f"{statistics.median(r.wall for r in res):>8.1f} "
                   f"{'-' if t99 is None else f'{t99:.1f}':>11} {'-' if e99 is None else f'{e99:.0f}':>12}"
                   f"   ({reached}/{len(res)} reached; per seed {[r.evals_to_99 for r in res]}; "
                   f"{time.perf_counter() - t0:.1f} s)", flush=True)
@@ -144,13 +161,15 @@ def bench_tune(args) -> None:
     import ray
     from ray import tune
 
-    ray.init(num_cpus=max(args.tune_workers), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(args.tune_workers), include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
     objective = TargetObjective.random(SPACE, LIMIT, seed=100)
     small = {"population": 8, "top_k": 3, "mutations": 3, "crossovers": 3, "generations": 3}
     print(f"\nTune path (local Ray, sleep trainable, eval time {args.tune_sleep:.2f} s x the simulated "
           f"distribution, population 8 x 3 generations = 24 trials):")
     for workers in args.tune_workers:
-        for mode, cls in MODES.items():
+        for mode in ("generational", "asynchronous"):
+            cls = MODES[mode][0]
             searcher = _timed(cls, args.tune_sleep, random.Random(0))(SPACE, LIMIT, seed=0, **small)
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
@@ -186,20 +205,36 @@ def bench_state(args) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    requests = RequestCount()                     # moto's request log: one record per HTTP request
+    werkzeug = logging.getLogger("werkzeug")
+    werkzeug.setLevel(logging.INFO)
+    werkzeug.propagate = False
+    werkzeug.addHandler(requests)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
         endpoint = f"http://127.0.0.1:{port}"
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-        _state_run("s3://bench/search", endpoint, (1_000,), "S3 (moto)")
+        _state_run("s3://bench/search", endpoint, (1_000,), "S3 (moto)", requests)
     finally:
         server.stop()
 
 
-def _state_run(uri: str, endpoint: str | None, marks: tuple[int, ...], where: str) -> None:
+class RequestCount(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.n = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.n += 1
+
+
+def _state_run(uri: str, endpoint: str | None, marks: tuple[int, ...], where: str,
+               requests: RequestCount | None = None) -> None:
     objective = TargetObjective.random(SPACE, LIMIT, seed=100)
     store = SearchStore(uri, endpoint, "bench", "bench", "synthetic", "aging")
-    searcher = AgingSearcher(SPACE, LIMIT, store=store, generations=max(marks) // 50, seed=0, **NOAH)
+    # the budget runs past the last mark, so every window is in the steady state (asks and results)
+    searcher = AgingSearcher(SPACE, LIMIT, store=store, generations=max(marks) // 50 + 4, seed=0, **NOAH)
     store.save_state(searcher.get_state())
     stats = store.state_log.stats
     running, i, told, window = [], 0, 0, 100
@@ -209,7 +244,7 @@ def _state_run(uri: str, endpoint: str | None, marks: tuple[int, ...], where: st
             running.append((f"t{i}", cfg))
             i += 1
         if told + 1 in [m - window for m in marks]:
-            mark = (stats.bytes, stats.calls)
+            mark = (stats.bytes, stats.calls, requests.n if requests else 0)
         tid, cfg = running.pop(0)
         searcher.on_trial_complete(tid, {"val_acc": objective(SubnetConfig.from_dict(cfg["subnet"]))})
         told += 1
@@ -220,6 +255,12 @@ def _state_run(uri: str, endpoint: str | None, marks: tuple[int, ...], where: st
                   f"after (incremental) {b:>7,.0f} B and {c:.2f} calls per result (last {window} results, "
                   f"snapshots included), {stats.bytes / told:,.0f} B and {stats.calls / told:.2f} calls per result "
                   f"since the start -> {full / b:,.0f}x fewer bytes", flush=True)
+            if requests is not None:
+                after = (requests.n - mark[2]) / window
+                n0 = requests.n
+                storage.write_text(store.base.join("old-format-probe.json"), json.dumps(searcher.get_state()))
+                print(f"  {where}, {told:>6,} candidates: HTTP requests per result (moto's log): before "
+                      f"{requests.n - n0} (one whole-state object written), after {after:.2f}", flush=True)
     load_t0 = time.perf_counter()
     exact = SearchStore(uri, endpoint, "bench", "bench", "synthetic", "aging").load_state() == \
         json.loads(json.dumps(searcher.get_state()))
@@ -229,13 +270,17 @@ def _state_run(uri: str, endpoint: str | None, marks: tuple[int, ...], where: st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--generations", type=int, default=40)
     p.add_argument("--tune-workers", type=int, nargs="+", default=[1, 4])
     p.add_argument("--tune-sleep", type=float, default=0.5, help="median sleep per trial (s)")
     p.add_argument("--skip-tune", action="store_true")
     p.add_argument("--skip-state", action="store_true")
+    p.add_argument("--skip-sim", action="store_true", help="(no last line then)")
     args = p.parse_args()
+    if args.skip_sim:
+        bench_state(args)
+        return
     util64 = bench_simulation(args)
     if not args.skip_tune:
         bench_tune(args)
