@@ -92,7 +92,7 @@ def test_sweep_runs_pipelines_concurrently_and_isolates_a_failure(ray_session, t
     assert not (store / "sw-gen_count" / "search").exists()
 
 
-def test_the_jobs_entrypoint_and_the_cli_know_sweep(tmp_path):
+def test_the_jobs_entrypoint_and_the_cli_know_sweep(tmp_path, capsys):
     import subprocess
     import sys
 
@@ -101,4 +101,6 @@ def test_the_jobs_entrypoint_and_the_cli_know_sweep(tmp_path):
     assert p.returncode == 0 and p.stdout.startswith("usage: python -m jobs.sweep") and "--max-concurrent" in p.stdout
     single = tmp_path / "job.yaml"
     single.write_text("name: x\n")
-    assert cli.main(["sweep", "--config", str(single)]) == 2       # a config error: one line, nothing run
+    assert cli.main(["sweep", "--config", str(single)]) == 1       # a config error: one line, nothing run
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no 'sweep' section" in err
