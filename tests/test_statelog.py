@@ -17,7 +17,7 @@ import pytest
 from noah_ray import storage
 from noah_ray.evolution import DONE, ParamLimit, TargetObjective
 from noah_ray.search import AgingSearcher, EvolutionSearcher, OptunaSearcher, RandomSearcher, SearchStore
-from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, SearchSpace, SubnetConfig
 
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, num_layers=6)
 LIMIT = ParamLimit(0.01, BackboneShape(48, 3, 6, 10))
@@ -152,7 +152,7 @@ KILL_SCRIPT = '''
 import json, sys, time
 from noah_ray.evolution import ParamLimit, TargetObjective
 from noah_ray.search import AgingSearcher, SearchStore
-from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, SearchSpace, SubnetConfig
 
 space = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, 6)
 limit = ParamLimit(0.01, BackboneShape(48, 3, 6, 10))
@@ -198,3 +198,30 @@ def test_sigkill_loses_no_told_result_and_resume_scores_nothing_twice(tmp_path):
     told = finish(s, 10_000, 4)
     assert len(told) == len(set(told)) and not set(told) & done_before
     assert len(s.engine.scored()) == 320 == len(done_before) + len(told)
+
+
+def test_run_flags_and_noted_errors_are_in_the_log(tmp_path):
+    """What the searcher changes besides the engine (``aborted``) and errors noted after a
+    result reach the log; a store written without a first snapshot still reads back."""
+    st = store_at(str(tmp_path))
+    s = RandomSearcher(SPACE, LIMIT, store=st, **KW)          # no save_state first
+    s.extra_state = {"attempt": 0}
+    for i in range(3):
+        s.suggest(f"t{i}")
+        s.on_trial_complete(f"t{i}", error=True)
+    s.note_error("g000-001", "data endpoint unreachable")
+    got = store_at(str(tmp_path)).load_state()
+    assert s.aborted and got["aborted"] is True and got["attempt"] == 0
+    cands = {c["cid"]: c for c in got["engine"]["candidates"]}
+    assert [c["status"] for c in cands.values()] == ["failed"] * 3
+    assert cands["g000-001"]["info"]["error"] == "data endpoint unreachable"
+    assert got == json.loads(json.dumps(s.get_state()))
+
+
+def test_a_truncated_snapshot_is_a_one_line_error(tmp_path):
+    st = store_at(str(tmp_path))
+    make(AgingSearcher, st)
+    snap = tmp_path / "state" / "r1" / "snapshot.json"
+    snap.write_text(snap.read_text()[:100])
+    with pytest.raises(ConfigError, match=r"search state .*snapshot.json is truncated or corrupt"):
+        store_at(str(tmp_path)).load_state()
