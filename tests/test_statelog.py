@@ -152,7 +152,7 @@ KILL_SCRIPT = '''
 import json, sys, time
 from noah_ray.evolution import ParamLimit, TargetObjective
 from noah_ray.search import AgingSearcher, SearchStore
-from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
 
 space = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, 6)
 limit = ParamLimit(0.01, BackboneShape(48, 3, 6, 10))
