@@ -4,7 +4,8 @@
     noah-ray pipeline --config job.yaml   supernet -> search -> retrain
     noah-ray sweep --config sweep.yaml    many datasets' pipelines at once (Ray tasks), one storage root
     noah-ray supernet|search|retrain --config job.yaml [--set key=value ...]
-    noah-ray results URI [--table leaderboard|vtab|trials|generations|pareto|runs|curves] [--plots DIR]
+    noah-ray hpo --config job.yaml [--method M]   hyper-parameter search alone (the hpo: section)
+    noah-ray results URI [--table leaderboard|vtab|trials|generations|pareto|runs|curves|hpo|hpo_curves] [--plots DIR]
     noah-ray import-noah FILE...          original NOAH subnet files -> configs, parameter counts
     noah-ray export JOB.yaml --out URI    a retrained subnet -> inference artifact (--merge-lora, --peft DIR)
 
@@ -26,12 +27,13 @@ from typing import Any, Sequence
 from noah_ray.space import ConfigError, RunError
 
 #: the stages each stage command runs
-STAGE_COMMANDS = {"pipeline": ("supernet", "search", "retrain"), "supernet": ("supernet",),
-                  "search": ("search",), "retrain": ("retrain",)}
-_STAGE_DOCS = {"pipeline": "supernet -> search -> retrain (each stage resumes)",
+STAGE_COMMANDS = {"pipeline": ("supernet", "search", "hpo", "retrain"), "supernet": ("supernet",),
+                  "search": ("search",), "retrain": ("retrain",), "hpo": ("hpo",)}
+_STAGE_DOCS = {"pipeline": "supernet -> search -> [hpo ->] retrain (each stage resumes)",
                "supernet": "train the supernet (resumes from its last checkpoint)",
                "search": "evolutionary search on the trained supernet (resumes; nothing is scored twice)",
-               "retrain": "retrain the searched subnet and the baselines; test accuracy over seeds"}
+               "retrain": "retrain the searched subnet and the baselines; test accuracy over seeds",
+               "hpo": "hyper-parameter search (Optuna TPE + ASHA on Ray Tune) of each retraining method; resumes"}
 
 
 # ------------------------------------------------------------------------------ job configs
@@ -93,6 +95,8 @@ def _stage_command(args: argparse.Namespace) -> int:
         job.retrain.subnet = args.subnet
     if getattr(args, "method", None):
         job.retrain.method = args.method
+        if args.stage_command == "hpo":       # only that method
+            job.retrain.baselines = ()
     stages = STAGE_COMMANDS[args.stage_command]
     summary = pipeline.run_stages(job, stages, start_ray=functools.partial(pipeline.init_ray, args.address))
     print(pipeline.format_summary(summary))
@@ -149,6 +153,9 @@ def write_plots(uri: str, out_dir: str | Path, *, endpoint: str | None = None) -
         paths.append(results.plot_pareto(uri, out_dir / "pareto.png", endpoint=endpoint))
     if not results.supernet_curves(uri, endpoint=endpoint).empty:
         paths.append(results.plot_supernet_curves(uri, out_dir / "supernet_curves.png", endpoint=endpoint))
+    if not results.hpo(uri, endpoint=endpoint).empty:
+        paths.append(results.plot_hpo(uri, out_dir / "hpo_values.png", endpoint=endpoint))
+        paths.append(results.plot_asha_curves(uri, out_dir / "hpo_curves.png", endpoint=endpoint))
     for name, subnet in results.searched_subnets(uri, endpoint=endpoint).items():
         if any(any(subnet.layer_widths(m)) for m in subnet.widths):
             paths.append(results.plot_architecture(subnet, out_dir / f"architecture_{name}.png",
@@ -175,7 +182,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_TABLES = ("leaderboard", "vtab", "trials", "generations", "pareto", "runs", "curves")
+_TABLES = ("leaderboard", "vtab", "trials", "generations", "pareto", "runs", "curves", "hpo", "hpo_curves")
 
 
 def _results(args: argparse.Namespace) -> int:
@@ -185,7 +192,7 @@ def _results(args: argparse.Namespace) -> int:
 
     fn = {"leaderboard": results.leaderboard, "vtab": results.vtab_table, "trials": results.load_trials,
           "generations": results.generations, "pareto": results.pareto, "runs": results.runs,
-          "curves": results.supernet_curves}[args.table]
+          "curves": results.supernet_curves, "hpo": results.hpo, "hpo_curves": results.hpo_curves}[args.table]
     df = fn(args.uri, endpoint=args.endpoint)
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
@@ -223,9 +230,10 @@ def add_stage_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a new local Ray)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the traceback of an error (also: NOAH_RAY_DEBUG=1)")
-    if command == "retrain":
+    if command in ("retrain", "hpo"):
         p.add_argument("--subnet", help="subnet file to retrain (default: the search's best_subnet.yaml)")
-        p.add_argument("--method", help="noah or a baseline: linear, full, vpt, adapter, lora, e2vpt")
+        p.add_argument("--method", help="noah or a baseline: linear, full, vpt, adapter, lora, e2vpt"
+                       + (" (default: retrain.method and every baseline)" if command == "hpo" else ""))
     p.set_defaults(func=_stage_command, stage_command=command)
 
 

@@ -16,7 +16,7 @@ from noah_ray import storage
 from noah_ray.config import JobConfig
 from noah_ray.space import ConfigError, SubnetConfig
 
-STAGES = ("supernet", "search", "retrain")
+STAGES = ("supernet", "search", "hpo", "retrain")   # hpo runs only with an hpo section
 
 
 def _is_generated(job: JobConfig) -> bool:
@@ -91,8 +91,19 @@ def validate_job(job: JobConfig, stages: tuple[str, ...] = STAGES) -> None:
         if dim % job.prune.num_segments:
             raise ConfigError(f"prune.num_segments {job.prune.num_segments} must divide {job.model.name}'s "
                               f"embed dim {dim}; pick a divisor of {dim}")
-    if "retrain" in stages and job.retrain.subnet:
+    if ("retrain" in stages or "hpo" in stages) and job.retrain.subnet:
         job.space.validate(SubnetConfig.load(job.retrain.subnet))
+    _check_hpo(job, stages, METHODS)
+
+
+def _check_hpo(job: JobConfig, stages: tuple[str, ...], methods: tuple[str, ...]) -> None:
+    if stages == ("hpo",) and job.hpo is None:
+        raise ConfigError("the job has no hpo section; add one (e.g. hpo: {trials: 16}) to tune hyper-parameters")
+    if job.hpo is None:
+        return
+    for m in job.hpo.method_space:
+        if m not in methods:
+            raise ConfigError(f"hpo.method_space: {m!r} is not a retraining method; use one of {', '.join(methods)}")
 
 
 def preflight(job: JobConfig, stages: tuple[str, ...] = STAGES):
@@ -184,11 +195,21 @@ def _run(job: JobConfig, stages: tuple[str, ...]) -> dict:
         summary["search"] = {"best": res.best.to_dict() if res.best else None, "val_acc": res.best_val_acc,
                              "params": res.best_params, "evaluated": res.evaluated, "uri": res.uri,
                              "best_subnet_uri": res.best_subnet_uri, "finished": res.finished}
-    if "retrain" in stages:
-        methods = tuple(dict.fromkeys((job.retrain.method, *job.retrain.baselines)))
-        print(f"== retrain: {', '.join(methods)} x seeds {list(job.retrain.seeds)}", flush=True)
+    methods = tuple(dict.fromkeys((job.retrain.method, *job.retrain.baselines)))
+    if "hpo" in stages and job.hpo is not None:
+        from noah_ray.hpo import run_hpo
+
+        print(f"== hpo: {', '.join(methods)}, {job.hpo.searcher} + {job.hpo.scheduler}", flush=True)
         subnet = retrain_subnet(job) if "noah" in methods else None
-        summary["retrain"] = {m: retrain_seeds(job, subnet if m == "noah" else None, m) for m in methods}
+        summary["hpo"] = {m: run_hpo(job, m, subnet if m == "noah" else None).record() for m in methods}
+    if "retrain" in stages:
+        from noah_ray.hpo import tuned_retrain
+
+        print(f"== retrain: {', '.join(methods)} x seeds {list(job.retrain.seeds)}"
+              + (" with tuned hyper-parameters" if job.hpo else ""), flush=True)
+        subnet = retrain_subnet(job) if "noah" in methods else None
+        run = retrain_seeds if job.hpo is None else tuned_retrain
+        summary["retrain"] = {m: run(job, subnet if m == "noah" else None, m) for m in methods}
     summary["wall_time_s"] = time.time() - t0
     return summary
 
@@ -207,6 +228,9 @@ def format_summary(summary: dict) -> str:
                          f"({s['evaluated']} candidates scored) -> {s['best_subnet_uri'] or s['uri']}")
         else:
             lines.append(f"search: no finished result yet ({s['evaluated']} candidates scored); run it again to resume")
+    for method, r in summary.get("hpo", {}).items():
+        values = ", ".join(f"{k.partition('.')[2]} {v:.4g}" for k, v in r["values"].items())
+        lines.append(f"hpo {method}: best {r['metric']} {r['best_val']:.4g} of {r['trials']} trials with {values}")
     for method, r in summary.get("retrain", {}).items():
         lines.append(f"retrain {method}: test {r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} % "
                      f"over {len(r['runs'])} seed(s)")

@@ -24,7 +24,7 @@ from noah_ray import storage
 from noah_ray.config import JobConfig
 from noah_ray.space import ConfigError
 
-STAGE_ORDER = ("supernet", "search", "retrain")
+STAGE_ORDER = ("supernet", "search", "hpo", "retrain")
 
 
 def _splits(job: JobConfig, stages: tuple[str, ...]) -> list[str]:
@@ -33,8 +33,12 @@ def _splits(job: JobConfig, stages: tuple[str, ...]) -> list[str]:
         out += [d.train_split, d.val_split]
     if "search" in stages:
         out.append(d.val_split)
+    if "hpo" in stages and job.hpo is not None:
+        out += [d.train_split, d.val_split]
     if "retrain" in stages:
         out += [d.train_split, d.val_split, d.test_split]
+        if job.hpo is not None:                  # the tuned final runs train on train800val200
+            out.append(d.final_train_split)
     return list(dict.fromkeys(out))
 
 
@@ -105,7 +109,8 @@ def check_artifacts(job: JobConfig, stages: tuple[str, ...]) -> None:
         SearchStore(search_location(job).uri, job.storage_endpoint, run, job.name, job.data.dataset,
                     job.search.algorithm).load_state()
     methods = (job.retrain.method, *job.retrain.baselines)
-    if "retrain" in stages and "search" not in stages and "noah" in methods and not job.retrain.subnet:
+    if ("retrain" in stages or "hpo" in stages) and "search" not in stages and "noah" in methods \
+            and not job.retrain.subnet:
         job.space.validate(load_best_subnet(job))
 
 
@@ -116,13 +121,21 @@ def _stage_done(stage: str, job: JobConfig, num_classes: int) -> bool:
         return train.supernet_done(job, num_classes)
     if stage == "search":
         return search.search_done(job)
+    from noah_ray import hpo
     from noah_ray.pipeline import retrain_subnet
 
+    if stage == "hpo" and job.hpo is None:
+        return True
     methods = tuple(dict.fromkeys((job.retrain.method, *job.retrain.baselines)))
     try:
         subnet = retrain_subnet(job) if "noah" in methods else None
     except ConfigError:                  # e.g. the winner file is not written yet: the search stage writes it
         return False
+    if stage == "hpo":
+        return all(hpo.hpo_done(job, m) for m in methods)
+    if job.hpo is not None:
+        return all(hpo.tuned_retrain_done(job, subnet if m == "noah" else None, m, seed, num_classes)
+                   for m in methods for seed in job.retrain.seeds)
     return all(train.retrain_done(job, subnet if m == "noah" else None, m, seed, num_classes)
                for m in methods for seed in job.retrain.seeds)
 

@@ -10,6 +10,8 @@ recursively.  Tables and their stage folders (schemas in :data:`noah_ray.storage
     <job>/search/pareto            the non-dominated candidates of each finished search
     <job>/retrain/runs             one row per retraining run (val-selected epoch, test once)
     <job>/retrain/train_metrics    per retraining epoch
+    <job>/hpo/hpo_trials           one row per hyper-parameter trial (values as hp_* columns)
+    <job>/hpo/hpo_curves           per trial epoch: the validation curve ASHA judged
 
 The same files read with plain pandas / pyarrow, e.g.
 ``pandas.read_parquet("s3://bucket/noah/cifar100-noah/search/trials")`` (pass
@@ -32,7 +34,8 @@ from noah_ray.space import MODULES, ConfigError, SubnetConfig
 
 #: which stage folders hold each table
 TABLE_STAGES = {"trials": ("search",), "generations": ("search",), "pareto": ("search",),
-                "runs": ("retrain",), "train_metrics": ("supernet", "retrain")}
+                "runs": ("retrain",), "train_metrics": ("supernet", "retrain"),
+                "hpo_trials": ("hpo",), "hpo_curves": ("hpo",)}
 
 
 def _stage_dirs(loc: storage.Location, table: str) -> list[storage.Location]:
@@ -149,6 +152,23 @@ def supernet_curves(uri: str, endpoint: str | None = None) -> pd.DataFrame:
     return df.sort_values(["job", "epoch", "subnet"], na_position="first").reset_index(drop=True)
 
 
+def hpo(uri: str, endpoint: str | None = None) -> pd.DataFrame:
+    """One row per hyper-parameter trial: job, method, trial id, one ``hp_*`` column per tuned
+    setting, epochs run, stopped early, best and last val, wall time, worker, and ``chosen``: the
+    trial whose values the final runs used."""
+    df = load_table(uri, "hpo_trials", endpoint)
+    if df.empty:
+        return df
+    df = df.sort_values("timestamp").drop_duplicates(["job", "method", "trial_id"], keep="last")
+    return df.sort_values(["job", "method", "trial_id"]).reset_index(drop=True)
+
+
+def hpo_curves(uri: str, endpoint: str | None = None) -> pd.DataFrame:
+    """Per hyper-parameter trial and epoch: train loss, val accuracy and loss, learning rate."""
+    df = load_table(uri, "hpo_curves", endpoint)
+    return df.sort_values(["job", "method", "trial_id", "epoch"]).reset_index(drop=True)
+
+
 def config_of(row: pd.Series) -> SubnetConfig:
     """The SubnetConfig of a trials / pareto / runs / generations row."""
     text = row["config_json"] if "config_json" in row else row["best_config_json"]
@@ -241,6 +261,55 @@ def plot_supernet_curves(uri: str, path: str | Path, endpoint: str | None = None
     b.set_ylabel("val accuracy (%)")
     b.legend(fontsize=7)
     b.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_hpo(uri: str, path: str | Path, endpoint: str | None = None) -> Path:
+    """Best val of every hyper-parameter trial against each tuned setting (log axes for ranges
+    spanning a decade or more), one colour per method; the chosen trials ringed."""
+    df = hpo(uri, endpoint)
+    df = df[df["status"] == "done"] if not df.empty else df
+    cols = [c for c in df.columns if c.startswith("hp_") and df[c].notna().any()]
+    if not cols:
+        raise ConfigError(f"no hyper-parameter trials under {uri!r}; run the hpo stage first")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols) + 0.6, 3.4), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        for i, (method, d) in enumerate(df.dropna(subset=[col]).groupby("method")):
+            ax.scatter(d[col], d["best_val"], s=14, c=f"C{i}", label=method)
+            chosen = d[d["chosen"]]
+            ax.scatter(chosen[col], chosen["best_val"], s=80, facecolors="none", edgecolors="k")
+        positive = df[col].dropna()
+        if (positive > 0).all() and positive.max() >= 10 * positive.min():
+            ax.set_xscale("log")
+        ax.set_xlabel(col[3:])
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"best {df['metric'].iloc[0].replace('_', ' ')} of the trial")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("hyper-parameter search: val vs each setting (ringed: chosen)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_asha_curves(uri: str, path: str | Path, endpoint: str | None = None) -> Path:
+    """The val accuracy per epoch of every trial, one panel per method: trials ASHA stopped end
+    early (grey), trials that ran every epoch in colour."""
+    curves, trials = hpo_curves(uri, endpoint), hpo(uri, endpoint)
+    if curves.empty:
+        raise ConfigError(f"no hyper-parameter curves under {uri!r}; run the hpo stage first")
+    stopped = set(trials.loc[trials["stopped_early"].fillna(False).astype(bool), "trial_id"])
+    methods = sorted(curves["method"].unique())
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.4 * len(methods) + 0.6, 3.4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for i, (tid, d) in enumerate(curves[curves["method"] == method].groupby("trial_id")):
+            early = tid in stopped
+            ax.plot(d["epoch"] + 1, d["val_acc"], ".-", c="0.65" if early else f"C{i % 10}",
+                    lw=0.8 if early else 1.4, alpha=0.8)
+        ax.set_title(f"{method}: {len(set(curves.loc[curves['method'] == method, 'trial_id']))} trials "
+                     f"(grey: stopped early)", fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val accuracy (%)")
+        ax.grid(alpha=0.3)
     return _save(fig, path)
 
 

@@ -74,8 +74,30 @@ TABLES: dict[str, pa.Schema] = {
         ("params_head", pa.int64()), ("val_acc", pa.float64()), ("test_acc", pa.float64()),
         ("best_epoch", pa.int32()), ("epochs", pa.int32()), ("wall_time_s", pa.float64()),
         ("checkpoint_uri", pa.string()), ("timestamp", pa.timestamp("ms", tz="UTC")),
+        ("hpo_json", pa.string()),          # the tuned values the run trained with (noah_ray.hpo), else null
+    ]),
+    # one row per hyper-parameter trial (noah_ray.hpo); plus one float64 column per tuned setting,
+    # named hp_<path with dots as underscores> (hp_retrain_lr, hp_model_drop_path_rate, ...)
+    "hpo_trials": pa.schema([
+        ("run_id", pa.string()), ("job", pa.string()), ("dataset", pa.string()), ("method", pa.string()),
+        ("searcher", pa.string()), ("scheduler", pa.string()), ("trial_id", pa.string()),
+        ("config_json", pa.string()), ("metric", pa.string()), ("status", pa.string()),
+        ("epochs_run", pa.int32()), ("max_epochs", pa.int32()), ("stopped_early", pa.bool_()),
+        ("best_val", pa.float64()), ("best_epoch", pa.int32()), ("last_val", pa.float64()),
+        ("wall_time_s", pa.float64()), ("worker", pa.string()), ("error", pa.string()),
+        ("chosen", pa.bool_()), ("timestamp", pa.timestamp("ms", tz="UTC")),
+    ]),
+    # per-epoch curve of every hyper-parameter trial (what ASHA saw)
+    "hpo_curves": pa.schema([
+        ("run_id", pa.string()), ("job", pa.string()), ("dataset", pa.string()), ("method", pa.string()),
+        ("trial_id", pa.string()), ("epoch", pa.int32()), ("train_loss", pa.float64()),
+        ("val_acc", pa.float64()), ("val_loss", pa.float64()), ("lr", pa.float64()),
+        ("images_per_s", pa.float64()), ("timestamp", pa.timestamp("ms", tz="UTC")),
     ]),
 }
+
+#: tables that also keep extra float64 columns with this prefix (one per tuned hyper-parameter)
+DYNAMIC_COLUMNS: dict[str, str] = {"hpo_trials": "hp_"}
 
 
 @dataclass(frozen=True)
@@ -245,10 +267,13 @@ def append_table(base: Location, table_name: str, table: pa.Table, part: str | N
 def conform(table_name: str, table: pa.Table) -> pa.Table:
     """Cast ``table`` to the fixed schema of ``table_name`` (missing nullable columns -> null)."""
     schema = TABLES[table_name]
-    extra = set(table.column_names) - set(schema.names)
+    prefix = DYNAMIC_COLUMNS.get(table_name)
+    dynamic = sorted(c for c in table.column_names if prefix and c.startswith(prefix) and c not in schema.names)
+    extra = set(table.column_names) - set(schema.names) - set(dynamic)
     if extra:
         raise ConfigError(f"table {table_name!r}: unknown column(s) {sorted(extra)}; "
                           f"the schema has {', '.join(schema.names)}")
+    schema = pa.schema([*schema, *(pa.field(c, pa.float64()) for c in dynamic)])
     cols = [table.column(f.name).cast(f.type, safe=not pa.types.is_timestamp(f.type)) if f.name in table.column_names
             else pa.nulls(table.num_rows, f.type) for f in schema]
     return pa.Table.from_arrays(cols, schema=schema)

@@ -231,10 +231,7 @@ def _train_loop(config: dict) -> None:
     val_loader = build_loader(job.data, job.data.val_split, train=False, mean=mean, std=std, img_size=size,
                               endpoint=endpoint) if rank == 0 else None
     steps = len(train_loader)
-    opt = optim.adamw(model, lr, tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, optim.warmup_cosine(tc.epochs * steps, tc.warmup_epochs * steps, min(1.0, tc.min_lr / lr)))
-    scaler = torch.amp.GradScaler(device.type, enabled=job.model.precision == "fp16")
+    opt, sched, scaler = make_optimizer(model, tc, lr, steps, device, job.model.precision)
     state = {"epoch": -1, "best_val": -1.0, "best_epoch": -1, "train_time_s": 0.0, "val_acc": {}, "start_epochs": []}
     ckpt = optim.latest_checkpoint(run_dir)
     if ckpt:
@@ -253,22 +250,15 @@ def _train_loop(config: dict) -> None:
     for epoch in range(start, tc.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        model.train()
         t0, digest = time.time(), hashlib.sha1()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, batches, images
-        for step, (x, y) in enumerate(train_loader):
-            if stage == "supernet":
-                cfg = step_subnet(job.space, seed, epoch, step)
-                model.set_active(cfg)
-                digest.update(cfg.key().encode())
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(net(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            sums += torch.stack([loss.detach().double(), sums.new_tensor(1.0), sums.new_tensor(float(y.numel()))])
+
+        def sample_subnet(step: int, epoch: int = epoch) -> None:
+            cfg = step_subnet(job.space, seed, epoch, step)
+            model.set_active(cfg)
+            digest.update(cfg.key().encode())
+
+        sums = train_epoch(net, train_loader, opt, sched, scaler, device,
+                           sample_subnet if stage == "supernet" else None)
         if world > 1:
             if stage == "supernet":
                 _check_same_subnets(digest.hexdigest(), epoch)
@@ -303,6 +293,36 @@ def _train_loop(config: dict) -> None:
         _maybe_fail(config, epoch, rank)
     if rank == 0:
         _finish(config, job, stage, model, run_dir, state, device, mean, std, size)
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig, lr: float, steps: int, device: torch.device,
+                   precision: str) -> tuple:
+    """AdamW (``tc.weight_decay``), the per-step warm-up + cosine schedule over ``tc.epochs`` and
+    the fp16 loss scaler (a no-op otherwise): ``(opt, sched, scaler)``."""
+    opt = optim.adamw(model, lr, tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, optim.warmup_cosine(tc.epochs * steps, tc.warmup_epochs * steps, min(1.0, tc.min_lr / lr)))
+    return opt, sched, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def train_epoch(net: torch.nn.Module, loader, opt, sched, scaler, device: torch.device,
+                before_step=None) -> torch.Tensor:
+    """One pass over ``loader`` (cross-entropy, one optimiser and schedule step per batch);
+    ``before_step(step)`` runs before each.  Returns ``[loss sum, batches, images]`` (float64)."""
+    net.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for step, (x, y) in enumerate(loader):
+        if before_step is not None:
+            before_step(step)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = F.cross_entropy(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        sums += torch.stack([loss.detach().double(), sums.new_tensor(1.0), sums.new_tensor(float(y.numel()))])
+    return sums
 
 
 def _check_same_subnets(digest: str, epoch: int) -> None:
@@ -360,6 +380,8 @@ def _finish(config, job, stage, model, run_dir, state, device, mean, std, size) 
             "val_acc": state["val_acc"], "params_head": counts["head"],
             "params": trainable - counts["head"] if config["method"] == "full" else
             sum(v for k, v in counts.items() if k != "head")}
+    if config["spec"].get("hpo"):
+        meta["hpo"] = config["spec"]["hpo"]
     if config.get("prune_plan"):
         meta["prune_plan"] = config["prune_plan"]
         meta["params_materialised"] = meta["params"]
@@ -533,13 +555,16 @@ def supernet_done(job: JobConfig, num_classes: int) -> bool:
     return _finished(job_root(job).join(_supernet_dir(None)), spec, tc.epochs)
 
 
-def retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str, seed: int, num_classes: int) -> bool:
+def retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str, seed: int, num_classes: int,
+                 hpo: dict | None = None) -> bool:
     """Whether retraining ``method`` with ``seed`` finished earlier (E2VPT with pruning: unknown, False)."""
     if method == "e2vpt" and job.prune is not None:
         return False
     cfg = subnet_for(method, job, subnet)
     lr = float(job.retrain.method_lr.get(method, job.retrain.lr))
     spec = _spec(job, "retrain", method, cfg, lr, seed, num_classes)
+    if hpo:
+        spec["hpo"] = hpo
     run_id = f"{method}-seed{seed}"
     return _finished(job_root(job).join("retrain", run_id, _fingerprint(spec)), spec, job.retrain.epochs)
 
@@ -557,31 +582,36 @@ def load_supernet(job: JobConfig, run_name: str | None = None) -> PromptedViT:
 
 
 def retrain(job: JobConfig, subnet: SubnetConfig | None, *, method: str = "noah", seed: int = 0,
-            _faults: list | None = None) -> TrainResult:
+            hpo: dict | None = None, _faults: list | None = None) -> TrainResult:
     """Train one fixed config from scratch on ``data.train_split``; pick the epoch on
     ``data.val_split``, evaluate ``data.test_split`` once with it; add a row to ``runs``.
 
     With a ``prune`` section, ``e2vpt`` then prunes the trained prompts (token-wise, then
     segment-wise, scored on training batches), rewinds the kept ones to their initial values and
-    retrains them: a second run and row, ``e2vpt-pruned``, which is what is returned."""
+    retrains them: a second run and row, ``e2vpt-pruned``, which is what is returned.
+
+    ``hpo`` (from :mod:`noah_ray.hpo`: the chosen values and their trial) is recorded with the run:
+    in its spec and ``meta.json`` (key ``hpo``) and the ``runs`` row (``hpo_json``)."""
     cfg = subnet_for(method, job, subnet)
     tc = job.retrain
     lr = float(tc.method_lr.get(method, tc.lr))
     n = _preflight(job, tc, (job.data.train_split, job.data.val_split, job.data.test_split))
-    result = _retrain_run(job, method, cfg, lr, seed, n, faults=_faults)
+    result = _retrain_run(job, method, cfg, lr, seed, n, faults=_faults, hpo=hpo)
     if method != "e2vpt" or job.prune is None:
         return result
     plan = _prune_plan(job, cfg, seed, n, result.metrics["checkpoint_uri"])
-    return _retrain_run(job, "e2vpt-pruned", cfg, lr, seed, n, prune_plan=plan)
+    return _retrain_run(job, "e2vpt-pruned", cfg, lr, seed, n, prune_plan=plan, hpo=hpo)
 
 
 def _retrain_run(job: JobConfig, label: str, cfg: SubnetConfig, lr: float, seed: int, n: int, *,
-                 faults: list | None = None, prune_plan: dict | None = None) -> TrainResult:
+                 faults: list | None = None, prune_plan: dict | None = None, hpo: dict | None = None) -> TrainResult:
     method = "e2vpt" if prune_plan else label
     run_id = f"{label}-seed{seed}"
     spec = _spec(job, "retrain", method, cfg, lr, seed, n)
     if prune_plan:
         spec["prune_plan"] = prune_plan
+    if hpo:
+        spec["hpo"] = hpo
     fp = _fingerprint(spec)
     meta = _fit(job, "retrain", run_id, f"retrain/{run_id}/{fp}", method=method, seed=seed, subnet=cfg, lr=lr,
                 spec=spec, num_classes=n, metrics_part=f"{run_id}-{fp}", fingerprint=fp, faults=faults,
@@ -593,7 +623,9 @@ def _retrain_run(job: JobConfig, label: str, cfg: SubnetConfig, lr: float, seed:
            "config_json": trained.to_json(), "params": meta["params"], "params_head": meta["params_head"],
            "val_acc": meta["best_val"], "test_acc": meta["test_acc"], "best_epoch": meta["best_epoch"],
            "epochs": meta["epochs_done"], "wall_time_s": meta["train_time_s"], "checkpoint_uri": meta["best_uri"],
-           "timestamp": datetime.now(timezone.utc)}
+           "timestamp": datetime.now(timezone.utc), "hpo_json": json.dumps(hpo, sort_keys=True) if hpo else None}
+    if hpo and hpo.get("val_acc") is not None:   # a tuned run trains on its val images: report the search's val
+        row["val_acc"] = hpo["val_acc"]
     storage.append_table(root.join("retrain"), "runs", pa.Table.from_pylist([row]), part=f"{run_id}-{fp}")
     print(f"[retrain] {label} seed {seed}: val {row['val_acc']:.2f}% (epoch {row['best_epoch'] + 1}) "
           f"test {row['test_acc']:.2f}% params {row['params'] / 1e6:.4f}M", flush=True)
@@ -646,9 +678,10 @@ def _publish(attempt: storage.Location, alias: storage.Location, fp: str) -> Non
             storage.write_bytes(alias.join(part, name), storage.read_bytes(attempt.join(part, name)))
 
 
-def retrain_seeds(job: JobConfig, subnet: SubnetConfig | None, method: str = "noah") -> dict:
+def retrain_seeds(job: JobConfig, subnet: SubnetConfig | None, method: str = "noah",
+                  hpo: dict | None = None) -> dict:
     """Retrain for every seed in ``retrain.seeds``; test accuracy as mean and (population) std."""
-    results = [retrain(job, subnet, method=method, seed=s) for s in job.retrain.seeds]
+    results = [retrain(job, subnet, method=method, seed=s, hpo=hpo) for s in job.retrain.seeds]
     accs = [r.metrics["test_acc"] for r in results]
     return {"method": results[0].metrics["method"], "test_acc_mean": statistics.fmean(accs),
             "test_acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "runs": accs,

@@ -15,7 +15,7 @@ import yaml
 from noah_ray import cli, storage
 from noah_ray.data import write_generated_vtab
 
-SUBCOMMANDS = ("demo", "pipeline", "supernet", "search", "retrain", "results", "import-noah", "export")
+SUBCOMMANDS = ("demo", "pipeline", "supernet", "search", "retrain", "hpo", "results", "import-noah", "export")
 
 
 def tree(root: Path) -> list[str]:

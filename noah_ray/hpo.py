@@ -1,0 +1,529 @@
+"""Hyper-parameter search of retraining and the baselines on Ray Tune: Optuna TPE + ASHA.
+
+With an ``hpo:`` section (:class:`~noah_ray.config.HpoConfig`) every retraining method (the
+searched subnet and each baseline) first gets the same budget of Tune trials: each trial trains
+the method's fixed config on ``data.train_split`` (train800) and reports the validation metric on
+``data.val_split`` (val200) after every epoch; the searcher (``tpe``: Ray Tune's ``OptunaSearch``
+with Optuna's TPE sampler; ``random`` / ``grid``: Tune's ``BasicVariantGenerator``) proposes the
+values and the scheduler (``asha``: ``ASHAScheduler``; ``fifo``) stops weak trials early.  The best
+trial (best validation value over its epochs) fixes the values; the final runs then train on
+``data.final_train_split`` (train800val200) with them for every seed, keep the last epoch (the
+validation images are training images there) and report test once (:func:`tuned_retrain`).
+
+Layout under ``<storage>/<job>/hpo/``::
+
+    hpo_trials/<method>-<trial>.parquet        one row per ended trial (written as it ends)
+    hpo_curves/<method>-<trial>-e00003.parquet one row per trial epoch (what ASHA saw)
+    <method>/settings.json                     what the search started with (a re-run must match)
+    <method>/best.json                         the chosen values, once every trial has ended
+    tune/<method>/                             Ray Tune's experiment and the trials' checkpoints
+
+Resuming: a re-run restores the Tune experiment (``Tuner.restore``): ended trials stay ended,
+running ones continue from their last epoch checkpoint, the searcher keeps its state.  A trial
+whose row is already written (it ended just before a kill, before Tune saved its experiment
+state) reports that row again and trains nothing.  Tune does not save the scheduler's state, so a
+restored ASHA judges later results against the rungs of the restored session only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import pyarrow as pa
+from ray import tune
+
+from noah_ray import storage
+from noah_ray.config import HPO_METRICS, HpoConfig, HpoParam, JobConfig, hpo_is_int
+from noah_ray.security import tune_without_credentials
+from noah_ray.space import ConfigError, RunError, SubnetConfig
+
+#: which module a setting belongs to, by a word in its key (it is tuned only where that module trains)
+MODULE_WORDS: tuple[tuple[str, str], ...] = (("lora", "lora"), ("adapter", "adapter"), ("kv", "kv_prompt"),
+                                             ("prompt", "vpt"), ("vpt", "vpt"))
+#: HpoConfig keys that may change between a run and its resumption (resources, not results)
+_RESOURCE_KEYS = ("max_concurrent", "cpus_per_trial", "gpus_per_trial", "trial_retries")
+
+
+# ====================================================================== the space
+def _module_of(path: str) -> str | None:
+    key = path.partition(".")[2]
+    return next((m for word, m in MODULE_WORDS if word in key), None)
+
+
+def space_for(job: JobConfig, method: str, cfg: SubnetConfig) -> dict[str, HpoParam]:
+    """The tuned settings of ``method`` (config path -> range): ``hpo.space`` with
+    ``hpo.method_space[method]``, minus the settings of modules the method does not train (no
+    ``lora_scale`` for VPT) and those limited to other methods."""
+    active = set(cfg.active_modules())
+    out = {}
+    for path, p in job.hpo.params(method).items():
+        module = _module_of(path)
+        if p.methods is not None:
+            keep = method in p.methods
+        else:
+            keep = module is None or module in active
+        if keep:
+            out[path] = p
+    return out
+
+
+def grid_values(p: HpoParam, points: int, is_int: bool) -> list[float]:
+    """``p``'s values, or ``points`` values spread over its range (log-spaced on a log range)."""
+    if p.values is not None:
+        return list(p.values)
+    if p.log:
+        vals = [p.low * (p.high / p.low) ** (i / (points - 1)) for i in range(points)]
+    else:
+        vals = [p.low + (p.high - p.low) * i / (points - 1) for i in range(points)]
+    return sorted({int(round(v)) for v in vals}) if is_int else vals
+
+
+def _domain(p: HpoParam, is_int: bool):
+    if p.values is not None:
+        return tune.choice(list(p.values))
+    if is_int:
+        return tune.lograndint(int(p.low), int(p.high) + 1) if p.log else tune.randint(int(p.low), int(p.high) + 1)
+    return tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
+
+
+def param_space(space: dict[str, HpoParam], h: HpoConfig) -> dict[str, Any]:
+    """Tune's ``param_space``: sampled domains, or ``tune.grid_search`` for the grid searcher."""
+    if h.searcher == "grid":
+        return {k: tune.grid_search(grid_values(p, h.grid_points, hpo_is_int(k))) for k, p in space.items()}
+    return {k: _domain(p, hpo_is_int(k)) for k, p in space.items()}
+
+
+# ====================================================================== searchers and schedulers
+def _tpe(h: HpoConfig):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    startup = h.startup_trials or max(2, h.trials // 4)
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(n_startup_trials=startup, seed=h.seed))
+
+
+def _variants(h: HpoConfig):
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=h.seed, max_concurrent=h.max_concurrent)
+
+
+def _asha(h: HpoConfig, epochs: int):
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(h.grace_period, epochs),
+                         reduction_factor=h.reduction_factor)
+
+
+def _fifo(h: HpoConfig, epochs: int):
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler()
+
+
+#: searcher name -> factory (Tune's own search algorithms), scheduler name -> factory
+SEARCHERS: dict[str, Callable] = {"tpe": _tpe, "random": _variants, "grid": _variants}
+SCHEDULERS: dict[str, Callable] = {"asha": _asha, "fifo": _fifo}
+
+
+# ====================================================================== tables
+@dataclass(frozen=True)
+class TrialTables:
+    """Where one method's trial rows and curves go; plain data, so Tune pickles it safely."""
+
+    uri: str                  # <storage>/<job>/hpo
+    endpoint: str | None
+    job: str
+    dataset: str
+    method: str
+    searcher: str
+    scheduler: str
+    metric: str
+    max_epochs: int
+
+    @property
+    def base(self) -> storage.Location:
+        return storage.resolve(self.uri, self.endpoint)
+
+    def _ids(self) -> dict[str, Any]:
+        return {"run_id": self.method, "job": self.job, "dataset": self.dataset, "method": self.method}
+
+    def row_loc(self, trial_id: str) -> storage.Location:
+        return self.base.join("hpo_trials", f"{self.method}-{trial_id}.parquet")
+
+    def finished(self, trial_id: str) -> dict | None:
+        """The last result of a trial whose row is written (None if it has not ended)."""
+        import io
+
+        import pyarrow.parquet as pq
+
+        loc = self.row_loc(trial_id)
+        if not storage.exists(loc):
+            return None
+        row = pq.read_table(io.BytesIO(storage.read_bytes(loc))).to_pylist()[0]
+        return json.loads(row["config_json"])["last_result"] if row["status"] == "done" else None
+
+    def write_curve(self, trial_id: str, metrics: dict) -> None:
+        keys = ("train_loss", "val_acc", "val_loss", "lr", "images_per_s")
+        row = {**self._ids(), "trial_id": trial_id, "epoch": metrics["epoch"] - 1,
+               **{k: metrics[k] for k in keys}, "timestamp": datetime.now(timezone.utc)}
+        storage.append_table(self.base, "hpo_curves", pa.Table.from_pylist([row]),
+                             part=f"{self.method}-{trial_id}-e{metrics['epoch'] - 1:05d}")
+
+    def write_trial(self, trial_id: str, config: dict, result: dict | None, status: str,
+                    error: str | None = None, chosen: bool = False) -> None:
+        """The trial's row (a fixed part name: rewriting it is idempotent)."""
+        r = result or {}
+        epochs = int(r.get("epoch", 0))
+        values = {k: float(v) for k, v in config.items()}
+        row = {**self._ids(), "searcher": self.searcher, "scheduler": self.scheduler, "trial_id": trial_id,
+               "config_json": json.dumps({"values": values, "last_result": _plain(r)}, sort_keys=True),
+               "metric": self.metric, "status": status, "epochs_run": epochs, "max_epochs": self.max_epochs,
+               "stopped_early": status == "done" and epochs < self.max_epochs, "best_val": r.get("best_val"),
+               "best_epoch": r.get("best_epoch"), "last_val": r.get(self.metric),
+               "wall_time_s": r.get("trial_time_s"), "worker": r.get("worker"), "error": error,
+               "chosen": chosen, "timestamp": datetime.now(timezone.utc),
+               **{hp_column(k): v for k, v in values.items()}}
+        storage.append_table(self.base, "hpo_trials", pa.Table.from_pylist([row]), part=f"{self.method}-{trial_id}")
+
+
+def hp_column(path: str) -> str:
+    """The ``hpo_trials`` column of a tuned setting: ``retrain.lr`` -> ``hp_retrain_lr``."""
+    return "hp_" + path.replace(".", "_")
+
+
+def _plain(result: dict) -> dict:
+    keys = ("epoch", "val_acc", "val_loss", "train_loss", "lr", "best_val", "best_epoch", "best_val_acc",
+            "trial_time_s", "worker", "images_per_s")
+    return {k: result[k] for k in keys if k in result}
+
+
+class TrialRecorder(tune.Callback):
+    """Writes a trial's ``hpo_trials`` row the moment Tune ends it (finished or stopped by ASHA)."""
+
+    def __init__(self, tables: TrialTables) -> None:
+        self.tables = tables
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.tables.write_trial(trial.trial_id, trial.config, trial.last_result, "done")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.tables.write_trial(trial.trial_id, trial.config, trial.last_result, "error")
+
+
+# ====================================================================== the trial
+def _val_metrics(model, loader, device) -> tuple[float, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``loader``."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    hits = loss = count = 0.0
+    with torch.inference_mode():
+        for x, y in loader:
+            logits = model(x.to(device, non_blocking=True)).float().cpu()
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            hits += float((logits.argmax(-1) == y).sum())
+            count += y.numel()
+    return 100.0 * hits / max(count, 1), loss / max(count, 1)
+
+
+def _better(metric: str, new: float, old: float | None) -> bool:
+    return old is None or (new > old if HPO_METRICS[metric] == "max" else new < old)
+
+
+def hpo_trial(config: dict, job: dict, method: str, subnet: str, backbone: str | None, num_classes: int,
+              tables: TrialTables) -> None:
+    """One Tune trial: train ``method`` with the values in ``config`` (config path -> value) on
+    the training split, report the validation metrics and a checkpoint after every epoch."""
+    import torch
+
+    from noah_ray import optim
+    from noah_ray.train import build_model, make_optimizer, train_epoch
+
+    trial_id = tune.get_context().get_trial_id()
+    ended = tables.finished(trial_id)
+    if ended is not None:                 # ended before a kill: report it again, train nothing
+        tune.report(ended)
+        return
+    base = JobConfig.from_dict(job)
+    h, tuned = base.hpo, base.with_values(config, method)
+    torch.set_num_threads(max(1, int(h.cpus_per_trial)))
+    device = torch.device("cuda" if h.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(h.seed)
+    model = build_model(tuned, SubnetConfig.from_json(subnet), backbone, num_classes,
+                        train_backbone=method == "full").to(device)
+    train, val = _loaders(tuned, model)
+    tc = tuned.retrain
+    opt, sched, scaler = make_optimizer(model, tc, tc.method_lr.get(method, tc.lr), len(train), device,
+                                        tuned.model.precision)
+    state = {"epoch": -1, "best_val": None, "best_epoch": -1, "best_val_acc": None, "trial_time_s": 0.0}
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = optim.restore(optim.latest_checkpoint(storage.resolve(d)), model, opt, sched, scaler, 0, device)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    if state["epoch"] + 1 >= tc.epochs and "metrics" in state:   # killed after its last report
+        tune.report(state["metrics"])
+    for epoch in range(state["epoch"] + 1, tc.epochs):
+        t0 = time.time()
+        loss_sum, batches, images = train_epoch(model, train, opt, sched, scaler, device).tolist()
+        acc, vloss = _val_metrics(model, val, device)
+        state["trial_time_s"] += time.time() - t0
+        value = acc if h.metric == "val_acc" else vloss
+        if _better(h.metric, value, state["best_val"]):
+            state.update(best_val=value, best_epoch=epoch, best_val_acc=acc)
+        state["epoch"] = epoch
+        metrics = {"epoch": epoch + 1, "val_acc": acc, "val_loss": vloss, "train_loss": loss_sum / max(batches, 1),
+                   "lr": sched.get_last_lr()[0], "images_per_s": images / max(time.time() - t0, 1e-9),
+                   "best_val": state["best_val"], "best_epoch": state["best_epoch"],
+                   "best_val_acc": state["best_val_acc"], "trial_time_s": state["trial_time_s"], "worker": worker}
+        tables.write_curve(trial_id, metrics)
+        state["metrics"] = metrics
+        _report(metrics, state, (model, opt, sched, scaler), device)
+
+
+def _loaders(job: JobConfig, model) -> tuple:
+    """The training and validation loaders of a trial (the model's normalisation and input size)."""
+    from noah_ray.data import build_loader, norm_for
+
+    mean, std, size = norm_for(model)
+    kw = {"mean": mean, "std": std, "img_size": job.data.img_size or size, "endpoint": job.storage_endpoint}
+    return (build_loader(job.data, job.data.train_split, train=True, **kw),
+            build_loader(job.data, job.data.val_split, train=False, **kw))
+
+
+def _report(metrics: dict, state: dict, objects: tuple, device) -> None:
+    """Report an epoch to Tune with a checkpoint (``checkpoint_e<epoch>/`` in the format of
+    :mod:`noah_ray.optim`, so the trial resumes exactly there)."""
+    from noah_ray import optim
+
+    with tempfile.TemporaryDirectory(prefix="noah-hpo-") as d:
+        sub = os.path.join(d, f"checkpoint_e{state['epoch']:05d}")
+        os.makedirs(sub)
+        optim.save_checkpoint(sub, *objects, state, 0, 1, device)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+# ====================================================================== the driver
+@dataclass
+class HpoResult:
+    """What one method's search chose.  ``values``: config path -> value."""
+
+    method: str
+    values: dict[str, float]
+    trial_id: str
+    metric: str
+    best_val: float
+    val_acc: float | None
+    trials: int
+    stopped_early: int
+    epochs_trained: int
+    errors: int
+    uri: str
+    extra: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        """What the final runs carry (spec, ``meta.json`` key ``hpo``, runs column ``hpo_json``)."""
+        return {"values": self.values, "trial_id": self.trial_id, "metric": self.metric,
+                "best_val": self.best_val, "val_acc": self.val_acc, "trials": self.trials}
+
+
+def hpo_location(job: JobConfig) -> storage.Location:
+    return storage.resolve(job.storage, job.storage_endpoint).join(job.name, "hpo")
+
+
+def _trial_job(job: JobConfig) -> dict:
+    """The job every trial of the method trains: ``retrain`` with ``hpo.epochs`` epochs."""
+    data = job.to_dict()
+    data["retrain"]["epochs"] = job.hpo.epochs or job.retrain.epochs
+    return data
+
+
+def _settings(job: JobConfig, method: str, cfg: SubnetConfig, space: dict[str, HpoParam]) -> dict:
+    d, r = job.data, job.retrain
+    hpo = {k: v for k, v in dataclasses.asdict(job.hpo).items() if k not in _RESOURCE_KEYS}
+    return {"method": method, "subnet": cfg.to_dict(), "space": {k: dataclasses.asdict(p) for k, p in space.items()},
+            "hpo": hpo, "model": dataclasses.asdict(job.model),
+            "data": {"dataset": d.dataset, "format": d.format, "train_split": d.train_split, "val_split": d.val_split,
+                     "batch_size": d.batch_size, "img_size": d.img_size, "shots": d.shots, "seed": d.seed},
+            "retrain": {"epochs": job.hpo.epochs or r.epochs, "lr": r.method_lr.get(method, r.lr),
+                        "weight_decay": r.weight_decay, "warmup_epochs": r.warmup_epochs, "min_lr": r.min_lr}}
+
+
+def _check_settings(loc: storage.Location, settings: dict) -> None:
+    """Refuse to resume a search started with other settings (one line naming the first)."""
+    f = loc.join("settings.json")
+    if not storage.exists(f):
+        storage.write_text(f, json.dumps(settings, indent=1, sort_keys=True, default=list))
+        return
+    old = json.loads(storage.read_text(f))
+    new = json.loads(json.dumps(settings, default=list))
+    for k in new:
+        if old.get(k) != new[k]:
+            sub = next((s for s in new[k] if old.get(k, {}).get(s) != new[k][s]), None) \
+                if isinstance(new[k], dict) and isinstance(old.get(k), dict) else None
+            what = f"{k}.{sub}" if sub else k
+            raise ConfigError(f"hyper-parameter search {loc.uri!r} was started with other {what} "
+                              f"({json.dumps(old.get(k) if sub is None else old[k].get(sub))[:100]}, now "
+                              f"{json.dumps(new[k] if sub is None else new[k][sub])[:100]}); restore the "
+                              f"setting, or use another job name")
+
+
+def _tuner(job: JobConfig, method: str, trainable, space: dict[str, HpoParam], tables: TrialTables):
+    """A new Tune experiment for ``method``, or the interrupted one restored (``Tuner.restore``)."""
+    h = job.hpo
+    tune_dir = hpo_location(job).join("tune")
+    path = tune_dir.join(method)
+    if tune.Tuner.can_restore(path.path, storage_filesystem=path.fs):
+        print(f"[hpo {method}] resuming the search from {path.uri}", flush=True)
+        return tune.Tuner.restore(path.path, trainable, resume_errored=True, storage_filesystem=path.fs)
+    epochs = job.hpo.epochs or job.retrain.epochs
+    run_config = tune.RunConfig(
+        name=method, storage_path=tune_dir.path, storage_filesystem=tune_dir.fs, verbose=0,
+        callbacks=[TrialRecorder(tables)], failure_config=tune.FailureConfig(max_failures=h.trial_retries),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    tune_config = tune.TuneConfig(
+        metric=h.metric, mode=HPO_METRICS[h.metric], search_alg=SEARCHERS[h.searcher](h),
+        scheduler=SCHEDULERS[h.scheduler](h, epochs), num_samples=1 if h.searcher == "grid" else h.trials,
+        max_concurrent_trials=h.max_concurrent if h.searcher == "tpe" else None,   # variants limit themselves
+        reuse_actors=True)
+    return tune.Tuner(trainable, param_space=param_space(space, h), tune_config=tune_config, run_config=run_config)
+
+
+@contextlib.contextmanager
+def _quiet_snapshots():
+    """Tune warns on every forced experiment snapshot (one per trial checkpoint with
+    ``num_to_keep=1``); those snapshots are what a resume needs, so keep them and drop the warning."""
+    logger = logging.getLogger("ray.tune.execution.experiment_state")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _error_line(err: BaseException | None) -> str | None:
+    if err is None:
+        return None
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:300]
+
+
+def _choose(method: str, h: HpoConfig, results, tables: TrialTables, loc: storage.Location) -> HpoResult:
+    """Rewrite every trial's row from Tune's results (idempotent), pick the best trial by its best
+    validation value over epochs (ties: more epochs, then the earlier trial) and save it."""
+    rows = []
+    for r in results:
+        trial_id = r.metrics.get("trial_id")      # None: failed before reporting (TrialRecorder wrote its row)
+        status = "error" if r.error else "done"
+        if trial_id is not None:
+            tables.write_trial(trial_id, r.config, r.metrics, status, _error_line(r.error))
+        rows.append((trial_id, r.config, r.metrics, status, r.error))
+    ok = [x for x in rows if x[3] == "done" and isinstance(x[2].get("best_val"), (int, float))
+          and math.isfinite(x[2]["best_val"])]
+    if not ok:
+        first = next((_error_line(x[4]) for x in rows if x[4] is not None), "no trial reported a result")
+        raise RunError(f"hyper-parameter search of {method!r}: no trial finished (first error: {first}); fix the "
+                       f"cause and run the same command again: it retries the failed trials")
+    sign = 1.0 if HPO_METRICS[h.metric] == "max" else -1.0
+    tid, config, m, _, _ = max(ok, key=lambda x: (sign * x[2]["best_val"], x[2].get("epoch", 0)))
+    res = HpoResult(method=method, values={k: float(v) for k, v in config.items()}, trial_id=tid, metric=h.metric,
+                    best_val=float(m["best_val"]), val_acc=m.get("best_val_acc"), trials=len(rows),
+                    stopped_early=sum(x[3] == "done" and x[2].get("epoch", 0) < tables.max_epochs for x in rows),
+                    epochs_trained=sum(int(x[2].get("epoch", 0)) for x in rows), errors=len(rows) - len(ok),
+                    uri=loc.uri)
+    tables.write_trial(tid, config, m, "done", chosen=True)
+    storage.write_text(loc.join("best.json"), json.dumps(dataclasses.asdict(res), indent=1, sort_keys=True))
+    return res
+
+
+def run_hpo(job: JobConfig, method: str, subnet: SubnetConfig | None = None) -> HpoResult:
+    """Tune ``method``'s hyper-parameters (Ray must be initialised); returns the chosen values.
+    A finished search returns its saved choice without starting Tune; an interrupted one resumes."""
+    from noah_ray.data import num_classes
+    from noah_ray.train import ensure_backbone, subnet_for
+
+    h = job.hpo
+    if h is None:
+        raise ConfigError("the job has no hpo section; add one (e.g. hpo: {trials: 16}) to tune hyper-parameters")
+    cfg = subnet_for(method, job, subnet)
+    space = space_for(job, method, cfg)
+    if not space:
+        raise ConfigError(f"hpo: nothing to tune for {method!r} (every setting in hpo.space belongs to modules "
+                          f"{method} does not train); add lr or weight_decay to hpo.space")
+    loc = hpo_location(job).join(method)
+    _check_settings(loc, _settings(job, method, cfg, space))
+    saved = saved_result(job, method)
+    if saved is not None:
+        print(f"[hpo {method}] finished earlier: {_fmt_values(saved.values)}", flush=True)
+        return saved
+    n = num_classes(job.data, endpoint=job.storage_endpoint)
+    epochs = h.epochs or job.retrain.epochs
+    tables = TrialTables(hpo_location(job).uri, job.storage_endpoint, job.name, job.data.dataset, method,
+                         h.searcher, h.scheduler, h.metric, epochs)
+    trainable = tune.with_parameters(hpo_trial, job=_trial_job(job), method=method, subnet=cfg.to_json(),
+                                     backbone=ensure_backbone(job), num_classes=n, tables=tables)
+    trainable = tune.with_resources(trainable, {"cpu": h.cpus_per_trial, "gpu": h.gpus_per_trial})
+    print(f"[hpo {method}] {h.searcher} + {h.scheduler}: {h.trials if h.searcher != 'grid' else 'grid'} trial(s) "
+          f"x up to {epochs} epoch(s), {h.max_concurrent} at a time, over {', '.join(space)}", flush=True)
+    with _quiet_snapshots(), tune_without_credentials():   # no AWS secrets in trial runtime_envs
+        results = _tuner(job, method, trainable, space, tables).fit()
+    res = _choose(method, h, results, tables, loc)
+    print(f"[hpo {method}] best trial {res.trial_id}: {h.metric} {res.best_val:.4g} with {_fmt_values(res.values)} "
+          f"({res.trials} trials, {res.stopped_early} stopped early, {res.epochs_trained} epochs)", flush=True)
+    return res
+
+
+def _fmt_values(values: dict[str, float]) -> str:
+    return ", ".join(f"{k.partition('.')[2]}={v:.4g}" for k, v in values.items())
+
+
+def saved_result(job: JobConfig, method: str) -> HpoResult | None:
+    """The finished search of ``method`` (its ``best.json``), or None."""
+    loc = hpo_location(job).join(method, "best.json")
+    return HpoResult(**json.loads(storage.read_text(loc))) if storage.exists(loc) else None
+
+
+def hpo_done(job: JobConfig, method: str) -> bool:
+    return saved_result(job, method) is not None
+
+
+def tuned_retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str, seed: int,
+                       num_classes: int) -> bool:
+    """Whether the final run of ``method`` / ``seed`` with the chosen values finished earlier."""
+    from noah_ray.train import retrain_done
+
+    res = saved_result(job, method)
+    return res is not None and retrain_done(final_job(job, res), subnet, method, seed, num_classes, res.record())
+
+
+def final_job(job: JobConfig, res: HpoResult) -> JobConfig:
+    """The job of the final runs: the chosen values, ``data.final_train_split`` for training and
+    validation evaluated only at the last epoch (whose weights are kept and tested)."""
+    out = job.with_values(res.values, res.method)
+    out.data.train_split = job.data.final_train_split
+    out.retrain.eval_every = out.retrain.epochs
+    return out
+
+
+def tuned_retrain(job: JobConfig, subnet: SubnetConfig | None, method: str) -> dict:
+    """The retrain stage of a method under ``hpo``: search (or reuse the search), then the final
+    runs for every seed with the chosen values (:func:`noah_ray.train.retrain_seeds`)."""
+    from noah_ray.train import retrain_seeds
+
+    res = run_hpo(job, method, subnet)
+    out = retrain_seeds(final_job(job, res), subnet, method, hpo=res.record())
+    return {**out, "hpo": res.record()}

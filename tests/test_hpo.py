@@ -1,0 +1,213 @@
+"""Hyper-parameter search (noah_ray.hpo): the hpo section, the space per method, the trial table;
+end to end on Ray Tune with a tiny ViT: ASHA stops weak trials, the chosen values reach the final
+runs, a SIGKILLed search resumes without re-running a finished trial."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from noah_ray import results, storage
+from noah_ray.config import JobConfig
+from noah_ray.data import write_generated_vtab
+from noah_ray.hpo import TrialTables, grid_values, hp_column, space_for
+from noah_ray.space import ConfigError, SubnetConfig
+from noah_ray.train import subnet_for
+
+TINY = "vit_noah_tiny_patch4_32"
+
+
+def job_dict(root: Path, store: str, **hpo) -> dict:
+    return {"name": "h", "storage": store,
+            "data": {"root": str(root), "dataset": "gen_color", "batch_size": 32, "eval_batch_size": 32,
+                     "num_workers": 0},
+            "model": {"name": TINY, "drop_path_rate": 0.0},
+            "space": {"num_layers": 12, "modules": {"lora": {"depths": [12], "widths": [4]}}},
+            "retrain": {"epochs": 2, "lr": 3e-3, "warmup_epochs": 0, "method": "lora", "seeds": [0],
+                        "max_failures": 0},
+            "hpo": {"trials": 4, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2, **hpo}}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hpo-data")
+    write_generated_vtab(root, "gen_color", num_train=64, num_val=32, num_test=32)
+    return root
+
+
+# ----------------------------------------------------------------------------- no Ray
+@pytest.mark.parametrize("hpo, match", [
+    ({"space": {"lr": {"low": 1e-2, "high": 1e-3}}}, r"hpo\.space\.lr: low 0\.01 must be below high 0\.001"),
+    ({"space": {"lr": {"low": 0, "high": 1e-3}}}, r"hpo\.space\.lr: low 0 must be > 0 on a log scale"),
+    ({"space": {"drop_path": {"low": 0, "high": 1.5}}}, r"model\.drop_path_rate = 1\.5 is outside .*\[0, 1\)"),
+    ({"space": {"weight_decay": {"low": -1e-3, "high": 1e-2, "log": False}}}, r"retrain\.weight_decay = -0\.001"),
+    ({"space": {"momentum": None}}, r"hpo\.space\.momentum: 'momentum' is not a tunable setting"),
+    ({"space": {"model.precision": None}}, r"'model\.precision' is not a tunable setting"),
+    ({"space": {"model.lora_scale": {"values": []}}}, r"lora_scale\.values: \[\] must be a non-empty list"),
+    ({"space": {"lr": {"lo": 1e-3}}}, r"hpo\.space\.lr: unknown key 'lo'"),
+    ({"space": {"lr": 0.01}}, r"hpo\.space\.lr: 0\.01 must be a mapping"),
+    ({"searcher": "bohb"}, r"hpo\.searcher: 'bohb' unknown; use tpe or random or grid"),
+    ({"scheduler": "pbt"}, r"hpo\.scheduler: 'pbt' unknown; use asha or fifo"),
+    ({"metric": "test_acc"}, r"hpo\.metric: 'test_acc' unknown"),
+    ({"trials": 0}, r"hpo\.trials: 0 must be > 0"),
+    ({"reduction_factor": 1}, r"reduction_factor 1 must be > 1"),
+    ({"gpus_per_trial": -0.5}, r"gpus_per_trial and trial_retries must be >= 0"),
+    ({"method_space": {"full": {"lr": {"low": 1.0, "high": 0.1}}}}, r"method_space\.full\.lr: low 1\.0 must be"),
+    ({"epochs": 2.5}, r"hpo\.epochs: 2\.5 is not a valid"),
+])
+def test_bad_hpo_sections_are_one_line_errors(tmp_path, hpo, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        JobConfig.from_dict({"hpo": hpo})
+    assert "\n" not in str(e.value)
+
+
+def test_defaults_and_space_per_method(tmp_path):
+    job = JobConfig.from_dict({"hpo": {
+        "space": {"lr": None, "lora_scale": None, "warmup_epochs": {"low": 0, "high": 3}},
+        "method_space": {"vpt": {"model.drop_path_rate": {"values": [0.0, 0.1]}}}}})
+    h = job.hpo
+    assert (h.searcher, h.scheduler, h.metric, h.grace_period, h.reduction_factor) == ("tpe", "asha", "val_acc", 1, 4)
+    lr = h.params("lora")["retrain.lr"]
+    assert (lr.low, lr.high, lr.log) == (1e-4, 3e-2, True)
+    assert h.params("full")["retrain.lr"].high == 1e-3               # the backbone trains: a lower range
+    assert JobConfig.from_dict({"hpo": {}}).hpo.params("vpt").keys() == {"retrain.lr", "retrain.weight_decay"}
+    lora = space_for(job, "lora", subnet_for("lora", job, None))
+    assert set(lora) == {"retrain.lr", "model.lora_scale", "retrain.warmup_epochs"}
+    vpt = space_for(job, "vpt", subnet_for("vpt", job, None))         # no LoRA trains: its scale is not tuned
+    assert set(vpt) == {"retrain.lr", "retrain.warmup_epochs", "model.drop_path_rate"}
+    assert set(space_for(job, "linear", SubnetConfig.empty(12))) == {"retrain.lr", "retrain.warmup_epochs"}
+    tuned = job.with_values({"retrain.lr": 3e-6, "retrain.warmup_epochs": 2.0, "model.lora_scale": 2.0}, "lora")
+    assert (tuned.retrain.lr, tuned.retrain.warmup_epochs, tuned.model.lora_scale) == (3e-6, 2, 2.0)
+    assert tuned.retrain.min_lr == 3e-6 and tuned.hpo is None          # the cosine floor never exceeds lr
+
+
+def test_grid_points_are_log_or_linearly_spaced():
+    from noah_ray.config import HpoParam
+
+    got = grid_values(HpoParam(1e-4, 1e-1, log=True), 4, False)
+    assert [round(math.log10(v), 9) for v in got] == [-4, -3, -2, -1]
+    assert grid_values(HpoParam(0.0, 0.3), 4, False) == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert grid_values(HpoParam(0, 10), 3, True) == [0, 5, 10]
+    assert grid_values(HpoParam(values=(7, 3)), 4, True) == [7, 3]
+
+
+def test_trial_table_reads_back_with_pandas(tmp_path):
+    tables = TrialTables(str(tmp_path / "h" / "hpo"), None, "h", "gen_color", "lora", "tpe", "asha", "val_acc", 4)
+    last = {"epoch": 1, "val_acc": 40.0, "best_val": 40.0, "best_epoch": 0, "trial_time_s": 1.5, "worker": "w:1"}
+    tables.write_trial("t0", {"retrain.lr": 1e-3, "model.lora_scale": 2.0}, last, "done")
+    tables.write_trial("t1", {"retrain.lr": 1e-2}, {**last, "epoch": 4, "best_val": 75.0}, "done", chosen=True)
+    tables.write_curve("t0", {"epoch": 1, "train_loss": 1.2, "val_acc": 40.0, "val_loss": 1.1, "lr": 1e-3,
+                              "images_per_s": 100.0})
+    df = pd.read_parquet(tmp_path / "h" / "hpo" / "hpo_trials").sort_values("trial_id")
+    assert list(df["hp_retrain_lr"]) == [1e-3, 1e-2] and hp_column("model.lora_scale") == "hp_model_lora_scale"
+    assert df["hp_model_lora_scale"].iloc[0] == 2.0 and math.isnan(df["hp_model_lora_scale"].iloc[1])
+    assert list(df["stopped_early"]) == [True, False] and list(df["epochs_run"]) == [1, 4]
+    q = results.hpo(str(tmp_path))
+    assert list(q.loc[q.chosen, "trial_id"]) == ["t1"] and list(q["best_val"]) == [40.0, 75.0]
+    assert list(results.hpo_curves(str(tmp_path))["val_loss"]) == [1.1]
+    assert tables.finished("t0") == last and tables.finished("t9") is None
+    pngs = [results.plot_hpo(str(tmp_path), tmp_path / "v.png"), results.plot_asha_curves(str(tmp_path), tmp_path / "c.png")]
+    assert all(p.stat().st_size > 5000 for p in pngs)
+
+
+def test_hpo_command_without_a_section_is_one_line_before_ray_starts(data_root, tmp_path, capsys):
+    from noah_ray import cli
+
+    cfg = job_dict(data_root, str(tmp_path / "store"))
+    del cfg["hpo"]
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    rc = cli.main(["hpo", "--config", str(tmp_path / "job.yaml"), "--address", "127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "the job has no hpo section; add one" in err
+    assert not (tmp_path / "store").exists()
+
+
+# ----------------------------------------------------------------------------- Ray Tune
+@pytest.mark.slow
+def test_asha_stops_weak_trials_and_the_chosen_values_reach_the_final_run(ray_session, data_root, tmp_path):
+    from noah_ray import pipeline
+
+    # grid in this order: two good learning rates first, so the two tiny ones meet full rungs
+    job = JobConfig.from_dict(job_dict(data_root, str(tmp_path), searcher="grid",
+                                       space={"lr": {"values": [3e-2, 1e-2, 1e-6, 1e-7]}}))
+    summary = pipeline.run_stages(job, ("hpo", "retrain"))
+    trials = results.hpo(str(tmp_path / "h"))
+    assert len(trials) == 4 and (trials.status == "done").all()
+    assert trials.stopped_early.sum() >= 1 and (trials.loc[trials.stopped_early, "epochs_run"] < 2).all()
+    assert set(trials.hp_retrain_lr) == {3e-2, 1e-2, 1e-6, 1e-7}
+    assert len(set(trials.worker)) >= 1 and (trials.wall_time_s > 0).all()
+    curves = results.hpo_curves(str(tmp_path / "h"))
+    per_trial = curves.groupby("trial_id")["epoch"].apply(list)
+    for row in trials.itertuples():                                   # one curve point per epoch run
+        assert per_trial[row.trial_id] == list(range(row.epochs_run))
+        assert row.best_val == curves[curves.trial_id == row.trial_id].val_acc.max()
+    chosen = trials[trials.chosen].iloc[0]
+    assert chosen.best_val == trials.best_val.max() and chosen.hp_retrain_lr in (3e-2, 1e-2)
+    best = json.loads((tmp_path / "h" / "hpo" / "lora" / "best.json").read_text())
+    assert best["values"] == {"retrain.lr": chosen.hp_retrain_lr} and best["trial_id"] == chosen.trial_id
+    # the final run: chosen lr, trained on train800val200, the values in meta.json and the runs row
+    runs = results.runs(str(tmp_path / "h"))
+    assert len(runs) == 1 and json.loads(runs.hpo_json.iloc[0])["values"] == best["values"]
+    _, meta = storage.load_state(storage.resolve(str(tmp_path / "h" / "retrain" / "lora-seed0" / "final")))
+    assert meta["hpo"]["values"] == best["values"] and meta["spec"]["lr"] == chosen.hp_retrain_lr
+    assert meta["spec"]["data"]["train_split"] == "train800val200" and meta["epochs_done"] == 2
+    assert summary["retrain"]["lora"]["hpo"]["trial_id"] == chosen.trial_id
+    assert runs.val_acc.iloc[0] == chosen.best_val                     # the search's held-out val, not val200-in-train
+    # a finished search answers from storage: nothing re-run, nothing rewritten
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "h" / "hpo").rglob("*.parquet")}
+    pipeline.run_stages(job, ("hpo",))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "h" / "hpo").rglob("*.parquet")} == files
+    changed = JobConfig.from_dict(job_dict(data_root, str(tmp_path), searcher="grid",
+                                           space={"lr": {"values": [3e-2, 1e-3]}}))
+    with pytest.raises(ConfigError, match="was started with other space.retrain.lr"):
+        pipeline.run_stages(changed, ("hpo",))
+
+
+def _curve_files(store: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (store / "h" / "hpo" / "hpo_curves").glob("*.parquet")}
+
+
+def _ended(store: Path) -> set[str]:
+    return {p.stem.split("-", 1)[1] for p in (store / "h" / "hpo" / "hpo_trials").glob("*.parquet")}
+
+
+@pytest.mark.slow
+def test_sigkilled_search_resumes_without_rerunning_a_finished_trial(ray_session, data_root, tmp_path):
+    """``noah-ray hpo`` in a subprocess (on the session's Ray) is SIGKILLed once a trial has ended;
+    the same command again finishes the search: the ended trial's curve is not written again."""
+    store = tmp_path / "store"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump(job_dict(data_root, str(store), trials=3, max_concurrent=1, searcher="tpe",
+                                           startup_trials=2, scheduler="fifo",
+                                           space={"lr": {"low": 1e-3, "high": 3e-2}})))
+    cmd = [sys.executable, "-m", "noah_ray.cli", "hpo", "--config", str(cfg),
+           "--address", ray_session.get_runtime_context().gcs_address]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not _ended(store) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before_ended = _ended(store)
+    assert len(before_ended) == 1, proc.stderr.read()[-2000:]
+    before = _curve_files(store)
+    time.sleep(1.0)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming the search" in again.stdout
+    trials = results.hpo(str(store / "h"))
+    assert len(trials) == 3 and (trials.status == "done").all() and trials.chosen.sum() == 1
+    after = _curve_files(store)
+    for tid in before_ended:                              # the ended trial was not trained again
+        mine = {n: t for n, t in after.items() if f"-{tid}-" in n}
+        assert mine and all(before.get(n) == t for n, t in mine.items())
+    assert sum(trials.epochs_run) == len(after) == 3 * 2  # every other trial ran its epochs once
