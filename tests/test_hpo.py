@@ -161,10 +161,12 @@ def test_asha_stops_weak_trials_and_the_chosen_values_reach_the_final_run(ray_se
     assert meta["spec"]["data"]["train_split"] == "train800val200" and meta["epochs_done"] == 2
     assert summary["retrain"]["lora"]["hpo"]["trial_id"] == chosen.trial_id
     assert runs.val_acc.iloc[0] == chosen.best_val                     # the search's held-out val, not val200-in-train
-    # a finished search answers from storage: nothing re-run, nothing rewritten
-    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "h" / "hpo").rglob("*.parquet")}
-    pipeline.run_stages(job, ("hpo",))
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "h" / "hpo").rglob("*.parquet")} == files
+    # finished search and final runs answer from storage: Ray not needed, no trial or epoch re-run
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "h").rglob("*.parquet") if "runs" not in p.parts}
+    again = pipeline.run_stages(job, ("hpo", "retrain"), start_ray=lambda: pytest.fail("Ray was started"))
+    assert again["retrain"]["lora"]["runs"] == summary["retrain"]["lora"]["runs"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "h").rglob("*.parquet") if "runs" not in p.parts} == files
+    assert len(results.runs(str(tmp_path / "h"))) == 1
     changed = JobConfig.from_dict(job_dict(data_root, str(tmp_path), searcher="grid",
                                            space={"lr": {"values": [3e-2, 1e-3]}}))
     with pytest.raises(ConfigError, match="was started with other space.retrain.lr"):
