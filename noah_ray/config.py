@@ -28,6 +28,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from noah_ray import recipes
+from noah_ray.recipes import Recipe
 from noah_ray.security import safe_name
 from noah_ray.space import ConfigError, SearchSpace, yaml_problem
 
@@ -116,16 +118,41 @@ class ModelConfig:
     checkpoint: str | None = None         # .npz (Google), .pth / .safetensors (timm); path or s3://
     drop_path_rate: float = 0.1
     lora_scale: float = 1.0
-    kv_shared: bool = False
+    kv_shared: bool | None = None         # one K/V prompt tensor (None: the recipe's)
     fused_attn: bool = True
     grad_checkpointing: bool = False
     precision: str = "fp32"               # fp32 | bf16 | fp16
+    # recipe (noah_ray.recipes; docs/recipes.md): noah | e2vpt | modern; None: noah, and e2vpt for
+    # the e2vpt baseline.  Each setting below overrides the recipe's value (None: the recipe's).
+    recipe: str | None = None
+    adapter_act: str | None = None        # quick_gelu | gelu
+    lora_dropout: float | None = None     # on the LoRA input
+    prompt_dropout: float | None = None   # on the VPT tokens
+    adapter_dropout: float | None = None  # on the adapter's hidden layer
+    drop_path: str | None = None          # before_adapter (NOAH) | after_adapter
+    vpt_init: str | None = None           # xavier_tensor | vpt | xavier_token
+    adapter_init: str | None = None       # xavier | zero_up | vit
+    lora_init: str | None = None          # kaiming | vit
+    kv_init: str | None = None            # kaiming | xavier
+    prune_pieces: str | None = None       # strided | contiguous (E2VPT pruning segments)
+    prune_shared: bool | None = None      # one pruning mask for all layers
+    prune_modules: tuple[str, ...] | None = None   # what E2VPT pruning prunes: vpt, kv_prompt
+    param_count: str | None = None        # exact | noah (the count search.param_limit applies to)
 
     def check(self, where: str) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"{where}.precision: {self.precision!r} unknown; use fp32, bf16 or fp16")
         if not 0 <= self.drop_path_rate < 1:
             raise ConfigError(f"{where}.drop_path_rate: {self.drop_path_rate} must be in [0, 1)")
+        try:
+            self.resolved_recipe()
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}".replace(f"{where}: model.", f"{where}.")) from None
+
+    def resolved_recipe(self, method: str = "noah") -> Recipe:
+        """The recipe this model trains with (for retraining baseline ``method``), overrides applied."""
+        name = self.recipe or ("e2vpt" if method == "e2vpt" else "noah")
+        return recipes.resolve(name, **{k: getattr(self, k) for k in recipes.SETTINGS})
 
 
 @dataclass
@@ -495,6 +522,8 @@ class JobConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["space"] = self.space.to_dict()
+        if out["model"]["prune_modules"] is not None:
+            out["model"]["prune_modules"] = list(out["model"]["prune_modules"])
         for k in ("supernet", "retrain"):
             out[k]["seeds"] = list(out[k]["seeds"])
             out[k]["baselines"] = list(out[k]["baselines"])

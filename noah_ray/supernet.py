@@ -5,12 +5,17 @@
 *active* config (``set_active``) picks a subnet inside it by slicing (weight entanglement).
 A supernet is a PromptedViT at the search space's maximum capacity; ``extract(cfg)`` builds a
 standalone PromptedViT whose capacity is exactly ``cfg``, holding only the active weights.
+
+The *recipe* (:mod:`noah_ray.recipes`, default ``noah``) fixes the module math that differs
+between the original code and modern practice: adapter activation, dropouts, drop-path
+placement, inits, K/V sharing and the pruning-gate layout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 
 import torch
 from timm.models import checkpoint_seq
@@ -19,6 +24,7 @@ from torch import nn
 
 from noah_ray.backbones import backbone_shape, create_backbone
 from noah_ray.modules import Adapter, AdapterMLP, DeepPrompt, KVPrompt, LoRA, PromptAttention
+from noah_ray.recipes import Recipe, as_recipe
 from noah_ray.space import ADAPTER, KV_PROMPT, LORA, MODULES, VPT, BackboneShape, ConfigError, SearchSpace, SubnetConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -65,7 +71,8 @@ class PromptedViT(nn.Module):
     """A timm ViT with prompt modules; only modules and head train (unless ``train_backbone``)."""
 
     def __init__(self, backbone: VisionTransformer, capacity: SubnetConfig, *, lora_scale: float = 1.0,
-                 kv_shared: bool = False, train_backbone: bool = False) -> None:
+                 kv_shared: bool | None = None, train_backbone: bool = False,
+                 recipe: Recipe | str | None = None) -> None:
         super().__init__()
         if not isinstance(backbone, VisionTransformer):
             raise ConfigError(f"backbone must be a timm VisionTransformer, got {type(backbone).__name__}")
@@ -74,25 +81,38 @@ class PromptedViT(nn.Module):
             raise ConfigError(f"capacity has {capacity.num_layers} layers, backbone {depth}; "
                               f"give one width per backbone layer")
         self.shape = backbone_shape(backbone)
-        self.lora_scale, self.kv_shared, self.train_backbone = lora_scale, kv_shared, train_backbone
+        recipe = as_recipe(recipe)
+        if kv_shared is not None and kv_shared != recipe.kv_shared:
+            recipe = dataclasses.replace(recipe, kv_shared=kv_shared)
+        self.recipe = recipe
+        self.lora_scale, self.kv_shared, self.train_backbone = lora_scale, recipe.kv_shared, train_backbone
         self.capacity = capacity
         self.vit = backbone
         self.vit.requires_grad_(train_backbone)
         self.vit.head.requires_grad_(True)
-        d, heads = self.shape.embed_dim, self.shape.num_heads
-        blocks = []
-        for i, blk in enumerate(backbone.blocks):
-            c = {m: capacity.layer_widths(m)[i] for m in MODULES}
-            lora = LoRA(d, 3 * d, c[LORA], lora_scale) if c[LORA] else None
-            kvp = KVPrompt(heads, d // heads, c[KV_PROMPT], kv_shared) if c[KV_PROMPT] else None
-            blk.attn = PromptAttention(blk.attn, lora, kvp)
-            if c[ADAPTER]:
-                blk.mlp = AdapterMLP(blk.mlp, Adapter(d, c[ADAPTER]))
-            blocks.append(PromptBlock(blk, backbone.num_prefix_tokens, DeepPrompt(d, c[VPT]) if c[VPT] else None))
-        self.vit.blocks = nn.Sequential(*blocks)
+        self.vit.blocks = nn.Sequential(*(self._wrap_block(blk, capacity, i) for i, blk in enumerate(backbone.blocks)))
         self.grad_checkpointing = False
         self.precision = "fp32"
         self.set_active(capacity)
+
+    def _wrap_block(self, blk: nn.Module, capacity: SubnetConfig, i: int) -> PromptBlock:
+        """Timm block ``i`` with this layer's prompt modules, built as the recipe says."""
+        r, d, heads = self.recipe, self.shape.embed_dim, self.shape.num_heads
+        c = {m: capacity.layer_widths(m)[i] for m in MODULES}
+        lora = LoRA(d, 3 * d, c[LORA], self.lora_scale, dropout=r.lora_dropout, init=r.lora_init) if c[LORA] else None
+        kvp = KVPrompt(heads, d // heads, c[KV_PROMPT], r.kv_shared, init=r.kv_init,
+                       gate_layout=r.prune_pieces) if c[KV_PROMPT] else None
+        blk.attn = PromptAttention(blk.attn, lora, kvp)
+        if c[ADAPTER]:
+            adapter = Adapter(d, c[ADAPTER], act=r.adapter_act, dropout=r.adapter_dropout, init=r.adapter_init)
+            moved = None
+            if r.drop_path == "before_adapter":  # NOAH: x + adapter(drop_path(mlp(norm2 x)))
+                moved, blk.drop_path2 = blk.drop_path2, nn.Identity()
+            blk.mlp = AdapterMLP(blk.mlp, adapter, moved)
+        patch = self.vit.patch_embed.patch_size
+        vpt = DeepPrompt(d, c[VPT], init=r.vpt_init, patch_area=int(patch[0]) * int(patch[1]),
+                         dropout=r.prompt_dropout, gate_layout=r.prune_pieces) if c[VPT] else None
+        return PromptBlock(blk, self.vit.num_prefix_tokens, vpt)
 
     # ------------------------------------------------------------ factories
     @classmethod
@@ -145,8 +165,8 @@ class PromptedViT(nn.Module):
         cfg = cfg or self.active
         self.set_active(cfg)
         vit = copy.deepcopy(self._plain_backbone())
-        sub = PromptedViT(vit, cfg, lora_scale=self.lora_scale, kv_shared=self.kv_shared,
-                          train_backbone=self.train_backbone)
+        sub = PromptedViT(vit, cfg, lora_scale=self.lora_scale, train_backbone=self.train_backbone,
+                          recipe=self.recipe)
         with torch.no_grad():
             for i, (src, dst) in enumerate(zip(self.vit.blocks, sub.vit.blocks)):
                 for m in MODULES:
@@ -170,6 +190,8 @@ class PromptedViT(nn.Module):
             blk = pb.block
             blk.attn = blk.attn.attn
             if isinstance(blk.mlp, AdapterMLP):
+                if blk.mlp.block_drop_path is not None:
+                    blk.drop_path2 = blk.mlp.block_drop_path
                 blk.mlp = blk.mlp.mlp
             blocks.append(blk)
         vit.blocks = nn.Sequential(*blocks)

@@ -1,26 +1,70 @@
-"""Bottleneck adapter after the MLP: ``h + up(act(down(h)))``.
+"""Bottleneck adapter after the MLP: ``h + up(drop(act(down(h))))``.
 
-Max-width weights; the active width uses the first ``r`` hidden units.  ``up`` starts at
-zero, so a fresh adapter is the identity.
+Max-width weights; the active width uses the first ``r`` hidden units.  ``act`` is NOAH's
+QuickGELU or exact GELU; ``dropout`` acts on the hidden layer (training only); ``init`` picks
+the initialisation (:data:`ADAPTER_INITS`; ``zero_up`` makes a fresh adapter the identity).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(1.702 x)`` (CLIP's and NOAH's adapter activation)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
+def _init_xavier(a: "Adapter") -> None:
+    """NOAH's module init: both weights Xavier-uniform, biases N(0, 1e-6)."""
+    for w, b in ((a.down_weight, a.down_bias), (a.up_weight, a.up_bias)):
+        nn.init.xavier_uniform_(w)
+        nn.init.normal_(b, std=1e-6)
+
+
+def _init_zero_up(a: "Adapter") -> None:
+    """Down Xavier-uniform, up and biases zero: the identity at start."""
+    nn.init.xavier_uniform_(a.down_weight)
+    for t in (a.down_bias, a.up_weight, a.up_bias):
+        nn.init.zeros_(t)
+
+
+def _init_vit(a: "Adapter") -> None:
+    """timm's ViT linear init: weights truncated-normal std 0.02, biases zero."""
+    for w, b in ((a.down_weight, a.down_bias), (a.up_weight, a.up_bias)):
+        nn.init.trunc_normal_(w, std=0.02)
+        nn.init.zeros_(b)
+
+
+ADAPTER_INITS: dict[str, Callable[["Adapter"], None]] = {
+    "xavier": _init_xavier, "zero_up": _init_zero_up, "vit": _init_vit}
+
+
 class Adapter(nn.Module):
-    def __init__(self, dim: int, max_width: int) -> None:
+    def __init__(self, dim: int, max_width: int, *, act: str = "gelu", dropout: float = 0.0,
+                 init: str = "zero_up") -> None:
         super().__init__()
         if max_width <= 0:
             raise ValueError(f"Adapter max_width must be > 0, got {max_width}")
+        if act not in ACTIVATIONS or init not in ADAPTER_INITS:
+            raise ValueError(f"adapter act {act!r} / init {init!r} unknown; use {list(ACTIVATIONS)} / "
+                             f"{list(ADAPTER_INITS)}")
         self.down_weight = nn.Parameter(torch.empty(max_width, dim))
-        self.down_bias = nn.Parameter(torch.zeros(max_width))
-        self.up_weight = nn.Parameter(torch.zeros(dim, max_width))
-        self.up_bias = nn.Parameter(torch.zeros(dim))
-        nn.init.xavier_uniform_(self.down_weight)
+        self.down_bias = nn.Parameter(torch.empty(max_width))
+        self.up_weight = nn.Parameter(torch.empty(dim, max_width))
+        self.up_bias = nn.Parameter(torch.empty(dim))
+        with torch.no_grad():
+            ADAPTER_INITS[init](self)
+        self.act_name = act
+        self.act = ACTIVATIONS[act]
+        self.dropout = nn.Dropout(dropout)
         self.max_width = max_width
         self.active = max_width
 
@@ -33,7 +77,7 @@ class Adapter(nn.Module):
         r = self.active
         if r == 0:
             return h
-        z = F.gelu(F.linear(h, self.down_weight[:r], self.down_bias[:r]))
+        z = self.dropout(self.act(F.linear(h, self.down_weight[:r], self.down_bias[:r])))
         return h + F.linear(z, self.up_weight[:, :r], self.up_bias)
 
     def sliced_state(self, width: int) -> dict[str, torch.Tensor]:
@@ -44,12 +88,18 @@ class Adapter(nn.Module):
 
 
 class AdapterMLP(nn.Module):
-    """A timm MLP followed by an adapter; drops into ``block.mlp``."""
+    """A timm MLP followed by an adapter; drops into ``block.mlp``.
 
-    def __init__(self, mlp: nn.Module, adapter: Adapter) -> None:
+    With ``drop_path`` (NOAH's placement) the block's own drop-path moves in here, between the
+    MLP and the adapter: the block computes ``x + adapter(drop_path(mlp(norm2 x)))`` instead of
+    ``x + drop_path(adapter(mlp(norm2 x)))``; :attr:`block_drop_path` is what the block had."""
+
+    def __init__(self, mlp: nn.Module, adapter: Adapter, drop_path: nn.Module | None = None) -> None:
         super().__init__()
         self.mlp = mlp
         self.adapter = adapter
+        self.drop_path = drop_path if drop_path is not None else nn.Identity()
+        self.block_drop_path = drop_path  # None: the block keeps its drop-path (after the adapter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter(self.mlp(x))
+        return self.adapter(self.drop_path(self.mlp(x)))
