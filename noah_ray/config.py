@@ -136,7 +136,6 @@ class ModelConfig:
     kv_init: str | None = None            # kaiming | xavier
     prune_pieces: str | None = None       # strided | contiguous (E2VPT pruning segments)
     prune_shared: bool | None = None      # one pruning mask for all layers
-    prune_modules: tuple[str, ...] | None = None   # what E2VPT pruning prunes: vpt, kv_prompt
     param_count: str | None = None        # exact | noah (the count search.param_limit applies to)
 
     def check(self, where: str) -> None:
@@ -152,7 +151,7 @@ class ModelConfig:
     def resolved_recipe(self, method: str = "noah") -> Recipe:
         """The recipe this model trains with (for retraining baseline ``method``), overrides applied."""
         name = self.recipe or ("e2vpt" if method == "e2vpt" else "noah")
-        return recipes.resolve(name, **{k: getattr(self, k) for k in recipes.SETTINGS})
+        return recipes.resolve(name, **{k: getattr(self, k, None) for k in recipes.SETTINGS})
 
 
 @dataclass
@@ -218,7 +217,7 @@ class PruneConfig:
     score: str = "abs"                # abs | signed (see noah_ray.prune)
     score_batches: int = 16           # training batches used for each scoring pass
     min_vpt_tokens: int = 1           # a VPT layer keeps at least this many tokens
-    modules: tuple[str, ...] = PRUNABLE
+    modules: tuple[str, ...] | None = None   # None: the recipe's (noah, e2vpt: vpt; modern: vpt, kv_prompt)
 
     def __post_init__(self) -> None:
         for name in ("token_fraction", "segment_fraction"):
@@ -230,9 +229,11 @@ class PruneConfig:
         for name in ("num_segments", "score_batches", "min_vpt_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"prune.{name}: {getattr(self, name)} must be >= 1")
+        if self.modules is None:
+            return
         bad = [m for m in self.modules if m not in PRUNABLE]
-        if bad:
-            raise ConfigError(f"prune.modules: {bad[0]!r} cannot be pruned; use vpt and/or kv_prompt")
+        if bad or not self.modules:
+            raise ConfigError(f"prune.modules: {(bad or [[]])[0]!r} cannot be pruned; use vpt and/or kv_prompt")
         object.__setattr__(self, "modules", tuple(self.modules))
 
 
@@ -522,12 +523,10 @@ class JobConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["space"] = self.space.to_dict()
-        if out["model"]["prune_modules"] is not None:
-            out["model"]["prune_modules"] = list(out["model"]["prune_modules"])
         for k in ("supernet", "retrain"):
             out[k]["seeds"] = list(out[k]["seeds"])
             out[k]["baselines"] = list(out[k]["baselines"])
-        if out["prune"] is not None:
+        if out["prune"] is not None and out["prune"]["modules"] is not None:
             out["prune"]["modules"] = list(out["prune"]["modules"])
         if out["hpo"] is None:
             del out["hpo"]

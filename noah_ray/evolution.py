@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from noah_ray.recipes import module_count
 from noah_ray.space import BackboneShape, ConfigError, SearchSpace, SubnetConfig
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
@@ -45,15 +46,20 @@ STATE_VERSION = 1
 
 @dataclass(frozen=True)
 class ParamLimit:
-    """Allowed trainable parameters of the prompt modules (head excluded), in millions."""
+    """Allowed trainable parameters of the prompt modules (head excluded), in millions, counted
+    by ``convention``: ``exact`` (what a subnet materialises) or ``noah`` (NOAH's search count,
+    ``(VPT[0] + max_vpt) * dim`` more when layer 0 has VPT tokens)."""
 
     max_m: float
     shape: BackboneShape
     min_m: float = 0.0
     kv_shared: bool = False
+    convention: str = "exact"     # exact | noah (noah_ray.recipes.module_count)
+    max_vpt: int = 0              # the space's largest VPT width (the noah count needs it)
 
     def count(self, cfg: SubnetConfig) -> int:
-        return cfg.param_count(self.shape, self.kv_shared).modules
+        return module_count(cfg, self.shape, kv_shared=self.kv_shared, convention=self.convention,
+                            max_vpt=self.max_vpt)
 
     def violation(self, params: int) -> float:
         """How far (millions) ``params`` lies outside the limit; 0 inside."""

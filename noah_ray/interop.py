@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from noah_ray import storage
+from noah_ray.recipes import recorded
 from noah_ray.space import (ADAPTER, KV_PROMPT, LORA, MODULES, VPT, BackboneShape, ConfigError, ParamCount,
                             SearchSpace, SubnetConfig)
 
@@ -233,8 +234,6 @@ def _active_subnet(model) -> Any:
 def _fold_gates(model, tensors: dict[str, torch.Tensor]) -> None:
     """Multiply fixed pruning gates (non-persistent buffers of VPT / KV prompts) into the saved
     weights, so the artifact needs no gates."""
-    from noah_ray.modules.vpt import expand_gate
-
     names = {id(mod): n for n, mod in model.named_modules()}
     for i in range(model.shape.depth):
         for m in (VPT, KV_PROMPT):
@@ -245,10 +244,9 @@ def _fold_gates(model, tensors: dict[str, torch.Tensor]) -> None:
             if m == VPT:
                 key = f"{names[id(mod)]}.prompts"
                 t = tensors[key]
-                tensors[key] = t * expand_gate(gate.detach()[: t.shape[0]], t.shape[-1]).to(t.dtype)
+                tensors[key] = t * mod.gate_multiplier(gate.detach()[: t.shape[0]]).to(t.dtype)
             else:
-                heads, n, head_dim = mod.key.shape
-                g = expand_gate(gate.detach()[:n], heads * head_dim).reshape(n, heads, head_dim).transpose(0, 1)
+                g = mod.gate_multiplier(gate.detach()[: mod.key.shape[1]])
                 for part in ("key", "value"):
                     key = f"{names[id(mod)]}.{part}"
                     if key in tensors:
@@ -330,7 +328,8 @@ def save_subnet(model, uri: str, *, model_name: str, backbone_checkpoint: str | 
         "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
         "model_name": model_name, "num_classes": int(vit.num_classes), "img_size": list(img_size),
         "subnet": merged_from or cfg.to_dict(), "lora_scale": float(model.lora_scale),
-        "kv_shared": bool(model.kv_shared), "backbone_checkpoint": backbone_checkpoint,
+        "kv_shared": bool(model.kv_shared), "recipe": model.recipe.to_dict(),
+        "backbone_checkpoint": backbone_checkpoint,
         "backbone_fingerprint": _fingerprint(vit), "backbone_included": bool(full_backbone),
         "merged_lora": bool(merge_lora or merged_from),
         "params": {**{m: int(n) for m, n in count.per_module.items()}, "head": int(count.head)},
@@ -389,7 +388,8 @@ def load_subnet(uri: str, *, backbone_checkpoint: str | None = None, endpoint: s
     cfg = SubnetConfig.from_dict(meta["subnet"])
     if meta.get("merged_lora"):
         cfg = SubnetConfig({**cfg.widths, LORA: (0,) * cfg.num_layers})
-    model = PromptedViT(vit, cfg, lora_scale=float(meta["lora_scale"]), kv_shared=bool(meta["kv_shared"]))
+    model = PromptedViT(vit, cfg, lora_scale=float(meta["lora_scale"]), kv_shared=bool(meta["kv_shared"]),
+                        recipe=recorded(meta))
     model.load_trainable_state_dict({k: v for k, v in tensors.items() if not k.startswith(_BACKBONE)})
     # so that save_subnet(load_subnet(a)) keeps what differs from the backbone checkpoint
     model.backbone_overrides = tuple(sorted(backbone))
@@ -505,7 +505,7 @@ def model_from_run(job_path: str, run: str):
         plan = PrunePlan.from_dict(meta["prune_plan"])
         cfg = plan.config()
     model = build_model(job, cfg, meta["backbone"], int(meta["num_classes"]),
-                        train_backbone=run.startswith("full-"))
+                        train_backbone=run.startswith("full-"), recipe=recorded(meta))
     model.load_trainable_state_dict(tensors)
     if plan is not None:
         install_gates(model, plan)

@@ -35,6 +35,11 @@ shared or separate K/V).  Typical use::
    ``gate`` buffer; zero value gradients keep them at zero while retraining).  They save
    parameters that matter (:meth:`PrunePlan.effective_params`) but no compute or memory.  A
    token whose segments are all pruned is removed like in step 2.
+   Which features a segment covers and whether one mask serves all layers follow the model's
+   recipe: E2VPT (recipes ``noah``, ``e2vpt``) uses strided pieces (feature ``f`` in piece
+   ``f % num_segments``) and masks shared across layers (scores summed over layers, so every
+   layer keeps the same tokens and pieces), on visual prompts only; recipe ``modern`` (our
+   extension) uses contiguous segments and per-layer masks, on VPT and KV prompts.
 4. **Rewinding.**  Keep the initial trainable state (:func:`initial_state`, taken right after
    building the model under a fixed seed, and saved); :func:`rewind` resets the kept prompts
    (at their kept indices) and all other trainable parameters to those saved values and applies
@@ -74,7 +79,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from noah_ray import storage
 from noah_ray.config import PRUNABLE, PRUNE_SCORES, PruneConfig
-from noah_ray.modules.vpt import expand_gate
+from noah_ray.recipes import recorded
 from noah_ray.space import KV_PROMPT, MODULES, VPT, BackboneShape, ConfigError, SubnetConfig, module_params
 from noah_ray.supernet import PromptedViT
 
@@ -166,12 +171,47 @@ def _prunable(model: PromptedViT, modules: Iterable[str]):
                 yield m, i, model.module(m, i)
 
 
+def _regate(gate: torch.Tensor, num_segments: int, layout: str) -> torch.Tensor:
+    """A fixed ``(n, S_old)`` gate re-expressed with ``num_segments`` segments of ``layout``."""
+    old = gate.shape[-1]
+    if layout == "contiguous":
+        return F.interpolate(gate.detach()[None].float(), size=num_segments, mode="nearest")[0]
+    if num_segments % old:  # strided piece s lies inside old piece s % old only when old divides S
+        raise ConfigError(f"strided pieces: {num_segments} segments cannot refine the existing {old}; "
+                          f"use a multiple of {old}")
+    return gate.detach().float().repeat(1, num_segments // old)
+
+
+def _share(grads: list[torch.Tensor | None], targets: list, shared: bool) -> list[torch.Tensor | None]:
+    """Per-layer gate gradients (active rows); with ``shared`` every layer of a module gets the
+    sum over its layers: the gradient of one gate used by all of them (E2VPT's shared masks)."""
+    grads = [None if g is None else g[: mod.active] for g, (_, _, mod) in zip(grads, targets)]
+    if not shared:
+        return grads
+    out = list(grads)
+    for m in {t[0] for t in targets}:
+        idx = [j for j, t in enumerate(targets) if t[0] == m]
+        widths = {targets[j][2].active for j in idx}
+        if len(widths) > 1:
+            raise ConfigError(f"shared pruning masks need the same number of {m} tokens in every layer "
+                              f"(got {sorted(widths)}); set model.prune_shared: false")
+        live = [grads[j] for j in idx if grads[j] is not None]
+        total = torch.stack(live).sum(0) if live else None
+        for j in idx:
+            out[j] = total
+    return out
+
+
 def mask_scores(model: PromptedViT, batches: Batches, *, num_segments: int = 1, score: str = "abs",
                 loss_fn: LossFn = F.cross_entropy, modules: Iterable[str] = PRUNABLE,
-                max_batches: int | None = None) -> Scores:
+                max_batches: int | None = None, shared: bool | None = None) -> Scores:
     """Importance of every active prompt token (``num_segments=1``) or token segment, from the
     gradient of the loss w.r.t. a multiplicative probe gate at 1 (an existing fixed gate is
-    kept: already-pruned segments stay zero and score 0).  Runs in eval mode (no dropout)."""
+    kept: already-pruned segments stay zero and score 0).  Runs in eval mode (no dropout).
+
+    ``shared`` (default: the model's recipe, ``prune_shared``): one gate per module for all
+    layers, as E2VPT; every layer then gets the same scores."""
+    shared = model.recipe.prune_shared if shared is None else shared
     if score not in SCORES:
         raise ConfigError(f"score {score!r} unknown; use abs or signed")
     dim = model.shape.embed_dim
@@ -185,7 +225,7 @@ def mask_scores(model: PromptedViT, batches: Batches, *, num_segments: int = 1, 
     for _, _, mod in targets:
         g = torch.ones(mod.max_width, num_segments, device=next(mod.parameters()).device)
         if mod.gate is not None:  # keep fixed zeros (at the new segment granularity)
-            g = g * F.interpolate(mod.gate.detach()[None].float(), size=num_segments, mode="nearest")[0]
+            g[: mod.gate.shape[0]] *= _regate(mod.gate, num_segments, mod.gate_layout).to(g.device)
         mod.gate = g.requires_grad_(True)
         gates.append(mod.gate)
     was_training = model.training
@@ -198,10 +238,10 @@ def mask_scores(model: PromptedViT, batches: Batches, *, num_segments: int = 1, 
                 break
             dev = gates[0].device
             loss = loss_fn(model(x.to(dev)).float(), y.to(dev))
-            grads = torch.autograd.grad(loss, gates, allow_unused=True)
+            grads = _share(list(torch.autograd.grad(loss, gates, allow_unused=True)), targets, shared)
             for t, gr in zip(totals, grads):
                 if gr is not None:
-                    t += gr.abs() if score == "abs" else -gr
+                    t[: gr.shape[0]] += gr.abs() if score == "abs" else -gr
             n += 1
     finally:
         for mod, old in saved:
@@ -326,10 +366,9 @@ def install_gates(model: PromptedViT, plan: PrunePlan) -> None:
 
 def _fix_gate(mod: torch.nn.Module, gate: torch.Tensor) -> None:
     if hasattr(mod, "prompts"):
-        mod.prompts.mul_(expand_gate(gate, mod.prompts.shape[-1]).to(mod.prompts.dtype))
+        mod.prompts.mul_(mod.gate_multiplier(gate).to(mod.prompts.dtype))
     else:
-        heads, n, head_dim = mod.key.shape
-        g = expand_gate(gate, heads * head_dim).reshape(n, heads, head_dim).transpose(0, 1)
+        g = mod.gate_multiplier(gate)
         for t in (mod.key, mod.value):
             if t is not None:
                 t.mul_(g.to(t.dtype))
@@ -360,15 +399,15 @@ def prune(model: PromptedViT, batches: Batches, config: PruneConfig = PruneConfi
     """Token-wise then segment-wise pruning of a trained ``model`` (its active subnet).
 
     ``batches``: training ``(images, labels)``; the first ``config.score_batches`` are used by
-    each scoring pass.  Returns the pruned model (trained values) and the plan; E2VPT then
+    each scoring pass.  What is pruned (``config.modules``, default the recipe's), the piece
+    layout and whether masks are shared across layers come from the model's recipe.  Returns the pruned model (trained values) and the plan; E2VPT then
     rewinds (:func:`rewind`) and retrains.
     """
     batches = list(itertools.islice(iter(batches), config.score_batches))
     base = model.active
-    tok = mask_scores(model, batches, num_segments=1, score=config.score, loss_fn=loss_fn,
-                      modules=config.modules)
-    plan = plan_tokens(tok, base, config.token_fraction, min_vpt_tokens=config.min_vpt_tokens,
-                       modules=config.modules)
+    modules = config.modules or model.recipe.prune_modules
+    tok = mask_scores(model, batches, num_segments=1, score=config.score, loss_fn=loss_fn, modules=modules)
+    plan = plan_tokens(tok, base, config.token_fraction, min_vpt_tokens=config.min_vpt_tokens, modules=modules)
     if config.segment_fraction > 0 and config.num_segments > 1:
         staged = apply_plan(model, plan)
         mods = [m for m in plan.kept if any(len(k) for k in plan.kept[m])]
@@ -409,7 +448,7 @@ def save_pruned(loc: storage.Location, model: PromptedViT, plan: PrunePlan, meta
     """Trainable weights (safetensors) plus the plan (meta.json) of a pruned model."""
     storage.save_state(loc, model.trainable_state_dict(),
                        dict(meta or {}, prune_plan=plan.to_dict(), kv_shared=model.kv_shared,
-                            lora_scale=model.lora_scale))
+                            lora_scale=model.lora_scale, recipe=model.recipe.to_dict()))
 
 
 def load_pruned(loc: storage.Location, backbone: VisionTransformer) -> tuple[PromptedViT, PrunePlan]:
@@ -420,7 +459,7 @@ def load_pruned(loc: storage.Location, backbone: VisionTransformer) -> tuple[Pro
         raise ConfigError(f"{loc.uri} holds no prune plan; save pruned models with save_pruned")
     plan = PrunePlan.from_dict(meta["prune_plan"])
     model = PromptedViT(backbone, plan.config(), kv_shared=bool(meta.get("kv_shared", False)),
-                        lora_scale=float(meta.get("lora_scale", 1.0)))
+                        lora_scale=float(meta.get("lora_scale", 1.0)), recipe=recorded(meta))
     model.load_trainable_state_dict(tensors)
     install_gates(model, plan)
     return model, plan

@@ -47,8 +47,9 @@ from noah_ray import storage
 from noah_ray.config import JobConfig, SearchConfig
 from noah_ray.evolution import (DONE, FAILED, AgingEvolutionEngine, Candidate, EvolutionEngine, GenerationRecord,
                                 NSGA2Engine, ParamLimit, RandomEngine, SearchEngine, apply_deltas, pareto_front)
+from noah_ray.recipes import recorded
 from noah_ray.security import safe_name, tune_without_credentials
-from noah_ray.space import MODULES, BackboneShape, ConfigError, RunError, SearchSpace, SubnetConfig
+from noah_ray.space import MODULES, VPT, BackboneShape, ConfigError, RunError, SearchSpace, SubnetConfig
 from noah_ray.statelog import StateLog
 
 log = logging.getLogger(__name__)
@@ -248,8 +249,10 @@ def backbone_shape_of(job: JobConfig) -> BackboneShape:
 
 def param_limit(job: JobConfig, shape: BackboneShape | None = None) -> ParamLimit:
     """The job's limit; raises :class:`ConfigError` if no subnet of the space fits it."""
+    recipe = job.model.resolved_recipe()
+    vpt = job.space.modules.get(VPT)
     limit = ParamLimit(job.search.param_limit, shape or backbone_shape_of(job), job.search.param_min,
-                       job.model.kv_shared)
+                       recipe.kv_shared, recipe.param_count, vpt.max_width if vpt else 0)
     limit.check(job.space)
     return limit
 
@@ -426,7 +429,7 @@ def load_supernet_state(job: JobConfig, uri: str):
     if not num_classes:
         raise ConfigError(f"{uri}: meta.json has no num_classes and data.num_classes is unset; set it")
     model = PromptedViT.supernet(job.model.name, int(num_classes), job.space, job.model.checkpoint,
-                                 lora_scale=job.model.lora_scale, kv_shared=job.model.kv_shared)
+                                 lora_scale=job.model.lora_scale, recipe=recorded(meta))
     model.load_trainable_state_dict(tensors)
     return model
 
@@ -544,7 +547,8 @@ def load_best_subnet(job: JobConfig, run_name: str | None = None) -> SubnetConfi
 def _settings(job: JobConfig) -> dict[str, Any]:
     s = job.search
     return {**{k: getattr(s, k) for k in _FIXED_KEYS}, "space": job.space.to_dict(),
-            "model": job.model.name, "kv_shared": job.model.kv_shared, "dataset": job.data.dataset,
+            "model": job.model.name, "kv_shared": job.model.resolved_recipe().kv_shared,
+            "param_count": job.model.resolved_recipe().param_count, "dataset": job.data.dataset,
             "val_split": job.data.val_split}
 
 

@@ -54,6 +54,7 @@ from noah_ray import optim, storage
 from noah_ray.backbones import create_backbone
 from noah_ray.config import JobConfig, TrainConfig
 from noah_ray.prune import PrunePlan, apply_plan, prune
+from noah_ray.recipes import LEGACY, RECIPES, Recipe, recorded
 from noah_ray.security import safe_name
 from noah_ray.space import ConfigError, SearchSpace, SubnetConfig
 from noah_ray.supernet import PromptedViT
@@ -122,12 +123,14 @@ def subnet_for(method: str, job: JobConfig, subnet: SubnetConfig | None) -> Subn
 
 
 def build_model(job: JobConfig, capacity: SubnetConfig | None, backbone_uri: str | None,
-                num_classes: int, *, train_backbone: bool = False) -> PromptedViT:
-    """A PromptedViT of ``capacity`` (None: the search space's supernet) with the job's switches."""
+                num_classes: int, *, train_backbone: bool = False, method: str = "noah",
+                recipe: Recipe | None = None) -> PromptedViT:
+    """A PromptedViT of ``capacity`` (None: the search space's supernet) with the job's switches
+    and recipe (``recipe``, e.g. one recorded in a checkpoint, or the job's for ``method``)."""
     vit = create_backbone(job.model.name, num_classes, backbone_uri, endpoint=job.storage_endpoint,
                           drop_path_rate=job.model.drop_path_rate)
     model = PromptedViT(vit, capacity or job.space.largest(), lora_scale=job.model.lora_scale,
-                        kv_shared=job.model.kv_shared, train_backbone=train_backbone)
+                        train_backbone=train_backbone, recipe=recipe or job.model.resolved_recipe(method))
     model.set_fused_attn(job.model.fused_attn)
     model.set_grad_checkpointing(job.model.grad_checkpointing)
     model.set_precision(job.model.precision)
@@ -214,7 +217,7 @@ def _train_loop(config: dict) -> None:
     torch.manual_seed(seed)  # identical initial weights on every rank
     capacity = SubnetConfig.from_json(config["subnet"]) if config["subnet"] else None
     model = build_model(job, capacity, config["backbone"], config["num_classes"],
-                        train_backbone=config["method"] == "full").to(device)
+                        train_backbone=config["method"] == "full", method=config["method"]).to(device)
     if config.get("prune_plan"):  # E2VPT rewinding: the fresh model holds the same initial values
         plan = PrunePlan.from_dict(config["prune_plan"])
         model, capacity = apply_plan(model, plan), plan.config()
@@ -278,7 +281,7 @@ def _train_loop(config: dict) -> None:
             if stage == "retrain" and val["model"] > state["best_val"]:
                 state.update(best_val=val["model"], best_epoch=epoch)
                 storage.save_state(run_dir.join("best"), model.trainable_state_dict(),
-                                   {"epoch": epoch, "val_acc": val["model"]})
+                                   {"epoch": epoch, "val_acc": val["model"], "recipe": model.recipe.to_dict()})
         if rank == 0:
             _write_metrics(root.join(stage), job, config, metrics, val)
             _progress(tag, tc, epoch, start, metrics, val, state, time.time() - session_t0, elapsed)
@@ -377,7 +380,7 @@ def _finish(config, job, stage, model, run_dir, state, device, mean, std, size) 
             "backbone": config["backbone"], "spec": config["spec"], "subnet": config["subnet"],
             "method": config["method"], "seed": config["seed"], "train_time_s": state["train_time_s"],
             "fingerprint": config["fingerprint"], "start_epochs": state["start_epochs"],
-            "val_acc": state["val_acc"], "params_head": counts["head"],
+            "val_acc": state["val_acc"], "params_head": counts["head"], "recipe": model.recipe.to_dict(),
             "params": trainable - counts["head"] if config["method"] == "full" else
             sum(v for k, v in counts.items() if k != "head")}
     if config["spec"].get("hpo"):
@@ -407,8 +410,10 @@ def _spec(job: JobConfig, stage: str, method: str, subnet: SubnetConfig | None, 
           num_classes: int) -> dict:
     """What defines a run (its checkpoints are only valid for this); ``epochs`` may grow."""
     tc, d, m = (job.supernet if stage == "supernet" else job.retrain), job.data, job.model
+    recipe = m.resolved_recipe(method)
     return {"stage": stage, "method": method, "model": m.name, "checkpoint": m.checkpoint,
-            "drop_path_rate": m.drop_path_rate, "lora_scale": m.lora_scale, "kv_shared": m.kv_shared,
+            "drop_path_rate": m.drop_path_rate, "lora_scale": m.lora_scale, "kv_shared": recipe.kv_shared,
+            "recipe": recipe.to_dict(),
             "space": job.space.to_dict() if stage == "supernet" else None,
             "subnet": subnet.to_dict() if subnet else None, "num_classes": num_classes,
             "data": {"dataset": d.dataset, "format": d.format, "train_split": d.train_split,
@@ -425,6 +430,7 @@ def _check_spec(run_dir: storage.Location, spec: dict) -> None:
     loc = run_dir.join("spec.json")
     if storage.exists(loc):
         old = json.loads(storage.read_text(loc))
+        old.setdefault("recipe", RECIPES[LEGACY].to_dict())  # a run from before recipes existed
         diff = next((k for k in spec if old.get(k) != spec[k]), None)
         if diff is not None:
             raise ConfigError(f"{run_dir.uri!r} was trained with {diff} = {json.dumps(old.get(diff))[:120]}, "
@@ -576,7 +582,7 @@ def load_supernet(job: JobConfig, run_name: str | None = None) -> PromptedViT:
         raise ConfigError(f"no trained supernet at {final.uri!r}; run the supernet stage first")
     tensors, meta = storage.load_state(final, supernet_recovery(final))
     backbone = job.model.checkpoint or job_root(job).join("backbone.safetensors").uri
-    model = build_model(job, None, backbone, int(meta["num_classes"]))
+    model = build_model(job, None, backbone, int(meta["num_classes"]), recipe=recorded(meta))
     model.load_trainable_state_dict(tensors)
     return model.eval()
 
@@ -657,8 +663,8 @@ def _score_and_plan(job_dict: dict, cfg_json: str, backbone: str | None, n: int,
 
     job = JobConfig.from_dict(job_dict)
     device = torch.device("cuda" if job.retrain.use_gpu and torch.cuda.is_available() else "cpu")
-    model = build_model(job, SubnetConfig.from_json(cfg_json), backbone, n).to(device)
-    tensors, _ = storage.load_state(storage.resolve(best_uri, job.storage_endpoint))
+    tensors, meta = storage.load_state(storage.resolve(best_uri, job.storage_endpoint))
+    model = build_model(job, SubnetConfig.from_json(cfg_json), backbone, n, recipe=recorded(meta)).to(device)
     model.load_trainable_state_dict(tensors)
     mean, std, size = norm_for(model)
     torch.manual_seed(seed)
