@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from noah_ray import storage
-from noah_ray.recipes import recorded
+from noah_ray.recipes import module_count, recorded
 from noah_ray.space import (ADAPTER, KV_PROMPT, LORA, MODULES, VPT, BackboneShape, ConfigError, ParamCount,
                             SearchSpace, SubnetConfig)
 
@@ -54,6 +54,9 @@ class NoahImport:
     model: str
     count: ParamCount
     space: str                   # "vtab" / "few-shot" (paper spaces containing it) or "custom"
+    shot: int | None = None      # few-shot files (``..._shot<K>-seed<S>.yaml``): K and S
+    seed: int | None = None
+    noah_count: int = 0          # module parameters as NOAH's search counted them (recipes.module_count)
 
 
 #: the 19 searched VTAB-1k subnets of the original NOAH release, shipped with the package
@@ -77,17 +80,31 @@ def reference_subnet(dataset: str) -> SubnetConfig:
     return SubnetConfig.from_noah_yaml(found[info.name])
 
 
-def dataset_from_filename(path: str | Path) -> str | None:
-    """The registry dataset named by a NOAH file name (``ViT-B_prompt_cifar100.yaml`` ->
-    ``cifar100``): the longest ``_``-separated suffix of the stem the registry knows."""
+_FEWSHOT_RE = re.compile(r"^(?P<stem>.+)_shot(?P<shot>\d+)-seed(?P<seed>\d+)$")
+
+
+def parse_filename(path: str | Path) -> tuple[str | None, int | None, int | None]:
+    """``(dataset, shot, seed)`` named by a NOAH file name: ``ViT-B_prompt_cifar100.yaml`` ->
+    ``("cifar100", None, None)``, ``ViT-B_prompt_food-101_shot8-seed0.yaml`` ->
+    ``("food101", 8, 0)``.  The dataset is the longest ``_``-separated suffix of the stem the
+    registry knows (few-shot files prefer the few-shot benchmark's entry)."""
     from noah_ray.data.registry import lookup
 
-    parts = Path(path).stem.split("_")
+    stem, shot, seed = Path(path).stem, None, None
+    m = _FEWSHOT_RE.match(stem)
+    if m:
+        stem, shot, seed = m["stem"], int(m["shot"]), int(m["seed"])
+    parts = stem.split("_")
     for i in range(len(parts)):
-        info = lookup("_".join(parts[i:]))
+        info = lookup("_".join(parts[i:]), "fewshot" if m else "vtab")
         if info is not None:
-            return info.name
-    return None
+            return info.name, shot, seed
+    return None, shot, seed
+
+
+def dataset_from_filename(path: str | Path) -> str | None:
+    """The registry dataset named by a NOAH file name (see :func:`parse_filename`)."""
+    return parse_filename(path)[0]
 
 
 def backbone_shape_of(model_name: str, num_classes: int) -> BackboneShape:
@@ -97,10 +114,12 @@ def backbone_shape_of(model_name: str, num_classes: int) -> BackboneShape:
     return shape_of(model_name, num_classes)
 
 
-def _space_name(cfg: SubnetConfig) -> str:
-    for name, space in (("vtab", SearchSpace.paper_vtab(cfg.num_layers)),
-                        ("few-shot", SearchSpace.paper_fewshot(cfg.num_layers))):
-        if space.contains(cfg):
+def _space_name(cfg: SubnetConfig, fewshot: bool = False) -> str:
+    """The paper space a subnet came from: a few-shot file's from the few-shot space (whose
+    widths 5 and 10 also fit the VTAB space), any other the first paper space containing it."""
+    spaces = {"vtab": SearchSpace.paper_vtab(cfg.num_layers), "few-shot": SearchSpace.paper_fewshot(cfg.num_layers)}
+    for name in (["few-shot"] if fewshot else ["vtab", "few-shot"]):
+        if spaces[name].contains(cfg):
             return name
     return "custom"
 
@@ -113,7 +132,7 @@ def import_noah(path: str | Path, *, num_classes: int | None = None, model_name:
     the file name.  Raises :class:`ConfigError` (one line) for a malformed file.
     """
     cfg = SubnetConfig.from_noah_yaml(path)
-    dataset = dataset_from_filename(path)
+    dataset, shot, seed = parse_filename(path)
     if num_classes is None:
         if dataset is None:
             raise ConfigError(f"{path}: cannot tell the dataset (and head size) from the file name; "
@@ -128,7 +147,11 @@ def import_noah(path: str | Path, *, num_classes: int | None = None, model_name:
     if cfg.num_layers != shape.depth:
         raise ConfigError(f"{path}: {cfg.num_layers} per-layer widths but {model_name} has {shape.depth} "
                           f"layers; give one width per layer")
-    return NoahImport(str(path), cfg, dataset, num_classes, model_name, cfg.param_count(shape), _space_name(cfg))
+    space = _space_name(cfg, fewshot=shot is not None)
+    max_vpt = (SearchSpace.paper_fewshot() if space == "few-shot" else SearchSpace.paper_vtab()).max_widths()[VPT]
+    noah = module_count(cfg, shape, convention="noah", max_vpt=max_vpt)
+    return NoahImport(str(path), cfg, dataset, num_classes, model_name, cfg.param_count(shape), space,
+                      shot, seed, noah)
 
 
 def _fmt(n: int) -> str:
@@ -137,11 +160,14 @@ def _fmt(n: int) -> str:
 
 def format_import(r: NoahImport) -> str:
     """Human-readable block for one imported file."""
-    head = f"{Path(r.path).name}: {r.dataset or '?'} ({r.num_classes} classes), {r.model}, space {r.space}"
+    shots = f", {r.shot} shots seed {r.seed}" if r.shot is not None else ""
+    head = f"{Path(r.path).name}: {r.dataset or '?'}{shots} ({r.num_classes} classes), {r.model}, space {r.space}"
     lines = [head]
     for m, ws in r.subnet.widths.items():
         lines.append(f"  {m:<9} {_fmt(r.count.per_module[m]):>10}   widths {' '.join(map(str, ws))}")
     lines.append(f"  {'modules':<9} {_fmt(r.count.modules):>10}   ({r.count.modules / 1e6:.4f} M)")
+    lines.append(f"  {'noah':<9} {_fmt(r.noah_count):>10}   ({r.noah_count / 1e6:.4f} M, as NOAH's search counted: "
+                 f"+{_fmt(r.noah_count - r.count.modules)} dead top-level prompt and position embedding)")
     lines.append(f"  {'head':<9} {_fmt(r.count.head):>10}")
     lines.append(f"  {'total':<9} {_fmt(r.count.total):>10}   ({r.count.total / 1e6:.4f} M)")
     return "\n".join(lines)

@@ -2,10 +2,15 @@
 
 - VTAB-1k: ``<root>/<dataset>/{train800,val200,train800val200,test}.txt``, lines
   ``relative/path.jpg label`` (paths relative to the dataset folder).
-- Few-shot (NOAH's lists): ``<root>/<dataset>/annotations/train_meta.list.num_shot_K.seed_S``,
-  ``val_meta.list``, ``test_meta.list``; paths relative to the dataset folder or its ``images/``.
-- Domain generalisation: the source set (ImageNet) as few-shot lists (paths relative to its
-  ``train/`` / ``val/`` folders), validation on ``unofficial_val_list_4_shot{K}seed{S}`` if present;
+- Few-shot (NOAH's lists, as its repository ships them under ``data/few-shot/``: folders
+  ``fgvc-aircraft``, ``food101``, ``oxford-flowers102``, ``oxford-pets``, ``standford-cars`` (sic),
+  ``imagenet``): ``<root>/<dataset>/annotations/train_meta.list.num_shot_K.seed_S``,
+  ``val_meta.list``, ``test_meta.list``; images under ``images/`` (Stanford Cars: the dataset
+  folder itself; ImageNet: ``train/`` for the shot lists and the held-out list, ``val/`` for
+  ``val_meta.list``).  Without ``test_meta.list`` (ImageNet) ``val_meta.list`` is the test split
+  and validation reads NOAH's held-out ``unofficial_val_list_4_shot{K}seed{S}`` (else its
+  ``..._shot16seed0``, which NOAH uses for every shot count); with neither, it refuses.
+- Domain generalisation: the source set (ImageNet) as few-shot lists, validated as above;
   a target set is read by naming its folder as the split (e.g. ``test_split: imagenet-sketch``
   reads ``<root>/imagenet-sketch/annotations/val_meta.list``, or ``test_meta.list``).
 - Class-per-folder trees: ``<root>/<dataset>/<split>/<class>/<image>``.
@@ -160,17 +165,25 @@ def _annotation_file(cfg: DataConfig, base: Path, split: str) -> Path:
         if cfg.shots is None:
             raise ConfigError("few-shot data needs data.shots (K of train_meta.list.num_shot_K.seed_S)")
         return ann / f"train_meta.list.num_shot_{cfg.shots}.seed_{cfg.seed}"
+    has_test = (ann / "test_meta.list").is_file()
     if split in (cfg.val_split, *_VAL_NAMES):
-        if cfg.format == "dg":  # NOAH's held-out part of the ImageNet train set, if present
-            held_out = ann / f"unofficial_val_list_4_shot{cfg.shots}seed{cfg.seed}"
-            if held_out.is_file():
-                return held_out
-        return ann / "val_meta.list"
-    if split in (cfg.test_split, "test"):
-        return ann / "test_meta.list" if (ann / "test_meta.list").is_file() or cfg.format != "dg" \
-            else ann / "val_meta.list"
+        return ann / "val_meta.list" if has_test else _held_out(cfg, ann)
+    if split in (cfg.test_split, "test"):  # ImageNet has no test_meta.list: its val_meta.list is the test split
+        return ann / "test_meta.list" if has_test else ann / "val_meta.list"
     raise ConfigError(f"split {split!r} is not a list in {str(ann)!r}; use train / val / test, a file name "
                       f"in annotations/ or (domain generalisation) a target dataset folder")
+
+
+def _held_out(cfg: DataConfig, ann: Path) -> Path:
+    """Validation where ``val_meta.list`` is the test split (ImageNet): NOAH's held-out part of the
+    train set, ``unofficial_val_list_4_shot{K}seed{S}``, else the ``shot16seed0`` list NOAH's
+    loader uses for every shot count.  Never the test list."""
+    for name in (f"unofficial_val_list_4_shot{cfg.shots}seed{cfg.seed}", "unofficial_val_list_4_shot16seed0"):
+        if (ann / name).is_file():
+            return ann / name
+    raise ConfigError(f"{str(ann)!r} has no held-out validation list (its val_meta.list is the test split, "
+                      f"test_meta.list is absent); add unofficial_val_list_4_shot16seed0 or set data.val_split "
+                      f"to a held-out list file in annotations/")
 
 
 def _target_domain(cfg: DataConfig, split: str) -> Path | None:

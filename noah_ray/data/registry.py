@@ -55,7 +55,7 @@ _ENTRIES = [
     DatasetInfo("food101", 101, "Few-shot", "fewshot", ("food_101", "food")),
     DatasetInfo("oxford_flowers102", 102, "Few-shot", "fewshot", ("flowers102", "oxford_flowers", "flowers")),
     DatasetInfo("oxford_pets", 37, "Few-shot", "fewshot", ("oxford_pet", "oxford_iiit_pet", "pets")),
-    DatasetInfo("stanford_cars", 196, "Few-shot", "fewshot", ("cars", "stanfordcars", "cars196")),
+    DatasetInfo("stanford_cars", 196, "Few-shot", "fewshot", ("cars", "stanfordcars", "cars196", "standford_cars")),
     # domain generalisation: train on 16-shot ImageNet, test on shifted sets (labels in ImageNet's 1000)
     DatasetInfo("imagenet", 1000, "Domain generalisation", "dg", ("imagenet_1k", "ilsvrc2012")),
     DatasetInfo("imagenetv2", 1000, "Domain generalisation", "dg", ("imagenet_v2",)),
