@@ -24,6 +24,8 @@ from noah_ray.space import ConfigError, SubnetConfig
 from noah_ray.supernet import PromptedViT
 
 MODEL = "vit_noah_tiny_patch4_32"
+# recipe "modern": our pruning extension (contiguous segments, per-layer masks, KV prompts too);
+# E2VPT's own layout (recipes noah / e2vpt) is tested in test_recipes.py
 CFG = SubnetConfig({"vpt": [6, 0, 4, 8, 0, 2, 5, 0, 0, 1, 0, 3],
                     "kv_prompt": [4, 0, 3, 5, 2, 0, 1, 0, 2, 0, 0, 6],
                     "lora": [2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0]})
@@ -34,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # in-process torch on one th
 
 def _model(shared: bool = False, seed: int = 0) -> PromptedViT:
     torch.manual_seed(seed)
-    net = PromptedViT(create_backbone(MODEL, 5), CFG, kv_shared=shared).eval()
+    net = PromptedViT(create_backbone(MODEL, 5), CFG, kv_shared=shared, recipe="modern").eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in net.parameters():
@@ -173,7 +175,7 @@ def test_pruned_state_dict_extract_and_reload():
     plan = _random_plan(net, 1, segments=4)
     pruned = P.apply_plan(net, plan).eval()
     x = torch.randn(2, 3, 32, 32)
-    fresh = PromptedViT(create_backbone(MODEL, 5), plan.config())
+    fresh = PromptedViT(create_backbone(MODEL, 5), plan.config(), recipe="modern")
     fresh.vit.load_state_dict(pruned.vit.state_dict())
     fresh.eval()
     with torch.no_grad():
@@ -251,7 +253,7 @@ def test_pruned_segments_stay_zero_while_training():
 
 def test_prune_then_rewind_resets_kept_prompts_to_saved_init():
     torch.manual_seed(0)
-    net = PromptedViT(create_backbone(MODEL, 5), CFG)
+    net = PromptedViT(create_backbone(MODEL, 5), CFG, recipe="modern")
     init = P.initial_state(net)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
     for x, y in _batches(2):
@@ -303,7 +305,7 @@ def test_rewound_model_retrains_and_round_trips_through_s3(s3_bucket):
 
     endpoint, bucket = s3_bucket
     torch.manual_seed(4)
-    net = PromptedViT(create_backbone(MODEL, 5), CFG)
+    net = PromptedViT(create_backbone(MODEL, 5), CFG, recipe="modern")
     init = P.initial_state(net)
     batches = _batches(3)
     cfg = P.PruneConfig(token_fraction=0.4, segment_fraction=0.3, num_segments=4, score_batches=3)
@@ -363,7 +365,7 @@ def test_e2vpt_retraining_prunes_rewinds_and_retrains_on_ray(ray_session, tmp_pa
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=48, num_val=16, num_test=16)
     spec = {"name": "e2", "storage": str(tmp_path / "out"),
             "data": {"root": str(tmp_path / "data"), "dataset": "gen_color", "batch_size": 16, "num_workers": 0},
-            "model": {"name": MODEL, "drop_path_rate": 0.0},
+            "model": {"name": MODEL, "drop_path_rate": 0.0, "recipe": "modern"},   # our pruning: per layer, KV too
             "retrain": {"epochs": 2, "lr": 3e-3, "warmup_epochs": 0, "seeds": [0], "baselines": ["e2vpt"],
                         "baseline_widths": {"e2vpt": {"vpt": 4, "kv_prompt": 4}}},
             "prune": {"token_fraction": 0.5, "segment_fraction": 0.25, "num_segments": 4, "score_batches": 2}}
