@@ -335,7 +335,8 @@ def test_cli_export_from_artifact_and_job_run(tmp_path: Path, backbone_file: str
     run = storage.resolve(str(tmp_path / "res")).join("j", "retrain", "noah-seed0")
     storage.save_state(run.join("best"), model.trainable_state_dict(), {"epoch": 3, "val_acc": 50.0})
     storage.save_state(run.join("final"), model.trainable_state_dict(),
-                       {"num_classes": 7, "model": TINY, "backbone": backbone_file, "subnet": MIXED.to_json()})
+                       {"num_classes": 7, "model": TINY, "backbone": backbone_file, "subnet": MIXED.to_json(),
+                        "recipe": model.recipe.to_dict()})
     assert main(["export", str(tmp_path / "job.yaml"), "--out", str(tmp_path / "art"), "--merge-lora",
                  "--peft", str(tmp_path / "peft")]) == 0
     out = capsys.readouterr().out

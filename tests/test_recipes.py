@@ -1,6 +1,7 @@
 """Recipes: each setting checked against the fact it encodes (formulas from the original NOAH /
 E2VPT code, written out here), never against the code under test."""
 
+import json
 import math
 from pathlib import Path
 
@@ -305,3 +306,48 @@ def test_meta_recipe_round_trip_and_legacy_is_modern():
     assert recipes.recorded({"recipe": "e2vpt"}) == recipes.RECIPES["e2vpt"]
     with pytest.raises(ConfigError, match="recipe: unknown setting 'colour'"):
         recipes.recorded({"recipe": {"name": "noah", "colour": 1}})
+
+
+def test_artifact_records_the_recipe_and_one_without_loads_as_modern(tmp_path):
+    from noah_ray.interop import load_subnet, save_subnet
+
+    cfg = SubnetConfig.uniform(12, vpt=2, adapter=3)
+    net = _net(recipes.resolve("noah", adapter_dropout=0.2), cfg).eval()
+    save_subnet(net, str(tmp_path / "a"), model_name=MODEL, include_backbone=True)
+    meta = yaml.safe_load((tmp_path / "a" / "meta.json").read_text())
+    assert meta["recipe"]["name"] == "noah" and meta["recipe"]["adapter_dropout"] == 0.2
+    x = torch.randn(2, 3, 32, 32)
+    again = load_subnet(str(tmp_path / "a"))
+    assert again.recipe == net.recipe and torch.allclose(again(x), net(x), atol=1e-6)
+    del meta["recipe"]                                   # an artifact from before recipes existed
+    meta["kv_shared"] = False                            # (it wrote kv_shared, then False by default)
+    (tmp_path / "a" / "meta.json").write_text(json.dumps(meta))
+    legacy = load_subnet(str(tmp_path / "a"))
+    assert legacy.recipe == recipes.RECIPES["modern"]
+    assert legacy.module("adapter", 0).act_name == "gelu" and not torch.allclose(legacy(x), net(x), atol=1e-6)
+
+
+# ------------------------------------------------------------------ import-noah few-shot names
+FEWSHOT_FILES = {"ViT-B_prompt_food-101_shot8-seed0.yaml": ("food101", 101, 8, 0),
+                 "ViT-B_prompt_stanford_cars_shot1-seed0.yaml": ("stanford_cars", 196, 1, 0),
+                 "ViT-B_prompt_oxford_flowers_shot4-seed0.yaml": ("oxford_flowers102", 102, 4, 0),
+                 "ViT-B_prompt_oxford_pets_shot16-seed2.yaml": ("oxford_pets", 37, 16, 2),
+                 "ViT-B_prompt_fgvc_aircraft_shot2-seed0.yaml": ("fgvc_aircraft", 100, 2, 0),
+                 "ViT-B_prompt_imagenet_shot16-seed0.yaml": ("imagenet", 1000, 16, 0)}
+
+
+@pytest.mark.parametrize("name", sorted(FEWSHOT_FILES))
+def test_import_noah_reads_few_shot_file_names(tmp_path, name):
+    vpt = [5, 10, 50, 100] * 3                         # few-shot widths; 5 and 10 alone would fit VTAB's too
+    body = {"RETRAIN": {"VISUAL_PROMPT_DIM": vpt, "LORA_DIM": [10] * 12, "ADAPTER_DIM": [5] * 6 + [0] * 6,
+                        "PREFIX_DIM": [0] * 12}}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(body))
+    r = import_noah(path)                              # no num_classes: the file name says the dataset
+    assert (r.dataset, r.num_classes, r.shot, r.seed, r.space) == (*FEWSHOT_FILES[name][:1], *FEWSHOT_FILES[name][1:],
+                                                                    "few-shot")
+    assert r.noah_count - r.count.modules == (5 + 100) * 768      # max VPT of the few-shot space: 100
+    small = tmp_path / "sub" / name
+    small.parent.mkdir(exist_ok=True)
+    small.write_text(yaml.safe_dump({"RETRAIN": {**body["RETRAIN"], "VISUAL_PROMPT_DIM": [5, 10] * 6}}))
+    assert import_noah(small).space == "few-shot"      # not "vtab": the file came from the few-shot search
