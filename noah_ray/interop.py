@@ -477,7 +477,8 @@ def export_peft(model, uri: str, *, include_head: bool = True, endpoint: str | N
     top = max(ranks.values())
     peft_cfg = LoraConfig(r=top, lora_alpha=_clean_number(scale * top), target_modules=list(ranks),
                           rank_pattern=dict(ranks), alpha_pattern={k: _clean_number(scale * r) for k, r in ranks.items()},
-                          lora_dropout=0.0, bias="none", modules_to_save=["head"] if include_head else None)
+                          lora_dropout=float(model.recipe.lora_dropout), bias="none",
+                          modules_to_save=["head"] if include_head else None)
     base = model.backbone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
