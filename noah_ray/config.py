@@ -233,7 +233,8 @@ class PruneConfig:
             return
         bad = [m for m in self.modules if m not in PRUNABLE]
         if bad or not self.modules:
-            raise ConfigError(f"prune.modules: {(bad or [[]])[0]!r} cannot be pruned; use vpt and/or kv_prompt")
+            raise ConfigError(f"prune.modules: {bad[0] if bad else 'an empty list'!r} cannot be pruned; "
+                              f"use vpt and/or kv_prompt")
         object.__setattr__(self, "modules", tuple(self.modules))
 
 
