@@ -263,7 +263,7 @@ def hpo_trial(config: dict, job: dict, method: str, subnet: str, backbone: str |
     device = torch.device("cuda" if h.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
     torch.manual_seed(h.seed)
     model = build_model(tuned, SubnetConfig.from_json(subnet), backbone, num_classes,
-                        train_backbone=method == "full").to(device)
+                        train_backbone=method == "full", method=method).to(device)   # the method's recipe
     train, val = _loaders(tuned, model)
     tc = tuned.retrain
     opt, sched, scaler = make_optimizer(model, tc, tc.method_lr.get(method, tc.lr), len(train), device,
