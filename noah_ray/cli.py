@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import shlex
 import sys
 from importlib import resources
@@ -237,10 +238,18 @@ def add_stage_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.set_defaults(func=_stage_command, stage_command=command)
 
 
+def plain_text(doc: str) -> str:
+    """A reStructuredText docstring as terminal text: inline literals lose their backticks."""
+    return re.sub(r"``([^`]+)``", r"\1", doc)
+
+
 def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+    from noah_ray import __version__
+
+    parser = argparse.ArgumentParser(prog=prog, description=plain_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: NOAH_RAY_DEBUG=1)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run the whole pipeline on generated data with a tiny ViT (local Ray)",

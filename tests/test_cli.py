@@ -63,6 +63,32 @@ def test_top_level_help_lists_every_subcommand(capsys):
     assert all(s in out for s in SUBCOMMANDS)
 
 
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"noah-ray {version('noah_ray')}\n"
+
+
+def test_top_level_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and ":func:" not in out and "ray job submit --working-dir ." in out
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["demo", "--nope"], ["pipeline"], ["results"],
+                                  ["results", "x", "--table", "nope"], ["results", "x", "--max-rows", "many"]])
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: noah-ray") and "noah-ray" in err.splitlines()[-1] and "error:" in err
+
+
 BAD = {
     "unknown dataset": (lambda c: c["data"].update(dataset="cifar1000"), "dataset 'cifar1000' not found"),
     "limit below the smallest subnet": (lambda c: c["search"].update(param_limit=1e-5),
