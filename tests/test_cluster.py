@@ -43,9 +43,12 @@ def test_aws_yaml_passes_ray_validation(aws):
         assert t["min_workers"] == 0 < t["max_workers"] <= cfg["max_workers"]
         assert t["resources"]["CPU"] > 0
     assert cfg["idle_timeout_minutes"] > 0
-    assert any("pip install" in c and "noah_ray" in c for c in cfg["setup_commands"])
-    image = cfg["docker"]["image"]
-    assert f":{ray.__version__}-" in image                  # the cluster runs the Ray we submit from
+    commands = [c for k in ("initialization_commands", "setup_commands", "head_setup_commands",
+                            "worker_setup_commands") for c in cfg.get(k, [])]
+    assert not any("pip install" in c for c in commands)   # everything is in the image
+    assert "file_mounts" not in aws or not aws["file_mounts"]
+    (rc,) = _docs("raycluster.yaml")
+    assert cfg["docker"]["image"] == project_image(rc["spec"])   # the project's image, not stock Ray
 
 
 def test_ray_validation_rejects_a_broken_copy(aws):
@@ -59,6 +62,10 @@ def test_ray_validation_rejects_a_broken_copy(aws):
     bad["head_node_type"] = "nope"
     with pytest.raises(ValueError, match="head_node_type"):
         prepared(bad)
+
+
+def project_image(spec: dict) -> str:
+    return spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
 
 
 def _docs(name: str) -> list[dict]:
@@ -104,7 +111,84 @@ def test_kuberay_rayjob_runs_the_pipeline_on_a_valid_config():
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     workdir = runtime_env["working_dir"]
     dockerfile = (CLUSTER / "Dockerfile").read_text()
-    assert f"WORKDIR {workdir}" in dockerfile and f"FROM rayproject/ray:{ray.__version__}-" in dockerfile
-    image = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert f"WORKDIR {workdir}" in dockerfile
     (rc,) = _docs("raycluster.yaml")
-    assert image == rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert project_image(spec["rayClusterSpec"]) == project_image(rc["spec"])
+
+
+# ---------------------------------------------------------------------------- the image
+def _ray_requirement():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (req,) = [r for r in map(Requirement, deps) if r.name == "ray"]
+    return req
+
+
+def test_image_ray_version_is_the_one_pyproject_resolves():
+    """The Dockerfile's Ray = the Ray installed from pyproject here (what a submitting machine
+    runs), within pyproject's range, pinned in the image with pyproject's extras; the image tag is
+    noah_ray's version and every cluster file runs that image and declares that Ray."""
+    import re
+
+    import noah_ray
+
+    text = (CLUSTER / "Dockerfile").read_text()
+    (version,) = re.findall(r"^ARG RAY_VERSION=(\S+)$", text, re.M)
+    req = _ray_requirement()
+    assert version == ray.__version__ and req.specifier.contains(version)
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py3\d+(-gpu)?$", text, re.M)
+    (pinned,) = re.findall(r'"ray\[([a-z,]+)\]==\$\{RAY_VERSION\}"', text)   # pip cannot move Ray
+    assert set(pinned.split(",")) == req.extras
+    assert "pip install -e" not in text
+    (rc,) = _docs("raycluster.yaml")
+    (job,) = _docs("rayjob.yaml")
+    image = project_image(rc["spec"])
+    assert image.endswith(f"/noah-ray:{noah_ray.__version__}")
+    assert yaml.safe_load((CLUSTER / "aws.yaml").read_text())["docker"]["image"] == image
+    for spec in (rc["spec"], job["spec"]["rayClusterSpec"]):
+        assert spec["rayVersion"] == version
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        assert {c["image"] for g in groups for c in g["template"]["spec"]["containers"]} == {image}
+    readme = (REPO / "README.md").read_text()
+    assert f"docker build -f cluster/Dockerfile -t MY-REGISTRY/noah-ray:{noah_ray.__version__} ." in readme
+    assert f"docker push MY-REGISTRY/noah-ray:{noah_ray.__version__}" in readme
+
+
+def dockerignored(patterns: list[str], path: str) -> bool:
+    """Docker's .dockerignore rule for one context path: patterns are relative to the context root
+    (``*`` within a segment, ``**`` any number of segments), a match on a parent excludes what is
+    below it, ``!`` re-includes, the last matching line wins."""
+    import re
+
+    def regex(p: str) -> str:
+        out = re.escape(p.strip("/")).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*")
+        return out.replace(r"\*", "[^/]*").replace(r"\?", "[^/]").replace(r"\[", "[").replace(r"\]", "]")
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    ignored = False
+    for line in patterns:
+        neg = line.startswith("!")
+        pat = regex(line[1:] if neg else line)
+        if any(re.fullmatch(pat, p) for p in prefixes):
+            ignored = not neg
+    return ignored
+
+
+def test_dockerignore_keeps_the_build_context_small():
+    lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()]
+    patterns = [ln for ln in lines if ln and not ln.startswith("#")]
+    for path in (".venv/lib/python3.11/site-packages/torch/__init__.py", ".git/objects/ab/cdef",
+                 ".worktrees/x/noah_ray/cli.py", "noah-results/demo/supernet/final/model.safetensors",
+                 "noah_ray/__pycache__/cli.cpython-311.pyc", "tests/__pycache__/conftest.cpython-311.pyc",
+                 ".pytest_cache/v/cache/nodeids", "noah_ray.egg-info/PKG-INFO", "mlruns/0/meta.yaml"):
+        assert dockerignored(patterns, path), path
+    needed = ["pyproject.toml", "README.md", "noah_ray/configs/demo.yaml", "noah_ray/data/loader.py",
+              "noah_ray/reference/noah_vtab/ViT-B_prompt_dtd.yaml", "jobs/pipeline.py", "jobs/configs/demo.yaml"]
+    needed += [str(p.relative_to(REPO)) for p in (REPO / "noah_ray").rglob("*.py") if "__pycache__" not in p.parts]
+    assert not [p for p in needed if dockerignored(patterns, p)]
+    assert dockerignored(["*.pyc", "!keep.pyc"], "a.pyc") and not dockerignored(["*.pyc", "!keep.pyc"], "keep.pyc")
+    assert not dockerignored(["data"], "noah_ray/data/loader.py")       # root-relative, as Docker does
