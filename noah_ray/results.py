@@ -250,13 +250,13 @@ def plot_supernet_curves(uri: str, path: str | Path, endpoint: str | None = None
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for job, d in df.drop_duplicates(["job", "run_id", "epoch"]).groupby("job"):
-        a.plot(d["epoch"] + 1, d["train_loss"], ".-", label=job)
+        a.plot(d["epoch"], d["train_loss"], ".-", label=job)
     a.set_xlabel("epoch")
     a.set_ylabel("train loss (random subnet per step)")
     a.legend(fontsize=7)
     a.grid(alpha=0.3)
     for (job, sub), d in df.dropna(subset=["val_acc"]).groupby(["job", "subnet"]):
-        b.plot(d["epoch"] + 1, d["val_acc"], ".-", label=f"{job}: {sub}")
+        b.plot(d["epoch"], d["val_acc"], ".-", label=f"{job}: {sub}")
     b.set_xlabel("epoch")
     b.set_ylabel("val accuracy (%)")
     b.legend(fontsize=7)

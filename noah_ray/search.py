@@ -370,7 +370,9 @@ class SearchStore:
 
     def write_final(self, front: Sequence[Candidate], best: Candidate | None) -> str | None:
         """The Pareto table and the winner's subnet file; returns the winner's URI."""
-        storage.append_table(self.base, "pareto", pa.table(_rows(front, self._ids())), part=self.run_id)
+        cols = _rows(front, self._ids())
+        cols["timestamp"] = [_utc(c.info.get("t")) for c in front]      # when it was scored, as in trials
+        storage.append_table(self.base, "pareto", pa.table(cols), part=self.run_id)
         if best is None:
             return None
         head = (f"# noah-ray search winner: job {self.job}, run {self.run_id}, val_acc {best.score:.4f}, "
@@ -664,7 +666,7 @@ def _fit(job: JobConfig, searcher: NoahSearcher, base: storage.Location, name: s
         checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, checkpoint_frequency=0))
     tune_config = tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=s.max_concurrent,
                                   reuse_actors=True, trial_dirname_creator=_trial_dirname)
-    with tune_without_credentials():             # no AWS secrets in trial runtime_envs (Ray logs those)
+    with tune_without_credentials(), storage.tidy(base):   # no AWS secrets in trial runtime_envs (Ray logs those)
         return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config).fit()
 
 

@@ -13,21 +13,27 @@ never sees a half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
 import uuid
 from dataclasses import dataclass
+from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from noah_ray.security import has_userinfo, redact
 from noah_ray.space import ConfigError
 
-SCHEMA_VERSION = 1
+#: version of the result-table schemas, stored in every Parquet file's metadata.
+#: 2: ``pareto`` has a ``timestamp``; epochs count from 1 (``train_metrics.epoch``, ``runs.best_epoch``),
+#: as the progress lines do.  Older files are upgraded when read (:data:`MIGRATIONS`).
+SCHEMA_VERSION = 2
 
 _widths = [(f"{m}_{k}", t) for m in ("vpt", "lora", "adapter", "kv_prompt")
            for k, t in (("depth", pa.int16()), ("widths", pa.list_(pa.int16())))]
@@ -53,21 +59,24 @@ TABLES: dict[str, pa.Schema] = {
         ("best_val_acc", pa.float64()), ("best_params", pa.int64()), ("best_config_json", pa.string()),
         ("timestamp", pa.timestamp("ms", tz="UTC")),
     ]),
-    # non-dominated candidates (val accuracy vs params) of a finished search
+    # non-dominated candidates (val accuracy vs params) of a finished search; timestamp: when scored
     "pareto": pa.schema([
         ("run_id", pa.string()), ("job", pa.string()), ("dataset", pa.string()), ("algorithm", pa.string()),
         ("trial_id", pa.string()), ("config_json", pa.string()), *_widths,
         ("params", pa.int64()), ("params_head", pa.int64()), ("val_acc", pa.float64()),
+        ("timestamp", pa.timestamp("ms", tz="UTC")),
     ]),
     # per-epoch supernet / retrain metrics; `subnet` names the evaluated subnet
-    # ("smallest", "largest", "random_0", ..., or "model" for retraining)
+    # ("smallest", "largest", "random_0", ..., or "model" for retraining).  Epochs count from 1
+    # (epoch k = after k passes over the training split), as in the progress lines and runs.best_epoch
     "train_metrics": pa.schema([
         ("run_id", pa.string()), ("job", pa.string()), ("dataset", pa.string()), ("stage", pa.string()),
         ("method", pa.string()), ("seed", pa.int32()), ("epoch", pa.int32()), ("subnet", pa.string()),
         ("train_loss", pa.float64()), ("val_acc", pa.float64()), ("lr", pa.float64()),
         ("images_per_s", pa.float64()), ("timestamp", pa.timestamp("ms", tz="UTC")),
     ]),
-    # one row per finished retraining run (test accuracy reported once, selected on val)
+    # one row per finished retraining run (test accuracy reported once, on the weights of the
+    # val-selected epoch best_epoch, 1..epochs)
     "runs": pa.schema([
         ("run_id", pa.string()), ("job", pa.string()), ("dataset", pa.string()), ("method", pa.string()),
         ("seed", pa.int32()), ("config_json", pa.string()), ("params", pa.int64()),
@@ -122,11 +131,15 @@ def _endpoint(endpoint: str | None) -> str | None:
     return endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+def _region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
 def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
     endpoint = _endpoint(endpoint)
     kwargs: dict = {"connect_timeout": 3, "request_timeout": 20,
                     "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    region = _region()
     if region:
         kwargs["region"] = region
     if endpoint:
@@ -170,11 +183,60 @@ def check_writable(loc: Location) -> None:
         with loc.fs.open_output_stream(probe.path) as f:
             f.write(b"ok")
         loc.fs.delete_file(probe.path)
+        remove_markers(loc)
     except (OSError, pa.ArrowException) as e:
         where = f" (endpoint {loc.endpoint})" if loc.endpoint else ""
         msg = str(e).splitlines()[0][:200]
         raise ConfigError(f"storage {loc.uri!r}{where} is not writable: {msg}; "
                           f"check the bucket, endpoint and credentials") from None
+
+
+#: zero-byte objects Ray leaves to check that its storage is writable
+RAY_MARKERS = (".validate_storage_marker",)
+
+
+def remove_markers(loc: Location) -> None:
+    """Delete the zero-byte directory-marker objects (``<prefix>/``) under an ``s3://`` location
+    and above it, and Ray's storage-check markers under it; returns how many were deleted.
+
+    S3 has no directories: pyarrow's ``create_dir`` writes such markers and its ``delete_*``
+    write one for a parent left empty, for Ray Train / Tune and us alike.  The stages call this
+    when they end (:func:`tidy`).  Deleted through the S3 API (boto3), which recreates nothing."""
+    if not loc.is_s3:
+        return
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, prefix = loc.path.partition("/")
+    parts = [p for p in prefix.split("/") if p]
+    doomed = {"/".join(parts[:i]) + "/" for i in range(1, len(parts))}    # the markers above loc
+    client = boto3.client("s3", endpoint_url=loc.endpoint, region_name=_region())
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for obj in (o for page in pages for o in page.get("Contents", [])):
+            key = obj["Key"]
+            inside = not prefix or key == prefix + "/" or key.startswith(prefix + "/")
+            if inside and obj["Size"] == 0 and (key.endswith("/") or posixpath.basename(key) in RAY_MARKERS):
+                doomed.add(key)
+        keys = sorted(doomed)
+        for i in range(0, len(keys), 1000):
+            client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]],
+                                                         "Quiet": True})
+    except (BotoCoreError, ClientError) as e:
+        raise OSError(f"cannot tidy {loc.uri}: {e}") from None
+
+
+@contextlib.contextmanager
+def tidy(loc: Location) -> Iterator[None]:
+    """Run a block that writes through pyarrow / Ray under ``loc``, then :func:`remove_markers`
+    (also when the block fails; a failure to tidy only leaves markers behind)."""
+    try:
+        yield
+    finally:
+        try:
+            remove_markers(loc)
+        except OSError:
+            pass
 
 
 def exists(loc: Location) -> bool:
@@ -279,8 +341,35 @@ def conform(table_name: str, table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def _shift(column: str, by: int) -> Callable[[pa.Table], pa.Table]:
+    def upgrade(t: pa.Table) -> pa.Table:
+        if column not in t.column_names:
+            return t
+        i = t.column_names.index(column)
+        return t.set_column(i, column, pc.add(t.column(column), pa.scalar(by, t.schema.field(i).type)))
+    return upgrade
+
+
+#: (table, version it upgrades from) -> the change to the next version, applied in order on read
+MIGRATIONS: dict[tuple[str, int], Callable[[pa.Table], pa.Table]] = {
+    ("train_metrics", 1): _shift("epoch", 1),        # v1 counted epochs from 0
+    ("runs", 1): _shift("best_epoch", 1),
+    # ("pareto", 1): no timestamp in v1; conform() adds it as null
+}
+
+
+def upgrade(table_name: str, table: pa.Table, version: int) -> pa.Table:
+    """Rows of a file written with schema ``version`` as the current schema has them."""
+    for v in range(max(version, 1), SCHEMA_VERSION):
+        step = MIGRATIONS.get((table_name, v))
+        if step is not None:
+            table = step(table)
+    return conform(table_name, table) if table_name in TABLES else table
+
+
 def read_table(base: Location, table_name: str) -> pa.Table | None:
-    """All rows of ``table_name`` under ``base`` (None when nothing was written yet)."""
+    """All rows of ``table_name`` under ``base`` (None when nothing was written yet); files of
+    older schema versions are upgraded to the current one."""
     files = list_files(base.join(table_name), ".parquet")
     if not files:
         return None
@@ -291,7 +380,7 @@ def read_table(base: Location, table_name: str) -> pa.Table | None:
         if version > SCHEMA_VERSION:
             raise ConfigError(f"{f.uri}: schema version {version} is newer than this noah_ray "
                               f"({SCHEMA_VERSION}); upgrade noah_ray")
-        tables.append(t.replace_schema_metadata(None))
+        tables.append(upgrade(table_name, t.replace_schema_metadata(None), version))
     return pa.concat_tables(tables, promote_options="default")
 
 

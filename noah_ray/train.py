@@ -10,15 +10,20 @@ lives in the job's storage (a local directory or ``s3://``).  Storage layout und
       checkpoint_e00004/                trainable.safetensors, optimizer.safetensors, state.json,
                                         rng_rank<k>.safetensors (the newest keep_checkpoints kept)
       final/                            model.safetensors + meta.json: what load_supernet / search read
-      train_metrics/<run>-e00004.parquet   one file per epoch, one row per evaluated subnet
+      train_metrics/<run>-e00005.parquet   one file per epoch (numbered from 1), one row per evaluated subnet
       named/<name>/                     a named supernet run (train_supernet(run_name=...)), same layout
     retrain/
       runs/<run>-<fp>.parquet           one row per finished run (val-selected epoch, test once)
-      train_metrics/<run>-<fp>-e00004.parquet
+      train_metrics/<run>-<fp>-e00005.parquet
       <run>/                            run = <method>-seed<k>: the latest finished config of this run
         best/, final/                     best-on-val weights; last weights + meta.json (test accuracy)
         <fp>/                           Ray Train run of one config (fp: hash of subnet + hyper-parameters)
           spec.json, checkpoint_e*/, best/, final/
+
+Epochs are counted from 1 wherever a user sees them: progress lines, the ``train_metrics`` /
+``runs`` tables (``epoch``, ``best_epoch``), the metrics reported to Ray Train and the tracking
+steps.  Checkpoint names (``checkpoint_e00004`` = after the 5th epoch), checkpoint ``state.json``
+and ``meta.json`` keep the 0-based loop index.
 
 Re-running a stage resumes from its last checkpoint (same RunConfig name and storage); a finished
 one returns at once.  A worker that dies is restarted (``FailureConfig``) and continues from the
@@ -269,7 +274,7 @@ def _train_loop(config: dict) -> None:
         elapsed = time.time() - t0
         state["train_time_s"] += elapsed
         loss_sum, batches, images = sums.tolist()
-        metrics = {"epoch": epoch, "train_loss": loss_sum / max(batches, 1), "lr": sched.get_last_lr()[0],
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(batches, 1), "lr": sched.get_last_lr()[0],
                    "images_per_s": images / max(elapsed, 1e-9)}
         last, val = epoch + 1 == tc.epochs, {}
         if rank == 0 and ((epoch + 1) % tc.eval_every == 0 or last):
@@ -341,7 +346,7 @@ def _progress(tag, tc, epoch, start, metrics, val, state, session_s, epoch_s) ->
     shown = " ".join(f"{k} {v:.1f}%" for k, v in list(val.items())[:3])
     if "model" in val:
         shown = f"val {val['model']:.1f}% (best {state['best_val']:.1f}% @ {state['best_epoch'] + 1})"
-    _say(f"{tag} epoch {epoch + 1}/{tc.epochs} loss {metrics['train_loss']:.4f} lr {metrics['lr']:.2e} "
+    _say(f"{tag} epoch {metrics['epoch']}/{tc.epochs} loss {metrics['train_loss']:.4f} lr {metrics['lr']:.2e} "
          f"{shown + ' ' if shown else ''}{metrics['images_per_s']:.0f} img/s {epoch_s:.1f}s/epoch "
          f"ETA {_fmt_s(eta)}")
 
@@ -491,7 +496,8 @@ def _fit(job: JobConfig, stage: str, run_id: str, run_dir: str, *, method: str, 
     if storage.exists(error):                    # left by an earlier attempt whose cause may be fixed now
         loc.fs.delete_file(error.path)
     try:
-        trainer.fit()
+        with storage.tidy(job_root(job)):
+            trainer.fit()
     except TrainingFailedError as e:
         _raise_config_error(e)
         raise
@@ -627,13 +633,13 @@ def _retrain_run(job: JobConfig, label: str, cfg: SubnetConfig, lr: float, seed:
     trained = PrunePlan.from_dict(prune_plan).config() if prune_plan else cfg
     row = {"run_id": run_id, "job": job.name, "dataset": job.data.dataset, "method": label, "seed": seed,
            "config_json": trained.to_json(), "params": meta["params"], "params_head": meta["params_head"],
-           "val_acc": meta["best_val"], "test_acc": meta["test_acc"], "best_epoch": meta["best_epoch"],
+           "val_acc": meta["best_val"], "test_acc": meta["test_acc"], "best_epoch": meta["best_epoch"] + 1,
            "epochs": meta["epochs_done"], "wall_time_s": meta["train_time_s"], "checkpoint_uri": meta["best_uri"],
            "timestamp": datetime.now(timezone.utc), "hpo_json": json.dumps(hpo, sort_keys=True) if hpo else None}
     if hpo and hpo.get("val_acc") is not None:   # a tuned run trains on its val images: report the search's val
         row["val_acc"] = hpo["val_acc"]
     storage.append_table(root.join("retrain"), "runs", pa.Table.from_pylist([row]), part=f"{run_id}-{fp}")
-    print(f"[retrain] {label} seed {seed}: val {row['val_acc']:.2f}% (epoch {row['best_epoch'] + 1}) "
+    print(f"[retrain] {label} seed {seed}: val {row['val_acc']:.2f}% (epoch {row['best_epoch']}) "
           f"test {row['test_acc']:.2f}% params {row['params'] / 1e6:.4f}M", flush=True)
     return TrainResult("retrain", run_id, meta["epochs_done"], root.join("retrain", run_id, fp, "final").uri,
                        {**row, "fingerprint": fp})

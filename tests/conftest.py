@@ -67,3 +67,19 @@ def s3_bucket(s3_endpoint, request):
     name = "".join(c for c in name if c.isalnum() or c == "-")
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return s3_endpoint, name
+
+
+@pytest.fixture()
+def s3_markers():
+    """``s3_markers(endpoint, bucket)``: every directory-marker-like object in ``bucket`` (a key
+    ending in ``/`` or a zero-byte object); fails if the bucket is empty."""
+    return _s3_markers
+
+
+def _s3_markers(endpoint: str, bucket: str) -> list[str]:
+    import boto3
+
+    pages = boto3.client("s3", endpoint_url=endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    objs = [o for page in pages for o in page.get("Contents", [])]
+    assert objs, f"bucket {bucket} is empty"
+    return sorted(o["Key"] for o in objs if o["Key"].endswith("/") or o["Size"] == 0)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 import statistics
 from datetime import datetime, timedelta, timezone
@@ -243,3 +244,71 @@ def test_s3_queries_and_plain_pandas(s3_bucket, tmp_path):
     assert _is_png(results.plot_pareto(f"s3://{bucket}/noah", tmp_path / "p.png", endpoint=endpoint))
     with pytest.raises(ConfigError, match="does not exist"):
         results.leaderboard(f"s3://{bucket}/nothing-here", endpoint=endpoint)
+
+
+def _write_v1(base: storage.Location, table: str, rows: list[dict], part: str) -> None:
+    """A file as schema version 1 wrote it: its own columns, version 1 in the metadata."""
+    t = pa.Table.from_pylist(rows)
+    t = t.replace_schema_metadata({b"noah_ray_schema_version": b"1"})
+    buf = io.BytesIO()
+    pq.write_table(t, buf)
+    storage.write_bytes(base.join(table, f"{part}.parquet"), buf.getvalue())
+
+
+def test_schema_v1_files_are_read_as_the_current_schema(tmp_path):
+    """v1 pareto files have no timestamp, v1 epochs counted from 0: read back, the timestamp is a
+    null column and every epoch counts from 1, the same as in files written now."""
+    job = storage.resolve(str(tmp_path)).join("old")
+    ids = {"run_id": "evolution-seed0", "job": "old", "dataset": "dtd", "algorithm": "evolution"}
+    _write_v1(job.join("search"), "pareto", [{**ids, "trial_id": "c1", "config_json": SubnetConfig.empty(12).to_json(),
+                                              "params": 10, "params_head": 4, "val_acc": 50.0}], "evolution-seed0")
+    metrics = {"run_id": "supernet", "job": "old", "dataset": "dtd", "stage": "supernet", "method": "noah",
+               "seed": 0, "subnet": "largest", "train_loss": 1.0, "val_acc": 40.0, "lr": 1e-3,
+               "images_per_s": 10.0, "timestamp": T0}
+    _write_v1(job.join("supernet"), "train_metrics", [{**metrics, "epoch": e} for e in (0, 1)], "supernet-old")
+    run = {"run_id": "noah-seed0", "job": "old", "dataset": "dtd", "method": "noah", "seed": 0, "config_json": "{}",
+           "params": 10, "params_head": 4, "val_acc": 50.0, "test_acc": 45.0, "best_epoch": 0, "epochs": 2,
+           "wall_time_s": 1.0, "checkpoint_uri": "x", "timestamp": T0}
+    _write_v1(job.join("retrain"), "runs", [run], "noah-seed0-old")
+    # a current (v2) file beside them
+    storage.append_table(job.join("supernet"), "train_metrics", pa.Table.from_pylist([{**metrics, "epoch": 3}]),
+                         part="supernet-e00003")
+    front = results.pareto(job.uri)
+    assert list(front.columns) == storage.TABLES["pareto"].names and front["timestamp"].isna().all()
+    assert sorted(results.supernet_curves(job.uri)["epoch"]) == [1, 2, 3]
+    assert list(results.runs(job.uri)["best_epoch"]) == [1]
+    assert storage.TABLES["pareto"].field("timestamp").type == storage.TABLES["trials"].field("timestamp").type
+    assert storage.SCHEMA_VERSION == 2
+
+
+def test_pareto_rows_carry_when_they_were_scored(tmp_path):
+    from noah_ray.evolution import DONE, Candidate
+    from noah_ray.search import SearchStore
+
+    store = SearchStore(str(tmp_path / "search"), None, "r", "j", "dtd", "evolution")
+    t = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
+    cand = Candidate("c1", SubnetConfig.empty(12), params=10, generation=0, origin="random")
+    cand.status, cand.score, cand.info = DONE, 55.0, {"t": t.timestamp(), "params_head": 4}
+    store.write_final([cand], cand)
+    front = results.pareto(str(tmp_path))
+    assert list(front["timestamp"]) == [pd.Timestamp(t)]
+
+
+def test_no_directory_markers_left_in_s3(s3_bucket, s3_markers):
+    """pyarrow writes ``<prefix>/`` markers on create_dir and for a parent emptied by a delete;
+    check_writable and every stage (storage.tidy) remove them, through S3's API."""
+    endpoint, bucket = s3_bucket
+    root = storage.resolve(f"s3://{bucket}/noah/job", endpoint)
+    storage.check_writable(root)
+    storage.write_text(root.join("keep", "a.txt"), "a")
+    with storage.tidy(root):
+        root.fs.create_dir(root.join("supernet", "checkpoint_e00000").path)
+        storage.write_text(root.join("supernet", "x", "b.txt"), "b")
+        root.fs.delete_file(root.join("supernet", "x", "b.txt").path)      # leaves supernet/x/
+        with root.fs.open_output_stream(root.join("tune", ".validate_storage_marker").path):
+            pass
+        assert len(s3_markers(endpoint, bucket)) >= 3
+    assert s3_markers(endpoint, bucket) == []
+    assert storage.read_text(root.join("keep", "a.txt")) == "a" and storage.exists(root)
+    storage.remove_markers(root)                           # nothing left to do: fine
+    assert s3_markers(endpoint, bucket) == []

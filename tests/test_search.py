@@ -305,7 +305,7 @@ def save_supernet(job: JobConfig, state) -> str:
 
 
 @pytest.mark.slow
-def test_supernet_then_search_on_s3(ray_session, s3_bucket, tiny):
+def test_supernet_then_search_on_s3(ray_session, s3_bucket, tiny, s3_markers):
     """The product flow on S3: train a tiny supernet (2 epochs), then search it (the trainable
     loads the supernet with noah_ray.train.load_supernet, the val split with noah_ray.data)."""
     from noah_ray.train import train_supernet
@@ -338,6 +338,7 @@ def test_supernet_then_search_on_s3(ray_session, s3_bucket, tiny):
     assert len(storage.read_table(base, "generations")) == 3
     again = run_search(job)                                        # finished: nothing re-run
     assert again.finished and again.best == result.best and len(storage.read_table(base, "trials")) == 12
+    assert s3_markers(endpoint, bucket) == []          # no zero-byte directory markers left by Ray / pyarrow
 
 
 class StopAfter(ray.tune.Stopper):

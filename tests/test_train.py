@@ -123,7 +123,7 @@ def test_two_workers_learn(trained):
     m = _metrics(job)
     assert len(m) == 3 * 3 and set(m["subnet"]) == {"smallest", "largest", "random_0"}  # one row per (epoch, subnet)
     per_epoch = m.drop_duplicates("epoch").sort_values("epoch")
-    assert list(per_epoch["epoch"]) == [0, 1, 2] and (per_epoch["images_per_s"] > 0).all()
+    assert list(per_epoch["epoch"]) == [1, 2, 3] and (per_epoch["images_per_s"] > 0).all()
     assert per_epoch["train_loss"].iloc[-1] < per_epoch["train_loss"].iloc[0]
     model = load_supernet(job)
     final, meta = storage.load_state(_root(job).join("supernet", "final"))
@@ -154,14 +154,14 @@ def test_killed_worker_restarts_and_rerun_resumes_exactly_on_s3(trained, data_ro
                  "rng_rank1.safetensors"):
         assert any(n.endswith(f"supernet/checkpoint_e00001/{part}") for n in names), part
     assert any(n.endswith("/learn/backbone.safetensors") for n in names)
-    assert sorted(_metrics(job)["epoch"].unique()) == [0, 1]
+    assert sorted(_metrics(job)["epoch"].unique()) == [1, 2]             # epochs count from 1 in tables
     written = _metrics(job).set_index(["epoch", "subnet"])["timestamp"]
     assert train_supernet(job).epochs_done == 3  # the same job again: continues at epoch 2
     _, meta = storage.load_state(_root(job).join("supernet", "final"))
     assert meta["start_epochs"] == [0, 1, 2]  # fresh start, Ray's restart, the re-run
     after = _metrics(job).set_index(["epoch", "subnet"])["timestamp"]
-    assert sorted(after.index.get_level_values(0).unique()) == [0, 1, 2]
-    assert (after.loc[written.index] == written).all()  # epochs 0 and 1 were not trained again
+    assert sorted(after.index.get_level_values(0).unique()) == [1, 2, 3]
+    assert (after.loc[written.index] == written).all()  # epochs 1 and 2 were not trained again
     # weights, optimiser, schedule and both ranks' RNG were restored: identical to the run that never failed
     ref, _ = storage.load_state(_root(reference).join("supernet", "final"))
     got = load_supernet(job).trainable_state_dict()
@@ -170,7 +170,7 @@ def test_killed_worker_restarts_and_rerun_resumes_exactly_on_s3(trained, data_ro
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_retrain_baseline_writes_runs_row_on_s3(ray_session, data_root, s3_bucket):
+def test_retrain_baseline_writes_runs_row_on_s3(ray_session, data_root, s3_bucket, s3_markers):
     endpoint, bucket = s3_bucket
     job = make_job(data_root, f"s3://{bucket}/runs", "s3job", endpoint=endpoint)
     res = retrain(job, None, method="lora", seed=0)
@@ -178,16 +178,17 @@ def test_retrain_baseline_writes_runs_row_on_s3(ray_session, data_root, s3_bucke
     runs = storage.read_table(root.join("retrain"), "runs").to_pandas()
     assert list(runs["method"]) == ["lora"] and runs["test_acc"].between(0, 100).all()
     assert runs["params"].iloc[0] == 12 * 4 * 48 * 8 and runs["params_head"].iloc[0] == 48 * 4 + 4
-    assert runs["best_epoch"].iloc[0] in (0, 1) and runs["checkpoint_uri"].iloc[0].startswith("s3://")
+    assert runs["best_epoch"].iloc[0] in (1, 2) and runs["checkpoint_uri"].iloc[0].startswith("s3://")
     best, best_meta = storage.load_state(root.join("retrain", "lora-seed0", "best"))  # the run's stable name
-    assert best_meta["epoch"] == res.metrics["best_epoch"]
+    assert best_meta["epoch"] + 1 == res.metrics["best_epoch"]       # meta.json keeps the 0-based index
     assert all(k.startswith("vit.head.") or ".lora." in k for k in best) and any(".lora." in k for k in best)
     m = _metrics(job, "retrain")
-    assert set(m["subnet"]) == {"model"} and sorted(m["epoch"]) == [0, 1]
+    assert set(m["subnet"]) == {"model"} and sorted(m["epoch"]) == [1, 2]
     again = retrain(job, None, method="lora", seed=0)  # finished: the same result, no second run
     assert again.metrics["test_acc"] == res.metrics["test_acc"]
     assert again.metrics["fingerprint"] == res.metrics["fingerprint"]
     assert len(storage.read_table(root.join("retrain"), "runs")) == 1
+    assert s3_markers(endpoint, bucket) == []          # no zero-byte directory markers left by Ray / pyarrow
 
 
 def test_bad_storage_or_job_fails_before_training(ray_session, data_root, tmp_path):
