@@ -8,6 +8,7 @@
     noah-ray results URI [--table leaderboard|vtab|trials|generations|pareto|runs|curves|hpo|hpo_curves] [--plots DIR]
     noah-ray import-noah FILE...          original NOAH subnet files -> configs, parameter counts
     noah-ray export JOB.yaml --out URI    a retrained subnet -> inference artifact (--merge-lora, --peft DIR)
+    noah-ray import-peft DIR --out URI    a peft LoRA adapter (timm ViT, fused qkv) -> subnet + weights
 
 The same stages run as Ray jobs: ``ray job submit --working-dir . -- python -m jobs.pipeline
 --config jobs/configs/demo.yaml``.
@@ -222,6 +223,12 @@ def _export(args: argparse.Namespace) -> int:
     return export_command(args)
 
 
+def _import_peft(args: argparse.Namespace) -> int:
+    from noah_ray.peft_import import import_peft_command
+
+    return import_peft_command(args)
+
+
 def add_stage_arguments(p: argparse.ArgumentParser, command: str) -> None:
     """The options of a stage command (``noah-ray <command>`` and ``python -m jobs.<command>``)."""
     p.add_argument("--config", required=True, help="job config (YAML or JSON)")
@@ -300,6 +307,22 @@ def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
     p.add_argument("--peft", help="write the LoRA part and the head as a peft LoRA adapter into this directory")
     p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: the job's / $AWS_ENDPOINT_URL)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("import-peft", help="read a peft LoRA adapter (timm ViT, fused qkv) as a subnet + weights",
+                       description="Read a peft LoRA adapter on the fused qkv of a timm ViT (rank and alpha per "
+                                   "layer: rank_pattern / alpha_pattern) as a NOAH subnet and its weights; "
+                                   "refuses in one line what a subnet cannot hold (DoRA, rsLoRA, other targets, "
+                                   "trained biases).")
+    p.add_argument("folder", help="the adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", help="write a subnet artifact + subnet.yaml here (path or s3://): noah_ray.load_subnet "
+                                 "evaluates it, retrain.subnet / retrain.init retrain from it")
+    p.add_argument("--model", default=None, help="timm name of the base model (default: the adapter's "
+                                                 "base_model_name_or_path)")
+    p.add_argument("--backbone-checkpoint", default=None,
+                   help="the backbone weights the adapter was trained on (path or s3://), recorded in the artifact")
+    p.add_argument("--num-classes", type=int, default=None, help="head size when the adapter has no head")
+    p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
+    p.set_defaults(func=_import_peft)
     return parser
 
 

@@ -181,6 +181,8 @@ class TrainConfig:
                                           # (noah_ray.train.BASELINE_WIDTHS), e.g. {vpt: {vpt: 50}}
     method_lr: dict[str, float] = field(default_factory=dict)
                                           # retrain: per-method learning rate overriding `lr`, e.g. {full: 1.0e-4}
+    init: str | None = None               # retrain (noah): start from these weights, a subnet artifact
+                                          # (noah-ray import-peft / export --out), instead of a fresh init
 
     def check(self, where: str) -> None:
         _positive(where, epochs=self.epochs, lr=self.lr, num_workers=self.num_workers,

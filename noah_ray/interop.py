@@ -8,7 +8,8 @@
   ``merge_lora`` the LoRA deltas are folded into the qkv weights, so inference runs a plain timm
   ViT plus prompts / adapters.
 * :func:`export_peft` writes the LoRA part (and the head) as a peft LoRA adapter for a stock timm
-  ViT; VPT, Adapter and KV prompts cannot be expressed in peft and are reported.
+  ViT; VPT, Adapter and KV prompts cannot be expressed in peft and are reported.  The other
+  direction (a peft adapter -> subnet + weights) is :mod:`noah_ray.peft_import`.
 
 Artifact tensors: module and head weights under their :class:`PromptedViT` names
 (``vit.blocks.3.vpt.prompts``, ``vit.head.weight``); backbone tensors that differ from the
@@ -423,6 +424,41 @@ def load_subnet(uri: str, *, backbone_checkpoint: str | None = None, endpoint: s
     return model.eval()
 
 
+def check_init_artifact(uri: str, *, model_name: str, subnet: SubnetConfig, num_classes: int,
+                        endpoint: str | None = None) -> dict:
+    """The meta of the artifact ``retrain.init`` names, checked against what retraining builds
+    (the timm model, the subnet, the head size); one :class:`ConfigError` otherwise."""
+    loc = storage.resolve(uri, endpoint)
+    if not storage.exists(loc.join("meta.json")):
+        raise ConfigError(f"retrain.init {uri!r} is not a subnet artifact (no meta.json); give a directory "
+                          f"written by noah-ray import-peft or export --out")
+    import json
+
+    meta = json.loads(storage.read_text(loc.join("meta.json")))
+    got = SubnetConfig.from_dict(meta.get("subnet") or {"widths": {}})
+    checks = (("model", meta.get("model_name"), model_name), ("subnet", got.to_json(), subnet.to_json()),
+              ("num_classes", meta.get("num_classes"), num_classes), ("merged_lora", meta.get("merged_lora"), False))
+    for what, have, want in checks:
+        if have != want:
+            raise ConfigError(f"retrain.init {uri!r} has {what} {str(have)[:80]}, retraining needs "
+                              f"{str(want)[:80]}; import or export the artifact for this job")
+    return meta
+
+
+def load_init_weights(model, uri: str, *, endpoint: str | None = None) -> None:
+    """Start ``model`` from a subnet artifact's module and head weights (``retrain.init``): the
+    backbone fingerprint must match, a different ``lora_scale`` is folded into LoRA's ``B``."""
+    tensors, meta = read_artifact(uri, endpoint=endpoint)
+    if meta.get("backbone_fingerprint") != _fingerprint(model.vit):
+        raise ConfigError(f"retrain.init {uri!r} was made on other backbone weights than model.checkpoint; "
+                          f"import it with --backbone-checkpoint set to the job's backbone")
+    ratio = float(meta["lora_scale"]) / float(model.lora_scale)
+    own = {k: v for k, v in tensors.items() if not k.startswith(_BACKBONE)}
+    if ratio != 1.0:
+        own = {k: v * ratio if k.endswith(".lora_B") else v for k, v in own.items()}
+    model.load_trainable_state_dict(own)
+
+
 # ============================================================================ peft
 @dataclass(frozen=True)
 class PeftExport:
@@ -445,15 +481,24 @@ def _clean_number(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def export_peft(model, uri: str, *, include_head: bool = True, endpoint: str | None = None) -> PeftExport:
+def _timm_name(vit: torch.nn.Module) -> str | None:
+    """The timm architecture a ViT was created as (its pretrained_cfg); the weights' tag is left
+    out, the backbone checkpoint decides them."""
+    return (getattr(vit, "pretrained_cfg", None) or {}).get("architecture")
+
+
+def export_peft(model, uri: str, *, include_head: bool = True, endpoint: str | None = None,
+                model_name: str | None = None) -> PeftExport:
     """Write the LoRA part of ``model``'s active subnet as a peft LoRA adapter at ``uri``.
 
     ``target_modules`` are the ``blocks.N.attn.qkv`` layers with LoRA, ``rank_pattern`` /
     ``alpha_pattern`` reproduce each layer's rank and the scale (``alpha = scale * rank``); the
     head is saved as a peft ``modules_to_save`` module.  Load with
     ``PeftModel.from_pretrained(timm.create_model(name, num_classes=...), dir)`` on the same
-    backbone weights.  VPT, Adapter and KV prompts have no peft equivalent: they are left out, a
-    warning names them and the returned :class:`PeftExport` lists them.
+    backbone weights.  ``adapter_config.json`` names the base model (``base_model_name_or_path``:
+    ``model_name``, default the timm name the backbone was created with).  VPT, Adapter and KV
+    prompts have no peft equivalent: they are left out, a warning names them and the returned
+    :class:`PeftExport` lists them.  :func:`noah_ray.peft_import.import_peft` reads it back.
     """
     try:
         from peft import LoraConfig, get_peft_model
@@ -480,6 +525,7 @@ def export_peft(model, uri: str, *, include_head: bool = True, endpoint: str | N
                           lora_dropout=float(model.recipe.lora_dropout), bias="none",
                           modules_to_save=["head"] if include_head else None)
     base = model.backbone()
+    base.name_or_path = model_name or _timm_name(model.vit)   # peft records it as base_model_name_or_path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = get_peft_model(base, peft_cfg)
@@ -494,7 +540,8 @@ def export_peft(model, uri: str, *, include_head: bool = True, endpoint: str | N
             layer.lora_B["default"].weight.copy_(lora.lora_B)
     loc = storage.resolve(uri, endpoint)
     with tempfile.TemporaryDirectory(prefix="noah-peft-") as tmp:
-        pm.save_pretrained(tmp)
+        # a ViT has no embedding layer to save; "auto" would look the base model up on the Hugging Face Hub
+        pm.save_pretrained(tmp, save_embedding_layers=False)
         for f in sorted(os.listdir(tmp)):
             storage.write_bytes(loc.join(f), Path(tmp, f).read_bytes())
     result = PeftExport(loc.uri, ranks, unsupported)
@@ -567,7 +614,7 @@ def export_command(args: Any) -> int:
     if args.peft:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = export_peft(model, args.peft, endpoint=endpoint)
+            res = export_peft(model, args.peft, endpoint=endpoint, model_name=model_name)
         print(res.describe())
     sys.stdout.flush()
     return 0

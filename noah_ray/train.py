@@ -244,6 +244,10 @@ def _train_loop(config: dict) -> None:
     ckpt = optim.latest_checkpoint(run_dir)
     if ckpt:
         state = optim.restore(ckpt, model, opt, sched, scaler, rank, device)
+    elif config.get("init"):       # retrain.init: start from a subnet artifact's weights (same on every rank)
+        from noah_ray.interop import load_init_weights
+
+        load_init_weights(model, config["init"], endpoint=endpoint)
     start = state["epoch"] + 1
     state["start_epochs"] = [*state.get("start_epochs", []), start]  # one entry per (re)start
     if rank == 0:
@@ -464,7 +468,8 @@ def _preflight(job: JobConfig, tc: TrainConfig, splits: tuple[str, ...]) -> int:
 
 def _fit(job: JobConfig, stage: str, run_id: str, run_dir: str, *, method: str, seed: int,
          subnet: SubnetConfig | None, lr: float, spec: dict, num_classes: int, metrics_part: str,
-         fingerprint: str | None = None, faults: list | None = None, prune_plan: dict | None = None) -> dict:
+         fingerprint: str | None = None, faults: list | None = None, prune_plan: dict | None = None,
+         init: str | None = None) -> dict:
     """Run (or resume, or skip when finished) one Ray Train run; returns the final meta."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
@@ -481,7 +486,7 @@ def _fit(job: JobConfig, stage: str, run_id: str, run_dir: str, *, method: str, 
     config = {"job": job.to_dict(), "stage": stage, "run_id": run_id, "run_dir": run_dir,
               "fingerprint": fingerprint, "metrics_part": metrics_part, "method": method, "seed": seed, "lr": lr,
               "subnet": subnet.to_json() if subnet else None, "backbone": ensure_backbone(job),
-              "num_classes": num_classes, "spec": spec, "faults": faults, "prune_plan": prune_plan,
+              "num_classes": num_classes, "spec": spec, "faults": faults, "prune_plan": prune_plan, "init": init,
               "fault_dir": tempfile.mkdtemp(prefix="noah-faults-") if faults else None}
     parent = loc.path.rsplit("/", 1)[0]
     trainer = TorchTrainer(
@@ -608,7 +613,12 @@ def retrain(job: JobConfig, subnet: SubnetConfig | None, *, method: str = "noah"
     tc = job.retrain
     lr = float(tc.method_lr.get(method, tc.lr))
     n = _preflight(job, tc, (job.data.train_split, job.data.val_split, job.data.test_split))
-    result = _retrain_run(job, method, cfg, lr, seed, n, faults=_faults, hpo=hpo)
+    init = tc.init if method == "noah" else None
+    if init:
+        from noah_ray.interop import check_init_artifact
+
+        check_init_artifact(init, model_name=job.model.name, subnet=cfg, num_classes=n, endpoint=job.storage_endpoint)
+    result = _retrain_run(job, method, cfg, lr, seed, n, faults=_faults, hpo=hpo, init=init)
     if method != "e2vpt" or job.prune is None:
         return result
     plan = _prune_plan(job, cfg, seed, n, result.metrics["checkpoint_uri"])
@@ -616,7 +626,8 @@ def retrain(job: JobConfig, subnet: SubnetConfig | None, *, method: str = "noah"
 
 
 def _retrain_run(job: JobConfig, label: str, cfg: SubnetConfig, lr: float, seed: int, n: int, *,
-                 faults: list | None = None, prune_plan: dict | None = None, hpo: dict | None = None) -> TrainResult:
+                 faults: list | None = None, prune_plan: dict | None = None, hpo: dict | None = None,
+                 init: str | None = None) -> TrainResult:
     method = "e2vpt" if prune_plan else label
     run_id = f"{label}-seed{seed}"
     spec = _spec(job, "retrain", method, cfg, lr, seed, n)
@@ -624,10 +635,12 @@ def _retrain_run(job: JobConfig, label: str, cfg: SubnetConfig, lr: float, seed:
         spec["prune_plan"] = prune_plan
     if hpo:
         spec["hpo"] = hpo
+    if init:
+        spec["init"] = init            # only when set: the fingerprints of other runs stay as they were
     fp = _fingerprint(spec)
     meta = _fit(job, "retrain", run_id, f"retrain/{run_id}/{fp}", method=method, seed=seed, subnet=cfg, lr=lr,
                 spec=spec, num_classes=n, metrics_part=f"{run_id}-{fp}", fingerprint=fp, faults=faults,
-                prune_plan=prune_plan)
+                prune_plan=prune_plan, init=init)
     root = job_root(job)
     _publish(root.join("retrain", run_id, fp), root.join("retrain", run_id), fp)
     trained = PrunePlan.from_dict(prune_plan).config() if prune_plan else cfg
