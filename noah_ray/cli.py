@@ -90,7 +90,7 @@ def demo_config(out: str | Path, quick: bool = False) -> Any:
 
 # ------------------------------------------------------------------------------ commands
 def _stage_command(args: argparse.Namespace) -> int:
-    from noah_ray import pipeline
+    from noah_ray import pipeline, progress
 
     job = load_job(args.config, args.set)
     if getattr(args, "subnet", None):
@@ -100,7 +100,9 @@ def _stage_command(args: argparse.Namespace) -> int:
         if args.stage_command == "hpo":       # only that method
             job.retrain.baselines = ()
     stages = STAGE_COMMANDS[args.stage_command]
-    summary = pipeline.run_stages(job, stages, start_ray=functools.partial(pipeline.init_ray, args.address))
+    with progress.session(quiet=not args.verbose):
+        summary = pipeline.run_stages(job, stages, start_ray=functools.partial(pipeline.init_ray, args.address,
+                                                                               quiet=not args.verbose))
     print(pipeline.format_summary(summary))
     return 0
 
@@ -166,14 +168,16 @@ def write_plots(uri: str, out_dir: str | Path, *, endpoint: str | None = None) -
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from noah_ray import pipeline, results
+    from noah_ray import pipeline, progress, results
 
     job = demo_config(args.out, args.quick)
     out = Path(job.storage)
     uri = str(out / job.name)
     print(f"noah-ray demo: generated task {job.data.dataset!r}, {job.model.name}, "
           f"results in {out}", flush=True)
-    summary = pipeline.run_stages(job, start_ray=functools.partial(pipeline.init_ray, args.address, quiet=True))
+    with progress.session(quiet=not args.verbose):
+        summary = pipeline.run_stages(job, start_ray=functools.partial(pipeline.init_ray, args.address,
+                                                                       quiet=not args.verbose))
     print("\n" + pipeline.format_summary(summary))
     print("\nleaderboard (test accuracy %, mean +- std over seeds; params in M, head excluded):")
     print(results.leaderboard(uri).to_string(index=False))
@@ -183,6 +187,8 @@ def _demo(args: argparse.Namespace) -> int:
           f"      pandas.read_parquet({uri + '/search/trials'!r})")
     return 0
 
+
+_VERBOSE_HELP = "also show Ray's own output (workers, Ray Train, Tune); by default it goes to Ray's log files"
 
 _TABLES = ("leaderboard", "vtab", "trials", "generations", "pareto", "runs", "curves", "hpo", "hpo_curves")
 
@@ -238,6 +244,7 @@ def add_stage_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a new local Ray)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the traceback of an error (also: NOAH_RAY_DEBUG=1)")
+    p.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     if command in ("retrain", "hpo"):
         p.add_argument("--subnet", help="subnet file to retrain (default: the search's best_subnet.yaml)")
         p.add_argument("--method", help="noah or a baseline: linear, full, vpt, adapter, lora, e2vpt"
@@ -265,6 +272,7 @@ def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
     p.add_argument("--out", default="./noah-results", help="where data, checkpoints, tables and plots go")
     p.add_argument("--quick", action="store_true", help="an even shorter run (smoke test)")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a new local Ray)")
+    p.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     p.set_defaults(func=_demo)
 
     for name, doc in _STAGE_DOCS.items():

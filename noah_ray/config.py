@@ -455,6 +455,39 @@ class HpoConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """Where MLflow runs go (``noah_ray.tracking``).  Credentials never go here: MLflow reads them
+    from ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` / ``MLFLOW_TRACKING_TOKEN``."""
+
+    tracking_uri: str = ""                # e.g. sqlite:///mlflow.db, http://mlflow:5000, databricks
+    experiment: str = "noah-ray"
+    artifact_location: str | None = None  # artifact root of a new experiment (default: MLflow's)
+
+    def check(self, where: str) -> None:
+        if not self.tracking_uri.strip() or not self.experiment.strip():
+            raise ConfigError(f"{where}: tracking_uri and experiment must be set, e.g. "
+                              f"{{tracking_uri: sqlite:///mlflow.db, experiment: noah-ray}}")
+        if "@" in self.tracking_uri.split("://", 1)[-1].split("/", 1)[0]:
+            raise ConfigError(f"{where}.tracking_uri: credentials in the URI would be logged and sent to Ray "
+                              f"workers; set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead")
+
+
+@dataclass
+class TrackingConfig:
+    """Optional experiment tracking; ``mlflow`` unset: nothing is tracked."""
+
+    mlflow: MlflowConfig | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str) -> "TrackingConfig":
+        out = section_from_dict(cls, {**(data or {}), "mlflow": None} if isinstance(data, Mapping) else data, where)
+        raw = (data or {}).get("mlflow")
+        if raw is not None:
+            out.mlflow = section_from_dict(MlflowConfig, raw, f"{where}.mlflow")
+        return out
+
+
+@dataclass
 class JobConfig:
     name: str = "noah"
     storage: str = "./noah-results"
@@ -467,6 +500,7 @@ class JobConfig:
     retrain: TrainConfig = field(default_factory=_retrain_default)
     prune: PruneConfig | None = None      # E2VPT pruning + rewinding after the e2vpt retraining
     hpo: HpoConfig | None = None          # hyper-parameter search before retraining (noah_ray.hpo)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)   # MLflow (noah_ray.tracking)
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -505,6 +539,8 @@ class JobConfig:
         if data.get("hpo") is not None:
             out.hpo = section_from_dict(HpoConfig, data["hpo"], f"{where}.hpo")
             out._check_hpo_bounds(f"{where}.hpo")
+        if data.get("tracking") is not None:
+            out.tracking = TrackingConfig.from_dict(data["tracking"], f"{where}.tracking")
         safe_name(out.name, f"{where}.name")
         return out
 

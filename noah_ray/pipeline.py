@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from noah_ray import storage
+from noah_ray import progress, storage, tracking
 from noah_ray.config import JobConfig
 from noah_ray.space import ConfigError, SubnetConfig
 
@@ -61,6 +61,7 @@ def validate_job(job: JobConfig, stages: tuple[str, ...] = STAGES) -> None:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage {unknown[0]!r}; use {', '.join(STAGES)}")
+    tracking.check(job)
     storage.resolve(job.storage, job.storage_endpoint)
     if not timm.is_model(job.model.name):
         raise ConfigError(f"model.name {job.model.name!r} is not a timm model; use e.g. "
@@ -128,26 +129,23 @@ def prepare_data(job: JobConfig) -> None:
 
         folder = Path(job.data.root).expanduser() / job.data.dataset
         if not folder.is_dir():
-            print(f"== data: writing generated task {job.data.dataset!r} to {folder}", flush=True)
+            progress.echo(f"== data: writing generated task {job.data.dataset!r} to {folder}")
             write_generated_vtab(Path(job.data.root).expanduser(), job.data.dataset, seed=job.data.seed)
 
 
 def init_ray(address: str | None = None, *, quiet: bool = False) -> None:
     """Connect to ``address`` / ``$RAY_ADDRESS`` (set inside ``ray job submit``), else start a
-    local Ray on this machine.  ``quiet`` keeps Ray's own log lines off the console (the
-    workers' progress lines still come through)."""
-    import logging
-
+    local Ray on this machine.  ``quiet`` keeps Ray's own output in Ray's log files
+    (:func:`noah_ray.progress.quiet_ray`); run the stages inside :func:`noah_ray.progress.session`
+    so that the workers' progress lines still reach the console."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict = {"include_dashboard": False} if address == "local" else {}
-    if quiet:
-        kwargs["logging_level"] = logging.WARNING
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")     # no Tune experiment banners
-    ray.init(address=address, log_to_driver=True, **kwargs)
+    kwargs.update(progress.quiet_ray() if quiet else {"log_to_driver": True})
+    ray.init(address=address, **kwargs)
 
 
 def retrain_subnet(job: JobConfig) -> SubnetConfig:
@@ -184,13 +182,13 @@ def _run(job: JobConfig, stages: tuple[str, ...]) -> dict:
     summary: dict = {"job": job.name, "uri": storage.resolve(job.storage, job.storage_endpoint).join(job.name).uri}
     t0 = time.time()
     if "supernet" in stages:
-        print(f"== supernet: {job.supernet.epochs} epoch(s), {job.supernet.num_workers} worker(s)", flush=True)
+        progress.echo(f"== supernet: {job.supernet.epochs} epoch(s), {job.supernet.num_workers} worker(s)")
         res = train_supernet(job)
         summary["supernet"] = {"epochs": res.epochs_done, "uri": res.final_uri,
                                **{k: v for k, v in res.metrics.items() if k.startswith("val_acc")}}
     if "search" in stages:
-        print(f"== search: {job.search.algorithm}, {job.search.generations} generation(s) x "
-              f"{job.search.population}, limit {job.search.param_limit} M", flush=True)
+        progress.echo(f"== search: {job.search.algorithm}, {job.search.generations} generation(s) x "
+                      f"{job.search.population}, limit {job.search.param_limit} M")
         res = run_search(job)
         summary["search"] = {"best": res.best.to_dict() if res.best else None, "val_acc": res.best_val_acc,
                              "params": res.best_params, "evaluated": res.evaluated, "uri": res.uri,
@@ -199,14 +197,14 @@ def _run(job: JobConfig, stages: tuple[str, ...]) -> dict:
     if "hpo" in stages and job.hpo is not None:
         from noah_ray.hpo import run_hpo
 
-        print(f"== hpo: {', '.join(methods)}, {job.hpo.searcher} + {job.hpo.scheduler}", flush=True)
+        progress.echo(f"== hpo: {', '.join(methods)}, {job.hpo.searcher} + {job.hpo.scheduler}")
         subnet = retrain_subnet(job) if "noah" in methods else None
         summary["hpo"] = {m: run_hpo(job, m, subnet if m == "noah" else None).record() for m in methods}
     if "retrain" in stages:
         from noah_ray.hpo import tuned_retrain
 
-        print(f"== retrain: {', '.join(methods)} x seeds {list(job.retrain.seeds)}"
-              + (" with tuned hyper-parameters" if job.hpo else ""), flush=True)
+        progress.echo(f"== retrain: {', '.join(methods)} x seeds {list(job.retrain.seeds)}"
+                      + (" with tuned hyper-parameters" if job.hpo else ""))
         subnet = retrain_subnet(job) if "noah" in methods else None
         run = retrain_seeds if job.hpo is None else tuned_retrain
         summary["retrain"] = {m: run(job, subnet if m == "noah" else None, m) for m in methods}

@@ -43,7 +43,7 @@ import pyarrow as pa
 from ray import tune
 from ray.tune.search import Searcher
 
-from noah_ray import storage
+from noah_ray import progress, storage, tracking
 from noah_ray.config import JobConfig, SearchConfig
 from noah_ray.evolution import (DONE, FAILED, AgingEvolutionEngine, Candidate, EvolutionEngine, GenerationRecord,
                                 NSGA2Engine, ParamLimit, RandomEngine, SearchEngine, apply_deltas, pareto_front)
@@ -141,9 +141,7 @@ class NoahSearcher(Searcher):
         if self.aborted:
             self.extra_state["aborted"] = True     # never reported as finished; a re-run retries
         for rec in closed:
-            log.info("generation %d/%d: %d evaluated, %d failed; best %s = %.4g at %s module parameters",
-                     rec.generation + 1, self.engine.generations, rec.evaluated, rec.failed, self.metric,
-                     float("nan") if rec.best_score is None else rec.best_score, rec.best_params)
+            self._report(rec)
         if self.store is not None:
             for rec in closed:
                 self.store.write_generation(rec, self.engine)
@@ -159,6 +157,16 @@ class NoahSearcher(Searcher):
             delta["searcher"] = changed
             self._logged_extra = dict(self.extra_state)
         self.store.append_state(delta, self.get_state)
+
+    def _report(self, rec: GenerationRecord) -> None:
+        """The generation's progress line (the driver's console, else the ``noah_ray.search`` logger)."""
+        run = self.store.run_id if self.store is not None else self.engine.algorithm
+        best = "no candidate scored" if rec.best_score is None else (
+            f"best {self.metric} {rec.best_score if self.mode == 'max' else -rec.best_score:.2f} with "
+            f"{(rec.best_params or 0) / 1e6:.4f} M params")
+        progress.echo(f"[search {run}] generation {rec.generation + 1}/{self.engine.generations}: "
+                      f"{rec.evaluated} scored, {rec.failed} failed; {best}", logger=log,
+                      tag=f"search {run}", done=rec.generation + 1, total=self.engine.generations)
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         return False        # Tune's ConcurrencyLimiter does it
@@ -600,13 +608,22 @@ def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = Tr
         storage.check_writable(base)
     searcher.extra_state = {"settings": _settings(job), "attempt": attempt, "run_id": run}
     store.save_state(searcher.get_state())
-    if not searcher.finished:
+    if searcher.finished:
+        return _finish(searcher, store, base, run)
+    ref = tracking.start_run(job, "search", run)
+    callbacks = [*callbacks, *tracking.trial_callbacks(job, ref)]
+    try:
         results = _fit(job, searcher, base, f"{run}-a{attempt:02d}", loader, val_data, callbacks, stop)
         if searcher.aborted:
             raise RunError(_failure(searcher, run, results, "stopped: " + (
                 "a candidate evaluation failed with an error that no retry can fix" if searcher.fatal else
                 f"its first {searcher.abort_after} candidate evaluations failed")))
-    return _finish(searcher, store, base, run)
+    except BaseException:
+        tracking.end_run(ref, "FAILED")
+        raise
+    result = _finish(searcher, store, base, run)
+    tracking.finish_search(job, ref, result)
+    return result
 
 
 def search_done(job: JobConfig, run_name: str | None = None) -> bool:

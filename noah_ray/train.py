@@ -45,7 +45,6 @@ import os
 import random
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from noah_ray import optim, storage
+from noah_ray import optim, progress, storage, tracking
 from noah_ray.backbones import create_backbone
 from noah_ray.config import JobConfig, TrainConfig
 from noah_ray.prune import PrunePlan, apply_plan, prune
@@ -167,10 +166,10 @@ def accuracy(model: torch.nn.Module, loader, device: torch.device) -> float:
     return 100.0 * correct / max(total, 1)
 
 
-def _say(msg: str) -> None:
-    """One progress line on stdout (not through Ray Train's print patch, which doubles lines)."""
-    sys.stdout.write(msg + "\n")
-    sys.stdout.flush()
+def _say(config: dict, msg: str, *, done: int | None = None, total: int | None = None) -> None:
+    """One progress line from a worker: to the driver's console (:mod:`noah_ray.progress`), else
+    this worker's stdout (not through Ray Train's print patch, which doubles lines)."""
+    progress.say(config.get("progress"), msg, tag=f"{config['stage']} {config['run_id']}", done=done, total=total)
 
 
 def _fmt_s(s: float) -> str:
@@ -251,7 +250,7 @@ def _train_loop(config: dict) -> None:
     start = state["epoch"] + 1
     state["start_epochs"] = [*state.get("start_epochs", []), start]  # one entry per (re)start
     if rank == 0:
-        _say(f"{tag} {world} worker(s) on {device.type}, {len(ds)} images, global batch "
+        _say(config, f"{tag} {world} worker(s) on {device.type}, {len(ds)} images, global batch "
              f"{job.data.batch_size}, {steps} steps/epoch, " +
              (f"resuming at epoch {start + 1}/{tc.epochs} from {ckpt['name']}" if ckpt else f"{tc.epochs} epochs"))
     net = ray.train.torch.prepare_model(model, move_to_device=False,
@@ -293,7 +292,8 @@ def _train_loop(config: dict) -> None:
                                    {"epoch": epoch, "val_acc": val["model"], "recipe": model.recipe.to_dict()})
         if rank == 0:
             _write_metrics(root.join(stage), job, config, metrics, val)
-            _progress(tag, tc, epoch, start, metrics, val, state, time.time() - session_t0, elapsed)
+            tracking.log_metrics(config.get("tracking"), metrics, step=metrics["epoch"])
+            _progress(config, tag, tc, epoch, start, metrics, val, state, time.time() - session_t0, elapsed)
         state["epoch"] = epoch
         with tempfile.TemporaryDirectory(prefix="noah-ckpt-") as d:
             checkpoint = None
@@ -345,14 +345,14 @@ def _check_same_subnets(digest: str, epoch: int) -> None:
                            f"every worker must run the same noah_ray version")
 
 
-def _progress(tag, tc, epoch, start, metrics, val, state, session_s, epoch_s) -> None:
+def _progress(config, tag, tc, epoch, start, metrics, val, state, session_s, epoch_s) -> None:
     eta = session_s / (epoch + 1 - start) * (tc.epochs - epoch - 1)
     shown = " ".join(f"{k} {v:.1f}%" for k, v in list(val.items())[:3])
     if "model" in val:
         shown = f"val {val['model']:.1f}% (best {state['best_val']:.1f}% @ {state['best_epoch'] + 1})"
-    _say(f"{tag} epoch {metrics['epoch']}/{tc.epochs} loss {metrics['train_loss']:.4f} lr {metrics['lr']:.2e} "
+    _say(config, f"{tag} epoch {metrics['epoch']}/{tc.epochs} loss {metrics['train_loss']:.4f} lr {metrics['lr']:.2e} "
          f"{shown + ' ' if shown else ''}{metrics['images_per_s']:.0f} img/s {epoch_s:.1f}s/epoch "
-         f"ETA {_fmt_s(eta)}")
+         f"ETA {_fmt_s(eta)}", done=metrics["epoch"], total=tc.epochs)
 
 
 def _write_metrics(stage_root, job, config, metrics, val: dict) -> None:
@@ -409,7 +409,7 @@ def _finish(config, job, stage, model, run_dir, state, device, mean, std, size) 
                         endpoint=job.storage_endpoint)
     meta.update(test_acc=accuracy(model, test, device), best_val=best_meta["val_acc"], best_epoch=best_meta["epoch"],
                 best_uri=run_dir.join("best").uri)
-    _say(f"[retrain {config['run_id']}] test {meta['test_acc']:.2f}% with the weights of epoch "
+    _say(config, f"[retrain {config['run_id']}] test {meta['test_acc']:.2f}% with the weights of epoch "
          f"{best_meta['epoch'] + 1} (val {best_meta['val_acc']:.2f}%)")
     storage.save_state(run_dir.join("final"), last, meta)
 
@@ -481,12 +481,14 @@ def _fit(job: JobConfig, stage: str, run_id: str, run_dir: str, *, method: str, 
     if storage.exists(final):
         meta = json.loads(storage.read_text(final))
         if meta.get("epochs_done", 0) >= tc.epochs:
-            print(f"[{stage} {run_id}] finished earlier ({meta['epochs_done']} epochs) at {loc.uri}", flush=True)
+            progress.echo(f"[{stage} {run_id}] finished earlier ({meta['epochs_done']} epochs) at {loc.uri}")
             return meta
+    ref = tracking.start_run(job, stage, run_id)
     config = {"job": job.to_dict(), "stage": stage, "run_id": run_id, "run_dir": run_dir,
               "fingerprint": fingerprint, "metrics_part": metrics_part, "method": method, "seed": seed, "lr": lr,
               "subnet": subnet.to_json() if subnet else None, "backbone": ensure_backbone(job),
               "num_classes": num_classes, "spec": spec, "faults": faults, "prune_plan": prune_plan, "init": init,
+              "progress": progress.sink_name(), "tracking": ref.to_dict() if ref else None,
               "fault_dir": tempfile.mkdtemp(prefix="noah-faults-") if faults else None}
     parent = loc.path.rsplit("/", 1)[0]
     trainer = TorchTrainer(
@@ -503,12 +505,20 @@ def _fit(job: JobConfig, stage: str, run_id: str, run_dir: str, *, method: str, 
     try:
         with storage.tidy(job_root(job)):
             trainer.fit()
+        if storage.exists(error):
+            raise ConfigError(json.loads(storage.read_text(error))["error"])
     except TrainingFailedError as e:
+        tracking.end_run(ref, "FAILED")
         _raise_config_error(e)
         raise
-    if storage.exists(error):
-        raise ConfigError(json.loads(storage.read_text(error))["error"])
-    return json.loads(storage.read_text(final))
+    except BaseException:
+        tracking.end_run(ref, "FAILED")
+        raise
+    finally:
+        progress.drain()         # the workers' last lines before the driver's next one
+    meta = json.loads(storage.read_text(final))
+    tracking.finish_training(job, stage, ref, meta)
+    return meta
 
 
 def _raise_config_error(err: BaseException) -> None:
@@ -652,8 +662,8 @@ def _retrain_run(job: JobConfig, label: str, cfg: SubnetConfig, lr: float, seed:
     if hpo and hpo.get("val_acc") is not None:   # a tuned run trains on its val images: report the search's val
         row["val_acc"] = hpo["val_acc"]
     storage.append_table(root.join("retrain"), "runs", pa.Table.from_pylist([row]), part=f"{run_id}-{fp}")
-    print(f"[retrain] {label} seed {seed}: val {row['val_acc']:.2f}% (epoch {row['best_epoch']}) "
-          f"test {row['test_acc']:.2f}% params {row['params'] / 1e6:.4f}M", flush=True)
+    progress.echo(f"[retrain] {label} seed {seed}: val {row['val_acc']:.2f}% (epoch {row['best_epoch']}) "
+                  f"test {row['test_acc']:.2f}% params {row['params'] / 1e6:.4f}M")
     return TrainResult("retrain", run_id, meta["epochs_done"], root.join("retrain", run_id, fp, "final").uri,
                        {**row, "fingerprint": fp})
 
