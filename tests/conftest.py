@@ -36,6 +36,23 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def backbone_file(tmp_path_factory) -> str:
+    """A fixed tiny backbone (vit_noah_tiny_patch4_32) saved like a real checkpoint (no head)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from noah_ray.backbones import create_backbone
+
+    rng = torch.random.get_rng_state()
+    torch.manual_seed(123)
+    vit = create_backbone("vit_noah_tiny_patch4_32", 1)
+    torch.random.set_rng_state(rng)
+    path = tmp_path_factory.mktemp("backbone") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items() if not k.startswith("head.")}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """Ray started once per test session: ``ray.init(address="local", num_cpus=2)``."""
     import ray

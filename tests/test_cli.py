@@ -4,6 +4,7 @@ overrides, the results command, and (slow) the whole demo end to end."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -223,6 +224,18 @@ def test_demo_end_to_end(tmp_path):
     assert len(results.load_trials(str(out / "demo"))) > 0
     assert (out / "demo" / "search" / "best_subnet.yaml").is_file()
     assert sorted(os.listdir(tmp_path)) == ["out"]          # nothing written outside --out
+    # the console holds our lines only: no line from Ray's internals (they are in Ray's log files)
+    assert p.stderr == "", p.stderr[-3000:]
+    progress_lines = text[:text.index("\nsupernet: ")].splitlines()
+    ours = re.compile(r"^(noah-ray demo: |== (data|supernet|search|retrain): |\[(supernet|search|retrain)[ \]])")
+    assert [ln for ln in progress_lines if not ours.match(ln)] == []
+    for chatter in ("pid=", "PlacementGroupCleaner", "Failed to query", "View detailed results", "tensorboard",
+                    "TrainingReport", "Checkpoint", "Trial ", "╭", "WARNING", "INFO", "Traceback"):
+        assert chatter not in text, chatter
+    assert "[search evolution-seed0] generation 1/1: 4 scored" in text
+    # epochs mean the same in the log and in the tables (counted from 1)
+    assert "[supernet supernet] epoch 1/1 " in text and "[retrain noah-seed0] epoch 1/1 " in text
+    assert set(results.supernet_curves(str(out / "demo"))["epoch"]) == {1} and set(runs["best_epoch"]) == {1}
 
 
 def test_unreachable_s3_fails_fast_in_one_line(tmp_path, data_root, capsys):

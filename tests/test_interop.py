@@ -32,16 +32,6 @@ LORA_ONLY = SubnetConfig({LORA: (4, 1, 8, 2, 0, 3, 0, 5, 1, 0, 6, 7)})
 
 
 # ------------------------------------------------------------------------ helpers
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory) -> str:
-    """A fixed tiny backbone saved like a real checkpoint (no head)."""
-    torch.manual_seed(123)
-    vit = create_backbone(TINY, 1)
-    path = tmp_path_factory.mktemp("backbone") / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items() if not k.startswith("head.")}, str(path))
-    return str(path)
-
-
 def make_model(cfg: SubnetConfig, ckpt: str, *, num_classes: int = 7, lora_scale: float = 0.5,
                seed: int = 0) -> PromptedViT:
     """A PromptedViT on the saved backbone with every trainable tensor randomised (LoRA B and

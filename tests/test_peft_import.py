@@ -26,15 +26,6 @@ TINY = "vit_noah_tiny_patch4_32"
 LORA_ONLY = SubnetConfig({LORA: (4, 1, 8, 2, 0, 3, 0, 5, 1, 0, 6, 7)})
 
 
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory) -> str:
-    torch.manual_seed(321)
-    vit = create_backbone(TINY, 1)
-    path = tmp_path_factory.mktemp("backbone") / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items() if not k.startswith("head.")}, str(path))
-    return str(path)
-
-
 def randomise(module: torch.nn.Module, seed: int, only=lambda name: True) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
