@@ -138,3 +138,35 @@ def test_init_weights_are_checked_against_the_job(tmp_path, backbone_file):
                if not k.startswith("head.")}, str(other))
     with pytest.raises(ConfigError, match="other backbone weights"):
         load_init_weights(PromptedViT(create_backbone(TINY, 6, str(other)), LORA_ONLY), str(tmp_path / "art"))
+
+
+@pytest.mark.slow
+def test_retraining_starts_from_the_imported_weights(ray_session, tmp_path, backbone_file, one_thread):
+    """retrain.init: epoch 1 starts from the imported adapter (a 1e-9 learning rate keeps the
+    weights where they started), its other-scale LoRA folded into B."""
+    from noah_ray import storage
+    from noah_ray.config import JobConfig
+    from noah_ray.data import write_generated_vtab
+    from noah_ray.train import retrain
+
+    write_generated_vtab(tmp_path / "data", "gen_color", num_train=16, num_val=8, num_test=8)
+    model = PromptedViT(create_backbone(TINY, 4, backbone_file), LORA_ONLY, lora_scale=0.5)
+    randomise(model, 4)
+    export_peft(model, str(tmp_path / "peft"))
+    assert main(["import-peft", str(tmp_path / "peft"), "--out", str(tmp_path / "art"),
+                 "--backbone-checkpoint", backbone_file]) == 0
+    job = JobConfig.from_dict({
+        "name": "init", "storage": str(tmp_path / "r"),
+        "data": {"root": str(tmp_path / "data"), "dataset": "gen_color", "batch_size": 8, "num_workers": 0},
+        "model": {"name": TINY, "checkpoint": backbone_file, "drop_path_rate": 0.0, "lora_scale": 1.0},
+        "space": {"num_layers": 12, "modules": {"lora": {"widths": [1, 8]}}},
+        "retrain": {"epochs": 1, "lr": 1e-9, "min_lr": 0.0, "weight_decay": 0.0, "warmup_epochs": 0,
+                    "max_failures": 0, "init": str(tmp_path / "art")}})
+    res = retrain(job, SubnetConfig.load(tmp_path / "art" / "subnet.yaml"), method="noah")
+    best, _ = storage.load_state(storage.resolve(res.metrics["checkpoint_uri"]))
+    want = model.trainable_state_dict()
+    assert best.keys() == want.keys()
+    for k, v in want.items():       # scale 0.5 -> 1.0: B halves, the product B·A·scale is the same
+        torch.testing.assert_close(best[k], v * 0.5 if k.endswith("lora_B") else v, rtol=0, atol=1e-6, msg=k)
+    with pytest.raises(ConfigError, match="has subnet"):        # checked before Ray starts
+        retrain(job, SubnetConfig.uniform(12, lora=1), method="noah")
