@@ -32,8 +32,7 @@ _CURRENT: contextvars.ContextVar["Session | None"] = contextvars.ContextVar("noa
 
 #: Ray's driver-side settings for a quiet console (environment variables read by Ray Tune / Train)
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0",                   # Tune's legacy reporter: silent at verbose=0
-             "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",   # no TensorBoard / CSV loggers, no "run tensorboard" hint
-             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}         # worker print() stays a plain print
+             "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}   # no TensorBoard / CSV loggers, no "run tensorboard" hint
 #: Ray's driver-side loggers quieted to ERROR
 QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.air", "ray.data")
 
