@@ -118,14 +118,12 @@ time.sleep(1.5)              # the driver's log monitor polls
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["quiet", "verbose"])
-def test_quiet_keeps_worker_output_off_the_console_verbose_brings_it_back(mode, tmp_path):
+def test_verbose_brings_ray_worker_output_back(tmp_path):
+    """Quiet (the default) is checked on the whole demo (test_cli); verbose here: a worker's print
+    reaches the console, with Ray's prefix."""
     env = {**os.environ, "RAY_ADDRESS": ""}
-    p = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, timeout=300,
+    p = subprocess.run([sys.executable, "-c", _SCRIPT, "verbose"], capture_output=True, text=True, timeout=300,
                        env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     both = p.stdout + p.stderr
-    if mode == "quiet":
-        assert both == "", both                      # not even Ray's start-up lines
-    else:
-        assert "a line printed by a ray worker" in both and "pid=" in both
+    assert "a line printed by a ray worker" in both and "pid=" in both
