@@ -420,7 +420,7 @@ def _spec(job: JobConfig, stage: str, method: str, subnet: SubnetConfig | None, 
     """What defines a run (its checkpoints are only valid for this); ``epochs`` may grow."""
     tc, d, m = (job.supernet if stage == "supernet" else job.retrain), job.data, job.model
     recipe = m.resolved_recipe(method)
-    return {"stage": stage, "method": method, "model": m.name, "checkpoint": m.checkpoint,
+    spec = {"stage": stage, "method": method, "model": m.name, "checkpoint": m.checkpoint,
             "drop_path_rate": m.drop_path_rate, "lora_scale": m.lora_scale, "kv_shared": recipe.kv_shared,
             "recipe": recipe.to_dict(),
             "space": job.space.to_dict() if stage == "supernet" else None,
@@ -429,6 +429,9 @@ def _spec(job: JobConfig, stage: str, method: str, subnet: SubnetConfig | None, 
                      "batch_size": d.batch_size, "img_size": d.img_size, "shots": d.shots, "seed": d.seed},
             "lr": lr, "weight_decay": tc.weight_decay, "warmup_epochs": tc.warmup_epochs,
             "min_lr": tc.min_lr, "seed": seed}
+    if stage == "retrain" and method == "noah" and job.retrain.init:
+        spec["init"] = job.retrain.init       # only when set: the fingerprints of other runs stay as they were
+    return spec
 
 
 def _fingerprint(spec: dict) -> str:
@@ -645,8 +648,6 @@ def _retrain_run(job: JobConfig, label: str, cfg: SubnetConfig, lr: float, seed:
         spec["prune_plan"] = prune_plan
     if hpo:
         spec["hpo"] = hpo
-    if init:
-        spec["init"] = init            # only when set: the fingerprints of other runs stay as they were
     fp = _fingerprint(spec)
     meta = _fit(job, "retrain", run_id, f"retrain/{run_id}/{fp}", method=method, seed=seed, subnet=cfg, lr=lr,
                 spec=spec, num_classes=n, metrics_part=f"{run_id}-{fp}", fingerprint=fp, faults=faults,

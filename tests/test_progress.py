@@ -96,11 +96,14 @@ def test_verbose_flag_reaches_ray_init_and_the_session(tmp_path, monkeypatch, ca
     from noah_ray import cli, pipeline
 
     seen = []
-    monkeypatch.setattr(pipeline, "validate_job", lambda job, stages=None: None)
+
+    def run_stages(job, stages=None, start_ray=None):
+        start_ray()
+        seen.append(("run", progress.current().sink_name))
+        return {}
+
     monkeypatch.setattr(pipeline, "init_ray", lambda address, quiet=False: seen.append(("init", quiet)))
-    monkeypatch.setattr(pipeline, "run_stages", lambda job, stages=None: seen.append(("run", progress.current()
-                                                                                      .sink_name)) or {})
-    monkeypatch.setattr(progress.Session, "start", lambda self: None)
+    monkeypatch.setattr(pipeline, "run_stages", run_stages)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({"storage": str(tmp_path / "r")}))
     for extra, quiet in (([], True), (["--verbose"], False)):
         seen.clear()
