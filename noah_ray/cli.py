@@ -89,8 +89,19 @@ def demo_config(out: str | Path, quick: bool = False) -> Any:
 
 
 # ------------------------------------------------------------------------------ commands
-def _stage_command(args: argparse.Namespace) -> int:
+def _run_stages(job, stages: tuple[str, ...], args: argparse.Namespace) -> dict:
+    """The stages on a console that shows our lines (Ray's own with --verbose); Ray starts only
+    when a stage has work left."""
     from noah_ray import pipeline, progress
+
+    quiet = not args.verbose
+    with progress.session(quiet=quiet):
+        return pipeline.run_stages(job, stages, start_ray=functools.partial(pipeline.init_ray, args.address,
+                                                                            quiet=quiet))
+
+
+def _stage_command(args: argparse.Namespace) -> int:
+    from noah_ray import pipeline
 
     job = load_job(args.config, args.set)
     if getattr(args, "subnet", None):
@@ -100,10 +111,7 @@ def _stage_command(args: argparse.Namespace) -> int:
         if args.stage_command == "hpo":       # only that method
             job.retrain.baselines = ()
     stages = STAGE_COMMANDS[args.stage_command]
-    with progress.session(quiet=not args.verbose):
-        summary = pipeline.run_stages(job, stages, start_ray=functools.partial(pipeline.init_ray, args.address,
-                                                                               quiet=not args.verbose))
-    print(pipeline.format_summary(summary))
+    print(pipeline.format_summary(_run_stages(job, stages, args)))
     return 0
 
 
@@ -168,16 +176,14 @@ def write_plots(uri: str, out_dir: str | Path, *, endpoint: str | None = None) -
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from noah_ray import pipeline, progress, results
+    from noah_ray import pipeline, results
 
     job = demo_config(args.out, args.quick)
     out = Path(job.storage)
     uri = str(out / job.name)
     print(f"noah-ray demo: generated task {job.data.dataset!r}, {job.model.name}, "
           f"results in {out}", flush=True)
-    with progress.session(quiet=not args.verbose):
-        summary = pipeline.run_stages(job, start_ray=functools.partial(pipeline.init_ray, args.address,
-                                                                       quiet=not args.verbose))
+    summary = _run_stages(job, STAGE_COMMANDS["pipeline"], args)
     print("\n" + pipeline.format_summary(summary))
     print("\nleaderboard (test accuracy %, mean +- std over seeds; params in M, head excluded):")
     print(results.leaderboard(uri).to_string(index=False))
