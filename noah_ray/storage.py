@@ -276,12 +276,15 @@ def append_bytes(loc: Location, data: bytes) -> None:
 
 
 def delete(loc: Location) -> None:
-    """Remove the file or folder at ``loc`` (nothing if it does not exist)."""
+    """Remove the file or folder at ``loc`` (nothing if it does not exist); on S3 without
+    leaving a directory marker for the parent (see :func:`remove_markers`)."""
     kind = loc.fs.get_file_info(loc.path).type
     if kind == pafs.FileType.Directory:
         loc.fs.delete_dir(loc.path)
     elif kind == pafs.FileType.File:
         loc.fs.delete_file(loc.path)
+    if kind != pafs.FileType.NotFound and loc.is_s3:
+        remove_markers(Location(posixpath.dirname(loc.uri), loc.fs, posixpath.dirname(loc.path), loc.endpoint))
 
 
 def write_text(loc: Location, text: str) -> None:
