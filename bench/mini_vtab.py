@@ -96,6 +96,44 @@ def run(tasks: list[str], out: Path, budget: dict, seeds: list[int], parallel: i
     return done
 
 
+def probe_table(tasks: list[str], data_root: Path):
+    """Closed-form linear probes (in-process, no Ray): standardised pre-logit features of the
+    frozen backbone, multinomial logistic regression fit on train800val200, scored on test."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from noah_ray.backbones import create_backbone
+    from noah_ray.config import DataConfig
+    from noah_ray.data import build_loader, minivtab
+
+    rows = []
+    models = {"pretrained": create_backbone(minivtab.job_config(tasks[0], ".", ".").model.name, 1).eval(),
+              "random": create_backbone(RANDOM_BACKBONE, 1).eval()}
+    for task in tasks:
+        minivtab.write_task(data_root, task)
+        cfg = DataConfig(root=str(data_root), dataset=task, num_workers=0, eval_batch_size=250)
+        row = {"dataset": task, "group": minivtab.TASKS[task].group}
+        for name, model in models.items():
+            feats = {}
+            for split in ("train800val200", "test"):
+                xs, ys = [], []
+                with torch.no_grad():
+                    for x, y in build_loader(cfg, split, train=False, img_size=32):
+                        xs.append(model.forward_head(model.forward_features(x), pre_logits=True).numpy())
+                        ys.append(y.numpy())
+                feats[split] = np.concatenate(xs), np.concatenate(ys)
+            (xtr, ytr), (xte, yte) = feats["train800val200"], feats["test"]
+            mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+            clf = LogisticRegression(max_iter=3000).fit((xtr - mu) / sd, ytr)
+            row[name] = 100.0 * clf.score((xte - mu) / sd, yte)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df["difference"] = df["pretrained"] - df["random"]
+    return df
+
+
 def tables(out: Path):
     from noah_ray import results
 
@@ -158,9 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=None,
                    help="baselines beside NOAH (default: linear vpt lora adapter full)")
+    p.add_argument("--supernet-epochs", type=int, default=None, help="override the budget's supernet epochs")
+    p.add_argument("--retrain-epochs", type=int, default=None, help="override the budget's retraining epochs")
     p.add_argument("--parallel", type=int, default=2, help="tasks run at once (one process each)")
     p.add_argument("--out", type=Path, default=Path("./mini-vtab-results"))
     p.add_argument("--doc", type=Path, default=None, help="also write the tables as Markdown here")
+    p.add_argument("--probe", action="store_true",
+                   help="only the closed-form linear probes, pretrained vs random backbone (no Ray, ~1 min)")
     p.add_argument("--_run-task", dest="run_task", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run_task:
@@ -173,8 +215,21 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown task {bad[0]!r}; use {', '.join(minivtab.TASKS)}")
     out = args.out.expanduser().resolve() / "storage"
+    if args.probe:
+        import torch
+
+        torch.set_num_threads(1)
+        df = probe_table(tasks, out / "data")
+        print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        print(f"mean over {len(df)} tasks: pretrained {df['pretrained'].mean():.2f} %, random "
+              f"{df['random'].mean():.2f} %, difference {df['difference'].mean():+.2f} points (goal >= +15)")
+        return 0
     t0 = time.time()
-    done = run(tasks, out, QUICK if args.quick else FULL, args.seeds, args.parallel, args.methods)
+    budget = json.loads(json.dumps(QUICK if args.quick else FULL))
+    for section, value in (("supernet", args.supernet_epochs), ("retrain", args.retrain_epochs)):
+        if value is not None:
+            budget[section] = {**budget.get(section, {}), "epochs": value}
+    done = run(tasks, out, budget, args.seeds, args.parallel, args.methods)
     wall = time.time() - t0
     pre, rnd = tables(out)
     import pandas as pd

@@ -107,14 +107,14 @@ def correlations(a: list[float], b: list[float], boots: int = 2000, seed: int = 
     return out
 
 
-def run_task(task: str, out: Path, count: int, rules: list[str]) -> dict:
+def run_task(task: str, out: Path, count: int, rules: list[str], budget: dict = BUDGET) -> dict:
     from noah_ray import pipeline
     from noah_ray.backbones import shape_of
     from noah_ray.config import JobConfig
     from noah_ray.data import minivtab
     from noah_ray.train import train_supernet
 
-    job = minivtab.job_config(task, out, out / "data", BUDGET, name=f"rank-{task}")
+    job = minivtab.job_config(task, out, out / "data", budget, name=f"rank-{task}")
     pipeline.prepare_data(job)
     subnets = spread_subnets(job.space, shape_of(job.model.name), count)
     res = {"task": task, "params": [c.param_count(shape_of(job.model.name)).modules for c in subnets]}
@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subnets", type=int, default=20)
     p.add_argument("--rules", nargs="+", default=["uniform", "sandwich"])
     p.add_argument("--out", type=Path, default=Path("./rank-results"))
+    p.add_argument("--supernet-epochs", type=int, default=BUDGET["supernet"]["epochs"],
+                   help="uniform rule's epochs (sandwich: a third of them)")
+    p.add_argument("--standalone-epochs", type=int, default=BUDGET["retrain"]["epochs"])
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     import torch
@@ -149,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     pipeline.init_ray(None, quiet=True)
     out = args.out.expanduser().resolve() / "storage"
+    budget = {"supernet": {**BUDGET["supernet"], "epochs": args.supernet_epochs},
+              "retrain": {**BUDGET["retrain"], "epochs": args.standalone_epochs}}
     results = []
     for task in args.tasks:
-        r = run_task(task, out, args.subnets, args.rules)
+        r = run_task(task, out, args.subnets, args.rules, budget)
         results.append(r)
         for rule in args.rules:
             c = r[f"corr_{rule}"]
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{c['spearman_rho']['ci95'][1]:+.2f}]  (supernet {r[f'supernet_s_{rule}']:.0f} s)", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"budget": BUDGET, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"budget": budget, "argv": sys.argv[1:], "results": results}, indent=1))
     return 0
 
 

@@ -67,7 +67,7 @@ def test_digits_are_the_real_uci_digits_split_without_overlap(tmp_path):
     small = [np.asarray(Image.open(p).convert("L").resize((8, 8), Image.BILINEAR), dtype=np.float32)
              for p, _ in splits["test"][:5]]
     assert all(img.std() > 20 for img in small)      # real strokes, not blank images
-    assert (d / ".generated").read_text().startswith("minivtab-1 mv_digits")
+    assert (d / ".generated").read_text().startswith("minivtab-2 mv_digits")
 
 
 def test_fractal_categories_are_bounded_and_fill_the_image():

@@ -7,7 +7,7 @@ scikit-image wheels, nothing is fetched):
   images), 10 classes; train800 / val200 / the other 797 as test (stratified, seeded)
 - ``mv_photos``: which of 5 photographs (astronaut, cat, coffee cup, rocket, cameraman) a
   random crop comes from
-- ``mv_textures``: which of 5 grey textures (brick, grass, gravel, moon surface, printed page)
+- ``mv_textures``: which of 5 textures (brick, grass, gravel, moon surface, printed page)
 
 Specialized (real scientific images from scikit-image):
 
@@ -21,7 +21,9 @@ Structured (the generator, :mod:`noah_ray.data.generated`): ``mv_count`` (1-4 ob
 distance), 4 classes each.
 
 Crops for train800 / val200 come from the left 65 % of every source image, test crops from the
-right 35 %, so no test crop overlaps a training one.  Everything is deterministic by seed.
+right 35 %, so no test crop overlaps a training one.  In the which-image tasks (photos, textures,
+scientific) every crop is turned grey with a random mean and contrast: otherwise its average
+colour alone names the image, and a linear probe of a random backbone reads that off.  Everything is deterministic by seed.
 Install the data packages with ``pip install 'noah_ray[bench]'``.
 """
 
@@ -120,6 +122,14 @@ def _resized(patch: np.ndarray) -> Image.Image:
     return Image.fromarray(patch).resize((SIZE, SIZE), Image.BICUBIC)
 
 
+def _grey_normalised(patch: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
+    """The crop in grey with its mean and contrast replaced by random ones, so that no global
+    colour or brightness statistic tells which image it came from (structure and texture do)."""
+    g = patch.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    g = (g - g.mean()) / (g.std() + 1e-3) * rng.uniform(30, 60) + rng.uniform(100, 155)
+    return _rgb(np.clip(g, 0, 255).astype(np.uint8))
+
+
 def _which_source(names: tuple[str, ...], rotate: bool):
     def split_images(split: str, seed: int) -> Iterator[tuple[Image.Image, int]]:
         images = _sources(names)
@@ -127,7 +137,7 @@ def _which_source(names: tuple[str, ...], rotate: bool):
         labels = np.arange(_sizes(split)) % len(names)
         rng.shuffle(labels)
         for y in labels.tolist():
-            yield _resized(_crop(images[y], split, rng, rotate)), y
+            yield _resized(_grey_normalised(_crop(images[y], split, rng, rotate), rng)), y
     return split_images
 
 
@@ -209,5 +219,5 @@ def write_task(root: str | Path, name: str, seed: int = 0) -> Path:
     task = TASKS.get(name)
     if task is None:
         raise ConfigError(f"unknown mini-VTAB task {name!r}; use one of {', '.join(TASKS)}")
-    stamp = f"minivtab-1 {name} {SIZE} {NUM_TEST} {seed}"
+    stamp = f"minivtab-2 {name} {SIZE} {NUM_TEST} {seed}"
     return write_vtab_folder(root, name, stamp, lambda split: task.split_images(split, seed))
