@@ -163,18 +163,23 @@ def summary(pre, rnd) -> list[str]:
     return lines
 
 
-def write_doc(path: Path, pre, rnd, lines: list[str], argv: list[str], wall: float, done: list[dict]) -> None:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, cwd=Path(__file__).parent).stdout.strip()
+def source_commit() -> str:
+    """``HEAD`` of the checkout this script runs from, marked when tracked files differ from it."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    return git("rev-parse", "HEAD") + (" (with uncommitted changes)" if git("status", "--porcelain",
+                                                                          "--untracked-files=no") else "")
+
+
+def write_doc(path: Path, pre, rnd, lines: list[str], argv: list[str], wall: float, done: list[dict],
+              commit: str) -> None:
 
     def block(df) -> str:
         return "```\n" + df.to_string(index=False, float_format=lambda v: f"{v:.2f}") + "\n```" \
             if not df.empty else "(no runs)"
 
     text = [f"# mini-VTAB results\n", f"Command: `python bench/mini_vtab.py {' '.join(argv)}`  ",
-            f"Commit: `{commit}`{' (with uncommitted changes)' if dirty else ''}  ",
+            f"Commit: `{commit}`  ",
             f"Wall time: {wall / 60:.1f} min on this machine (2 CPU cores, shared)\n",
             "Test accuracy (%) per task, mean over seeds; group means; `Mean` = mean of the group means; "
             "`params_m` = trainable module parameters (M, head excluded).\n",
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mean over {len(df)} tasks: pretrained {df['pretrained'].mean():.2f} %, random "
               f"{df['random'].mean():.2f} %, difference {df['difference'].mean():+.2f} points (goal >= +15)")
         return 0
-    t0 = time.time()
+    t0, commit = time.time(), source_commit()
     budget = json.loads(json.dumps(QUICK if args.quick else FULL))
     for section, value in (("supernet", args.supernet_epochs), ("retrain", args.retrain_epochs)):
         if value is not None:
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in d:
             print(f"FAILED {d['task']}: {d['error']}", file=sys.stderr)
     if args.doc:
-        write_doc(args.doc, pre, rnd, lines, argv, wall, done)
+        write_doc(args.doc, pre, rnd, lines, argv, wall, done, commit)
     return 1 if any("error" in d for d in done) else 0
 
 

@@ -111,3 +111,28 @@ def test_shipped_weights_load_by_tag_and_beat_the_random_backbone(tmp_path, one_
         probe.fit((xtr - mu) / sd, [y for _, y in train])
         acc[name] = 100 * probe.score((xte - mu) / sd, [y for _, y in test])
     assert acc["pretrained"] > acc["random"] + 10, acc
+
+
+# ------------------------------------------------------------------ the benchmark script
+@pytest.mark.slow
+def test_mini_vtab_bench_quick_on_one_task(tmp_path, ray_session):
+    """``bench/mini_vtab.py --quick`` settings on one task, through the real pipeline on the
+    session's local Ray: NOAH + a linear probe, the random-backbone probe, the VTAB table and
+    the Markdown report."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("mini_vtab", Path(__file__).parents[1] / "bench" / "mini_vtab.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = tmp_path / "mini_vtab.md"
+    rc = bench.main(["--quick", "--tasks", "mv_position", "--seeds", "0", "--methods", "linear",
+                     "--supernet-epochs", "1", "--retrain-epochs", "1", "--out", str(tmp_path), "--doc", str(doc)])
+    assert rc == 0
+    pre, rnd = bench.tables(tmp_path / "storage")
+    assert set(pre["method"]) == {"noah", "linear"} and set(rnd["method"]) == {"linear"}
+    assert {"mv_position", "Structured", "Mean", "params_m"} <= set(pre.columns)
+    assert pre["Mean"].between(0, 100).all() and pre.set_index("method").loc["linear", "params_m"] == 0
+    text = doc.read_text()
+    assert "Commit: `" in text and "linear probe, mean over 1 tasks: pretrained" in text
+    assert ray_session.is_initialized()                  # the bench left the session's Ray running
