@@ -137,9 +137,16 @@ def probe_table(tasks: list[str], data_root: Path):
 def tables(out: Path):
     from noah_ray import results
 
-    pre = results.vtab_table(str(out / "pretrained"))
-    rnd = results.vtab_table(str(out / "random"))
-    return pre, rnd
+    import pandas as pd
+
+    from noah_ray.space import ConfigError
+
+    def table(uri: Path):
+        try:
+            return results.vtab_table(str(uri))
+        except ConfigError:                  # nothing written there (every run of that kind failed)
+            return pd.DataFrame(columns=["method"])
+    return table(out / "pretrained"), table(out / "random")
 
 
 def summary(pre, rnd) -> list[str]:
