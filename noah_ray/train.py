@@ -442,7 +442,7 @@ def _spec(job: JobConfig, stage: str, method: str, subnet: SubnetConfig | None, 
                      "batch_size": d.batch_size, "img_size": d.img_size, "shots": d.shots, "seed": d.seed},
             "lr": lr, "weight_decay": tc.weight_decay, "warmup_epochs": tc.warmup_epochs,
             "min_lr": tc.min_lr, "seed": seed,
-            **({"sampling": tc.sampling} if stage == "supernet" and tc.sampling != "uniform" else {})}
+            **({"sampling": tc.sampling} if stage == "supernet" else {})}
 
 
 def _fingerprint(spec: dict) -> str:
@@ -454,6 +454,7 @@ def _check_spec(run_dir: storage.Location, spec: dict) -> None:
     if storage.exists(loc):
         old = json.loads(storage.read_text(loc))
         old.setdefault("recipe", RECIPES[LEGACY].to_dict())  # a run from before recipes existed
+        old.setdefault("sampling", "uniform")                # a supernet from before sampling rules
         diff = next((k for k in spec if old.get(k) != spec[k]), None)
         if diff is not None:
             raise ConfigError(f"{run_dir.uri!r} was trained with {diff} = {json.dumps(old.get(diff))[:120]}, "

@@ -221,3 +221,13 @@ def test_bad_storage_or_job_fails_before_training(ray_session, data_root, tmp_pa
     with pytest.raises(ConfigError, match="run name: 'a/b' must be"):
         train_supernet(make_job(data_root, str(tmp_path), "bad"), run_name="a/b")
     assert not (tmp_path / "bad").exists()  # nothing was written
+
+
+def test_sandwich_supernet_trains_and_its_run_refuses_another_rule(ray_session, data_root, tmp_path):
+    job = make_job(data_root, str(tmp_path), "sandwich", epochs=1, sampling="sandwich")
+    res = train_supernet(job)
+    assert res.epochs_done == 1 and set(_metrics(job)["subnet"].dropna()) >= {"smallest", "largest"}
+    spec = json.loads(storage.read_text(_root(job).join("supernet", "spec.json")))
+    assert spec["sampling"] == "sandwich"
+    with pytest.raises(ConfigError, match="was trained with sampling"):
+        train_supernet(make_job(data_root, str(tmp_path), "sandwich", epochs=2))     # uniform now
