@@ -9,6 +9,8 @@ import pickle
 import zipfile
 from typing import Callable, Mapping
 
+from pathlib import Path
+
 import numpy as np
 import timm
 import torch
@@ -22,7 +24,15 @@ log = logging.getLogger(__name__)
 
 
 default_cfgs = generate_default_cfgs({
-    "vit_noah_tiny_patch4_32.untrained": {
+    # formula-driven pretraining on IFS fractal categories (python -m noah_ray.pretrain), shipped
+    # with the package; not ImageNet weights (no natural image was seen)
+    "vit_noah_tiny_patch4_32.fractal": {
+        "file": str(Path(__file__).parent / "weights" / "vit_noah_tiny_patch4_32.fractal.safetensors"),
+        "num_classes": 0, "input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bicubic",
+        "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "first_conv": "patch_embed.proj", "classifier": "head",
+        "license": "mit"},
+    "vit_noah_tiny_patch4_32.untrained*": {     # "*" (after the tags with weights):
+                                                 # the default without a tag (random init)
         "url": "", "num_classes": 10, "input_size": (3, 32, 32), "crop_pct": 1.0,
         "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
         "first_conv": "patch_embed.proj", "classifier": "head"},
@@ -39,16 +49,32 @@ def vit_noah_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransfo
 def create_backbone(name: str, num_classes: int, checkpoint: str | None = None, *,
                     endpoint: str | None = None, **kwargs) -> VisionTransformer:
     """A timm ViT with a fresh ``num_classes`` head; ``checkpoint`` (a path, ``file://`` or
-    ``s3://`` URI) loads backbone weights.  Nothing is ever downloaded from a hub."""
+    ``s3://`` URI) loads backbone weights, else a pretrained tag whose weights ship with a
+    package (a local ``file`` in its pretrained config, e.g. ``vit_noah_tiny_patch4_32.fractal``)
+    loads those.  Nothing is ever downloaded from a hub."""
     if not timm.is_model(name):
         raise ConfigError(f"unknown backbone {name!r}; use a timm ViT name such as "
                           f"vit_base_patch16_224.augreg_in21k or vit_noah_tiny_patch4_32")
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    if not checkpoint and model.pos_embed.device.type != "meta":    # shape queries skip the file
+        checkpoint = packaged_weights(model)
     if checkpoint:
         load_backbone_weights(model, checkpoint, endpoint=endpoint)
     return model
+
+
+def packaged_weights(model: VisionTransformer) -> str | None:
+    """The local weights file of ``model``'s pretrained tag (None for tags without one)."""
+    path = (getattr(model, "pretrained_cfg", None) or {}).get("file")
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"the weights of {model.pretrained_cfg.get('architecture')}."
+                          f"{model.pretrained_cfg.get('tag')} are missing ({path}); "
+                          f"reinstall noah_ray or rebuild them with python -m noah_ray.pretrain")
+    return path
 
 
 def load_backbone_weights(model: VisionTransformer, uri: str, *, endpoint: str | None = None) -> None:

@@ -154,6 +154,10 @@ class ModelConfig:
         return recipes.resolve(name, **{k: getattr(self, k, None) for k in recipes.SETTINGS})
 
 
+#: supernet sampling rules (noah_ray.train.step_subnets)
+SAMPLING_RULES: tuple[str, ...] = ("uniform", "sandwich")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings shared by supernet training and retraining."""
@@ -183,6 +187,8 @@ class TrainConfig:
                                           # retrain: per-method learning rate overriding `lr`, e.g. {full: 1.0e-4}
     init: str | None = None               # retrain (noah): start from these weights, a subnet artifact
                                           # (noah-ray import-peft / export --out), instead of a fresh init
+    sampling: str = "uniform"             # supernet: subnets trained per step; uniform (NOAH: one random) |
+                                          # sandwich (largest + smallest + one random, BigNAS / AttentiveNAS)
 
     def check(self, where: str) -> None:
         _positive(where, epochs=self.epochs, lr=self.lr, num_workers=self.num_workers,
@@ -195,6 +201,8 @@ class TrainConfig:
         for k, v in self.method_lr.items():
             if not _type_ok(v, float) or v <= 0:
                 raise ConfigError(f"{where}.method_lr.{k}: {v!r} must be a learning rate > 0")
+        if self.sampling not in SAMPLING_RULES:
+            raise ConfigError(f"{where}.sampling: {self.sampling!r} unknown; use {' or '.join(SAMPLING_RULES)}")
         if self.max_failures < -1:
             raise ConfigError(f"{where}.max_failures: {self.max_failures} must be >= 0 (or -1: retry forever)")
         for k, v in self.baseline_widths.items():

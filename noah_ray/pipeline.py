@@ -23,7 +23,7 @@ def _is_generated(job: JobConfig) -> bool:
     from noah_ray.data import registry
 
     info = registry.lookup(job.data.dataset, job.data.format)
-    return job.data.format == "vtab" and info is not None and info.benchmark == "generated"
+    return job.data.format == "vtab" and info is not None and info.benchmark in registry.WRITTEN
 
 
 def _check_data(job: JobConfig, stages: tuple[str, ...], num_classes: int) -> None:
@@ -123,14 +123,19 @@ def preflight(job: JobConfig, stages: tuple[str, ...] = STAGES):
 
 
 def prepare_data(job: JobConfig) -> None:
-    """Write a generated task (``gen_*``) under ``data.root`` if it is not there yet."""
+    """Write a generated (``gen_*``) or mini-VTAB (``mv_*``) task under ``data.root`` if it is not
+    there yet."""
     if _is_generated(job) and not str(job.data.root).startswith("s3://"):
-        from noah_ray.data import write_generated_vtab
+        from noah_ray.data import minivtab, write_generated_vtab
 
-        folder = Path(job.data.root).expanduser() / job.data.dataset
+        root = Path(job.data.root).expanduser()
+        folder = root / job.data.dataset
         if not folder.is_dir():
-            progress.echo(f"== data: writing generated task {job.data.dataset!r} to {folder}")
-            write_generated_vtab(Path(job.data.root).expanduser(), job.data.dataset, seed=job.data.seed)
+            progress.echo(f"== data: writing task {job.data.dataset!r} to {folder}")
+            if job.data.dataset in minivtab.TASKS:
+                minivtab.write_task(root, job.data.dataset, seed=job.data.seed)
+            else:
+                write_generated_vtab(root, job.data.dataset, seed=job.data.seed)
 
 
 def init_ray(address: str | None = None, *, quiet: bool = False) -> None:

@@ -49,6 +49,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 
 import pyarrow as pa
 import torch
@@ -145,6 +146,20 @@ def step_subnet(space: SearchSpace, seed: int, epoch: int, step: int) -> SubnetC
     """The subnet trained at (epoch, step): a pure function of its arguments, so every worker
     picks the same one without communicating."""
     return space.sample(random.Random(f"noah-step:{seed}:{epoch}:{step}"))
+
+
+#: per sampling rule (``supernet.sampling``): the subnets one step trains, given its random one
+SAMPLING: dict[str, Callable[[SearchSpace, SubnetConfig], list[SubnetConfig]]] = {
+    "uniform": lambda space, rnd: [rnd],
+    "sandwich": lambda space, rnd: [space.largest(), space.smallest(), rnd],
+}
+
+
+def step_subnets(space: SearchSpace, rule: str, seed: int, epoch: int, step: int) -> list[SubnetConfig]:
+    """The subnets trained at (epoch, step) under ``rule``; their gradients are averaged into
+    one optimiser step (``uniform``: NOAH's one random subnet; ``sandwich``: largest, smallest
+    and one random subnet, BigNAS / AttentiveNAS)."""
+    return SAMPLING[rule](space, step_subnet(space, seed, epoch, step))
 
 
 def eval_subnets(job: JobConfig, count: int) -> dict[str, SubnetConfig]:
@@ -263,13 +278,15 @@ def _train_loop(config: dict) -> None:
             sampler.set_epoch(epoch)
         t0, digest = time.time(), hashlib.sha1()
 
-        def sample_subnet(step: int, epoch: int = epoch) -> None:
-            cfg = step_subnet(job.space, seed, epoch, step)
-            model.set_active(cfg)
-            digest.update(cfg.key().encode())
+        def step_passes(step: int, epoch: int = epoch) -> list:
+            """The supernet's subnets of this step (``supernet.sampling``), each as an activation."""
+            def activate(cfg: SubnetConfig) -> None:
+                model.set_active(cfg)
+                digest.update(cfg.key().encode())
+            return [lambda c=cfg: activate(c) for cfg in step_subnets(job.space, tc.sampling, seed, epoch, step)]
 
         sums = train_epoch(net, train_loader, opt, sched, scaler, device,
-                           sample_subnet if stage == "supernet" else None)
+                           step_passes if stage == "supernet" else None)
         if world > 1:
             if stage == "supernet":
                 _check_same_subnets(digest.hexdigest(), epoch)
@@ -318,18 +335,23 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, lr: float, steps: in
 
 
 def train_epoch(net: torch.nn.Module, loader, opt, sched, scaler, device: torch.device,
-                before_step=None) -> torch.Tensor:
-    """One pass over ``loader`` (cross-entropy, one optimiser and schedule step per batch);
-    ``before_step(step)`` runs before each.  Returns ``[loss sum, batches, images]`` (float64)."""
+                passes: Callable[[int], list[Callable[[], None]]] | None = None) -> torch.Tensor:
+    """One pass over ``loader`` (cross-entropy, one optimiser and schedule step per batch).
+    ``passes(step)``: zero-argument callables (e.g. activating a subnet); the batch's forward and
+    backward run once after each, the gradients averaged into the one step (default: once).
+    Returns ``[loss sum, batches, images]`` (float64)."""
     net.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for step, (x, y) in enumerate(loader):
-        if before_step is not None:
-            before_step(step)
+        todo = passes(step) if passes is not None else [lambda: None]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = F.cross_entropy(net(x).float(), y)
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss = torch.zeros((), device=device)
+        for before in todo:
+            before()
+            part = F.cross_entropy(net(x).float(), y) / len(todo)
+            scaler.scale(part).backward()
+            loss += part.detach()
         scaler.step(opt)
         scaler.update()
         sched.step()
@@ -428,7 +450,8 @@ def _spec(job: JobConfig, stage: str, method: str, subnet: SubnetConfig | None, 
             "data": {"dataset": d.dataset, "format": d.format, "train_split": d.train_split,
                      "batch_size": d.batch_size, "img_size": d.img_size, "shots": d.shots, "seed": d.seed},
             "lr": lr, "weight_decay": tc.weight_decay, "warmup_epochs": tc.warmup_epochs,
-            "min_lr": tc.min_lr, "seed": seed}
+            "min_lr": tc.min_lr, "seed": seed,
+            **({"sampling": tc.sampling} if stage == "supernet" else {})}
     if stage == "retrain" and method == "noah" and job.retrain.init:
         spec["init"] = job.retrain.init       # only when set: the fingerprints of other runs stay as they were
     return spec
@@ -443,6 +466,7 @@ def _check_spec(run_dir: storage.Location, spec: dict) -> None:
     if storage.exists(loc):
         old = json.loads(storage.read_text(loc))
         old.setdefault("recipe", RECIPES[LEGACY].to_dict())  # a run from before recipes existed
+        old.setdefault("sampling", "uniform")                # a supernet from before sampling rules
         diff = next((k for k in spec if old.get(k) != spec[k]), None)
         if diff is not None:
             raise ConfigError(f"{run_dir.uri!r} was trained with {diff} = {json.dumps(old.get(diff))[:120]}, "

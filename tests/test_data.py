@@ -82,6 +82,9 @@ def test_every_generated_task_carries_its_label(tmp_path):
             return bright.reshape(2, 16, 2, 16).sum((1, 3)).ravel()  # mass per quadrant
         if task == "gen_count":
             return np.array([bright.sum()])
+        if task == "gen_distance":                                    # extent of the two objects
+            ys, xs = np.nonzero(bright)
+            return np.array([np.hypot(np.ptp(xs), np.ptp(ys))])
         return np.abs(np.fft.fft2(bright))[:6, :6].ravel()           # shape / texture / orientation
 
     for task in GENERATED_TASKS:

@@ -13,7 +13,8 @@ from noah_ray.config import JobConfig
 from noah_ray.data import write_generated_vtab
 from noah_ray.space import ConfigError, SearchSpace, SubnetConfig
 from noah_ray.supernet import PromptedViT
-from noah_ray.train import (BASELINE_WIDTHS, load_supernet, retrain, step_subnet, subnet_for, train_supernet)
+from noah_ray.train import (BASELINE_WIDTHS, load_supernet, retrain, step_subnet, step_subnets, subnet_for,
+                             train_supernet)
 
 SPACE = {"num_layers": 12, "modules": {"vpt": {"depths": [3, 12], "widths": [1, 5]},
                                        "lora": {"depths": [3, 12], "widths": [1, 5]},
@@ -55,6 +56,18 @@ def test_step_subnets_are_a_function_of_seed_epoch_step():
     assert a == [step_subnet(space, 0, 1, s) for s in range(20)]  # what every worker computes
     assert len({c.key() for c in a}) > 10 and all(space.contains(c) for c in a)
     assert a != [step_subnet(space, 0, 2, s) for s in range(20)] != [step_subnet(space, 1, 1, s) for s in range(20)]
+
+
+def test_sampling_rules_uniform_and_sandwich():
+    """uniform (NOAH): the step's one random subnet; sandwich (BigNAS): largest, smallest and that
+    same random subnet, their gradients averaged into one step."""
+    space = SearchSpace.from_dict(SPACE)
+    rnd = step_subnet(space, 0, 3, 7)
+    assert step_subnets(space, "uniform", 0, 3, 7) == [rnd]
+    assert step_subnets(space, "sandwich", 0, 3, 7) == [space.largest(), space.smallest(), rnd]
+    assert JobConfig.from_dict({"supernet": {"sampling": "sandwich"}}).supernet.sampling == "sandwich"
+    with pytest.raises(ConfigError, match=r"supernet.sampling: 'random' unknown; use uniform or sandwich"):
+        JobConfig.from_dict({"supernet": {"sampling": "random"}})
 
 
 def test_warmup_cosine_schedule():
@@ -209,3 +222,13 @@ def test_bad_storage_or_job_fails_before_training(ray_session, data_root, tmp_pa
     with pytest.raises(ConfigError, match="run name: 'a/b' must be"):
         train_supernet(make_job(data_root, str(tmp_path), "bad"), run_name="a/b")
     assert not (tmp_path / "bad").exists()  # nothing was written
+
+
+def test_sandwich_supernet_trains_and_its_run_refuses_another_rule(ray_session, data_root, tmp_path):
+    job = make_job(data_root, str(tmp_path), "sandwich", epochs=1, sampling="sandwich")
+    res = train_supernet(job)
+    assert res.epochs_done == 1 and set(_metrics(job)["subnet"].dropna()) >= {"smallest", "largest"}
+    spec = json.loads(storage.read_text(_root(job).join("supernet", "spec.json")))
+    assert spec["sampling"] == "sandwich"
+    with pytest.raises(ConfigError, match="was trained with sampling"):
+        train_supernet(make_job(data_root, str(tmp_path), "sandwich", epochs=2))     # uniform now

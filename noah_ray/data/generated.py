@@ -13,6 +13,8 @@ as real data.  In the spirit of dSprites / Clevr:
   randomly initialised tiny test ViT it stayed at chance after 6 epochs in our check
 - ``gen_orientation``: orientation of a bar (0, 45, 90, 135 degrees, +-10), 4 classes (like
   dSprites orientation)
+- ``gen_distance``: distance between the centres of two objects in 4 bins (0.2-0.35, 0.35-0.5,
+  0.5-0.65, 0.65-0.8 of the image side), 4 classes (like Clevr distance)
 
 Shapes, colours, sizes, backgrounds and positions are random wherever they are not the label.
 """
@@ -20,16 +22,15 @@ Shapes, colours, sizes, backgrounds and positions are random wherever they are n
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from noah_ray.data.vtab_folder import SPLITS, write_vtab_folder
 from noah_ray.space import ConfigError
 
-TASKS = ("gen_shape", "gen_count", "gen_texture", "gen_color", "gen_position", "gen_orientation")
+TASKS = ("gen_shape", "gen_count", "gen_texture", "gen_color", "gen_position", "gen_orientation", "gen_distance")
 NUM_CLASSES = 4
 _COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 240), (235, 220, 40)]
 
@@ -98,9 +99,23 @@ def render(task: str, label: int, rng: np.random.RandomState, size: int = 32) ->
         corners = [(cx + a * half_len * ux - b * half_w * uy, cy + a * half_len * uy + b * half_w * ux)
                    for a, b in ((1, 1), (1, -1), (-1, -1), (-1, 1))]
         draw.polygon(corners, fill=_COLOURS[rng.randint(0, 4)])
+    elif task == "gen_distance":
+        _two_objects(draw, label, rng, size)
     else:
         raise ConfigError(f"unknown generated task {task!r}; use one of {', '.join(TASKS)}")
     return img
+
+
+def _two_objects(draw: ImageDraw.ImageDraw, label: int, rng: np.random.RandomState, size: int) -> None:
+    """Two small objects whose centres lie ``(0.2 + 0.15 * (label + u)) * size`` apart, u ~ U[0, 1)."""
+    r = size * rng.uniform(0.06, 0.09)
+    dist = size * (0.2 + 0.15 * (label + rng.uniform()))
+    angle = rng.uniform(0, 2 * math.pi)
+    dx, dy = dist * math.cos(angle) / 2, dist * math.sin(angle) / 2
+    lo_x, lo_y = r + abs(dx), r + abs(dy)
+    mx, my = rng.uniform(lo_x, size - lo_x), rng.uniform(lo_y, size - lo_y)
+    for sign in (-1, 1):
+        _object(draw, rng.randint(0, 4), mx + sign * dx, my + sign * dy, r, _COLOURS[rng.randint(0, 4)])
 
 
 def write_generated_vtab(root: str | Path, task: str = "gen_shape", *, num_train: int = 800,
@@ -121,52 +136,14 @@ def write_generated_vtab(root: str | Path, task: str = "gen_shape", *, num_train
             raise ConfigError(f"generated data: {k} {v!r} must be a positive integer")
     if img_size < 16:
         raise ConfigError(f"generated data: img_size {img_size} is too small to draw shapes; use >= 16")
-    root = Path(root).expanduser()
-    out = root / task
     stamp = f"{task} {num_train} {num_val} {num_test} {img_size} {seed}"
-    if _stamp(out) == stamp:
-        return out
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{task}.", dir=root))
-    tmp.chmod(0o755)
-    try:
-        lines: dict[str, list[str]] = {}
-        for offset, (split, n) in enumerate((("train800", num_train), ("val200", num_val), ("test", num_test))):
-            rng = np.random.RandomState(seed * 1000 + offset)
-            labels = np.arange(n) % NUM_CLASSES
-            rng.shuffle(labels)
-            (tmp / "images" / split).mkdir(parents=True)
-            rows = []
-            for i, y in enumerate(labels.tolist()):
-                rel = f"images/{split}/{i:05d}.png"
-                render(task, y, rng, img_size).save(tmp / rel)
-                rows.append(f"{rel} {y}")
-            lines[split] = rows
-        lines["train800val200"] = lines["train800"] + lines["val200"]
-        for split, rows in lines.items():
-            (tmp / f"{split}.txt").write_text("\n".join(rows) + "\n")
-        (tmp / ".generated").write_text(stamp)
-        if _stamp(out) == stamp:          # another writer finished first
-            return out
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{task}.old.", dir=root))
-            out.rename(old / task)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if _stamp(out) != stamp:      # lost a race to a writer with other arguments
-                raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return out
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    sizes = {"train800": num_train, "val200": num_val, "test": num_test}
 
+    def split_images(split: str):
+        rng = np.random.RandomState(seed * 1000 + SPLITS.index(split))
+        labels = np.arange(sizes[split]) % NUM_CLASSES
+        rng.shuffle(labels)
+        for y in labels.tolist():
+            yield render(task, y, rng, img_size), y
 
-def _stamp(folder: Path) -> str | None:
-    try:
-        return (folder / ".generated").read_text()
-    except OSError:
-        return None
+    return write_vtab_folder(root, task, stamp, split_images)

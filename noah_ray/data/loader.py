@@ -113,7 +113,7 @@ def registry_entry(cfg: DataConfig) -> registry.DatasetInfo | None:
     info = registry.lookup(cfg.dataset, cfg.format)
     if info is None:
         return None
-    fits = info.benchmark == cfg.format or (cfg.format == "vtab" and info.benchmark == "generated")
+    fits = info.benchmark == cfg.format or (cfg.format == "vtab" and info.benchmark in registry.WRITTEN)
     return info if fits else None
 
 

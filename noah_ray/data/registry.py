@@ -1,5 +1,5 @@
 """Known datasets: the 19 VTAB-1k tasks, the 5 few-shot sets, the domain-generalisation sets
-(ImageNet and its four shifted test sets) and the generated tasks.
+(ImageNet and its four shifted test sets), the generated tasks and the mini-VTAB tasks.
 
 Each entry has a canonical name, its class count, its group (VTAB: Natural / Specialized /
 Structured) and the folder-name variants seen in the wild, so ``cifar`` and ``cifar100``
@@ -20,7 +20,7 @@ class DatasetInfo:
     name: str
     num_classes: int
     group: str                     # Natural | Specialized | Structured | Few-shot | Domain generalisation | Generated
-    benchmark: str                 # vtab | fewshot | dg | generated
+    benchmark: str                 # vtab | fewshot | dg | generated | minivtab
     aliases: tuple[str, ...] = ()
 
 
@@ -69,6 +69,17 @@ _ENTRIES = [
     DatasetInfo("gen_color", 4, "Generated", "generated"),
     DatasetInfo("gen_position", 4, "Generated", "generated"),
     DatasetInfo("gen_orientation", 4, "Generated", "generated"),
+    DatasetInfo("gen_distance", 4, "Generated", "generated"),
+    # mini-VTAB (noah_ray.data.minivtab): 32x32 tasks in VTAB's groups, written on first use
+    DatasetInfo("mv_digits", 10, "Natural", "minivtab"),
+    DatasetInfo("mv_photos", 5, "Natural", "minivtab"),
+    DatasetInfo("mv_textures", 5, "Natural", "minivtab"),
+    DatasetInfo("mv_ihc_stain", 3, "Specialized", "minivtab"),
+    DatasetInfo("mv_scientific", 4, "Specialized", "minivtab"),
+    DatasetInfo("mv_count", 4, "Structured", "minivtab"),
+    DatasetInfo("mv_position", 4, "Structured", "minivtab"),
+    DatasetInfo("mv_orientation", 4, "Structured", "minivtab"),
+    DatasetInfo("mv_distance", 4, "Structured", "minivtab"),
 ]
 
 
@@ -117,10 +128,14 @@ def names(benchmark: str | None = None) -> list[str]:
     return list(dict.fromkeys(e.name for e in _ENTRIES if benchmark is None or e.benchmark == benchmark))
 
 
+#: benchmarks whose tasks are written locally on first use (VTAB-1k layout)
+WRITTEN = ("generated", "minivtab")
+
+
 def vtab_group(name: str) -> str | None:
-    """``Natural`` / ``Specialized`` / ``Structured`` for a VTAB-1k task name or variant."""
+    """``Natural`` / ``Specialized`` / ``Structured`` for a VTAB-1k (or mini-VTAB) task name or variant."""
     info = lookup(name, "vtab")
-    return info.group if info is not None and info.benchmark == "vtab" else None
+    return info.group if info is not None and info.benchmark in ("vtab", "minivtab") else None
 
 
 def candidates(name: str, benchmark: str | None = None) -> list[str]:

@@ -1,0 +1,138 @@
+"""mini-VTAB tasks (VTAB-1k folders, deterministic, registered) and the shipped fractal-pretrained
+backbone (loads by its timm tag, beats the random backbone on a linear probe)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from noah_ray.backbones import create_backbone
+from noah_ray.config import DataConfig
+from noah_ray.data import minivtab, read_split, registry
+from noah_ray.data.fractal import fill_rate, orbit, sample_category
+
+pytest.importorskip("sklearn")
+pytest.importorskip("skimage")
+
+SPLIT_SIZES = {"train800": 800, "val200": 200}
+
+
+def _check_folder(root, name):
+    info = registry.get(name)
+    cfg = DataConfig(root=str(root), dataset=name)
+    splits = {s: read_split(cfg, s, num_classes=info.num_classes) for s in ("train800", "val200", "train800val200", "test")}
+    assert {s: len(splits[s]) for s in SPLIT_SIZES} == SPLIT_SIZES
+    assert splits["train800val200"] == splits["train800"] + splits["val200"]
+    assert len(splits["test"]) >= 500
+    for split in ("train800", "test"):
+        assert {y for _, y in splits[split]} == set(range(info.num_classes)), f"{name}/{split}: a class is missing"
+    with Image.open(splits["test"][0][0]) as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+    return splits
+
+
+def _first_pixels(name, split, n=12):
+    gen = minivtab.TASKS[name].split_images(split, 0)
+    return [(np.asarray(img), y) for (img, y), _ in zip(gen, range(n))]
+
+
+def test_the_nine_tasks_cover_vtabs_three_groups():
+    groups = {t.group for t in minivtab.TASKS.values()}
+    assert len(minivtab.TASKS) >= 8 and groups == set(registry.VTAB_GROUPS)
+    for name, task in minivtab.TASKS.items():       # registered: jobs can name them, vtab_table groups them
+        info = registry.get(name)
+        assert (info.num_classes, info.group, registry.vtab_group(name)) == (task.num_classes, task.group, task.group)
+
+
+@pytest.mark.parametrize("name", list(minivtab.TASKS))
+def test_task_writes_vtab_folders_deterministically(tmp_path, name):
+    a = minivtab.write_task(tmp_path / "a", name)
+    _check_folder(tmp_path / "a", name)
+    for split in ("train800", "test"):               # a second generation yields the same images
+        rows = (a / f"{split}.txt").read_text().splitlines()[:12]
+        again = _first_pixels(name, split)
+        for row, (pix, y) in zip(rows, again):
+            rel, label = row.rsplit(maxsplit=1)
+            assert int(label) == y and np.array_equal(np.asarray(Image.open(a / rel)), pix)
+
+
+def test_digits_are_the_real_uci_digits_split_without_overlap(tmp_path):
+    from sklearn.datasets import load_digits
+
+    d = minivtab.write_task(tmp_path, "mv_digits")
+    splits = _check_folder(tmp_path, "mv_digits")
+    assert sum(len(splits[s]) for s in ("train800", "val200", "test")) == len(load_digits().target) == 1797
+    small = [np.asarray(Image.open(p).convert("L").resize((8, 8), Image.BILINEAR), dtype=np.float32)
+             for p, _ in splits["test"][:5]]
+    assert all(img.std() > 20 for img in small)      # real strokes, not blank images
+    assert (d / ".generated").read_text().startswith("minivtab-2 mv_digits")
+
+
+def test_fractal_categories_are_bounded_and_fill_the_image():
+    rng = np.random.default_rng(0)
+    cats = [sample_category(rng) for _ in range(4)]
+    for c in cats:
+        assert np.linalg.svd(c.maps[:, :, :2], compute_uv=False).max() < 1      # contractions only
+        assert abs(c.probs.sum() - 1) < 1e-9
+        pts = orbit(c.maps[None], c.probs[None], 800, rng)[0]
+        assert np.isfinite(pts).all() and fill_rate(pts) >= 0.12
+
+
+# ------------------------------------------------------------------ the shipped backbone
+def _features(model, samples):
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32)).permute(2, 0, 1)
+                     for p, _ in samples]) / 127.5 - 1.0
+    with torch.no_grad():
+        return model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+
+
+def test_shipped_weights_load_by_tag_and_beat_the_random_backbone(tmp_path, one_thread):
+    from safetensors import safe_open
+    from sklearn.linear_model import LogisticRegression
+
+    pre = create_backbone("vit_noah_tiny_patch4_32.fractal", 4).eval()
+    rnd = create_backbone("vit_noah_tiny_patch4_32", 4).eval()
+    assert rnd.pretrained_cfg["tag"] == "untrained"          # no tag: still the random backbone
+    with safe_open(pre.pretrained_cfg["file"], "pt") as f:
+        recipe = json.loads(f.metadata()["noah_ray.pretrain"])
+        assert not any(k.startswith("head.") for k in f.keys())
+    assert recipe["recipe"]["num_classes"] >= 100
+    task = "mv_position"
+    minivtab.write_task(tmp_path, task)
+    cfg = DataConfig(root=str(tmp_path), dataset=task)
+    train, test = read_split(cfg, "train800"), read_split(cfg, "test")
+    acc = {}
+    for name, model in (("pretrained", pre), ("random", rnd)):
+        probe = LogisticRegression(max_iter=2000, C=1.0)
+        xtr, xte = _features(model, train), _features(model, test)
+        mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+        probe.fit((xtr - mu) / sd, [y for _, y in train])
+        acc[name] = 100 * probe.score((xte - mu) / sd, [y for _, y in test])
+    assert acc["pretrained"] > acc["random"] + 10, acc
+
+
+# ------------------------------------------------------------------ the benchmark script
+@pytest.mark.slow
+def test_mini_vtab_bench_quick_on_one_task(tmp_path, ray_session):
+    """``bench/mini_vtab.py --quick`` settings on one task, through the real pipeline on the
+    session's local Ray: NOAH + a linear probe, the random-backbone probe, the VTAB table and
+    the Markdown report."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("mini_vtab", Path(__file__).parents[1] / "bench" / "mini_vtab.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = tmp_path / "mini_vtab.md"
+    rc = bench.main(["--quick", "--tasks", "mv_position", "--seeds", "0", "--methods", "linear",
+                     "--supernet-epochs", "1", "--retrain-epochs", "1", "--out", str(tmp_path), "--doc", str(doc)])
+    assert rc == 0
+    pre, rnd = bench.tables(tmp_path / "storage")
+    assert set(pre["method"]) == {"noah", "linear"} and set(rnd["method"]) == {"linear"}
+    assert {"mv_position", "Structured", "Mean", "params_m"} <= set(pre.columns)
+    assert pre["Mean"].between(0, 100).all() and pre.set_index("method").loc["linear", "params_m"] == 0
+    text = doc.read_text()
+    assert "Commit: `" in text and "linear probe, mean over 1 tasks: pretrained" in text
+    assert ray_session.is_initialized()                  # the bench left the session's Ray running
