@@ -31,8 +31,9 @@ from typing import IO, Any, Iterator
 _CURRENT: contextvars.ContextVar["Session | None"] = contextvars.ContextVar("noah_ray_progress", default=None)
 
 #: Ray's driver-side settings for a quiet console (environment variables read by Ray Tune / Train)
-QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0",                   # Tune's legacy reporter: silent at verbose=0
-             "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}   # no TensorBoard / CSV loggers, no "run tensorboard" hint
+#: (Tune's automatic JSON/CSV result loggers stay on: they only write files, the search and its tests
+#: read ``result.json``, and users read them with Tune's ExperimentAnalysis)
+QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0"}                   # Tune's legacy reporter: silent at verbose=0
 #: Ray's driver-side loggers quieted to ERROR
 QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.air", "ray.data")
 
