@@ -159,12 +159,14 @@ class NoahSearcher(Searcher):
         self.store.append_state(delta, self.get_state)
 
     def _report(self, rec: GenerationRecord) -> None:
-        """The generation's progress line (the driver's console, else the ``noah_ray.search`` logger)."""
+        """The generation's progress line (the driver's console, else the ``noah_ray.search`` logger).
+        It names the generation as the ``trials`` / ``generations`` tables do (from 0), then how
+        many of the search's generations are done: ``generation 0 (1/20)``."""
         run = self.store.run_id if self.store is not None else self.engine.algorithm
         best = "no candidate scored" if rec.best_score is None else (
             f"best {self.metric} {rec.best_score if self.mode == 'max' else -rec.best_score:.2f} with "
             f"{(rec.best_params or 0) / 1e6:.4f} M params")
-        progress.echo(f"[search {run}] generation {rec.generation + 1}/{self.engine.generations}: "
+        progress.echo(f"[search {run}] generation {rec.generation} ({rec.generation + 1}/{self.engine.generations}): "
                       f"{rec.evaluated} scored, {rec.failed} failed; {best}", logger=log,
                       tag=f"search {run}", done=rec.generation + 1, total=self.engine.generations)
 

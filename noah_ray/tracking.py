@@ -13,7 +13,7 @@ One MLflow run per stage run, named ``<stage> <run id>`` and tagged ``noah_ray.j
   from 1) logged by the rank-0 Ray Train worker, then the final ``test_acc``, ``best_val``,
   ``best_epoch``, ``params``; artifacts: ``supernet_curves.png``, the retrained NOAH subnet's
   ``subnet.yaml`` and ``architecture.png``.
-* ``search <run>``: the settings, per-generation ``best_val_acc`` (step = generation, from 1),
+* ``search <run>``: the settings, per-generation ``best_val_acc`` (step = generation, from 0 as in the tables),
   the winner's ``val_acc`` / ``params``; artifacts ``best_subnet.yaml`` and ``pareto.png``.  Each
   scored candidate is a nested run (Ray Tune's ``MLflowLoggerCallback``) with its subnet as
   parameters and its ``val_acc`` / ``params``.
@@ -192,7 +192,7 @@ def finish_search(job: JobConfig, ref: RunRef | None, result: Any) -> None:
     for row in gens[gens["run_id"] == result.run_id].itertuples():
         if row.best_val_acc == row.best_val_acc:                 # not NaN
             log_metrics(ref, {"best_val_acc": row.best_val_acc, "evaluated": row.evaluated,
-                              "failed": row.failed}, step=int(row.generation) + 1)
+                              "failed": row.failed}, step=int(row.generation))    # as in the table
     log_metrics(ref, {"val_acc": result.best_val_acc, "params": result.best_params, "evaluated": result.evaluated,
                       "failed": result.failed}, step=result.generations)
     if result.best_subnet_uri:

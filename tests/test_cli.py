@@ -232,7 +232,10 @@ def test_demo_end_to_end(tmp_path):
     for chatter in ("pid=", "PlacementGroupCleaner", "Failed to query", "View detailed results", "tensorboard",
                     "TrainingReport", "Checkpoint", "Trial ", "╭", "WARNING", "INFO", "Traceback"):
         assert chatter not in text, chatter
-    assert "[search evolution-seed0] generation 1/1: 4 scored" in text
+    assert "[search evolution-seed0] generation 0 (1/1): 4 scored" in text
+    # generations mean the same in the log and in the tables (counted from 0)
+    assert set(results.generations(str(out / "demo"))["generation"]) == {0}
+    assert set(results.load_trials(str(out / "demo"))["generation"]) == {0}
     # epochs mean the same in the log and in the tables (counted from 1)
     assert "[supernet supernet] epoch 1/1 " in text and "[retrain noah-seed0] epoch 1/1 " in text
     assert set(results.supernet_curves(str(out / "demo"))["epoch"]) == {1} and set(runs["best_epoch"]) == {1}

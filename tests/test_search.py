@@ -164,6 +164,25 @@ def test_failed_trials_are_counted_not_retried_and_written(tmp_path):
     assert gens.sort_values("generation").failed.tolist() == [r.failed for r in hist]
 
 
+def test_the_log_line_names_generations_as_the_tables_do(tmp_path):
+    import io
+    import re
+
+    from noah_ray import progress
+
+    store = SearchStore(str(tmp_path), None, "r1", "job", "synthetic", "evolution")
+    searcher = EvolutionSearcher(SPACE, LIMIT, store=store, **small_kwargs(EvolutionSearcher))
+    out = io.StringIO()
+    with progress.session(stream=out):
+        drive(searcher, TargetObjective.random(SPACE, LIMIT, seed=0), concurrency=2)
+    logged = [tuple(map(int, m)) for m in re.findall(r"\[search r1\] generation (\d+) \((\d+)/3\)", out.getvalue())]
+    assert logged == [(0, 1), (1, 2), (2, 3)]                   # the table's number, then how many are done
+    tables = storage.resolve(str(tmp_path))
+    gens = storage.read_table(tables, "generations").to_pandas()
+    assert sorted(gens.generation) == [g for g, _ in logged]
+    assert sorted(set(storage.read_table(tables, "trials").to_pandas().generation)) == [g for g, _ in logged]
+
+
 def test_a_trial_stopped_before_scoring_is_suggested_again():
     searcher = RandomSearcher(SPACE, LIMIT, **small_kwargs(RandomSearcher))
     first = searcher.suggest("a")

@@ -74,7 +74,7 @@ def test_pipeline_logs_stages_epochs_trials_and_artifacts(ray_session, tmp_path,
     assert noah.data.metrics["test_acc"] == pytest.approx(summary["retrain"]["noah"]["runs"][0])
     assert noah.data.metrics["best_epoch"] == 1 and noah.info.status == "FINISHED"
     assert search.data.metrics["val_acc"] == pytest.approx(summary["search"]["val_acc"])
-    assert [m.step for m in client.get_metric_history(search.info.run_id, "best_val_acc")] == [1]
+    assert [m.step for m in client.get_metric_history(search.info.run_id, "best_val_acc")] == [0]   # generation 0
     # every scored candidate: a nested run with its subnet as parameters (no placeholder trials)
     trials = by_stage["search-trial"]
     assert len(trials) == summary["search"]["evaluated"] == 4
