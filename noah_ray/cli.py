@@ -116,17 +116,19 @@ def _stage_command(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from noah_ray import pipeline, storage
+    from noah_ray import pipeline, progress, storage
     from noah_ray.sweep import SweepConfig, format_outcomes, run_sweep
 
     sweep = SweepConfig.load(args.config, lambda d: apply_overrides(d, args.set))
     jobs = sweep.jobs()
     root = storage.resolve(jobs[0].storage, jobs[0].storage_endpoint)
     storage.check_writable(root)                                                   # before Ray starts
-    pipeline.init_ray(args.address)
-    print(f"== sweep: {len(jobs)} pipeline(s), {args.max_concurrent or sweep.sweep.max_concurrent} at a time, "
-          f"stages {', '.join(sweep.sweep.stages)} -> {root.uri}", flush=True)
-    outcomes = run_sweep(sweep, args.max_concurrent)
+    quiet = not args.verbose
+    with progress.session(quiet=quiet):                    # our lines only; Ray's own with --verbose
+        pipeline.init_ray(args.address, quiet=quiet)
+        progress.echo(f"== sweep: {len(jobs)} pipeline(s), {args.max_concurrent or sweep.sweep.max_concurrent} "
+                      f"at a time, stages {', '.join(sweep.sweep.stages)} -> {root.uri}")
+        outcomes = run_sweep(sweep, args.max_concurrent)
     print(format_outcomes(outcomes, root.uri))
     failed = [o for o in outcomes if not o.ok]
     if failed:
@@ -144,6 +146,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser, prog: str) -> None:
                    help="override a value, e.g. --set storage=s3://bucket/noah --set sweep.max_concurrent=8")
     p.add_argument("--max-concurrent", type=int, default=None, help="pipelines at once (default: sweep.max_concurrent)")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or a new local Ray)")
+    p.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     p.set_defaults(func=_sweep, prog=prog)
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from noah_ray import progress
 from noah_ray.config import JobConfig, section_from_dict
 from noah_ray.pipeline import STAGES
 from noah_ray.space import ConfigError
@@ -170,7 +171,9 @@ def _absolute(job: JobConfig) -> JobConfig:
 
 def run_sweep(sweep: SweepConfig, max_concurrent: int | None = None) -> list[SweepOutcome]:
     """Every job's pipeline as a Ray task (at most ``max_concurrent`` at once, default the
-    sweep's); Ray must be initialised.  Returns the outcomes in the sweep's order."""
+    sweep's); Ray must be initialised.  Returns the outcomes in the sweep's order.  One line per
+    pipeline started / ended (:func:`noah_ray.progress.echo`); the pipelines' own lines stay in
+    their tasks' Ray logs unless Ray was started verbose."""
     import ray
 
     # the orchestrating task itself holds no CPU: the stages it starts (Ray Train, Tune) do
@@ -183,7 +186,7 @@ def run_sweep(sweep: SweepConfig, max_concurrent: int | None = None) -> list[Swe
     while pending or running:
         while pending and len(running) < limit:
             job = pending.pop(0)
-            print(f"== sweep: starting {job.name} ({len(outcomes) + len(running) + 1}/{len(jobs)})", flush=True)
+            progress.echo(f"== sweep: starting {job.name} ({len(outcomes) + len(running) + 1}/{len(jobs)})")
             running[task.remote(_absolute(job).to_dict(), sweep.sweep.stages)] = job.name
         ready, _ = ray.wait(list(running), num_returns=1)
         name = running.pop(ready[0])
@@ -192,7 +195,8 @@ def run_sweep(sweep: SweepConfig, max_concurrent: int | None = None) -> list[Swe
         except Exception as e:              # the task's process died (OOM, node lost)
             outcomes[name] = SweepOutcome(name, False, error=_one_line(e))
         o = outcomes[name]
-        print(f"== sweep: {name} {'finished' if o.ok else 'FAILED: ' + o.error}", flush=True)
+        progress.echo(f"== sweep: {name} {'finished' if o.ok else 'FAILED: ' + o.error}", tag="sweep",
+                      done=len(outcomes), total=len(jobs))
     return [outcomes[j.name] for j in jobs]
 
 

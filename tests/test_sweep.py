@@ -4,6 +4,7 @@ failing while the others finish, into one storage root read by ``results.vtab_ta
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,10 @@ def test_sweep_runs_pipelines_concurrently_and_isolates_a_failure(ray_session, t
     rc = cli.main(["sweep", "--config", str(path)])
     out, err = capsys.readouterr()
     assert rc == 1
+    # the console holds our lines only: the sweep's, then the summary (the pipelines' in Ray's logs)
+    ours = re.compile(r"^(== sweep: |sweep: \d+/3 pipeline|  (ok     |FAILED) sw-gen_|table: noah-ray results )")
+    assert [ln for ln in out.splitlines() if not ours.match(ln)] == [], out[-3000:]
+    assert out.count("== sweep: starting ") == 3 and out.index("== sweep: starting ") < out.index("sweep: 2/3")
     assert err.count("\n") == 1 and "1 of 3 pipeline(s) failed" in err and "sw-gen_count" in err
     assert "train800.txt:" in err and "label 'one' is not an integer" in err
     assert "ok      sw-gen_shape" in out and "ok      sw-gen_color" in out and "FAILED  sw-gen_count" in out
@@ -92,6 +97,23 @@ def test_sweep_runs_pipelines_concurrently_and_isolates_a_failure(ray_session, t
     assert not (store / "sw-gen_count" / "search").exists()
 
 
+@pytest.mark.parametrize("flags, quiet", [((), True), (("--verbose",), False)])
+def test_sweep_starts_ray_quiet_unless_verbose(tmp_path, monkeypatch, capsys, flags, quiet):
+    from noah_ray import pipeline, progress, sweep
+
+    calls, sessions = [], []
+    monkeypatch.setattr(pipeline, "init_ray", lambda address=None, *, quiet=False: calls.append((address, quiet)))
+    monkeypatch.setattr(sweep, "run_sweep", lambda s, n=None: sessions.append(progress.current()) or [])
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "sw", "storage": str(tmp_path / "store"),
+                                    "sweep": {"datasets": ["gen_shape"]}}))
+    assert cli.main(["sweep", "--config", str(path), *flags]) == 0
+    assert calls == [(None, quiet)]
+    (s,) = sessions                                   # the pipelines run inside our console's session
+    assert s is not None and (s.sink_name is not None) == quiet
+    assert capsys.readouterr().out.startswith("== sweep: 1 pipeline(s), 4 at a time")
+
+
 def test_the_jobs_entrypoint_and_the_cli_know_sweep(tmp_path, capsys):
     import subprocess
     import sys
@@ -99,6 +121,7 @@ def test_the_jobs_entrypoint_and_the_cli_know_sweep(tmp_path, capsys):
     p = subprocess.run([sys.executable, "-m", "jobs.sweep", "--help"], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0 and p.stdout.startswith("usage: python -m jobs.sweep") and "--max-concurrent" in p.stdout
+    assert "--verbose" in p.stdout
     single = tmp_path / "job.yaml"
     single.write_text("name: x\n")
     assert cli.main(["sweep", "--config", str(single)]) == 1       # a config error: one line, nothing run
