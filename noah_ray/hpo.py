@@ -43,7 +43,7 @@ from typing import Any, Callable
 import pyarrow as pa
 from ray import tune
 
-from noah_ray import storage
+from noah_ray import progress, storage, tracking
 from noah_ray.config import HPO_METRICS, HpoConfig, HpoParam, JobConfig, hpo_is_int
 from noah_ray.security import tune_without_credentials
 from noah_ray.space import ConfigError, RunError, SubnetConfig
@@ -210,10 +210,19 @@ def _plain(result: dict) -> dict:
 
 
 class TrialRecorder(tune.Callback):
-    """Writes a trial's ``hpo_trials`` row the moment Tune ends it (finished or stopped by ASHA)."""
+    """Writes a trial's ``hpo_trials`` row the moment Tune ends it (finished or stopped by ASHA);
+    one progress line per trial epoch on the driver's console (:func:`noah_ray.progress.echo`)."""
 
     def __init__(self, tables: TrialTables) -> None:
         self.tables = tables
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        t = self.tables
+        if "epoch" in result:
+            progress.echo(f"[hpo {t.method}] trial {trial.trial_id} epoch {result['epoch']}/{t.max_epochs}: "
+                          f"val_acc {result['val_acc']:.2f}% val_loss {result['val_loss']:.4f} "
+                          f"({_fmt_values(trial.config)})", tag=f"hpo {t.method} {trial.trial_id}",
+                          done=result["epoch"], total=t.max_epochs)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self.tables.write_trial(trial.trial_id, trial.config, trial.last_result, "done")
@@ -381,18 +390,20 @@ def _check_settings(loc: storage.Location, settings: dict) -> None:
                               f"setting, or use another job name")
 
 
-def _tuner(job: JobConfig, method: str, trainable, space: dict[str, HpoParam], tables: TrialTables):
-    """A new Tune experiment for ``method``, or the interrupted one restored (``Tuner.restore``)."""
+def _tuner(job: JobConfig, method: str, trainable, space: dict[str, HpoParam], tables: TrialTables,
+           callbacks: list):
+    """A new Tune experiment for ``method`` (``callbacks`` beside the table writer), or the
+    interrupted one restored (``Tuner.restore``: with the callbacks it started with)."""
     h = job.hpo
     tune_dir = hpo_location(job).join("tune")
     path = tune_dir.join(method)
     if tune.Tuner.can_restore(path.path, storage_filesystem=path.fs):
-        print(f"[hpo {method}] resuming the search from {path.uri}", flush=True)
+        progress.echo(f"[hpo {method}] resuming the search from {path.uri}")
         return tune.Tuner.restore(path.path, trainable, resume_errored=True, storage_filesystem=path.fs)
     epochs = job.hpo.epochs or job.retrain.epochs
     run_config = tune.RunConfig(
         name=method, storage_path=tune_dir.path, storage_filesystem=tune_dir.fs, verbose=0,
-        callbacks=[TrialRecorder(tables)], failure_config=tune.FailureConfig(max_failures=h.trial_retries),
+        callbacks=[TrialRecorder(tables), *callbacks], failure_config=tune.FailureConfig(max_failures=h.trial_retries),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     tune_config = tune.TuneConfig(
         metric=h.metric, mode=HPO_METRICS[h.metric], search_alg=SEARCHERS[h.searcher](h),
@@ -468,7 +479,7 @@ def run_hpo(job: JobConfig, method: str, subnet: SubnetConfig | None = None) -> 
     _check_settings(loc, _settings(job, method, cfg, space))
     saved = saved_result(job, method)
     if saved is not None:
-        print(f"[hpo {method}] finished earlier: {_fmt_values(saved.values)}", flush=True)
+        progress.echo(f"[hpo {method}] finished earlier: {_fmt_values(saved.values)}")
         return saved
     n = num_classes(job.data, endpoint=job.storage_endpoint)
     epochs = h.epochs or job.retrain.epochs
@@ -477,13 +488,21 @@ def run_hpo(job: JobConfig, method: str, subnet: SubnetConfig | None = None) -> 
     trainable = tune.with_parameters(hpo_trial, job=_trial_job(job), method=method, subnet=cfg.to_json(),
                                      backbone=ensure_backbone(job), num_classes=n, tables=tables)
     trainable = tune.with_resources(trainable, {"cpu": h.cpus_per_trial, "gpu": h.gpus_per_trial})
-    print(f"[hpo {method}] {h.searcher} + {h.scheduler}: {h.trials if h.searcher != 'grid' else 'grid'} trial(s) "
-          f"x up to {epochs} epoch(s), {h.max_concurrent} at a time, over {', '.join(space)}", flush=True)
-    with _quiet_snapshots(), tune_without_credentials():   # no AWS secrets in trial runtime_envs
-        results = _tuner(job, method, trainable, space, tables).fit()
-    res = _choose(method, h, results, tables, loc)
-    print(f"[hpo {method}] best trial {res.trial_id}: {h.metric} {res.best_val:.4g} with {_fmt_values(res.values)} "
-          f"({res.trials} trials, {res.stopped_early} stopped early, {res.epochs_trained} epochs)", flush=True)
+    progress.echo(f"[hpo {method}] {h.searcher} + {h.scheduler}: {h.trials if h.searcher != 'grid' else 'grid'} "
+                  f"trial(s) x up to {epochs} epoch(s), {h.max_concurrent} at a time, over {', '.join(space)}")
+    ref = tracking.start_run(job, "hpo", method, params=tracking.hpo_params(job, method, list(space)))
+    try:
+        with _quiet_snapshots(), tune_without_credentials():   # no AWS secrets in trial runtime_envs
+            tuner = _tuner(job, method, trainable, space, tables, tracking.trial_callbacks(job, ref, "hpo-trial"))
+            results = tuner.fit()
+        res = _choose(method, h, results, tables, loc)
+    except BaseException:
+        tracking.end_run(ref, "FAILED")
+        raise
+    tracking.finish_hpo(ref, res)
+    progress.echo(f"[hpo {method}] best trial {res.trial_id}: {h.metric} {res.best_val:.4g} with "
+                  f"{_fmt_values(res.values)} ({res.trials} trials, {res.stopped_early} stopped early, "
+                  f"{res.epochs_trained} epochs)")
     return res
 
 

@@ -97,7 +97,7 @@ def stage_params(job: JobConfig, stage: str) -> dict[str, str]:
     """What defines a stage, as MLflow parameters (the tracking section itself excluded)."""
     import dataclasses
 
-    section = {"supernet": job.supernet, "retrain": job.retrain, "search": job.search}.get(stage)
+    section = {"supernet": job.supernet, "retrain": job.retrain, "search": job.search, "hpo": job.hpo}.get(stage)
     params: dict[str, Any] = {"job": job.name, "storage": job.storage, "space": job.space.to_dict()}
     for prefix, obj in ((stage, section), ("model", job.model), ("data", job.data)):
         if obj is not None:
@@ -105,15 +105,14 @@ def stage_params(job: JobConfig, stage: str) -> dict[str, str]:
     return {k: redact(v) for k, v in params.items()}
 
 
-def start_run(job: JobConfig, stage: str, run_id: str, *, params: dict | None = None) -> RunRef | None:
+def start_run(job: JobConfig, stage: str, run_id: str, *, params: dict | None = None,
+              extra: dict | None = None) -> RunRef | None:
     """The MLflow run of one stage run (None when the job does not track): found by its key
     (``<job>/<stage>/<run id>``) so that a resumed run continues it, else created with
-    ``params`` (default :func:`stage_params`)."""
+    ``params`` (default :func:`stage_params`) and ``extra``."""
     cfg = job.tracking.mlflow
     if cfg is None:
         return None
-    from mlflow.entities import Param
-
     client, exp = _client(cfg.tracking_uri), experiment_id(cfg)
     key = f"{job.name}/{stage}/{run_id}"
     found = client.search_runs([exp], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
@@ -122,11 +121,20 @@ def start_run(job: JobConfig, stage: str, run_id: str, *, params: dict | None = 
         return RunRef(cfg.tracking_uri, found[0].info.run_id)
     tags = {KEY_TAG: key, "noah_ray.job": job.name, "noah_ray.stage": stage, "noah_ray.run": run_id}
     run = client.create_run(exp, run_name=f"{stage} {run_id}", tags=tags)
-    values = stage_params(job, stage) if params is None else {k: redact(v) for k, v in params.items()}
-    items = [Param(k, v) for k, v in values.items()]
+    ref = RunRef(cfg.tracking_uri, run.info.run_id)
+    log_params(ref, {**(stage_params(job, stage) if params is None else params), **(extra or {})})
+    return ref
+
+
+def log_params(ref: RunRef | None, params: dict) -> None:
+    """``params`` (redacted, :func:`redact`) on the run, in batches of 100."""
+    if ref is None:
+        return
+    from mlflow.entities import Param
+
+    items = [Param(k, redact(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[i:i + 100])
-    return RunRef(cfg.tracking_uri, run.info.run_id)
+        _client(ref.tracking_uri).log_batch(ref.run_id, params=items[i:i + 100])
 
 
 def log_metrics(ref: RunRef | dict | None, metrics: dict, step: int | None = None) -> None:
@@ -204,6 +212,34 @@ def finish_search(job: JobConfig, ref: RunRef | None, result: Any) -> None:
     end_run(ref, "FINISHED" if result.finished else "KILLED")
 
 
+def hpo_params(job: JobConfig, method: str, tuned: list[str]) -> dict[str, Any]:
+    """The parameters of one method's hyper-parameter search run: the ``hpo`` and ``retrain``
+    sections (the trials' base), the method and the tuned settings."""
+    return {**stage_params(job, "retrain"), **stage_params(job, "hpo"), "hpo.for_method": method,
+            "hpo.tuned": sorted(tuned)}
+
+
+def chosen_params(record: dict | None) -> dict[str, Any]:
+    """What a method's search chose (:meth:`noah_ray.hpo.HpoResult.record`) as parameters:
+    ``chosen.<setting path>`` per value and ``chosen.trial_id`` (logged on the search's run and
+    on every final run trained with them)."""
+    if not record:
+        return {}
+    return {**{f"chosen.{k}": v for k, v in record["values"].items()}, "chosen.trial_id": record["trial_id"]}
+
+
+def finish_hpo(ref: RunRef | None, res: Any) -> None:
+    """After a method's hyper-parameter search: the chosen values (parameters) and the best
+    trial's numbers, then the run is ended."""
+    if ref is None:
+        return
+    log_params(ref, chosen_params(res.record()))
+    log_metrics(ref, {"best_val": res.best_val, "val_acc": res.val_acc, "trials": res.trials,
+                      "stopped_early": res.stopped_early, "epochs_trained": res.epochs_trained,
+                      "errors": res.errors})
+    end_run(ref)
+
+
 def _job_uri(job: JobConfig) -> str:
     from noah_ray import storage
 
@@ -231,12 +267,13 @@ class TrialLogger(MLflowLoggerCallback):
             super().log_trial_end(trial, failed)
 
 
-def trial_callbacks(job: JobConfig, parent: RunRef | None) -> list:
-    """The Tune callbacks that log the search's candidates under ``parent`` ([] when not tracking)."""
+def trial_callbacks(job: JobConfig, parent: RunRef | None, stage: str = "search-trial") -> list:
+    """The Tune callbacks that log a Tune experiment's trials as runs nested under ``parent``,
+    tagged ``noah_ray.stage`` = ``stage`` ([] when not tracking)."""
     cfg = job.tracking.mlflow
     if cfg is None or parent is None:
         return []
     experiment_id(cfg)                                 # exists, with its artifact location
     return [TrialLogger(tracking_uri=cfg.tracking_uri, experiment_name=cfg.experiment, save_artifact=False,
                         tags={"mlflow.parentRunId": parent.run_id, "noah_ray.job": job.name,
-                              "noah_ray.stage": "search-trial"})]
+                              "noah_ray.stage": stage})]

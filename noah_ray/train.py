@@ -510,7 +510,7 @@ def _fit(job: JobConfig, stage: str, run_id: str, run_dir: str, *, method: str, 
         if meta.get("epochs_done", 0) >= tc.epochs:
             progress.echo(f"[{stage} {run_id}] finished earlier ({meta['epochs_done']} epochs) at {loc.uri}")
             return meta
-    ref = tracking.start_run(job, stage, run_id)
+    ref = tracking.start_run(job, stage, run_id, extra=tracking.chosen_params(spec.get("hpo")))
     config = {"job": job.to_dict(), "stage": stage, "run_id": run_id, "run_dir": run_dir,
               "fingerprint": fingerprint, "metrics_part": metrics_part, "method": method, "seed": seed, "lr": lr,
               "subnet": subnet.to_json() if subnet else None, "backbone": ensure_backbone(job),

@@ -94,3 +94,54 @@ def test_pipeline_logs_stages_epochs_trials_and_artifacts(ray_session, tmp_path,
     for f in [tmp_path / "mlflow.db", *(tmp_path / "artifacts").rglob("*")]:
         if f.is_file():
             assert SECRET.encode() not in f.read_bytes(), f
+
+
+@pytest.mark.slow
+def test_hpo_logs_a_run_per_method_with_nested_trials_and_the_chosen_values(ray_session, tmp_path, monkeypatch,
+                                                                           one_thread):
+    import io
+
+    from noah_ray import pipeline, progress
+    from noah_ray.data import write_generated_vtab
+
+    write_generated_vtab(tmp_path / "data", "gen_color", num_train=16, num_val=8, num_test=8)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    d = tiny_tracked_job(tmp_path).to_dict()
+    d["retrain"].update(method="lora", baselines=[], seeds=[0], epochs=2)
+    d["hpo"] = {"trials": 2, "epochs": 2, "searcher": "random", "scheduler": "fifo", "max_concurrent": 2,
+                "space": {"lr": {"low": 1e-3, "high": 1e-1}}}
+    job = JobConfig.from_dict(d)
+    out = io.StringIO()
+    with progress.session(stream=out):
+        summary = pipeline.run_stages(job, ("hpo", "retrain"))
+    chosen = summary["hpo"]["lora"]
+    client = MlflowClient(tracking_uri=job.tracking.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name("noah-test")
+    by_stage: dict[str, list] = {}
+    for r in client.search_runs([exp.experiment_id], max_results=100):
+        by_stage.setdefault(r.data.tags.get("noah_ray.stage"), []).append(r)
+    (hpo,), (final,), trials = by_stage["hpo"], by_stage["retrain"], by_stage["hpo-trial"]
+    assert hpo.info.run_name == "hpo lora" and hpo.info.status == "FINISHED"
+    assert hpo.data.params["hpo.trials"] == "2" and hpo.data.params["hpo.for_method"] == "lora"
+    lr = chosen["values"]["retrain.lr"]
+    assert float(hpo.data.params["chosen.retrain.lr"]) == pytest.approx(lr)
+    assert hpo.data.params["chosen.trial_id"] == chosen["trial_id"]
+    assert hpo.data.metrics["best_val"] == pytest.approx(chosen["best_val"]) and hpo.data.metrics["trials"] == 2
+    # each trial: a nested run with its value as a parameter and its metrics per epoch (step 1, 2)
+    assert len(trials) == 2 and all(t.data.tags["mlflow.parentRunId"] == hpo.info.run_id for t in trials)
+    assert sorted(float(t.data.params["retrain.lr"]) for t in trials).count(lr) >= 1
+    for t in trials:
+        assert 1e-3 <= float(t.data.params["retrain.lr"]) <= 1e-1
+        assert sorted(m.step for m in client.get_metric_history(t.info.run_id, "val_acc")) == [1, 2]
+        assert [m.value for m in client.get_metric_history(t.info.run_id, "epoch")] == [1, 2]
+    # the final run carries the chosen values
+    assert float(final.data.params["chosen.retrain.lr"]) == pytest.approx(lr)
+    assert final.data.params["chosen.trial_id"] == chosen["trial_id"]
+    # the console: our lines, one per trial epoch, no Ray Tune chatter
+    text = out.getvalue()
+    assert text.count("[hpo lora] trial ") == 4 and "[hpo lora] best trial " + chosen["trial_id"] in text
+    for chatter in ("Trial status", "View detailed results", "tensorboard", "╭", "(pid="):
+        assert chatter not in text, chatter
+    for f in [tmp_path / "mlflow.db", *(tmp_path / "artifacts").rglob("*")]:
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f
