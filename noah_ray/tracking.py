@@ -18,6 +18,11 @@ One MLflow run per stage run, named ``<stage> <run id>`` and tagged ``noah_ray.j
   scored candidate is a nested run (Ray Tune's ``MLflowLoggerCallback``) with its subnet as
   parameters and its ``val_acc`` / ``params``.
 
+* ``hpo <method>``: the ``hpo`` / ``retrain`` settings, then the chosen values (``chosen.<path>``,
+  ``chosen.trial_id``) and the best trial's ``best_val`` / ``val_acc``.  Each Tune trial is a
+  nested run (the same callback) with its values as parameters and its per-epoch metrics (step =
+  epoch, from 1).  The final runs trained with the chosen values carry them as ``chosen.*`` too.
+
 Ray Train's ``setup_mlflow`` is not used for the epochs: it opens a new MLflow run on every
 (re)start, while a resumed noah_ray run continues its own.  Secrets are never logged: the
 parameters come from the job config (which holds none; a tracking URI with credentials is
