@@ -176,7 +176,7 @@ class TrialTables:
 
     def write_curve(self, trial_id: str, metrics: dict) -> None:
         keys = ("train_loss", "val_acc", "val_loss", "lr", "images_per_s")
-        row = {**self._ids(), "trial_id": trial_id, "epoch": metrics["epoch"] - 1,
+        row = {**self._ids(), "trial_id": trial_id, "epoch": metrics["epoch"],   # from 1, as everywhere
                **{k: metrics[k] for k in keys}, "timestamp": datetime.now(timezone.utc)}
         storage.append_table(self.base, "hpo_curves", pa.Table.from_pylist([row]),
                              part=f"{self.method}-{trial_id}-e{metrics['epoch'] - 1:05d}")
@@ -296,7 +296,7 @@ def hpo_trial(config: dict, job: dict, method: str, subnet: str, backbone: str |
         state["epoch"] = epoch
         metrics = {"epoch": epoch + 1, "val_acc": acc, "val_loss": vloss, "train_loss": loss_sum / max(batches, 1),
                    "lr": sched.get_last_lr()[0], "images_per_s": images / max(time.time() - t0, 1e-9),
-                   "best_val": state["best_val"], "best_epoch": state["best_epoch"],
+                   "best_val": state["best_val"], "best_epoch": state["best_epoch"] + 1,   # reported from 1
                    "best_val_acc": state["best_val_acc"], "trial_time_s": state["trial_time_s"], "worker": worker}
         tables.write_curve(trial_id, metrics)
         state["metrics"] = metrics

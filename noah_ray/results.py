@@ -303,7 +303,7 @@ def plot_asha_curves(uri: str, path: str | Path, endpoint: str | None = None) ->
     for ax, method in zip(axes[0], methods):
         for i, (tid, d) in enumerate(curves[curves["method"] == method].groupby("trial_id")):
             early = tid in stopped
-            ax.plot(d["epoch"] + 1, d["val_acc"], ".-", c="0.65" if early else f"C{i % 10}",
+            ax.plot(d["epoch"], d["val_acc"], ".-", c="0.65" if early else f"C{i % 10}",
                     lw=0.8 if early else 1.4, alpha=0.8)
         ax.set_title(f"{method}: {len(set(curves.loc[curves['method'] == method, 'trial_id']))} trials "
                      f"(grey: stopped early)", fontsize=8)

@@ -101,7 +101,7 @@ def test_grid_points_are_log_or_linearly_spaced():
 
 def test_trial_table_reads_back_with_pandas(tmp_path):
     tables = TrialTables(str(tmp_path / "h" / "hpo"), None, "h", "gen_color", "lora", "tpe", "asha", "val_acc", 4)
-    last = {"epoch": 1, "val_acc": 40.0, "best_val": 40.0, "best_epoch": 0, "trial_time_s": 1.5, "worker": "w:1"}
+    last = {"epoch": 1, "val_acc": 40.0, "best_val": 40.0, "best_epoch": 1, "trial_time_s": 1.5, "worker": "w:1"}
     tables.write_trial("t0", {"retrain.lr": 1e-3, "model.lora_scale": 2.0}, last, "done")
     tables.write_trial("t1", {"retrain.lr": 1e-2}, {**last, "epoch": 4, "best_val": 75.0}, "done", chosen=True)
     tables.write_curve("t0", {"epoch": 1, "train_loss": 1.2, "val_acc": 40.0, "val_loss": 1.1, "lr": 1e-3,
@@ -147,7 +147,7 @@ def test_asha_stops_weak_trials_and_the_chosen_values_reach_the_final_run(ray_se
     curves = results.hpo_curves(str(tmp_path / "h"))
     per_trial = curves.groupby("trial_id")["epoch"].apply(list)
     for row in trials.itertuples():                                   # one curve point per epoch run
-        assert per_trial[row.trial_id] == list(range(row.epochs_run))
+        assert per_trial[row.trial_id] == list(range(1, row.epochs_run + 1))   # epochs count from 1
         assert row.best_val == curves[curves.trial_id == row.trial_id].val_acc.max()
     chosen = trials[trials.chosen].iloc[0]
     assert chosen.best_val == trials.best_val.max() and chosen.hp_retrain_lr in (3e-2, 1e-2)
