@@ -39,7 +39,8 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")               # no Tune experim
 
 from noah_ray import storage  # noqa: E402
 from noah_ray.evolution import ParamLimit, TargetObjective  # noqa: E402
-from noah_ray.search import AgingSearcher, EvolutionSearcher, SearchStore  # noqa: E402
+from noah_ray.search_store import SearchStore  # noqa: E402
+from noah_ray.searchers import AgingSearcher, EvolutionSearcher  # noqa: E402
 from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig  # noqa: E402
 
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, 6)

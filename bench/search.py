@@ -67,7 +67,8 @@ def bench_tune(args) -> None:
     import torch
 
     from noah_ray import storage
-    from noah_ray.search import evaluate, load_supernet_state, run_search
+    from noah_ray.search import run_search
+    from noah_ray.search_trainable import evaluate, load_supernet_state
     from noah_ray.space import SubnetConfig
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)

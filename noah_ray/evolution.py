@@ -2,7 +2,7 @@
 
 An engine hands out candidates (``ask``) and takes their scores back (``tell``); it never
 proposes a config twice and never proposes one outside the parameter limit.  Ray Tune
-searchers in :mod:`noah_ray.search` wrap these engines; tests and benchmarks drive them
+searchers in :mod:`noah_ray.searchers` wrap these engines; tests and benchmarks drive them
 directly.
 
 * :class:`EvolutionEngine` - NOAH's evolution: generation 0 is random; each later generation

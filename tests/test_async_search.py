@@ -10,7 +10,8 @@ import pytest
 
 from noah_ray.config import JobConfig
 from noah_ray.evolution import DONE, ENGINES, AgingEvolutionEngine, ParamLimit, TargetObjective
-from noah_ray.search import AgingSearcher, make_searcher
+from noah_ray.search import make_searcher
+from noah_ray.searchers import AgingSearcher
 from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, SearchSpace
 
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, num_layers=6)

@@ -20,7 +20,9 @@ import ray.cloudpickle
 from noah_ray import lease, security, storage
 from noah_ray.config import JobConfig
 from noah_ray.evolution import DONE, FAILED, QUEUED, ParamLimit, TargetObjective
-from noah_ray.search import EvolutionSearcher, SearchStore, _finish, _settings
+from noah_ray.search import _finish, _settings
+from noah_ray.search_store import SearchStore
+from noah_ray.searchers import EvolutionSearcher
 from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, RunError, SearchSpace, SubnetConfig
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -283,7 +283,7 @@ def test_schema_v1_files_are_read_as_the_current_schema(tmp_path):
 
 def test_pareto_rows_carry_when_they_were_scored(tmp_path):
     from noah_ray.evolution import DONE, Candidate
-    from noah_ray.search import SearchStore
+    from noah_ray.search_store import SearchStore
 
     store = SearchStore(str(tmp_path / "search"), None, "r", "j", "dtd", "evolution")
     t = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)

@@ -16,8 +16,10 @@ from noah_ray import storage
 from noah_ray.config import JobConfig
 from noah_ray.evolution import (DONE, FAILED, ENGINES, EvolutionEngine, ParamLimit, TargetObjective,
                                 pareto_front)
-from noah_ray.search import (AgingSearcher, EvolutionSearcher, OptunaSearcher, RandomSearcher, SearchStore, load_best_subnet,
-                             load_supernet_state, make_searcher, run_search)
+from noah_ray.search import load_best_subnet, make_searcher, run_search
+from noah_ray.search_store import SearchStore
+from noah_ray.search_trainable import load_supernet_state
+from noah_ray.searchers import AgingSearcher, EvolutionSearcher, OptunaSearcher, RandomSearcher
 from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, SearchSpace, SubnetConfig
 
 MODS = ("vpt", "lora", "adapter")
@@ -477,7 +479,7 @@ import json, os, sys
 import ray
 from ray import tune
 from noah_ray.evolution import ParamLimit, TargetObjective
-from noah_ray.search import EvolutionSearcher
+from noah_ray.searchers import EvolutionSearcher
 from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
 
 space = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, 6)

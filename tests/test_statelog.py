@@ -16,7 +16,8 @@ import pytest
 
 from noah_ray import storage
 from noah_ray.evolution import DONE, ParamLimit, TargetObjective
-from noah_ray.search import AgingSearcher, EvolutionSearcher, OptunaSearcher, RandomSearcher, SearchStore
+from noah_ray.search_store import SearchStore
+from noah_ray.searchers import AgingSearcher, EvolutionSearcher, OptunaSearcher, RandomSearcher
 from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, SearchSpace, SubnetConfig
 
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, num_layers=6)
@@ -151,7 +152,8 @@ def test_a_torn_last_line_is_dropped_and_the_log_never_continues_after_it(tmp_pa
 KILL_SCRIPT = '''
 import json, sys, time
 from noah_ray.evolution import ParamLimit, TargetObjective
-from noah_ray.search import AgingSearcher, SearchStore
+from noah_ray.search_store import SearchStore
+from noah_ray.searchers import AgingSearcher
 from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
 
 space = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, 6)
