@@ -9,7 +9,7 @@ __all__ = ["BackboneShape", "ConfigError", "ModuleSpace", "SearchSpace", "Subnet
 __version__ = "0.1.0"
 
 # torch-dependent API, imported on first use so that ``import noah_ray`` stays light
-_LAZY = {"load_subnet": "noah_ray.interop", "save_subnet": "noah_ray.interop"}
+_LAZY = {"load_subnet": "noah_ray.artifact", "save_subnet": "noah_ray.artifact"}
 
 
 def __getattr__(name: str) -> Any:

@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+from noah_ray import cli_commands
 from noah_ray.space import ConfigError, RunError
 
 #: the stages each stage command runs
@@ -226,24 +227,6 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import_noah(args: argparse.Namespace) -> int:
-    from noah_ray.interop import import_noah_command
-
-    return import_noah_command(args)
-
-
-def _export(args: argparse.Namespace) -> int:
-    from noah_ray.interop import export_command
-
-    return export_command(args)
-
-
-def _import_peft(args: argparse.Namespace) -> int:
-    from noah_ray.peft_import import import_peft_command
-
-    return import_peft_command(args)
-
-
 def add_stage_arguments(p: argparse.ArgumentParser, command: str) -> None:
     """The options of a stage command (``noah-ray <command>`` and ``python -m jobs.<command>``)."""
     p.add_argument("--config", required=True, help="job config (YAML or JSON)")
@@ -313,7 +296,7 @@ def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
     p.add_argument("--model", default="vit_base_patch16_224", help="timm ViT to count on (default: ViT-B/16)")
     p.add_argument("--markdown", action="store_true", help="print one Markdown table instead of per-file blocks")
     p.add_argument("--endpoint", default=None, help="S3 endpoint URL for an s3:// --out")
-    p.set_defaults(func=_import_noah)
+    p.set_defaults(func=cli_commands.import_noah_command)
 
     p = sub.add_parser("export", help="export a retrained subnet for inference (artifact, merged LoRA, peft)")
     p.add_argument("source", help="a job config (YAML, with --run) or a subnet artifact directory / s3:// URI")
@@ -323,7 +306,7 @@ def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
     p.add_argument("--include-backbone", action="store_true", help="also store the whole backbone in the artifact")
     p.add_argument("--peft", help="write the LoRA part and the head as a peft LoRA adapter into this directory")
     p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: the job's / $AWS_ENDPOINT_URL)")
-    p.set_defaults(func=_export)
+    p.set_defaults(func=cli_commands.export_command)
 
     p = sub.add_parser("import-peft", help="read a peft LoRA adapter (timm ViT, fused qkv) as a subnet + weights",
                        description="Read a peft LoRA adapter on the fused qkv of a timm ViT (rank and alpha per "
@@ -339,7 +322,7 @@ def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
                    help="the backbone weights the adapter was trained on (path or s3://), recorded in the artifact")
     p.add_argument("--num-classes", type=int, default=None, help="head size when the adapter has no head")
     p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
-    p.set_defaults(func=_import_peft)
+    p.set_defaults(func=cli_commands.import_peft_command)
     return parser
 
 

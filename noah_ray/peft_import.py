@@ -1,6 +1,6 @@
 """peft -> noah_ray: read a peft LoRA adapter for a timm ViT as a subnet and its weights.
 
-:func:`import_peft` is the inverse of :func:`noah_ray.interop.export_peft`, and also reads
+:func:`import_peft` is the inverse of :func:`noah_ray.peft_export.export_peft`, and also reads
 adapters made with peft's own API: peft itself resolves ``target_modules``, ``rank_pattern``
 and ``alpha_pattern`` (``PeftModel.from_pretrained`` on a stock timm ViT), then each layer's LoRA
 becomes the ``lora`` width of that block (rank per layer) and its weights.  noah_ray's LoRA has
@@ -12,7 +12,7 @@ LoRA on anything but the fused ``blocks.N.attn.qkv``, trained biases, saved modu
 the head, and peft features that change the forward pass (layer replication, LoRA on raw
 parameters, trainable tokens, QA-LoRA, ...).
 
-The result is a subnet artifact (:func:`noah_ray.interop.save_subnet`, loaded with
+The result is a subnet artifact (:func:`noah_ray.artifact.save_subnet`, loaded with
 :func:`noah_ray.load_subnet` for evaluation) plus ``subnet.yaml``; retraining reads them with
 ``retrain.subnet: <out>/subnet.yaml`` and ``retrain.init: <out>`` (start from these weights).
 """
@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from noah_ray import storage
 from noah_ray.space import LORA, ConfigError, SubnetConfig
 
 QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv$")
@@ -181,23 +180,3 @@ def import_peft(folder: str | Path, *, model_name: str | None = None, backbone_c
             head = head.modules_to_save[adapter] if hasattr(head, "modules_to_save") else head
             model.vit.head.load_state_dict(head.state_dict())
     return PeftImport(model.eval(), subnet, name, n, ranks, alphas, scale, has_head)
-
-
-def import_peft_command(args: Any) -> int:
-    """``noah-ray import-peft DIR --out URI [--model NAME] [--backbone-checkpoint PATH] [--num-classes N]``."""
-    from noah_ray.interop import save_subnet
-
-    res = import_peft(args.folder, model_name=args.model, backbone_checkpoint=args.backbone_checkpoint,
-                      num_classes=args.num_classes, endpoint=args.endpoint)
-    print(res.describe())
-    if args.out:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            loc = save_subnet(res.model, args.out, model_name=res.model_name,
-                              backbone_checkpoint=args.backbone_checkpoint, endpoint=args.endpoint)
-        storage.write_text(loc.join("subnet.yaml"), f"# imported from the peft adapter {args.folder}\n"
-                           + res.subnet.to_yaml())
-        print(f"wrote subnet artifact + subnet.yaml to {loc.uri}\n"
-              f"  evaluate: noah_ray.load_subnet({loc.uri!r})\n"
-              f"  retrain:  --set retrain.subnet={loc.join('subnet.yaml').uri} --set retrain.init={loc.uri}")
-    return 0

@@ -30,10 +30,6 @@ PAPER_DEPTHS: tuple[int, ...] = (3, 6, 9, 12)
 PAPER_VTAB_WIDTHS: tuple[int, ...] = (1, 5, 10)
 PAPER_FEWSHOT_WIDTHS: tuple[int, ...] = (5, 10, 50, 100)
 
-# names used by the original NOAH YAML files
-_NOAH_KEYS = {"VISUAL_PROMPT_DIM": VPT, "LORA_DIM": LORA, "ADAPTER_DIM": ADAPTER}
-
-
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the fix."""
 
@@ -49,15 +45,6 @@ def yaml_problem(e: Exception) -> str:
     if mark is not None and problem:
         return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
     return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def _is_noah_file(text: str) -> bool:
-    """Whether YAML ``text`` is an original NOAH subnet file (a mapping with a RETRAIN block)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return False
-    return isinstance(data, Mapping) and "RETRAIN" in data
 
 
 def _int_list(value: Any, key: str) -> tuple[int, ...]:
@@ -256,8 +243,11 @@ class SubnetConfig:
             text = p.read_text()
             if p.suffix == ".json":
                 return cls.from_json(text)
-            if "RETRAIN" in text and _is_noah_file(text):
-                return cls.from_noah_yaml(p)
+            if "RETRAIN" in text:
+                from noah_ray.noah_import import is_noah_file, read_noah_subnet
+
+                if is_noah_file(text):
+                    return read_noah_subnet(p)
             return cls.from_yaml(text)
         except UnicodeDecodeError:
             raise ConfigError(f"{p}: not a text (UTF-8) file; give a subnet YAML / JSON file") from None
@@ -268,40 +258,10 @@ class SubnetConfig:
 
     @classmethod
     def from_noah_yaml(cls, path: str | Path) -> "SubnetConfig":
-        """Read an original NOAH subnet file, taking its ``RETRAIN`` block.
+        """Read an original NOAH subnet file (its ``RETRAIN`` block): :func:`noah_ray.noah_import.read_noah_subnet`."""
+        from noah_ray.noah_import import read_noah_subnet
 
-        The ``SUPERNET`` / ``SEARCH_SPACE`` blocks of those files are stale and ignored.
-        ``PREFIX_DIM`` must be all zero (prefix tuning is not part of NOAH's space).
-        """
-        p = Path(path)
-        if not p.is_file():
-            what = "is a directory, not a file" if p.is_dir() else "does not exist"
-            raise ConfigError(f"NOAH subnet file {str(p)!r} {what}; check the path")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p}: not a text (UTF-8) file; give a NOAH subnet YAML file") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({yaml_problem(e)}); fix the file") from None
-        if not isinstance(data, Mapping) or not isinstance(data.get("RETRAIN"), Mapping):
-            raise ConfigError(f"{p}: no RETRAIN block; a NOAH subnet file lists per-layer widths under RETRAIN")
-        retrain = data["RETRAIN"]
-        missing = [k for k in _NOAH_KEYS if k not in retrain]
-        if missing:
-            raise ConfigError(f"{p}: RETRAIN lacks {', '.join(missing)}; add one width per layer for each")
-        prefix = retrain.get("PREFIX_DIM") or []
-        if not isinstance(prefix, list) or any(prefix):
-            raise ConfigError(f"{p}: RETRAIN.PREFIX_DIM {prefix} is not supported; set it to zeros")
-        widths: dict[str, Any] = {}
-        for key, module in _NOAH_KEYS.items():
-            value = retrain[key]
-            if not isinstance(value, list):
-                raise ConfigError(f"{p}: RETRAIN.{key} must be a list of per-layer widths, got {value!r}")
-            widths[module] = tuple(value)
-        try:
-            return cls(widths)
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
+        return read_noah_subnet(path)
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from noah_ray import load_subnet
+from noah_ray.artifact import check_init_artifact, load_init_weights
 from noah_ray.backbones import create_backbone
 from noah_ray.cli import main
-from noah_ray.interop import check_init_artifact, export_peft, load_init_weights
+from noah_ray.peft_export import export_peft
 from noah_ray.space import LORA, ConfigError, SubnetConfig
 from noah_ray.supernet import PromptedViT
 
