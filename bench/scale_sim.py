@@ -1,7 +1,7 @@
 """Scale-out simulation of the search: prints numbers (no model, no cluster).
 
-1. Discrete-event simulation: the real searchers (``EvolutionSearcher``: NOAH's generational
-   search with its barrier; ``AgingSearcher``: asynchronous aging evolution) on the synthetic
+1. Discrete-event simulation: the real searchers (``EvolutionEngine``: NOAH's generational
+   search with its barrier; ``AgingEvolutionEngine``: asynchronous aging evolution) on the synthetic
    ``TargetObjective``, with W simulated workers (1, 8, 32, 64, 256).  A free worker asks the
    searcher at once (``suggest``); an evaluation takes a log-normal time (median 1, sigma 0.25)
    and 5 % of them straggle (x4).  Per W: worker utilisation (busy worker-time / (W x wall
@@ -38,15 +38,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")               # no Tune experiment banners
 
 from noah_ray import storage  # noqa: E402
-from noah_ray.evolution import ParamLimit, TargetObjective  # noqa: E402
+from noah_ray.evolution import AgingEvolutionEngine, EvolutionEngine, ParamLimit, TargetObjective  # noqa: E402
 from noah_ray.search_store import SearchStore  # noqa: E402
-from noah_ray.searchers import AgingSearcher, EvolutionSearcher  # noqa: E402
+from noah_ray.searchers import NoahSearcher  # noqa: E402
 from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig  # noqa: E402
 
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, 6)
 LIMIT = ParamLimit(0.01, BackboneShape(48, 3, 6, 10))
-MODES = {"generational": (EvolutionSearcher, {}), "asynchronous": (AgingSearcher, {}),
-         "async-t25": (AgingSearcher, {"tournament": 25})}
+MODES = {"generational": (EvolutionEngine, {}), "asynchronous": (AgingEvolutionEngine, {}),
+         "async-t25": (AgingEvolutionEngine, {"tournament": 25})}
 NOAH = {"population": 50, "top_k": 10, "mutations": 25, "crossovers": 25}
 
 
@@ -67,7 +67,7 @@ class SimResult:
 def simulate(cls, workers: int, seed: int, generations: int, **extra) -> SimResult:
     """One search to its full budget on ``workers`` simulated workers (discrete events)."""
     objective = TargetObjective.random(SPACE, LIMIT, seed=100 + seed)
-    searcher = cls(SPACE, LIMIT, generations=generations, seed=seed, **{**NOAH, **extra})
+    searcher = NoahSearcher(cls(SPACE, LIMIT, generations=generations, seed=seed, **{**NOAH, **extra}))
     rng = random.Random(10_000 + seed)
     events: list = []                                # (finish time, ticket, config)
     spans: list[tuple[float, float]] = []            # (start, end) of every evaluation
@@ -235,7 +235,8 @@ def _state_run(uri: str, endpoint: str | None, marks: tuple[int, ...], where: st
     objective = TargetObjective.random(SPACE, LIMIT, seed=100)
     store = SearchStore(uri, endpoint, "bench", "bench", "synthetic", "aging")
     # the budget runs past the last mark, so every window is in the steady state (asks and results)
-    searcher = AgingSearcher(SPACE, LIMIT, store=store, generations=max(marks) // 50 + 4, seed=0, **NOAH)
+    searcher = NoahSearcher(AgingEvolutionEngine(SPACE, LIMIT, generations=max(marks) // 50 + 4, seed=0, **NOAH),
+                            store=store)
     store.save_state(searcher.get_state())
     stats = store.state_log.stats
     running, i, told, window = [], 0, 0, 100

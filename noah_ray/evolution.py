@@ -33,10 +33,13 @@ import random
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from noah_ray.recipes import module_count
 from noah_ray.space import BackboneShape, ConfigError, SearchSpace, SubnetConfig
+
+if TYPE_CHECKING:
+    from noah_ray.config import SearchConfig
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 #: what a failed attempt keeps when its candidate is tried again
@@ -166,6 +169,16 @@ class SearchEngine:
         self._dirty: dict[str, None] = {}           # candidates changed since the last take_delta
         self._delta_history = 0
         self._delta_rng: tuple | None = None
+
+    @classmethod
+    def from_config(cls, search: "SearchConfig", space: SearchSpace, limit: ParamLimit) -> "SearchEngine":
+        """The engine the ``search`` section describes (each engine takes the keys it knows)."""
+        return cls(space, limit, **cls.config_kwargs(search))
+
+    @classmethod
+    def config_kwargs(cls, s: "SearchConfig") -> dict[str, Any]:
+        """The constructor arguments this engine reads from a ``search`` section."""
+        return {"population": s.population, "generations": s.generations, "seed": s.seed}
 
     # ------------------------------------------------------------------ public
     @property
@@ -455,6 +468,11 @@ class EvolutionEngine(SearchEngine):
         self.top_k, self.mutations, self.crossovers = top_k, mutations, crossovers
         self.mutation_prob, self.depth_prob, self.op_attempts = mutation_prob, depth_prob, op_attempts
 
+    @classmethod
+    def config_kwargs(cls, s: "SearchConfig") -> dict[str, Any]:
+        return {**super().config_kwargs(s), "top_k": s.top_k, "mutations": s.mutations, "crossovers": s.crossovers,
+                "mutation_prob": s.mutation_prob, "depth_prob": s.depth_prob}
+
     def parents(self) -> list[Candidate]:
         return sorted(self.scored(), key=_rank_key)[: self.top_k]
 
@@ -630,6 +648,10 @@ class AgingEvolutionEngine(EvolutionEngine):
         self.alive: collections.deque[str] = collections.deque()     # living population, oldest first
         self._seq = 0                                                  # scored candidates so far
 
+    @classmethod
+    def config_kwargs(cls, s: "SearchConfig") -> dict[str, Any]:
+        return {**super().config_kwargs(s), "tournament": s.tournament}
+
     def living(self) -> list[Candidate]:
         return [self.candidates[cid] for cid in self.alive]
 
@@ -676,6 +698,7 @@ class AgingEvolutionEngine(EvolutionEngine):
         self._seq = done[-1].info["seq"] + 1 if done else 0
 
 
+#: the engines by ``search.algorithm`` (``ENGINES[name].from_config(search, space, limit)``)
 ENGINES: dict[str, type[SearchEngine]] = {"evolution": EvolutionEngine, "random": RandomEngine,
                                           "optuna": NSGA2Engine, "aging": AgingEvolutionEngine}
 

@@ -32,7 +32,7 @@ from noah_ray.config import JobConfig
 from noah_ray.evolution import DONE, FAILED, ParamLimit, pareto_front
 from noah_ray.search_store import SearchStore
 from noah_ray.search_trainable import CandidateEvaluator
-from noah_ray.searchers import SEARCHERS, NoahSearcher
+from noah_ray.searchers import NoahSearcher
 from noah_ray.security import safe_name, tune_without_credentials
 from noah_ray.space import VPT, BackboneShape, ConfigError, RunError, SubnetConfig
 
@@ -60,9 +60,8 @@ def param_limit(job: JobConfig, shape: BackboneShape | None = None) -> ParamLimi
 
 def make_searcher(job: JobConfig, *, shape: BackboneShape | None = None,
                   store: "SearchStore | None" = None) -> NoahSearcher:
-    """The searcher named by ``job.search.algorithm``."""
-    cls = SEARCHERS[job.search.algorithm]
-    return cls.from_config(job.search, job.space, param_limit(job, shape), store)
+    """The searcher of the engine named by ``job.search.algorithm``."""
+    return NoahSearcher.from_config(job.search, job.space, param_limit(job, shape), store)
 
 
 def _trial_dirname(trial) -> str:
@@ -145,7 +144,7 @@ def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = Tr
     limit = param_limit(job)                      # fails before anything is written
     base = search_location(job)
     store = SearchStore(base.uri, job.storage_endpoint, run, job.name, job.data.dataset, s.algorithm)
-    searcher = SEARCHERS[s.algorithm].from_config(s, job.space, limit, store, hold_actors=s.hold_actors)
+    searcher = NoahSearcher.from_config(s, job.space, limit, store, hold_actors=s.hold_actors)
     prior = store.load_state()
     attempt = 0
     if prior is not None:
@@ -155,7 +154,7 @@ def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = Tr
         _check_settings(run, prior.get("settings", {}), _settings(job))
         retry = not _succeeded(searcher, prior)   # unfinished, aborted or nothing scored: retry the failed
         if retry:
-            searcher = SEARCHERS[s.algorithm].from_config(s, job.space, limit, store, hold_actors=s.hold_actors)
+            searcher = NoahSearcher.from_config(s, job.space, limit, store, hold_actors=s.hold_actors)
         searcher.set_state(prior, requeue_running=True, requeue_failed=retry)
         attempt = prior.get("attempt", 0) + 1
         for rec in searcher.engine.history:      # idempotent: covers a crash between result and table

@@ -1,10 +1,8 @@
-"""Tune searchers for the subnet search: :class:`NoahSearcher` wraps a pure engine of
-:mod:`noah_ray.evolution` behind Ray Tune's ``Searcher`` API.
-
-* :class:`EvolutionSearcher`, :class:`AgingSearcher`, :class:`RandomSearcher`,
-  :class:`OptunaSearcher` - one per engine, picked by name with ``search.algorithm``
-  (:data:`SEARCHERS`).  They never suggest an out-of-limit or already-seen subnet, count failed
-  trials, and ``save``/``restore`` JSON state (Tune's experiment checkpoints, ``Tuner.restore``).
+"""The Tune searcher of the subnet search: :class:`NoahSearcher` wraps one pure engine of
+:mod:`noah_ray.evolution` (picked by name with ``search.algorithm`` from
+:data:`~noah_ray.evolution.ENGINES`) behind Ray Tune's ``Searcher`` API.  It never suggests an
+out-of-limit or already-seen subnet, counts failed trials, and ``save``/``restore`` JSON state
+(Tune's experiment checkpoints, ``Tuner.restore``).
 """
 
 from __future__ import annotations
@@ -19,8 +17,7 @@ from ray.tune.search import Searcher
 
 from noah_ray import progress
 from noah_ray.config import SearchConfig
-from noah_ray.evolution import (DONE, FAILED, AgingEvolutionEngine, EvolutionEngine, GenerationRecord, NSGA2Engine,
-                                ParamLimit, RandomEngine, SearchEngine)
+from noah_ray.evolution import DONE, ENGINES, FAILED, GenerationRecord, ParamLimit, SearchEngine
 from noah_ray.space import SearchSpace
 
 if TYPE_CHECKING:
@@ -32,7 +29,7 @@ METRIC = "val_acc"
 
 
 class NoahSearcher(Searcher):
-    """A Tune Searcher around a :class:`~noah_ray.evolution.SearchEngine`.
+    """A Tune Searcher around a :class:`~noah_ray.evolution.SearchEngine` (``engine``).
 
     ``suggest`` returns ``{"subnet": {module: widths}, "candidate_id": ..., "config_key": ...}``;
     the trial reports ``metric`` (higher is better unless ``mode="min"``).  A trial that errors
@@ -41,12 +38,10 @@ class NoahSearcher(Searcher):
     tables as results arrive.
     """
 
-    engine_cls: type[SearchEngine] = SearchEngine
-
-    def __init__(self, space: SearchSpace, limit: ParamLimit, *, metric: str = METRIC, mode: str = "max",
-                 store: "SearchStore | None" = None, hold_actors: bool = False, **engine_kwargs: Any) -> None:
+    def __init__(self, engine: SearchEngine, *, metric: str = METRIC, mode: str = "max",
+                 store: "SearchStore | None" = None, hold_actors: bool = False) -> None:
         super().__init__(metric=metric, mode=mode)
-        self.engine = self.engine_cls(space, limit, **engine_kwargs)
+        self.engine = engine
         self.store = store
         self.hold_actors = hold_actors and self.engine.batch    # only a generation barrier makes actors wait
         self._holds: set[str] = set()
@@ -60,7 +55,9 @@ class NoahSearcher(Searcher):
     @classmethod
     def from_config(cls, search: SearchConfig, space: SearchSpace, limit: ParamLimit,
                     store: "SearchStore | None" = None, hold_actors: bool = False) -> "NoahSearcher":
-        return cls(space, limit, store=store, hold_actors=hold_actors, **_engine_kwargs(cls.engine_cls, search))
+        """The searcher of engine ``search.algorithm``, built from the ``search`` section."""
+        engine = ENGINES[search.algorithm].from_config(search, space, limit)
+        return cls(engine, store=store, hold_actors=hold_actors)
 
     # -------------------------------------------------------------- Tune API
     def suggest(self, trial_id: str) -> dict | str | None:
@@ -179,44 +176,3 @@ class NoahSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path) as f:
             self.set_state(json.load(f))
-
-
-class EvolutionSearcher(NoahSearcher):
-    """NOAH's evolutionary search; defaults are the paper's (population 50, top-k 10,
-    25 mutations + 25 crossovers + random fill, mutation prob 0.2, depth prob 0.4)."""
-
-    engine_cls = EvolutionEngine
-
-
-class AgingSearcher(NoahSearcher):
-    """Asynchronous regularized (aging) evolution: no generation barrier, no placeholder
-    trials; a free worker at once gets a child of the living population."""
-
-    engine_cls = AgingEvolutionEngine
-
-
-class RandomSearcher(NoahSearcher):
-    """Random feasible, unseen subnets (baseline)."""
-
-    engine_cls = RandomEngine
-
-
-class OptunaSearcher(NoahSearcher):
-    """Optuna NSGA-II on (accuracy up, parameters down) with the parameter limit as constraint."""
-
-    engine_cls = NSGA2Engine
-
-
-SEARCHERS: dict[str, type[NoahSearcher]] = {"evolution": EvolutionSearcher, "random": RandomSearcher,
-                                            "optuna": OptunaSearcher, "aging": AgingSearcher}
-
-
-def _engine_kwargs(engine_cls: type[SearchEngine], s: SearchConfig) -> dict[str, Any]:
-    kw: dict[str, Any] = {"population": s.population, "generations": s.generations, "seed": s.seed}
-    if issubclass(engine_cls, EvolutionEngine):
-        kw.update(top_k=s.top_k, mutations=s.mutations, crossovers=s.crossovers,
-                  mutation_prob=s.mutation_prob, depth_prob=s.depth_prob)
-    if issubclass(engine_cls, AgingEvolutionEngine):
-        kw.update(tournament=s.tournament)
-    return kw
-

@@ -11,7 +11,6 @@ import pytest
 from noah_ray.config import JobConfig
 from noah_ray.evolution import DONE, ENGINES, AgingEvolutionEngine, ParamLimit, TargetObjective
 from noah_ray.search import make_searcher
-from noah_ray.searchers import AgingSearcher
 from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, SearchSpace
 
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, num_layers=6)
@@ -136,7 +135,7 @@ def test_aging_finds_the_optimum_faster_than_random():
 def test_chosen_by_name_from_the_search_config():
     job = JobConfig.from_dict({"search": {"algorithm": "aging", "tournament": 5}})
     s = make_searcher(job, shape=BackboneShape())
-    assert isinstance(s, AgingSearcher) and s.engine.tournament == 5 and s.engine.top_k == 10
+    assert type(s.engine) is AgingEvolutionEngine and s.engine.tournament == 5 and s.engine.top_k == 10
     assert not s.hold_actors                               # no barrier: no placeholder trials
     with pytest.raises(ConfigError, match=r"search.tournament: 60 must be between 0 .* and population 50"):
         JobConfig.from_dict({"search": {"algorithm": "aging", "tournament": 60}})

@@ -19,10 +19,10 @@ import ray.cloudpickle
 
 from noah_ray import lease, security, storage
 from noah_ray.config import JobConfig
-from noah_ray.evolution import DONE, FAILED, QUEUED, ParamLimit, TargetObjective
+from noah_ray.evolution import DONE, FAILED, QUEUED, EvolutionEngine, ParamLimit, TargetObjective
 from noah_ray.search import _finish, _settings
 from noah_ray.search_store import SearchStore
-from noah_ray.searchers import EvolutionSearcher
+from noah_ray.searchers import NoahSearcher
 from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, RunError, SearchSpace, SubnetConfig
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -50,12 +50,12 @@ def test_failed_candidates_are_retried_and_every_attempt_is_kept(tmp_path):
     reopens generation 0, and the trials table keeps the failed attempts with their error."""
     objective = TargetObjective.random(SPACE, LIMIT, seed=3)
     store = SearchStore(str(tmp_path), None, "r", "job", "synthetic", "evolution")
-    first = EvolutionSearcher(SPACE, LIMIT, store=store, **KW)
+    first = NoahSearcher(EvolutionEngine(SPACE, LIMIT, **KW), store=store)
     first.abort_after = 0
     n = drive(first, objective, fail=lambda cid: cid.startswith("g000"))
     assert first.engine.history[0].evaluated == 0 and first.engine.history[0].failed == 4
     state = store.load_state()
-    again = EvolutionSearcher(SPACE, LIMIT, store=store, **KW)
+    again = NoahSearcher(EvolutionEngine(SPACE, LIMIT, **KW), store=store)
     again.set_state(state, requeue_running=True, requeue_failed=True)
     retried = [c for c in again.engine.candidates.values() if c.generation == 0]
     assert all(c.status == QUEUED and c.info["attempts"][0]["error"] == "endpoint unreachable" for c in retried)
@@ -71,7 +71,7 @@ def test_failed_candidates_are_retried_and_every_attempt_is_kept(tmp_path):
 
 def test_a_search_with_nothing_scored_is_never_a_success(tmp_path):
     store = SearchStore(str(tmp_path), None, "r", "job", "synthetic", "evolution")
-    searcher = EvolutionSearcher(SPACE, LIMIT, store=store, **KW)
+    searcher = NoahSearcher(EvolutionEngine(SPACE, LIMIT, **KW), store=store)
     searcher.abort_after = 0
     drive(searcher, TargetObjective.random(SPACE, LIMIT, seed=1), fail=lambda cid: True)
     assert searcher.engine.finished and searcher.engine.best() is None

@@ -14,25 +14,25 @@ import ray.tune
 
 from noah_ray import storage
 from noah_ray.config import JobConfig
-from noah_ray.evolution import (DONE, FAILED, ENGINES, EvolutionEngine, ParamLimit, TargetObjective,
-                                pareto_front)
+from noah_ray.evolution import (DONE, ENGINES, FAILED, AgingEvolutionEngine, EvolutionEngine, NSGA2Engine, ParamLimit,
+                                RandomEngine, TargetObjective, pareto_front)
 from noah_ray.search import load_best_subnet, make_searcher, run_search
 from noah_ray.search_store import SearchStore
 from noah_ray.search_trainable import load_supernet_state
-from noah_ray.searchers import AgingSearcher, EvolutionSearcher, OptunaSearcher, RandomSearcher
+from noah_ray.searchers import NoahSearcher
 from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, SearchSpace, SubnetConfig
 
 MODS = ("vpt", "lora", "adapter")
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in MODS}, num_layers=6)   # 5.5e8 subnets
 LIMIT = ParamLimit(0.01, BackboneShape(48, 3, 6, 10))          # binds: the largest subnet has 20508
-SEARCHERS = (EvolutionSearcher, RandomSearcher, OptunaSearcher, AgingSearcher)
+ENGINE_CLASSES = (EvolutionEngine, RandomEngine, NSGA2Engine, AgingEvolutionEngine)
 # Ray workers cannot import this test module: ship its functions (trainables, data) by value
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def small_kwargs(cls, **kw):
     base = {"population": 8, "generations": 3, "seed": 0}
-    if cls in (EvolutionSearcher, EvolutionEngine, AgingSearcher):
+    if issubclass(cls, EvolutionEngine):            # AgingEvolutionEngine too
         base.update(top_k=3, mutations=3, crossovers=3)
     return {**base, **kw}
 
@@ -88,12 +88,24 @@ def test_defaults_are_the_papers():
     job = JobConfig()
     s = make_searcher(job, shape=BackboneShape())
     e = s.engine
-    assert isinstance(s, EvolutionSearcher) and job.search.algorithm == "evolution"
+    assert type(s.engine) is EvolutionEngine and job.search.algorithm == "evolution"
     assert (e.population, e.top_k, e.mutations, e.crossovers) == (50, 10, 25, 25)
     assert (e.mutation_prob, e.depth_prob, e.limit.max_m, e.generations) == (0.2, 0.4, 0.64, 20)
-    assert isinstance(make_searcher(JobConfig.from_dict({"search": {"algorithm": "optuna"}}),
-                                    shape=BackboneShape()), OptunaSearcher)
+    assert type(make_searcher(JobConfig.from_dict({"search": {"algorithm": "optuna"}}),
+                              shape=BackboneShape()).engine) is NSGA2Engine
 
+
+
+def test_every_engine_builds_itself_from_the_search_config():
+    for name, cls in ENGINES.items():
+        s = JobConfig.from_dict({"search": {"algorithm": name, "population": 6, "top_k": 2, "mutations": 2,
+                                            "crossovers": 1, "generations": 2, "seed": 3, "tournament": 4}}).search
+        e = cls.from_config(s, SPACE, LIMIT)
+        assert type(e) is cls and e.algorithm == name and (e.population, e.generations, e.seed) == (6, 2, 3)
+        if issubclass(cls, EvolutionEngine):
+            assert (e.top_k, e.mutations, e.crossovers) == (2, 2, 1)
+        assert getattr(e, "tournament", None) == (4 if name == "aging" else None)
+        assert NoahSearcher.from_config(s, SPACE, LIMIT).engine.algorithm == name
 
 def test_generation_composition_parents_and_limit():
     engine = EvolutionEngine(SearchSpace(), ParamLimit(0.64, BackboneShape()), seed=1)
@@ -119,10 +131,10 @@ def test_generation_composition_parents_and_limit():
     assert changed
 
 
-@pytest.mark.parametrize("cls", SEARCHERS)
+@pytest.mark.parametrize("cls", ENGINE_CLASSES)
 def test_searchers_never_suggest_outside_the_limit_or_twice(cls):
     limit = ParamLimit(0.006, LIMIT.shape, min_m=0.004)
-    searcher = cls(SPACE, limit, **small_kwargs(cls, generations=4))
+    searcher = NoahSearcher(cls(SPACE, limit, **small_kwargs(cls, generations=4)))
     objective = TargetObjective.random(SPACE, limit, seed=3)
     n = drive(searcher, objective, concurrency=3)
     cands = list(searcher.engine.candidates.values())
@@ -137,7 +149,7 @@ def test_searchers_never_suggest_outside_the_limit_or_twice(cls):
 ])
 def test_impossible_limit_is_a_clear_error(max_m, min_m, match):
     with pytest.raises(ConfigError, match=match):
-        EvolutionSearcher(SPACE, ParamLimit(max_m, LIMIT.shape, min_m=min_m))
+        NoahSearcher(EvolutionEngine(SPACE, ParamLimit(max_m, LIMIT.shape, min_m=min_m)))
 
 
 @pytest.mark.parametrize("search, match", [
@@ -153,7 +165,7 @@ def test_search_config_errors_name_the_key(search, match):
 
 def test_failed_trials_are_counted_not_retried_and_written(tmp_path):
     store = SearchStore(str(tmp_path), None, "r1", "job", "synthetic", "evolution")
-    searcher = EvolutionSearcher(SPACE, LIMIT, store=store, **small_kwargs(EvolutionSearcher))
+    searcher = NoahSearcher(EvolutionEngine(SPACE, LIMIT, **small_kwargs(EvolutionEngine)), store=store)
     objective = TargetObjective.random(SPACE, LIMIT, seed=0)
     drive(searcher, objective, concurrency=2, fail=lambda n: n % 5 == 0)
     assert searcher.finished
@@ -173,7 +185,7 @@ def test_the_log_line_names_generations_as_the_tables_do(tmp_path):
     from noah_ray import progress
 
     store = SearchStore(str(tmp_path), None, "r1", "job", "synthetic", "evolution")
-    searcher = EvolutionSearcher(SPACE, LIMIT, store=store, **small_kwargs(EvolutionSearcher))
+    searcher = NoahSearcher(EvolutionEngine(SPACE, LIMIT, **small_kwargs(EvolutionEngine)), store=store)
     out = io.StringIO()
     with progress.session(stream=out):
         drive(searcher, TargetObjective.random(SPACE, LIMIT, seed=0), concurrency=2)
@@ -186,7 +198,7 @@ def test_the_log_line_names_generations_as_the_tables_do(tmp_path):
 
 
 def test_a_trial_stopped_before_scoring_is_suggested_again():
-    searcher = RandomSearcher(SPACE, LIMIT, **small_kwargs(RandomSearcher))
+    searcher = NoahSearcher(RandomEngine(SPACE, LIMIT, **small_kwargs(RandomEngine)))
     first = searcher.suggest("a")
     searcher.on_trial_complete("a", None)                   # Tune stopped it: no result, no error
     again = searcher.suggest("b")
@@ -195,17 +207,17 @@ def test_a_trial_stopped_before_scoring_is_suggested_again():
     assert searcher.engine.candidates[first["candidate_id"]].status == DONE
 
 
-@pytest.mark.parametrize("cls", SEARCHERS)
+@pytest.mark.parametrize("cls", ENGINE_CLASSES)
 def test_save_restore_resumes_without_rescoring(tmp_path, cls):
     objective = TargetObjective.random(SPACE, LIMIT, seed=7)
-    full = cls(SPACE, LIMIT, **small_kwargs(cls))
+    full = NoahSearcher(cls(SPACE, LIMIT, **small_kwargs(cls)))
     drive(full, objective, concurrency=2)
-    part = cls(SPACE, LIMIT, **small_kwargs(cls))
+    part = NoahSearcher(cls(SPACE, LIMIT, **small_kwargs(cls)))
     told = drive(part, objective, concurrency=2, until=11)  # mid generation 1, one trial in flight
     assert part.engine.running
     in_flight = dict(part.engine.running)
     part.save(str(tmp_path / "searcher.json"))
-    resumed = cls(SPACE, LIMIT, **small_kwargs(cls))
+    resumed = NoahSearcher(cls(SPACE, LIMIT, **small_kwargs(cls)))
     resumed.restore(str(tmp_path / "searcher.json"))
     for tid, cid in in_flight.items():                      # Tune resumes the in-flight trial
         cfg = resumed.engine.candidates[cid].config
@@ -213,7 +225,7 @@ def test_save_restore_resumes_without_rescoring(tmp_path, cls):
     told += len(in_flight) + drive(resumed, objective, concurrency=2, start=100)
     cands = list(resumed.engine.candidates.values())
     assert resumed.finished and told == len(cands) == 24 and len({c.config.key() for c in cands}) == 24
-    if cls in (EvolutionSearcher, RandomSearcher):          # deterministic: same as uninterrupted
+    if cls in (EvolutionEngine, RandomEngine):          # deterministic: same as uninterrupted
         # (aging's children depend on the order results arrive in, which the resume changes;
         # tests/test_async_search.py checks its exact continuation)
         assert [c.config for c in cands] == [c.config for c in full.engine.candidates.values()]
@@ -221,9 +233,9 @@ def test_save_restore_resumes_without_rescoring(tmp_path, cls):
 
 def test_raising_generations_extends_a_finished_search():
     objective = TargetObjective.random(SPACE, LIMIT, seed=2)
-    s = EvolutionSearcher(SPACE, LIMIT, **small_kwargs(EvolutionSearcher, generations=2))
+    s = NoahSearcher(EvolutionEngine(SPACE, LIMIT, **small_kwargs(EvolutionEngine, generations=2)))
     drive(s, objective)
-    longer = EvolutionSearcher(SPACE, LIMIT, **small_kwargs(EvolutionSearcher, generations=3))
+    longer = NoahSearcher(EvolutionEngine(SPACE, LIMIT, **small_kwargs(EvolutionEngine, generations=3)))
     longer.set_state(s.get_state())
     assert not longer.finished
     assert drive(longer, objective, start=50) == 8 and len(longer.engine.history) == 3
@@ -255,8 +267,8 @@ def test_evolution_searcher_through_tune(ray_session, tmp_path):
     from ray import tune
 
     objective = TargetObjective.random(SPACE, LIMIT, seed=4)
-    searcher = EvolutionSearcher(SPACE, LIMIT, **small_kwargs(EvolutionSearcher, population=6, top_k=2,
-                                                               mutations=2, crossovers=2))
+    searcher = NoahSearcher(EvolutionEngine(SPACE, LIMIT, **small_kwargs(EvolutionEngine, population=6, top_k=2,
+                                                                         mutations=2, crossovers=2)))
     tuner = tune.Tuner(tune.with_parameters(_synthetic_trainable, objective=objective),
                        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=2,
                                                    reuse_actors=True),
@@ -478,8 +490,8 @@ TUNE_RESTORE_SCRIPT = '''
 import json, os, sys
 import ray
 from ray import tune
-from noah_ray.evolution import ParamLimit, TargetObjective
-from noah_ray.searchers import EvolutionSearcher
+from noah_ray.evolution import EvolutionEngine, ParamLimit, TargetObjective
+from noah_ray.searchers import NoahSearcher
 from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
 
 space = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, 6)
@@ -504,7 +516,8 @@ ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 root, phase = sys.argv[1], sys.argv[2]
 fn = tune.with_parameters(trainable, objective=objective)
 if phase == "first":
-    searcher = EvolutionSearcher(space, limit, population=4, top_k=2, mutations=1, crossovers=1, generations=3)
+    engine = EvolutionEngine(space, limit, population=4, top_k=2, mutations=1, crossovers=1, generations=3)
+    searcher = NoahSearcher(engine)
     tune.Tuner(fn, tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=2,
                                                    reuse_actors=True),
                run_config=tune.RunConfig(name="exp", storage_path=root, verbose=0, callbacks=[Kill()])).fit()

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from noah_ray import storage
-from noah_ray.evolution import DONE, ParamLimit, TargetObjective
+from noah_ray.evolution import (DONE, AgingEvolutionEngine, EvolutionEngine, NSGA2Engine, ParamLimit, RandomEngine,
+                                TargetObjective)
 from noah_ray.search_store import SearchStore
-from noah_ray.searchers import AgingSearcher, EvolutionSearcher, OptunaSearcher, RandomSearcher
+from noah_ray.searchers import NoahSearcher
 from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, SearchSpace, SubnetConfig
 
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, num_layers=6)
@@ -29,7 +30,7 @@ V1_STATE = Path(__file__).parent / "data" / "search_state_v1.json"   # written b
 
 
 def make(cls, store, **kw):
-    s = cls(SPACE, LIMIT, store=store, **{**(KW if cls in (RandomSearcher, OptunaSearcher) else EVO_KW), **kw})
+    s = NoahSearcher(cls(SPACE, LIMIT, **{**(KW if cls in (RandomEngine, NSGA2Engine) else EVO_KW), **kw}), store=store)
     s.extra_state = {"settings": {"population": s.engine.population}, "attempt": 0, "run_id": store.run_id}
     store.save_state(s.get_state())
     return s
@@ -65,7 +66,7 @@ def finish(searcher, start: int, concurrency: int) -> list[str]:
     return told
 
 
-@pytest.mark.parametrize("cls", (EvolutionSearcher, AgingSearcher, RandomSearcher, OptunaSearcher))
+@pytest.mark.parametrize("cls", (EvolutionEngine, AgingEvolutionEngine, RandomEngine, NSGA2Engine))
 def test_replayed_log_equals_the_live_state_after_every_result(tmp_path, cls):
     st = store_at(str(tmp_path), compact=2000)         # small: several compactions in 24 results
     s = make(cls, st)
@@ -80,7 +81,7 @@ def test_replayed_log_equals_the_live_state_after_every_result(tmp_path, cls):
 
 def test_bytes_per_result_stay_constant_while_the_full_state_grows(tmp_path):
     st = store_at(str(tmp_path))
-    s = make(EvolutionSearcher, st, generations=50)
+    s = make(EvolutionEngine, st, generations=50)
     running, i, records = [], 0, []
     for n in range(396):
         before = st.state_log.stats.bytes
@@ -98,7 +99,7 @@ def test_s3_log_is_one_small_object_per_result_and_compacts(s3_bucket):
     endpoint, bucket = s3_bucket
     uri = f"s3://{bucket}/search"
     st = store_at(uri, endpoint, compact=4000)
-    s = make(AgingSearcher, st)
+    s = make(AgingEvolutionEngine, st)
     running, i = [], 0
     for _ in range(14):
         i = step(s, running, i)
@@ -119,7 +120,7 @@ def test_the_old_single_file_state_still_loads_and_resumes(tmp_path):
     st = store_at(str(tmp_path))
     state = st.load_state()
     assert state == old
-    s = EvolutionSearcher(SPACE, LIMIT, store=st, **EVO_KW)
+    s = NoahSearcher(EvolutionEngine(SPACE, LIMIT, **EVO_KW), store=st)
     s.set_state(state, requeue_running=True)
     st.save_state(s.get_state())                         # as run_search does: a format-2 snapshot
     told = finish(s, 100, 2)
@@ -131,7 +132,7 @@ def test_the_old_single_file_state_still_loads_and_resumes(tmp_path):
 
 def test_a_torn_last_line_is_dropped_and_the_log_never_continues_after_it(tmp_path):
     st = store_at(str(tmp_path))
-    s = make(AgingSearcher, st)
+    s = make(AgingEvolutionEngine, st)
     running, i = [], 0
     for _ in range(5):
         i = step(s, running, i)
@@ -141,7 +142,7 @@ def test_a_torn_last_line_is_dropped_and_the_log_never_continues_after_it(tmp_pa
         f.write(b'{"seq": 6, "delta": {"candi')            # killed mid-append
     st2 = store_at(str(tmp_path))
     assert st2.load_state() == good
-    s2 = AgingSearcher(SPACE, LIMIT, store=st2, **EVO_KW)
+    s2 = NoahSearcher(AgingEvolutionEngine(SPACE, LIMIT, **EVO_KW), store=st2)
     s2.set_state(good)
     running2 = [r for r in running]
     step(s2, running2, 50)
@@ -151,9 +152,9 @@ def test_a_torn_last_line_is_dropped_and_the_log_never_continues_after_it(tmp_pa
 
 KILL_SCRIPT = '''
 import json, sys, time
-from noah_ray.evolution import ParamLimit, TargetObjective
+from noah_ray.evolution import AgingEvolutionEngine, ParamLimit, TargetObjective
 from noah_ray.search_store import SearchStore
-from noah_ray.searchers import AgingSearcher
+from noah_ray.searchers import NoahSearcher
 from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
 
 space = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, 6)
@@ -161,7 +162,8 @@ limit = ParamLimit(0.01, BackboneShape(48, 3, 6, 10))
 objective = TargetObjective.random(space, limit, 7)
 store = SearchStore(sys.argv[1], None, "r1", "job", "synthetic", "aging")
 store.state_log.min_compact_bytes = 3000            # compactions happen while it runs (and may be killed)
-s = AgingSearcher(space, limit, store=store, population=8, generations=40, top_k=3, mutations=3, crossovers=3)
+s = NoahSearcher(AgingEvolutionEngine(space, limit, population=8, generations=40, top_k=3, mutations=3, crossovers=3),
+                 store=store)
 s.extra_state = {"attempt": 0}
 store.save_state(s.get_state())
 running, i = [], 0
@@ -194,7 +196,7 @@ def test_sigkill_loses_no_told_result_and_resume_scores_nothing_twice(tmp_path):
     cands = {c["cid"]: c for c in state["engine"]["candidates"]}
     for cid, score in acked.items():                           # every acknowledged result is there
         assert cands[cid]["status"] == DONE and cands[cid]["score"] == score
-    s = AgingSearcher(SPACE, LIMIT, **{**EVO_KW, "generations": 40})
+    s = NoahSearcher(AgingEvolutionEngine(SPACE, LIMIT, **{**EVO_KW, "generations": 40}))
     s.set_state(state, requeue_running=True)
     done_before = {c.config.key() for c in s.engine.scored()}
     told = finish(s, 10_000, 4)
@@ -206,7 +208,7 @@ def test_run_flags_and_noted_errors_are_in_the_log(tmp_path):
     """What the searcher changes besides the engine (``aborted``) and errors noted after a
     result reach the log; a store written without a first snapshot still reads back."""
     st = store_at(str(tmp_path))
-    s = RandomSearcher(SPACE, LIMIT, store=st, **KW)          # no save_state first
+    s = NoahSearcher(RandomEngine(SPACE, LIMIT, **KW), store=st)          # no save_state first
     s.extra_state = {"attempt": 0}
     for i in range(3):
         s.suggest(f"t{i}")
@@ -222,7 +224,7 @@ def test_run_flags_and_noted_errors_are_in_the_log(tmp_path):
 
 def test_a_truncated_snapshot_is_a_one_line_error(tmp_path):
     st = store_at(str(tmp_path))
-    make(AgingSearcher, st)
+    make(AgingEvolutionEngine, st)
     snap = tmp_path / "state" / "r1" / "snapshot.json"
     snap.write_text(snap.read_text()[:100])
     with pytest.raises(ConfigError, match=r"search state .*snapshot.json is truncated or corrupt"):
