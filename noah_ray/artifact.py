@@ -14,7 +14,6 @@ backbone checkpoint (merged qkv weights, a fine-tuned or included backbone) unde
 from __future__ import annotations
 
 import hashlib
-import re
 import warnings
 from typing import Any
 
@@ -22,12 +21,12 @@ import torch
 
 from noah_ray import storage
 from noah_ray.recipes import recorded
+from noah_ray.security import safe_name
 from noah_ray.space import KV_PROMPT, LORA, MODULES, VPT, ConfigError, SubnetConfig
 
 ARTIFACT_FORMAT = "noah_ray.subnet"
 ARTIFACT_VERSION = 1
 _BACKBONE = "backbone."
-_RUN_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def _fingerprint(vit: torch.nn.Module) -> str:
@@ -100,6 +99,19 @@ def _merged_qkv(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _backbone_tensors(model, full_backbone: bool, merge_lora: bool) -> dict[str, torch.Tensor]:
+    """The backbone tensors an artifact stores (by timm name): all of them with ``full_backbone``,
+    else those a loaded artifact overrode, plus the merged qkv weights with ``merge_lora``."""
+    overrides = tuple(getattr(model, "backbone_overrides", ()))  # set by load_subnet (merged qkv, ...)
+    backbone: dict[str, torch.Tensor] = {}
+    if full_backbone or overrides:
+        plain = model.backbone().state_dict()
+        backbone = {k: v for k, v in plain.items() if not k.startswith("head.") and (full_backbone or k in overrides)}
+    if merge_lora:
+        backbone.update(_merged_qkv(model))
+    return backbone
+
+
 def save_subnet(model, uri: str, *, model_name: str, backbone_checkpoint: str | None = None,
                 merge_lora: bool = False, include_backbone: bool = False,
                 endpoint: str | None = None) -> storage.Location:
@@ -134,14 +146,7 @@ def save_subnet(model, uri: str, *, model_name: str, backbone_checkpoint: str | 
     tensors = {k: state[k] for k in _module_keys(model, modules)}
     _fold_gates(model, tensors)
     full_backbone = include_backbone or model.train_backbone
-    overrides = tuple(getattr(model, "backbone_overrides", ()))  # set by load_subnet (merged qkv, ...)
-    backbone: dict[str, torch.Tensor] = {}
-    if full_backbone or overrides:
-        plain = model.backbone().state_dict()
-        backbone = {k: v for k, v in plain.items() if not k.startswith("head.") and (full_backbone or k in overrides)}
-    if merge_lora:
-        backbone.update(_merged_qkv(model))
-    tensors.update({_BACKBONE + k: v for k, v in backbone.items()})
+    tensors.update({_BACKBONE + k: v for k, v in _backbone_tensors(model, full_backbone, merge_lora).items()})
     if backbone_checkpoint is None and not full_backbone:
         warnings.warn("save_subnet: no backbone_checkpoint recorded; load_subnet will need one "
                       "(or save with include_backbone=True)", stacklevel=2)
@@ -261,8 +266,7 @@ def model_from_run(job_path: str, run: str):
     from noah_ray.config import JobConfig
     from noah_ray.train import build_model, job_root
 
-    if not _RUN_RE.match(run):
-        raise ConfigError(f"run name {run!r} is not valid; use the run id from the runs table, e.g. noah-seed0")
+    safe_name(run, "run (the run id from the runs table, e.g. noah-seed0)")
     job = JobConfig.load(job_path)
     base = job_root(job).join("retrain", run)
     if not storage.exists(base.join("final", "meta.json")):

@@ -257,7 +257,17 @@ def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: NOAH_RAY_DEBUG=1)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_stages(sub)
+    _add_sweep(sub, prog)
+    _add_results(sub)
+    _add_import_noah(sub)
+    _add_export(sub)
+    _add_import_peft(sub)
+    return parser
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on generated data with a tiny ViT (local Ray)",
                        description="The whole pipeline (supernet -> search -> retrain NOAH and baselines) on a "
                                    "generated task with a tiny ViT; a few minutes on 2 CPU cores.")
@@ -267,15 +277,21 @@ def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     p.set_defaults(func=_demo)
 
+
+def _add_stages(sub: argparse._SubParsersAction) -> None:
     for name, doc in _STAGE_DOCS.items():
         add_stage_arguments(sub.add_parser(name, help=doc, description=doc), name)
 
+
+def _add_sweep(sub: argparse._SubParsersAction, prog: str) -> None:
     p = sub.add_parser("sweep", help="many datasets (shots, seeds) from one file: their pipelines at once",
                        description="Run the pipeline of every dataset (x shots x seeds) a sweep file names, "
                                    "concurrently as Ray tasks, into one storage root; failures are reported at "
                                    "the end (exit 1), finished stages are not re-run.")
     add_sweep_arguments(p, f"{prog} sweep")
 
+
+def _add_results(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("results", help="print result tables (and plots) from a job or storage URI",
                        description="Print a result table read from the Parquet files under URI (one job "
                                    "<storage>/<name>, or a storage root holding many jobs).")
@@ -288,6 +304,8 @@ def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=60)
     p.set_defaults(func=_results)
 
+
+def _add_import_noah(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import-noah", help="read original NOAH subnet YAML files, print parameter counts")
     p.add_argument("files", nargs="+", help="NOAH subnet files (the RETRAIN block is used)")
     p.add_argument("--out", help="directory to write the converted subnet configs (YAML)")
@@ -298,6 +316,8 @@ def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=None, help="S3 endpoint URL for an s3:// --out")
     p.set_defaults(func=cli_commands.import_noah_command)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a retrained subnet for inference (artifact, merged LoRA, peft)")
     p.add_argument("source", help="a job config (YAML, with --run) or a subnet artifact directory / s3:// URI")
     p.add_argument("--run", default="noah-seed0", help="retrain run id of the job (default: noah-seed0)")
@@ -308,6 +328,8 @@ def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: the job's / $AWS_ENDPOINT_URL)")
     p.set_defaults(func=cli_commands.export_command)
 
+
+def _add_import_peft(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import-peft", help="read a peft LoRA adapter (timm ViT, fused qkv) as a subnet + weights",
                        description="Read a peft LoRA adapter on the fused qkv of a timm ViT (rank and alpha per "
                                    "layer: rank_pattern / alpha_pattern) as a NOAH subnet and its weights; "
@@ -323,7 +345,6 @@ def build_parser(prog: str = "noah-ray") -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="head size when the adapter has no head")
     p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
     p.set_defaults(func=cli_commands.import_peft_command)
-    return parser
 
 
 def error_line(err: BaseException, command: str) -> str:

@@ -61,10 +61,7 @@ def export_peft(model, uri: str, *, include_head: bool = True, endpoint: str | N
     prompts have no peft equivalent: they are left out, a warning names them and the returned
     :class:`PeftExport` lists them.  :func:`noah_ray.peft_import.import_peft` reads it back.
     """
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ConfigError("peft is not installed; install it (pip install peft) to export peft adapters") from None
+    peft = _require_peft()
     from noah_ray.supernet import PromptedViT
 
     if not isinstance(model, PromptedViT):
@@ -79,26 +76,7 @@ def export_peft(model, uri: str, *, include_head: bool = True, endpoint: str | N
     if model.train_backbone:
         warnings.warn("export_peft: the backbone was trained; the peft adapter holds only LoRA and head "
                       "weights, load it on the trained backbone", stacklevel=2)
-    scale = float(model.lora_scale)
-    top = max(ranks.values())
-    peft_cfg = LoraConfig(r=top, lora_alpha=_clean_number(scale * top), target_modules=list(ranks),
-                          rank_pattern=dict(ranks), alpha_pattern={k: _clean_number(scale * r) for k, r in ranks.items()},
-                          lora_dropout=float(model.recipe.lora_dropout), bias="none",
-                          modules_to_save=["head"] if include_head else None)
-    base = model.backbone()
-    base.name_or_path = model_name or _timm_name(model.vit)   # peft records it as base_model_name_or_path
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = get_peft_model(base, peft_cfg)
-    with torch.no_grad():
-        for name in ranks:
-            i = int(name.split(".")[1])
-            lora = model.module(LORA, i)
-            layer = pm.base_model.model.blocks[i].attn.qkv
-            if layer.scaling["default"] != scale:
-                raise ConfigError(f"peft computes scale {layer.scaling['default']} for {name}, expected {scale}")
-            layer.lora_A["default"].weight.copy_(lora.lora_A)
-            layer.lora_B["default"].weight.copy_(lora.lora_B)
+    pm = _peft_model(peft, model, ranks, include_head, model_name)
     loc = storage.resolve(uri, endpoint)
     with tempfile.TemporaryDirectory(prefix="noah-peft-") as tmp:
         # a ViT has no embedding layer to save; "auto" would look the base model up on the Hugging Face Hub
@@ -109,3 +87,39 @@ def export_peft(model, uri: str, *, include_head: bool = True, endpoint: str | N
     if unsupported:
         warnings.warn("export_peft: " + "; ".join(result.describe().splitlines()[1:]), stacklevel=2)
     return result
+
+
+def _require_peft():
+    """The peft module, else one :class:`ConfigError` saying how to install it."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("peft is not installed; install it (pip install peft) to export peft adapters") from None
+    return peft
+
+
+def _peft_model(peft, model, ranks: dict[str, int], include_head: bool, model_name: str | None):
+    """A peft LoRA model on ``model``'s plain backbone holding ``model``'s LoRA weights (rank and
+    alpha per layer: ``rank_pattern`` / ``alpha_pattern``, ``alpha = scale * rank``)."""
+    scale = float(model.lora_scale)
+    top = max(ranks.values())
+    peft_cfg = peft.LoraConfig(r=top, lora_alpha=_clean_number(scale * top), target_modules=list(ranks),
+                               rank_pattern=dict(ranks),
+                               alpha_pattern={k: _clean_number(scale * r) for k, r in ranks.items()},
+                               lora_dropout=float(model.recipe.lora_dropout), bias="none",
+                               modules_to_save=["head"] if include_head else None)
+    base = model.backbone()
+    base.name_or_path = model_name or _timm_name(model.vit)   # peft records it as base_model_name_or_path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(base, peft_cfg)
+    with torch.no_grad():
+        for name in ranks:
+            i = int(name.split(".")[1])
+            lora = model.module(LORA, i)
+            layer = pm.base_model.model.blocks[i].attn.qkv
+            if layer.scaling["default"] != scale:
+                raise ConfigError(f"peft computes scale {layer.scaling['default']} for {name}, expected {scale}")
+            layer.lora_A["default"].weight.copy_(lora.lora_A)
+            layer.lora_B["default"].weight.copy_(lora.lora_B)
+    return pm

@@ -344,3 +344,11 @@ def test_cli_export_from_artifact_and_job_run(tmp_path: Path, backbone_file: str
     assert "merged" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "job.yaml"), "--run", "noah-seed9", "--out", str(tmp_path / "x")]) == 1
     assert "no finished retrain run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("run", ["../noah-seed0", "noah/seed0", ".hidden", ""])
+def test_export_refuses_a_run_name_that_is_not_one_path_segment(tmp_path: Path, run: str) -> None:
+    from noah_ray.artifact import model_from_run
+
+    with pytest.raises(ConfigError, match="must be one path segment"):
+        model_from_run(str(tmp_path / "job.yaml"), run)       # before the job file is read

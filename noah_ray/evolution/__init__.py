@@ -41,6 +41,6 @@ from noah_ray.evolution.random_search import RandomEngine
 ENGINES: dict[str, type[SearchEngine]] = {"evolution": EvolutionEngine, "random": RandomEngine,
                                           "optuna": NSGA2Engine, "aging": AgingEvolutionEngine}
 
-__all__ = ["ATTEMPT_KEYS", "DONE", "ENGINES", "FAILED", "QUEUED", "RUNNING", "STATE_VERSION", "AgingEvolutionEngine",
-           "Candidate", "EvolutionEngine", "GenerationRecord", "NSGA2Engine", "ParamLimit", "RandomEngine", "SearchEngine",
-           "TargetObjective", "apply_deltas", "pareto_front"]
+__all__ = ["ATTEMPT_KEYS", "DONE", "ENGINES", "FAILED", "QUEUED", "RUNNING", "STATE_VERSION",
+           "AgingEvolutionEngine", "Candidate", "EvolutionEngine", "GenerationRecord", "NSGA2Engine", "ParamLimit",
+           "RandomEngine", "SearchEngine", "TargetObjective", "apply_deltas", "pareto_front"]
