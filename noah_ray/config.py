@@ -20,67 +20,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import yaml
 
 from noah_ray import recipes
+from noah_ray.errors import ConfigError
+from noah_ray.hpo_config import (HPO_ALIASES, HPO_DEFAULT_RANGES, HPO_DEFAULT_SPACE,  # noqa: F401  (re-exported)
+                                 HPO_METHOD_RANGES, HPO_METRICS, HPO_RETRAIN_KEYS, HPO_SCHEDULERS,
+                                 HPO_SEARCHERS, HpoConfig, HpoParam, hpo_default, hpo_is_int, hpo_path)
 from noah_ray.recipes import Recipe
+from noah_ray.sections import positive as _positive
+from noah_ray.sections import section_from_dict, type_ok, unknown_key
 from noah_ray.security import safe_name
-from noah_ray.space import ConfigError, SearchSpace, yaml_problem
-
-
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, t) for t in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin in (dict, Mapping):
-        return isinstance(value, Mapping)
-    return isinstance(value, tp)
-
-
-def section_from_dict(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
-    data = {} if data is None else data
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(names))}")
-    kwargs = {}
-    for k, v in data.items():
-        if not _type_ok(v, hints[k]):
-            raise ConfigError(f"{where}.{k}: {v!r} is not a valid {getattr(hints[k], '__name__', hints[k])}")
-        if typing.get_origin(hints[k]) is tuple and isinstance(v, list):
-            v = tuple(v)
-        kwargs[k] = v
-    obj = cls(**kwargs)
-    check = getattr(obj, "check", None)
-    if check:
-        check(where)
-    return obj
-
-
-def _positive(where: str, **values: float) -> None:
-    for k, v in values.items():
-        if v is not None and v <= 0:
-            raise ConfigError(f"{where}.{k}: {v} must be > 0")
+from noah_ray.space import SearchSpace, yaml_problem
 
 
 @dataclass
@@ -160,7 +115,12 @@ SAMPLING_RULES: tuple[str, ...] = ("uniform", "sandwich")
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings shared by supernet training and retraining."""
+    """The optimisation settings both training stages share; :class:`SupernetConfig` (job section
+    ``supernet``) and :class:`RetrainConfig` (``retrain``) add their own keys and defaults."""
+
+    #: the job section this class reads, and the one holding the keys it refuses
+    section: ClassVar[str] = ""
+    sibling: ClassVar[str] = ""
 
     epochs: int = 500
     lr: float = 5e-4
@@ -171,24 +131,9 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     checkpoint_every: int = 1             # epochs between checkpoints (a killed run loses at most this many)
     eval_every: int = 1                   # epochs between val evaluations (the last epoch is always evaluated)
-    eval_random_subnets: int = 3          # supernet: smallest + largest + this many fixed random
     max_failures: int = 2                 # restarts of a failed worker group from the last checkpoint (-1: no limit)
-    seed: int = 0                         # supernet: init, per-step subnet sampling, shuffling
-    seeds: tuple[int, ...] = (0,)         # retrain: one run per seed, reported as mean +- std
-    method: str = "noah"                  # retrain: noah | linear | full | vpt | adapter | lora | e2vpt
-    subnet: str | None = None             # retrain: subnet file (default: the search's winner)
-    baselines: tuple[str, ...] = ()       # retrain: baselines the pipeline trains beside NOAH (linear, vpt, ...)
     min_lr: float = 1e-5                  # floor of the cosine schedule (AutoFormer / NOAH code default)
     keep_checkpoints: int = 2             # Ray Train checkpoints kept in storage (the newest ones)
-    baseline_widths: dict[str, dict[str, int]] = field(default_factory=dict)
-                                          # retrain: per-baseline uniform widths replacing the defaults
-                                          # (noah_ray.train.BASELINE_WIDTHS), e.g. {vpt: {vpt: 50}}
-    method_lr: dict[str, float] = field(default_factory=dict)
-                                          # retrain: per-method learning rate overriding `lr`, e.g. {full: 1.0e-4}
-    init: str | None = None               # retrain (noah): start from these weights, a subnet artifact
-                                          # (noah-ray import-peft / export --out), instead of a fresh init
-    sampling: str = "uniform"             # supernet: subnets trained per step; uniform (NOAH: one random) |
-                                          # sandwich (largest + smallest + one random, BigNAS / AttentiveNAS)
 
     def check(self, where: str) -> None:
         _positive(where, epochs=self.epochs, lr=self.lr, num_workers=self.num_workers,
@@ -198,17 +143,79 @@ class TrainConfig:
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"{where}.min_lr: {self.min_lr} must be in [0, lr={self.lr}]")
         _positive(where, keep_checkpoints=self.keep_checkpoints, cpus_per_worker=self.cpus_per_worker)
-        for k, v in self.method_lr.items():
-            if not _type_ok(v, float) or v <= 0:
-                raise ConfigError(f"{where}.method_lr.{k}: {v!r} must be a learning rate > 0")
-        if self.sampling not in SAMPLING_RULES:
-            raise ConfigError(f"{where}.sampling: {self.sampling!r} unknown; use {' or '.join(SAMPLING_RULES)}")
         if self.max_failures < -1:
             raise ConfigError(f"{where}.max_failures: {self.max_failures} must be >= 0 (or -1: retry forever)")
+        self.check_own(where)
+
+    def check_own(self, where: str) -> None:
+        """The checks of the keys only this section has."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str) -> "TrainConfig":
+        """The section from ``data``; a key of the other training section gets a line saying so."""
+        if isinstance(data, Mapping):
+            bad = unknown_key(cls, data)
+            other = TRAIN_SECTIONS.get(cls.sibling)
+            if bad is not None and other is not None and unknown_key(other, {bad: None}) is None:
+                raise ConfigError(f"{where}: {bad!r} is a {cls.sibling} setting, not a {cls.section} one; "
+                                  f"move it under {cls.sibling}:")
+        return section_from_dict(cls, data, where)
+
+
+#: supernet sampling rules (noah_ray.train.step_subnets)
+SAMPLING_RULES: tuple[str, ...] = ("uniform", "sandwich")
+
+
+@dataclass
+class SupernetConfig(TrainConfig):
+    """Job section ``supernet``: training the weight-sharing supernet (``noah_ray.train.train_supernet``)."""
+
+    section: ClassVar[str] = "supernet"
+    sibling: ClassVar[str] = "retrain"
+
+    eval_random_subnets: int = 3          # smallest + largest + this many fixed random subnets evaluated
+    seed: int = 0                         # init, per-step subnet sampling, shuffling
+    sampling: str = "uniform"             # subnets trained per step; uniform (NOAH: one random) |
+                                          # sandwich (largest + smallest + one random, BigNAS / AttentiveNAS)
+
+    def check_own(self, where: str) -> None:
+        if self.sampling not in SAMPLING_RULES:
+            raise ConfigError(f"{where}.sampling: {self.sampling!r} unknown; use {' or '.join(SAMPLING_RULES)}")
+
+
+@dataclass
+class RetrainConfig(TrainConfig):
+    """Job section ``retrain``: retraining the chosen subnet and the baselines (``noah_ray.train.retrain``)."""
+
+    section: ClassVar[str] = "retrain"
+    sibling: ClassVar[str] = "supernet"
+
+    epochs: int = 100
+    lr: float = 1e-3
+    seeds: tuple[int, ...] = (0,)         # one run per seed, reported as mean +- std
+    method: str = "noah"                  # noah | linear | full | vpt | adapter | lora | e2vpt
+    subnet: str | None = None             # subnet file (default: the search's winner)
+    baselines: tuple[str, ...] = ()       # baselines the pipeline trains beside NOAH (linear, vpt, ...)
+    baseline_widths: dict[str, dict[str, int]] = field(default_factory=dict)
+                                          # per-baseline uniform widths replacing the defaults
+                                          # (noah_ray.train.BASELINE_WIDTHS), e.g. {vpt: {vpt: 50}}
+    method_lr: dict[str, float] = field(default_factory=dict)
+                                          # per-method learning rate overriding `lr`, e.g. {full: 1.0e-4}
+    init: str | None = None               # (noah) start from these weights, a subnet artifact
+                                          # (noah-ray import-peft / export --out), instead of a fresh init
+
+    def check_own(self, where: str) -> None:
+        for k, v in self.method_lr.items():
+            if not type_ok(v, float) or v <= 0:
+                raise ConfigError(f"{where}.method_lr.{k}: {v!r} must be a learning rate > 0")
         for k, v in self.baseline_widths.items():
             if not isinstance(v, Mapping) or not all(isinstance(w, int) and w >= 0 for w in v.values()):
                 raise ConfigError(f"{where}.baseline_widths.{k}: {v!r} must map module names to widths >= 0, "
                                   f"e.g. {{vpt: 10}}")
+
+
+#: the two training sections by job key
+TRAIN_SECTIONS: dict[str, type[TrainConfig]] = {"supernet": SupernetConfig, "retrain": RetrainConfig}
 
 
 PRUNABLE: tuple[str, ...] = ("vpt", "kv_prompt")
@@ -246,10 +253,6 @@ class PruneConfig:
             raise ConfigError(f"prune.modules: {bad[0] if bad else 'an empty list'!r} cannot be pruned; "
                               f"use vpt and/or kv_prompt")
         object.__setattr__(self, "modules", tuple(self.modules))
-
-
-def _retrain_default() -> TrainConfig:
-    return TrainConfig(epochs=100, lr=1e-3)
 
 
 #: search algorithms (``noah_ray.search.SEARCHERS``): evolution is NOAH's generational search,
@@ -304,164 +307,6 @@ class SearchConfig:
             raise ConfigError(f"{where}: gpus_per_trial, trial_retries and param_min must be >= 0")
 
 
-#: short names of the tunable settings; any numeric ``model.*`` key and ``retrain.{lr, weight_decay,
-#: warmup_epochs, min_lr}`` may also be named by its path (e.g. ``model.prompt_dropout``)
-HPO_ALIASES: dict[str, str] = {"lr": "retrain.lr", "weight_decay": "retrain.weight_decay",
-                               "warmup_epochs": "retrain.warmup_epochs", "drop_path": "model.drop_path_rate",
-                               "lora_scale": "model.lora_scale"}
-HPO_RETRAIN_KEYS: tuple[str, ...] = ("lr", "weight_decay", "warmup_epochs", "min_lr")
-HPO_SEARCHERS: tuple[str, ...] = ("tpe", "random", "grid")
-HPO_SCHEDULERS: tuple[str, ...] = ("asha", "fifo")
-HPO_METRICS: dict[str, str] = {"val_acc": "max", "val_loss": "min"}
-
-
-@dataclass(frozen=True)
-class HpoParam:
-    """One dimension of the hyper-parameter space: a range (``low``..``high``, log-uniform when
-    ``log``) or a fixed set of ``values``; ``methods`` limits it to some retraining methods."""
-
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    values: tuple[float, ...] | None = None
-    methods: tuple[str, ...] | None = None
-
-    def check(self, where: str) -> None:
-        if self.values is not None:
-            if not self.values or not all(_type_ok(v, float) for v in self.values):
-                raise ConfigError(f"{where}.values: {list(self.values)!r} must be a non-empty list of numbers")
-            if self.log and min(self.values) <= 0:
-                raise ConfigError(f"{where}.values: log scale needs values > 0")
-            return
-        if self.low is None or self.high is None:
-            raise ConfigError(f"{where}: give low and high (or values)")
-        if not self.low < self.high:
-            raise ConfigError(f"{where}: low {self.low} must be below high {self.high}")
-        if self.log and self.low <= 0:
-            raise ConfigError(f"{where}: low {self.low} must be > 0 on a log scale (log: true)")
-
-    def __post_init__(self) -> None:
-        for k in ("values", "methods"):
-            if isinstance(getattr(self, k), list):
-                object.__setattr__(self, k, tuple(getattr(self, k)))
-
-    def bounds(self) -> tuple[float, float]:
-        vals = self.values if self.values is not None else (self.low, self.high)
-        return min(vals), max(vals)
-
-
-#: default range of each tunable setting; per method where it differs (``full`` trains the backbone)
-HPO_DEFAULT_RANGES: dict[str, HpoParam] = {
-    "retrain.lr": HpoParam(1e-4, 3e-2, log=True), "retrain.weight_decay": HpoParam(1e-5, 1e-1, log=True),
-    "retrain.warmup_epochs": HpoParam(0, 10), "retrain.min_lr": HpoParam(1e-7, 1e-4, log=True),
-    "model.drop_path_rate": HpoParam(0.0, 0.2), "model.lora_scale": HpoParam(0.25, 4.0, log=True)}
-HPO_METHOD_RANGES: dict[str, dict[str, HpoParam]] = {"full": {"retrain.lr": HpoParam(1e-5, 1e-3, log=True)}}
-HPO_DEFAULT_SPACE: tuple[str, ...] = ("lr", "weight_decay")
-
-
-def _numeric(tp: Any) -> bool:
-    """``float``, ``int`` or an optional one (not ``bool``)."""
-    return tp in (float, int) or (typing.get_origin(tp) in (typing.Union, types.UnionType)
-                                  and any(t in (float, int) for t in typing.get_args(tp)))
-
-
-def hpo_path(name: str, where: str) -> str:
-    """The config path a space name stands for (``lr`` -> ``retrain.lr``; a bare numeric model key
-    such as ``prompt_dropout`` -> ``model.prompt_dropout``); one-line error if none."""
-    numeric = [k for k, t in typing.get_type_hints(ModelConfig).items() if _numeric(t)]
-    path = HPO_ALIASES.get(name) or (f"model.{name}" if name in numeric else name)
-    section, _, key = path.partition(".")
-    if not ((section == "retrain" and key in HPO_RETRAIN_KEYS) or (section == "model" and key in numeric)):
-        raise ConfigError(f"{where}: {name!r} is not a tunable setting; use {', '.join(HPO_ALIASES)}, "
-                          f"retrain.<{'|'.join(HPO_RETRAIN_KEYS)}> or model.<{'|'.join(numeric)}>")
-    return path
-
-
-def hpo_is_int(path: str) -> bool:
-    section, _, key = path.partition(".")
-    cls = ModelConfig if section == "model" else TrainConfig
-    return typing.get_type_hints(cls)[key] is int
-
-
-def hpo_default(path: str, method: str | None = None) -> HpoParam | None:
-    """The default range of ``path`` for ``method`` (dropout rates: 0..0.3); None when there is none."""
-    if method in HPO_METHOD_RANGES and path in HPO_METHOD_RANGES[method]:
-        return HPO_METHOD_RANGES[method][path]
-    if path in HPO_DEFAULT_RANGES:
-        return HPO_DEFAULT_RANGES[path]
-    return HpoParam(0.0, 0.3) if path.endswith("dropout") else None
-
-
-@dataclass
-class HpoConfig:
-    """Hyper-parameter search of retraining and the baselines (``noah_ray.hpo``): per method,
-    ``trials`` Tune trials on ``data.train_split`` reporting ``metric`` on ``data.val_split``
-    every epoch; ``searcher`` proposes (``tpe``: Optuna TPE, ``random``, ``grid``), ``scheduler``
-    stops weak trials (``asha``) or not (``fifo``); the best trial's values then train the final
-    runs on ``data.final_train_split`` for every seed.  Every method gets the same budget."""
-
-    trials: int = 16                      # per method (grid: the number of grid points instead)
-    epochs: int | None = None             # epochs per trial (ASHA's max_t); default: retrain.epochs
-    max_concurrent: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0           # fractions share a GPU, e.g. 0.25
-    searcher: str = "tpe"                 # tpe | random | grid
-    scheduler: str = "asha"               # asha | fifo
-    grace_period: int = 1                 # ASHA: epochs before the first stop decision
-    reduction_factor: float = 4.0         # ASHA: keep the top 1/reduction_factor at each rung
-    metric: str = "val_acc"               # val_acc (max) | val_loss (min), reported every epoch
-    startup_trials: int | None = None     # TPE: random trials before the model; default max(2, trials // 4)
-    grid_points: int = 4                  # grid: points per range (log-spaced on a log range)
-    trial_retries: int = 1                # Tune retries of a crashed trial (from its last checkpoint)
-    seed: int = 0
-    space: dict[str, Any] = field(default_factory=dict)
-                                          # name -> {low, high, log, values, methods} or null (the default
-                                          # range); empty: lr and weight_decay
-    method_space: dict[str, dict[str, Any]] = field(default_factory=dict)
-                                          # per-method entries replacing / adding to `space`, e.g. {full: {lr: ...}}
-
-    def check(self, where: str) -> None:
-        for k, allowed in (("searcher", HPO_SEARCHERS), ("scheduler", HPO_SCHEDULERS), ("metric", HPO_METRICS)):
-            if getattr(self, k) not in allowed:
-                raise ConfigError(f"{where}.{k}: {getattr(self, k)!r} unknown; use {' or '.join(allowed)}")
-        _positive(where, trials=self.trials, max_concurrent=self.max_concurrent, cpus_per_trial=self.cpus_per_trial,
-                  grace_period=self.grace_period, epochs=self.epochs, startup_trials=self.startup_trials)
-        if self.reduction_factor <= 1 or self.grid_points < 2:
-            raise ConfigError(f"{where}: reduction_factor {self.reduction_factor} must be > 1 and grid_points "
-                              f"{self.grid_points} >= 2")
-        if self.gpus_per_trial < 0 or self.trial_retries < 0:
-            raise ConfigError(f"{where}: gpus_per_trial and trial_retries must be >= 0")
-        for method, extra in self.method_space.items():
-            if not isinstance(extra, Mapping):
-                raise ConfigError(f"{where}.method_space.{method}: expected a mapping of space entries")
-        for method in (None, *self.method_space):
-            self.params(method, where)
-
-    def params(self, method: str | None = None, where: str = "hpo") -> dict[str, HpoParam]:
-        """The space for ``method``: config path -> range (defaults filled in, not yet filtered by
-        the modules the method trains)."""
-        base = dict(self.space) if self.space else dict.fromkeys(HPO_DEFAULT_SPACE)
-        entries = {**base, **self.method_space.get(method, {})} if method else base
-        out: dict[str, HpoParam] = {}
-        for name, spec in entries.items():
-            w = f"{where}.space.{name}" if name in self.space else f"{where}.method_space.{method}.{name}"
-            path = hpo_path(name, w)
-            if spec is None or spec == {}:
-                default = hpo_default(path, method)
-                if default is None:
-                    raise ConfigError(f"{w}: no default range for {path}; give low and high (or values)")
-                out[path] = default
-                continue
-            if not isinstance(spec, Mapping):
-                raise ConfigError(f"{w}: {spec!r} must be a mapping {{low, high, log, values, methods}} or null")
-            spec = dict(spec)
-            default = hpo_default(path, method)
-            if "values" not in spec and default is not None:
-                spec.setdefault("log", default.log)
-            out[path] = section_from_dict(HpoParam, spec, w)
-        return out
-
-
 @dataclass
 class MlflowConfig:
     """Where MLflow runs go (``noah_ray.tracking``).  Credentials never go here: MLflow reads them
@@ -503,9 +348,9 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     space: SearchSpace = field(default_factory=SearchSpace)
-    supernet: TrainConfig = field(default_factory=TrainConfig)
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
-    retrain: TrainConfig = field(default_factory=_retrain_default)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
     prune: PruneConfig | None = None      # E2VPT pruning + rewinding after the e2vpt retraining
     hpo: HpoConfig | None = None          # hyper-parameter search before retraining (noah_ray.hpo)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)   # MLflow (noah_ray.tracking)
@@ -534,14 +379,11 @@ class JobConfig:
         if "space" in data:
             out.space = SearchSpace.from_dict(data["space"], f"{where}.space")
         if "supernet" in data:
-            out.supernet = section_from_dict(TrainConfig, data["supernet"], f"{where}.supernet")
+            out.supernet = SupernetConfig.from_dict(data["supernet"], f"{where}.supernet")
         if "search" in data:
             out.search = section_from_dict(SearchConfig, data["search"], f"{where}.search")
         if "retrain" in data:
-            if not isinstance(data["retrain"] or {}, Mapping):
-                raise ConfigError(f"{where}.retrain: expected a mapping, got {data['retrain']!r}")
-            merged = {"epochs": 100, "lr": 1e-3, **(data["retrain"] or {})}
-            out.retrain = section_from_dict(TrainConfig, merged, f"{where}.retrain")
+            out.retrain = RetrainConfig.from_dict(data["retrain"], f"{where}.retrain")
         if data.get("prune") is not None:
             out.prune = section_from_dict(PruneConfig, data["prune"], f"{where}.prune")
         if data.get("hpo") is not None:
@@ -570,9 +412,8 @@ class JobConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["space"] = self.space.to_dict()
-        for k in ("supernet", "retrain"):
-            out[k]["seeds"] = list(out[k]["seeds"])
-            out[k]["baselines"] = list(out[k]["baselines"])
+        out["retrain"]["seeds"] = list(out["retrain"]["seeds"])
+        out["retrain"]["baselines"] = list(out["retrain"]["baselines"])
         if out["prune"] is not None and out["prune"]["modules"] is not None:
             out["prune"]["modules"] = list(out["prune"]["modules"])
         if out["hpo"] is None:

@@ -30,7 +30,8 @@ import pyarrow as pa
 
 from noah_ray import storage
 from noah_ray.data import registry
-from noah_ray.space import MODULES, ConfigError, SubnetConfig
+from noah_ray.errors import ConfigError
+from noah_ray.space import MODULES, SubnetConfig
 
 #: which stage folders hold each table
 TABLE_STAGES = {"trials": ("search",), "generations": ("search",), "pareto": ("search",),

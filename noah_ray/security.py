@@ -19,7 +19,7 @@ import contextlib
 import re
 from typing import Iterator
 
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]+@")

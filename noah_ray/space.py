@@ -19,6 +19,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from noah_ray.errors import ConfigError, RunError  # noqa: F401  (re-exported during the move to noah_ray.errors)
+
 VPT = "vpt"
 LORA = "lora"
 ADAPTER = "adapter"
@@ -29,14 +31,6 @@ MODULES: tuple[str, ...] = (VPT, LORA, ADAPTER, KV_PROMPT)
 PAPER_DEPTHS: tuple[int, ...] = (3, 6, 9, 12)
 PAPER_VTAB_WIDTHS: tuple[int, ...] = (1, 5, 10)
 PAPER_FEWSHOT_WIDTHS: tuple[int, ...] = (5, 10, 50, 100)
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the value and the fix."""
-
-
-class RunError(RuntimeError):
-    """A stage stopped for a cause outside the config (data endpoint, corrupt file, ...); the message
-    names the first error, and running the same command again after fixing it resumes."""
 
 
 def yaml_problem(e: Exception) -> str:

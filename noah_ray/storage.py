@@ -27,8 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from noah_ray.errors import ConfigError
 from noah_ray.security import has_userinfo, redact
-from noah_ray.space import ConfigError
 
 #: version of the result-table schemas, stored in every Parquet file's metadata.
 #: 2: ``pareto`` has a ``timestamp``; epochs count from 1 (``train_metrics.epoch``, ``runs.best_epoch``),
