@@ -2,7 +2,8 @@
 
 Every query takes a URI: one job (``<storage>/<job>``), a whole storage root holding many jobs
 (one per VTAB task, say), or a single stage folder; the Parquet tables below it are found
-recursively.  Tables and their stage folders (schemas in :data:`noah_ray.storage.TABLES`)::
+recursively.  Tables and their stage folders (:data:`noah_ray.layout.TABLE_STAGES`; schemas in
+:data:`noah_ray.tables.TABLES`)::
 
     <job>/supernet/train_metrics   per epoch and evaluated subnet (smallest, largest, random_i)
     <job>/search/trials            one row per scored candidate (widths, params, val_acc, ...)
@@ -31,12 +32,8 @@ import pyarrow as pa
 from noah_ray import storage
 from noah_ray.data import registry
 from noah_ray.errors import ConfigError
+from noah_ray.layout import TABLE_STAGES
 from noah_ray.space import MODULES, SubnetConfig
-
-#: which stage folders hold each table
-TABLE_STAGES = {"trials": ("search",), "generations": ("search",), "pareto": ("search",),
-                "runs": ("retrain",), "train_metrics": ("supernet", "retrain"),
-                "hpo_trials": ("hpo",), "hpo_curves": ("hpo",)}
 
 
 def _stage_dirs(loc: storage.Location, table: str) -> list[storage.Location]:

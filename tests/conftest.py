@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +24,48 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+TINY_VIT = "vit_noah_tiny_patch4_32"
+
+#: the smallest job that runs every stage: the tiny ViT on a generated task, one epoch each
+TINY_JOB: dict[str, Any] = {
+    "name": "tiny",
+    "data": {"dataset": "gen_color", "batch_size": 8, "num_workers": 0},
+    "model": {"name": TINY_VIT, "drop_path_rate": 0.0},
+    "space": {"num_layers": 12, "modules": {"lora": {"widths": [1, 2]}, "adapter": {"widths": [1, 2]}}},
+    "supernet": {"epochs": 1},
+    "search": {"generations": 1, "population": 4, "top_k": 2, "mutations": 1, "crossovers": 1,
+               "param_limit": 0.01},
+    "retrain": {"epochs": 1},
+}
+
+
+def make_tiny_job(data_root: str | Path | None = None, storage: str | Path | None = None,
+                  **sections: Any) -> dict[str, Any]:
+    """A fresh copy of :data:`TINY_JOB` (a job dict, as a YAML file holds it) with ``data.root``
+    and ``storage`` set and ``sections`` applied: a mapping updates that section key by key, a
+    scalar (``name=...``) replaces the value, ``None`` drops the section (its defaults apply)."""
+    job = copy.deepcopy(TINY_JOB)
+    if data_root is not None:
+        job["data"]["root"] = str(data_root)
+    if storage is not None:
+        job["storage"] = str(storage)
+    for key, value in sections.items():
+        if value is None:
+            job.pop(key, None)
+        elif isinstance(value, dict) and isinstance(job.get(key), dict):
+            job[key] = {**job[key], **copy.deepcopy(value)}
+        else:
+            job[key] = copy.deepcopy(value)
+    return job
+
+
+@pytest.fixture(scope="session")
+def tiny_job():
+    """``tiny_job(data_root, storage, **sections) -> dict``: see :func:`make_tiny_job`; give the
+    dict to ``JobConfig.from_dict`` or write it as the YAML a command reads."""
+    return make_tiny_job
 
 
 @pytest.fixture(scope="module")
