@@ -187,8 +187,18 @@ class SubnetConfig:
         return cls({m: (w,) * num_layers for m, w in module_width.items()})
 
     # ------------------------------------------------------------ round trip
+    # One encoding everywhere: ``to_dict()`` ({module: [width per layer]}) is what subnet YAML
+    # files, the ``subnet`` of ``meta.json`` / ``spec.json`` / artifacts and (as JSON text) the
+    # Parquet ``config_json`` columns hold.  Older files are still read: YAML wrapped in a
+    # ``widths:`` key (from_dict) and ``meta.json`` holding the JSON text (:meth:`decode`).
     def to_dict(self) -> dict[str, list[int]]:
         return {m: list(ws) for m, ws in self.widths.items()}
+
+    @classmethod
+    def decode(cls, value: Mapping[str, Any] | str) -> "SubnetConfig":
+        """A subnet as any file of ours records it: the :meth:`to_dict` mapping, or the JSON text
+        of one (``meta.json`` before the encodings were unified, the Parquet columns)."""
+        return cls.from_json(value) if isinstance(value, str) else cls.from_dict(value)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SubnetConfig":
@@ -210,7 +220,7 @@ class SubnetConfig:
             raise ConfigError(f"subnet config is not valid JSON ({e}); fix the file") from None
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump({"widths": self.to_dict()}, default_flow_style=None, sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), default_flow_style=None, sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str) -> "SubnetConfig":

@@ -61,18 +61,6 @@ def backbone_bytes() -> bytes:
     return save(create_backbone("vit_noah_tiny_patch4_32", 4).state_dict())
 
 
-def base_cfg(world: World) -> dict:
-    return {
-        "name": "tiny", "storage": str(world.store),
-        "data": {"root": str(world.data), "dataset": "gen_color", "batch_size": 8, "num_workers": 0},
-        "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
-        "space": {"num_layers": 12, "modules": {"lora": {"widths": [1, 2]}, "adapter": {"widths": [1, 2]}}},
-        "supernet": {"epochs": 1},
-        "search": {"generations": 1, "population": 4, "top_k": 2, "mutations": 1, "crossovers": 1,
-                   "param_limit": 0.01},
-        "retrain": {"epochs": 1}}
-
-
 # ------------------------------------------------------------------ case helpers
 def edit_line(path: Path, index: int, fn: Callable[[str], str]) -> None:
     lines = path.read_text().splitlines()
@@ -258,13 +246,13 @@ def checksums(root: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_before_ray_and_changes_nothing(case, tmp_path, template, backbone_bytes,
-                                                              monkeypatch, capsys):
+                                                              monkeypatch, capsys, tiny_job):
     import ray
 
     mutate, argv, needle = CASES[case]
     shutil.copytree(template, tmp_path / "data")
     world = World(tmp_path, tmp_path / "data", tmp_path / "store", {}, tmp_path / "job.yaml", backbone_bytes)
-    world.cfg = base_cfg(world)
+    world.cfg = tiny_job(world.data, world.store)
     storage.append_table(storage.resolve(str(world.store)).join("earlier", "retrain"), "runs",
                          pa.Table.from_pylist([{"run_id": "noah-seed0", "job": "earlier", "test_acc": 71.5}]))
     mutate(world)

@@ -30,18 +30,6 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_config(data_root: Path, storage_uri: str) -> dict:
-    return {
-        "name": "tiny", "storage": storage_uri,
-        "data": {"root": str(data_root), "dataset": "gen_color", "batch_size": 8, "num_workers": 0},
-        "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
-        "space": {"num_layers": 12, "modules": {"lora": {"widths": [1, 2]}, "adapter": {"widths": [1, 2]}}},
-        "supernet": {"epochs": 1}, "search": {"generations": 1, "population": 4, "top_k": 2, "mutations": 1,
-                                              "crossovers": 1, "param_limit": 0.01},
-        "retrain": {"epochs": 1},
-    }
-
-
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     rc = cli.main(list(argv))
     out, err = capsys.readouterr()
@@ -112,9 +100,9 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_config_is_one_line_and_writes_nothing(case, tmp_path, data_root, capsys):
+def test_bad_config_is_one_line_and_writes_nothing(case, tmp_path, data_root, capsys, tiny_job):
     mutate, message = BAD[case]
-    cfg = tiny_config(data_root, str(tmp_path / "results"))
+    cfg = tiny_job(data_root, str(tmp_path / "results"))
     mutate(cfg)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -127,9 +115,9 @@ def test_bad_config_is_one_line_and_writes_nothing(case, tmp_path, data_root, ca
     assert not (tmp_path / "results").exists()
 
 
-def test_missing_generated_data_is_not_an_error_but_other_data_is(tmp_path, capsys):
+def test_missing_generated_data_is_not_an_error_but_other_data_is(tmp_path, capsys, tiny_job):
     """A generated task is written by the pipeline; a real dataset folder must exist up front."""
-    cfg = tiny_config(tmp_path / "nodata", str(tmp_path / "results"))
+    cfg = tiny_job(tmp_path / "nodata", str(tmp_path / "results"))
     cfg["data"]["dataset"] = "dtd"
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -143,9 +131,9 @@ def test_missing_generated_data_is_not_an_error_but_other_data_is(tmp_path, caps
     assert not (tmp_path / "nodata").exists()
 
 
-def test_set_overrides(tmp_path, data_root, capsys):
+def test_set_overrides(tmp_path, data_root, capsys, tiny_job):
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(data_root, str(tmp_path / "r"))))
+    path.write_text(yaml.safe_dump(tiny_job(data_root, str(tmp_path / "r"))))
     job = cli.load_job(str(path), ["search.generations=7", "retrain.seeds=[0, 1, 2]", "storage=s3://b/p",
                                    "model.checkpoint=null"])
     assert job.search.generations == 7 and job.retrain.seeds == (0, 1, 2) and job.storage == "s3://b/p"
@@ -158,9 +146,9 @@ def test_set_overrides(tmp_path, data_root, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_retrain_rejects_bad_method_and_subnet(tmp_path, data_root, capsys):
+def test_retrain_rejects_bad_method_and_subnet(tmp_path, data_root, capsys, tiny_job):
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(data_root, str(tmp_path / "r"))))
+    path.write_text(yaml.safe_dump(tiny_job(data_root, str(tmp_path / "r"))))
     rc, _, err = run_cli(capsys, "retrain", "--config", str(path), "--method", "prompt")
     assert rc == 1 and "retrain method 'prompt' unknown" in err
     sub = tmp_path / "subnet.yaml"
@@ -241,8 +229,8 @@ def test_demo_end_to_end(tmp_path):
     assert set(results.supernet_curves(str(out / "demo"))["epoch"]) == {1} and set(runs["best_epoch"]) == {1}
 
 
-def test_unreachable_s3_fails_fast_in_one_line(tmp_path, data_root, capsys):
-    cfg = tiny_config(data_root, "s3://bucket/noah")
+def test_unreachable_s3_fails_fast_in_one_line(tmp_path, data_root, capsys, tiny_job):
+    cfg = tiny_job(data_root, "s3://bucket/noah")
     cfg["storage_endpoint"] = "http://127.0.0.1:1"           # nothing listens there
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -31,31 +31,26 @@ def test_config_refuses_credentials_in_the_tracking_uri():
     assert tracking.redact(f"s3://AKIA:{SECRET}@bucket/noah") == "s3://bucket/noah"
 
 
-def tiny_tracked_job(tmp_path: Path) -> JobConfig:
-    return JobConfig.from_dict({
-        "name": "tracked", "storage": str(tmp_path / "results"),
-        "data": {"root": str(tmp_path / "data"), "dataset": "gen_color", "num_workers": 0, "batch_size": 16,
-                 "eval_batch_size": 16},
-        "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
-        "space": {"num_layers": 12, "modules": {"lora": {"widths": [1, 2]}, "adapter": {"widths": [1, 2]}}},
-        "supernet": {"epochs": 2, "warmup_epochs": 0, "eval_random_subnets": 0, "max_failures": 0},
-        "search": {"generations": 1, "population": 4, "top_k": 2, "mutations": 1, "crossovers": 1,
-                   "param_limit": 0.01, "max_concurrent": 2},
-        "retrain": {"epochs": 1, "warmup_epochs": 0, "max_failures": 0},
-        "tracking": {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "noah-test",
-                                "artifact_location": str(tmp_path / "artifacts")}},
-    })
+def tiny_tracked_job(tiny_job, tmp_path: Path) -> JobConfig:
+    return JobConfig.from_dict(tiny_job(
+        tmp_path / "data", tmp_path / "results", name="tracked",
+        data={"batch_size": 16, "eval_batch_size": 16},
+        supernet={"epochs": 2, "warmup_epochs": 0, "eval_random_subnets": 0, "max_failures": 0},
+        search={"max_concurrent": 2}, retrain={"warmup_epochs": 0, "max_failures": 0},
+        tracking={"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "noah-test",
+                             "artifact_location": str(tmp_path / "artifacts")}}))
 
 
 @pytest.mark.slow
-def test_pipeline_logs_stages_epochs_trials_and_artifacts(ray_session, tmp_path, monkeypatch, one_thread):
+def test_pipeline_logs_stages_epochs_trials_and_artifacts(ray_session, tmp_path, monkeypatch, one_thread,
+                                                         tiny_job):
     from noah_ray import pipeline
     from noah_ray.data import write_generated_vtab
 
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=16, num_val=8, num_test=8)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)          # in the driver's environment
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
-    job = tiny_tracked_job(tmp_path)
+    job = tiny_tracked_job(tiny_job, tmp_path)
     summary = pipeline.run_stages(job)
     client = MlflowClient(tracking_uri=job.tracking.mlflow.tracking_uri)
     exp = client.get_experiment_by_name("noah-test")
@@ -98,7 +93,7 @@ def test_pipeline_logs_stages_epochs_trials_and_artifacts(ray_session, tmp_path,
 
 @pytest.mark.slow
 def test_hpo_logs_a_run_per_method_with_nested_trials_and_the_chosen_values(ray_session, tmp_path, monkeypatch,
-                                                                           one_thread):
+                                                                           one_thread, tiny_job):
     import io
 
     from noah_ray import pipeline, progress
@@ -106,7 +101,7 @@ def test_hpo_logs_a_run_per_method_with_nested_trials_and_the_chosen_values(ray_
 
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=16, num_val=8, num_test=8)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    d = tiny_tracked_job(tmp_path).to_dict()
+    d = tiny_tracked_job(tiny_job, tmp_path).to_dict()
     d["retrain"].update(method="lora", baselines=[], seeds=[0], epochs=2)
     d["hpo"] = {"trials": 2, "epochs": 2, "searcher": "random", "scheduler": "fifo", "max_concurrent": 2,
                 "space": {"lr": {"low": 1e-3, "high": 1e-1}}}
