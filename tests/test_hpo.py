@@ -25,15 +25,13 @@ from noah_ray.train import subnet_for
 TINY = "vit_noah_tiny_patch4_32"
 
 
-def job_dict(root: Path, store: str, **hpo) -> dict:
-    return {"name": "h", "storage": store,
-            "data": {"root": str(root), "dataset": "gen_color", "batch_size": 32, "eval_batch_size": 32,
-                     "num_workers": 0},
-            "model": {"name": TINY, "drop_path_rate": 0.0},
-            "space": {"num_layers": 12, "modules": {"lora": {"depths": [12], "widths": [4]}}},
-            "retrain": {"epochs": 2, "lr": 3e-3, "warmup_epochs": 0, "method": "lora", "seeds": [0],
-                        "max_failures": 0},
-            "hpo": {"trials": 4, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2, **hpo}}
+def job_dict(tiny_job, root: Path, store: str, **hpo) -> dict:
+    return tiny_job(root, store, name="h", data={"batch_size": 32, "eval_batch_size": 32},
+                    space={"num_layers": 12, "modules": {"lora": {"depths": [12], "widths": [4]}}},
+                    supernet=None, search=None,
+                    retrain={"epochs": 2, "lr": 3e-3, "warmup_epochs": 0, "method": "lora", "seeds": [0],
+                             "max_failures": 0},
+                    hpo={"trials": 4, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 2, **hpo})
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +116,10 @@ def test_trial_table_reads_back_with_pandas(tmp_path):
     assert all(p.stat().st_size > 5000 for p in pngs)
 
 
-def test_hpo_command_without_a_section_is_one_line_before_ray_starts(data_root, tmp_path, capsys):
+def test_hpo_command_without_a_section_is_one_line_before_ray_starts(data_root, tmp_path, capsys, tiny_job):
     from noah_ray import cli
 
-    cfg = job_dict(data_root, str(tmp_path / "store"))
+    cfg = job_dict(tiny_job, data_root, str(tmp_path / "store"))
     del cfg["hpo"]
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
     rc = cli.main(["hpo", "--config", str(tmp_path / "job.yaml"), "--address", "127.0.0.1:9"])
@@ -132,11 +130,11 @@ def test_hpo_command_without_a_section_is_one_line_before_ray_starts(data_root, 
 
 # ----------------------------------------------------------------------------- Ray Tune
 @pytest.mark.slow
-def test_asha_stops_weak_trials_and_the_chosen_values_reach_the_final_run(ray_session, data_root, tmp_path):
+def test_asha_stops_weak_trials_and_the_chosen_values_reach_the_final_run(ray_session, data_root, tmp_path, tiny_job):
     from noah_ray import pipeline
 
     # grid in this order: two good learning rates first, so the two tiny ones meet full rungs
-    job = JobConfig.from_dict(job_dict(data_root, str(tmp_path), searcher="grid",
+    job = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path), searcher="grid",
                                        space={"lr": {"values": [3e-2, 1e-2, 1e-6, 1e-7]}}))
     summary = pipeline.run_stages(job, ("hpo", "retrain"))
     trials = results.hpo(str(tmp_path / "h"))
@@ -167,7 +165,7 @@ def test_asha_stops_weak_trials_and_the_chosen_values_reach_the_final_run(ray_se
     assert again["retrain"]["lora"]["runs"] == summary["retrain"]["lora"]["runs"]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "h").rglob("*.parquet") if "runs" not in p.parts} == files
     assert len(results.runs(str(tmp_path / "h"))) == 1
-    changed = JobConfig.from_dict(job_dict(data_root, str(tmp_path), searcher="grid",
+    changed = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path), searcher="grid",
                                            space={"lr": {"values": [3e-2, 1e-3]}}))
     with pytest.raises(ConfigError, match="was started with other space.retrain.lr"):
         pipeline.run_stages(changed, ("hpo",))
@@ -182,12 +180,12 @@ def _ended(store: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_sigkilled_search_resumes_without_rerunning_a_finished_trial(ray_session, data_root, tmp_path):
+def test_sigkilled_search_resumes_without_rerunning_a_finished_trial(ray_session, data_root, tmp_path, tiny_job):
     """``noah-ray hpo`` in a subprocess (on the session's Ray) is SIGKILLed once a trial has ended;
     the same command again finishes the search: the ended trial's curve is not written again."""
     store = tmp_path / "store"
     cfg = tmp_path / "job.yaml"
-    cfg.write_text(yaml.safe_dump(job_dict(data_root, str(store), trials=3, max_concurrent=1, searcher="tpe",
+    cfg.write_text(yaml.safe_dump(job_dict(tiny_job, data_root, str(store), trials=3, max_concurrent=1, searcher="tpe",
                                            startup_trials=2, scheduler="fifo",
                                            space={"lr": {"low": 1e-3, "high": 3e-2}})))
     cmd = [sys.executable, "-m", "noah_ray.cli", "hpo", "--config", str(cfg),

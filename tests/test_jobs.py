@@ -161,7 +161,7 @@ def ray_head():
 
 
 @pytest.mark.slow
-def test_job_submission_writes_parquet_to_s3(ray_head, s3_bucket, tmp_path):
+def test_job_submission_writes_parquet_to_s3(ray_head, s3_bucket, tmp_path, tiny_job):
     from ray.job_submission import JobStatus
 
     from noah_ray import results
@@ -170,16 +170,13 @@ def test_job_submission_writes_parquet_to_s3(ray_head, s3_bucket, tmp_path):
     url, client = ray_head
     endpoint, bucket = s3_bucket
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=48, num_val=24, num_test=24)
-    cfg = {
-        "name": "submitted", "storage": f"s3://{bucket}/noah", "storage_endpoint": endpoint,
-        "data": {"root": str(tmp_path / "data"), "dataset": "gen_color", "batch_size": 16, "num_workers": 0},
-        "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
-        "space": {"num_layers": 12, "modules": {"lora": {"widths": [1, 4]}, "adapter": {"widths": [1, 4]}}},
-        "supernet": {"epochs": 1, "warmup_epochs": 0, "eval_random_subnets": 0},
-        "search": {"generations": 1, "population": 3, "top_k": 1, "mutations": 1, "crossovers": 0,
-                   "param_limit": 0.01, "max_concurrent": 1, "hold_actors": False},
-        "retrain": {"epochs": 1, "warmup_epochs": 0},
-    }
+    cfg = tiny_job(
+        tmp_path / "data", f"s3://{bucket}/noah", name="submitted", storage_endpoint=endpoint,
+        data={"batch_size": 16},
+        space={"num_layers": 12, "modules": {"lora": {"widths": [1, 4]}, "adapter": {"widths": [1, 4]}}},
+        supernet={"warmup_epochs": 0, "eval_random_subnets": 0},
+        search={"population": 3, "top_k": 1, "crossovers": 0, "max_concurrent": 1, "hold_actors": False},
+        retrain={"warmup_epochs": 0})
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(cfg))
     job_id = client.submit_job(

@@ -119,7 +119,7 @@ def test_unrepresentable_adapters_are_refused_in_one_line(case, tmp_path, backbo
     assert not (tmp_path / "out").exists()
 
 
-def test_init_weights_are_checked_against_the_job(tmp_path, backbone_file):
+def test_init_weights_are_checked_against_the_job(tmp_path, backbone_file, tiny_job):
     model = our_model(backbone_file, lora_scale=0.5)
     export_peft(model, str(tmp_path / "peft"))
     assert main(["import-peft", str(tmp_path / "peft"), "--out", str(tmp_path / "art"),
@@ -156,13 +156,11 @@ def test_retraining_starts_from_the_imported_weights(ray_session, tmp_path, back
     export_peft(model, str(tmp_path / "peft"))
     assert main(["import-peft", str(tmp_path / "peft"), "--out", str(tmp_path / "art"),
                  "--backbone-checkpoint", backbone_file]) == 0
-    job = JobConfig.from_dict({
-        "name": "init", "storage": str(tmp_path / "r"),
-        "data": {"root": str(tmp_path / "data"), "dataset": "gen_color", "batch_size": 8, "num_workers": 0},
-        "model": {"name": TINY, "checkpoint": backbone_file, "drop_path_rate": 0.0, "lora_scale": 1.0},
-        "space": {"num_layers": 12, "modules": {"lora": {"widths": [1, 8]}}},
-        "retrain": {"epochs": 1, "lr": 1e-9, "min_lr": 0.0, "weight_decay": 0.0, "warmup_epochs": 0,
-                    "max_failures": 0, "init": str(tmp_path / "art")}})
+    job = JobConfig.from_dict(tiny_job(
+        tmp_path / "data", tmp_path / "r", name="init", model={"checkpoint": backbone_file, "lora_scale": 1.0},
+        space={"num_layers": 12, "modules": {"lora": {"widths": [1, 8]}}}, supernet=None, search=None,
+        retrain={"epochs": 1, "lr": 1e-9, "min_lr": 0.0, "weight_decay": 0.0, "warmup_epochs": 0,
+                 "max_failures": 0, "init": str(tmp_path / "art")}))
     res = retrain(job, SubnetConfig.load(tmp_path / "art" / "subnet.yaml"), method="noah")
     best, _ = storage.load_state(storage.resolve(res.metrics["checkpoint_uri"]))
     want = model.trainable_state_dict()

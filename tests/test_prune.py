@@ -352,7 +352,7 @@ def test_segment_scores_of_pruned_segments_are_zero():
 
 
 # ----------------------------------------------------------------------------- in the retraining job
-def test_e2vpt_retraining_prunes_rewinds_and_retrains_on_ray(ray_session, tmp_path):
+def test_e2vpt_retraining_prunes_rewinds_and_retrains_on_ray(ray_session, tmp_path, tiny_job):
     """The job's ``prune`` section: the e2vpt run is followed by scoring, a stored plan and a
     second (rewound, pruned) run whose row reports fewer, effective parameters."""
     from noah_ray import storage
@@ -363,12 +363,12 @@ def test_e2vpt_retraining_prunes_rewinds_and_retrains_on_ray(ray_session, tmp_pa
     from noah_ray.train import retrain, retrain_seeds
 
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=48, num_val=16, num_test=16)
-    spec = {"name": "e2", "storage": str(tmp_path / "out"),
-            "data": {"root": str(tmp_path / "data"), "dataset": "gen_color", "batch_size": 16, "num_workers": 0},
-            "model": {"name": MODEL, "drop_path_rate": 0.0, "recipe": "modern"},   # our pruning: per layer, KV too
-            "retrain": {"epochs": 2, "lr": 3e-3, "warmup_epochs": 0, "seeds": [0], "baselines": ["e2vpt"],
-                        "baseline_widths": {"e2vpt": {"vpt": 4, "kv_prompt": 4}}},
-            "prune": {"token_fraction": 0.5, "segment_fraction": 0.25, "num_segments": 4, "score_batches": 2}}
+    spec = tiny_job(tmp_path / "data", tmp_path / "out", name="e2", data={"batch_size": 16},
+                    model={"name": MODEL, "recipe": "modern"},   # our pruning: per layer, KV too
+                    space=None, supernet=None, search=None,
+                    retrain={"epochs": 2, "lr": 3e-3, "warmup_epochs": 0, "seeds": [0], "baselines": ["e2vpt"],
+                             "baseline_widths": {"e2vpt": {"vpt": 4, "kv_prompt": 4}}},
+                    prune={"token_fraction": 0.5, "segment_fraction": 0.25, "num_segments": 4, "score_batches": 2})
     job = JobConfig.from_dict(spec)
     validate_job(job)
     assert JobConfig.from_dict(job.to_dict()).prune == job.prune  # round trip (YAML-safe lists)

@@ -223,18 +223,13 @@ def test_the_lease_is_renewed_while_held(tmp_path):
 
 
 # ------------------------------------------------------------------ 8. finished stages without Ray
-def _finished_job(tmp_path: Path, data_root: Path) -> JobConfig:
+def _finished_job(tiny_job, tmp_path: Path, data_root: Path) -> JobConfig:
     """A job whose supernet and search are finished in storage (written without Ray)."""
     from noah_ray.train import _spec, job_root
 
-    job = JobConfig.from_dict({
-        "name": "done", "storage": str(tmp_path / "store"),
-        "data": {"root": str(data_root), "dataset": "gen_color", "batch_size": 8, "num_workers": 0},
-        "model": {"name": "vit_noah_tiny_patch4_32"},
-        "space": {"num_layers": 12, "modules": {"lora": {"depths": [3, 6], "widths": [1, 2]}}},
-        "supernet": {"epochs": 1},
-        "search": {"generations": 1, "population": 4, "top_k": 2, "mutations": 1, "crossovers": 1,
-                   "param_limit": 0.01}})
+    job = JobConfig.from_dict(tiny_job(
+        data_root, tmp_path / "store", name="done", model={"drop_path_rate": 0.1}, retrain=None,
+        space={"num_layers": 12, "modules": {"lora": {"depths": [3, 6], "widths": [1, 2]}}}))
     run = job_root(job).join("supernet")
     spec = _spec(job, "supernet", "noah", None, job.supernet.lr, job.supernet.seed, 4)
     storage.write_text(run.join("spec.json"), json.dumps(spec))
@@ -249,14 +244,14 @@ def _finished_job(tmp_path: Path, data_root: Path) -> JobConfig:
     return job
 
 
-def test_finished_stages_answer_from_storage_without_starting_ray(tmp_path, monkeypatch, capsys):
+def test_finished_stages_answer_from_storage_without_starting_ray(tmp_path, monkeypatch, capsys, tiny_job):
     import yaml
 
     from noah_ray import cli, pipeline
     from noah_ray.data import write_generated_vtab
 
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=8, num_val=4, num_test=4)
-    job = _finished_job(tmp_path, tmp_path / "data")
+    job = _finished_job(tiny_job, tmp_path, tmp_path / "data")
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job.to_dict()))
     started = []
@@ -294,7 +289,8 @@ def _upload(local: Path, loc: storage.Location) -> None:
 
 
 @pytest.mark.slow
-def test_search_with_data_and_storage_on_s3_writes_no_secret(ray_session, s3_bucket, tmp_path, monkeypatch):
+def test_search_with_data_and_storage_on_s3_writes_no_secret(ray_session, s3_bucket, tmp_path, monkeypatch,
+                                                             tiny_job):
     """Data root and storage on the local S3 endpoint (the search's validation loader must use
     ``storage_endpoint``); with distinctive credentials in the driver's environment, no byte of
     them (plain or base64) reaches Ray's session directory or the storage."""
@@ -308,13 +304,11 @@ def test_search_with_data_and_storage_on_s3_writes_no_secret(ray_session, s3_buc
     endpoint, bucket = s3_bucket
     write_generated_vtab(tmp_path / "data", "gen_shape", num_train=8, num_val=16, num_test=4)
     _upload(tmp_path / "data", storage.resolve(f"s3://{bucket}/data", endpoint))
-    job = JobConfig.from_dict({
-        "name": "s3job", "storage": f"s3://{bucket}/store", "storage_endpoint": endpoint,
-        "data": {"root": f"s3://{bucket}/data", "dataset": "gen_shape", "num_workers": 0, "eval_batch_size": 8},
-        "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
-        "space": {"num_layers": 12, "modules": {"lora": {"depths": [3, 6], "widths": [1, 2]}}},
-        "search": {"generations": 1, "population": 4, "top_k": 2, "mutations": 1, "crossovers": 1,
-                   "param_limit": 0.01, "max_concurrent": 2, "trial_retries": 0}})
+    job = JobConfig.from_dict(tiny_job(
+        f"s3://{bucket}/data", f"s3://{bucket}/store", name="s3job", storage_endpoint=endpoint,
+        data={"dataset": "gen_shape", "batch_size": 64, "eval_batch_size": 8}, supernet=None, retrain=None,
+        space={"num_layers": 12, "modules": {"lora": {"depths": [3, 6], "widths": [1, 2]}}},
+        search={"max_concurrent": 2, "trial_retries": 0}))
     model = build_model(job, None, ensure_backbone(job), 4)
     storage.save_state(job_root(job).join("supernet", "final"), model.trainable_state_dict(),
                        {"num_classes": 4, "epochs_done": 1})
@@ -342,7 +336,7 @@ def test_search_with_data_and_storage_on_s3_writes_no_secret(ray_session, s3_buc
 
 # ------------------------------------------------------------------ 6. non-retryable errors in workers
 @pytest.mark.slow
-def test_a_corrupt_image_found_in_a_worker_ends_after_one_attempt(ray_session, tmp_path, capsys):
+def test_a_corrupt_image_found_in_a_worker_ends_after_one_attempt(ray_session, tmp_path, capsys, tiny_job):
     """An image whose header reads but whose pixels do not passes the preflight; the worker's
     ConfigError is not retried (max_failures 2) and ends the command with one line."""
     import ray
@@ -355,11 +349,9 @@ def test_a_corrupt_image_found_in_a_worker_ends_after_one_attempt(ray_session, t
     ds = tmp_path / "data" / "gen_color"
     bad = ds / (ds / "train800.txt").read_text().split()[0]
     bad.write_bytes(bad.read_bytes()[:100])
-    cfg = {"name": "corrupt", "storage": str(tmp_path / "store"),
-           "data": {"root": str(tmp_path / "data"), "dataset": "gen_color", "batch_size": 8, "num_workers": 0},
-           "model": {"name": "vit_noah_tiny_patch4_32"},
-           "space": {"num_layers": 12, "modules": {"lora": {"depths": [3], "widths": [1]}}},
-           "supernet": {"epochs": 1, "max_failures": 2, "eval_random_subnets": 0}}
+    cfg = tiny_job(tmp_path / "data", tmp_path / "store", name="corrupt", model={"drop_path_rate": 0.1},
+                   space={"num_layers": 12, "modules": {"lora": {"depths": [3], "widths": [1]}}},
+                   supernet={"max_failures": 2, "eval_random_subnets": 0}, search=None, retrain=None)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     rc = cli.main(["supernet", "--config", str(path)])

@@ -295,7 +295,7 @@ def val_data(job, model):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_job):
     """A randomised tiny supernet (backbone file + trainable state written with storage.save_state)
     and a generated 4-class task in the VTAB-1k layout with 32 validation images."""
     import torch
@@ -309,7 +309,7 @@ def tiny(tmp_path_factory):
     write_generated_vtab(root / "data", "gen_shape", num_train=32, num_val=32, num_test=8, img_size=32)
     torch.manual_seed(0)
     save_file(create_backbone("vit_noah_tiny_patch4_32", 4).state_dict(), str(root / "backbone.safetensors"))
-    job = tiny_job(root, str(root / "unused"))
+    job = search_job(tiny_job, root, str(root / "unused"))
     model = PromptedViT.supernet(job.model.name, 4, job.space, job.model.checkpoint)
     for p in model.parameters():
         if p.requires_grad:
@@ -317,18 +317,17 @@ def tiny(tmp_path_factory):
     return root, model.trainable_state_dict()
 
 
-def tiny_job(root: Path, store: str, endpoint: str | None = None, checkpoint: bool = True, **search) -> JobConfig:
-    return JobConfig.from_dict({
-        "name": "tiny", "storage": store, "storage_endpoint": endpoint,
-        "data": {"root": str(root / "data"), "dataset": "gen_shape", "num_workers": 0, "batch_size": 16,
-                 "eval_batch_size": 16},
-        "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0,
-                  "checkpoint": str(root / "backbone.safetensors") if checkpoint else None},
-        "space": TINY_SPACE,
-        "supernet": {"epochs": 2, "lr": 3e-3, "warmup_epochs": 0, "num_workers": 1, "eval_random_subnets": 0,
-                     "max_failures": 0},
-        "search": {"generations": 3, "population": 4, "top_k": 2, "mutations": 1, "crossovers": 1,
-                   "param_limit": 0.004, "max_concurrent": 2, "cpus_per_trial": 1, **search}})
+def search_job(tiny_job, root: Path, store: str, endpoint: str | None = None, checkpoint: bool = True,
+               **search) -> JobConfig:
+    return JobConfig.from_dict(tiny_job(
+        root / "data", store, storage_endpoint=endpoint,
+        data={"dataset": "gen_shape", "batch_size": 16, "eval_batch_size": 16},
+        model={"checkpoint": str(root / "backbone.safetensors") if checkpoint else None},
+        space=TINY_SPACE, retrain=None,
+        supernet={"epochs": 2, "lr": 3e-3, "warmup_epochs": 0, "num_workers": 1, "eval_random_subnets": 0,
+                  "max_failures": 0},
+        search={"generations": 3, "population": 4, "top_k": 2, "mutations": 1, "crossovers": 1,
+                "param_limit": 0.004, "max_concurrent": 2, "cpus_per_trial": 1, **search}))
 
 
 def save_supernet(job: JobConfig, state) -> str:
@@ -338,14 +337,14 @@ def save_supernet(job: JobConfig, state) -> str:
 
 
 @pytest.mark.slow
-def test_supernet_then_search_on_s3(ray_session, s3_bucket, tiny, s3_markers):
+def test_supernet_then_search_on_s3(ray_session, s3_bucket, tiny, s3_markers, tiny_job):
     """The product flow on S3: train a tiny supernet (2 epochs), then search it (the trainable
     loads the supernet with noah_ray.train.load_supernet, the val split with noah_ray.data)."""
     from noah_ray.train import train_supernet
 
     root, _ = tiny
     endpoint, bucket = s3_bucket
-    job = tiny_job(root, f"s3://{bucket}/runs", endpoint, checkpoint=False)
+    job = search_job(tiny_job, root, f"s3://{bucket}/runs", endpoint, checkpoint=False)
     train_supernet(job)
     result = run_search(job)
     assert result.finished and result.generations == 3 and result.evaluated + result.failed == 12
@@ -398,9 +397,9 @@ def scored_keys(tune_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_search_resumes_without_scoring_twice(ray_session, tmp_path, tiny):
+def test_killed_search_resumes_without_scoring_twice(ray_session, tmp_path, tiny, tiny_job):
     root, state = tiny
-    job = tiny_job(root, str(tmp_path / "store"))
+    job = search_job(tiny_job, root, str(tmp_path / "store"))
     loader = functools.partial(load_supernet_state, uri=save_supernet(job, state))
     first = run_search(job, loader=loader, val_data=val_data, stop=StopAfter(6))
     assert not first.finished and 6 <= first.evaluated < 12 and first.best_subnet_uri is None
@@ -408,7 +407,7 @@ def test_killed_search_resumes_without_scoring_twice(ray_session, tmp_path, tiny
     assert len(scored_keys(tune_dir)) == first.evaluated
     with pytest.raises(ConfigError, match="already exists.*resume=True"):
         run_search(job, loader=loader, val_data=val_data, resume=False)
-    changed = tiny_job(root, str(tmp_path / "store"), param_limit=0.005)
+    changed = search_job(tiny_job, root, str(tmp_path / "store"), param_limit=0.005)
     with pytest.raises(ConfigError, match=r"param_limit=0.004, now 0.005"):
         run_search(changed, loader=loader, val_data=val_data)
     second = run_search(job, loader=loader, val_data=val_data)
@@ -420,9 +419,9 @@ def test_killed_search_resumes_without_scoring_twice(ray_session, tmp_path, tiny
     assert (tmp_path / "store" / "tiny" / "search" / "best_subnet.yaml").is_file()
 
 
-def test_limit_below_smallest_subnet_fails_before_writing(tmp_path, tiny):
+def test_limit_below_smallest_subnet_fails_before_writing(tmp_path, tiny, tiny_job):
     root, _ = tiny
-    job = tiny_job(root, str(tmp_path / "store"), param_limit=0.0005)
+    job = search_job(tiny_job, root, str(tmp_path / "store"), param_limit=0.0005)
     with pytest.raises(ConfigError, match=r"param_limit 0.0005 M is below the smallest subnet"):
         run_search(job, val_data=val_data)
     assert not (tmp_path / "store").exists()
@@ -435,14 +434,14 @@ def broken_loader(job):
 
 
 @pytest.mark.slow
-def test_search_stops_with_the_cause_and_a_rerun_retries_the_failed(ray_session, tmp_path, tiny):
+def test_search_stops_with_the_cause_and_a_rerun_retries_the_failed(ray_session, tmp_path, tiny, tiny_job):
     """A ConfigError while loading the supernet cannot succeed on retry: the search stops after one
     attempt per running candidate, is not finished and writes no winner; once the cause is fixed,
     running it again retries the failed candidates (the trials table keeps the failed attempts)."""
     from noah_ray.space import RunError
 
     root, state = tiny
-    job = tiny_job(root, str(tmp_path / "store"), generations=1)
+    job = search_job(tiny_job, root, str(tmp_path / "store"), generations=1)
     with pytest.raises(RunError, match=r"no retry can fix \(first error: supernet file is broken\); fix the cause"):
         run_search(job, loader=broken_loader, val_data=val_data)
     base = tmp_path / "store" / "tiny" / "search"
@@ -470,13 +469,13 @@ def unreachable_loader(job):
 
 
 @pytest.mark.slow
-def test_crashed_evaluations_keep_their_error_and_abort_the_search(ray_session, tmp_path, tiny):
+def test_crashed_evaluations_keep_their_error_and_abort_the_search(ray_session, tmp_path, tiny, tiny_job):
     """Evaluations that crash (a retryable error, passed through Tune's error path) are counted,
     keep their error text, and three in a row stop the search as aborted (no winner)."""
     from noah_ray.space import RunError
 
     root, _ = tiny
-    job = tiny_job(root, str(tmp_path / "store"), generations=1, trial_retries=0)
+    job = search_job(tiny_job, root, str(tmp_path / "store"), generations=1, trial_retries=0)
     with pytest.raises(RunError, match=r"first 3 candidate evaluations failed \(first error: .*data endpoint unreachable"):
         run_search(job, loader=unreachable_loader, val_data=val_data)
     base = tmp_path / "store" / "tiny" / "search"

@@ -58,7 +58,7 @@ TASKS = ("gen_shape", "gen_count", "gen_color")
 
 
 @pytest.mark.slow
-def test_sweep_runs_pipelines_concurrently_and_isolates_a_failure(ray_session, tmp_path, capsys):
+def test_sweep_runs_pipelines_concurrently_and_isolates_a_failure(ray_session, tmp_path, capsys, tiny_job):
     from noah_ray.data import write_generated_vtab
 
     data = tmp_path / "data"
@@ -67,17 +67,14 @@ def test_sweep_runs_pipelines_concurrently_and_isolates_a_failure(ray_session, t
     bad = data / "gen_count" / "train800.txt"
     bad.write_text(bad.read_text().replace(" 1\n", " one\n", 1))          # bad data: a label that is no integer
     store = tmp_path / "store"
-    spec = {
-        "name": "sw", "storage": str(store),
-        "data": {"root": str(data), "batch_size": 8, "eval_batch_size": 8, "num_workers": 0},
-        "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
-        "space": {"num_layers": 12, "modules": {m: {"depths": [3, 6], "widths": [1, 4]} for m in ("vpt", "lora")}},
-        "supernet": {"epochs": 1, "warmup_epochs": 0, "eval_random_subnets": 0, "max_failures": 0},
-        "search": {"generations": 1, "population": 2, "top_k": 1, "mutations": 0, "crossovers": 0,
-                   "param_limit": 0.004, "max_concurrent": 1, "hold_actors": False},
-        "retrain": {"epochs": 1, "warmup_epochs": 0, "max_failures": 0},
-        "sweep": {"datasets": list(TASKS), "max_concurrent": 2},
-    }
+    spec = tiny_job(   # data.dataset: each of the sweep's datasets
+        data, store, name="sw", data={"eval_batch_size": 8},
+        space={"num_layers": 12, "modules": {m: {"depths": [3, 6], "widths": [1, 4]} for m in ("vpt", "lora")}},
+        supernet={"warmup_epochs": 0, "eval_random_subnets": 0, "max_failures": 0},
+        search={"population": 2, "top_k": 1, "mutations": 0, "crossovers": 0, "param_limit": 0.004,
+                "max_concurrent": 1, "hold_actors": False},
+        retrain={"warmup_epochs": 0, "max_failures": 0},
+        sweep={"datasets": list(TASKS), "max_concurrent": 2})
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     rc = cli.main(["sweep", "--config", str(path)])

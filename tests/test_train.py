@@ -29,16 +29,13 @@ def data_root(tmp_path_factory):
     return root
 
 
-def make_job(data_root, storage_uri, name, *, epochs=3, workers=1, endpoint=None, **supernet):
-    return JobConfig.from_dict({
-        "name": name, "storage": storage_uri, "storage_endpoint": endpoint,
-        "data": {"root": str(data_root), "dataset": "gen_color", "batch_size": 16, "num_workers": 0},
-        "model": {"name": TINY, "drop_path_rate": 0.1},
-        "space": SPACE,
-        "supernet": {"epochs": epochs, "lr": 3e-3, "warmup_epochs": 1, "num_workers": workers,
-                     "eval_random_subnets": 1, "max_failures": 0, **supernet},
-        "retrain": {"epochs": 2, "lr": 3e-3, "warmup_epochs": 0, "num_workers": 1},
-    })
+def make_job(tiny_job, data_root, storage_uri, name, *, epochs=3, workers=1, endpoint=None, **supernet):
+    return JobConfig.from_dict(tiny_job(
+        data_root, storage_uri, name=name, storage_endpoint=endpoint, data={"batch_size": 16},
+        model={"drop_path_rate": 0.1}, space=SPACE, search=None,
+        supernet={"epochs": epochs, "lr": 3e-3, "warmup_epochs": 1, "num_workers": workers,
+                  "eval_random_subnets": 1, "max_failures": 0, **supernet},
+        retrain={"epochs": 2, "lr": 3e-3, "warmup_epochs": 0, "num_workers": 1}))
 
 
 def _root(job):
@@ -106,8 +103,8 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(one_thread):
         torch.testing.assert_close(copy.trainable_state_dict()[k], v, rtol=0, atol=0)
 
 
-def test_baselines_are_fixed_configs(tmp_path):
-    job = make_job(tmp_path, str(tmp_path), "b")
+def test_baselines_are_fixed_configs(tmp_path, tiny_job):
+    job = make_job(tiny_job, tmp_path, str(tmp_path), "b")
     assert subnet_for("lora", job, None) == SubnetConfig.uniform(12, lora=8)
     assert subnet_for("e2vpt", job, None) == SubnetConfig.uniform(12, **BASELINE_WIDTHS["e2vpt"])
     assert not subnet_for("linear", job, None).active_modules()
@@ -123,9 +120,9 @@ def test_baselines_are_fixed_configs(tmp_path):
 
 # ----------------------------------------------------------------------------- Ray Train
 @pytest.fixture(scope="module")
-def trained(ray_session, data_root, tmp_path_factory):
+def trained(ray_session, data_root, tmp_path_factory, tiny_job):
     """A supernet trained by 2 workers for 3 epochs, without interruption."""
-    job = make_job(data_root, str(tmp_path_factory.mktemp("learn")), "learn", epochs=3, workers=2)
+    job = make_job(tiny_job, data_root, str(tmp_path_factory.mktemp("learn")), "learn", epochs=3, workers=2)
     return job, train_supernet(job)
 
 
@@ -154,10 +151,11 @@ def test_two_workers_learn(trained):
 
 
 @pytest.mark.slow
-def test_killed_worker_restarts_and_rerun_resumes_exactly_on_s3(trained, data_root, s3_bucket):
+def test_killed_worker_restarts_and_rerun_resumes_exactly_on_s3(trained, data_root, s3_bucket, tiny_job):
     reference, _ = trained
     endpoint, bucket = s3_bucket
-    job = make_job(data_root, f"s3://{bucket}/runs", "learn", epochs=3, workers=2, endpoint=endpoint, max_failures=1)
+    job = make_job(tiny_job, data_root, f"s3://{bucket}/runs", "learn", epochs=3, workers=2, endpoint=endpoint,
+                   max_failures=1)
     # epoch 0: rank 0's process is killed -> Ray restarts the workers from checkpoint 0 (max_failures=1);
     # epoch 1: an error with no retries left -> the run fails
     with pytest.raises(Exception, match="injected failure after epoch 1"):
@@ -183,9 +181,9 @@ def test_killed_worker_restarts_and_rerun_resumes_exactly_on_s3(trained, data_ro
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_retrain_baseline_writes_runs_row_on_s3(ray_session, data_root, s3_bucket, s3_markers):
+def test_retrain_baseline_writes_runs_row_on_s3(ray_session, data_root, s3_bucket, s3_markers, tiny_job):
     endpoint, bucket = s3_bucket
-    job = make_job(data_root, f"s3://{bucket}/runs", "s3job", endpoint=endpoint)
+    job = make_job(tiny_job, data_root, f"s3://{bucket}/runs", "s3job", endpoint=endpoint)
     res = retrain(job, None, method="lora", seed=0)
     root = _root(job)
     runs = storage.read_table(root.join("retrain"), "runs").to_pandas()
@@ -204,31 +202,31 @@ def test_retrain_baseline_writes_runs_row_on_s3(ray_session, data_root, s3_bucke
     assert s3_markers(endpoint, bucket) == []          # no zero-byte directory markers left by Ray / pyarrow
 
 
-def test_bad_storage_or_job_fails_before_training(ray_session, data_root, tmp_path):
+def test_bad_storage_or_job_fails_before_training(ray_session, data_root, tmp_path, tiny_job):
     with pytest.raises(ConfigError, match="scheme 'ftp' unsupported"):
-        train_supernet(make_job(data_root, "ftp://host/x", "bad"))
+        train_supernet(make_job(tiny_job, data_root, "ftp://host/x", "bad"))
     with pytest.raises(ConfigError, match=r"storage 's3://nowhere/x' \(endpoint http://127.0.0.1:9\) is not writable"):
-        train_supernet(make_job(data_root, "s3://nowhere/x", "bad", endpoint="http://127.0.0.1:9"))
+        train_supernet(make_job(tiny_job, data_root, "s3://nowhere/x", "bad", endpoint="http://127.0.0.1:9"))
     with pytest.raises(ConfigError, match="batch_size 16 does not split evenly over 3 workers"):
-        train_supernet(make_job(data_root, str(tmp_path), "bad", workers=3))
+        train_supernet(make_job(tiny_job, data_root, str(tmp_path), "bad", workers=3))
     with pytest.raises(ConfigError, match="retraining NOAH needs a subnet"):
-        retrain(make_job(data_root, str(tmp_path), "bad"), None, method="noah")
+        retrain(make_job(tiny_job, data_root, str(tmp_path), "bad"), None, method="noah")
     with pytest.raises(ConfigError, match="data root '/nonexistent' does not exist"):
-        train_supernet(make_job("/nonexistent", str(tmp_path), "bad"))
+        train_supernet(make_job(tiny_job, "/nonexistent", str(tmp_path), "bad"))
     with pytest.raises(ConfigError, match="no trained supernet"):
-        load_supernet(make_job(data_root, str(tmp_path), "bad"))
+        load_supernet(make_job(tiny_job, data_root, str(tmp_path), "bad"))
     with pytest.raises(ConfigError, match="no trained supernet at .*/bad/supernet/named/other/final"):
-        load_supernet(make_job(data_root, str(tmp_path), "bad"), run_name="other")
+        load_supernet(make_job(tiny_job, data_root, str(tmp_path), "bad"), run_name="other")
     with pytest.raises(ConfigError, match="run name: 'a/b' must be"):
-        train_supernet(make_job(data_root, str(tmp_path), "bad"), run_name="a/b")
+        train_supernet(make_job(tiny_job, data_root, str(tmp_path), "bad"), run_name="a/b")
     assert not (tmp_path / "bad").exists()  # nothing was written
 
 
-def test_sandwich_supernet_trains_and_its_run_refuses_another_rule(ray_session, data_root, tmp_path):
-    job = make_job(data_root, str(tmp_path), "sandwich", epochs=1, sampling="sandwich")
+def test_sandwich_supernet_trains_and_its_run_refuses_another_rule(ray_session, data_root, tmp_path, tiny_job):
+    job = make_job(tiny_job, data_root, str(tmp_path), "sandwich", epochs=1, sampling="sandwich")
     res = train_supernet(job)
     assert res.epochs_done == 1 and set(_metrics(job)["subnet"].dropna()) >= {"smallest", "largest"}
     spec = json.loads(storage.read_text(_root(job).join("supernet", "spec.json")))
     assert spec["sampling"] == "sandwich"
     with pytest.raises(ConfigError, match="was trained with sampling"):
-        train_supernet(make_job(data_root, str(tmp_path), "sandwich", epochs=2))     # uniform now
+        train_supernet(make_job(tiny_job, data_root, str(tmp_path), "sandwich", epochs=2))     # uniform now
