@@ -24,11 +24,11 @@ from datetime import datetime, timezone
 from typing import Iterator
 
 from noah_ray import storage
+from noah_ray.layout import JobPaths
 from noah_ray.space import ConfigError
 
 #: seconds without renewal after which a lease counts as abandoned (``$NOAH_RAY_LEASE_TIMEOUT_S``)
 DEFAULT_TIMEOUT_S = 120.0
-LEASE_FILE = "lease.json"
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def release(loc: storage.Location, lease: Lease) -> None:
 
 
 def location(storage_uri: str, endpoint: str | None, job: str) -> storage.Location:
-    return storage.resolve(storage_uri, endpoint).join(job, LEASE_FILE)
+    return JobPaths.at(storage_uri, job, endpoint).lease
 
 
 @contextlib.contextmanager

@@ -187,7 +187,7 @@ def finish_training(job: JobConfig, stage: str, ref: RunRef | None, meta: dict) 
     with tempfile.TemporaryDirectory(prefix="noah-mlflow-") as tmp:
         if stage == "supernet" and not results.supernet_curves(uri, job.storage_endpoint).empty:
             log_artifact(ref, results.plot_supernet_curves(uri, Path(tmp, "supernet_curves.png"), job.storage_endpoint))
-        subnet = SubnetConfig.from_json(meta["subnet"]) if stage == "retrain" and meta.get("subnet") else None
+        subnet = SubnetConfig.decode(meta["subnet"]) if stage == "retrain" and meta.get("subnet") else None
         if subnet is not None and meta.get("method") == "noah":
             log_text(ref, subnet.to_yaml(), "subnet.yaml")
             if any(any(subnet.layer_widths(m)) for m in subnet.widths):
