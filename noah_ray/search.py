@@ -30,6 +30,7 @@ from ray import tune
 from noah_ray import storage, tracking
 from noah_ray.config import JobConfig
 from noah_ray.evolution import DONE, FAILED, ParamLimit, pareto_front
+from noah_ray.layout import JobPaths
 from noah_ray.search_store import SearchStore
 from noah_ray.search_trainable import CandidateEvaluator
 from noah_ray.searchers import NoahSearcher
@@ -97,7 +98,7 @@ class SearchResult:
 
 def search_location(job: JobConfig) -> storage.Location:
     """``<storage>/<job.name>/search``: where :func:`run_search` writes."""
-    return storage.resolve(job.storage, job.storage_endpoint).join(job.name, "search")
+    return JobPaths.of(job).search
 
 
 def load_best_subnet(job: JobConfig, run_name: str | None = None) -> SubnetConfig:
