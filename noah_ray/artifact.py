@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from noah_ray import storage
+from noah_ray.layout import JobPaths, backbone_trained
 from noah_ray.recipes import recorded
 from noah_ray.security import safe_name
 from noah_ray.space import KV_PROMPT, LORA, MODULES, VPT, ConfigError, SubnetConfig
@@ -264,17 +265,17 @@ def model_from_run(job_path: str, run: str):
     """The retrained subnet of run ``run`` (e.g. ``noah-seed0``) of the job in ``job_path``, with
     its backbone checkpoint URI and timm model name."""
     from noah_ray.config import JobConfig
-    from noah_ray.train import build_model, job_root
+    from noah_ray.train import build_model
 
     safe_name(run, "run (the run id from the runs table, e.g. noah-seed0)")
     job = JobConfig.load(job_path)
-    base = job_root(job).join("retrain", run)
+    base = JobPaths.of(job).retrain_run(run)
     if not storage.exists(base.join("final", "meta.json")):
         raise ConfigError(f"no finished retrain run {run!r} at {base.uri!r}; run the retrain stage first")
     _, meta = storage.load_state(base.join("final"))
     tensors, _ = storage.load_state(base.join("best"))
     subnet = meta.get("subnet")
-    cfg = SubnetConfig.from_json(subnet) if subnet else None
+    cfg = SubnetConfig.decode(subnet) if subnet else None
     if cfg is None:
         raise ConfigError(f"run {run!r} records no subnet; export a retrain run such as noah-seed0")
     plan = None
@@ -284,7 +285,7 @@ def model_from_run(job_path: str, run: str):
         plan = PrunePlan.from_dict(meta["prune_plan"])
         cfg = plan.config()
     model = build_model(job, cfg, meta["backbone"], int(meta["num_classes"]),
-                        train_backbone=run.startswith("full-"), recipe=recorded(meta))
+                        train_backbone=backbone_trained(meta, run), recipe=recorded(meta))
     model.load_trainable_state_dict(tensors)
     if plan is not None:
         install_gates(model, plan)
