@@ -119,7 +119,7 @@ def test_unrepresentable_adapters_are_refused_in_one_line(case, tmp_path, backbo
     assert not (tmp_path / "out").exists()
 
 
-def test_init_weights_are_checked_against_the_job(tmp_path, backbone_file, tiny_job):
+def test_init_weights_are_checked_against_the_job(tmp_path, backbone_file):
     model = our_model(backbone_file, lora_scale=0.5)
     export_peft(model, str(tmp_path / "peft"))
     assert main(["import-peft", str(tmp_path / "peft"), "--out", str(tmp_path / "art"),
@@ -142,7 +142,7 @@ def test_init_weights_are_checked_against_the_job(tmp_path, backbone_file, tiny_
 
 
 @pytest.mark.slow
-def test_retraining_starts_from_the_imported_weights(ray_session, tmp_path, backbone_file, one_thread):
+def test_retraining_starts_from_the_imported_weights(ray_session, tmp_path, backbone_file, one_thread, tiny_job):
     """retrain.init: epoch 1 starts from the imported adapter (a 1e-9 learning rate keeps the
     weights where they started), its other-scale LoRA folded into B."""
     from noah_ray import storage
