@@ -45,6 +45,7 @@ from ray import tune
 
 from noah_ray import progress, storage, tracking
 from noah_ray.config import HPO_METRICS, HpoConfig, HpoParam, JobConfig, hpo_is_int
+from noah_ray.layout import JobPaths
 from noah_ray.security import tune_without_credentials
 from noah_ray.space import ConfigError, RunError, SubnetConfig
 
@@ -350,7 +351,7 @@ class HpoResult:
 
 
 def hpo_location(job: JobConfig) -> storage.Location:
-    return storage.resolve(job.storage, job.storage_endpoint).join(job.name, "hpo")
+    return JobPaths.of(job).hpo
 
 
 def _trial_job(job: JobConfig) -> dict:

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from noah_ray import optim, progress, storage, tracking
 from noah_ray.backbones import create_backbone
 from noah_ray.config import JobConfig, TrainConfig
+from noah_ray.layout import JobPaths
 from noah_ray.prune import PrunePlan, apply_plan, prune
 from noah_ray.recipes import LEGACY, RECIPES, Recipe, recorded
 from noah_ray.security import safe_name
@@ -86,7 +87,7 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------- models and configs
 def job_root(job: JobConfig) -> storage.Location:
-    return storage.resolve(job.storage, job.storage_endpoint).join(job.name)
+    return JobPaths.of(job).root
 
 
 def ensure_backbone(job: JobConfig) -> str | None:
@@ -408,8 +409,10 @@ def _finish(config, job, stage, model, run_dir, state, device, mean, std, size) 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     meta = {"stage": stage, "run_id": config["run_id"], "epochs_done": state["epoch"] + 1,
             "epochs": state["epoch"] + 1, "num_classes": config["num_classes"], "model": job.model.name,
-            "backbone": config["backbone"], "spec": config["spec"], "subnet": config["subnet"],
-            "method": config["method"], "seed": config["seed"], "train_time_s": state["train_time_s"],
+            "backbone": config["backbone"], "spec": config["spec"], "seed": config["seed"],
+            "subnet": json.loads(config["subnet"]) if config["subnet"] else None,    # SubnetConfig.to_dict()
+            "method": config["method"], "backbone_trained": config["method"] == "full",
+            "train_time_s": state["train_time_s"],
             "fingerprint": config["fingerprint"], "start_epochs": state["start_epochs"],
             "val_acc": state["val_acc"], "params_head": counts["head"], "recipe": model.recipe.to_dict(),
             "params": trainable - counts["head"] if config["method"] == "full" else
