@@ -139,7 +139,7 @@ def tables(out: Path):
 
     import pandas as pd
 
-    from noah_ray.space import ConfigError
+    from noah_ray.errors import ConfigError
 
     def table(uri: Path):
         try:

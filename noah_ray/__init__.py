@@ -2,7 +2,8 @@
 
 from typing import Any
 
-from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.errors import ConfigError
+from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
 
 __all__ = ["BackboneShape", "ConfigError", "ModuleSpace", "SearchSpace", "SubnetConfig",
            "load_subnet", "save_subnet"]

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from noah_ray import storage
+from noah_ray.errors import ConfigError
 from noah_ray.layout import JobPaths, backbone_trained
 from noah_ray.recipes import recorded
 from noah_ray.security import safe_name
-from noah_ray.space import KV_PROMPT, LORA, MODULES, VPT, ConfigError, SubnetConfig
+from noah_ray.space import KV_PROMPT, LORA, MODULES, VPT, SubnetConfig
 
 ARTIFACT_FORMAT = "noah_ray.subnet"
 ARTIFACT_VERSION = 1

@@ -18,7 +18,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
 
-from noah_ray.space import BackboneShape, ConfigError
+from noah_ray.errors import ConfigError
+from noah_ray.space import BackboneShape
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from noah_ray import cli_commands
-from noah_ray.space import ConfigError, RunError
+from noah_ray.errors import ConfigError, RunError
 
 #: the stages each stage command runs
 STAGE_COMMANDS = {"pipeline": ("supernet", "search", "hpo", "retrain"), "supernet": ("supernet",),

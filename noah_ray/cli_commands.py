@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 
 
 def import_noah_command(args: Any) -> int:

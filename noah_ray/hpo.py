@@ -45,9 +45,10 @@ from ray import tune
 
 from noah_ray import progress, storage, tracking
 from noah_ray.config import HPO_METRICS, HpoConfig, HpoParam, JobConfig, hpo_is_int
+from noah_ray.errors import ConfigError, RunError
 from noah_ray.layout import JobPaths
 from noah_ray.security import tune_without_credentials
-from noah_ray.space import ConfigError, RunError, SubnetConfig
+from noah_ray.space import SubnetConfig
 
 #: which module a setting belongs to, by a word in its key (it is tuned only where that module trains)
 MODULE_WORDS: tuple[tuple[str, str], ...] = (("lora", "lora"), ("adapter", "adapter"), ("kv", "kv_prompt"),

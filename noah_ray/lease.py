@@ -24,8 +24,8 @@ from datetime import datetime, timezone
 from typing import Iterator
 
 from noah_ray import storage
+from noah_ray.errors import ConfigError
 from noah_ray.layout import JobPaths
-from noah_ray.space import ConfigError
 
 #: seconds without renewal after which a lease counts as abandoned (``$NOAH_RAY_LEASE_TIMEOUT_S``)
 DEFAULT_TIMEOUT_S = 120.0

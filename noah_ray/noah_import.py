@@ -13,9 +13,10 @@ from typing import Any, Mapping
 
 import yaml
 
+from noah_ray.errors import ConfigError
 from noah_ray.recipes import module_count
-from noah_ray.space import (ADAPTER, LORA, MODULES, VPT, BackboneShape, ConfigError, ParamCount, SearchSpace,
-                            SubnetConfig, yaml_problem)
+from noah_ray.space import (ADAPTER, LORA, MODULES, VPT, BackboneShape, ParamCount, SearchSpace, SubnetConfig,
+                            yaml_problem)
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 # names used by the original NOAH YAML files

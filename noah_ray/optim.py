@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from noah_ray import storage
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 from noah_ray.storage import Location
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ import torch
 
 from noah_ray import storage
 from noah_ray.artifact import _active_subnet
-from noah_ray.space import ADAPTER, KV_PROMPT, LORA, VPT, ConfigError
+from noah_ray.errors import ConfigError
+from noah_ray.space import ADAPTER, KV_PROMPT, LORA, VPT
 
 #: modules peft's LoRA cannot express, with the name printed to users
 PEFT_UNSUPPORTED = {VPT: "VPT prompts", ADAPTER: "Adapter", KV_PROMPT: "KV prompts"}

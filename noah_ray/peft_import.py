@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from noah_ray.space import LORA, ConfigError, SubnetConfig
+from noah_ray.errors import ConfigError
+from noah_ray.space import LORA, SubnetConfig
 
 QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv$")
 #: LoraConfig fields that change what the adapter computes, beyond B·A on a linear layer

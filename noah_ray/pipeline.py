@@ -14,7 +14,8 @@ from typing import Callable
 
 from noah_ray import progress, storage, tracking
 from noah_ray.config import JobConfig
-from noah_ray.space import ConfigError, SubnetConfig
+from noah_ray.errors import ConfigError
+from noah_ray.space import SubnetConfig
 
 STAGES = ("supernet", "search", "hpo", "retrain")   # hpo runs only with an hpo section
 

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from noah_ray import storage
 from noah_ray.config import JobConfig
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 
 STAGE_ORDER = ("supernet", "search", "hpo", "retrain")
 

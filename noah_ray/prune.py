@@ -79,8 +79,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from noah_ray import storage
 from noah_ray.config import PRUNABLE, PRUNE_SCORES, PruneConfig
+from noah_ray.errors import ConfigError
 from noah_ray.recipes import recorded
-from noah_ray.space import KV_PROMPT, MODULES, VPT, BackboneShape, ConfigError, SubnetConfig, module_params
+from noah_ray.space import KV_PROMPT, MODULES, VPT, BackboneShape, SubnetConfig, module_params
 from noah_ray.supernet import PromptedViT
 
 SCORES = PRUNE_SCORES

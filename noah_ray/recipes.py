@@ -57,7 +57,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from noah_ray.space import VPT, BackboneShape, ConfigError, SubnetConfig
+from noah_ray.errors import ConfigError
+from noah_ray.space import VPT, BackboneShape, SubnetConfig
 
 #: allowed values of the string settings
 CHOICES: dict[str, tuple[str, ...]] = {

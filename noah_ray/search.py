@@ -29,13 +29,14 @@ from ray import tune
 
 from noah_ray import storage, tracking
 from noah_ray.config import JobConfig
+from noah_ray.errors import ConfigError, RunError
 from noah_ray.evolution import DONE, FAILED, ParamLimit, pareto_front
 from noah_ray.layout import JobPaths
 from noah_ray.search_store import SearchStore
 from noah_ray.search_trainable import CandidateEvaluator
 from noah_ray.searchers import NoahSearcher
 from noah_ray.security import safe_name, tune_without_credentials
-from noah_ray.space import VPT, BackboneShape, ConfigError, RunError, SubnetConfig
+from noah_ray.space import VPT, BackboneShape, SubnetConfig
 
 #: search settings that change what a run computes; a resumed run must keep them
 _FIXED_KEYS = ("algorithm", "population", "top_k", "mutations", "crossovers", "mutation_prob",

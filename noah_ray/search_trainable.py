@@ -14,9 +14,10 @@ from ray import tune
 
 from noah_ray import storage
 from noah_ray.config import JobConfig
+from noah_ray.errors import ConfigError
 from noah_ray.recipes import recorded
 from noah_ray.searchers import METRIC
-from noah_ray.space import ConfigError, SubnetConfig
+from noah_ray.space import SubnetConfig
 
 
 def evaluate(model, batches: Iterable, device: Any = "cpu", max_batches: int | None = None) -> tuple[float, int]:

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from noah_ray.errors import ConfigError, RunError  # noqa: F401  (re-exported during the move to noah_ray.errors)
+from noah_ray.errors import ConfigError
 
 VPT = "vpt"
 LORA = "lora"

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from noah_ray import storage
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 
 FORMAT = 2
 SNAPSHOT, LOCAL_LOG, SEGMENTS = "snapshot.json", "log.jsonl", "log"

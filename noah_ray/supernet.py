@@ -23,9 +23,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from noah_ray.backbones import backbone_shape, create_backbone
+from noah_ray.errors import ConfigError
 from noah_ray.modules import Adapter, AdapterMLP, DeepPrompt, KVPrompt, LoRA, PromptAttention
 from noah_ray.recipes import Recipe, as_recipe
-from noah_ray.space import ADAPTER, KV_PROMPT, LORA, MODULES, VPT, BackboneShape, ConfigError, SearchSpace, SubnetConfig
+from noah_ray.space import ADAPTER, KV_PROMPT, LORA, MODULES, VPT, BackboneShape, SearchSpace, SubnetConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 

@@ -30,8 +30,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from noah_ray import progress
 from noah_ray.config import JobConfig, section_from_dict
+from noah_ray.errors import ConfigError
 from noah_ray.pipeline import STAGES
-from noah_ray.space import ConfigError
 
 
 @dataclass(frozen=True)

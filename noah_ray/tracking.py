@@ -43,7 +43,7 @@ from typing import Any
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from noah_ray.config import JobConfig, MlflowConfig
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 
 KEY_TAG = "noah_ray.key"
 _USERINFO = re.compile(r"(\w[\w+.-]*://)[^/@\s]+@")

@@ -58,11 +58,12 @@ import torch.nn.functional as F
 from noah_ray import optim, progress, storage, tracking
 from noah_ray.backbones import create_backbone
 from noah_ray.config import JobConfig, TrainConfig
+from noah_ray.errors import ConfigError
 from noah_ray.layout import JobPaths
 from noah_ray.prune import PrunePlan, apply_plan, prune
 from noah_ray.recipes import LEGACY, RECIPES, Recipe, recorded
 from noah_ray.security import safe_name
-from noah_ray.space import ConfigError, SearchSpace, SubnetConfig
+from noah_ray.space import SearchSpace, SubnetConfig
 from noah_ray.supernet import PromptedViT
 
 METHODS = ("noah", "linear", "full", "vpt", "adapter", "lora", "e2vpt")

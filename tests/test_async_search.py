@@ -9,9 +9,10 @@ import random
 import pytest
 
 from noah_ray.config import JobConfig
+from noah_ray.errors import ConfigError
 from noah_ray.evolution import DONE, ENGINES, AgingEvolutionEngine, ParamLimit, TargetObjective
 from noah_ray.search import make_searcher
-from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, SearchSpace
+from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace
 
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, num_layers=6)
 LIMIT = ParamLimit(0.01, BackboneShape(48, 3, 6, 10))

@@ -12,7 +12,7 @@ from safetensors.torch import save, save_file
 
 from noah_ray import storage
 from noah_ray.backbones import backbone_shape, create_backbone, google_to_timm, load_backbone_weights
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 
 MODEL = "vit_noah_tiny_patch4_32"
 

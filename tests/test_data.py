@@ -16,7 +16,7 @@ from noah_ray.backbones import create_backbone
 from noah_ray.config import DataConfig, JobConfig
 from noah_ray.data import (GENERATED_TASKS, build_dataset, build_loader, build_transform, norm_for, num_classes,
                            registry, write_generated_vtab)
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ from noah_ray import load_subnet, save_subnet
 from noah_ray.backbones import create_backbone
 from noah_ray.cli import main
 from noah_ray.data.registry import get, names
+from noah_ray.errors import ConfigError
 from noah_ray.noah_import import dataset_from_filename, import_noah, reference_files, reference_subnet
 from noah_ray.peft_export import export_peft
-from noah_ray.space import ADAPTER, KV_PROMPT, LORA, MODULES, VPT, ConfigError, SearchSpace, SubnetConfig
+from noah_ray.space import ADAPTER, KV_PROMPT, LORA, MODULES, VPT, SearchSpace, SubnetConfig
 from noah_ray.supernet import PromptedViT
 
 REF_FILES = reference_files()  # the original release's files, shipped in noah_ray/reference/

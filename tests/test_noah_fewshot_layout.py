@@ -11,7 +11,7 @@ from PIL import Image
 
 from noah_ray.config import DataConfig
 from noah_ray.data.readers import read_split
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 
 FOLDERS = {"fgvc_aircraft": "fgvc-aircraft", "food101": "food101", "oxford_flowers102": "oxford-flowers102",
            "oxford_pets": "oxford-pets", "stanford_cars": "standford-cars"}

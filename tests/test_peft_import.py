@@ -16,8 +16,9 @@ from noah_ray import load_subnet
 from noah_ray.artifact import check_init_artifact, load_init_weights
 from noah_ray.backbones import create_backbone
 from noah_ray.cli import main
+from noah_ray.errors import ConfigError
 from noah_ray.peft_export import export_peft
-from noah_ray.space import LORA, ConfigError, SubnetConfig
+from noah_ray.space import LORA, SubnetConfig
 from noah_ray.supernet import PromptedViT
 
 peft = pytest.importorskip("peft")

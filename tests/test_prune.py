@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from noah_ray import prune as P
 from noah_ray.backbones import create_backbone
+from noah_ray.errors import ConfigError
 from noah_ray.modules.vpt import expand_gate
-from noah_ray.space import ConfigError, SubnetConfig
+from noah_ray.space import SubnetConfig
 from noah_ray.supernet import PromptedViT
 
 MODEL = "vit_noah_tiny_patch4_32"

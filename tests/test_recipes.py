@@ -13,6 +13,7 @@ import yaml
 from noah_ray import recipes
 from noah_ray.backbones import create_backbone
 from noah_ray.config import JobConfig, PruneConfig
+from noah_ray.errors import ConfigError
 from noah_ray.evolution import ParamLimit
 from noah_ray.interop import import_noah, reference_files
 from noah_ray.modules import Adapter, DeepPrompt, KVPrompt, LoRA
@@ -20,7 +21,7 @@ from noah_ray.modules.adapter import quick_gelu
 from noah_ray.modules.vpt import expand_gate
 from noah_ray.prune import mask_scores, prune
 from noah_ray.search import param_limit
-from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
 from noah_ray.supernet import PromptedViT
 
 MODEL = "vit_noah_tiny_patch4_32"   # dim 48, 3 heads (head_dim 16), 12 layers, patch 4

@@ -19,11 +19,12 @@ import ray.cloudpickle
 
 from noah_ray import lease, security, storage
 from noah_ray.config import JobConfig
+from noah_ray.errors import ConfigError, RunError
 from noah_ray.evolution import DONE, FAILED, QUEUED, EvolutionEngine, ParamLimit, TargetObjective
 from noah_ray.search import _finish, _settings
 from noah_ray.search_store import SearchStore
 from noah_ray.searchers import NoahSearcher
-from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, RunError, SearchSpace, SubnetConfig
+from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from noah_ray import results, storage
-from noah_ray.space import MODULES, ConfigError, SearchSpace, SubnetConfig
+from noah_ray.errors import ConfigError
+from noah_ray.space import MODULES, SearchSpace, SubnetConfig
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 

@@ -16,11 +16,12 @@ from noah_ray import storage
 from noah_ray.config import JobConfig
 from noah_ray.evolution import (DONE, ENGINES, FAILED, AgingEvolutionEngine, EvolutionEngine, NSGA2Engine, ParamLimit,
                                 RandomEngine, TargetObjective, pareto_front)
+from noah_ray.errors import ConfigError
 from noah_ray.search import load_best_subnet, make_searcher, run_search
 from noah_ray.search_store import SearchStore
 from noah_ray.search_trainable import load_supernet_state
 from noah_ray.searchers import NoahSearcher
-from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
 
 MODS = ("vpt", "lora", "adapter")
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in MODS}, num_layers=6)   # 5.5e8 subnets
@@ -438,7 +439,7 @@ def test_search_stops_with_the_cause_and_a_rerun_retries_the_failed(ray_session,
     """A ConfigError while loading the supernet cannot succeed on retry: the search stops after one
     attempt per running candidate, is not finished and writes no winner; once the cause is fixed,
     running it again retries the failed candidates (the trials table keeps the failed attempts)."""
-    from noah_ray.space import RunError
+    from noah_ray.errors import RunError
 
     root, state = tiny
     job = search_job(tiny_job, root, str(tmp_path / "store"), generations=1)
@@ -472,7 +473,7 @@ def unreachable_loader(job):
 def test_crashed_evaluations_keep_their_error_and_abort_the_search(ray_session, tmp_path, tiny, tiny_job):
     """Evaluations that crash (a retryable error, passed through Tune's error path) are counted,
     keep their error text, and three in a row stop the search as aborted (no winner)."""
-    from noah_ray.space import RunError
+    from noah_ray.errors import RunError
 
     root, _ = tiny
     job = search_job(tiny_job, root, str(tmp_path / "store"), generations=1, trial_retries=0)

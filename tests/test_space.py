@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from noah_ray.space import (BackboneShape, ConfigError, ModuleSpace, SearchSpace, SubnetConfig,
-                            PAPER_FEWSHOT_WIDTHS)
+from noah_ray.errors import ConfigError
+from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig, PAPER_FEWSHOT_WIDTHS
 
 
 def test_default_space_is_the_papers_vtab_space():

@@ -17,9 +17,10 @@ import pytest
 from noah_ray import storage
 from noah_ray.evolution import (DONE, AgingEvolutionEngine, EvolutionEngine, NSGA2Engine, ParamLimit, RandomEngine,
                                 TargetObjective)
+from noah_ray.errors import ConfigError
 from noah_ray.search_store import SearchStore
 from noah_ray.searchers import NoahSearcher
-from noah_ray.space import BackboneShape, ConfigError, ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
 
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, num_layers=6)
 LIMIT = ParamLimit(0.01, BackboneShape(48, 3, 6, 10))

@@ -9,7 +9,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from noah_ray.space import ConfigError, ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.errors import ConfigError
+from noah_ray.space import ModuleSpace, SearchSpace, SubnetConfig
 from noah_ray.supernet import PromptedViT
 
 MODEL = "vit_noah_tiny_patch4_32"

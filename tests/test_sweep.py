@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from noah_ray import cli, results
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 from noah_ray.sweep import SweepConfig
 
 REPO = Path(__file__).resolve().parents[1]

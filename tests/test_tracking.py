@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from noah_ray.config import JobConfig
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402

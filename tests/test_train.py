@@ -11,7 +11,8 @@ from safetensors.torch import load, save
 from noah_ray import optim, storage
 from noah_ray.config import JobConfig
 from noah_ray.data import write_generated_vtab
-from noah_ray.space import ConfigError, SearchSpace, SubnetConfig
+from noah_ray.errors import ConfigError
+from noah_ray.space import SearchSpace, SubnetConfig
 from noah_ray.supernet import PromptedViT
 from noah_ray.train import (BASELINE_WIDTHS, load_supernet, retrain, step_subnet, step_subnets, subnet_for,
                              train_supernet)

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from noah_ray.data.vtab_folder import SPLITS, write_vtab_folder
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 
 TASKS = ("gen_shape", "gen_count", "gen_texture", "gen_color", "gen_position", "gen_orientation", "gen_distance")
 NUM_CLASSES = 4

@@ -16,7 +16,7 @@ from noah_ray.config import DataConfig
 from noah_ray.data import registry
 from noah_ray.data.readers import Sample, folder_classes, read_split
 from noah_ray.data.transforms import ImageTransform, build_transform
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

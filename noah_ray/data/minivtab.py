@@ -39,7 +39,7 @@ from PIL import Image
 
 from noah_ray.data import generated
 from noah_ray.data.vtab_folder import write_vtab_folder
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 
 SIZE = 32
 NUM_TEST = 500

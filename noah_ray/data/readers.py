@@ -33,7 +33,7 @@ from pathlib import Path
 
 from noah_ray.config import DataConfig
 from noah_ray.data import registry
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 Sample = tuple[str, int]

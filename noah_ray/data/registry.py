@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from noah_ray.space import ConfigError
+from noah_ray.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING, Any
 
+from noah_ray.errors import ConfigError
 from noah_ray.evolution.candidate import DONE, Candidate, ParamLimit, rank_key
 from noah_ray.evolution.generational import EvolutionEngine
-from noah_ray.space import ConfigError, SearchSpace
+from noah_ray.space import SearchSpace
 
 if TYPE_CHECKING:
     from noah_ray.config import SearchConfig

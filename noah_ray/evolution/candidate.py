@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from noah_ray.errors import ConfigError
 from noah_ray.recipes import module_count
-from noah_ray.space import BackboneShape, ConfigError, SearchSpace, SubnetConfig
+from noah_ray.space import BackboneShape, SearchSpace, SubnetConfig
 
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"

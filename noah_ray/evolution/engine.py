@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from noah_ray.evolution.candidate import (ATTEMPT_KEYS, DONE, FAILED, QUEUED, RUNNING, Candidate, GenerationRecord,
                                           ParamLimit, rank_key)
-from noah_ray.space import ConfigError, SearchSpace, SubnetConfig
+from noah_ray.errors import ConfigError
+from noah_ray.space import SearchSpace, SubnetConfig
 
 if TYPE_CHECKING:
     from noah_ray.config import SearchConfig

@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from noah_ray.errors import ConfigError
 from noah_ray.evolution.candidate import ParamLimit
-from noah_ray.space import ConfigError, SearchSpace, SubnetConfig
+from noah_ray.space import SearchSpace, SubnetConfig
 
 
 @dataclass(frozen=True)
