@@ -45,6 +45,7 @@ from ray import tune
 
 from noah_ray import progress, storage, tracking
 from noah_ray.config import HPO_METRICS, HpoConfig, HpoParam, JobConfig, hpo_is_int
+from noah_ray.preflight import ResolvedJob, as_resolved
 from noah_ray.security import tune_without_credentials
 from noah_ray.space import ConfigError, RunError, SubnetConfig
 
@@ -259,7 +260,8 @@ def hpo_trial(config: dict, job: dict, method: str, subnet: str, backbone: str |
     import torch
 
     from noah_ray import optim
-    from noah_ray.train import build_model, make_optimizer, train_epoch
+    from noah_ray.epoch import make_optimizer, train_epoch
+    from noah_ray.models import build_model
 
     trial_id = tune.get_context().get_trial_id()
     ended = tables.finished(trial_id)
@@ -461,12 +463,14 @@ def _choose(method: str, h: HpoConfig, results, tables: TrialTables, loc: storag
     return res
 
 
-def run_hpo(job: JobConfig, method: str, subnet: SubnetConfig | None = None) -> HpoResult:
+def run_hpo(job: JobConfig | ResolvedJob, method: str, subnet: SubnetConfig | None = None) -> HpoResult:
     """Tune ``method``'s hyper-parameters (Ray must be initialised); returns the chosen values.
-    A finished search returns its saved choice without starting Tune; an interrupted one resumes."""
-    from noah_ray.data import num_classes
-    from noah_ray.train import ensure_backbone, subnet_for
+    A finished search returns its saved choice without starting Tune; an interrupted one resumes.
+    ``job``: as :func:`noah_ray.preflight.resolve` checked it (a plain job is resolved here)."""
+    from noah_ray.models import ensure_backbone, subnet_for
 
+    rj = as_resolved(job, ("hpo",))
+    job = rj.job
     h = job.hpo
     if h is None:
         raise ConfigError("the job has no hpo section; add one (e.g. hpo: {trials: 16}) to tune hyper-parameters")
@@ -481,7 +485,7 @@ def run_hpo(job: JobConfig, method: str, subnet: SubnetConfig | None = None) -> 
     if saved is not None:
         progress.echo(f"[hpo {method}] finished earlier: {_fmt_values(saved.values)}")
         return saved
-    n = num_classes(job.data, endpoint=job.storage_endpoint)
+    n = rj.num_classes
     epochs = h.epochs or job.retrain.epochs
     tables = TrialTables(hpo_location(job).uri, job.storage_endpoint, job.name, job.data.dataset, method,
                          h.searcher, h.scheduler, h.metric, epochs)
@@ -523,7 +527,7 @@ def hpo_done(job: JobConfig, method: str) -> bool:
 def tuned_retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str, seed: int,
                        num_classes: int) -> bool:
     """Whether the final run of ``method`` / ``seed`` with the chosen values finished earlier."""
-    from noah_ray.train import retrain_done
+    from noah_ray.runs import retrain_done
 
     res = saved_result(job, method)
     return res is not None and retrain_done(final_job(job, res), subnet, method, seed, num_classes, res.record())
@@ -538,11 +542,12 @@ def final_job(job: JobConfig, res: HpoResult) -> JobConfig:
     return out
 
 
-def tuned_retrain(job: JobConfig, subnet: SubnetConfig | None, method: str) -> dict:
+def tuned_retrain(job: JobConfig | ResolvedJob, subnet: SubnetConfig | None, method: str) -> dict:
     """The retrain stage of a method under ``hpo``: search (or reuse the search), then the final
-    runs for every seed with the chosen values (:func:`noah_ray.train.retrain_seeds`)."""
-    from noah_ray.train import retrain_seeds
+    runs for every seed with the chosen values (:func:`noah_ray.runs.retrain_seeds`)."""
+    from noah_ray.runs import retrain_seeds
 
-    res = run_hpo(job, method, subnet)
-    out = retrain_seeds(final_job(job, res), subnet, method, hpo=res.record())
+    rj = as_resolved(job, ("hpo", "retrain"))
+    res = run_hpo(rj, method, subnet)
+    out = retrain_seeds(rj.with_job(final_job(rj.job, res)), subnet, method, hpo=res.record())
     return {**out, "hpo": res.record()}

@@ -20,7 +20,7 @@ from noah_ray.config import JobConfig
 from noah_ray.data import write_generated_vtab
 from noah_ray.hpo import TrialTables, grid_values, hp_column, space_for
 from noah_ray.space import ConfigError, SubnetConfig
-from noah_ray.train import subnet_for
+from noah_ray.models import subnet_for
 
 TINY = "vit_noah_tiny_patch4_32"
 
