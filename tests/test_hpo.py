@@ -18,9 +18,10 @@ import yaml
 from noah_ray import results, storage
 from noah_ray.config import JobConfig
 from noah_ray.data import write_generated_vtab
-from noah_ray.hpo import TrialTables, grid_values, hp_column, space_for
-from noah_ray.space import ConfigError, SubnetConfig
+from noah_ray.hpo import grid_values, space_for
+from noah_ray.hpo_trial import TrialTables, hp_column
 from noah_ray.models import subnet_for
+from noah_ray.space import ConfigError, SubnetConfig
 
 TINY = "vit_noah_tiny_patch4_32"
 
