@@ -60,9 +60,9 @@ def resolve(job: JobConfig, stages: tuple[str, ...] = STAGES, *, generate: bool 
     _check_settings(job, stages)
     shape = _check_model(job)
     n = num_classes(job.data, endpoint=job.storage_endpoint)
-    splits = {s: tuple(_splits(job, (s,))) for s in stages}
+    splits = {s: _splits(job, s) for s in STAGES if s in stages}
     if not (generate and _missing_generated(job)):
-        check_data(job, stages, n)
+        check_data(job, splits, n)
     limit = _param_limit(job, shape) if "search" in stages else None
     _check_retrain(job, stages, shape)
     storage.check_writable(storage.resolve(job.storage, job.storage_endpoint))
@@ -161,19 +161,14 @@ def _missing_generated(job: JobConfig) -> bool:
         not (Path(job.data.root).expanduser() / job.data.dataset).is_dir()
 
 
-def _splits(job: JobConfig, stages: tuple[str, ...]) -> list[str]:
-    d, out = job.data, []
-    if "supernet" in stages:
-        out += [d.train_split, d.val_split]
-    if "search" in stages:
-        out.append(d.val_split)
-    if "hpo" in stages and job.hpo is not None:
-        out += [d.train_split, d.val_split]
-    if "retrain" in stages:
-        out += [d.train_split, d.val_split, d.test_split]
-        if job.hpo is not None:                  # the tuned final runs train on train800val200
-            out.append(d.final_train_split)
-    return list(dict.fromkeys(out))
+def _splits(job: JobConfig, stage: str) -> tuple[str, ...]:
+    """The splits ``stage`` reads."""
+    d, h = job.data, job.hpo
+    reads = {"supernet": (d.train_split, d.val_split), "search": (d.val_split,),
+             "hpo": (d.train_split, d.val_split) if h is not None else (),
+             "retrain": (d.train_split, d.val_split, d.test_split)
+             + ((d.final_train_split,) if h is not None else ())}      # the tuned final runs: train800val200
+    return reads[stage]
 
 
 def _bad_image(path: str) -> str | None:
@@ -196,14 +191,15 @@ def check_images(paths: list[str], split: str) -> None:
                                   f"from the split, or set data.skip_corrupt: true")
 
 
-def check_data(job: JobConfig, stages: tuple[str, ...], num_classes: int) -> None:
-    """The split files the stages read, their labels against ``num_classes`` and their images'
-    headers.  An ``s3://`` root: the split files of the Ray Train stages, staged into the local
-    cache (their images are checked as they are read)."""
+def check_data(job: JobConfig, splits: dict[str, tuple[str, ...]], num_classes: int) -> None:
+    """The split files the stages read (``splits``: stage -> its splits), their labels against
+    ``num_classes`` and their images' headers.  An ``s3://`` root: the split files of the Ray
+    Train stages, staged into the local cache (their images are checked as they are read)."""
     from noah_ray.data.readers import read_split
 
     s3 = str(job.data.root).startswith("s3://")
-    for split in _splits(job, tuple(s for s in stages if s in TRAIN_STAGES) if s3 else stages):
+    names = dict.fromkeys(x for stage, xs in splits.items() if not s3 or stage in TRAIN_STAGES for x in xs)
+    for split in names:
         samples = read_split(job.data, split, num_classes=num_classes, endpoint=job.storage_endpoint)
         if not (s3 or job.data.skip_corrupt):
             check_images([p for p, _ in samples], split)
