@@ -9,8 +9,6 @@ from noah_ray.config import JobConfig
 from noah_ray.data import write_generated_vtab
 from noah_ray.space import BackboneShape, ConfigError
 
-TINY = "vit_noah_tiny_patch4_32"
-
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
@@ -23,7 +21,7 @@ def job_for(data_root, store, **retrain) -> JobConfig:
     return JobConfig.from_dict({
         "name": "pf", "storage": str(store),
         "data": {"root": str(data_root), "dataset": "gen_color", "batch_size": 4, "num_workers": 0},
-        "model": {"name": TINY},
+        "model": {"name": "vit_noah_tiny_patch4_32"},
         "space": {"num_layers": 12, "modules": {"lora": {"widths": [1, 2]}}},
         "search": {"param_limit": 0.01},
         "retrain": {"epochs": 1, "method": "lora", "baselines": [], **retrain}})
