@@ -46,7 +46,7 @@ def inherited_accuracy(job, run_name: str, subnets: list) -> list[float]:
     import torch
 
     from noah_ray.data import build_loader, norm_for
-    from noah_ray.train import accuracy, load_supernet
+    from noah_ray.models import evaluate, load_supernet
 
     model = load_supernet(job, run_name)
     mean, std, size = norm_for(model)
@@ -54,7 +54,7 @@ def inherited_accuracy(job, run_name: str, subnets: list) -> list[float]:
     out = []
     for cfg in subnets:
         model.set_active(cfg)
-        out.append(accuracy(model, val, torch.device("cpu")))
+        out.append(evaluate(model, val, torch.device("cpu"))[0])
     return out
 
 
@@ -65,7 +65,7 @@ def standalone_accuracy(job, cfg, seed: int = 0) -> float:
 
     from noah_ray import optim
     from noah_ray.data import build_loader, num_classes, norm_for
-    from noah_ray.train import accuracy, build_model, ensure_backbone
+    from noah_ray.models import build_model, ensure_backbone, evaluate
 
     torch.manual_seed(seed)
     tc = job.retrain
@@ -85,7 +85,7 @@ def standalone_accuracy(job, cfg, seed: int = 0) -> float:
             loss.backward()
             opt.step()
             sched.step()
-    return accuracy(model, val, torch.device("cpu"))
+    return evaluate(model, val, torch.device("cpu"))[0]
 
 
 def correlations(a: list[float], b: list[float], boots: int = 2000, seed: int = 0) -> dict:
@@ -112,7 +112,7 @@ def run_task(task: str, out: Path, count: int, rules: list[str], budget: dict = 
     from noah_ray.backbones import shape_of
     from noah_ray.config import JobConfig
     from noah_ray.data import minivtab
-    from noah_ray.train import train_supernet
+    from noah_ray.runs import train_supernet
 
     job = minivtab.job_config(task, out, out / "data", budget, name=f"rank-{task}")
     pipeline.prepare_data(job)

@@ -67,14 +67,14 @@ def bench_tune(args) -> None:
     import torch
 
     from noah_ray import storage
+    from noah_ray.models import evaluate, load_supernet
     from noah_ray.search import run_search
-    from noah_ray.search_trainable import evaluate, load_supernet_state
     from noah_ray.space import SubnetConfig
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     root = Path(tempfile.mkdtemp(prefix="bench-search-"))
     uri = prepare(root, args.model)
-    loader = functools.partial(load_supernet_state, uri=uri)
+    loader = functools.partial(load_supernet, uri=uri)
     data = functools.partial(val_batches, n=args.val_images)
     rates, per_trial, evals, walls = {}, {}, {}, {}
     for workers in (1, 2):

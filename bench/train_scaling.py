@@ -44,7 +44,7 @@ def make_job(data_root: Path, store: str, name: str, *, model: str, workers: int
 def images_per_s(job) -> tuple[float, float]:
     """(median images/s over epochs after the first, wall seconds of the whole run)."""
     from noah_ray import storage
-    from noah_ray.train import train_supernet
+    from noah_ray.runs import train_supernet
 
     t0 = time.time()
     train_supernet(job)

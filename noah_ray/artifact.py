@@ -266,7 +266,7 @@ def model_from_run(job_path: str, run: str):
     """The retrained subnet of run ``run`` (e.g. ``noah-seed0``) of the job in ``job_path``, with
     its backbone checkpoint URI and timm model name."""
     from noah_ray.config import JobConfig
-    from noah_ray.train import build_model
+    from noah_ray.models import build_model
 
     safe_name(run, "run (the run id from the runs table, e.g. noah-seed0)")
     job = JobConfig.load(job_path)

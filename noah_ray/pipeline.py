@@ -1,6 +1,7 @@
 """The chained stages (supernet -> search -> retrain), shared by the CLI and the Ray jobs.
 
-Everything about a job is validated before anything is written (:func:`validate_job`); each
+Everything about a job is validated once, before anything is written (:func:`preflight`:
+:func:`noah_ray.preflight.resolve`); the stages take the resolved job and do not check again.  Each
 stage resumes from what earlier runs of the same job left in storage, so running a finished
 job again only re-reads its results.
 """
@@ -9,124 +10,69 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from noah_ray import progress, storage, tracking
+from noah_ray import progress, storage
 from noah_ray.config import JobConfig
 from noah_ray.errors import ConfigError
+from noah_ray.preflight import STAGES, ResolvedJob, check_artifacts, is_generated, resolve
 from noah_ray.space import SubnetConfig
 
-STAGES = ("supernet", "search", "hpo", "retrain")   # hpo runs only with an hpo section
+
+@dataclass(frozen=True)
+class PreflightReport:
+    resolved: ResolvedJob
+    pending: tuple[str, ...]          # stages that need Ray; the others answer from storage
 
 
-def _is_generated(job: JobConfig) -> bool:
-    from noah_ray.data import registry
-
-    info = registry.lookup(job.data.dataset, job.data.format)
-    return job.data.format == "vtab" and info is not None and info.benchmark in registry.WRITTEN
-
-
-def _check_data(job: JobConfig, stages: tuple[str, ...], num_classes: int) -> None:
-    """The splits the stages read, their labels and image headers (:func:`noah_ray.preflight.check_data`).
-    Generated tasks that are missing are written by :func:`prepare_data`."""
-    from noah_ray.preflight import check_data
-
-    if _is_generated(job) and not str(job.data.root).startswith("s3://") and \
-            not (Path(job.data.root).expanduser() / job.data.dataset).is_dir():
-        return
-    check_data(job, stages, num_classes)
+def preflight(job: JobConfig, stages: tuple[str, ...] = STAGES) -> PreflightReport:
+    """Everything checked before Ray starts, once per command: the job (:func:`~noah_ray.preflight.resolve`),
+    earlier stages' artifacts, and which stages still need Ray."""
+    resolved = resolve(job, stages, generate=True)
+    check_artifacts(job, stages)
+    return PreflightReport(resolved, pending_stages(job, stages, resolved.num_classes))
 
 
-def _exists(uri: str, endpoint: str | None) -> bool:
-    loc = storage.resolve(uri, endpoint)
+def _stage_done(stage: str, job: JobConfig, num_classes: int) -> bool:
+    from noah_ray import hpo, runs, search
+
+    if stage == "supernet":
+        return runs.supernet_done(job, num_classes)
+    if stage == "search":
+        return search.search_done(job)
+    if stage == "hpo" and job.hpo is None:
+        return True
+    methods = _methods(job)
     try:
-        return storage.exists(loc)
-    except OSError as e:
-        raise ConfigError(f"cannot reach {uri!r}: {str(e).splitlines()[0][:200]}; check the endpoint and "
-                          f"credentials") from None
+        subnet = retrain_subnet(job) if "noah" in methods else None
+    except ConfigError:                  # e.g. the winner file is not written yet: the search stage writes it
+        return False
+    if stage == "hpo":
+        return all(hpo.hpo_done(job, m) for m in methods)
+    done = runs.retrain_done if job.hpo is None else hpo.tuned_retrain_done
+    return all(done(job, subnet if m == "noah" else None, m, seed, num_classes)
+               for m in methods for seed in job.retrain.seeds)
 
 
-def validate_job(job: JobConfig, stages: tuple[str, ...] = STAGES) -> None:
-    """Raise one :class:`ConfigError` for anything wrong with ``job``; writes nothing.
-
-    Checks the storage URI, the model name and checkpoint, the search space against the
-    backbone, the dataset and its splits, the parameter limit against the space, the retraining
-    methods and subnet file."""
-    import timm
-
-    from noah_ray.data import num_classes
-    from noah_ray.search import backbone_shape_of, param_limit
-    from noah_ray.train import METHODS
-
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"unknown stage {unknown[0]!r}; use {', '.join(STAGES)}")
-    tracking.check(job)
-    storage.resolve(job.storage, job.storage_endpoint)
-    if not timm.is_model(job.model.name):
-        raise ConfigError(f"model.name {job.model.name!r} is not a timm model; use e.g. "
-                          f"vit_base_patch16_224.augreg_in21k or vit_noah_tiny_patch4_32")
-    if job.model.checkpoint and not _exists(job.model.checkpoint, job.storage_endpoint):
-        raise ConfigError(f"model.checkpoint {job.model.checkpoint!r} does not exist; give the path or s3:// URI "
-                          f"of the backbone weights (e.g. ViT-B_16.npz)")
-    depth = backbone_shape_of(job).depth
-    if job.space.num_layers != depth:
-        raise ConfigError(f"space.num_layers {job.space.num_layers} does not match {job.model.name} "
-                          f"({depth} blocks); set space.num_layers: {depth}")
-    _check_data(job, stages, num_classes(job.data, endpoint=job.storage_endpoint))
-    if "search" in stages:
-        param_limit(job)
-    for stage in ("supernet", "retrain"):
-        n = getattr(job, stage).num_workers
-        if stage in stages and job.data.batch_size % n:
-            raise ConfigError(f"data.batch_size {job.data.batch_size} does not split evenly over {stage}.num_workers "
-                              f"{n}; use a multiple of {n}")
-    for m in (job.retrain.method, *job.retrain.baselines):
-        if m not in METHODS:
-            raise ConfigError(f"retrain method {m!r} unknown; use one of {', '.join(METHODS)}")
-    if job.prune is not None:
-        if "e2vpt" not in (job.retrain.method, *job.retrain.baselines):
-            raise ConfigError("the prune section applies to the e2vpt retraining only; add e2vpt to "
-                              "retrain.baselines, or remove prune")
-        dim = backbone_shape_of(job).embed_dim
-        if dim % job.prune.num_segments:
-            raise ConfigError(f"prune.num_segments {job.prune.num_segments} must divide {job.model.name}'s "
-                              f"embed dim {dim}; pick a divisor of {dim}")
-    if ("retrain" in stages or "hpo" in stages) and job.retrain.subnet:
-        job.space.validate(SubnetConfig.load(job.retrain.subnet))
-    _check_hpo(job, stages, METHODS)
+def pending_stages(job: JobConfig, stages: tuple[str, ...], num_classes: int) -> tuple[str, ...]:
+    """The requested stages that still have work (every stage after a pending one is pending)."""
+    out: list[str] = []
+    for stage in (s for s in STAGES if s in stages):
+        if out or not _stage_done(stage, job, num_classes):
+            out.append(stage)
+    return tuple(out)
 
 
-def _check_hpo(job: JobConfig, stages: tuple[str, ...], methods: tuple[str, ...]) -> None:
-    if stages == ("hpo",) and job.hpo is None:
-        raise ConfigError("the job has no hpo section; add one (e.g. hpo: {trials: 16}) to tune hyper-parameters")
-    if job.hpo is None:
-        return
-    for m in job.hpo.method_space:
-        if m not in methods:
-            raise ConfigError(f"hpo.method_space: {m!r} is not a retraining method; use one of {', '.join(methods)}")
-
-
-def preflight(job: JobConfig, stages: tuple[str, ...] = STAGES):
-    """Everything checked before Ray starts, once per command: :func:`validate_job`, the backbone
-    checkpoint against the model, earlier stages' artifacts, the storage writable; returns a
-    :class:`~noah_ray.preflight.PreflightReport` (which stages still need Ray)."""
-    from noah_ray import preflight as checks
-    from noah_ray.data import num_classes
-
-    validate_job(job, stages)
-    storage.check_writable(storage.resolve(job.storage, job.storage_endpoint))
-    n = num_classes(job.data, endpoint=job.storage_endpoint)
-    checks.check_checkpoint(job, n)
-    checks.check_artifacts(job, stages)
-    return checks.PreflightReport(n, checks.pending_stages(job, stages, n))
+def _methods(job: JobConfig) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((job.retrain.method, *job.retrain.baselines)))
 
 
 def prepare_data(job: JobConfig) -> None:
     """Write a generated (``gen_*``) or mini-VTAB (``mv_*``) task under ``data.root`` if it is not
     there yet."""
-    if _is_generated(job) and not str(job.data.root).startswith("s3://"):
+    if is_generated(job) and not str(job.data.root).startswith("s3://"):
         from noah_ray.data import minivtab, write_generated_vtab
 
         root = Path(job.data.root).expanduser()
@@ -177,45 +123,65 @@ def run_stages(job: JobConfig, stages: tuple[str, ...] = STAGES, *,
     with lease.hold(job.storage, job.storage_endpoint, job.name):
         if report.pending and start_ray is not None:
             start_ray()
-        return _run(job, stages)
+        prepare_data(job)
+        summary: dict = {"job": job.name, "uri": storage.resolve(job.storage, job.storage_endpoint).join(job.name).uri}
+        t0 = time.time()
+        for stage in (s for s in STAGES if s in stages):
+            out = _RUNNERS[stage](report.resolved)
+            if out is not None:
+                summary[stage] = out
+        summary["wall_time_s"] = time.time() - t0
+        return summary
 
 
-def _run(job: JobConfig, stages: tuple[str, ...]) -> dict:
+def _supernet(rj: ResolvedJob) -> dict:
+    from noah_ray.runs import train_supernet
+
+    job = rj.job
+    progress.echo(f"== supernet: {job.supernet.epochs} epoch(s), {job.supernet.num_workers} worker(s)")
+    res = train_supernet(rj)
+    return {"epochs": res.epochs_done, "uri": res.final_uri,
+            **{k: v for k, v in res.metrics.items() if k.startswith("val_acc")}}
+
+
+def _search(rj: ResolvedJob) -> dict:
     from noah_ray.search import run_search
-    from noah_ray.train import retrain_seeds, train_supernet
 
-    prepare_data(job)
-    summary: dict = {"job": job.name, "uri": storage.resolve(job.storage, job.storage_endpoint).join(job.name).uri}
-    t0 = time.time()
-    if "supernet" in stages:
-        progress.echo(f"== supernet: {job.supernet.epochs} epoch(s), {job.supernet.num_workers} worker(s)")
-        res = train_supernet(job)
-        summary["supernet"] = {"epochs": res.epochs_done, "uri": res.final_uri,
-                               **{k: v for k, v in res.metrics.items() if k.startswith("val_acc")}}
-    if "search" in stages:
-        progress.echo(f"== search: {job.search.algorithm}, {job.search.generations} generation(s) x "
-                      f"{job.search.population}, limit {job.search.param_limit} M")
-        res = run_search(job)
-        summary["search"] = {"best": res.best.to_dict() if res.best else None, "val_acc": res.best_val_acc,
-                             "params": res.best_params, "evaluated": res.evaluated, "uri": res.uri,
-                             "best_subnet_uri": res.best_subnet_uri, "finished": res.finished}
-    methods = tuple(dict.fromkeys((job.retrain.method, *job.retrain.baselines)))
-    if "hpo" in stages and job.hpo is not None:
-        from noah_ray.hpo import run_hpo
+    s = rj.job.search
+    progress.echo(f"== search: {s.algorithm}, {s.generations} generation(s) x {s.population}, "
+                  f"limit {s.param_limit} M")
+    res = run_search(rj.job, limit=rj.limit)
+    return {"best": res.best.to_dict() if res.best else None, "val_acc": res.best_val_acc,
+            "params": res.best_params, "evaluated": res.evaluated, "uri": res.uri,
+            "best_subnet_uri": res.best_subnet_uri, "finished": res.finished}
 
-        progress.echo(f"== hpo: {', '.join(methods)}, {job.hpo.searcher} + {job.hpo.scheduler}")
-        subnet = retrain_subnet(job) if "noah" in methods else None
-        summary["hpo"] = {m: run_hpo(job, m, subnet if m == "noah" else None).record() for m in methods}
-    if "retrain" in stages:
-        from noah_ray.hpo import tuned_retrain
 
-        progress.echo(f"== retrain: {', '.join(methods)} x seeds {list(job.retrain.seeds)}"
-                      + (" with tuned hyper-parameters" if job.hpo else ""))
-        subnet = retrain_subnet(job) if "noah" in methods else None
-        run = retrain_seeds if job.hpo is None else tuned_retrain
-        summary["retrain"] = {m: run(job, subnet if m == "noah" else None, m) for m in methods}
-    summary["wall_time_s"] = time.time() - t0
-    return summary
+def _hpo(rj: ResolvedJob) -> dict | None:
+    from noah_ray.hpo import run_hpo
+
+    job, methods = rj.job, _methods(rj.job)
+    if job.hpo is None:
+        return None
+    progress.echo(f"== hpo: {', '.join(methods)}, {job.hpo.searcher} + {job.hpo.scheduler}")
+    subnet = retrain_subnet(job) if "noah" in methods else None
+    return {m: run_hpo(rj, m, subnet if m == "noah" else None).record() for m in methods}
+
+
+def _retrain(rj: ResolvedJob) -> dict:
+    from noah_ray.hpo import tuned_retrain
+    from noah_ray.runs import retrain_seeds
+
+    job, methods = rj.job, _methods(rj.job)
+    progress.echo(f"== retrain: {', '.join(methods)} x seeds {list(job.retrain.seeds)}"
+                  + (" with tuned hyper-parameters" if job.hpo else ""))
+    subnet = retrain_subnet(job) if "noah" in methods else None
+    run = retrain_seeds if job.hpo is None else tuned_retrain
+    return {m: run(rj, subnet if m == "noah" else None, m) for m in methods}
+
+
+#: stage name -> what runs it on the resolved job (its summary; None: nothing to run)
+_RUNNERS: dict[str, Callable[[ResolvedJob], dict | None]] = {
+    "supernet": _supernet, "search": _search, "hpo": _hpo, "retrain": _retrain}
 
 
 def format_summary(summary: dict) -> str:

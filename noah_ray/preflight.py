@@ -1,45 +1,175 @@
-"""Checks that run on the driver before Ray starts (called by :func:`noah_ray.pipeline.preflight`).
+"""The one validation pass of a command: :func:`resolve` checks a job for the stages it runs,
+on the driver before Ray starts, and returns a :class:`ResolvedJob` that every stage then takes
+instead of checking again.
 
 Everything that can fail deterministically is looked at here, once, so that a bad file ends the
 command with one line instead of failing inside Ray workers (and being retried):
 
+* the job's settings: stage names, tracking, the storage URI, the timm model and its checkpoint,
+  the search space against the backbone, the parameter limit, batch split over the workers, the
+  retraining methods, the prune section, ``retrain.subnet``, the hpo section;
 * :func:`check_data` - every split file the stages read (the test split too), labels within the
   class count, and every image's header (unless ``data.skip_corrupt``);
+* the storage is writable (``storage.check_writable``, the one write: a probe, deleted);
 * :func:`check_checkpoint` - the backbone checkpoint's format and every tensor's shape against the
   model (built on the meta device: no memory);
 * :func:`check_artifacts` - what earlier stages left and this command reads: the trained
-  supernet (``supernet/final``), the search state, the search winner for retraining;
-* :func:`pending_stages` - which stages still have work; finished ones answer from storage, and a
-  command whose stages are all finished never starts Ray.
-
-Nothing here writes.
+  supernet (``supernet/final``), the search state, the search winner for retraining (called by
+  :func:`noah_ray.pipeline.preflight`, which also works out the stages that still have work).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from noah_ray import storage
+from noah_ray import storage, tracking
 from noah_ray.config import JobConfig
 from noah_ray.errors import ConfigError
+from noah_ray.evolution import ParamLimit
+from noah_ray.space import BackboneShape, SubnetConfig
 
-STAGE_ORDER = ("supernet", "search", "hpo", "retrain")
+STAGES = ("supernet", "search", "hpo", "retrain")   # hpo runs only with an hpo section
+TRAIN_STAGES = ("supernet", "retrain")               # the Ray Train runs
 
 
-def _splits(job: JobConfig, stages: tuple[str, ...]) -> list[str]:
-    d, out = job.data, []
-    if "supernet" in stages:
-        out += [d.train_split, d.val_split]
-    if "search" in stages:
-        out.append(d.val_split)
-    if "hpo" in stages and job.hpo is not None:
-        out += [d.train_split, d.val_split]
-    if "retrain" in stages:
-        out += [d.train_split, d.val_split, d.test_split]
-        if job.hpo is not None:                  # the tuned final runs train on train800val200
-            out.append(d.final_train_split)
-    return list(dict.fromkeys(out))
+@dataclasses.dataclass(frozen=True)
+class ResolvedJob:
+    """A job checked for ``stages``, with what the checks worked out (see :func:`resolve`)."""
+
+    job: JobConfig
+    stages: tuple[str, ...]
+    num_classes: int
+    shape: BackboneShape                  # of the backbone with a 1-class head
+    limit: ParamLimit | None              # the search's parameter limit (when the search runs)
+    backbone: str                         # backbone checkpoint URI (models.backbone_uri)
+    splits: dict[str, tuple[str, ...]]    # stage -> the splits it reads
+
+    def with_job(self, job: JobConfig) -> "ResolvedJob":
+        """The same checks for a variant of the job (e.g. hpo's final runs: other values)."""
+        return dataclasses.replace(self, job=job)
+
+
+def resolve(job: JobConfig, stages: tuple[str, ...] = STAGES, *, generate: bool = False) -> ResolvedJob:
+    """Check ``job`` for ``stages`` (one :class:`ConfigError` for the first problem) and return
+    what the stages need.  Writes nothing but the storage probe.  ``generate``: the caller writes
+    a missing generated task before training (:func:`noah_ray.pipeline.prepare_data`), so its
+    splits are not read here."""
+    from noah_ray.data import num_classes
+
+    _check_settings(job, stages)
+    shape = _check_model(job)
+    n = num_classes(job.data, endpoint=job.storage_endpoint)
+    splits = {s: _splits(job, s) for s in STAGES if s in stages}
+    if not (generate and _missing_generated(job)):
+        check_data(job, splits, n)
+    limit = _param_limit(job, shape) if "search" in stages else None
+    _check_retrain(job, stages, shape)
+    storage.check_writable(storage.resolve(job.storage, job.storage_endpoint))
+    check_checkpoint(job, n)
+    from noah_ray.models import backbone_uri
+
+    return ResolvedJob(job, tuple(stages), n, shape, limit, backbone_uri(job), splits)
+
+
+def as_resolved(job: JobConfig | ResolvedJob, stages: tuple[str, ...]) -> ResolvedJob:
+    """A :class:`ResolvedJob` as it is (the pipeline resolved it once for the command), or a
+    :class:`JobConfig` resolved now for ``stages`` (a stage called on its own)."""
+    return job if isinstance(job, ResolvedJob) else resolve(job, stages)
+
+
+def _check_settings(job: JobConfig, stages: tuple[str, ...]) -> None:
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage {unknown[0]!r}; use {', '.join(STAGES)}")
+    tracking.check(job)
+    storage.resolve(job.storage, job.storage_endpoint)
+
+
+def _exists(uri: str, endpoint: str | None) -> bool:
+    try:
+        return storage.exists(storage.resolve(uri, endpoint))
+    except OSError as e:
+        raise ConfigError(f"cannot reach {uri!r}: {str(e).splitlines()[0][:200]}; check the endpoint and "
+                          f"credentials") from None
+
+
+def _check_model(job: JobConfig) -> BackboneShape:
+    """The timm model, its checkpoint's existence and the space's depth; the backbone's shape."""
+    import timm
+
+    from noah_ray.backbones import shape_of
+
+    if not timm.is_model(job.model.name):
+        raise ConfigError(f"model.name {job.model.name!r} is not a timm model; use e.g. "
+                          f"vit_base_patch16_224.augreg_in21k or vit_noah_tiny_patch4_32")
+    if job.model.checkpoint and not _exists(job.model.checkpoint, job.storage_endpoint):
+        raise ConfigError(f"model.checkpoint {job.model.checkpoint!r} does not exist; give the path or s3:// URI "
+                          f"of the backbone weights (e.g. ViT-B_16.npz)")
+    shape = shape_of(job.model.name, job.data.num_classes or 1)
+    if job.space.num_layers != shape.depth:
+        raise ConfigError(f"space.num_layers {job.space.num_layers} does not match {job.model.name} "
+                          f"({shape.depth} blocks); set space.num_layers: {shape.depth}")
+    return shape
+
+
+def _param_limit(job: JobConfig, shape: BackboneShape) -> ParamLimit:
+    from noah_ray.search import param_limit
+
+    return param_limit(job, shape)
+
+
+def _check_retrain(job: JobConfig, stages: tuple[str, ...], shape: BackboneShape) -> None:
+    """Batch split over each training stage's workers, the methods, prune, subnet and hpo sections."""
+    from noah_ray.models import METHODS
+
+    for stage in TRAIN_STAGES:
+        n = getattr(job, stage).num_workers
+        if stage in stages and job.data.batch_size % n:
+            raise ConfigError(f"data.batch_size {job.data.batch_size} does not split evenly over {stage}.num_workers "
+                              f"{n}; use a multiple of {n}")
+    methods = (job.retrain.method, *job.retrain.baselines)
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"retrain method {m!r} unknown; use one of {', '.join(METHODS)}")
+    if job.prune is not None:
+        if "e2vpt" not in methods:
+            raise ConfigError("the prune section applies to the e2vpt retraining only; add e2vpt to "
+                              "retrain.baselines, or remove prune")
+        if shape.embed_dim % job.prune.num_segments:
+            raise ConfigError(f"prune.num_segments {job.prune.num_segments} must divide {job.model.name}'s "
+                              f"embed dim {shape.embed_dim}; pick a divisor of {shape.embed_dim}")
+    if ("retrain" in stages or "hpo" in stages) and job.retrain.subnet:
+        job.space.validate(SubnetConfig.load(job.retrain.subnet))
+    if stages == ("hpo",) and job.hpo is None:
+        raise ConfigError("the job has no hpo section; add one (e.g. hpo: {trials: 16}) to tune hyper-parameters")
+    for m in job.hpo.method_space if job.hpo is not None else ():
+        if m not in METHODS:
+            raise ConfigError(f"hpo.method_space: {m!r} is not a retraining method; use one of {', '.join(METHODS)}")
+
+
+def is_generated(job: JobConfig) -> bool:
+    """Whether the job's dataset is a task this package writes (``gen_*``, ``mv_*``)."""
+    from noah_ray.data import registry
+
+    info = registry.lookup(job.data.dataset, job.data.format)
+    return job.data.format == "vtab" and info is not None and info.benchmark in registry.WRITTEN
+
+
+def _missing_generated(job: JobConfig) -> bool:
+    return is_generated(job) and not str(job.data.root).startswith("s3://") and \
+        not (Path(job.data.root).expanduser() / job.data.dataset).is_dir()
+
+
+def _splits(job: JobConfig, stage: str) -> tuple[str, ...]:
+    """The splits ``stage`` reads."""
+    d, h = job.data, job.hpo
+    reads = {"supernet": (d.train_split, d.val_split), "search": (d.val_split,),
+             "hpo": (d.train_split, d.val_split) if h is not None else (),
+             "retrain": (d.train_split, d.val_split, d.test_split)
+             + ((d.final_train_split,) if h is not None else ())}      # the tuned final runs: train800val200
+    return reads[stage]
 
 
 def _bad_image(path: str) -> str | None:
@@ -62,16 +192,17 @@ def check_images(paths: list[str], split: str) -> None:
                                   f"from the split, or set data.skip_corrupt: true")
 
 
-def check_data(job: JobConfig, stages: tuple[str, ...], num_classes: int) -> None:
-    """The split files the stages read (local data roots; an ``s3://`` root is checked where it is
-    staged), their labels against ``num_classes`` and their images' headers."""
+def check_data(job: JobConfig, splits: dict[str, tuple[str, ...]], num_classes: int) -> None:
+    """The split files the stages read (``splits``: stage -> its splits), their labels against
+    ``num_classes`` and their images' headers.  An ``s3://`` root: the split files of the Ray
+    Train stages, staged into the local cache (their images are checked as they are read)."""
     from noah_ray.data.readers import read_split
 
-    if str(job.data.root).startswith("s3://"):
-        return
-    for split in _splits(job, stages):
-        samples = read_split(job.data, split, num_classes=num_classes)
-        if not job.data.skip_corrupt:
+    s3 = str(job.data.root).startswith("s3://")
+    names = dict.fromkeys(x for stage, xs in splits.items() if not s3 or stage in TRAIN_STAGES for x in xs)
+    for split in names:
+        samples = read_split(job.data, split, num_classes=num_classes, endpoint=job.storage_endpoint)
+        if not (s3 or job.data.skip_corrupt):
             check_images([p for p, _ in samples], split)
 
 
@@ -97,7 +228,7 @@ def check_checkpoint(job: JobConfig, num_classes: int) -> None:
 def check_artifacts(job: JobConfig, stages: tuple[str, ...]) -> None:
     """What this command reads from earlier stages exists and is intact."""
     from noah_ray.search import SearchStore, _run_name, load_best_subnet, search_location
-    from noah_ray.train import job_root, supernet_recovery
+    from noah_ray.models import job_root, supernet_recovery
 
     final = job_root(job).join("supernet", "final")
     if "search" in stages:
@@ -112,44 +243,3 @@ def check_artifacts(job: JobConfig, stages: tuple[str, ...]) -> None:
     if ("retrain" in stages or "hpo" in stages) and "search" not in stages and "noah" in methods \
             and not job.retrain.subnet:
         job.space.validate(load_best_subnet(job))
-
-
-def _stage_done(stage: str, job: JobConfig, num_classes: int) -> bool:
-    from noah_ray import search, train
-
-    if stage == "supernet":
-        return train.supernet_done(job, num_classes)
-    if stage == "search":
-        return search.search_done(job)
-    from noah_ray import hpo
-    from noah_ray.pipeline import retrain_subnet
-
-    if stage == "hpo" and job.hpo is None:
-        return True
-    methods = tuple(dict.fromkeys((job.retrain.method, *job.retrain.baselines)))
-    try:
-        subnet = retrain_subnet(job) if "noah" in methods else None
-    except ConfigError:                  # e.g. the winner file is not written yet: the search stage writes it
-        return False
-    if stage == "hpo":
-        return all(hpo.hpo_done(job, m) for m in methods)
-    if job.hpo is not None:
-        return all(hpo.tuned_retrain_done(job, subnet if m == "noah" else None, m, seed, num_classes)
-                   for m in methods for seed in job.retrain.seeds)
-    return all(train.retrain_done(job, subnet if m == "noah" else None, m, seed, num_classes)
-               for m in methods for seed in job.retrain.seeds)
-
-
-def pending_stages(job: JobConfig, stages: tuple[str, ...], num_classes: int) -> tuple[str, ...]:
-    """The requested stages that still have work (every stage after a pending one is pending)."""
-    out: list[str] = []
-    for stage in (s for s in STAGE_ORDER if s in stages):
-        if out or not _stage_done(stage, job, num_classes):
-            out.append(stage)
-    return tuple(out)
-
-
-@dataclasses.dataclass(frozen=True)
-class PreflightReport:
-    num_classes: int
-    pending: tuple[str, ...]          # stages that need Ray; the others answer from storage

@@ -132,18 +132,20 @@ def _run_name(job: JobConfig, run_name: str | None) -> str:
 
 def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = True,
                loader: Callable | None = None, val_data: Callable | None = None,
-               callbacks: Sequence[tune.Callback] = (), stop: Any = None) -> SearchResult:
+               callbacks: Sequence[tune.Callback] = (), stop: Any = None,
+               limit: ParamLimit | None = None) -> SearchResult:
     """Search ``job.space`` for the best subnet under ``job.search.param_limit``.
 
     ``run_name`` (default ``<algorithm>-seed<seed>``) names the run; with ``resume`` an
     existing run continues from its saved state (nothing is scored twice; a finished run just
     returns its result; raising ``search.generations`` extends it).  ``loader`` / ``val_data``
     replace the supernet loader and validation data of :class:`CandidateEvaluator`;
-    ``callbacks`` / ``stop`` go to Tune's ``RunConfig``.
+    ``callbacks`` / ``stop`` go to Tune's ``RunConfig``.  ``limit``: the limit
+    :func:`noah_ray.preflight.resolve` checked (with the storage); None: checked here.
     """
     s = job.search
     run = _run_name(job, run_name)
-    limit = param_limit(job)                      # fails before anything is written
+    resolved, limit = limit is not None, limit or param_limit(job)   # fails before anything is written
     base = search_location(job)
     store = SearchStore(base.uri, job.storage_endpoint, run, job.name, job.data.dataset, s.algorithm)
     searcher = NoahSearcher.from_config(s, job.space, limit, store, hold_actors=s.hold_actors)
@@ -161,7 +163,7 @@ def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = Tr
         attempt = prior.get("attempt", 0) + 1
         for rec in searcher.engine.history:      # idempotent: covers a crash between result and table
             store.write_generation(rec, searcher.engine)
-    else:
+    elif not resolved:
         storage.check_writable(base)
     searcher.extra_state = {"settings": _settings(job), "attempt": attempt, "run_id": run}
     store.save_state(searcher.get_state())

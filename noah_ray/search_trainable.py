@@ -1,6 +1,6 @@
 """The evaluation trainable of the subnet search: :class:`CandidateEvaluator`, a class trainable
 (actors are reused) that loads the supernet and the validation batches once per actor, then scores
-one candidate per trial with inherited weights (:func:`evaluate`).
+one candidate per trial with inherited weights (:func:`noah_ray.models.evaluate`).
 """
 
 from __future__ import annotations
@@ -8,34 +8,15 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from ray import tune
 
-from noah_ray import storage
 from noah_ray.config import JobConfig
 from noah_ray.errors import ConfigError
 from noah_ray.recipes import recorded
 from noah_ray.searchers import METRIC
 from noah_ray.space import SubnetConfig
-
-
-def evaluate(model, batches: Iterable, device: Any = "cpu", max_batches: int | None = None) -> tuple[float, int]:
-    """Top-1 accuracy (percent) of ``model`` on ``batches`` of ``(images, labels)``; and the count."""
-    import torch
-
-    correct = total = 0
-    model.eval()
-    with torch.inference_mode():
-        for i, (x, y) in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            logits = model(x.to(device, non_blocking=True))
-            correct += int((logits.argmax(-1).cpu() == y.cpu()).sum())
-            total += int(y.numel())
-    if total == 0:
-        raise ConfigError("the validation split is empty; check data.val_split")
-    return 100.0 * correct / total, total
 
 
 def default_val_batches(job: JobConfig, model) -> Iterable:
@@ -48,26 +29,10 @@ def default_val_batches(job: JobConfig, model) -> Iterable:
 
 
 def default_loader(job: JobConfig):
-    """The job's trained supernet (``noah_ray.train.load_supernet``)."""
-    from noah_ray.train import load_supernet
+    """The job's trained supernet (:func:`noah_ray.models.load_supernet`)."""
+    from noah_ray.models import load_supernet
 
     return load_supernet(job)
-
-
-def load_supernet_state(job: JobConfig, uri: str):
-    """The job's supernet with trainable weights from ``uri`` (written by ``storage.save_state``;
-    ``meta["num_classes"]`` sets the head, else ``job.data.num_classes``).  The backbone comes
-    from ``job.model.checkpoint``."""
-    from noah_ray.supernet import PromptedViT
-
-    tensors, meta = storage.load_state(storage.resolve(uri, job.storage_endpoint))
-    num_classes = meta.get("num_classes") or job.data.num_classes
-    if not num_classes:
-        raise ConfigError(f"{uri}: meta.json has no num_classes and data.num_classes is unset; set it")
-    model = PromptedViT.supernet(job.model.name, int(num_classes), job.space, job.model.checkpoint,
-                                 lora_scale=job.model.lora_scale, recipe=recorded(meta))
-    model.load_trainable_state_dict(tensors)
-    return model
 
 
 class CandidateEvaluator(tune.Trainable):
@@ -121,6 +86,8 @@ class CandidateEvaluator(tune.Trainable):
             return {METRIC: float("nan"), "hold": True, "done": True}
         if self.error is not None:
             return {METRIC: float("nan"), "error": self.error, "fatal": True, "done": True}
+        from noah_ray.models import evaluate
+
         t0 = time.perf_counter()
         self.model.set_active(self.subnet)
         acc, n = evaluate(self.model, self.batches, self.device, self.job.search.eval_batches)

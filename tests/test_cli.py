@@ -123,11 +123,11 @@ def test_missing_generated_data_is_not_an_error_but_other_data_is(tmp_path, caps
     path.write_text(yaml.safe_dump(cfg))
     rc, _, err = run_cli(capsys, "supernet", "--config", str(path))
     assert rc == 1 and "data root" in err and "does not exist" in err
-    from noah_ray import pipeline
     from noah_ray.config import JobConfig
+    from noah_ray.preflight import resolve
 
     cfg["data"]["dataset"] = "gen_shape"
-    pipeline.validate_job(JobConfig.from_dict(cfg))          # fine: it gets generated
+    resolve(JobConfig.from_dict(cfg), generate=True)         # fine: it gets generated
     assert not (tmp_path / "nodata").exists()
 
 

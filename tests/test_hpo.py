@@ -19,9 +19,10 @@ from noah_ray import results, storage
 from noah_ray.config import JobConfig
 from noah_ray.data import write_generated_vtab
 from noah_ray.errors import ConfigError
-from noah_ray.hpo import TrialTables, grid_values, hp_column, space_for
+from noah_ray.hpo import grid_values, space_for
+from noah_ray.hpo_trial import TrialTables, hp_column
+from noah_ray.models import subnet_for
 from noah_ray.space import SubnetConfig
-from noah_ray.train import subnet_for
 
 TINY = "vit_noah_tiny_patch4_32"
 

@@ -320,7 +320,7 @@ def test_cli_export_from_artifact_and_job_run(tmp_path: Path, backbone_file: str
     from noah_ray import storage
 
     model = make_model(MIXED, backbone_file, lora_scale=1.0)
-    # a finished retrain run laid out as noah_ray.train writes it
+    # a finished retrain run laid out as noah_ray.runs writes it
     job = {"name": "j", "storage": str(tmp_path / "res"), "model": {"name": TINY, "checkpoint": backbone_file}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     run = storage.resolve(str(tmp_path / "res")).join("j", "retrain", "noah-seed0")

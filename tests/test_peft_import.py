@@ -149,7 +149,7 @@ def test_retraining_starts_from_the_imported_weights(ray_session, tmp_path, back
     from noah_ray import storage
     from noah_ray.config import JobConfig
     from noah_ray.data import write_generated_vtab
-    from noah_ray.train import retrain
+    from noah_ray.runs import retrain
 
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=16, num_val=8, num_test=8)
     model = PromptedViT(create_backbone(TINY, 4, backbone_file), LORA_ONLY, lora_scale=0.5)

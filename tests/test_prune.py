@@ -360,8 +360,8 @@ def test_e2vpt_retraining_prunes_rewinds_and_retrains_on_ray(ray_session, tmp_pa
     from noah_ray.config import JobConfig
     from noah_ray.data import write_generated_vtab
     from noah_ray.interop import model_from_run
-    from noah_ray.pipeline import validate_job
-    from noah_ray.train import retrain, retrain_seeds
+    from noah_ray.preflight import resolve
+    from noah_ray.runs import retrain, retrain_seeds
 
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=48, num_val=16, num_test=16)
     spec = tiny_job(tmp_path / "data", tmp_path / "out", name="e2", data={"batch_size": 16},
@@ -371,7 +371,7 @@ def test_e2vpt_retraining_prunes_rewinds_and_retrains_on_ray(ray_session, tmp_pa
                              "baseline_widths": {"e2vpt": {"vpt": 4, "kv_prompt": 4}}},
                     prune={"token_fraction": 0.5, "segment_fraction": 0.25, "num_segments": 4, "score_batches": 2})
     job = JobConfig.from_dict(spec)
-    validate_job(job)
+    resolve(job)
     assert JobConfig.from_dict(job.to_dict()).prune == job.prune  # round trip (YAML-safe lists)
     summary = retrain_seeds(job, None, method="e2vpt")
     assert summary["method"] == "e2vpt-pruned"
@@ -400,6 +400,6 @@ def test_e2vpt_retraining_prunes_rewinds_and_retrains_on_ray(ray_session, tmp_pa
     assert len(storage.read_table(root.join("retrain"), "runs")) == 2
     bad = JobConfig.from_dict({**spec, "retrain": {**spec["retrain"], "baselines": ["lora"]}})
     with pytest.raises(ConfigError, match="prune section applies to the e2vpt retraining only"):
-        validate_job(bad)
+        resolve(bad)
     with pytest.raises(ConfigError, match="prune.num_segments 5 must divide"):
-        validate_job(JobConfig.from_dict({**spec, "prune": {"num_segments": 5}}))
+        resolve(JobConfig.from_dict({**spec, "prune": {"num_segments": 5}}))

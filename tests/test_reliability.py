@@ -138,7 +138,7 @@ def test_uris_with_credentials_are_refused_without_echoing_them():
 @pytest.mark.parametrize("name", ["..", ".", "...", "a/b", "a\\b", "", " x", "-x", "x y"])
 def test_names_are_one_safe_path_segment(name):
     from noah_ray.search import _run_name
-    from noah_ray.train import _supernet_dir
+    from noah_ray.models import supernet_dir
 
     with pytest.raises(ConfigError, match="must be one path segment"):
         JobConfig.from_dict({"name": name})
@@ -146,7 +146,7 @@ def test_names_are_one_safe_path_segment(name):
     with pytest.raises(ConfigError, match="must be one path segment"):
         _run_name(job, name or "..")
     with pytest.raises(ConfigError, match="must be one path segment"):
-        _supernet_dir(name or "..")
+        supernet_dir(name or "..")
     for ok in ("cifar100-noah", "run_1.v2"):
         assert JobConfig.from_dict({"name": ok}).name == ok
 
@@ -226,13 +226,14 @@ def test_the_lease_is_renewed_while_held(tmp_path):
 # ------------------------------------------------------------------ 8. finished stages without Ray
 def _finished_job(tiny_job, tmp_path: Path, data_root: Path) -> JobConfig:
     """A job whose supernet and search are finished in storage (written without Ray)."""
-    from noah_ray.train import _spec, job_root
+    from noah_ray.models import job_root
+    from noah_ray.runs import spec_for
 
     job = JobConfig.from_dict(tiny_job(
         data_root, tmp_path / "store", name="done", model={"drop_path_rate": 0.1}, retrain=None,
         space={"num_layers": 12, "modules": {"lora": {"depths": [3, 6], "widths": [1, 2]}}}))
     run = job_root(job).join("supernet")
-    spec = _spec(job, "supernet", "noah", None, job.supernet.lr, job.supernet.seed, 4)
+    spec = spec_for(job, "supernet", "noah", None, job.supernet.lr, job.supernet.seed, 4)
     storage.write_text(run.join("spec.json"), json.dumps(spec))
     storage.save_state(run.join("final"), {}, {"epochs_done": 1, "num_classes": 4, "val_acc": {"largest": 50.0}})
     from noah_ray.search import make_searcher, search_location
@@ -300,7 +301,7 @@ def test_search_with_data_and_storage_on_s3_writes_no_secret(ray_session, s3_buc
 
     from noah_ray.data import write_generated_vtab
     from noah_ray.search import run_search
-    from noah_ray.train import build_model, ensure_backbone, job_root
+    from noah_ray.models import build_model, ensure_backbone, job_root
 
     endpoint, bucket = s3_bucket
     write_generated_vtab(tmp_path / "data", "gen_shape", num_train=8, num_val=16, num_test=4)

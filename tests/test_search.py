@@ -17,9 +17,9 @@ from noah_ray.config import JobConfig
 from noah_ray.evolution import (DONE, ENGINES, FAILED, AgingEvolutionEngine, EvolutionEngine, NSGA2Engine, ParamLimit,
                                 RandomEngine, TargetObjective, pareto_front)
 from noah_ray.errors import ConfigError
+from noah_ray.models import load_supernet
 from noah_ray.search import load_best_subnet, make_searcher, run_search
 from noah_ray.search_store import SearchStore
-from noah_ray.search_trainable import load_supernet_state
 from noah_ray.searchers import NoahSearcher
 from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
 
@@ -340,8 +340,8 @@ def save_supernet(job: JobConfig, state) -> str:
 @pytest.mark.slow
 def test_supernet_then_search_on_s3(ray_session, s3_bucket, tiny, s3_markers, tiny_job):
     """The product flow on S3: train a tiny supernet (2 epochs), then search it (the trainable
-    loads the supernet with noah_ray.train.load_supernet, the val split with noah_ray.data)."""
-    from noah_ray.train import train_supernet
+    loads the supernet with noah_ray.models.load_supernet, the val split with noah_ray.data)."""
+    from noah_ray.runs import train_supernet
 
     root, _ = tiny
     endpoint, bucket = s3_bucket
@@ -401,7 +401,7 @@ def scored_keys(tune_dir: Path) -> list[str]:
 def test_killed_search_resumes_without_scoring_twice(ray_session, tmp_path, tiny, tiny_job):
     root, state = tiny
     job = search_job(tiny_job, root, str(tmp_path / "store"))
-    loader = functools.partial(load_supernet_state, uri=save_supernet(job, state))
+    loader = functools.partial(load_supernet, uri=save_supernet(job, state))
     first = run_search(job, loader=loader, val_data=val_data, stop=StopAfter(6))
     assert not first.finished and 6 <= first.evaluated < 12 and first.best_subnet_uri is None
     tune_dir = tmp_path / "store" / "tiny" / "search" / "tune"
@@ -450,7 +450,7 @@ def test_search_stops_with_the_cause_and_a_rerun_retries_the_failed(ray_session,
     failed = [c for c in saved["engine"]["candidates"] if c["status"] == FAILED]
     assert saved["aborted"] and 1 <= len(failed) <= 2 and failed[0]["info"]["error"] == "supernet file is broken"
     assert not (base / "best_subnet.yaml").exists()
-    loader = functools.partial(load_supernet_state, uri=save_supernet(job, state))
+    loader = functools.partial(load_supernet, uri=save_supernet(job, state))
     again = run_search(job, loader=loader, val_data=val_data)
     assert again.finished and again.evaluated == 4 and again.failed == 0 and (base / "best_subnet.yaml").is_file()
     trials = storage.read_table(storage.resolve(job.storage).join("tiny", "search"), "trials").to_pandas()

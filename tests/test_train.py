@@ -14,8 +14,9 @@ from noah_ray.data import write_generated_vtab
 from noah_ray.errors import ConfigError
 from noah_ray.space import SearchSpace, SubnetConfig
 from noah_ray.supernet import PromptedViT
-from noah_ray.train import (BASELINE_WIDTHS, load_supernet, retrain, step_subnet, step_subnets, subnet_for,
-                             train_supernet)
+from noah_ray.models import BASELINE_WIDTHS, load_supernet, subnet_for
+from noah_ray.runs import retrain, train_supernet
+from noah_ray.train import step_subnet, step_subnets
 
 SPACE = {"num_layers": 12, "modules": {"vpt": {"depths": [3, 12], "widths": [1, 5]},
                                        "lora": {"depths": [3, 12], "widths": [1, 5]},
@@ -208,7 +209,7 @@ def test_bad_storage_or_job_fails_before_training(ray_session, data_root, tmp_pa
         train_supernet(make_job(tiny_job, data_root, "ftp://host/x", "bad"))
     with pytest.raises(ConfigError, match=r"storage 's3://nowhere/x' \(endpoint http://127.0.0.1:9\) is not writable"):
         train_supernet(make_job(tiny_job, data_root, "s3://nowhere/x", "bad", endpoint="http://127.0.0.1:9"))
-    with pytest.raises(ConfigError, match="batch_size 16 does not split evenly over 3 workers"):
+    with pytest.raises(ConfigError, match="batch_size 16 does not split evenly over supernet.num_workers 3"):
         train_supernet(make_job(tiny_job, data_root, str(tmp_path), "bad", workers=3))
     with pytest.raises(ConfigError, match="retraining NOAH needs a subnet"):
         retrain(make_job(tiny_job, data_root, str(tmp_path), "bad"), None, method="noah")
