@@ -27,12 +27,15 @@ class ModuleSpec:
 
     ``params(width, shape, kv_shared)`` is the exact number of trainable parameters one module
     of ``width`` adds to one layer of a backbone of ``shape`` (0 for width 0).  ``prunable``:
-    E2VPT pruning can remove its tokens (the module carries a pruning gate)."""
+    E2VPT pruning can remove its tokens (the module carries a pruning gate).
+    ``passes_tokens_on``: a layer of width 0 lets the previous layer's tokens through instead of
+    having none (VPT-Deep), so pruning keeps at least one token there."""
 
     name: str
     width_of: str
     params: Callable[[int, "BackboneShape", bool], int]
     prunable: bool = False
+    passes_tokens_on: bool = False
 
     def count(self, width: int, shape: "BackboneShape", kv_shared: bool = False) -> int:
         return self.params(width, shape, kv_shared) if width else 0
@@ -40,7 +43,7 @@ class ModuleSpec:
 
 SPECS: dict[str, ModuleSpec] = {s.name: s for s in (
     # width prompt tokens of size d
-    ModuleSpec(VPT, "tokens", lambda w, s, kv: w * s.embed_dim, prunable=True),
+    ModuleSpec(VPT, "tokens", lambda w, s, kv: w * s.embed_dim, prunable=True, passes_tokens_on=True),
     # A: r x d, B: 3d x r on the fused qkv
     ModuleSpec(LORA, "rank", lambda w, s, kv: 4 * s.embed_dim * w),
     # down d -> r (+ bias), up r -> d (+ bias)
