@@ -53,8 +53,7 @@ def validate_job(job: JobConfig, stages: tuple[str, ...] = STAGES) -> None:
     Checks the storage URI, the model name and checkpoint, the search space against the
     backbone, the dataset and its splits, the parameter limit against the space, the retraining
     methods and subnet file."""
-    import timm
-
+    from noah_ray.backbones import is_backbone
     from noah_ray.data import num_classes
     from noah_ray.search import backbone_shape_of, param_limit
     from noah_ray.train import METHODS
@@ -64,7 +63,7 @@ def validate_job(job: JobConfig, stages: tuple[str, ...] = STAGES) -> None:
         raise ConfigError(f"unknown stage {unknown[0]!r}; use {', '.join(STAGES)}")
     tracking.check(job)
     storage.resolve(job.storage, job.storage_endpoint)
-    if not timm.is_model(job.model.name):
+    if not is_backbone(job.model.name):
         raise ConfigError(f"model.name {job.model.name!r} is not a timm model; use e.g. "
                           f"vit_base_patch16_224.augreg_in21k or vit_noah_tiny_patch4_32")
     if job.model.checkpoint and not _exists(job.model.checkpoint, job.storage_endpoint):

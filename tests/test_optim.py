@@ -33,7 +33,7 @@ def test_groups_follow_the_no_decay_rule_with_the_decay_group_first(weight_decay
     assert [names[id(p)] for p in groups[0]["params"]] == want_decay  # model order inside a group
     assert [names[id(p)] for p in groups[1]["params"]] == want_free
     assert {"vit.reg_token", "vit.pos_embed", "vit.cls_token"} <= set(want_free)
-    assert "vit.blocks.0.vpt.prompts" in want_decay and "vit.blocks.0.block.attn.qkv.base.weight" in want_decay
+    assert "vit.blocks.0.vpt.prompts" in want_decay and "vit.blocks.0.block.attn.attn.qkv.base.weight" in want_decay
 
 
 def test_frozen_backbone_groups_hold_only_modules_and_head():

@@ -13,7 +13,6 @@ import json
 from dataclasses import replace
 
 import pytest
-import timm  # noqa: F401  (registers the tiny backbone via noah_ray.backbones)
 import torch
 import torch.nn.functional as F
 
