@@ -14,7 +14,8 @@ from timm.layers import Attention
 from noah_ray.backbones import create_backbone
 from noah_ray.module_specs import MODULES, SPECS
 from noah_ray.modules import REGISTRY, LoRALinear, PromptAttention
-from noah_ray.space import BackboneShape, ConfigError, SubnetConfig
+from noah_ray.errors import ConfigError
+from noah_ray.space import BackboneShape, SubnetConfig
 from noah_ray.supernet import PromptedViT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
