@@ -100,9 +100,10 @@ def main() -> None:
     p.add_argument("--dataset", default="gen_shape")
     args = p.parse_args()
 
-    import noah_ray.backbones  # noqa: F401 - registers the tiny test ViT with timm
+    from noah_ray.backbones import register_tiny_models
     from noah_ray.data import write_generated_vtab
 
+    register_tiny_models()  # the tiny test ViT
     print(f"torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or tmp

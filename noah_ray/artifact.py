@@ -22,9 +22,10 @@ import torch
 from noah_ray import storage
 from noah_ray.errors import ConfigError
 from noah_ray.layout import JobPaths, backbone_trained
+from noah_ray.module_specs import PRUNABLE_KINDS
 from noah_ray.recipes import recorded
 from noah_ray.security import safe_name
-from noah_ray.space import KV_PROMPT, LORA, MODULES, VPT, SubnetConfig
+from noah_ray.space import LORA, MODULES, SubnetConfig
 
 ARTIFACT_FORMAT = "noah_ray.subnet"
 ARTIFACT_VERSION = 1
@@ -56,35 +57,26 @@ def _active_subnet(model) -> Any:
 def _fold_gates(model, tensors: dict[str, torch.Tensor]) -> None:
     """Multiply fixed pruning gates (non-persistent buffers of VPT / KV prompts) into the saved
     weights, so the artifact needs no gates."""
-    names = {id(mod): n for n, mod in model.named_modules()}
     for i in range(model.shape.depth):
-        for m in (VPT, KV_PROMPT):
+        for m in PRUNABLE_KINDS:
             mod = model.module(m, i)
-            gate = getattr(mod, "gate", None)
-            if gate is None:
+            if getattr(mod, "gate", None) is None:
                 continue
-            if m == VPT:
-                key = f"{names[id(mod)]}.prompts"
-                t = tensors[key]
-                tensors[key] = t * mod.gate_multiplier(gate.detach()[: t.shape[0]]).to(t.dtype)
-            else:
-                g = mod.gate_multiplier(gate.detach()[: mod.key.shape[1]])
-                for part in ("key", "value"):
-                    key = f"{names[id(mod)]}.{part}"
-                    if key in tensors:
-                        tensors[key] = tensors[key] * g.to(tensors[key].dtype)
+            keys = model.state_keys(mod)
+            for name, t in mod.folded().items():
+                if keys[name] in tensors:
+                    tensors[keys[name]] = t
 
 
 def _module_keys(model, modules: tuple[str, ...]) -> list[str]:
     """State-dict keys of the given prompt modules and of the head."""
-    names = {id(mod): n for n, mod in model.named_modules()}
     keys = []
     for i in range(model.shape.depth):
         for m in modules:
             mod = model.module(m, i)
             if mod is not None:
-                keys += [f"{names[id(mod)]}.{k}" for k in mod.state_dict()]
-    keys += [f"{names[id(model.vit.head)]}.{k}" for k in model.vit.head.state_dict()]
+                keys += model.state_keys(mod).values()
+    keys += model.state_keys(model.vit.head).values()
     return keys
 
 
@@ -92,10 +84,10 @@ def _merged_qkv(model) -> dict[str, torch.Tensor]:
     """``blocks.i.attn.qkv.weight`` with each layer's LoRA delta added (layers with LoRA only)."""
     out = {}
     with torch.no_grad():
-        for i, blk in enumerate(model.vit.blocks):
+        for i in range(len(model.vit.blocks)):
             lora = model.module(LORA, i)
             if lora is not None and lora.active > 0:
-                w = blk.block.attn.attn.qkv.weight
+                w = model.qkv_linear(i).weight
                 delta = lora.merged_weight_delta().to(torch.float64)
                 out[f"blocks.{i}.attn.qkv.weight"] = (w.to(torch.float64) + delta).to(w.dtype)
     return out
@@ -125,13 +117,12 @@ def save_subnet(model, uri: str, *, model_name: str, backbone_checkpoint: str | 
     ``backbone_checkpoint`` is recorded so :func:`load_subnet` can rebuild the frozen backbone; a
     fingerprint of the backbone weights is recorded too and checked on load.
     """
-    import timm
-
+    from noah_ray.backbones import is_backbone
     from noah_ray.supernet import PromptedViT
 
     if not isinstance(model, PromptedViT):
         raise ConfigError(f"save_subnet needs a PromptedViT, got {type(model).__name__}")
-    if not timm.is_model(model_name):
+    if not is_backbone(model_name):
         raise ConfigError(f"unknown timm model {model_name!r}; give the name the backbone was created with")
     vit = model.vit
     img_size = tuple(int(s) for s in vit.patch_embed.img_size)

@@ -7,6 +7,7 @@ import logging
 import math
 import pickle
 import zipfile
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from pathlib import Path
@@ -24,6 +25,9 @@ from noah_ray.space import BackboneShape
 log = logging.getLogger(__name__)
 
 
+#: pretrained configs of the tiny models; timm's ``register_model`` reads this module's
+#: ``default_cfgs`` when :func:`register_tiny_models` registers them (data only: importing
+#: this module registers nothing)
 default_cfgs = generate_default_cfgs({
     # formula-driven pretraining on IFS fractal categories (python -m noah_ray.pretrain), shipped
     # with the package; not ImageNet weights (no natural image was seen)
@@ -40,11 +44,28 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-@register_model
 def vit_noah_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Tiny ViT for tests and the demo: 32x32 images, patch 4, width 48, depth 12, 3 heads."""
     args = dict(img_size=32, patch_size=4, embed_dim=48, depth=12, num_heads=3, mlp_ratio=2.0)
     return _create_vision_transformer("vit_noah_tiny_patch4_32", pretrained=pretrained, **dict(args, **kwargs))
+
+
+#: the timm models this package adds (architecture name -> entry point)
+TINY_MODELS: dict[str, Callable[..., VisionTransformer]] = {"vit_noah_tiny_patch4_32": vit_noah_tiny_patch4_32}
+
+
+def register_tiny_models() -> None:
+    """Register :data:`TINY_MODELS` (and their pretrained tags, e.g. ``.fractal``) with timm;
+    idempotent.  :func:`create_backbone`, :func:`is_backbone` and the entry points call it."""
+    for name, fn in TINY_MODELS.items():
+        if not timm.is_model(name):
+            register_model(fn)
+
+
+def is_backbone(name: str) -> bool:
+    """Whether ``name`` (with or without a pretrained tag) is a timm model, ours included."""
+    register_tiny_models()
+    return timm.is_model(name)
 
 
 def create_backbone(name: str, num_classes: int, checkpoint: str | None = None, *,
@@ -53,7 +74,7 @@ def create_backbone(name: str, num_classes: int, checkpoint: str | None = None, 
     ``s3://`` URI) loads backbone weights, else a pretrained tag whose weights ship with a
     package (a local ``file`` in its pretrained config, e.g. ``vit_noah_tiny_patch4_32.fractal``)
     loads those.  Nothing is ever downloaded from a hub."""
-    if not timm.is_model(name):
+    if not is_backbone(name):
         raise ConfigError(f"unknown backbone {name!r}; use a timm ViT name such as "
                           f"vit_base_patch16_224.augreg_in21k or vit_noah_tiny_patch4_32")
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
@@ -180,6 +201,89 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ Google .npz -> timm
+@dataclass(frozen=True)
+class _NpzLayout:
+    """Where a Google ViT ``.npz`` keeps its arrays."""
+
+    prefix: str          # "", "opt/target/", "params/" or "params/img/"
+    stacked: bool        # big_vision: one ``encoderblock`` with a leading depth axis
+    depth: int
+    mha: str             # attention / MLP / second LayerNorm scope names (vit_jax or big_vision)
+    mlp: str
+    ln2: str
+
+    def block(self, i: int) -> str:
+        return "Transformer/encoderblock/" if self.stacked else f"Transformer/encoderblock_{i}/"
+
+
+def _npz_layout(w: Mapping[str, np.ndarray], where: str) -> _NpzLayout:
+    prefix = next((p for p in ("", "opt/target/", "params/", "params/img/") if f"{p}embedding/kernel" in w), None)
+    if prefix is None:
+        raise ConfigError(f"{where!r} has no 'embedding/kernel' array, so it is not a Google ViT .npz; "
+                          f"give a ViT-B_16.npz-style file, a .pth or a .safetensors checkpoint")
+    if any("conv_root" in k or "/block1/" in k for k in w):
+        raise ConfigError(f"{where!r} is a hybrid ResNet+ViT checkpoint; only plain ViTs (ViT-B_16, ViT-L_16, ...) "
+                          f"are supported")
+    stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w
+    if stacked:
+        depth = int(w[f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"].shape[0])
+    else:
+        depth = 0
+        while f"{prefix}Transformer/encoderblock_{depth}/LayerNorm_0/scale" in w:
+            depth += 1
+    first = "Transformer/encoderblock/" if stacked else "Transformer/encoderblock_0/"
+    if f"{prefix}{first}MlpBlock_3/Dense_0/kernel" in w:  # vit_jax scope names
+        return _NpzLayout(prefix, stacked, depth, "MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2")
+    return _NpzLayout(prefix, stacked, depth, "MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1")
+
+
+class _Converter:
+    """Collects timm-keyed tensors and, per key, the name of the array each came from."""
+
+    def __init__(self, w: Mapping[str, np.ndarray], layout: _NpzLayout, where: str) -> None:
+        self.w, self.layout, self.where = w, layout, where
+        self.state: dict[str, torch.Tensor] = {}
+        self.source: dict[str, str] = {}
+
+    def put(self, key: str, name: str, arr: np.ndarray) -> None:
+        self.state[key] = torch.from_numpy(np.ascontiguousarray(np.asarray(arr, dtype=np.float32)))
+        self.source[key] = self.layout.prefix + name
+
+    def top(self, key: str, name: str, fn: Callable[[np.ndarray], np.ndarray] = lambda a: a) -> None:
+        self.put(key, name, fn(np.asarray(self.w[self.layout.prefix + name], dtype=np.float32)))
+
+    def arr(self, i: int, name: str) -> np.ndarray:
+        """Array ``name`` of block ``i`` (sliced out of the stacked array in big_vision files)."""
+        full = self.layout.prefix + self.layout.block(i) + name
+        try:
+            a = self.w[full]
+        except KeyError:
+            raise ConfigError(f"{self.where!r}: array {full!r} is missing; "
+                              f"the file is not a complete Google ViT checkpoint") from None
+        return a[i] if self.layout.stacked else a
+
+    def block(self, i: int) -> None:
+        """Norms, fused qkv ``(3 D, D)`` from ``(D, heads, head_dim)`` kernels, proj and MLP of block ``i``."""
+        L, blk, t = self.layout, self.layout.block(i), f"blocks.{i}."
+        mha = L.mha
+        for ln, timm_ln in (("LayerNorm_0", "norm1"), (L.ln2, "norm2")):
+            for part, suffix in (("scale", "weight"), ("bias", "bias")):
+                self.put(t + f"{timm_ln}.{suffix}", blk + f"{ln}/{part}", self.arr(i, f"{ln}/{part}"))
+        q, k, v = (self.arr(i, f"{mha}/{n}/kernel") for n in ("query", "key", "value"))
+        d = q.shape[0]
+        self.put(t + "attn.qkv.weight", blk + f"{mha}/{{query,key,value}}/kernel",
+                 np.concatenate([x.reshape(d, -1).T for x in (q, k, v)]))
+        self.put(t + "attn.qkv.bias", blk + f"{mha}/{{query,key,value}}/bias",
+                 np.concatenate([self.arr(i, f"{mha}/{n}/bias").reshape(-1) for n in ("query", "key", "value")]))
+        out = self.arr(i, f"{mha}/out/kernel")
+        self.put(t + "attn.proj.weight", blk + f"{mha}/out/kernel", out.reshape(-1, out.shape[-1]).T)
+        self.put(t + "attn.proj.bias", blk + f"{mha}/out/bias", self.arr(i, f"{mha}/out/bias"))
+        for r in (0, 1):
+            dense = f"{L.mlp}/Dense_{r}/"
+            self.put(t + f"mlp.fc{r + 1}.weight", blk + dense + "kernel", self.arr(i, dense + "kernel").T)
+            self.put(t + f"mlp.fc{r + 1}.bias", blk + dense + "bias", self.arr(i, dense + "bias"))
+
+
 def google_to_timm(w: Mapping[str, np.ndarray], *, where: str = "npz"
                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Convert a Google ViT checkpoint (vit_jax ``ViT-B_16.npz`` / ``ViT-L_16.npz``; big_vision
@@ -189,74 +293,23 @@ def google_to_timm(w: Mapping[str, np.ndarray], *, where: str = "npz"
     of the array it came from.  Query, key and value kernels ``(D, heads, head_dim)`` are fused
     into timm's ``qkv`` ``(3 D, D)``; the output kernel ``(heads, head_dim, D)`` becomes ``proj``.
     """
-    prefix = next((p for p in ("", "opt/target/", "params/", "params/img/") if f"{p}embedding/kernel" in w), None)
-    if prefix is None:
-        raise ConfigError(f"{where!r} has no 'embedding/kernel' array, so it is not a Google ViT .npz; "
-                          f"give a ViT-B_16.npz-style file, a .pth or a .safetensors checkpoint")
-    if any("conv_root" in k or "/block1/" in k for k in w):
-        raise ConfigError(f"{where!r} is a hybrid ResNet+ViT checkpoint; only plain ViTs (ViT-B_16, ViT-L_16, ...) "
-                          f"are supported")
-    state: dict[str, torch.Tensor] = {}
-    source: dict[str, str] = {}
-
-    def put(key: str, name: str, fn: Callable[[np.ndarray], np.ndarray] = lambda a: a, arr=None) -> None:
-        a = w[prefix + name] if arr is None else arr
-        state[key] = torch.from_numpy(np.ascontiguousarray(fn(np.asarray(a, dtype=np.float32))))
-        source[key] = prefix + name
-
-    put("patch_embed.proj.weight", "embedding/kernel", lambda a: a.transpose(3, 2, 0, 1))
-    put("patch_embed.proj.bias", "embedding/bias")
+    layout = _npz_layout(w, where)
+    prefix, c = layout.prefix, _Converter(w, layout, where)
+    c.top("patch_embed.proj.weight", "embedding/kernel", lambda a: a.transpose(3, 2, 0, 1))
+    c.top("patch_embed.proj.bias", "embedding/bias")
     if prefix + "cls" in w:
-        put("cls_token", "cls")
+        c.top("cls_token", "cls")
     pos = next((n for n in ("Transformer/posembed_input/pos_embedding", "pos_embedding") if prefix + n in w), None)
     if pos is None:
         raise ConfigError(f"{where!r} has no position embedding array; it is not a ViT checkpoint")
-    put("pos_embed", pos, lambda a: a.reshape(1, -1, a.shape[-1]))
-    put("norm.weight", "Transformer/encoder_norm/scale")
-    put("norm.bias", "Transformer/encoder_norm/bias")
-
-    stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w
-    if stacked:
-        depth = int(w[f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"].shape[0])
-    else:
-        depth = 0
-        while f"{prefix}Transformer/encoderblock_{depth}/LayerNorm_0/scale" in w:
-            depth += 1
-    first = "Transformer/encoderblock/" if stacked else "Transformer/encoderblock_0/"
-    vit_jax = f"{prefix}{first}MlpBlock_3/Dense_0/kernel" in w
-    mha, mlp, ln2 = ("MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2") if vit_jax else \
-        ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1")
-
-    for i in range(depth):
-        blk = "Transformer/encoderblock/" if stacked else f"Transformer/encoderblock_{i}/"
-
-        def arr(name: str) -> np.ndarray:
-            try:
-                a = w[prefix + blk + name]
-            except KeyError:
-                raise ConfigError(f"{where!r}: array {prefix + blk + name!r} is missing; "
-                                  f"the file is not a complete Google ViT checkpoint") from None
-            return a[i] if stacked else a
-
-        t = f"blocks.{i}."
-        for ln, timm_ln in (("LayerNorm_0", "norm1"), (ln2, "norm2")):
-            put(t + f"{timm_ln}.weight", blk + f"{ln}/scale", arr=arr(f"{ln}/scale"))
-            put(t + f"{timm_ln}.bias", blk + f"{ln}/bias", arr=arr(f"{ln}/bias"))
-        q, k, v = (arr(f"{mha}/{n}/kernel") for n in ("query", "key", "value"))
-        d = q.shape[0]
-        put(t + "attn.qkv.weight", blk + f"{mha}/{{query,key,value}}/kernel",
-            arr=np.concatenate([x.reshape(d, -1).T for x in (q, k, v)]))
-        put(t + "attn.qkv.bias", blk + f"{mha}/{{query,key,value}}/bias",
-            arr=np.concatenate([arr(f"{mha}/{n}/bias").reshape(-1) for n in ("query", "key", "value")]))
-        out = arr(f"{mha}/out/kernel")
-        put(t + "attn.proj.weight", blk + f"{mha}/out/kernel", arr=out.reshape(-1, out.shape[-1]).T)
-        put(t + "attn.proj.bias", blk + f"{mha}/out/bias", arr=arr(f"{mha}/out/bias"))
-        for r in (0, 1):
-            put(t + f"mlp.fc{r + 1}.weight", blk + f"{mlp}/Dense_{r}/kernel", arr=arr(f"{mlp}/Dense_{r}/kernel").T)
-            put(t + f"mlp.fc{r + 1}.bias", blk + f"{mlp}/Dense_{r}/bias", arr=arr(f"{mlp}/Dense_{r}/bias"))
+    c.top("pos_embed", pos, lambda a: a.reshape(1, -1, a.shape[-1]))
+    c.top("norm.weight", "Transformer/encoder_norm/scale")
+    c.top("norm.bias", "Transformer/encoder_norm/bias")
+    for i in range(layout.depth):
+        c.block(i)
     if any(k.startswith(prefix + "pre_logits/") for k in w):
         log.info("%s: the pre_logits (representation) layer is not part of timm ViTs and is not loaded", where)
-    return state, source
+    return c.state, c.source
 
 
 # ------------------------------------------------------------------ fitting to the model
@@ -308,7 +361,13 @@ def _fit_to_model(model: VisionTransformer, state: dict[str, torch.Tensor], sour
 
 
 def backbone_shape(model: VisionTransformer) -> BackboneShape:
+    """Width, heads, depth and classes of a ViT whose blocks have one ``attn`` each (timm
+    ``Block`` / ``ResPostBlock``); parallel-block ViTs are refused with one line."""
     blk = model.blocks[0]
+    if not hasattr(getattr(blk, "attn", None), "num_heads"):
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        raise ConfigError(f"backbone {name} has {type(blk).__name__} blocks (no single attention module); "
+                          f"noah_ray supports ViTs with timm Block blocks, e.g. vit_base_patch16_224")
     return BackboneShape(embed_dim=model.embed_dim, num_heads=blk.attn.num_heads,
                          depth=len(model.blocks), num_classes=model.num_classes)
 

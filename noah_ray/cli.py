@@ -366,6 +366,9 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("NOAH_RAY_DEBUG") == "1"
     try:
+        from noah_ray.backbones import register_tiny_models
+
+        register_tiny_models()  # our timm models (vit_noah_tiny_patch4_32.fractal) for every command
         return int(args.func(args) or 0)
     except Exception as e:  # noqa: BLE001 - every error ends as one line (the traceback with --debug)
         if debug:

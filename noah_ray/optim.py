@@ -17,6 +17,7 @@ import posixpath
 from typing import Callable
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from noah_ray import storage
@@ -27,18 +28,18 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
-#: parameter names (suffixes) that never get weight decay, as in timm's ``no_weight_decay``
-NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "reg_token", "dist_token")
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two AdamW groups: matrices / prompt tokens with ``weight_decay``;
-    biases, norm weights and position / class tokens without (timm's convention)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+    """Trainable parameters in two AdamW groups by timm's rule
+    (:func:`timm.optim.param_groups_weight_decay`): matrices / prompt tokens with
+    ``weight_decay``; 1-D parameters (biases, norm weights) and the model's
+    ``no_weight_decay()`` names (position / class / register tokens) without.
+
+    The decay group comes first and both groups exist even when ``weight_decay`` is 0, as the
+    checkpoints written so far expect (optimizer state is keyed by the parameters' order)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=sorted(skip))  # 1.0: never "no decay at all"
+    decay = [p for g in groups if g["weight_decay"] for p in g["params"]]
+    no_decay = [p for g in groups if not g["weight_decay"] for p in g["params"]]
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 

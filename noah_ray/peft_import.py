@@ -94,14 +94,14 @@ def check_representable(cfg) -> None:
 
 
 def _model_name(cfg, model_name: str | None) -> str:
-    import timm
+    from noah_ray.backbones import is_backbone
 
     name = model_name or cfg.base_model_name_or_path
     if not name:
         raise ConfigError("the adapter does not name its base model (base_model_name_or_path); pass the timm "
                           "name, e.g. --model vit_base_patch16_224.augreg_in21k")
     name = name.removeprefix("timm/").removeprefix("hf-hub:timm/")
-    if not timm.is_model(name):
+    if not is_backbone(name):
         raise ConfigError(f"base model {name!r} is not a timm model; pass the timm name with --model")
     return name
 

@@ -97,11 +97,9 @@ def _exists(uri: str, endpoint: str | None) -> bool:
 
 def _check_model(job: JobConfig) -> BackboneShape:
     """The timm model, its checkpoint's existence and the space's depth; the backbone's shape."""
-    import timm
+    from noah_ray.backbones import is_backbone, shape_of
 
-    from noah_ray.backbones import shape_of
-
-    if not timm.is_model(job.model.name):
+    if not is_backbone(job.model.name):
         raise ConfigError(f"model.name {job.model.name!r} is not a timm model; use e.g. "
                           f"vit_base_patch16_224.augreg_in21k or vit_noah_tiny_patch4_32")
     if job.model.checkpoint and not _exists(job.model.checkpoint, job.storage_endpoint):

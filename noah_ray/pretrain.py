@@ -87,7 +87,9 @@ def pretrain(cfg: PretrainConfig, out: Path, log=print) -> dict:
     """Train and write the backbone; returns the recipe and the measured numbers."""
     import timm
 
-    import noah_ray.backbones  # noqa: F401  (registers the tiny models)
+    from noah_ray.backbones import register_tiny_models
+
+    register_tiny_models()
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -1,15 +1,16 @@
 """E2VPT prompt pruning (token-wise, then segment-wise) with rewinding.
 
-Prunable modules: VPT-Deep tokens (``vpt``) and E2VPT key/value prompt tokens (``kv_prompt``,
-shared or separate K/V).  Typical use::
+Prunable modules: the prunable kinds of the registry (``module_specs.PRUNABLE_KINDS``: VPT-Deep
+tokens ``vpt`` and E2VPT key/value prompt tokens ``kv_prompt``, shared or separate K/V); each
+module's gate protocol (:class:`~noah_ray.modules.PromptModule`: ``fix_gate``, ``take_tokens``)
+does the per-kind work.  How training uses it (``train.retrain`` with a ``prune`` section)::
 
     torch.manual_seed(seed); model = build(...)          # E2VPT: vpt + kv_prompt widths
-    init = initial_state(model)                           # (save it: storage.save_state)
     train(model)                                          # first training run
     pruned, plan = prune(model, train_batches, PruneConfig(token_fraction=0.5))
-    model2 = rewind(model, plan, init)                    # kept prompts back at their init values
-    train_steps(model2, train_batches, steps=..., seed=seed)   # or any training loop
-    save_pruned(storage.resolve(uri), model2, plan)
+    torch.manual_seed(seed); fresh = build(...)           # the same initial values again
+    model2 = apply_plan(fresh, plan)                      # rewound: kept prompts at their init values
+    train(model2)                                         # the e2vpt-pruned run, plan in meta.json
 
 1. **Scores from mask gradients.**  Every prompt token (or segment of a token) gets a probe
    gate ``g = 1`` that multiplies its vector (VPT: the token; KV: its key and value); on
@@ -40,10 +41,10 @@ shared or separate K/V).  Typical use::
    ``f % num_segments``) and masks shared across layers (scores summed over layers, so every
    layer keeps the same tokens and pieces), on visual prompts only; recipe ``modern`` (our
    extension) uses contiguous segments and per-layer masks, on VPT and KV prompts.
-4. **Rewinding.**  Keep the initial trainable state (:func:`initial_state`, taken right after
-   building the model under a fixed seed, and saved); :func:`rewind` resets the kept prompts
-   (at their kept indices) and all other trainable parameters to those saved values and applies
-   the plan; the result is retrained (:func:`train_steps` seeds the data order and dropout).
+4. **Rewinding.**  The model is built again under the first run's seed, so every trainable
+   parameter holds its initial value, and :func:`apply_plan` keeps the plan's tokens (at their
+   kept indices) of that fresh model; the result is retrained.  A saved pruned model is rebuilt
+   at ``plan.config()``, its weights loaded and :func:`install_gates` called.
 
 Removal vs zeroing: a zeroed token is NOT a removed token (a zero KV key still takes softmax
 weight ``exp(0)``; a zero VPT token becomes a key through the LayerNorm bias).  The pruned model
@@ -69,19 +70,16 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 
-from noah_ray import storage
 from noah_ray.config import PRUNABLE, PRUNE_SCORES, PruneConfig
 from noah_ray.errors import ConfigError
-from noah_ray.recipes import recorded
-from noah_ray.space import KV_PROMPT, MODULES, VPT, BackboneShape, SubnetConfig, module_params
+from noah_ray.module_specs import SPECS
+from noah_ray.space import MODULES, BackboneShape, SubnetConfig, module_params
 from noah_ray.supernet import PromptedViT
 
 SCORES = PRUNE_SCORES
@@ -258,6 +256,12 @@ def _drop_count(n: int, fraction: float, keep_min: int) -> int:
     return max(0, min(int(math.floor(fraction * n + 1e-9)), n - keep_min))
 
 
+def _min_tokens(module: str, width: int, min_vpt_tokens: int) -> int:
+    """Tokens a layer must keep: a kind whose empty layer passes the previous layer's tokens on
+    (VPT) keeps ``min_vpt_tokens``, others may be emptied."""
+    return min(width, min_vpt_tokens) if SPECS[module].passes_tokens_on else 0
+
+
 def plan_tokens(scores: Scores, base: SubnetConfig, fraction: float, *, min_vpt_tokens: int = 1,
                 modules: Iterable[str] = PRUNABLE) -> PrunePlan:
     """Drop the lowest-scoring ``fraction`` of the tokens in every layer of ``modules``
@@ -275,7 +279,7 @@ def plan_tokens(scores: Scores, base: SubnetConfig, fraction: float, *, min_vpt_
             if (m, i) not in scores:
                 raise ConfigError(f"no scores for {m} layer {i}; score the model at plan base {base.to_dict()}")
             s = scores[(m, i)].reshape(w, -1).sum(-1)
-            drop = _drop_count(w, fraction, min(w, min_vpt_tokens) if m == VPT else 0)
+            drop = _drop_count(w, fraction, _min_tokens(m, w, min_vpt_tokens))
             order = torch.argsort(s, descending=True, stable=True)[: w - drop]
             layers.append(tuple(sorted(int(j) for j in order)))
         kept[m] = tuple(layers)
@@ -300,7 +304,7 @@ def plan_segments(plan: PrunePlan, scores: Scores, fraction: float, num_segments
             drop = _drop_count(s.numel(), fraction, 0)
             mask.view(-1)[torch.argsort(s.reshape(-1), stable=True)[:drop]] = 0
             alive = mask.any(-1)
-            need = (min(len(toks), min_vpt_tokens) if m == VPT else 0) - int(alive.sum())
+            need = _min_tokens(m, len(toks), min_vpt_tokens) - int(alive.sum())
             if need > 0:  # revive the best segment of the best dead tokens
                 dead = (~alive).nonzero().view(-1)
                 best = dead[torch.argsort(s[dead].max(-1).values, descending=True)[:need]]
@@ -338,21 +342,14 @@ def apply_plan(model: PromptedViT, plan: PrunePlan) -> PromptedViT:
                 if not toks:
                     continue
                 src, dst = model.module(m, i), sub.module(m, i)
-                idx = torch.tensor(toks, device=next(dst.parameters()).device)
-                if m == VPT:
-                    dst.prompts.copy_(src.prompts.index_select(0, idx))
-                else:
-                    dst.key.copy_(src.key.index_select(1, idx))
-                    if dst.value is not None:
-                        dst.value.copy_(src.value.index_select(1, idx))
-                dst.gate = None
+                dst.take_tokens(src, torch.tensor(toks, device=next(dst.parameters()).device))
     install_gates(sub, plan)
     return sub
 
 
 def install_gates(model: PromptedViT, plan: PrunePlan) -> None:
     """Zero the pruned segments of a model of capacity ``plan.config()`` and hold them at zero
-    with fixed gates (call after loading a pruned model's weights; :func:`load_pruned` does)."""
+    with fixed gates (call after loading a pruned model's weights)."""
     want = plan.config()
     if any(model.capacity.layer_widths(m) != want.layer_widths(m) for m in MODULES):
         raise ConfigError("the model's capacity is not the plan's pruned config; build it with plan.config()")
@@ -362,47 +359,19 @@ def install_gates(model: PromptedViT, plan: PrunePlan) -> None:
                 gate = plan.masks(m, i)
                 if gate is not None:
                     mod = model.module(m, i)
-                    _fix_gate(mod, gate.to(next(mod.parameters()).device))
+                    mod.fix_gate(gate.to(next(mod.parameters()).device))
 
 
-def _fix_gate(mod: torch.nn.Module, gate: torch.Tensor) -> None:
-    if hasattr(mod, "prompts"):
-        mod.prompts.mul_(mod.gate_multiplier(gate).to(mod.prompts.dtype))
-    else:
-        g = mod.gate_multiplier(gate)
-        for t in (mod.key, mod.value):
-            if t is not None:
-                t.mul_(g.to(t.dtype))
-    mod.gate = gate
-
-
-# ----------------------------------------------------------------------------- rewinding
-def initial_state(model: PromptedViT) -> dict[str, torch.Tensor]:
-    """A copy of the trainable state to rewind to; take it right after building the model
-    under a fixed seed (``torch.manual_seed``) and save it (``storage.save_state``)."""
-    return {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()}
-
-
-def rewind(model: PromptedViT, plan: PrunePlan, init: dict[str, torch.Tensor]) -> PromptedViT:
-    """The pruned model with every trainable parameter reset to ``init`` (the saved initial
-    state of ``model``): kept prompts get their own initial values at their new slots, other
-    modules and the head their initial values.  ``model`` is left unchanged.  Retrain next."""
-    trained = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
-    try:
-        model.load_trainable_state_dict(init)
-        return apply_plan(model, plan)
-    finally:
-        model.load_trainable_state_dict(trained)
-
-
+# ----------------------------------------------------------------------------- prune
 def prune(model: PromptedViT, batches: Batches, config: PruneConfig = PruneConfig(), *,
           loss_fn: LossFn = F.cross_entropy) -> tuple[PromptedViT, PrunePlan]:
     """Token-wise then segment-wise pruning of a trained ``model`` (its active subnet).
 
     ``batches``: training ``(images, labels)``; the first ``config.score_batches`` are used by
     each scoring pass.  What is pruned (``config.modules``, default the recipe's), the piece
-    layout and whether masks are shared across layers come from the model's recipe.  Returns the pruned model (trained values) and the plan; E2VPT then
-    rewinds (:func:`rewind`) and retrains.
+    layout and whether masks are shared across layers come from the model's recipe.  Returns
+    the pruned model (trained values) and the plan; E2VPT then rewinds (see the module
+    docstring) and retrains.
     """
     batches = list(itertools.islice(iter(batches), config.score_batches))
     base = model.active
@@ -418,49 +387,3 @@ def prune(model: PromptedViT, batches: Batches, config: PruneConfig = PruneConfi
             plan = plan_segments(plan, seg, config.segment_fraction, config.num_segments,
                                  min_vpt_tokens=config.min_vpt_tokens)
     return apply_plan(model, plan), plan
-
-
-# ----------------------------------------------------------------------------- retrain / io
-def train_steps(model: PromptedViT, batches: Batches, *, steps: int, lr: float = 1e-3,
-                weight_decay: float = 1e-4, seed: int = 0, loss_fn: LossFn = F.cross_entropy) -> float:
-    """A small seeded AdamW loop (cycling ``batches``) for retraining after rewinding; uses the
-    model's precision (fp16: :meth:`PromptedViT.grad_scaler`).  Returns the last loss."""
-    batches = list(batches)
-    if steps < 1 or not batches:
-        raise ConfigError(f"train_steps needs steps >= 1 and batches (got steps={steps}, {len(batches)} batches)")
-    torch.manual_seed(seed)
-    order = random.Random(seed)
-    dev = next(model.parameters()).device
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    scaler = model.grad_scaler(dev.type)
-    model.train()
-    loss = torch.zeros(())
-    for _ in range(steps):
-        x, y = batches[order.randrange(len(batches))]
-        loss = loss_fn(model(x.to(dev)).float(), y.to(dev))
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    return float(loss.detach())
-
-
-def save_pruned(loc: storage.Location, model: PromptedViT, plan: PrunePlan, meta: dict | None = None) -> None:
-    """Trainable weights (safetensors) plus the plan (meta.json) of a pruned model."""
-    storage.save_state(loc, model.trainable_state_dict(),
-                       dict(meta or {}, prune_plan=plan.to_dict(), kv_shared=model.kv_shared,
-                            lora_scale=model.lora_scale, recipe=model.recipe.to_dict()))
-
-
-def load_pruned(loc: storage.Location, backbone: VisionTransformer) -> tuple[PromptedViT, PrunePlan]:
-    """Rebuild a pruned model saved with :func:`save_pruned` on ``backbone`` (the same frozen
-    backbone), with its segment gates installed."""
-    tensors, meta = storage.load_state(loc)
-    if "prune_plan" not in meta:
-        raise ConfigError(f"{loc.uri} holds no prune plan; save pruned models with save_pruned")
-    plan = PrunePlan.from_dict(meta["prune_plan"])
-    model = PromptedViT(backbone, plan.config(), kv_shared=bool(meta.get("kv_shared", False)),
-                        lora_scale=float(meta.get("lora_scale", 1.0)), recipe=recorded(meta))
-    model.load_trainable_state_dict(tensors)
-    install_gates(model, plan)
-    return model, plan

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from noah_ray.errors import ConfigError
+from noah_ray.module_specs import PRUNABLE_KINDS
 from noah_ray.space import VPT, BackboneShape, SubnetConfig
 
 #: allowed values of the string settings
@@ -72,7 +73,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "param_count": ("exact", "noah"),
 }
 DROPOUTS = ("lora_dropout", "prompt_dropout", "adapter_dropout")
-PRUNE_MODULES = ("vpt", "kv_prompt")
+PRUNE_MODULES = PRUNABLE_KINDS  # vpt, kv_prompt
 
 
 @dataclass(frozen=True)

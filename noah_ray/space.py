@@ -20,12 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 from noah_ray.errors import ConfigError
-
-VPT = "vpt"
-LORA = "lora"
-ADAPTER = "adapter"
-KV_PROMPT = "kv_prompt"
-MODULES: tuple[str, ...] = (VPT, LORA, ADAPTER, KV_PROMPT)
+from noah_ray.module_specs import ADAPTER, KV_PROMPT, LORA, MODULES, SPECS, VPT  # noqa: F401 (re-exported)
 
 #: the paper's VTAB-1k space
 PAPER_DEPTHS: tuple[int, ...] = (3, 6, 9, 12)
@@ -107,18 +102,10 @@ class ParamCount:
 
 def module_params(module: str, width: int, shape: BackboneShape, kv_shared: bool = False) -> int:
     """Parameters one module of ``width`` adds to one layer (0 when width is 0)."""
-    d = shape.embed_dim
-    if width == 0:
-        return 0
-    if module == VPT:  # width prompt tokens of size d
-        return width * d
-    if module == LORA:  # A: r x d, B: 3d x r on the fused qkv
-        return 4 * d * width
-    if module == ADAPTER:  # down d->r (+bias), up r->d (+bias)
-        return 2 * d * width + width + d
-    if module == KV_PROMPT:  # key and value prompts, heads x n x head_dim each
-        return (1 if kv_shared else 2) * width * d
-    raise ConfigError(f"unknown module {module!r}; use one of {', '.join(MODULES)}")
+    spec = SPECS.get(module)
+    if spec is None:
+        raise ConfigError(f"unknown module {module!r}; use one of {', '.join(MODULES)}")
+    return spec.count(width, shape, kv_shared)
 
 
 @dataclass(frozen=True)

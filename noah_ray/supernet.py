@@ -24,11 +24,14 @@ from torch import nn
 
 from noah_ray.backbones import backbone_shape, create_backbone
 from noah_ray.errors import ConfigError
-from noah_ray.modules import Adapter, AdapterMLP, DeepPrompt, KVPrompt, LoRA, PromptAttention
+from noah_ray.modules import REGISTRY, BuildContext, PromptModule, legacy_names, timm_attention
 from noah_ray.recipes import Recipe, as_recipe
-from noah_ray.space import ADAPTER, KV_PROMPT, LORA, MODULES, VPT, BackboneShape, SearchSpace, SubnetConfig
+from noah_ray.space import ADAPTER, KV_PROMPT, LORA, MODULES, VPT, SearchSpace, SubnetConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+#: the order modules are created in (it fixes which random numbers each init draws, as in v1)
+BUILD_ORDER: tuple[str, ...] = (LORA, KV_PROMPT, ADAPTER, VPT)
 
 
 class PromptBlock(nn.Module):
@@ -36,17 +39,23 @@ class PromptBlock(nn.Module):
 
     ``num_in`` (prompt tokens entering) and ``strip`` (remove prompts after the block, set on
     the last block) are fixed by ``set_active`` so the block is a plain ``x -> x`` function and
-    timm's ``checkpoint_seq`` applies unchanged.
+    timm's ``checkpoint_seq`` applies unchanged.  The modules attach themselves
+    (:meth:`~noah_ray.modules.PromptModule.attach`); ``vpt`` holds the VPT tokens.
+
+    Its state dict keeps the tensor names checkpoints were written with
+    (:func:`~noah_ray.modules.legacy_names`), whatever the attention's current wrapping.
     """
 
-    def __init__(self, block: nn.Module, num_prefix: int, vpt: DeepPrompt | None) -> None:
+    def __init__(self, block: nn.Module, num_prefix: int) -> None:
         super().__init__()
         self.block = block
-        self.vpt = vpt
+        self.vpt = None
         self.num_prefix = num_prefix
         self.num_in = 0
         self.num_out = 0
         self.strip = False
+        self.register_state_dict_post_hook(_write_legacy_names)
+        self.register_load_state_dict_pre_hook(_read_legacy_names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.vpt is not None and self.vpt.active > 0:
@@ -57,15 +66,26 @@ class PromptBlock(nn.Module):
         return x
 
 
-def _module(block: PromptBlock, name: str) -> nn.Module | None:
-    if name == VPT:
-        return block.vpt
-    if name == LORA:
-        return block.block.attn.lora
-    if name == KV_PROMPT:
-        return block.block.attn.kv_prompt
-    mlp = block.block.mlp
-    return mlp.adapter if isinstance(mlp, AdapterMLP) else None
+def _attn_names(pblock: PromptBlock, prefix: str) -> dict[str, str]:
+    """Full current name -> written name of the block's attention tensors."""
+    p = prefix + "block.attn."
+    return {p + k: p + v for k, v in legacy_names(pblock.block.attn).items() if k != v}
+
+
+def _write_legacy_names(module: PromptBlock, state_dict: dict, prefix: str, local_metadata) -> None:
+    names = _attn_names(module, prefix)
+    for k in [k for k in state_dict if k.startswith(prefix)]:  # re-inserted in order
+        state_dict[names.get(k, k)] = state_dict.pop(k)
+
+
+def _read_legacy_names(module: PromptBlock, state_dict: dict, prefix: str, *args) -> None:
+    for new, old in _attn_names(module, prefix).items():
+        if old in state_dict:
+            state_dict[new] = state_dict.pop(old)
+
+
+def _module(block: PromptBlock, name: str) -> PromptModule | None:
+    return REGISTRY[name].find(block)
 
 
 class PromptedViT(nn.Module):
@@ -98,22 +118,14 @@ class PromptedViT(nn.Module):
 
     def _wrap_block(self, blk: nn.Module, capacity: SubnetConfig, i: int) -> PromptBlock:
         """Timm block ``i`` with this layer's prompt modules, built as the recipe says."""
-        r, d, heads = self.recipe, self.shape.embed_dim, self.shape.num_heads
-        c = {m: capacity.layer_widths(m)[i] for m in MODULES}
-        lora = LoRA(d, 3 * d, c[LORA], self.lora_scale, dropout=r.lora_dropout, init=r.lora_init) if c[LORA] else None
-        kvp = KVPrompt(heads, d // heads, c[KV_PROMPT], r.kv_shared, init=r.kv_init,
-                       gate_layout=r.prune_pieces) if c[KV_PROMPT] else None
-        blk.attn = PromptAttention(blk.attn, lora, kvp)
-        if c[ADAPTER]:
-            adapter = Adapter(d, c[ADAPTER], act=r.adapter_act, dropout=r.adapter_dropout, init=r.adapter_init)
-            moved = None
-            if r.drop_path == "before_adapter":  # NOAH: x + adapter(drop_path(mlp(norm2 x)))
-                moved, blk.drop_path2 = blk.drop_path2, nn.Identity()
-            blk.mlp = AdapterMLP(blk.mlp, adapter, moved)
         patch = self.vit.patch_embed.patch_size
-        vpt = DeepPrompt(d, c[VPT], init=r.vpt_init, patch_area=int(patch[0]) * int(patch[1]),
-                         dropout=r.prompt_dropout, gate_layout=r.prune_pieces) if c[VPT] else None
-        return PromptBlock(blk, self.vit.num_prefix_tokens, vpt)
+        ctx = BuildContext(self.shape, self.recipe, self.lora_scale, int(patch[0]) * int(patch[1]))
+        built = {m: REGISTRY[m].build(w, ctx) for m in BUILD_ORDER if (w := capacity.layer_widths(m)[i])}
+        pb = PromptBlock(blk, self.vit.num_prefix_tokens)
+        for m, cls in REGISTRY.items():
+            if m in built:
+                cls.attach(pb, built[m], self.recipe)
+        return pb
 
     # ------------------------------------------------------------ factories
     @classmethod
@@ -173,11 +185,11 @@ class PromptedViT(nn.Module):
                 for m in MODULES:
                     w = cfg.layer_widths(m)[i]
                     if w:
-                        for name, t in _module(src, m).sliced_state(w).items():
-                            getattr(_module(dst, m), name).copy_(t)
-                        gate = getattr(_module(src, m), "gate", None)  # fixed pruning gate (prune.py)
-                        if gate is not None:
-                            _module(dst, m).gate = gate[:w].detach().clone()
+                        s, d = _module(src, m), _module(dst, m)
+                        for name, t in s.sliced_state(w).items():
+                            getattr(d, name).copy_(t)
+                        if getattr(s, "gate", None) is not None:  # fixed pruning gate (prune.py)
+                            d.gate = s.gate[:w].detach().clone()
         sub.grad_checkpointing, sub.precision = self.grad_checkpointing, self.precision
         sub.set_fused_attn(self.vit.blocks[0].block.attn.fused_attn)
         self.set_active(cfg)
@@ -188,13 +200,9 @@ class PromptedViT(nn.Module):
         vit = copy.deepcopy(self.vit)
         blocks = []
         for pb in vit.blocks:
-            blk = pb.block
-            blk.attn = blk.attn.attn
-            if isinstance(blk.mlp, AdapterMLP):
-                if blk.mlp.block_drop_path is not None:
-                    blk.drop_path2 = blk.mlp.block_drop_path
-                blk.mlp = blk.mlp.mlp
-            blocks.append(blk)
+            for cls in reversed(REGISTRY.values()):  # unwrap in the reverse order of attaching
+                cls.detach(pb.block)
+            blocks.append(pb.block)
         vit.blocks = nn.Sequential(*blocks)
         return vit
 
@@ -209,7 +217,22 @@ class PromptedViT(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def _trainable_names(self) -> set[str]:
-        return {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k for k, v in self.state_dict(keep_vars=True).items()
+                if isinstance(v, nn.Parameter) and v.requires_grad}
+
+    def state_keys(self, module: nn.Module) -> dict[str, str]:
+        """``module``'s own state-dict names -> this model's state-dict keys of the same tensors."""
+        ids = {id(v): k for k, v in self.state_dict(keep_vars=True).items()}
+        return {n: ids[id(t)] for n, t in module.state_dict(keep_vars=True).items()}
+
+    def qkv_linear(self, layer: int) -> nn.Linear:
+        """The frozen fused qkv linear layer of block ``layer`` (without its LoRA)."""
+        qkv = timm_attention(self.vit.blocks[layer].block).qkv
+        return getattr(qkv, "base", qkv)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names timm exempts from weight decay (``VisionTransformer.no_weight_decay``)."""
+        return {f"vit.{n}" for n in self.vit.no_weight_decay()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = self._trainable_names()

@@ -11,8 +11,11 @@ import torch
 from safetensors.torch import save, save_file
 
 from noah_ray import storage
-from noah_ray.backbones import backbone_shape, create_backbone, google_to_timm, load_backbone_weights
+from noah_ray.backbones import (backbone_shape, create_backbone, google_to_timm, load_backbone_weights,
+                                register_tiny_models)
 from noah_ray.errors import ConfigError
+
+register_tiny_models()  # these tests also call timm.create_model on the tiny ViT
 
 MODEL = "vit_noah_tiny_patch4_32"
 

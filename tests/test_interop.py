@@ -202,8 +202,8 @@ def test_merged_lora_matches_unmerged_and_has_no_lora(tmp_path: Path, backbone_f
     assert not any(".lora." in k for k in merged.state_dict())
     # the deltas really are in the qkv weights, and everything else is carried over
     base = create_backbone(TINY, 7, backbone_file)
-    assert not torch.equal(merged.vit.blocks[0].block.attn.attn.qkv.weight, base.blocks[0].attn.qkv.weight)
-    assert torch.equal(merged.vit.blocks[8].block.attn.attn.qkv.weight, base.blocks[8].attn.qkv.weight)
+    assert not torch.equal(merged.qkv_linear(0).weight, base.blocks[0].attn.qkv.weight)
+    assert torch.equal(merged.qkv_linear(8).weight, base.blocks[8].attn.qkv.weight)
     for m in (VPT, ADAPTER, KV_PROMPT):
         assert merged.capacity.layer_widths(m) == MIXED.layer_widths(m)
     torch.testing.assert_close(logits(merged), logits(model), rtol=0, atol=1e-5)
@@ -211,7 +211,7 @@ def test_merged_lora_matches_unmerged_and_has_no_lora(tmp_path: Path, backbone_f
     no_lora = load_subnet(str(tmp_path / "merged"), backbone_checkpoint=backbone_file)
     with torch.no_grad():
         for i in range(6):
-            no_lora.vit.blocks[i].block.attn.attn.qkv.weight.copy_(base.blocks[i].attn.qkv.weight)
+            no_lora.qkv_linear(i).weight.copy_(base.blocks[i].attn.qkv.weight)
     assert (logits(no_lora) - logits(model)).abs().max() > 1e-3
 
 

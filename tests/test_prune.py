@@ -13,13 +13,13 @@ import json
 from dataclasses import replace
 
 import pytest
-import timm  # noqa: F401  (registers the tiny backbone via noah_ray.backbones)
 import torch
 import torch.nn.functional as F
 
 from noah_ray import prune as P
 from noah_ray.backbones import create_backbone
 from noah_ray.errors import ConfigError
+from noah_ray.modules import PromptAttention
 from noah_ray.modules.vpt import expand_gate
 from noah_ray.space import SubnetConfig
 from noah_ray.supernet import PromptedViT
@@ -65,15 +65,17 @@ def _random_plan(net: PromptedViT, seed: int, segments: int = 0) -> P.PrunePlan:
 
 
 # ------------------------------------------------------------------ masked reference
-def _attention(pa, x, key_alive):
-    a, (B, N, _) = pa.attn, x.shape
-    qkv = a.qkv(x)
-    if pa.lora is not None and pa.lora.active > 0:
-        qkv = qkv + pa.lora.delta(x)
-    q, k, v = qkv.reshape(B, N, 3, pa.num_heads, pa.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+def _attention(attn, x, key_alive):
+    kvp = attn.kv_prompt if isinstance(attn, PromptAttention) else None
+    a, (B, N, _) = (attn.attn if kvp is not None else attn), x.shape
+    lora = getattr(a.qkv, "lora", None)
+    qkv = getattr(a.qkv, "base", a.qkv)(x)
+    if lora is not None and lora.active > 0:
+        qkv = qkv + lora.delta(x)
+    q, k, v = qkv.reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = a.q_norm(q), a.k_norm(k)
-    if pa.kv_prompt is not None and pa.kv_prompt.active > 0:
-        k, v = pa.kv_prompt.extend(k, v)
+    if kvp is not None and kvp.active > 0:
+        k, v = kvp.extend(k, v)
     bias = torch.zeros(k.shape[2]).masked_fill(~key_alive, float("-inf"))
     w = ((q * a.scale) @ k.transpose(-2, -1) + bias).softmax(-1)
     return a.proj((w @ v).transpose(1, 2).reshape(B, N, -1))
@@ -93,7 +95,7 @@ def masked_forward(net: PromptedViT, x: torch.Tensor, plan: P.PrunePlan) -> torc
                 if mask is not None:  # zero the pruned segments of kept tokens
                     full = torch.ones(w, plan.num_segments)
                     full[list(layers[i])] = mask
-                    P._fix_gate(net.module(m, i), full)
+                    net.module(m, i).fix_gate(full)
                     net.module(m, i).gate = None
     vit, npre = net.vit, net.vit.num_prefix_tokens
     h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
@@ -252,10 +254,23 @@ def test_pruned_segments_stay_zero_while_training():
     assert (mod.prompts[zero] == 0).all()
 
 
+def _initial_state(net: PromptedViT) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.trainable_state_dict().items()}
+
+
+def _rewound(plan: P.PrunePlan, seed: int) -> PromptedViT:
+    """What the e2vpt-pruned retraining does: the model built again under the first run's seed,
+    with the plan applied."""
+    torch.manual_seed(seed)
+    fresh = PromptedViT(create_backbone(MODEL, 5), CFG, recipe="modern")
+    fresh.set_active(plan.base)
+    return P.apply_plan(fresh, plan)
+
+
 def test_prune_then_rewind_resets_kept_prompts_to_saved_init():
     torch.manual_seed(0)
     net = PromptedViT(create_backbone(MODEL, 5), CFG, recipe="modern")
-    init = P.initial_state(net)
+    init = _initial_state(net)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
     for x, y in _batches(2):
         opt.zero_grad()
@@ -263,7 +278,7 @@ def test_prune_then_rewind_resets_kept_prompts_to_saved_init():
         opt.step()
     cfg = P.PruneConfig(token_fraction=0.5, segment_fraction=0.25, num_segments=4, score_batches=2)
     pruned, plan = P.prune(net, _batches(2), cfg)
-    rewound = P.rewind(net, plan, init)
+    rewound = _rewound(plan, 0)
     for i, toks in enumerate(plan.kept["vpt"]):
         if not toks:
             continue
@@ -302,16 +317,17 @@ def test_bad_prune_settings_are_refused():
 
 
 def test_rewound_model_retrains_and_round_trips_through_s3(s3_bucket):
+    """Retrain a rewound model, save it as training does (weights + plan in meta.json), rebuild
+    it at ``plan.config()`` with its gates re-installed (as ``interop.model_from_run``)."""
     from noah_ray import storage
 
     endpoint, bucket = s3_bucket
     torch.manual_seed(4)
     net = PromptedViT(create_backbone(MODEL, 5), CFG, recipe="modern")
-    init = P.initial_state(net)
     batches = _batches(3)
     cfg = P.PruneConfig(token_fraction=0.4, segment_fraction=0.3, num_segments=4, score_batches=3)
     _, plan = P.prune(net, batches, cfg)
-    model = P.rewind(net, plan, init)
+    model = _rewound(plan, 4)
 
     def loss():
         model.eval()
@@ -319,24 +335,31 @@ def test_rewound_model_retrains_and_round_trips_through_s3(s3_bucket):
             return sum(float(F.cross_entropy(model(x), y)) for x, y in batches)
 
     before = loss()
-    P.train_steps(model, batches, steps=30, lr=1e-2, seed=0)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=1e-4)
+    model.train()
+    for step in range(30):
+        x, y = batches[step % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
     assert loss() < 0.9 * before
     zero = expand_gate(plan.masks("vpt", 0), 48) == 0
     assert zero.any() and (model.module("vpt", 0).prompts[zero] == 0).all()
 
     loc = storage.resolve(f"s3://{bucket}/pruned", endpoint)
-    P.save_pruned(loc, model, plan, {"seed": 4})
-    backbone = net.backbone()
-    loaded, plan2 = P.load_pruned(loc, backbone)
+    storage.save_state(loc, model.trainable_state_dict(), {"prune_plan": plan.to_dict()})
+    tensors, meta = storage.load_state(loc)
+    plan2 = P.PrunePlan.from_dict(meta["prune_plan"])
+    loaded = PromptedViT(net.backbone(), plan2.config(), recipe="modern")
+    loaded.load_trainable_state_dict(tensors)
+    P.install_gates(loaded, plan2)
     assert plan2 == plan and loaded.active == plan.config()
     x = batches[0][0]
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
     assert torch.equal(loaded.module("vpt", 0).gate, plan.masks("vpt", 0))  # gates re-installed
-    with pytest.raises(ConfigError, match="holds no prune plan"):
-        storage.save_state(storage.resolve(f"s3://{bucket}/other", endpoint), {}, {})
-        P.load_pruned(storage.resolve(f"s3://{bucket}/other", endpoint), backbone)
 
 
 def test_segment_scores_of_pruned_segments_are_zero():

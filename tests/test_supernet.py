@@ -9,9 +9,12 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from noah_ray.backbones import register_tiny_models
 from noah_ray.errors import ConfigError
 from noah_ray.space import ModuleSpace, SearchSpace, SubnetConfig
 from noah_ray.supernet import PromptedViT
+
+register_tiny_models()  # timm.create_model on the tiny ViT below
 
 MODEL = "vit_noah_tiny_patch4_32"
 ALL4 = SearchSpace({m: ModuleSpace(widths=(1, 5, 10)) for m in ("vpt", "lora", "adapter", "kv_prompt")})

@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from noah_ray.module_specs import ADAPTER
+from noah_ray.modules.base import BuildContext, PromptModule, register
+from noah_ray.errors import ConfigError
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """``x * sigmoid(1.702 x)`` (CLIP's and NOAH's adapter activation)."""
@@ -47,7 +51,10 @@ ADAPTER_INITS: dict[str, Callable[["Adapter"], None]] = {
     "xavier": _init_xavier, "zero_up": _init_zero_up, "vit": _init_vit}
 
 
-class Adapter(nn.Module):
+@register
+class Adapter(PromptModule):
+    kind, label = ADAPTER, "Adapter width"
+
     def __init__(self, dim: int, max_width: int, *, act: str = "gelu", dropout: float = 0.0,
                  init: str = "zero_up") -> None:
         super().__init__()
@@ -65,13 +72,37 @@ class Adapter(nn.Module):
         self.act_name = act
         self.act = ACTIVATIONS[act]
         self.dropout = nn.Dropout(dropout)
-        self.max_width = max_width
-        self.active = max_width
+        self._init_width(max_width)
 
-    def set_width(self, width: int) -> None:
-        if not 0 <= width <= self.max_width:
-            raise ValueError(f"Adapter width {width} outside 0..{self.max_width}")
-        self.active = width
+    @classmethod
+    def build(cls, width: int, ctx: BuildContext) -> "Adapter":
+        r = ctx.recipe
+        return cls(ctx.shape.embed_dim, width, act=r.adapter_act, dropout=r.adapter_dropout, init=r.adapter_init)
+
+    @staticmethod
+    def find(pblock: nn.Module) -> "Adapter | None":
+        mlp = getattr(pblock.block, "mlp", None)
+        return mlp.adapter if isinstance(mlp, AdapterMLP) else None
+
+    @classmethod
+    def attach(cls, pblock: nn.Module, module: "Adapter", recipe) -> None:
+        """After the block's MLP; the recipe's ``before_adapter`` moves the block's drop-path
+        in between (NOAH: ``x + adapter(drop_path(mlp(norm2 x)))``)."""
+        blk = pblock.block
+        if not isinstance(getattr(blk, "mlp", None), nn.Module):
+            raise ConfigError(f"an adapter needs a block with an mlp, {type(blk).__name__} has none; "
+                              f"use a ViT with timm Block blocks or set adapter widths to 0")
+        moved = None
+        if recipe.drop_path == "before_adapter":
+            moved, blk.drop_path2 = blk.drop_path2, nn.Identity()
+        blk.mlp = AdapterMLP(blk.mlp, module, moved)
+
+    @staticmethod
+    def detach(block: nn.Module) -> None:
+        if isinstance(getattr(block, "mlp", None), AdapterMLP):
+            if block.mlp.block_drop_path is not None:
+                block.drop_path2 = block.mlp.block_drop_path
+            block.mlp = block.mlp.mlp
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         r = self.active

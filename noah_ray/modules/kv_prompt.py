@@ -19,6 +19,9 @@ import math
 import torch
 from torch import nn
 
+from noah_ray.module_specs import KV_PROMPT
+from noah_ray.modules.attention import PromptAttention
+from noah_ray.modules.base import BuildContext, PromptModule, register
 from noah_ray.modules.vpt import GATE_LAYOUTS, expand_gate
 
 KV_INITS = ("kaiming", "xavier")
@@ -35,7 +38,10 @@ def _init(t: torch.Tensor, init: str) -> None:
         raise ValueError(f"KV-prompt init {init!r} unknown; use {' or '.join(KV_INITS)}")
 
 
-class KVPrompt(nn.Module):
+@register
+class KVPrompt(PromptModule):
+    kind, label, gated, token_axis = KV_PROMPT, "KV-prompt length", ("key", "value"), 1
+
     def __init__(self, num_heads: int, head_dim: int, max_len: int, shared: bool = False, *,
                  init: str = "xavier", gate_layout: str = "contiguous") -> None:
         super().__init__()
@@ -51,14 +57,27 @@ class KVPrompt(nn.Module):
                     _init(t, init)
         self.shared = shared
         self.gate_layout = gate_layout
-        self.max_width = max_len
-        self.active = max_len
-        self.register_buffer("gate", None, persistent=False)
+        self._init_width(max_len)
 
-    def set_width(self, length: int) -> None:
-        if not 0 <= length <= self.max_width:
-            raise ValueError(f"KV-prompt length {length} outside 0..{self.max_width}")
-        self.active = length
+    @classmethod
+    def build(cls, width: int, ctx: BuildContext) -> "KVPrompt":
+        heads, r = ctx.shape.num_heads, ctx.recipe
+        return cls(heads, ctx.shape.embed_dim // heads, width, r.kv_shared, init=r.kv_init,
+                   gate_layout=r.prune_pieces)
+
+    @staticmethod
+    def find(pblock: nn.Module) -> "KVPrompt | None":
+        attn = getattr(pblock.block, "attn", None)
+        return attn.kv_prompt if isinstance(attn, PromptAttention) else None
+
+    @classmethod
+    def attach(cls, pblock: nn.Module, module: "KVPrompt", recipe) -> None:
+        pblock.block.attn = PromptAttention(pblock.block.attn, module)  # checks the attention type
+
+    @staticmethod
+    def detach(block: nn.Module) -> None:
+        if isinstance(getattr(block, "attn", None), PromptAttention):
+            block.attn = block.attn.attn
 
     def gate_multiplier(self, gate: torch.Tensor) -> torch.Tensor:
         """``(n, segments)`` gate -> ``(heads, n, head_dim)`` multiplier of the first ``n`` tokens."""

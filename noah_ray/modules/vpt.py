@@ -21,6 +21,9 @@ import math
 import torch
 from torch import nn
 
+from noah_ray.module_specs import VPT
+from noah_ray.modules.base import BuildContext, PromptModule, register
+
 GATE_LAYOUTS = ("contiguous", "strided")
 
 
@@ -35,7 +38,10 @@ def prompt_bound(init: str, max_tokens: int, dim: int, patch_area: int | None = 
     raise ValueError(f"VPT init {init!r} unknown; use xavier_tensor, vpt or xavier_token")
 
 
-class DeepPrompt(nn.Module):
+@register
+class DeepPrompt(PromptModule):
+    kind, label, gated, token_axis = VPT, "VPT tokens", ("prompts",), 0
+
     def __init__(self, dim: int, max_tokens: int, init_scale: float | None = None, *,
                  init: str = "xavier_token", patch_area: int | None = None, dropout: float = 0.0,
                  gate_layout: str = "contiguous") -> None:
@@ -49,14 +55,21 @@ class DeepPrompt(nn.Module):
         nn.init.uniform_(self.prompts, -bound, bound)
         self.dropout = nn.Dropout(dropout)
         self.gate_layout = gate_layout
-        self.max_width = max_tokens
-        self.active = max_tokens
-        self.register_buffer("gate", None, persistent=False)
+        self._init_width(max_tokens)
 
-    def set_width(self, tokens: int) -> None:
-        if not 0 <= tokens <= self.max_width:
-            raise ValueError(f"VPT tokens {tokens} outside 0..{self.max_width}")
-        self.active = tokens
+    @classmethod
+    def build(cls, width: int, ctx: BuildContext) -> "DeepPrompt":
+        r = ctx.recipe
+        return cls(ctx.shape.embed_dim, width, init=r.vpt_init, patch_area=ctx.patch_area,
+                   dropout=r.prompt_dropout, gate_layout=r.prune_pieces)
+
+    @staticmethod
+    def find(pblock: nn.Module) -> "DeepPrompt | None":
+        return pblock.vpt
+
+    @classmethod
+    def attach(cls, pblock: nn.Module, module: "DeepPrompt", recipe) -> None:
+        pblock.vpt = module  # PromptBlock inserts the tokens before its block
 
     def gate_multiplier(self, gate: torch.Tensor) -> torch.Tensor:
         """``(n, segments)`` gate -> ``(n, dim)`` multiplier of the first ``n`` tokens."""
