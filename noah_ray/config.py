@@ -31,6 +31,7 @@ from noah_ray.errors import ConfigError
 from noah_ray.hpo_config import (HPO_ALIASES, HPO_DEFAULT_RANGES, HPO_DEFAULT_SPACE,  # noqa: F401  (re-exported)
                                  HPO_METHOD_RANGES, HPO_METRICS, HPO_RETRAIN_KEYS, HPO_SCHEDULERS,
                                  HPO_SEARCHERS, HpoConfig, HpoParam, hpo_default, hpo_is_int, hpo_path)
+from noah_ray.module_specs import PRUNABLE_KINDS
 from noah_ray.recipes import Recipe
 from noah_ray.sections import positive as _positive
 from noah_ray.sections import section_from_dict, type_ok, unknown_key
@@ -163,10 +164,6 @@ class TrainConfig:
         return section_from_dict(cls, data, where)
 
 
-#: supernet sampling rules (noah_ray.train.step_subnets)
-SAMPLING_RULES: tuple[str, ...] = ("uniform", "sandwich")
-
-
 @dataclass
 class SupernetConfig(TrainConfig):
     """Job section ``supernet``: training the weight-sharing supernet (``noah_ray.train.train_supernet``)."""
@@ -199,7 +196,7 @@ class RetrainConfig(TrainConfig):
     baselines: tuple[str, ...] = ()       # baselines the pipeline trains beside NOAH (linear, vpt, ...)
     baseline_widths: dict[str, dict[str, int]] = field(default_factory=dict)
                                           # per-baseline uniform widths replacing the defaults
-                                          # (noah_ray.train.BASELINE_WIDTHS), e.g. {vpt: {vpt: 50}}
+                                          # (noah_ray.models.BASELINE_WIDTHS), e.g. {vpt: {vpt: 50}}
     method_lr: dict[str, float] = field(default_factory=dict)
                                           # per-method learning rate overriding `lr`, e.g. {full: 1.0e-4}
     init: str | None = None               # (noah) start from these weights, a subnet artifact
@@ -219,7 +216,7 @@ class RetrainConfig(TrainConfig):
 TRAIN_SECTIONS: dict[str, type[TrainConfig]] = {"supernet": SupernetConfig, "retrain": RetrainConfig}
 
 
-PRUNABLE: tuple[str, ...] = ("vpt", "kv_prompt")
+PRUNABLE: tuple[str, ...] = PRUNABLE_KINDS             # the registry's prunable kinds
 PRUNE_SCORES: tuple[str, ...] = ("abs", "signed")
 
 
@@ -256,7 +253,7 @@ class PruneConfig:
         object.__setattr__(self, "modules", tuple(self.modules))
 
 
-#: search algorithms (``noah_ray.search.SEARCHERS``): evolution is NOAH's generational search,
+#: search algorithms (``noah_ray.evolution.ENGINES``): evolution is NOAH's generational search,
 #: aging the asynchronous (barrier-free) regularized evolution
 SEARCH_ALGORITHMS: tuple[str, ...] = ("evolution", "aging", "random", "optuna")
 
