@@ -36,6 +36,7 @@ reads that, and for files from before the key existed falls back to the run name
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -119,6 +120,10 @@ class JobPaths:
         if run_name in (None, SUPERNET_RUN):
             return self.stage("supernet")
         return self.stage("supernet").join("named", safe_name(run_name, "supernet run name"))
+
+    def relative(self, loc: storage.Location) -> str:
+        """``loc``'s path under the job root (a Ray Train run's ``run_dir``)."""
+        return posixpath.relpath(loc.path, self.root.path)
 
     def supernet_final(self, run_name: str | None = None) -> storage.Location:
         return self.supernet(run_name).join("final")

@@ -22,7 +22,6 @@ from noah_ray import storage
 from noah_ray.backbones import create_backbone
 from noah_ray.config import JobConfig
 from noah_ray.recipes import Recipe, recorded
-from noah_ray.security import safe_name
 from noah_ray.errors import ConfigError
 from noah_ray.layout import JobPaths
 from noah_ray.space import SubnetConfig
@@ -34,7 +33,6 @@ METHODS = ("noah", "linear", "full", "vpt", "adapter", "lora", "e2vpt")
 BASELINE_WIDTHS: dict[str, dict[str, int]] = {
     "linear": {}, "full": {}, "vpt": {"vpt": 10}, "adapter": {"adapter": 8}, "lora": {"lora": 8},
     "e2vpt": {"vpt": 5, "kv_prompt": 5}}
-SUPERNET_RUN = "supernet"
 BACKBONE_SEED = 0
 
 
@@ -46,7 +44,7 @@ def job_root(job: JobConfig) -> storage.Location:
 def backbone_uri(job: JobConfig) -> str:
     """The backbone checkpoint every stage loads: ``model.checkpoint``, else the job's
     ``backbone.safetensors`` (written by :func:`ensure_backbone`)."""
-    return job.model.checkpoint or job_root(job).join("backbone.safetensors").uri
+    return job.model.checkpoint or JobPaths.of(job).backbone.uri
 
 
 def ensure_backbone(job: JobConfig) -> str:
@@ -54,7 +52,7 @@ def ensure_backbone(job: JobConfig) -> str:
     is unset (demo, tests): a backbone created once with a fixed seed."""
     if job.model.checkpoint:
         return job.model.checkpoint
-    loc = job_root(job).join("backbone.safetensors")
+    loc = JobPaths.of(job).backbone
     if not storage.exists(loc):
         from safetensors.torch import save
 
@@ -103,13 +101,6 @@ def build_model(job: JobConfig, capacity: SubnetConfig | None, backbone: str | N
     return model
 
 
-def supernet_dir(run_name: str | None) -> str:
-    """The supernet run's folder under the job: ``supernet`` or ``supernet/named/<name>``."""
-    if run_name in (None, SUPERNET_RUN):
-        return "supernet"
-    return f"supernet/named/{safe_name(run_name, 'supernet run name')}"
-
-
 def supernet_recovery(final: storage.Location) -> str:
     """How to recover from a damaged ``supernet/final``: the run resumes from its last checkpoint."""
     return (f"delete {final.uri} and run the supernet stage again (it resumes from its last checkpoint "
@@ -122,7 +113,7 @@ def load_supernet(job: JobConfig, run_name: str | None = None, *, uri: str | Non
     ``storage.save_state``; the backbone is then ``model.checkpoint``).  The head has
     ``meta["num_classes"]`` classes, else ``data.num_classes``."""
     if uri is None:
-        final = job_root(job).join(supernet_dir(run_name), "final")
+        final = JobPaths.of(job).supernet_final(run_name)
         if not storage.exists(final.join("meta.json")):
             raise ConfigError(f"no trained supernet at {final.uri!r}; run the supernet stage first")
         tensors, meta = storage.load_state(final, supernet_recovery(final))

@@ -28,6 +28,7 @@ from noah_ray import storage, tracking
 from noah_ray.config import JobConfig
 from noah_ray.errors import ConfigError
 from noah_ray.evolution import ParamLimit
+from noah_ray.layout import JobPaths
 from noah_ray.space import BackboneShape, SubnetConfig
 
 STAGES = ("supernet", "search", "hpo", "retrain")   # hpo runs only with an hpo section
@@ -213,7 +214,7 @@ def check_checkpoint(job: JobConfig, num_classes: int) -> None:
 
     uri = job.model.checkpoint
     if not uri:
-        loc = storage.resolve(job.storage, job.storage_endpoint).join(job.name, "backbone.safetensors")
+        loc = JobPaths.of(job).backbone
         if not storage.exists(loc):
             return
         uri = loc.uri

@@ -43,7 +43,8 @@ import torch
 
 from noah_ray import progress, storage, tracking
 from noah_ray.config import JobConfig
-from noah_ray.models import SUPERNET_RUN, build_model, ensure_backbone, job_root, subnet_for, supernet_dir
+from noah_ray.layout import SUPERNET_RUN, JobPaths, retrain_run_id
+from noah_ray.models import build_model, ensure_backbone, job_root, subnet_for
 from noah_ray.preflight import ResolvedJob, as_resolved
 from noah_ray.prune import PrunePlan, prune
 from noah_ray.recipes import LEGACY, RECIPES, recorded
@@ -190,13 +191,14 @@ def train_supernet(job: JobConfig | ResolvedJob, *, run_name: str | None = None,
     from the last checkpoint if run before, returns at once if finished.
 
     ``_faults`` (tests): ``[(epoch, "raise" | "kill"), ...]``, each triggered once on rank 0."""
-    run_id, run_dir = run_name or SUPERNET_RUN, supernet_dir(run_name)
     rj = as_resolved(job, ("supernet",))
     job, tc, n = rj.job, rj.job.supernet, rj.num_classes
+    paths = JobPaths.of(job)
+    run_id, run_dir = run_name or SUPERNET_RUN, paths.relative(paths.supernet(run_name))
     spec = spec_for(job, "supernet", "noah", None, tc.lr, tc.seed, n)
     meta = _fit(RunSpec(job, "supernet", run_id, run_dir, method="noah", seed=tc.seed, lr=tc.lr, num_classes=n,
                         backbone=rj.backbone, spec=spec, metrics_part=run_id, faults=_faults))
-    return TrainResult("supernet", run_id, meta["epochs_done"], job_root(job).join(run_dir, "final").uri,
+    return TrainResult("supernet", run_id, meta["epochs_done"], paths.supernet_final(run_name).uri,
                        {f"val_acc_{k}": v for k, v in meta.get("val_acc", {}).items()})
 
 
@@ -204,7 +206,7 @@ def supernet_done(job: JobConfig, num_classes: int) -> bool:
     """Whether the job's supernet is trained (so the stage only reads it back)."""
     tc = job.supernet
     spec = spec_for(job, "supernet", "noah", None, tc.lr, tc.seed, num_classes)
-    return _finished(job_root(job).join(supernet_dir(None)), spec, tc.epochs)
+    return _finished(JobPaths.of(job).supernet(), spec, tc.epochs)
 
 
 # ----------------------------------------------------------------------------- retraining
@@ -249,8 +251,8 @@ def retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str, seed:
     spec = spec_for(job, "retrain", method, cfg, lr, seed, num_classes)
     if hpo:
         spec["hpo"] = hpo
-    run_id = f"{method}-seed{seed}"
-    return _finished(job_root(job).join("retrain", run_id, fingerprint(spec)), spec, job.retrain.epochs)
+    run = JobPaths.of(job).retrain_config(retrain_run_id(method, seed), fingerprint(spec))
+    return _finished(run, spec, job.retrain.epochs)
 
 
 def _check_init(rj: ResolvedJob, cfg: SubnetConfig, method: str) -> None:
@@ -280,24 +282,25 @@ def _retrain_run(rj: ResolvedJob, label: str, cfg: SubnetConfig, lr: float, seed
                  init: str | None = None) -> TrainResult:
     job, n = rj.job, rj.num_classes
     method = "e2vpt" if prune_plan else label
-    run_id = f"{label}-seed{seed}"
+    run_id = retrain_run_id(label, seed)
     spec = spec_for(job, "retrain", method, cfg, lr, seed, n)
     if prune_plan:
         spec["prune_plan"] = prune_plan
     if hpo:
         spec["hpo"] = hpo
     fp = fingerprint(spec)
-    meta = _fit(RunSpec(job, "retrain", run_id, f"retrain/{run_id}/{fp}", method=method, seed=seed, lr=lr,
+    paths = JobPaths.of(job)
+    run_dir = paths.retrain_config(run_id, fp)
+    meta = _fit(RunSpec(job, "retrain", run_id, paths.relative(run_dir), method=method, seed=seed, lr=lr,
                         num_classes=n, backbone=rj.backbone, spec=spec, metrics_part=f"{run_id}-{fp}",
                         subnet=cfg.to_json(), fingerprint=fp, prune_plan=prune_plan, init=init, faults=faults))
-    root = job_root(job)
-    _publish(root.join("retrain", run_id, fp), root.join("retrain", run_id), fp)
+    _publish(run_dir, paths.retrain_run(run_id), fp)
     trained = PrunePlan.from_dict(prune_plan).config() if prune_plan else cfg
     row = _runs_row(job, run_id, label, seed, trained, meta, hpo)
-    storage.append_table(root.join("retrain"), "runs", pa.Table.from_pylist([row]), part=f"{run_id}-{fp}")
+    storage.append_table(paths.retrain, "runs", pa.Table.from_pylist([row]), part=f"{run_id}-{fp}")
     progress.echo(f"[retrain] {label} seed {seed}: val {row['val_acc']:.2f}% (epoch {row['best_epoch']}) "
                   f"test {row['test_acc']:.2f}% params {row['params'] / 1e6:.4f}M")
-    return TrainResult("retrain", run_id, meta["epochs_done"], root.join("retrain", run_id, fp, "final").uri,
+    return TrainResult("retrain", run_id, meta["epochs_done"], run_dir.join("final").uri,
                        {**row, "fingerprint": fp})
 
 

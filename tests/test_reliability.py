@@ -138,7 +138,7 @@ def test_uris_with_credentials_are_refused_without_echoing_them():
 @pytest.mark.parametrize("name", ["..", ".", "...", "a/b", "a\\b", "", " x", "-x", "x y"])
 def test_names_are_one_safe_path_segment(name):
     from noah_ray.search import _run_name
-    from noah_ray.models import supernet_dir
+    from noah_ray.layout import JobPaths
 
     with pytest.raises(ConfigError, match="must be one path segment"):
         JobConfig.from_dict({"name": name})
@@ -146,7 +146,7 @@ def test_names_are_one_safe_path_segment(name):
     with pytest.raises(ConfigError, match="must be one path segment"):
         _run_name(job, name or "..")
     with pytest.raises(ConfigError, match="must be one path segment"):
-        supernet_dir(name or "..")
+        JobPaths.of(job).supernet(name or "..")
     for ok in ("cifar100-noah", "run_1.v2"):
         assert JobConfig.from_dict({"name": ok}).name == ok
 
