@@ -205,7 +205,7 @@ def _tuner(job: JobConfig, method: str, trainable, space: dict[str, HpoParam], t
     """A new Tune experiment for ``method`` (``callbacks`` beside the table writer), or the
     interrupted one restored (``Tuner.restore``: with the callbacks it started with)."""
     h = job.hpo
-    tune_dir = hpo_location(job).join("tune")
+    tune_dir = JobPaths.of(job).hpo_tune
     path = tune_dir.join(method)
     if tune.Tuner.can_restore(path.path, storage_filesystem=path.fs):
         progress.echo(f"[hpo {method}] resuming the search from {path.uri}")
@@ -287,7 +287,7 @@ def run_hpo(job: JobConfig | ResolvedJob, method: str, subnet: SubnetConfig | No
     if not space:
         raise ConfigError(f"hpo: nothing to tune for {method!r} (every setting in hpo.space belongs to modules "
                           f"{method} does not train); add lr or weight_decay to hpo.space")
-    loc = hpo_location(job).join(method)
+    loc = JobPaths.of(job).hpo_method(method)
     _check_settings(loc, _settings(job, method, cfg, space))
     saved = saved_result(job, method)
     if saved is not None:
@@ -320,7 +320,7 @@ def run_hpo(job: JobConfig | ResolvedJob, method: str, subnet: SubnetConfig | No
 
 def saved_result(job: JobConfig, method: str) -> HpoResult | None:
     """The finished search of ``method`` (its ``best.json``), or None."""
-    loc = hpo_location(job).join(method, "best.json")
+    loc = JobPaths.of(job).hpo_method(method).join("best.json")
     return HpoResult(**json.loads(storage.read_text(loc))) if storage.exists(loc) else None
 
 

@@ -104,8 +104,7 @@ def search_location(job: JobConfig) -> storage.Location:
 
 def load_best_subnet(job: JobConfig, run_name: str | None = None) -> SubnetConfig:
     """The winner of the job's last finished search (or of ``run_name``), as retraining uses it."""
-    base = search_location(job)
-    loc = base.join("runs", run_name, "best_subnet.yaml") if run_name else base.join("best_subnet.yaml")
+    loc = JobPaths.of(job).best_subnet(run_name)
     if not storage.exists(loc):
         raise ConfigError(f"no search winner at {loc.uri}; run the search stage first (or give retrain.subnet)")
     return SubnetConfig.from_yaml(storage.read_text(loc))
@@ -234,7 +233,7 @@ def _fit(job: JobConfig, searcher: NoahSearcher, base: storage.Location, name: s
     s = job.search
     trainable = tune.with_parameters(CandidateEvaluator, job=job.to_dict(), loader=loader, val_data=val_data)
     trainable = tune.with_resources(trainable, {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
-    tune_dir = base.join("tune")
+    tune_dir = JobPaths.of(job).search_tune
     run_config = tune.RunConfig(
         name=name, storage_path=tune_dir.path, storage_filesystem=tune_dir.fs, verbose=0,
         failure_config=tune.FailureConfig(max_failures=s.trial_retries), stop=stop,
