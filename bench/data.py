@@ -48,8 +48,8 @@ def train_rate(model: str, img_size: int, batch: int, steps: int, num_classes: i
     import torch
     import torch.nn.functional as F
 
+    from noah_ray.nn.supernet import PromptedViT
     from noah_ray.space import SearchSpace
-    from noah_ray.supernet import PromptedViT
 
     torch.manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,8 +100,8 @@ def main() -> None:
     p.add_argument("--dataset", default="gen_shape")
     args = p.parse_args()
 
-    from noah_ray.backbones import register_tiny_models
     from noah_ray.data import write_generated_vtab
+    from noah_ray.nn.backbones import register_tiny_models
 
     register_tiny_models()  # the tiny test ViT
     print(f"torch threads {torch.get_num_threads()}")

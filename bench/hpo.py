@@ -46,13 +46,15 @@ def measure(job, method: str) -> dict:
     """Run (or, with the same ``--out``, reuse: numbers saved in ``<out>/<job>.json``) one search."""
     import json
 
-    from noah_ray import hpo, results
+    from noah_ray.hpo import driver as hpo
+    from noah_ray.run.preflight import resolve
+    from noah_ray.store import results
 
     saved = Path(job.storage).parent / f"{job.name}.json"
     if saved.is_file():
         return json.loads(saved.read_text())
     t0 = time.perf_counter()
-    hpo.run_hpo(job, method)
+    hpo.run_hpo(resolve(job, ("hpo",)), method)
     wall = time.perf_counter() - t0
     df = results.hpo(str(Path(job.storage) / job.name))
     chosen = df[df.chosen].iloc[0]

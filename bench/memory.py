@@ -51,9 +51,9 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from noah_ray.backbones import create_backbone
+    from noah_ray.nn.backbones import create_backbone
+    from noah_ray.nn.supernet import PromptedViT
     from noah_ray.space import SubnetConfig
-    from noah_ray.supernet import PromptedViT
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,8 @@
 """mini-VTAB benchmark: NOAH (supernet -> search -> retrain) against the single-module baselines.
 
 For every mini-VTAB task (:mod:`noah_ray.data.minivtab`) one job (``noah_ray/configs/minivtab.yaml``)
-runs through the real pipeline on local Ray: the supernet of the fractal-pretrained tiny ViT, the evolutionary search under a
+runs through the real pipeline on local Ray: the supernet of the fractal-pretrained tiny ViT, the evolutionary
+search under a
 parameter limit, and the retraining of the winner and of the baselines, each with 3 seeds:
 linear probe, VPT-Deep, LoRA, Adapter (widths sized to the same parameter budget as NOAH's
 limit) and full fine-tuning.  A second, small job per task trains a linear probe on the randomly
@@ -38,8 +39,8 @@ QUICK = {"supernet": {"epochs": 3, "warmup_epochs": 0, "eval_random_subnets": 0}
 
 def run_task(spec_json: str) -> dict:
     """One task's jobs (in this process; Ray at ``$RAY_ADDRESS``); returns wall times."""
-    from noah_ray import pipeline
     from noah_ray.config import JobConfig
+    from noah_ray.run import pipeline
 
     spec = json.loads(spec_json)
     pipeline.init_ray(spec["address"], quiet=True)
@@ -82,7 +83,7 @@ def run(tasks: list[str], out: Path, budget: dict, seeds: list[int], parallel: i
         methods: list[str] | None = None) -> list[dict]:
     import ray
 
-    from noah_ray import pipeline
+    from noah_ray.run import pipeline
 
     owner = not ray.is_initialized()
     pipeline.init_ray(None, quiet=True)
@@ -104,9 +105,9 @@ def probe_table(tasks: list[str], data_root: Path):
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from noah_ray.backbones import create_backbone
     from noah_ray.config import DataConfig
     from noah_ray.data import build_loader, minivtab
+    from noah_ray.nn.backbones import create_backbone
 
     rows = []
     models = {"pretrained": create_backbone(minivtab.job_config(tasks[0], ".", ".").model.name, 1).eval(),
@@ -135,11 +136,10 @@ def probe_table(tasks: list[str], data_root: Path):
 
 
 def tables(out: Path):
-    from noah_ray import results
-
     import pandas as pd
 
     from noah_ray.errors import ConfigError
+    from noah_ray.store import results
 
     def table(uri: Path):
         try:
@@ -161,11 +161,13 @@ def summary(pre, rnd) -> list[str]:
     if not pre.empty and "Mean" in pre:
         t = pre.set_index("method")
         if "noah" in t.index:
-            single = [m for m in ("vpt", "lora", "adapter") if m in t.index and t.loc[m, "params_m"] >= t.loc["noah", "params_m"]]
+            single = [m for m in ("vpt", "lora", "adapter")
+                      if m in t.index and t.loc[m, "params_m"] >= t.loc["noah", "params_m"]]
             if single:
                 best = max(single, key=lambda m: t.loc[m, "Mean"])
-                lines.append(f"NOAH mean {t.loc['noah', 'Mean']:.2f} % ({t.loc['noah', 'params_m']:.4f} M) vs best single "
-                             f"module at >= its params: {best} {t.loc[best, 'Mean']:.2f} % ({t.loc[best, 'params_m']:.4f} M)"
+                noah, other = t.loc["noah"], t.loc[best]
+                lines.append(f"NOAH mean {noah['Mean']:.2f} % ({noah['params_m']:.4f} M) vs best single "
+                             f"module at >= its params: {best} {other['Mean']:.2f} % ({other['params_m']:.4f} M)"
                              f": {t.loc['noah', 'Mean'] - t.loc[best, 'Mean']:+.2f} points")
     return lines
 
@@ -185,7 +187,7 @@ def write_doc(path: Path, pre, rnd, lines: list[str], argv: list[str], wall: flo
         return "```\n" + df.to_string(index=False, float_format=lambda v: f"{v:.2f}") + "\n```" \
             if not df.empty else "(no runs)"
 
-    text = [f"# mini-VTAB results\n", f"Command: `python bench/mini_vtab.py {' '.join(argv)}`  ",
+    text = ["# mini-VTAB results\n", f"Command: `python bench/mini_vtab.py {' '.join(argv)}`  ",
             f"Commit: `{commit}`  ",
             f"Wall time: {wall / 60:.1f} min on this machine (2 CPU cores, shared)\n",
             "Test accuracy (%) per task, mean over seeds; group means; `Mean` = mean of the group means; "

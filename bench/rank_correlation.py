@@ -46,7 +46,7 @@ def inherited_accuracy(job, run_name: str, subnets: list) -> list[float]:
     import torch
 
     from noah_ray.data import build_loader, norm_for
-    from noah_ray.models import evaluate, load_supernet
+    from noah_ray.nn.models import evaluate, load_supernet
 
     model = load_supernet(job, run_name)
     mean, std, size = norm_for(model)
@@ -63,9 +63,9 @@ def standalone_accuracy(job, cfg, seed: int = 0) -> float:
     import torch
     import torch.nn.functional as F
 
-    from noah_ray import optim
-    from noah_ray.data import build_loader, num_classes, norm_for
-    from noah_ray.models import build_model, ensure_backbone, evaluate
+    from noah_ray.data import build_loader, norm_for, num_classes
+    from noah_ray.nn import optim
+    from noah_ray.nn.models import build_model, ensure_backbone, evaluate
 
     torch.manual_seed(seed)
     tc = job.retrain
@@ -108,11 +108,12 @@ def correlations(a: list[float], b: list[float], boots: int = 2000, seed: int = 
 
 
 def run_task(task: str, out: Path, count: int, rules: list[str], budget: dict = BUDGET) -> dict:
-    from noah_ray import pipeline
-    from noah_ray.backbones import shape_of
     from noah_ray.config import JobConfig
     from noah_ray.data import minivtab
-    from noah_ray.runs import train_supernet
+    from noah_ray.nn.backbones import shape_of
+    from noah_ray.run import pipeline
+    from noah_ray.run.preflight import resolve
+    from noah_ray.train.runs import train_supernet
 
     job = minivtab.job_config(task, out, out / "data", budget, name=f"rank-{task}")
     pipeline.prepare_data(job)
@@ -123,7 +124,7 @@ def run_task(task: str, out: Path, count: int, rules: list[str], budget: dict = 
         rjob.supernet.sampling = rule
         rjob.supernet.epochs = job.supernet.epochs if rule == "uniform" else max(1, job.supernet.epochs // 3)
         t0 = time.time()
-        train_supernet(rjob, run_name=rule)
+        train_supernet(resolve(rjob, ("supernet",)), run_name=rule)
         res[f"inherited_{rule}"] = inherited_accuracy(rjob, rule, subnets)
         res[f"supernet_s_{rule}"] = round(time.time() - t0, 1)
     t0 = time.time()
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from noah_ray import pipeline
+    from noah_ray.run import pipeline
 
     torch.set_num_threads(1)
     pipeline.init_ray(None, quiet=True)

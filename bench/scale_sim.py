@@ -12,7 +12,7 @@
    machine): utilisation = evaluation (sleep) time / (W x wall clock from the first trial's
    start to the last one's end).
 3. Searcher state written per result at 1,000 and 10,000 candidates: before (the whole state
-   rewritten after every result, one write each) and after (``noah_ray.statelog``: one record
+   rewritten after every result, one write each) and after (``noah_ray.store.statelog``: one record
    appended per result, snapshots when the log has grown as large as the last one), measured
    on local storage (and on a local moto S3 server at 1,000 if moto is installed).
 
@@ -37,11 +37,13 @@ from dataclasses import dataclass
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")               # no Tune experiment banners
 
-from noah_ray import storage  # noqa: E402
-from noah_ray.evolution import AgingEvolutionEngine, EvolutionEngine, ParamLimit, TargetObjective  # noqa: E402
-from noah_ray.search_store import SearchStore  # noqa: E402
-from noah_ray.searchers import NoahSearcher  # noqa: E402
-from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig  # noqa: E402
+from noah_ray.evolution import AgingEvolutionEngine, EvolutionEngine, TargetObjective
+from noah_ray.search.searcher import NoahSearcher
+from noah_ray.search.store import SearchStore
+from noah_ray.space import ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.space.budget import ParamLimit
+from noah_ray.space.kinds import BackboneShape
+from noah_ray.store import storage
 
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, 6)
 LIMIT = ParamLimit(0.01, BackboneShape(48, 3, 6, 10))

@@ -49,10 +49,10 @@ def prepare(root: Path, model: str):
     import torch
     from safetensors.torch import save_file
 
-    from noah_ray import storage
-    from noah_ray.backbones import create_backbone
-    from noah_ray.supernet import PromptedViT
+    from noah_ray.nn.backbones import create_backbone
+    from noah_ray.nn.supernet import PromptedViT
     from noah_ray.space import SearchSpace
+    from noah_ray.store import storage
 
     torch.manual_seed(0)
     save_file(create_backbone(model, 4).state_dict(), str(root / "backbone.safetensors"))
@@ -66,10 +66,10 @@ def bench_tune(args) -> None:
     import ray
     import torch
 
-    from noah_ray import storage
-    from noah_ray.models import evaluate, load_supernet
-    from noah_ray.search import run_search
+    from noah_ray.nn.models import evaluate, load_supernet
+    from noah_ray.search.driver import run_search
     from noah_ray.space import SubnetConfig
+    from noah_ray.store import storage
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     root = Path(tempfile.mkdtemp(prefix="bench-search-"))
@@ -113,8 +113,10 @@ def bench_tune(args) -> None:
 
 
 def bench_synthetic(args) -> None:
-    from noah_ray.evolution import ENGINES, ParamLimit, TargetObjective
-    from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace
+    from noah_ray.evolution import ENGINES, TargetObjective
+    from noah_ray.space import ModuleSpace, SearchSpace
+    from noah_ray.space.budget import ParamLimit
+    from noah_ray.space.kinds import BackboneShape
 
     space = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, 6)
     limit = ParamLimit(0.01, BackboneShape(48, 3, 6, 10))

@@ -33,9 +33,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from noah_ray.backbones import create_backbone
+from noah_ray.nn.backbones import create_backbone
+from noah_ray.nn.supernet import PromptedViT
 from noah_ray.space import SearchSpace
-from noah_ray.supernet import PromptedViT
 
 DEFAULTS = {"cuda": ("vit_base_patch16_224", 64, "bf16", 5, 10), "cpu": ("vit_noah_tiny_patch4_32", 64, "fp32", 10, 2)}
 

@@ -43,11 +43,12 @@ def make_job(data_root: Path, store: str, name: str, *, model: str, workers: int
 
 def images_per_s(job) -> tuple[float, float]:
     """(median images/s over epochs after the first, wall seconds of the whole run)."""
-    from noah_ray import storage
-    from noah_ray.runs import train_supernet
+    from noah_ray.run.preflight import resolve
+    from noah_ray.store import storage
+    from noah_ray.train.runs import train_supernet
 
     t0 = time.time()
-    train_supernet(job)
+    train_supernet(resolve(job, ("supernet",)))
     wall = time.time() - t0
     root = storage.resolve(job.storage).join(job.name, "supernet")
     m = storage.read_table(root, "train_metrics").to_pandas().drop_duplicates("epoch").sort_values("epoch")

@@ -15,11 +15,11 @@ validation before anything is written, same resume behaviour).
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def run(command: str, argv: Sequence[str] | None = None) -> int:
     """Run stage command ``command`` (pipeline, supernet, search, retrain) with ``argv``."""
-    from noah_ray.cli import stage_main
+    from noah_ray.cli.main import stage_main
 
     return stage_main(command, sys.argv[1:] if argv is None else argv, prog=f"python -m jobs.{command}")

@@ -1,4 +1,5 @@
-"""``python -m jobs.pipeline --config X.yaml``: supernet -> search -> retrain, each stage resuming from what storage holds."""
+"""``python -m jobs.pipeline --config X.yaml``: supernet -> search -> retrain, each stage resuming from what
+storage holds."""
 
 from jobs import run
 

@@ -1,4 +1,5 @@
-"""``python -m jobs.search --config X.yaml``: search the trained supernet for the best subnet under the parameter limit (resumes)."""
+"""``python -m jobs.search --config X.yaml``: search the trained supernet for the best subnet under the parameter
+limit (resumes)."""
 
 from jobs import run
 

@@ -24,11 +24,12 @@ import os
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 #: the session of this driver (set by :func:`session`)
-_CURRENT: contextvars.ContextVar["Session | None"] = contextvars.ContextVar("noah_ray_progress", default=None)
+_CURRENT: contextvars.ContextVar[Session | None] = contextvars.ContextVar("noah_ray_progress", default=None)
 
 #: Ray's driver-side settings for a quiet console (environment variables read by Ray Tune / Train)
 #: (Tune's automatic JSON/CSV result loggers stay on: they only write files, the search and its tests

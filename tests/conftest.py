@@ -86,7 +86,7 @@ def backbone_file(tmp_path_factory) -> str:
     import torch
     from safetensors.torch import save_file
 
-    from noah_ray.backbones import create_backbone
+    from noah_ray.nn.backbones import create_backbone
 
     rng = torch.random.get_rng_state()
     torch.manual_seed(123)

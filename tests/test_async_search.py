@@ -10,9 +10,11 @@ import pytest
 
 from noah_ray.config import JobConfig
 from noah_ray.errors import ConfigError
-from noah_ray.evolution import DONE, ENGINES, AgingEvolutionEngine, ParamLimit, TargetObjective
-from noah_ray.search import make_searcher
-from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace
+from noah_ray.evolution import ENGINES, AgingEvolutionEngine, TargetObjective
+from noah_ray.search.driver import make_searcher
+from noah_ray.space import ModuleSpace, SearchSpace
+from noah_ray.space.budget import ParamLimit
+from noah_ray.space.kinds import BackboneShape
 
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, num_layers=6)
 LIMIT = ParamLimit(0.01, BackboneShape(48, 3, 6, 10))

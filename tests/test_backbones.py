@@ -10,10 +10,15 @@ import timm
 import torch
 from safetensors.torch import save, save_file
 
-from noah_ray import storage
-from noah_ray.backbones import (backbone_shape, create_backbone, google_to_timm, load_backbone_weights,
-                                register_tiny_models)
 from noah_ray.errors import ConfigError
+from noah_ray.nn.backbones import (
+    backbone_shape,
+    create_backbone,
+    google_to_timm,
+    load_backbone_weights,
+    register_tiny_models,
+)
+from noah_ray.store import storage
 
 register_tiny_models()  # these tests also call timm.create_model on the tiny ViT
 

@@ -10,16 +10,18 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
 
-from noah_ray import cli, pipeline, storage
+from noah_ray.cli import main as cli
+from noah_ray.run import pipeline
+from noah_ray.store import storage
 
 SECRET = "SECRETXX0wQ"
 
@@ -55,7 +57,7 @@ def backbone_bytes() -> bytes:
     import torch
     from safetensors.torch import save
 
-    from noah_ray.backbones import create_backbone
+    from noah_ray.nn.backbones import create_backbone
 
     torch.manual_seed(0)
     return save(create_backbone("vit_noah_tiny_patch4_32", 4).state_dict())
@@ -91,7 +93,7 @@ def checkpoint(world: World, name: str, data: bytes) -> None:
 def wrong_shape_checkpoint(world: World) -> None:
     from safetensors.torch import save
 
-    from noah_ray.backbones import create_backbone
+    from noah_ray.nn.backbones import create_backbone
 
     small = create_backbone("vit_noah_tiny_patch4_32", 4, embed_dim=24)
     checkpoint(world, "small.safetensors", save(small.state_dict()))

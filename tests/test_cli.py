@@ -13,8 +13,9 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from noah_ray import cli, storage
+from noah_ray.cli import main as cli
 from noah_ray.data import write_generated_vtab
+from noah_ray.store import storage
 
 SUBCOMMANDS = ("demo", "pipeline", "supernet", "search", "retrain", "hpo", "results", "import-noah", "export")
 
@@ -124,7 +125,7 @@ def test_missing_generated_data_is_not_an_error_but_other_data_is(tmp_path, caps
     rc, _, err = run_cli(capsys, "supernet", "--config", str(path))
     assert rc == 1 and "data root" in err and "does not exist" in err
     from noah_ray.config import JobConfig
-    from noah_ray.preflight import resolve
+    from noah_ray.run.preflight import resolve
 
     cfg["data"]["dataset"] = "gen_shape"
     resolve(JobConfig.from_dict(cfg), generate=True)         # fine: it gets generated
@@ -205,7 +206,7 @@ def test_demo_end_to_end(tmp_path):
     plots = [Path(line.strip()) for line in text[text.index("plots:"):].splitlines()[1:] if line.strip().endswith(".png")]
     assert {p.name for p in plots} >= {"pareto.png", "supernet_curves.png", "architecture_demo.png"}
     assert all(p.is_file() and p.stat().st_size > 5000 and out in p.parents for p in plots)
-    from noah_ray import results
+    from noah_ray.store import results
 
     runs = results.runs(str(out / "demo"))
     assert set(runs["method"]) == {"noah", "linear"} and runs["test_acc"].between(0, 100).all()

@@ -12,7 +12,7 @@ import pytest
 import ray
 import yaml
 
-from noah_ray import cli
+from noah_ray.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -119,7 +119,6 @@ def test_kuberay_rayjob_runs_the_pipeline_on_a_valid_config():
 # ---------------------------------------------------------------------------- the image
 def _ray_requirement():
     import tomllib
-
     from packaging.requirements import Requirement
 
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]

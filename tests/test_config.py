@@ -88,7 +88,7 @@ def test_shipped_job_files_load():
 
     root = Path(__file__).resolve().parents[1]
     files = [*root.glob("jobs/configs/*.yaml"), *root.glob("noah_ray/configs/*.yaml")]
-    jobs = [p for p in files if "sweep" not in yaml.safe_load(p.read_text())]   # sweeps: noah_ray.sweep
+    jobs = [p for p in files if "sweep" not in yaml.safe_load(p.read_text())]   # sweeps: noah_ray.run.sweep
     assert len(jobs) >= 4
     for p in jobs:
         job = JobConfig.load(p)

@@ -11,12 +11,20 @@ import timm
 import torch
 from PIL import Image
 
-from noah_ray import storage
-from noah_ray.backbones import create_backbone
 from noah_ray.config import DataConfig, JobConfig
-from noah_ray.data import (GENERATED_TASKS, build_dataset, build_loader, build_transform, norm_for, num_classes,
-                           registry, write_generated_vtab)
+from noah_ray.config import datasets as registry
+from noah_ray.data import (
+    GENERATED_TASKS,
+    build_dataset,
+    build_loader,
+    build_transform,
+    norm_for,
+    num_classes,
+    write_generated_vtab,
+)
 from noah_ray.errors import ConfigError
+from noah_ray.nn.backbones import create_backbone
+from noah_ray.store import storage
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from noah_ray import results, storage
 from noah_ray.config import JobConfig
 from noah_ray.data import write_generated_vtab
 from noah_ray.errors import ConfigError
-from noah_ray.hpo import grid_values, space_for
-from noah_ray.hpo_trial import TrialTables, hp_column
-from noah_ray.models import subnet_for
+from noah_ray.hpo.driver import grid_values, space_for
+from noah_ray.hpo.trial import TrialTables, hp_column
+from noah_ray.nn.models import subnet_for
 from noah_ray.space import SubnetConfig
+from noah_ray.store import results, storage
 
 TINY = "vit_noah_tiny_patch4_32"
 
@@ -119,7 +119,7 @@ def test_trial_table_reads_back_with_pandas(tmp_path):
 
 
 def test_hpo_command_without_a_section_is_one_line_before_ray_starts(data_root, tmp_path, capsys, tiny_job):
-    from noah_ray import cli
+    from noah_ray.cli import main as cli
 
     cfg = job_dict(tiny_job, data_root, str(tmp_path / "store"))
     del cfg["hpo"]
@@ -133,7 +133,7 @@ def test_hpo_command_without_a_section_is_one_line_before_ray_starts(data_root, 
 # ----------------------------------------------------------------------------- Ray Tune
 @pytest.mark.slow
 def test_asha_stops_weak_trials_and_the_chosen_values_reach_the_final_run(ray_session, data_root, tmp_path, tiny_job):
-    from noah_ray import pipeline
+    from noah_ray.run import pipeline
 
     # grid in this order: two good learning rates first, so the two tiny ones meet full rungs
     job = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path), searcher="grid",

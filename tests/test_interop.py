@@ -12,14 +12,20 @@ import yaml
 from safetensors.torch import save_file
 
 from noah_ray import load_subnet, save_subnet
-from noah_ray.backbones import create_backbone
-from noah_ray.cli import main
-from noah_ray.data.registry import get, names
+from noah_ray.cli.main import main
+from noah_ray.config.datasets import get, names
 from noah_ray.errors import ConfigError
-from noah_ray.noah_import import dataset_from_filename, import_noah, reference_files, reference_subnet
-from noah_ray.peft_export import export_peft
-from noah_ray.space import ADAPTER, KV_PROMPT, LORA, MODULES, VPT, SearchSpace, SubnetConfig
-from noah_ray.supernet import PromptedViT
+from noah_ray.interop.noah_import import (
+    dataset_from_filename,
+    import_noah,
+    read_noah_subnet,
+    reference_files,
+    reference_subnet,
+)
+from noah_ray.interop.peft_export import export_peft
+from noah_ray.nn.backbones import create_backbone
+from noah_ray.nn.supernet import PromptedViT
+from noah_ray.space import ADAPTER, KV_PROMPT, LORA, VPT, SearchSpace, SubnetConfig
 
 REF_FILES = reference_files()  # the original release's files, shipped in noah_ray/reference/
 TINY = "vit_noah_tiny_patch4_32"
@@ -60,7 +66,7 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 def test_all_19_reference_files_ship_and_resolve_by_dataset() -> None:
     assert len(REF_FILES) == 19
     assert {dataset_from_filename(p) for p in REF_FILES} == set(get(n).name for n in names("vtab"))
-    assert reference_subnet("cifar") == SubnetConfig.from_noah_yaml(REF_FILES[1])  # folder-name variant
+    assert reference_subnet("cifar") == read_noah_subnet(REF_FILES[1])  # folder-name variant
     with pytest.raises(ConfigError, match="no NOAH reference subnet for dataset 'mnist'; use one of caltech101"):
         reference_subnet("mnist")
 
@@ -173,7 +179,7 @@ def test_cli_import_prints_counts_and_writes_configs(tmp_path: Path, capsys) -> 
 
 
 def test_cli_import_writes_to_s3(tmp_path: Path, s3_bucket, capsys) -> None:
-    from noah_ray import storage
+    from noah_ray.store import storage
 
     endpoint, bucket = s3_bucket
     good = _noah_file(tmp_path)
@@ -317,10 +323,10 @@ def test_peft_export_names_what_it_cannot_represent(tmp_path: Path, backbone_fil
 
 # ------------------------------------------------------------------------ CLI export
 def test_cli_export_from_artifact_and_job_run(tmp_path: Path, backbone_file: str, capsys) -> None:
-    from noah_ray import storage
+    from noah_ray.store import storage
 
     model = make_model(MIXED, backbone_file, lora_scale=1.0)
-    # a finished retrain run laid out as noah_ray.runs writes it
+    # a finished retrain run laid out as noah_ray.train.runs writes it
     job = {"name": "j", "storage": str(tmp_path / "res"), "model": {"name": TINY, "checkpoint": backbone_file}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     run = storage.resolve(str(tmp_path / "res")).join("j", "retrain", "noah-seed0")
@@ -349,7 +355,7 @@ def test_cli_export_from_artifact_and_job_run(tmp_path: Path, backbone_file: str
 
 @pytest.mark.parametrize("run", ["../noah-seed0", "noah/seed0", ".hidden", ""])
 def test_export_refuses_a_run_name_that_is_not_one_path_segment(tmp_path: Path, run: str) -> None:
-    from noah_ray.artifact import model_from_run
+    from noah_ray.interop.artifact import model_from_run
 
     with pytest.raises(ConfigError, match="must be one path segment"):
         model_from_run(str(tmp_path / "job.yaml"), run)       # before the job file is read

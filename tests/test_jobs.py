@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from noah_ray import cli
+from noah_ray.cli import main as cli
 from noah_ray.config import JobConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,8 +164,8 @@ def ray_head():
 def test_job_submission_writes_parquet_to_s3(ray_head, s3_bucket, tmp_path, tiny_job):
     from ray.job_submission import JobStatus
 
-    from noah_ray import results
     from noah_ray.data import write_generated_vtab
+    from noah_ray.store import results
 
     url, client = ray_head
     endpoint, bucket = s3_bucket
@@ -191,7 +191,7 @@ def test_job_submission_writes_parquet_to_s3(ray_head, s3_bucket, tmp_path, tiny
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert "== supernet" in logs and "== search" in logs and "retrain noah: test" in logs
-    # the results, read back from S3 with plain pandas + pyarrow and with noah_ray.results
+    # the results, read back from S3 with plain pandas + pyarrow and with noah_ray.store.results
     fs = pafs.S3FileSystem(endpoint_override=endpoint.split("://")[1], scheme="http")
     runs = pd.read_parquet(f"{bucket}/noah/submitted/retrain/runs", filesystem=fs)
     assert list(runs["method"]) == ["noah"] and runs["test_acc"].between(0, 100).all()

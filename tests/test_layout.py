@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from noah_ray.config import JobConfig
-from noah_ray.layout import TABLE_STAGES, JobPaths, backbone_trained, retrain_run_id
-from noah_ray.tables import TABLES
+from noah_ray.store.layout import TABLE_STAGES, JobPaths, backbone_trained, retrain_run_id
+from noah_ray.store.tables import TABLES
 
 
 def test_every_location_under_the_job_root(tmp_path):

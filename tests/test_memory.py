@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from noah_ray.backbones import create_backbone
+from noah_ray.nn.backbones import create_backbone
+from noah_ray.nn.supernet import PromptedViT
 from noah_ray.space import SubnetConfig
-from noah_ray.supernet import PromptedViT
 
 MODEL = "vit_noah_tiny_patch4_32"
 CFG = SubnetConfig({"vpt": [3, 0, 5, 1, 0, 0, 7, 2, 0, 0, 4, 0],
@@ -179,9 +179,9 @@ def test_extract_keeps_the_switches():
 _PEAK_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch, torch.nn.functional as F
-    from noah_ray.backbones import create_backbone
+    from noah_ray.nn.backbones import create_backbone
     from noah_ray.space import SubnetConfig
-    from noah_ray.supernet import PromptedViT
+    from noah_ray.nn.supernet import PromptedViT
 
     ckpt = sys.argv[1] == "1"
     torch.set_num_threads(1)

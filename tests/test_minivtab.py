@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from noah_ray.backbones import create_backbone
 from noah_ray.config import DataConfig
-from noah_ray.data import minivtab, read_split, registry
+from noah_ray.config import datasets as registry
+from noah_ray.data import minivtab, read_split
 from noah_ray.data.fractal import fill_rate, orbit, sample_category
+from noah_ray.nn.backbones import create_backbone
 
 pytest.importorskip("sklearn")
 pytest.importorskip("skimage")

@@ -11,12 +11,12 @@ import torch
 from safetensors import safe_open
 from timm.layers import Attention
 
-from noah_ray.backbones import create_backbone
-from noah_ray.module_specs import MODULES, SPECS
-from noah_ray.modules import REGISTRY, LoRALinear, PromptAttention
 from noah_ray.errors import ConfigError
-from noah_ray.space import BackboneShape, SubnetConfig
-from noah_ray.supernet import PromptedViT
+from noah_ray.nn.backbones import create_backbone
+from noah_ray.nn.modules import REGISTRY, LoRALinear, PromptAttention
+from noah_ray.nn.supernet import PromptedViT
+from noah_ray.space import SubnetConfig
+from noah_ray.space.kinds import MODULES, SPECS, BackboneShape
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = "vit_noah_tiny_patch4_32"
@@ -66,7 +66,9 @@ def test_a_checkpoint_of_the_first_layout_loads_and_computes_the_same_logits():
     net.load_trainable_state_dict(state)
     assert set(net.trainable_state_dict()) == set(state)
     with torch.no_grad():
-        assert torch.equal(net(x), want)
+        # float32 logits written on another machine: the same math summed in another order (AVX2 vs
+        # AVX-512 kernels) differs in the last bits, so compare with float32's tolerance, not bit for bit
+        torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-6)
     assert torch.equal(net.module("lora", 2).lora_A, state["vit.blocks.2.block.attn.lora.lora_A"])
     assert torch.equal(net.qkv_linear(0).weight, state["vit.blocks.0.block.attn.attn.qkv.weight"])
 
@@ -92,7 +94,7 @@ def test_diff_attention_vits_take_lora_and_vpt_but_refuse_kv_prompts_when_built(
 
 
 def test_the_tiny_vit_is_registered_by_create_backbone_not_by_importing():
-    code = ("import timm, noah_ray.backbones as b; assert not timm.is_model('vit_noah_tiny_patch4_32'); "
+    code = ("import timm, noah_ray.nn.backbones as b; assert not timm.is_model('vit_noah_tiny_patch4_32'); "
             "m = b.create_backbone('vit_noah_tiny_patch4_32.fractal', 3); "
             "assert m.pretrained_cfg['tag'] == 'fractal'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from noah_ray import optim
-from noah_ray.backbones import create_backbone
+from noah_ray.nn import optim
+from noah_ray.nn.backbones import create_backbone
+from noah_ray.nn.supernet import PromptedViT
 from noah_ray.space import SubnetConfig
-from noah_ray.supernet import PromptedViT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

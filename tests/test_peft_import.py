@@ -1,4 +1,4 @@
-"""peft -> noah_ray (noah_ray.peft_import, ``noah-ray import-peft``), checked with real peft:
+"""peft -> noah_ray (noah_ray.interop.peft_import, ``noah-ray import-peft``), checked with real peft:
 our export read back, adapters built with peft's own API (rank_pattern / alpha_pattern), one-line
 refusals of what a subnet cannot hold, and retraining that starts from the imported weights."""
 
@@ -13,16 +13,17 @@ import torch
 from safetensors.torch import save_file
 
 from noah_ray import load_subnet
-from noah_ray.artifact import check_init_artifact, load_init_weights
-from noah_ray.backbones import create_backbone
-from noah_ray.cli import main
+from noah_ray.cli.main import main
 from noah_ray.errors import ConfigError
-from noah_ray.peft_export import export_peft
+from noah_ray.interop.artifact import check_init_artifact, load_init_weights
+from noah_ray.interop.peft_export import export_peft
+from noah_ray.nn.backbones import create_backbone
+from noah_ray.nn.supernet import PromptedViT
+from noah_ray.run.preflight import resolve
 from noah_ray.space import LORA, SubnetConfig
-from noah_ray.supernet import PromptedViT
 
 peft = pytest.importorskip("peft")
-from noah_ray.peft_import import import_peft  # noqa: E402  (needs peft)
+from noah_ray.interop.peft_import import import_peft  # noqa: E402  (needs peft)
 
 TINY = "vit_noah_tiny_patch4_32"
 LORA_ONLY = SubnetConfig({LORA: (4, 1, 8, 2, 0, 3, 0, 5, 1, 0, 6, 7)})
@@ -146,10 +147,10 @@ def test_init_weights_are_checked_against_the_job(tmp_path, backbone_file):
 def test_retraining_starts_from_the_imported_weights(ray_session, tmp_path, backbone_file, one_thread, tiny_job):
     """retrain.init: epoch 1 starts from the imported adapter (a 1e-9 learning rate keeps the
     weights where they started), its other-scale LoRA folded into B."""
-    from noah_ray import storage
     from noah_ray.config import JobConfig
     from noah_ray.data import write_generated_vtab
-    from noah_ray.runs import retrain
+    from noah_ray.store import storage
+    from noah_ray.train.runs import retrain
 
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=16, num_val=8, num_test=8)
     model = PromptedViT(create_backbone(TINY, 4, backbone_file), LORA_ONLY, lora_scale=0.5)
@@ -162,11 +163,11 @@ def test_retraining_starts_from_the_imported_weights(ray_session, tmp_path, back
         space={"num_layers": 12, "modules": {"lora": {"widths": [1, 8]}}}, supernet=None, search=None,
         retrain={"epochs": 1, "lr": 1e-9, "min_lr": 0.0, "weight_decay": 0.0, "warmup_epochs": 0,
                  "max_failures": 0, "init": str(tmp_path / "art")}))
-    res = retrain(job, SubnetConfig.load(tmp_path / "art" / "subnet.yaml"), method="noah")
+    res = retrain(resolve(job, ("retrain",)), SubnetConfig.load(tmp_path / "art" / "subnet.yaml"), method="noah")
     best, _ = storage.load_state(storage.resolve(res.metrics["checkpoint_uri"]))
     want = model.trainable_state_dict()
     assert best.keys() == want.keys()
     for k, v in want.items():       # scale 0.5 -> 1.0: B halves, the product B·A·scale is the same
         torch.testing.assert_close(best[k], v * 0.5 if k.endswith("lora_B") else v, rtol=0, atol=1e-6, msg=k)
     with pytest.raises(ConfigError, match="has subnet"):        # checked before Ray starts
-        retrain(job, SubnetConfig.uniform(12, lora=1), method="noah")
+        retrain(resolve(job, ("retrain",)), SubnetConfig.uniform(12, lora=1), method="noah")

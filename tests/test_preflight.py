@@ -1,14 +1,17 @@
-"""The one validation pass (:func:`noah_ray.preflight.resolve`): what it works out for the stages,
+"""The one validation pass (:func:`noah_ray.run.preflight.resolve`): what it works out for the stages,
 and that a command runs it (with the storage probe and the data check) once, however many runs
 its stages start."""
 
 import pytest
 
-from noah_ray import pipeline, preflight, runs, storage
 from noah_ray.config import JobConfig
+from noah_ray.config.resolved import resolved
 from noah_ray.data import write_generated_vtab
 from noah_ray.errors import ConfigError
-from noah_ray.space import BackboneShape
+from noah_ray.run import pipeline, preflight
+from noah_ray.space.kinds import BackboneShape
+from noah_ray.store import storage
+from noah_ray.train import runs
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,9 @@ def test_resolve_works_out_what_the_stages_need(data_root, tmp_path):
     assert rj.splits == {"supernet": ("train800", "val200"), "search": ("val200",),
                          "retrain": ("train800", "val200", "test")}
     assert preflight.resolve(job, ("retrain",)).limit is None           # no search: no limit worked out
-    assert preflight.as_resolved(rj, ("supernet",)) is rj                # resolved once: passed through
+    assert resolved(rj, "supernet") is rj                               # resolved once: passed through
+    with pytest.raises(TypeError, match="preflight.resolve"):
+        resolved(job, "supernet")                                       # a stage never checks a job again
     assert not (tmp_path / "out" / "pf").exists()                        # only the storage probe, removed
     with pytest.raises(ConfigError, match="unknown stage 'train'"):
         preflight.resolve(job, ("train",))

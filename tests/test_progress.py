@@ -93,7 +93,8 @@ def test_quiet_ray_keeps_workers_output_in_the_log_files(monkeypatch):
 
 
 def test_verbose_flag_reaches_ray_init_and_the_session(tmp_path, monkeypatch, capsys):
-    from noah_ray import cli, pipeline
+    from noah_ray.cli import main as cli
+    from noah_ray.run import pipeline
 
     seen = []
 

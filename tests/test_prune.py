@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from noah_ray import prune as P
-from noah_ray.backbones import create_backbone
 from noah_ray.errors import ConfigError
-from noah_ray.modules import PromptAttention
-from noah_ray.modules.vpt import expand_gate
+from noah_ray.nn import prune as P
+from noah_ray.nn.backbones import create_backbone
+from noah_ray.nn.modules import PromptAttention
+from noah_ray.nn.modules.vpt import expand_gate
+from noah_ray.nn.supernet import PromptedViT
 from noah_ray.space import SubnetConfig
-from noah_ray.supernet import PromptedViT
 
 MODEL = "vit_noah_tiny_patch4_32"
 # recipe "modern": our pruning extension (contiguous segments, per-layer masks, KV prompts too);
@@ -319,7 +319,7 @@ def test_bad_prune_settings_are_refused():
 def test_rewound_model_retrains_and_round_trips_through_s3(s3_bucket):
     """Retrain a rewound model, save it as training does (weights + plan in meta.json), rebuild
     it at ``plan.config()`` with its gates re-installed (as ``interop.model_from_run``)."""
-    from noah_ray import storage
+    from noah_ray.store import storage
 
     endpoint, bucket = s3_bucket
     torch.manual_seed(4)
@@ -379,12 +379,12 @@ def test_segment_scores_of_pruned_segments_are_zero():
 def test_e2vpt_retraining_prunes_rewinds_and_retrains_on_ray(ray_session, tmp_path, tiny_job):
     """The job's ``prune`` section: the e2vpt run is followed by scoring, a stored plan and a
     second (rewound, pruned) run whose row reports fewer, effective parameters."""
-    from noah_ray import storage
     from noah_ray.config import JobConfig
     from noah_ray.data import write_generated_vtab
     from noah_ray.interop import model_from_run
-    from noah_ray.preflight import resolve
-    from noah_ray.runs import retrain, retrain_seeds
+    from noah_ray.run.preflight import resolve
+    from noah_ray.store import storage
+    from noah_ray.train.runs import retrain, retrain_seeds
 
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=48, num_val=16, num_test=16)
     spec = tiny_job(tmp_path / "data", tmp_path / "out", name="e2", data={"batch_size": 16},
@@ -396,7 +396,7 @@ def test_e2vpt_retraining_prunes_rewinds_and_retrains_on_ray(ray_session, tmp_pa
     job = JobConfig.from_dict(spec)
     resolve(job)
     assert JobConfig.from_dict(job.to_dict()).prune == job.prune  # round trip (YAML-safe lists)
-    summary = retrain_seeds(job, None, method="e2vpt")
+    summary = retrain_seeds(resolve(job, ("retrain",)), None, method="e2vpt")
     assert summary["method"] == "e2vpt-pruned"
     root = storage.resolve(job.storage).join(job.name)
     runs = storage.read_table(root.join("retrain"), "runs").to_pandas().set_index("method")
@@ -418,7 +418,7 @@ def test_e2vpt_retraining_prunes_rewinds_and_retrains_on_ray(ray_session, tmp_pa
     job.save(tmp_path / "job.yaml")  # `noah-ray export job.yaml --run e2vpt-pruned-seed0` reads it like this
     model, *_ = model_from_run(str(tmp_path / "job.yaml"), "e2vpt-pruned-seed0")
     assert model.capacity == p_cfg and model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
-    again = retrain(job, None, method="e2vpt", seed=0)  # finished: reused, no third row
+    again = retrain(resolve(job, ("retrain",)), None, method="e2vpt", seed=0)  # finished: reused, no third row
     assert again.metrics["test_acc"] == pruned["test_acc"]
     assert len(storage.read_table(root.join("retrain"), "runs")) == 2
     bad = JobConfig.from_dict({**spec, "retrain": {**spec["retrain"], "baselines": ["lora"]}})

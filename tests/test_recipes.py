@@ -10,19 +10,19 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from noah_ray import recipes
-from noah_ray.backbones import create_backbone
 from noah_ray.config import JobConfig, PruneConfig
+from noah_ray.config.resolved import param_limit
 from noah_ray.errors import ConfigError
-from noah_ray.evolution import ParamLimit
 from noah_ray.interop import import_noah, reference_files
-from noah_ray.modules import Adapter, DeepPrompt, KVPrompt, LoRA
-from noah_ray.modules.adapter import quick_gelu
-from noah_ray.modules.vpt import expand_gate
-from noah_ray.prune import mask_scores, prune
-from noah_ray.search import param_limit
-from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
-from noah_ray.supernet import PromptedViT
+from noah_ray.nn.backbones import create_backbone
+from noah_ray.nn.modules import Adapter, DeepPrompt, KVPrompt, LoRA
+from noah_ray.nn.modules.adapter import quick_gelu
+from noah_ray.nn.modules.vpt import expand_gate
+from noah_ray.nn.prune import mask_scores, prune
+from noah_ray.nn.supernet import PromptedViT
+from noah_ray.space import SearchSpace, SubnetConfig, recipes
+from noah_ray.space.budget import ParamLimit
+from noah_ray.space.kinds import BackboneShape
 
 MODEL = "vit_noah_tiny_patch4_32"   # dim 48, 3 heads (head_dim 16), 12 layers, patch 4
 ROOT = Path(__file__).resolve().parents[1]

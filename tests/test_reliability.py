@@ -17,14 +17,17 @@ from pathlib import Path
 import pytest
 import ray.cloudpickle
 
-from noah_ray import lease, security, storage
+from noah_ray import security
 from noah_ray.config import JobConfig
 from noah_ray.errors import ConfigError, RunError
-from noah_ray.evolution import DONE, FAILED, QUEUED, EvolutionEngine, ParamLimit, TargetObjective
-from noah_ray.search import _finish, _settings
-from noah_ray.search_store import SearchStore
-from noah_ray.searchers import NoahSearcher
-from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.evolution import DONE, FAILED, QUEUED, EvolutionEngine, TargetObjective
+from noah_ray.search.driver import _finish, _settings
+from noah_ray.search.searcher import NoahSearcher
+from noah_ray.search.store import SearchStore
+from noah_ray.space import ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.space.budget import ParamLimit
+from noah_ray.space.kinds import BackboneShape
+from noah_ray.store import lease, storage
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -82,7 +85,8 @@ def test_a_search_with_nothing_scored_is_never_a_success(tmp_path):
 
 
 def test_run_error_line_names_the_exact_command_that_resumes(monkeypatch, capsys, tmp_path):
-    from noah_ray import cli, pipeline
+    from noah_ray.cli import main as cli
+    from noah_ray.run import pipeline
 
     def stopped(job, stages, start_ray=None):
         raise RunError("search 'evolution-seed0' stopped (first error: endpoint unreachable); fix the cause "
@@ -137,14 +141,14 @@ def test_uris_with_credentials_are_refused_without_echoing_them():
 # ------------------------------------------------------------------ 4. names and paths
 @pytest.mark.parametrize("name", ["..", ".", "...", "a/b", "a\\b", "", " x", "-x", "x y"])
 def test_names_are_one_safe_path_segment(name):
-    from noah_ray.search import _run_name
-    from noah_ray.layout import JobPaths
+    from noah_ray.search.driver import search_run_name
+    from noah_ray.store.layout import JobPaths
 
     with pytest.raises(ConfigError, match="must be one path segment"):
         JobConfig.from_dict({"name": name})
     job = JobConfig()
     with pytest.raises(ConfigError, match="must be one path segment"):
-        _run_name(job, name or "..")
+        search_run_name(job, name or "..")
     with pytest.raises(ConfigError, match="must be one path segment"):
         JobPaths.of(job).supernet(name or "..")
     for ok in ("cifar100-noah", "run_1.v2"):
@@ -226,8 +230,8 @@ def test_the_lease_is_renewed_while_held(tmp_path):
 # ------------------------------------------------------------------ 8. finished stages without Ray
 def _finished_job(tiny_job, tmp_path: Path, data_root: Path) -> JobConfig:
     """A job whose supernet and search are finished in storage (written without Ray)."""
-    from noah_ray.models import job_root
-    from noah_ray.runs import spec_for
+    from noah_ray.nn.models import job_root
+    from noah_ray.train.runs import spec_for
 
     job = JobConfig.from_dict(tiny_job(
         data_root, tmp_path / "store", name="done", model={"drop_path_rate": 0.1}, retrain=None,
@@ -236,7 +240,7 @@ def _finished_job(tiny_job, tmp_path: Path, data_root: Path) -> JobConfig:
     spec = spec_for(job, "supernet", "noah", None, job.supernet.lr, job.supernet.seed, 4)
     storage.write_text(run.join("spec.json"), json.dumps(spec))
     storage.save_state(run.join("final"), {}, {"epochs_done": 1, "num_classes": 4, "val_acc": {"largest": 50.0}})
-    from noah_ray.search import make_searcher, search_location
+    from noah_ray.search.driver import make_searcher, search_location
 
     store = SearchStore(search_location(job).uri, None, "evolution-seed0", job.name, job.data.dataset, "evolution")
     searcher = make_searcher(job, store=store)
@@ -249,8 +253,9 @@ def _finished_job(tiny_job, tmp_path: Path, data_root: Path) -> JobConfig:
 def test_finished_stages_answer_from_storage_without_starting_ray(tmp_path, monkeypatch, capsys, tiny_job):
     import yaml
 
-    from noah_ray import cli, pipeline
+    from noah_ray.cli import main as cli
     from noah_ray.data import write_generated_vtab
+    from noah_ray.run import pipeline
 
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=8, num_val=4, num_test=4)
     job = _finished_job(tiny_job, tmp_path, tmp_path / "data")
@@ -300,8 +305,8 @@ def test_search_with_data_and_storage_on_s3_writes_no_secret(ray_session, s3_buc
     import ray
 
     from noah_ray.data import write_generated_vtab
-    from noah_ray.search import run_search
-    from noah_ray.models import build_model, ensure_backbone, job_root
+    from noah_ray.nn.models import build_model, ensure_backbone, job_root
+    from noah_ray.search.driver import run_search
 
     endpoint, bucket = s3_bucket
     write_generated_vtab(tmp_path / "data", "gen_shape", num_train=8, num_val=16, num_test=4)
@@ -344,7 +349,7 @@ def test_a_corrupt_image_found_in_a_worker_ends_after_one_attempt(ray_session, t
     import ray
     import yaml
 
-    from noah_ray import cli
+    from noah_ray.cli import main as cli
     from noah_ray.data import write_generated_vtab
 
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=8, num_val=4, num_test=4)
@@ -365,7 +370,7 @@ def test_a_corrupt_image_found_in_a_worker_ends_after_one_attempt(ray_session, t
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
-    from noah_ray import cli
+    from noah_ray.cli import main as cli
 
     missing = str(tmp_path / "missing.yaml")
     assert cli.main(["pipeline", "--config", missing]) == 1

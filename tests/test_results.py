@@ -15,9 +15,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from noah_ray import results, storage
 from noah_ray.errors import ConfigError
 from noah_ray.space import MODULES, SearchSpace, SubnetConfig
+from noah_ray.store import results, storage
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -284,7 +284,7 @@ def test_schema_v1_files_are_read_as_the_current_schema(tmp_path):
 
 def test_pareto_rows_carry_when_they_were_scored(tmp_path):
     from noah_ray.evolution import DONE, Candidate
-    from noah_ray.search_store import SearchStore
+    from noah_ray.search.store import SearchStore
 
     store = SearchStore(str(tmp_path / "search"), None, "r", "j", "dtd", "evolution")
     t = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)

@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-from noah_ray import storage
-from noah_ray.backbones import create_backbone
+from noah_ray.nn.backbones import create_backbone
+from noah_ray.nn.supernet import PromptedViT
 from noah_ray.space import SubnetConfig
-from noah_ray.supernet import PromptedViT
+from noah_ray.store import storage
 
 TINY = "vit_noah_tiny_patch4_32"
 SUBNET = SubnetConfig.uniform(12, lora=2)

@@ -12,16 +12,27 @@ import pytest
 import ray.cloudpickle
 import ray.tune
 
-from noah_ray import storage
 from noah_ray.config import JobConfig
-from noah_ray.evolution import (DONE, ENGINES, FAILED, AgingEvolutionEngine, EvolutionEngine, NSGA2Engine, ParamLimit,
-                                RandomEngine, TargetObjective, pareto_front)
 from noah_ray.errors import ConfigError
-from noah_ray.models import load_supernet
-from noah_ray.search import load_best_subnet, make_searcher, run_search
-from noah_ray.search_store import SearchStore
-from noah_ray.searchers import NoahSearcher
-from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.evolution import (
+    DONE,
+    ENGINES,
+    FAILED,
+    AgingEvolutionEngine,
+    EvolutionEngine,
+    NSGA2Engine,
+    RandomEngine,
+    TargetObjective,
+    pareto_front,
+)
+from noah_ray.nn.models import load_supernet
+from noah_ray.search.driver import load_best_subnet, make_searcher, run_search
+from noah_ray.search.searcher import NoahSearcher
+from noah_ray.search.store import SearchStore
+from noah_ray.space import ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.space.budget import ParamLimit
+from noah_ray.space.kinds import BackboneShape
+from noah_ray.store import storage
 
 MODS = ("vpt", "lora", "adapter")
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in MODS}, num_layers=6)   # 5.5e8 subnets
@@ -302,9 +313,9 @@ def tiny(tmp_path_factory, tiny_job):
     import torch
     from safetensors.torch import save_file
 
-    from noah_ray.backbones import create_backbone
     from noah_ray.data import write_generated_vtab
-    from noah_ray.supernet import PromptedViT
+    from noah_ray.nn.backbones import create_backbone
+    from noah_ray.nn.supernet import PromptedViT
 
     root = tmp_path_factory.mktemp("tiny")
     write_generated_vtab(root / "data", "gen_shape", num_train=32, num_val=32, num_test=8, img_size=32)
@@ -340,13 +351,14 @@ def save_supernet(job: JobConfig, state) -> str:
 @pytest.mark.slow
 def test_supernet_then_search_on_s3(ray_session, s3_bucket, tiny, s3_markers, tiny_job):
     """The product flow on S3: train a tiny supernet (2 epochs), then search it (the trainable
-    loads the supernet with noah_ray.models.load_supernet, the val split with noah_ray.data)."""
-    from noah_ray.runs import train_supernet
+    loads the supernet with noah_ray.nn.models.load_supernet, the val split with noah_ray.data)."""
+    from noah_ray.run.preflight import resolve
+    from noah_ray.train.runs import train_supernet
 
     root, _ = tiny
     endpoint, bucket = s3_bucket
     job = search_job(tiny_job, root, f"s3://{bucket}/runs", endpoint, checkpoint=False)
-    train_supernet(job)
+    train_supernet(resolve(job, ("supernet",)))
     result = run_search(job)
     assert result.finished and result.generations == 3 and result.evaluated + result.failed == 12
     base = storage.resolve(job.storage, endpoint).join("tiny", "search")
@@ -491,8 +503,9 @@ import json, os, sys
 import ray
 from ray import tune
 from noah_ray.evolution import EvolutionEngine, ParamLimit, TargetObjective
-from noah_ray.searchers import NoahSearcher
+from noah_ray.search.searcher import NoahSearcher
 from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.run.preflight import resolve
 
 space = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, 6)
 limit = ParamLimit(0.01, BackboneShape(48, 3, 6, 10))

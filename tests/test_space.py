@@ -5,7 +5,8 @@ import random
 import pytest
 
 from noah_ray.errors import ConfigError
-from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig, PAPER_FEWSHOT_WIDTHS
+from noah_ray.space import PAPER_FEWSHOT_WIDTHS, ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.space.kinds import BackboneShape
 
 
 def test_default_space_is_the_papers_vtab_space():

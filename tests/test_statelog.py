@@ -1,4 +1,4 @@
-"""Incremental searcher state (noah_ray.statelog): a snapshot plus one small record per result,
+"""Incremental searcher state (noah_ray.store.statelog): a snapshot plus one small record per result,
 exact on resume (local and S3), constant bytes per result, the old single-file format still
 read, and nothing lost when the process is SIGKILLed.  No Ray."""
 
@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from noah_ray import storage
-from noah_ray.evolution import (DONE, AgingEvolutionEngine, EvolutionEngine, NSGA2Engine, ParamLimit, RandomEngine,
-                                TargetObjective)
 from noah_ray.errors import ConfigError
-from noah_ray.search_store import SearchStore
-from noah_ray.searchers import NoahSearcher
-from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.evolution import DONE, AgingEvolutionEngine, EvolutionEngine, NSGA2Engine, RandomEngine, TargetObjective
+from noah_ray.search.searcher import NoahSearcher
+from noah_ray.search.store import SearchStore
+from noah_ray.space import ModuleSpace, SearchSpace, SubnetConfig
+from noah_ray.space.budget import ParamLimit
+from noah_ray.space.kinds import BackboneShape
+from noah_ray.store import storage
 
 SPACE = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, num_layers=6)
 LIMIT = ParamLimit(0.01, BackboneShape(48, 3, 6, 10))
@@ -84,7 +85,7 @@ def test_bytes_per_result_stay_constant_while_the_full_state_grows(tmp_path):
     st = store_at(str(tmp_path))
     s = make(EvolutionEngine, st, generations=50)
     running, i, records = [], 0, []
-    for n in range(396):
+    for _ in range(396):
         before = st.state_log.stats.bytes
         i = step(s, running, i)
         records.append(st.state_log.stats.bytes - before)
@@ -154,8 +155,8 @@ def test_a_torn_last_line_is_dropped_and_the_log_never_continues_after_it(tmp_pa
 KILL_SCRIPT = '''
 import json, sys, time
 from noah_ray.evolution import AgingEvolutionEngine, ParamLimit, TargetObjective
-from noah_ray.search_store import SearchStore
-from noah_ray.searchers import NoahSearcher
+from noah_ray.search.store import SearchStore
+from noah_ray.search.searcher import NoahSearcher
 from noah_ray.space import BackboneShape, ModuleSpace, SearchSpace, SubnetConfig
 
 space = SearchSpace({m: ModuleSpace((2, 4, 6), (1, 5, 10)) for m in ("vpt", "lora", "adapter")}, 6)

@@ -9,10 +9,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from noah_ray.backbones import register_tiny_models
 from noah_ray.errors import ConfigError
+from noah_ray.nn.backbones import register_tiny_models
+from noah_ray.nn.supernet import PromptedViT
 from noah_ray.space import ModuleSpace, SearchSpace, SubnetConfig
-from noah_ray.supernet import PromptedViT
 
 register_tiny_models()  # timm.create_model on the tiny ViT below
 
@@ -194,7 +194,7 @@ def test_training_a_random_subnet_per_step_learns():
     xte, yte = _stripes_task(256, 1)
     rng = random.Random(0)
     net.train()
-    for step in range(120):  # ~100 steps reach 100% here; 120 leaves a margin
+    for _ in range(120):  # ~100 steps reach 100% here; 120 leaves a margin
         idx = torch.randint(0, len(xtr), (32,))
         net.set_active(space.sample(rng))
         loss = F.cross_entropy(net(xtr[idx]), ytr[idx])

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from noah_ray import cli, results
+from noah_ray.cli import main as cli
 from noah_ray.errors import ConfigError
-from noah_ray.sweep import SweepConfig
+from noah_ray.run.sweep import SweepConfig
+from noah_ray.store import results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +101,8 @@ def test_sweep_runs_pipelines_concurrently_and_isolates_a_failure(ray_session, t
 
 @pytest.mark.parametrize("flags, quiet", [((), True), (("--verbose",), False)])
 def test_sweep_starts_ray_quiet_unless_verbose(tmp_path, monkeypatch, capsys, flags, quiet):
-    from noah_ray import pipeline, progress, sweep
+    from noah_ray import progress
+    from noah_ray.run import pipeline, sweep
 
     calls, sessions = [], []
     monkeypatch.setattr(pipeline, "init_ray", lambda address=None, *, quiet=False: calls.append((address, quiet)))

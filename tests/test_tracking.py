@@ -13,7 +13,7 @@ from noah_ray.errors import ConfigError
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from noah_ray import tracking  # noqa: E402
+from noah_ray.store import tracking  # noqa: E402
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCY-NOAHTEST"
 
@@ -44,8 +44,8 @@ def tiny_tracked_job(tiny_job, tmp_path: Path) -> JobConfig:
 @pytest.mark.slow
 def test_pipeline_logs_stages_epochs_trials_and_artifacts(ray_session, tmp_path, monkeypatch, one_thread,
                                                          tiny_job):
-    from noah_ray import pipeline
     from noah_ray.data import write_generated_vtab
+    from noah_ray.run import pipeline
 
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=16, num_val=8, num_test=8)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)          # in the driver's environment
@@ -96,8 +96,9 @@ def test_hpo_logs_a_run_per_method_with_nested_trials_and_the_chosen_values(ray_
                                                                            one_thread, tiny_job):
     import io
 
-    from noah_ray import pipeline, progress
+    from noah_ray import progress
     from noah_ray.data import write_generated_vtab
+    from noah_ray.run import pipeline
 
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=16, num_val=8, num_test=8)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)

@@ -8,15 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from noah_ray import optim, storage
 from noah_ray.config import JobConfig
 from noah_ray.data import write_generated_vtab
 from noah_ray.errors import ConfigError
+from noah_ray.nn import optim
+from noah_ray.nn.models import BASELINE_WIDTHS, load_supernet, subnet_for
+from noah_ray.nn.supernet import PromptedViT
+from noah_ray.run.preflight import resolve
 from noah_ray.space import SearchSpace, SubnetConfig
-from noah_ray.supernet import PromptedViT
-from noah_ray.models import BASELINE_WIDTHS, load_supernet, subnet_for
-from noah_ray.runs import retrain, train_supernet
-from noah_ray.train import step_subnet, step_subnets
+from noah_ray.store import storage
+from noah_ray.train.runs import retrain, train_supernet
+from noah_ray.train.worker import step_subnet, step_subnets
 
 SPACE = {"num_layers": 12, "modules": {"vpt": {"depths": [3, 12], "widths": [1, 5]},
                                        "lora": {"depths": [3, 12], "widths": [1, 5]},
@@ -125,7 +127,7 @@ def test_baselines_are_fixed_configs(tmp_path, tiny_job):
 def trained(ray_session, data_root, tmp_path_factory, tiny_job):
     """A supernet trained by 2 workers for 3 epochs, without interruption."""
     job = make_job(tiny_job, data_root, str(tmp_path_factory.mktemp("learn")), "learn", epochs=3, workers=2)
-    return job, train_supernet(job)
+    return job, train_supernet(resolve(job, ("supernet",)))
 
 
 def test_two_workers_learn(trained):
@@ -144,12 +146,12 @@ def test_two_workers_learn(trained):
         torch.testing.assert_close(v, final[k], rtol=0, atol=0)
     # a finished run returns at once: nothing is trained or written again
     files = {f.path for f in storage.list_files(_root(job))}
-    assert train_supernet(job).epochs_done == 3
+    assert train_supernet(resolve(job, ("supernet",))).epochs_done == 3
     assert {f.path for f in storage.list_files(_root(job))} == files
     # the same job with other settings is refused before anything runs
     changed = JobConfig.from_dict({**job.to_dict(), "supernet": {**job.to_dict()["supernet"], "lr": 1e-3}})
     with pytest.raises(ConfigError, match="was trained with lr = 0.003, this job has 0.001"):
-        train_supernet(changed)
+        train_supernet(resolve(changed, ("supernet",)))
 
 
 @pytest.mark.slow
@@ -161,7 +163,7 @@ def test_killed_worker_restarts_and_rerun_resumes_exactly_on_s3(trained, data_ro
     # epoch 0: rank 0's process is killed -> Ray restarts the workers from checkpoint 0 (max_failures=1);
     # epoch 1: an error with no retries left -> the run fails
     with pytest.raises(Exception, match="injected failure after epoch 1"):
-        train_supernet(job, _faults=[(0, "kill"), (1, "raise")])
+        train_supernet(resolve(job, ("supernet",)), _faults=[(0, "kill"), (1, "raise")])
     names = [f.path for f in storage.list_files(_root(job))]
     for part in ("trainable.safetensors", "optimizer.safetensors", "state.json", "rng_rank0.safetensors",
                  "rng_rank1.safetensors"):
@@ -169,7 +171,7 @@ def test_killed_worker_restarts_and_rerun_resumes_exactly_on_s3(trained, data_ro
     assert any(n.endswith("/learn/backbone.safetensors") for n in names)
     assert sorted(_metrics(job)["epoch"].unique()) == [1, 2]             # epochs count from 1 in tables
     written = _metrics(job).set_index(["epoch", "subnet"])["timestamp"]
-    assert train_supernet(job).epochs_done == 3  # the same job again: continues at epoch 2
+    assert train_supernet(resolve(job, ("supernet",))).epochs_done == 3  # the same job again: continues at epoch 2
     _, meta = storage.load_state(_root(job).join("supernet", "final"))
     assert meta["start_epochs"] == [0, 1, 2]  # fresh start, Ray's restart, the re-run
     after = _metrics(job).set_index(["epoch", "subnet"])["timestamp"]
@@ -186,7 +188,7 @@ def test_killed_worker_restarts_and_rerun_resumes_exactly_on_s3(trained, data_ro
 def test_retrain_baseline_writes_runs_row_on_s3(ray_session, data_root, s3_bucket, s3_markers, tiny_job):
     endpoint, bucket = s3_bucket
     job = make_job(tiny_job, data_root, f"s3://{bucket}/runs", "s3job", endpoint=endpoint)
-    res = retrain(job, None, method="lora", seed=0)
+    res = retrain(resolve(job, ("retrain",)), None, method="lora", seed=0)
     root = _root(job)
     runs = storage.read_table(root.join("retrain"), "runs").to_pandas()
     assert list(runs["method"]) == ["lora"] and runs["test_acc"].between(0, 100).all()
@@ -197,7 +199,7 @@ def test_retrain_baseline_writes_runs_row_on_s3(ray_session, data_root, s3_bucke
     assert all(k.startswith("vit.head.") or ".lora." in k for k in best) and any(".lora." in k for k in best)
     m = _metrics(job, "retrain")
     assert set(m["subnet"]) == {"model"} and sorted(m["epoch"]) == [1, 2]
-    again = retrain(job, None, method="lora", seed=0)  # finished: the same result, no second run
+    again = retrain(resolve(job, ("retrain",)), None, method="lora", seed=0)  # finished: the same result, no second run
     assert again.metrics["test_acc"] == res.metrics["test_acc"]
     assert again.metrics["fingerprint"] == res.metrics["fingerprint"]
     assert len(storage.read_table(root.join("retrain"), "runs")) == 1
@@ -206,29 +208,29 @@ def test_retrain_baseline_writes_runs_row_on_s3(ray_session, data_root, s3_bucke
 
 def test_bad_storage_or_job_fails_before_training(ray_session, data_root, tmp_path, tiny_job):
     with pytest.raises(ConfigError, match="scheme 'ftp' unsupported"):
-        train_supernet(make_job(tiny_job, data_root, "ftp://host/x", "bad"))
+        train_supernet(resolve(make_job(tiny_job, data_root, "ftp://host/x", "bad"), ("supernet",)))
     with pytest.raises(ConfigError, match=r"storage 's3://nowhere/x' \(endpoint http://127.0.0.1:9\) is not writable"):
-        train_supernet(make_job(tiny_job, data_root, "s3://nowhere/x", "bad", endpoint="http://127.0.0.1:9"))
+        train_supernet(resolve(make_job(tiny_job, data_root, "s3://nowhere/x", "bad", endpoint="http://127.0.0.1:9"), ("supernet",)))
     with pytest.raises(ConfigError, match="batch_size 16 does not split evenly over supernet.num_workers 3"):
-        train_supernet(make_job(tiny_job, data_root, str(tmp_path), "bad", workers=3))
+        train_supernet(resolve(make_job(tiny_job, data_root, str(tmp_path), "bad", workers=3), ("supernet",)))
     with pytest.raises(ConfigError, match="retraining NOAH needs a subnet"):
-        retrain(make_job(tiny_job, data_root, str(tmp_path), "bad"), None, method="noah")
+        retrain(resolve(make_job(tiny_job, data_root, str(tmp_path), "bad"), ("retrain",)), None, method="noah")
     with pytest.raises(ConfigError, match="data root '/nonexistent' does not exist"):
-        train_supernet(make_job(tiny_job, "/nonexistent", str(tmp_path), "bad"))
+        train_supernet(resolve(make_job(tiny_job, "/nonexistent", str(tmp_path), "bad"), ("supernet",)))
     with pytest.raises(ConfigError, match="no trained supernet"):
         load_supernet(make_job(tiny_job, data_root, str(tmp_path), "bad"))
     with pytest.raises(ConfigError, match="no trained supernet at .*/bad/supernet/named/other/final"):
         load_supernet(make_job(tiny_job, data_root, str(tmp_path), "bad"), run_name="other")
     with pytest.raises(ConfigError, match="run name: 'a/b' must be"):
-        train_supernet(make_job(tiny_job, data_root, str(tmp_path), "bad"), run_name="a/b")
+        train_supernet(resolve(make_job(tiny_job, data_root, str(tmp_path), "bad"), ("supernet",)), run_name="a/b")
     assert not (tmp_path / "bad").exists()  # nothing was written
 
 
 def test_sandwich_supernet_trains_and_its_run_refuses_another_rule(ray_session, data_root, tmp_path, tiny_job):
     job = make_job(tiny_job, data_root, str(tmp_path), "sandwich", epochs=1, sampling="sandwich")
-    res = train_supernet(job)
+    res = train_supernet(resolve(job, ("supernet",)))
     assert res.epochs_done == 1 and set(_metrics(job)["subnet"].dropna()) >= {"smallest", "largest"}
     spec = json.loads(storage.read_text(_root(job).join("supernet", "spec.json")))
     assert spec["sampling"] == "sandwich"
     with pytest.raises(ConfigError, match="was trained with sampling"):
-        train_supernet(make_job(tiny_job, data_root, str(tmp_path), "sandwich", epochs=2))     # uniform now
+        train_supernet(resolve(make_job(tiny_job, data_root, str(tmp_path), "sandwich", epochs=2), ("supernet",)))     # uniform now

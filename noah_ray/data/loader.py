@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from noah_ray.config import DataConfig
-from noah_ray.data import registry
+from noah_ray.config import datasets as registry
 from noah_ray.data.readers import Sample, folder_classes, read_split
 from noah_ray.data.transforms import ImageTransform, build_transform
 from noah_ray.errors import ConfigError

@@ -23,16 +23,18 @@ distance), 4 classes each.
 Crops for train800 / val200 come from the left 65 % of every source image, test crops from the
 right 35 %, so no test crop overlaps a training one.  In the which-image tasks (photos, textures,
 scientific) every crop is turned grey with a random mean and contrast: otherwise its average
-colour alone names the image, and a linear probe of a random backbone reads that off.  Everything is deterministic by seed.
+colour alone names the image, and a linear probe of a random backbone reads that off.  Everything is deterministic by
+seed.
 Install the data packages with ``pip install 'noah_ray[bench]'``.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -198,8 +200,9 @@ def job_config(task: str, storage: str | Path, data_root: str | Path, overrides:
                *, name: str | None = None):
     """The mini-VTAB job of ``task`` (``noah_ray/configs/minivtab.yaml``) with results under
     ``storage`` and data under ``data_root``; ``overrides`` maps sections to keys replaced."""
-    import yaml
     from importlib import resources
+
+    import yaml
 
     from noah_ray.config import JobConfig
 

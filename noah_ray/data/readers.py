@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from noah_ray.config import DataConfig
-from noah_ray.data import registry
+from noah_ray.config import datasets as registry
 from noah_ray.errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -64,7 +64,7 @@ def data_cache_dir() -> Path:
 def _stage_from_s3(root_uri: str, name: str, tried: list[str], endpoint: str | None) -> Path:
     import pyarrow.fs as pafs
 
-    from noah_ray import storage
+    from noah_ray.store import storage
 
     root = storage.resolve(root_uri, endpoint)
     try:

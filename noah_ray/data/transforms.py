@@ -16,8 +16,8 @@ the rest, so the decoded-image cache can keep resized images.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from PIL import Image
 from torchvision import transforms as T

@@ -2,7 +2,7 @@
 
 An engine hands out candidates (``ask``) and takes their scores back (``tell``); it never
 proposes a config twice and never proposes one outside the parameter limit.  Ray Tune
-searchers in :mod:`noah_ray.searchers` wrap these engines; tests and benchmarks drive them
+searchers in :mod:`noah_ray.search.searcher` wrap these engines; tests and benchmarks drive them
 directly.
 
 * :class:`EvolutionEngine` - NOAH's evolution: generation 0 is random; each later generation
@@ -21,7 +21,7 @@ Every engine counts ``generations`` x ``population`` candidates (failed ones inc
 groups them into generations for bookkeeping.  ``get_state`` / ``set_state`` round-trip
 through JSON, so an interrupted search resumes exactly where it stopped; ``take_delta`` gives
 what changed since its last call (constant size per result) and :func:`apply_deltas` replays
-such deltas onto a saved state (incremental persistence, :mod:`noah_ray.statelog`).
+such deltas onto a saved state (incremental persistence, :mod:`noah_ray.store.statelog`).
 
 One module per concept: :mod:`.candidate` (``Candidate``, ``ParamLimit``, ``pareto_front``),
 :mod:`.engine` (``SearchEngine``, ``apply_deltas``), :mod:`.generational`, :mod:`.aging`,
@@ -29,13 +29,22 @@ One module per concept: :mod:`.candidate` (``Candidate``, ``ParamLimit``, ``pare
 """
 
 from noah_ray.evolution.aging import AgingEvolutionEngine
-from noah_ray.evolution.candidate import (ATTEMPT_KEYS, DONE, FAILED, QUEUED, RUNNING, Candidate, GenerationRecord,
-                                          ParamLimit, pareto_front)
+from noah_ray.evolution.candidate import (
+                                          ATTEMPT_KEYS,
+                                          DONE,
+                                          FAILED,
+                                          QUEUED,
+                                          RUNNING,
+                                          Candidate,
+                                          GenerationRecord,
+                                          pareto_front,
+)
 from noah_ray.evolution.engine import STATE_VERSION, SearchEngine, apply_deltas
 from noah_ray.evolution.generational import EvolutionEngine
 from noah_ray.evolution.nsga2 import NSGA2Engine
 from noah_ray.evolution.objective import TargetObjective
 from noah_ray.evolution.random_search import RandomEngine
+from noah_ray.space.budget import ParamLimit
 
 #: the engines by ``search.algorithm`` (``ENGINES[name].from_config(search, space, limit)``)
 ENGINES: dict[str, type[SearchEngine]] = {"evolution": EvolutionEngine, "random": RandomEngine,

@@ -6,9 +6,10 @@ import collections
 from typing import TYPE_CHECKING, Any
 
 from noah_ray.errors import ConfigError
-from noah_ray.evolution.candidate import DONE, Candidate, ParamLimit, rank_key
+from noah_ray.evolution.candidate import DONE, Candidate, rank_key
 from noah_ray.evolution.generational import EvolutionEngine
 from noah_ray.space import SearchSpace
+from noah_ray.space.budget import ParamLimit
 
 if TYPE_CHECKING:
     from noah_ray.config import SearchConfig
@@ -42,7 +43,7 @@ class AgingEvolutionEngine(EvolutionEngine):
         self._seq = 0                                                  # scored candidates so far
 
     @classmethod
-    def config_kwargs(cls, s: "SearchConfig") -> dict[str, Any]:
+    def config_kwargs(cls, s: SearchConfig) -> dict[str, Any]:
         return {**super().config_kwargs(s), "tournament": s.tournament}
 
     def living(self) -> list[Candidate]:

@@ -9,12 +9,22 @@ import math
 import random
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from noah_ray.evolution.candidate import (ATTEMPT_KEYS, DONE, FAILED, QUEUED, RUNNING, Candidate, GenerationRecord,
-                                          ParamLimit, rank_key)
 from noah_ray.errors import ConfigError
+from noah_ray.evolution.candidate import (
+    ATTEMPT_KEYS,
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    Candidate,
+    GenerationRecord,
+    rank_key,
+)
 from noah_ray.space import SearchSpace, SubnetConfig
+from noah_ray.space.budget import ParamLimit
 
 if TYPE_CHECKING:
     from noah_ray.config import SearchConfig
@@ -57,12 +67,12 @@ class SearchEngine:
         self._delta_rng: tuple | None = None
 
     @classmethod
-    def from_config(cls, search: "SearchConfig", space: SearchSpace, limit: ParamLimit) -> "SearchEngine":
+    def from_config(cls, search: SearchConfig, space: SearchSpace, limit: ParamLimit) -> SearchEngine:
         """The engine the ``search`` section describes (each engine takes the keys it knows)."""
         return cls(space, limit, **cls.config_kwargs(search))
 
     @classmethod
-    def config_kwargs(cls, s: "SearchConfig") -> dict[str, Any]:
+    def config_kwargs(cls, s: SearchConfig) -> dict[str, Any]:
         """The constructor arguments this engine reads from a ``search`` section."""
         return {"population": s.population, "generations": s.generations, "seed": s.seed}
 

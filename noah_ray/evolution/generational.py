@@ -7,9 +7,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from noah_ray.errors import ConfigError
-from noah_ray.evolution.candidate import Candidate, ParamLimit, rank_key
+from noah_ray.evolution.candidate import Candidate, rank_key
 from noah_ray.evolution.engine import SearchEngine
 from noah_ray.space import SearchSpace
+from noah_ray.space.budget import ParamLimit
 
 if TYPE_CHECKING:
     from noah_ray.config import SearchConfig
@@ -39,7 +40,7 @@ class EvolutionEngine(SearchEngine):
         self.mutation_prob, self.depth_prob, self.op_attempts = mutation_prob, depth_prob, op_attempts
 
     @classmethod
-    def config_kwargs(cls, s: "SearchConfig") -> dict[str, Any]:
+    def config_kwargs(cls, s: SearchConfig) -> dict[str, Any]:
         return {**super().config_kwargs(s), "top_k": s.top_k, "mutations": s.mutations, "crossovers": s.crossovers,
                 "mutation_prob": s.mutation_prob, "depth_prob": s.depth_prob}
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from noah_ray.evolution.candidate import DONE, FAILED, Candidate, ParamLimit
+from noah_ray.evolution.candidate import DONE, FAILED, Candidate
 from noah_ray.evolution.engine import SearchEngine
 from noah_ray.space import SearchSpace, SubnetConfig
+from noah_ray.space.budget import ParamLimit
 
 
 class NSGA2Engine(SearchEngine):

@@ -6,8 +6,8 @@ import random
 from dataclasses import dataclass
 
 from noah_ray.errors import ConfigError
-from noah_ray.evolution.candidate import ParamLimit
 from noah_ray.space import SearchSpace, SubnetConfig
+from noah_ray.space.budget import ParamLimit
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class TargetObjective:
     target: SubnetConfig
 
     @classmethod
-    def random(cls, space: SearchSpace, limit: ParamLimit, seed: int) -> "TargetObjective":
+    def random(cls, space: SearchSpace, limit: ParamLimit, seed: int) -> TargetObjective:
         """A target drawn at random among the subnets inside ``limit``."""
         rng = random.Random(seed)
         for _ in range(100_000):

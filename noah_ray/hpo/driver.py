@@ -1,0 +1,359 @@
+"""Hyper-parameter search of retraining and the baselines on Ray Tune: Optuna TPE + ASHA.
+
+With an ``hpo:`` section (:class:`~noah_ray.config.HpoConfig`) every retraining method (the
+searched subnet and each baseline) first gets the same budget of Tune trials: each trial trains
+the method's fixed config on ``data.train_split`` (train800) and reports the validation metric on
+``data.val_split`` (val200) after every epoch; the searcher (``tpe``: Ray Tune's ``OptunaSearch``
+with Optuna's TPE sampler; ``random`` / ``grid``: Tune's ``BasicVariantGenerator``) proposes the
+values and the scheduler (``asha``: ``ASHAScheduler``; ``fifo``) stops weak trials early.  The best
+trial (best validation value over its epochs) fixes the values; the final runs then train on
+``data.final_train_split`` (train800val200) with them for every seed, keep the last epoch (the
+validation images are training images there) and report test once (:func:`tuned_retrain`).
+
+Layout under ``<storage>/<job>/hpo/``::
+
+    hpo_trials/<method>-<trial>.parquet        one row per ended trial (written as it ends)
+    hpo_curves/<method>-<trial>-e00003.parquet one row per trial epoch (what ASHA saw)
+    <method>/settings.json                     what the search started with (a re-run must match)
+    <method>/best.json                         the chosen values, once every trial has ended
+    tune/<method>/                             Ray Tune's experiment and the trials' checkpoints
+
+Resuming: a re-run restores the Tune experiment (``Tuner.restore``): ended trials stay ended,
+running ones continue from their last epoch checkpoint, the searcher keeps its state.  A trial
+whose row is already written (it ended just before a kill, before Tune saved its experiment
+state) reports that row again and trains nothing.  Tune does not save the scheduler's state, so a
+restored ASHA judges later results against the rungs of the restored session only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import tune
+
+from noah_ray import progress
+from noah_ray.config import HPO_METRICS, HpoConfig, HpoParam, JobConfig, hpo_is_int
+from noah_ray.config.resolved import ResolvedJob, resolved
+from noah_ray.errors import ConfigError, RunError
+from noah_ray.hpo.trial import TrialRecorder, TrialTables, fmt_values, hpo_trial
+from noah_ray.security import tune_without_credentials
+from noah_ray.space import SubnetConfig
+from noah_ray.store import storage, tracking
+from noah_ray.store.layout import JobPaths
+
+#: which module a setting belongs to, by a word in its key (it is tuned only where that module trains)
+MODULE_WORDS: tuple[tuple[str, str], ...] = (("lora", "lora"), ("adapter", "adapter"), ("kv", "kv_prompt"),
+                                             ("prompt", "vpt"), ("vpt", "vpt"))
+#: HpoConfig keys that may change between a run and its resumption (resources, not results)
+_RESOURCE_KEYS = ("max_concurrent", "cpus_per_trial", "gpus_per_trial", "trial_retries")
+
+
+# ====================================================================== the space
+def _module_of(path: str) -> str | None:
+    key = path.partition(".")[2]
+    return next((m for word, m in MODULE_WORDS if word in key), None)
+
+
+def space_for(job: JobConfig, method: str, cfg: SubnetConfig) -> dict[str, HpoParam]:
+    """The tuned settings of ``method`` (config path -> range): ``hpo.space`` with
+    ``hpo.method_space[method]``, minus the settings of modules the method does not train (no
+    ``lora_scale`` for VPT) and those limited to other methods."""
+    active = set(cfg.active_modules())
+    out = {}
+    for path, p in job.hpo.params(method).items():
+        module = _module_of(path)
+        if p.methods is not None:
+            keep = method in p.methods
+        else:
+            keep = module is None or module in active
+        if keep:
+            out[path] = p
+    return out
+
+
+def grid_values(p: HpoParam, points: int, is_int: bool) -> list[float]:
+    """``p``'s values, or ``points`` values spread over its range (log-spaced on a log range)."""
+    if p.values is not None:
+        return list(p.values)
+    if p.log:
+        vals = [p.low * (p.high / p.low) ** (i / (points - 1)) for i in range(points)]
+    else:
+        vals = [p.low + (p.high - p.low) * i / (points - 1) for i in range(points)]
+    return sorted({int(round(v)) for v in vals}) if is_int else vals
+
+
+def _domain(p: HpoParam, is_int: bool):
+    if p.values is not None:
+        return tune.choice(list(p.values))
+    if is_int:
+        return tune.lograndint(int(p.low), int(p.high) + 1) if p.log else tune.randint(int(p.low), int(p.high) + 1)
+    return tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
+
+
+def param_space(space: dict[str, HpoParam], h: HpoConfig) -> dict[str, Any]:
+    """Tune's ``param_space``: sampled domains, or ``tune.grid_search`` for the grid searcher."""
+    if h.searcher == "grid":
+        return {k: tune.grid_search(grid_values(p, h.grid_points, hpo_is_int(k))) for k, p in space.items()}
+    return {k: _domain(p, hpo_is_int(k)) for k, p in space.items()}
+
+
+# ====================================================================== searchers and schedulers
+def _tpe(h: HpoConfig):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    startup = h.startup_trials or max(2, h.trials // 4)
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(n_startup_trials=startup, seed=h.seed))
+
+
+def _variants(h: HpoConfig):
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=h.seed, max_concurrent=h.max_concurrent)
+
+
+def _asha(h: HpoConfig, epochs: int):
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(h.grace_period, epochs),
+                         reduction_factor=h.reduction_factor)
+
+
+def _fifo(h: HpoConfig, epochs: int):
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler()
+
+
+#: searcher name -> factory (Tune's own search algorithms), scheduler name -> factory
+SEARCHERS: dict[str, Callable] = {"tpe": _tpe, "random": _variants, "grid": _variants}
+SCHEDULERS: dict[str, Callable] = {"asha": _asha, "fifo": _fifo}
+
+
+# ====================================================================== the driver
+@dataclass
+class HpoResult:
+    """What one method's search chose.  ``values``: config path -> value."""
+
+    method: str
+    values: dict[str, float]
+    trial_id: str
+    metric: str
+    best_val: float
+    val_acc: float | None
+    trials: int
+    stopped_early: int
+    epochs_trained: int
+    errors: int
+    uri: str
+    extra: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        """What the final runs carry (spec, ``meta.json`` key ``hpo``, runs column ``hpo_json``)."""
+        return {"values": self.values, "trial_id": self.trial_id, "metric": self.metric,
+                "best_val": self.best_val, "val_acc": self.val_acc, "trials": self.trials}
+
+
+def hpo_location(job: JobConfig) -> storage.Location:
+    return JobPaths.of(job).hpo
+
+
+def _trial_job(job: JobConfig) -> dict:
+    """The job every trial of the method trains: ``retrain`` with ``hpo.epochs`` epochs."""
+    data = job.to_dict()
+    data["retrain"]["epochs"] = job.hpo.epochs or job.retrain.epochs
+    return data
+
+
+def _settings(job: JobConfig, method: str, cfg: SubnetConfig, space: dict[str, HpoParam]) -> dict:
+    d, r = job.data, job.retrain
+    hpo = {k: v for k, v in dataclasses.asdict(job.hpo).items() if k not in _RESOURCE_KEYS}
+    return {"method": method, "subnet": cfg.to_dict(), "space": {k: dataclasses.asdict(p) for k, p in space.items()},
+            "hpo": hpo, "model": dataclasses.asdict(job.model),
+            "data": {"dataset": d.dataset, "format": d.format, "train_split": d.train_split, "val_split": d.val_split,
+                     "batch_size": d.batch_size, "img_size": d.img_size, "shots": d.shots, "seed": d.seed},
+            "retrain": {"epochs": job.hpo.epochs or r.epochs, "lr": r.method_lr.get(method, r.lr),
+                        "weight_decay": r.weight_decay, "warmup_epochs": r.warmup_epochs, "min_lr": r.min_lr}}
+
+
+def _check_settings(loc: storage.Location, settings: dict) -> None:
+    """Refuse to resume a search started with other settings (one line naming the first)."""
+    f = loc.join("settings.json")
+    if not storage.exists(f):
+        storage.write_text(f, json.dumps(settings, indent=1, sort_keys=True, default=list))
+        return
+    old = json.loads(storage.read_text(f))
+    new = json.loads(json.dumps(settings, default=list))
+    for k in new:
+        if old.get(k) != new[k]:
+            sub = next((s for s in new[k] if old.get(k, {}).get(s) != new[k][s]), None) \
+                if isinstance(new[k], dict) and isinstance(old.get(k), dict) else None
+            what = f"{k}.{sub}" if sub else k
+            raise ConfigError(f"hyper-parameter search {loc.uri!r} was started with other {what} "
+                              f"({json.dumps(old.get(k) if sub is None else old[k].get(sub))[:100]}, now "
+                              f"{json.dumps(new[k] if sub is None else new[k][sub])[:100]}); restore the "
+                              f"setting, or use another job name")
+
+
+def _tuner(job: JobConfig, method: str, trainable, space: dict[str, HpoParam], tables: TrialTables,
+           callbacks: list):
+    """A new Tune experiment for ``method`` (``callbacks`` beside the table writer), or the
+    interrupted one restored (``Tuner.restore``: with the callbacks it started with)."""
+    h = job.hpo
+    tune_dir = JobPaths.of(job).hpo_tune
+    path = tune_dir.join(method)
+    if tune.Tuner.can_restore(path.path, storage_filesystem=path.fs):
+        progress.echo(f"[hpo {method}] resuming the search from {path.uri}")
+        return tune.Tuner.restore(path.path, trainable, resume_errored=True, storage_filesystem=path.fs)
+    epochs = job.hpo.epochs or job.retrain.epochs
+    run_config = tune.RunConfig(
+        name=method, storage_path=tune_dir.path, storage_filesystem=tune_dir.fs, verbose=0,
+        callbacks=[TrialRecorder(tables), *callbacks], failure_config=tune.FailureConfig(max_failures=h.trial_retries),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    tune_config = tune.TuneConfig(
+        metric=h.metric, mode=HPO_METRICS[h.metric], search_alg=SEARCHERS[h.searcher](h),
+        scheduler=SCHEDULERS[h.scheduler](h, epochs), num_samples=1 if h.searcher == "grid" else h.trials,
+        max_concurrent_trials=h.max_concurrent if h.searcher == "tpe" else None,   # variants limit themselves
+        reuse_actors=True)
+    return tune.Tuner(trainable, param_space=param_space(space, h), tune_config=tune_config, run_config=run_config)
+
+
+@contextlib.contextmanager
+def _quiet_snapshots():
+    """Tune warns on every forced experiment snapshot (one per trial checkpoint with
+    ``num_to_keep=1``); those snapshots are what a resume needs, so keep them and drop the warning."""
+    logger = logging.getLogger("ray.tune.execution.experiment_state")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _error_line(err: BaseException | None) -> str | None:
+    if err is None:
+        return None
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:300]
+
+
+def _choose(method: str, h: HpoConfig, results, tables: TrialTables, loc: storage.Location) -> HpoResult:
+    """Rewrite every trial's row from Tune's results (idempotent), pick the best trial by its best
+    validation value over epochs (ties: more epochs, then the earlier trial) and save it."""
+    rows = []
+    for r in results:
+        trial_id = r.metrics.get("trial_id")      # None: failed before reporting (TrialRecorder wrote its row)
+        status = "error" if r.error else "done"
+        if trial_id is not None:
+            tables.write_trial(trial_id, r.config, r.metrics, status, _error_line(r.error))
+        rows.append((trial_id, r.config, r.metrics, status, r.error))
+    ok = [x for x in rows if x[3] == "done" and isinstance(x[2].get("best_val"), (int, float))
+          and math.isfinite(x[2]["best_val"])]
+    if not ok:
+        first = next((_error_line(x[4]) for x in rows if x[4] is not None), "no trial reported a result")
+        raise RunError(f"hyper-parameter search of {method!r}: no trial finished (first error: {first}); fix the "
+                       f"cause and run the same command again: it retries the failed trials")
+    sign = 1.0 if HPO_METRICS[h.metric] == "max" else -1.0
+    tid, config, m, _, _ = max(ok, key=lambda x: (sign * x[2]["best_val"], x[2].get("epoch", 0)))
+    res = HpoResult(method=method, values={k: float(v) for k, v in config.items()}, trial_id=tid, metric=h.metric,
+                    best_val=float(m["best_val"]), val_acc=m.get("best_val_acc"), trials=len(rows),
+                    stopped_early=sum(x[3] == "done" and x[2].get("epoch", 0) < tables.max_epochs for x in rows),
+                    epochs_trained=sum(int(x[2].get("epoch", 0)) for x in rows), errors=len(rows) - len(ok),
+                    uri=loc.uri)
+    tables.write_trial(tid, config, m, "done", chosen=True)
+    storage.write_text(loc.join("best.json"), json.dumps(dataclasses.asdict(res), indent=1, sort_keys=True))
+    return res
+
+
+def run_hpo(job: JobConfig | ResolvedJob, method: str, subnet: SubnetConfig | None = None) -> HpoResult:
+    """Tune ``method``'s hyper-parameters (Ray must be initialised); returns the chosen values.
+    A finished search returns its saved choice without starting Tune; an interrupted one resumes.
+    ``job``: as :func:`noah_ray.run.preflight.resolve` checked it (a plain job is resolved here)."""
+    from noah_ray.nn.models import ensure_backbone, subnet_for
+
+    rj = resolved(job, "hpo")
+    job = rj.job
+    h = job.hpo
+    if h is None:
+        raise ConfigError("the job has no hpo section; add one (e.g. hpo: {trials: 16}) to tune hyper-parameters")
+    cfg = subnet_for(method, job, subnet)
+    space = space_for(job, method, cfg)
+    if not space:
+        raise ConfigError(f"hpo: nothing to tune for {method!r} (every setting in hpo.space belongs to modules "
+                          f"{method} does not train); add lr or weight_decay to hpo.space")
+    loc = JobPaths.of(job).hpo_method(method)
+    _check_settings(loc, _settings(job, method, cfg, space))
+    saved = saved_result(job, method)
+    if saved is not None:
+        progress.echo(f"[hpo {method}] finished earlier: {fmt_values(saved.values)}")
+        return saved
+    n = rj.num_classes
+    epochs = h.epochs or job.retrain.epochs
+    tables = TrialTables(hpo_location(job).uri, job.storage_endpoint, job.name, job.data.dataset, method,
+                         h.searcher, h.scheduler, h.metric, epochs)
+    trainable = tune.with_parameters(hpo_trial, job=_trial_job(job), method=method, subnet=cfg.to_json(),
+                                     backbone=ensure_backbone(job), num_classes=n, tables=tables)
+    trainable = tune.with_resources(trainable, {"cpu": h.cpus_per_trial, "gpu": h.gpus_per_trial})
+    progress.echo(f"[hpo {method}] {h.searcher} + {h.scheduler}: {h.trials if h.searcher != 'grid' else 'grid'} "
+                  f"trial(s) x up to {epochs} epoch(s), {h.max_concurrent} at a time, over {', '.join(space)}")
+    ref = tracking.start_run(job, "hpo", method, params=tracking.hpo_params(job, method, list(space)))
+    try:
+        with _quiet_snapshots(), tune_without_credentials():   # no AWS secrets in trial runtime_envs
+            tuner = _tuner(job, method, trainable, space, tables, tracking.trial_callbacks(job, ref, "hpo-trial"))
+            results = tuner.fit()
+        res = _choose(method, h, results, tables, loc)
+    except BaseException:
+        tracking.end_run(ref, "FAILED")
+        raise
+    tracking.finish_hpo(ref, res)
+    progress.echo(f"[hpo {method}] best trial {res.trial_id}: {h.metric} {res.best_val:.4g} with "
+                  f"{fmt_values(res.values)} ({res.trials} trials, {res.stopped_early} stopped early, "
+                  f"{res.epochs_trained} epochs)")
+    return res
+
+
+def saved_result(job: JobConfig, method: str) -> HpoResult | None:
+    """The finished search of ``method`` (its ``best.json``), or None."""
+    loc = JobPaths.of(job).hpo_method(method).join("best.json")
+    return HpoResult(**json.loads(storage.read_text(loc))) if storage.exists(loc) else None
+
+
+def hpo_done(job: JobConfig, method: str) -> bool:
+    return saved_result(job, method) is not None
+
+
+def tuned_retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str, seed: int,
+                       num_classes: int) -> bool:
+    """Whether the final run of ``method`` / ``seed`` with the chosen values finished earlier."""
+    from noah_ray.train.runs import retrain_done
+
+    res = saved_result(job, method)
+    return res is not None and retrain_done(final_job(job, res), subnet, method, seed, num_classes, res.record())
+
+
+def final_job(job: JobConfig, res: HpoResult) -> JobConfig:
+    """The job of the final runs: the chosen values, ``data.final_train_split`` for training and
+    validation evaluated only at the last epoch (whose weights are kept and tested)."""
+    out = job.with_values(res.values, res.method)
+    out.data.train_split = job.data.final_train_split
+    out.retrain.eval_every = out.retrain.epochs
+    return out
+
+
+def tuned_retrain(job: JobConfig | ResolvedJob, subnet: SubnetConfig | None, method: str) -> dict:
+    """The retrain stage of a method under ``hpo``: search (or reuse the search), then the final
+    runs for every seed with the chosen values (:func:`noah_ray.train.runs.retrain_seeds`)."""
+    from noah_ray.train.runs import retrain_seeds
+
+    rj = resolved(job, "hpo")
+    res = run_hpo(rj, method, subnet)
+    out = retrain_seeds(rj.with_job(final_job(rj.job, res)), subnet, method, hpo=res.record())
+    return {**out, "hpo": res.record()}

@@ -1,0 +1,216 @@
+"""The Tune side of the hyper-parameter search (:mod:`noah_ray.hpo`): one trial
+(:func:`hpo_trial`: train a method with the proposed values, report every epoch with a
+checkpoint) and the tables it fills (:class:`TrialTables`: ``hpo_trials`` rows, ``hpo_curves``,
+written by :class:`TrialRecorder` as Tune ends each trial)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+from ray import tune
+
+from noah_ray import progress
+from noah_ray.config import HPO_METRICS, JobConfig
+from noah_ray.space import SubnetConfig
+from noah_ray.store import storage
+
+
+# ====================================================================== tables
+@dataclass(frozen=True)
+class TrialTables:
+    """Where one method's trial rows and curves go; plain data, so Tune pickles it safely."""
+
+    uri: str                  # <storage>/<job>/hpo
+    endpoint: str | None
+    job: str
+    dataset: str
+    method: str
+    searcher: str
+    scheduler: str
+    metric: str
+    max_epochs: int
+
+    @property
+    def base(self) -> storage.Location:
+        return storage.resolve(self.uri, self.endpoint)
+
+    def _ids(self) -> dict[str, Any]:
+        return {"run_id": self.method, "job": self.job, "dataset": self.dataset, "method": self.method}
+
+    def row_loc(self, trial_id: str) -> storage.Location:
+        return self.base.join("hpo_trials", f"{self.method}-{trial_id}.parquet")
+
+    def finished(self, trial_id: str) -> dict | None:
+        """The last result of a trial whose row is written (None if it has not ended)."""
+        import io
+
+        import pyarrow.parquet as pq
+
+        loc = self.row_loc(trial_id)
+        if not storage.exists(loc):
+            return None
+        row = pq.read_table(io.BytesIO(storage.read_bytes(loc))).to_pylist()[0]
+        return json.loads(row["config_json"])["last_result"] if row["status"] == "done" else None
+
+    def write_curve(self, trial_id: str, metrics: dict) -> None:
+        keys = ("train_loss", "val_acc", "val_loss", "lr", "images_per_s")
+        row = {**self._ids(), "trial_id": trial_id, "epoch": metrics["epoch"],   # from 1, as everywhere
+               **{k: metrics[k] for k in keys}, "timestamp": datetime.now(timezone.utc)}
+        storage.append_table(self.base, "hpo_curves", pa.Table.from_pylist([row]),
+                             part=f"{self.method}-{trial_id}-e{metrics['epoch'] - 1:05d}")
+
+    def write_trial(self, trial_id: str, config: dict, result: dict | None, status: str,
+                    error: str | None = None, chosen: bool = False) -> None:
+        """The trial's row (a fixed part name: rewriting it is idempotent)."""
+        r = result or {}
+        epochs = int(r.get("epoch", 0))
+        values = {k: float(v) for k, v in config.items()}
+        row = {**self._ids(), "searcher": self.searcher, "scheduler": self.scheduler, "trial_id": trial_id,
+               "config_json": json.dumps({"values": values, "last_result": _plain(r)}, sort_keys=True),
+               "metric": self.metric, "status": status, "epochs_run": epochs, "max_epochs": self.max_epochs,
+               "stopped_early": status == "done" and epochs < self.max_epochs, "best_val": r.get("best_val"),
+               "best_epoch": r.get("best_epoch"), "last_val": r.get(self.metric),
+               "wall_time_s": r.get("trial_time_s"), "worker": r.get("worker"), "error": error,
+               "chosen": chosen, "timestamp": datetime.now(timezone.utc),
+               **{hp_column(k): v for k, v in values.items()}}
+        storage.append_table(self.base, "hpo_trials", pa.Table.from_pylist([row]), part=f"{self.method}-{trial_id}")
+
+
+def hp_column(path: str) -> str:
+    """The ``hpo_trials`` column of a tuned setting: ``retrain.lr`` -> ``hp_retrain_lr``."""
+    return "hp_" + path.replace(".", "_")
+
+
+def _plain(result: dict) -> dict:
+    keys = ("epoch", "val_acc", "val_loss", "train_loss", "lr", "best_val", "best_epoch", "best_val_acc",
+            "trial_time_s", "worker", "images_per_s")
+    return {k: result[k] for k in keys if k in result}
+
+
+class TrialRecorder(tune.Callback):
+    """Writes a trial's ``hpo_trials`` row the moment Tune ends it (finished or stopped by ASHA);
+    one progress line per trial epoch on the driver's console (:func:`noah_ray.progress.echo`)."""
+
+    def __init__(self, tables: TrialTables) -> None:
+        self.tables = tables
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        t = self.tables
+        if "epoch" in result:
+            progress.echo(f"[hpo {t.method}] trial {trial.trial_id} epoch {result['epoch']}/{t.max_epochs}: "
+                          f"val_acc {result['val_acc']:.2f}% val_loss {result['val_loss']:.4f} "
+                          f"({fmt_values(trial.config)})", tag=f"hpo {t.method} {trial.trial_id}",
+                          done=result["epoch"], total=t.max_epochs)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.tables.write_trial(trial.trial_id, trial.config, trial.last_result, "done")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.tables.write_trial(trial.trial_id, trial.config, trial.last_result, "error")
+
+
+# ====================================================================== the trial
+def _val_metrics(model, loader, device) -> tuple[float, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``loader``."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    hits = loss = count = 0.0
+    with torch.inference_mode():
+        for x, y in loader:
+            logits = model(x.to(device, non_blocking=True)).float().cpu()
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            hits += float((logits.argmax(-1) == y).sum())
+            count += y.numel()
+    return 100.0 * hits / max(count, 1), loss / max(count, 1)
+
+
+def _better(metric: str, new: float, old: float | None) -> bool:
+    return old is None or (new > old if HPO_METRICS[metric] == "max" else new < old)
+
+
+def hpo_trial(config: dict, job: dict, method: str, subnet: str, backbone: str | None, num_classes: int,
+              tables: TrialTables) -> None:
+    """One Tune trial: train ``method`` with the values in ``config`` (config path -> value) on
+    the training split, report the validation metrics and a checkpoint after every epoch."""
+    import torch
+
+    from noah_ray.nn import optim
+    from noah_ray.nn.epoch import make_optimizer, train_epoch
+    from noah_ray.nn.models import build_model
+
+    trial_id = tune.get_context().get_trial_id()
+    ended = tables.finished(trial_id)
+    if ended is not None:                 # ended before a kill: report it again, train nothing
+        tune.report(ended)
+        return
+    base = JobConfig.from_dict(job)
+    h, tuned = base.hpo, base.with_values(config, method)
+    torch.set_num_threads(max(1, int(h.cpus_per_trial)))
+    device = torch.device("cuda" if h.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(h.seed)
+    model = build_model(tuned, SubnetConfig.from_json(subnet), backbone, num_classes,
+                        train_backbone=method == "full", method=method).to(device)   # the method's recipe
+    train, val = _loaders(tuned, model)
+    tc = tuned.retrain
+    opt, sched, scaler = make_optimizer(model, tc, tc.method_lr.get(method, tc.lr), len(train), device,
+                                        tuned.model.precision)
+    state = {"epoch": -1, "best_val": None, "best_epoch": -1, "best_val_acc": None, "trial_time_s": 0.0}
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = optim.restore(optim.latest_checkpoint(storage.resolve(d)), model, opt, sched, scaler, 0, device)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    if state["epoch"] + 1 >= tc.epochs and "metrics" in state:   # killed after its last report
+        tune.report(state["metrics"])
+    for epoch in range(state["epoch"] + 1, tc.epochs):
+        t0 = time.time()
+        loss_sum, batches, images = train_epoch(model, train, opt, sched, scaler, device).tolist()
+        acc, vloss = _val_metrics(model, val, device)
+        state["trial_time_s"] += time.time() - t0
+        value = acc if h.metric == "val_acc" else vloss
+        if _better(h.metric, value, state["best_val"]):
+            state.update(best_val=value, best_epoch=epoch, best_val_acc=acc)
+        state["epoch"] = epoch
+        metrics = {"epoch": epoch + 1, "val_acc": acc, "val_loss": vloss, "train_loss": loss_sum / max(batches, 1),
+                   "lr": sched.get_last_lr()[0], "images_per_s": images / max(time.time() - t0, 1e-9),
+                   "best_val": state["best_val"], "best_epoch": state["best_epoch"] + 1,   # reported from 1
+                   "best_val_acc": state["best_val_acc"], "trial_time_s": state["trial_time_s"], "worker": worker}
+        tables.write_curve(trial_id, metrics)
+        state["metrics"] = metrics
+        _report(metrics, state, (model, opt, sched, scaler), device)
+
+
+def _loaders(job: JobConfig, model) -> tuple:
+    """The training and validation loaders of a trial (the model's normalisation and input size)."""
+    from noah_ray.data import build_loader, norm_for
+
+    mean, std, size = norm_for(model)
+    kw = {"mean": mean, "std": std, "img_size": job.data.img_size or size, "endpoint": job.storage_endpoint}
+    return (build_loader(job.data, job.data.train_split, train=True, **kw),
+            build_loader(job.data, job.data.val_split, train=False, **kw))
+
+
+def _report(metrics: dict, state: dict, objects: tuple, device) -> None:
+    """Report an epoch to Tune with a checkpoint (``checkpoint_e<epoch>/`` in the format of
+    :mod:`noah_ray.nn.optim`, so the trial resumes exactly there)."""
+    from noah_ray.nn import optim
+
+    with tempfile.TemporaryDirectory(prefix="noah-hpo-") as d:
+        sub = os.path.join(d, f"checkpoint_e{state['epoch']:05d}")
+        os.makedirs(sub)
+        optim.save_checkpoint(sub, *objects, state, 0, 1, device)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def fmt_values(values: dict[str, float]) -> str:
+    return ", ".join(f"{k.partition('.')[2]}={v:.4g}" for k, v in values.items())

@@ -1,0 +1,161 @@
+"""Optimiser, learning-rate schedule and training checkpoints for :mod:`noah_ray.train`.
+
+A checkpoint directory ``checkpoint_e<epoch>/`` holds ``trainable.safetensors`` (modules + head),
+``optimizer.safetensors`` (AdamW moments, keyed ``<param index>.<name>``), ``rng_rank<k>.safetensors``
+(torch RNG of every worker) and ``state.json`` (epoch, best val accuracy, step counters, param
+groups, LR-schedule and loss-scaler state): tensors as safetensors, the rest as JSON, no pickles,
+so a checkpoint can be inspected and loaded without executing code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import posixpath
+from collections.abc import Callable
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+from noah_ray.errors import ConfigError
+from noah_ray.store import storage
+from noah_ray.store.storage import Location
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two AdamW groups by timm's rule
+    (:func:`timm.optim.param_groups_weight_decay`): matrices / prompt tokens with
+    ``weight_decay``; 1-D parameters (biases, norm weights) and the model's
+    ``no_weight_decay()`` names (position / class / register tokens) without.
+
+    The decay group comes first and both groups exist even when ``weight_decay`` is 0, as the
+    checkpoints written so far expect (optimizer state is keyed by the parameters' order)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=sorted(skip))  # 1.0: never "no decay at all"
+    decay = [p for g in groups if g["weight_decay"] for p in g["params"]]
+    no_decay = [p for g in groups if not g["weight_decay"] for p in g["params"]]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier per optimiser step: linear warm-up to 1 over ``warmup_steps``, then cosine
+    decay to ``min_ratio`` (= min_lr / lr) at ``total_steps``."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+# ----------------------------------------------------------------------------- state <-> tensors + JSON
+def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """``opt.state_dict()`` split into tensors (``"<param index>.<name>"``) and JSON data."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], data: dict) -> None:
+    """Inverse of :func:`optimizer_state`; tensors move to the parameters' devices."""
+    state: dict[int, dict] = {}
+    for key, v in list(tensors.items()) + list(data["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in data["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The torch RNG state of this process (CPU, and the current CUDA device when used)."""
+    out = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(d: str, model, opt, sched, scaler, state: dict, rank: int, world: int,
+                    device: torch.device) -> None:
+    """Write rank ``rank``'s part of a checkpoint into directory ``d``: every rank its RNG state,
+    rank 0 the trainable weights, optimiser tensors and ``state.json`` (state, schedule, scaler)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous().cpu() for k, v in rng_state(device).items()},
+              os.path.join(d, f"rng_rank{rank}.safetensors"))
+    if rank != 0:
+        return
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()},
+              os.path.join(d, "trainable.safetensors"))
+    tensors, opt_json = optimizer_state(opt)
+    save_file(tensors, os.path.join(d, "optimizer.safetensors"))
+    with open(os.path.join(d, "state.json"), "w") as f:
+        json.dump({**state, "format": CHECKPOINT_FORMAT, "world_size": world, "optimizer": opt_json,
+                   "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}, f)
+
+
+def latest_checkpoint(run_dir: Location) -> dict | None:
+    """The newest complete ``checkpoint_e*`` of the run, read from storage.
+
+    Ray registers a reported checkpoint when its controller next polls the workers, so a worker
+    killed right after reporting leaves an uploaded but unregistered checkpoint; reading storage
+    resumes from it instead of losing that epoch.  Every rank applies the same completeness
+    test to the same files, so all ranks pick the same checkpoint."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    dirs = {posixpath.dirname(f.path) for f in storage.list_files(run_dir, "state.json")}
+    names = sorted((posixpath.basename(d) for d in dirs if posixpath.dirname(d) == run_dir.path
+                    and posixpath.basename(d).startswith("checkpoint_e")), reverse=True)
+    for name in names:
+        d = run_dir.join(name)
+
+        def tensors(file: str, d: Location = d) -> dict[str, torch.Tensor]:
+            return load(storage.read_bytes(d.join(file)))
+
+        try:
+            st = json.loads(storage.read_text(d.join("state.json")))
+            return {"name": name, "state": st, "trainable": tensors("trainable.safetensors"),
+                    "optimizer": tensors("optimizer.safetensors"),
+                    "rng": [tensors(f"rng_rank{k}.safetensors") for k in range(st["world_size"])]}
+        except (ConfigError, OSError, ValueError, KeyError, SafetensorError) as e:  # partial upload: use an older one
+            log.warning("skipping incomplete checkpoint %s (%s)", d.uri, type(e).__name__)
+    return None
+
+
+def restore(ckpt: dict, model, opt, sched, scaler, rank: int, device: torch.device) -> dict:
+    """Load a :func:`latest_checkpoint` into the training objects; returns the loop state."""
+    st = dict(ckpt["state"])
+    model.load_trainable_state_dict(ckpt["trainable"])
+    load_optimizer_state(opt, ckpt["optimizer"], st.pop("optimizer"))
+    sched.load_state_dict(st.pop("scheduler"))
+    scaler_state = st.pop("scaler")
+    if scaler_state and scaler.is_enabled():
+        scaler.load_state_dict(scaler_state)
+    if rank < len(ckpt["rng"]):  # a rank added since (more workers) keeps its fresh seed
+        set_rng_state(ckpt["rng"][rank], device)
+    return st

@@ -1,0 +1,214 @@
+"""The chained stages (supernet -> search -> retrain), shared by the CLI and the Ray jobs.
+
+Everything about a job is validated once, before anything is written (:func:`preflight`:
+:func:`noah_ray.run.preflight.resolve`); the stages take the resolved job and do not check again.  Each
+stage resumes from what earlier runs of the same job left in storage, so running a finished
+job again only re-reads its results.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from noah_ray import progress
+from noah_ray.config import JobConfig
+from noah_ray.config.resolved import ResolvedJob
+from noah_ray.errors import ConfigError
+from noah_ray.interop import read_subnet
+from noah_ray.run.preflight import STAGES, check_artifacts, is_generated, resolve
+from noah_ray.space import SubnetConfig
+from noah_ray.store import storage
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    resolved: ResolvedJob
+    pending: tuple[str, ...]          # stages that need Ray; the others answer from storage
+
+
+def preflight(job: JobConfig, stages: tuple[str, ...] = STAGES) -> PreflightReport:
+    """Everything checked before Ray starts, once per command: the job (:func:`~noah_ray.run.preflight.resolve`),
+    earlier stages' artifacts, and which stages still need Ray."""
+    resolved = resolve(job, stages, generate=True)
+    check_artifacts(job, stages)
+    return PreflightReport(resolved, pending_stages(job, stages, resolved.num_classes))
+
+
+def _stage_done(stage: str, job: JobConfig, num_classes: int) -> bool:
+    from noah_ray.hpo import driver as hpo
+    from noah_ray.search import driver as search
+    from noah_ray.train import runs
+
+    if stage == "supernet":
+        return runs.supernet_done(job, num_classes)
+    if stage == "search":
+        return search.search_done(job)
+    if stage == "hpo" and job.hpo is None:
+        return True
+    methods = _methods(job)
+    try:
+        subnet = retrain_subnet(job) if "noah" in methods else None
+    except ConfigError:                  # e.g. the winner file is not written yet: the search stage writes it
+        return False
+    if stage == "hpo":
+        return all(hpo.hpo_done(job, m) for m in methods)
+    done = runs.retrain_done if job.hpo is None else hpo.tuned_retrain_done
+    return all(done(job, subnet if m == "noah" else None, m, seed, num_classes)
+               for m in methods for seed in job.retrain.seeds)
+
+
+def pending_stages(job: JobConfig, stages: tuple[str, ...], num_classes: int) -> tuple[str, ...]:
+    """The requested stages that still have work (every stage after a pending one is pending)."""
+    out: list[str] = []
+    for stage in (s for s in STAGES if s in stages):
+        if out or not _stage_done(stage, job, num_classes):
+            out.append(stage)
+    return tuple(out)
+
+
+def _methods(job: JobConfig) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((job.retrain.method, *job.retrain.baselines)))
+
+
+def prepare_data(job: JobConfig) -> None:
+    """Write a generated (``gen_*``) or mini-VTAB (``mv_*``) task under ``data.root`` if it is not
+    there yet."""
+    if is_generated(job) and not str(job.data.root).startswith("s3://"):
+        from noah_ray.data import minivtab, write_generated_vtab
+
+        root = Path(job.data.root).expanduser()
+        folder = root / job.data.dataset
+        if not folder.is_dir():
+            progress.echo(f"== data: writing task {job.data.dataset!r} to {folder}")
+            if job.data.dataset in minivtab.TASKS:
+                minivtab.write_task(root, job.data.dataset, seed=job.data.seed)
+            else:
+                write_generated_vtab(root, job.data.dataset, seed=job.data.seed)
+
+
+def init_ray(address: str | None = None, *, quiet: bool = False) -> None:
+    """Connect to ``address`` / ``$RAY_ADDRESS`` (set inside ``ray job submit``), else start a
+    local Ray on this machine.  ``quiet`` keeps Ray's own output in Ray's log files
+    (:func:`noah_ray.progress.quiet_ray`); run the stages inside :func:`noah_ray.progress.session`
+    so that the workers' progress lines still reach the console."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs: dict = {"include_dashboard": False} if address == "local" else {}
+    kwargs.update(progress.quiet_ray() if quiet else {"log_to_driver": True})
+    ray.init(address=address, **kwargs)
+
+
+def retrain_subnet(job: JobConfig) -> SubnetConfig:
+    """The subnet retraining uses: ``retrain.subnet`` if set, else the search's winner."""
+    from noah_ray.search.driver import load_best_subnet
+
+    if job.retrain.subnet:
+        return read_subnet(job.retrain.subnet)
+    return load_best_subnet(job)
+
+
+def run_stages(job: JobConfig, stages: tuple[str, ...] = STAGES, *,
+               start_ray: Callable[[], None] | None = None) -> dict:
+    """Run the requested stages in order; returns a summary per stage.
+
+    :func:`preflight` runs first; the job's lease (:mod:`noah_ray.store.lease`) is held throughout, so a
+    second run of the same job fails at once.  ``start_ray`` is called only when a stage has work
+    left (finished stages answer from storage); without it Ray must be initialised (or starts on
+    first use)."""
+    from noah_ray.store import lease
+
+    report = preflight(job, stages)
+    with lease.hold(job.storage, job.storage_endpoint, job.name):
+        if report.pending and start_ray is not None:
+            start_ray()
+        prepare_data(job)
+        summary: dict = {"job": job.name, "uri": storage.resolve(job.storage, job.storage_endpoint).join(job.name).uri}
+        t0 = time.time()
+        for stage in (s for s in STAGES if s in stages):
+            out = _RUNNERS[stage](report.resolved)
+            if out is not None:
+                summary[stage] = out
+        summary["wall_time_s"] = time.time() - t0
+        return summary
+
+
+def _supernet(rj: ResolvedJob) -> dict:
+    from noah_ray.train.runs import train_supernet
+
+    job = rj.job
+    progress.echo(f"== supernet: {job.supernet.epochs} epoch(s), {job.supernet.num_workers} worker(s)")
+    res = train_supernet(rj)
+    return {"epochs": res.epochs_done, "uri": res.final_uri,
+            **{k: v for k, v in res.metrics.items() if k.startswith("val_acc")}}
+
+
+def _search(rj: ResolvedJob) -> dict:
+    from noah_ray.search.driver import run_search
+
+    s = rj.job.search
+    progress.echo(f"== search: {s.algorithm}, {s.generations} generation(s) x {s.population}, "
+                  f"limit {s.param_limit} M")
+    res = run_search(rj.job, limit=rj.limit)
+    return {"best": res.best.to_dict() if res.best else None, "val_acc": res.best_val_acc,
+            "params": res.best_params, "evaluated": res.evaluated, "uri": res.uri,
+            "best_subnet_uri": res.best_subnet_uri, "finished": res.finished}
+
+
+def _hpo(rj: ResolvedJob) -> dict | None:
+    from noah_ray.hpo.driver import run_hpo
+
+    job, methods = rj.job, _methods(rj.job)
+    if job.hpo is None:
+        return None
+    progress.echo(f"== hpo: {', '.join(methods)}, {job.hpo.searcher} + {job.hpo.scheduler}")
+    subnet = retrain_subnet(job) if "noah" in methods else None
+    return {m: run_hpo(rj, m, subnet if m == "noah" else None).record() for m in methods}
+
+
+def _retrain(rj: ResolvedJob) -> dict:
+    from noah_ray.hpo.driver import tuned_retrain
+    from noah_ray.train.runs import retrain_seeds
+
+    job, methods = rj.job, _methods(rj.job)
+    progress.echo(f"== retrain: {', '.join(methods)} x seeds {list(job.retrain.seeds)}"
+                  + (" with tuned hyper-parameters" if job.hpo else ""))
+    subnet = retrain_subnet(job) if "noah" in methods else None
+    run = retrain_seeds if job.hpo is None else tuned_retrain
+    return {m: run(rj, subnet if m == "noah" else None, m) for m in methods}
+
+
+#: stage name -> what runs it on the resolved job (its summary; None: nothing to run)
+_RUNNERS: dict[str, Callable[[ResolvedJob], dict | None]] = {
+    "supernet": _supernet, "search": _search, "hpo": _hpo, "retrain": _retrain}
+
+
+def format_summary(summary: dict) -> str:
+    """Human-readable lines for a :func:`run_stages` summary."""
+    lines = []
+    if "supernet" in summary:
+        s = summary["supernet"]
+        accs = ", ".join(f"{k[len('val_acc_'):]} {v:.1f}%" for k, v in s.items() if k.startswith("val_acc_"))
+        lines.append(f"supernet: {s['epochs']} epoch(s)" + (f", val {accs}" if accs else "") + f" -> {s['uri']}")
+    if "search" in summary:
+        s = summary["search"]
+        if s["best"]:
+            lines.append(f"search: best val {s['val_acc']:.2f}% with {s['params'] / 1e6:.4f} M params "
+                         f"({s['evaluated']} candidates scored) -> {s['best_subnet_uri'] or s['uri']}")
+        else:
+            lines.append(f"search: no finished result yet ({s['evaluated']} candidates scored); run it again to resume")
+    for method, r in summary.get("hpo", {}).items():
+        values = ", ".join(f"{k.partition('.')[2]} {v:.4g}" for k, v in r["values"].items())
+        lines.append(f"hpo {method}: best {r['metric']} {r['best_val']:.4g} of {r['trials']} trials with {values}")
+    for method, r in summary.get("retrain", {}).items():
+        lines.append(f"retrain {method}: test {r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} % "
+                     f"over {len(r['runs'])} seed(s)")
+    if "wall_time_s" in summary:
+        lines.append(f"done in {summary['wall_time_s']:.0f} s; results under {summary['uri']}")
+    return "\n".join(lines)

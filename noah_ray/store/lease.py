@@ -1,0 +1,147 @@
+"""One run per job: a lease file ``<storage>/<job>/lease.json`` (local or S3).
+
+A run takes the lease before Ray starts and renews it every ``timeout_s / 4`` seconds from a
+background thread; a clean exit deletes it.  A second run of the same job finds a fresh lease and
+fails at once with one line naming the holder (host, pid, since).  A lease whose holder stopped
+renewing for ``timeout_s`` (the run was killed) - or whose holder process on this host is gone -
+is taken over.
+
+Object stores have no atomic create-if-absent here, so taking a lease writes it and reads it back
+after a short settle time: of two runs racing, the one whose token is not read back gives up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from noah_ray.errors import ConfigError
+from noah_ray.store import storage
+from noah_ray.store.layout import JobPaths
+
+#: seconds without renewal after which a lease counts as abandoned (``$NOAH_RAY_LEASE_TIMEOUT_S``)
+DEFAULT_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Lease:
+    token: str
+    host: str
+    pid: int
+    since: float
+    renewed: float
+
+    @property
+    def since_utc(self) -> str:
+        return datetime.fromtimestamp(self.since, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _timeout() -> float:
+    raw = os.environ.get("NOAH_RAY_LEASE_TIMEOUT_S")
+    try:
+        return float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(f"NOAH_RAY_LEASE_TIMEOUT_S={raw!r} is not a number of seconds") from None
+
+
+def read(loc: storage.Location) -> Lease | None:
+    """The lease at ``loc`` (None if absent or unreadable, e.g. half-written by a killed run)."""
+    if not storage.exists(loc):
+        return None
+    try:
+        return Lease(**json.loads(storage.read_text(loc)))
+    except (ValueError, TypeError, ConfigError):
+        return None
+
+
+def _alive_here(lease: Lease) -> bool:
+    """False only when the holder ran on this host and its process is gone."""
+    if lease.host != socket.gethostname():
+        return True
+    try:
+        os.kill(lease.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _held_by_other(current: Lease | None, token: str, timeout_s: float, now: float) -> bool:
+    return (current is not None and current.token != token and now - current.renewed < timeout_s
+            and _alive_here(current))
+
+
+def _busy(job: str, loc: storage.Location, held: Lease, now: float, timeout_s: float) -> ConfigError:
+    return ConfigError(f"job {job!r} is already running: host {held.host}, pid {held.pid}, since {held.since_utc} "
+                       f"(lease {loc.uri}, renewed {now - held.renewed:.0f} s ago); wait for it to finish, or, if "
+                       f"that run is dead, run again after {timeout_s:.0f} s without renewal (it is then taken over)")
+
+
+def acquire(loc: storage.Location, job: str, *, timeout_s: float | None = None, settle_s: float = 0.2) -> Lease:
+    """Take the lease at ``loc`` or raise :class:`ConfigError` naming its live holder."""
+    timeout_s = _timeout() if timeout_s is None else timeout_s
+    now = time.time()
+    current = read(loc)
+    if _held_by_other(current, "", timeout_s, now):
+        raise _busy(job, loc, current, now, timeout_s)
+    mine = Lease(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now)
+    storage.write_text(loc, json.dumps(asdict(mine)))
+    time.sleep(settle_s)
+    back = read(loc)
+    if back is None or back.token != mine.token:
+        if back is not None:
+            raise _busy(job, loc, back, time.time(), timeout_s)
+        raise ConfigError(f"job {job!r}: the lease {loc.uri} could not be written; check the storage")
+    return mine
+
+
+def renew(loc: storage.Location, lease: Lease) -> Lease:
+    renewed = Lease(lease.token, lease.host, lease.pid, lease.since, time.time())
+    storage.write_text(loc, json.dumps(asdict(renewed)))
+    return renewed
+
+
+def release(loc: storage.Location, lease: Lease) -> None:
+    """Delete the lease if it is still ours."""
+    current = read(loc)
+    if current is not None and current.token == lease.token:
+        loc.fs.delete_file(loc.path)
+
+
+def location(storage_uri: str, endpoint: str | None, job: str) -> storage.Location:
+    return JobPaths.at(storage_uri, job, endpoint).lease
+
+
+@contextlib.contextmanager
+def hold(storage_uri: str, endpoint: str | None, job: str, *, timeout_s: float | None = None) -> Iterator[Lease]:
+    """Hold the job's lease for the ``with`` block, renewing it in the background."""
+    timeout_s = _timeout() if timeout_s is None else timeout_s
+    loc = location(storage_uri, endpoint, job)
+    lease = acquire(loc, job, timeout_s=timeout_s)
+    stop = threading.Event()
+
+    def keep() -> None:
+        nonlocal lease
+        while not stop.wait(timeout_s / 4):
+            try:
+                lease = renew(loc, lease)
+            except OSError:          # a storage hiccup: try again next period
+                continue
+
+    thread = threading.Thread(target=keep, name=f"noah-lease-{job}", daemon=True)
+    thread.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        thread.join()
+        release(loc, lease)

@@ -1,0 +1,365 @@
+"""The Ray Train stages on the driver: supernet training, subnet retraining and the baselines.
+
+Each stage is a Ray Train ``TorchTrainer`` (DDP: gloo on CPU, nccl on GPU) running
+:func:`noah_ray.train.train_loop` on every worker, described by a
+:class:`~noah_ray.train.RunSpec`; its run directory lives in the job's storage (a local
+directory or ``s3://``).  The stages take the job as :func:`noah_ray.run.preflight.resolve` checked
+it (a :class:`~noah_ray.run.preflight.ResolvedJob`); given a plain :class:`JobConfig` they resolve
+it once themselves.  Storage layout under ``<storage>/<job.name>/``::
+
+    backbone.safetensors                frozen backbone, written once when model.checkpoint is unset
+    supernet/                           Ray Train run of the supernet (RunConfig(name="supernet"))
+      spec.json                         what the run trains; a re-run with other settings fails fast
+      checkpoint_e00004/                trainable.safetensors, optimizer.safetensors, state.json,
+                                        rng_rank<k>.safetensors (the newest keep_checkpoints kept)
+      final/                            model.safetensors + meta.json: what models.load_supernet reads
+      train_metrics/<run>-e00005.parquet   one file per epoch (numbered from 1), one row per evaluated subnet
+      named/<name>/                     a named supernet run (train_supernet(run_name=...)), same layout
+    retrain/
+      runs/<run>-<fp>.parquet           one row per finished run (val-selected epoch, test once)
+      train_metrics/<run>-<fp>-e00005.parquet
+      <run>/                            run = <method>-seed<k>: the latest finished config of this run
+        best/, final/                     best-on-val weights; last weights + meta.json (test accuracy)
+        <fp>/                           Ray Train run of one config (fp: hash of subnet + hyper-parameters)
+          spec.json, checkpoint_e*/, best/, final/
+
+Re-running a stage resumes from its last checkpoint (same RunConfig name and storage); a finished
+one returns at once.  A worker that dies is restarted (``FailureConfig``) and continues from the
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import torch
+
+from noah_ray import progress
+from noah_ray.config import JobConfig
+from noah_ray.config.resolved import ResolvedJob, resolved
+from noah_ray.errors import ConfigError
+from noah_ray.nn.models import build_model, ensure_backbone, job_root, subnet_for
+from noah_ray.nn.prune import PrunePlan, prune
+from noah_ray.space import SubnetConfig
+from noah_ray.space.recipes import LEGACY, RECIPES, recorded
+from noah_ray.store import storage, tracking
+from noah_ray.store.layout import SUPERNET_RUN, JobPaths, retrain_run_id
+from noah_ray.train.worker import ERROR_FILE, RunSpec, train_loop
+
+
+@dataclass
+class TrainResult:
+    stage: str
+    run_name: str
+    epochs_done: int
+    final_uri: str
+    metrics: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- specs
+def spec_for(job: JobConfig, stage: str, method: str, subnet: SubnetConfig | None, lr: float, seed: int,
+             num_classes: int) -> dict:
+    """What defines a run (its checkpoints are only valid for this); ``epochs`` may grow."""
+    tc, d, m = (job.supernet if stage == "supernet" else job.retrain), job.data, job.model
+    recipe = m.resolved_recipe(method)
+    spec = {"stage": stage, "method": method, "model": m.name, "checkpoint": m.checkpoint,
+            "drop_path_rate": m.drop_path_rate, "lora_scale": m.lora_scale, "kv_shared": recipe.kv_shared,
+            "recipe": recipe.to_dict(),
+            "space": job.space.to_dict() if stage == "supernet" else None,
+            "subnet": subnet.to_dict() if subnet else None, "num_classes": num_classes,
+            "data": {"dataset": d.dataset, "format": d.format, "train_split": d.train_split,
+                     "batch_size": d.batch_size, "img_size": d.img_size, "shots": d.shots, "seed": d.seed},
+            "lr": lr, "weight_decay": tc.weight_decay, "warmup_epochs": tc.warmup_epochs,
+            "min_lr": tc.min_lr, "seed": seed,
+            **({"sampling": tc.sampling} if stage == "supernet" else {})}
+    if stage == "retrain" and method == "noah" and job.retrain.init:
+        spec["init"] = job.retrain.init       # only when set: the fingerprints of other runs stay as they were
+    return spec
+
+
+def fingerprint(spec: dict) -> str:
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _check_spec(run_dir: storage.Location, spec: dict) -> None:
+    loc = run_dir.join("spec.json")
+    if storage.exists(loc):
+        old = json.loads(storage.read_text(loc))
+        old.setdefault("recipe", RECIPES[LEGACY].to_dict())  # a run from before recipes existed
+        old.setdefault("sampling", "uniform")                # a supernet from before sampling rules
+        diff = next((k for k in spec if old.get(k) != spec[k]), None)
+        if diff is not None:
+            raise ConfigError(f"{run_dir.uri!r} was trained with {diff} = {json.dumps(old.get(diff))[:120]}, "
+                              f"this job has {json.dumps(spec[diff])[:120]}; restore the setting, or use "
+                              f"another run_name or job name")
+    else:
+        storage.write_text(loc, json.dumps(spec, indent=1, sort_keys=True))
+
+
+def _finished(run_dir: storage.Location, spec: dict, epochs: int) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``spec`` with at least ``epochs`` epochs."""
+    spec_loc, final = run_dir.join("spec.json"), run_dir.join("final", "meta.json")
+    if not (storage.exists(spec_loc) and storage.exists(final)):
+        return False
+    try:
+        same = json.loads(storage.read_text(spec_loc)) == json.loads(json.dumps(spec))
+        return same and json.loads(storage.read_text(final)).get("epochs_done", 0) >= epochs
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------- one Ray Train run
+def _fit(run: RunSpec) -> dict:
+    """Run (or resume, or skip when finished) one Ray Train run; returns the final meta."""
+    from ray.train import TrainingFailedError
+
+    job = run.job
+    loc = job_root(job).join(run.run_dir)
+    _check_spec(loc, run.spec)
+    final = loc.join("final", "meta.json")
+    if storage.exists(final):
+        meta = json.loads(storage.read_text(final))
+        if meta.get("epochs_done", 0) >= run.tc.epochs:
+            progress.echo(f"{run.tag} finished earlier ({meta['epochs_done']} epochs) at {loc.uri}")
+            return meta
+    ref = tracking.start_run(job, run.stage, run.run_id, extra=tracking.chosen_params(run.spec.get("hpo")))
+    run = dataclasses.replace(run, backbone=ensure_backbone(job), progress=progress.sink_name(),
+                              tracking=ref.to_dict() if ref else None,
+                              fault_dir=tempfile.mkdtemp(prefix="noah-faults-") if run.faults else None)
+    error = loc.join(ERROR_FILE)
+    if storage.exists(error):                    # left by an earlier attempt whose cause may be fixed now
+        loc.fs.delete_file(error.path)
+    try:
+        with storage.tidy(job_root(job)):
+            _trainer(run, loc).fit()
+        if storage.exists(error):
+            raise ConfigError(json.loads(storage.read_text(error))["error"])
+    except TrainingFailedError as e:
+        tracking.end_run(ref, "FAILED")
+        _raise_config_error(e)
+        raise
+    except BaseException:
+        tracking.end_run(ref, "FAILED")
+        raise
+    finally:
+        progress.drain()         # the workers' last lines before the driver's next one
+    meta = json.loads(storage.read_text(final))
+    tracking.finish_training(job, run.stage, ref, meta)
+    return meta
+
+
+def _trainer(run: RunSpec, loc: storage.Location):
+    """The ``TorchTrainer`` of ``run``: its workers and resources, storage and failure handling."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    tc = run.tc
+    parent = loc.path.rsplit("/", 1)[0]
+    return TorchTrainer(
+        train_loop, train_loop_config=run.to_dict(),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker,
+                                                           **({"GPU": 1} if tc.use_gpu else {})}),
+        run_config=RunConfig(name=run.run_dir.rsplit("/", 1)[-1], storage_path=parent, storage_filesystem=loc.fs,
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints)))
+
+
+def _raise_config_error(err: BaseException) -> None:
+    """A ConfigError raised inside a worker reaches the caller as itself (one line)."""
+    seen, todo = set(), [err, *getattr(err, "worker_failures", {}).values()]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ConfigError):
+            raise ConfigError(str(e)) from None
+        todo += [getattr(e, "cause", None), e.__cause__]
+
+
+# ----------------------------------------------------------------------------- supernet
+def train_supernet(job: JobConfig | ResolvedJob, *, run_name: str | None = None,
+                   _faults: list | None = None) -> TrainResult:
+    """Train the job's supernet, a random subnet per step (the same on every worker); resumes
+    from the last checkpoint if run before, returns at once if finished.
+
+    ``_faults`` (tests): ``[(epoch, "raise" | "kill"), ...]``, each triggered once on rank 0."""
+    rj = resolved(job, "supernet")
+    job, tc, n = rj.job, rj.job.supernet, rj.num_classes
+    paths = JobPaths.of(job)
+    run_id, run_dir = run_name or SUPERNET_RUN, paths.relative(paths.supernet(run_name))
+    spec = spec_for(job, "supernet", "noah", None, tc.lr, tc.seed, n)
+    meta = _fit(RunSpec(job, "supernet", run_id, run_dir, method="noah", seed=tc.seed, lr=tc.lr, num_classes=n,
+                        backbone=rj.backbone, spec=spec, metrics_part=run_id, faults=_faults))
+    return TrainResult("supernet", run_id, meta["epochs_done"], paths.supernet_final(run_name).uri,
+                       {f"val_acc_{k}": v for k, v in meta.get("val_acc", {}).items()})
+
+
+def supernet_done(job: JobConfig, num_classes: int) -> bool:
+    """Whether the job's supernet is trained (so the stage only reads it back)."""
+    tc = job.supernet
+    spec = spec_for(job, "supernet", "noah", None, tc.lr, tc.seed, num_classes)
+    return _finished(JobPaths.of(job).supernet(), spec, tc.epochs)
+
+
+# ----------------------------------------------------------------------------- retraining
+def retrain(job: JobConfig | ResolvedJob, subnet: SubnetConfig | None, *, method: str = "noah", seed: int = 0,
+            hpo: dict | None = None, _faults: list | None = None) -> TrainResult:
+    """Train one fixed config from scratch on ``data.train_split``; pick the epoch on
+    ``data.val_split``, evaluate ``data.test_split`` once with it; add a row to ``runs``.
+
+    With a ``prune`` section, ``e2vpt`` then prunes the trained prompts (token-wise, then
+    segment-wise, scored on training batches), rewinds the kept ones to their initial values and
+    retrains them: a second run and row, ``e2vpt-pruned``, which is what is returned.
+
+    ``hpo`` (from :mod:`noah_ray.hpo`: the chosen values and their trial) is recorded with the run:
+    in its spec and ``meta.json`` (key ``hpo``) and the ``runs`` row (``hpo_json``)."""
+    rj = resolved(job, "retrain")
+    cfg = subnet_for(method, rj.job, subnet)
+    _check_init(rj, cfg, method)
+    return _retrain(rj, cfg, method, seed, hpo=hpo, faults=_faults)
+
+
+def retrain_seeds(job: JobConfig | ResolvedJob, subnet: SubnetConfig | None, method: str = "noah",
+                  hpo: dict | None = None) -> dict:
+    """Retrain for every seed in ``retrain.seeds``; test accuracy as mean and (population) std."""
+    rj = resolved(job, "retrain")
+    cfg = subnet_for(method, rj.job, subnet)
+    _check_init(rj, cfg, method)
+    results = [_retrain(rj, cfg, method, s, hpo=hpo) for s in rj.job.retrain.seeds]
+    accs = [r.metrics["test_acc"] for r in results]
+    return {"method": results[0].metrics["method"], "test_acc_mean": statistics.fmean(accs),
+            "test_acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "runs": accs,
+            "val_acc_mean": statistics.fmean(r.metrics["val_acc"] for r in results),
+            "run_ids": [r.run_name for r in results]}
+
+
+def retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str, seed: int, num_classes: int,
+                 hpo: dict | None = None) -> bool:
+    """Whether retraining ``method`` with ``seed`` finished earlier (E2VPT with pruning: unknown, False)."""
+    if method == "e2vpt" and job.prune is not None:
+        return False
+    cfg = subnet_for(method, job, subnet)
+    lr = float(job.retrain.method_lr.get(method, job.retrain.lr))
+    spec = spec_for(job, "retrain", method, cfg, lr, seed, num_classes)
+    if hpo:
+        spec["hpo"] = hpo
+    run = JobPaths.of(job).retrain_config(retrain_run_id(method, seed), fingerprint(spec))
+    return _finished(run, spec, job.retrain.epochs)
+
+
+def _check_init(rj: ResolvedJob, cfg: SubnetConfig, method: str) -> None:
+    """``retrain.init`` (NOAH only) fits what retraining builds."""
+    job = rj.job
+    if method == "noah" and job.retrain.init:
+        from noah_ray.interop.artifact import check_init_artifact
+
+        check_init_artifact(job.retrain.init, model_name=job.model.name, subnet=cfg, num_classes=rj.num_classes,
+                            endpoint=job.storage_endpoint)
+
+
+def _retrain(rj: ResolvedJob, cfg: SubnetConfig, method: str, seed: int, *, hpo: dict | None = None,
+             faults: list | None = None) -> TrainResult:
+    tc = rj.job.retrain
+    lr = float(tc.method_lr.get(method, tc.lr))
+    init = tc.init if method == "noah" else None
+    result = _retrain_run(rj, method, cfg, lr, seed, faults=faults, hpo=hpo, init=init)
+    if method != "e2vpt" or rj.job.prune is None:
+        return result
+    plan = _prune_plan(rj, cfg, seed, result.metrics["checkpoint_uri"])
+    return _retrain_run(rj, "e2vpt-pruned", cfg, lr, seed, prune_plan=plan, hpo=hpo)
+
+
+def _retrain_run(rj: ResolvedJob, label: str, cfg: SubnetConfig, lr: float, seed: int, *,
+                 faults: list | None = None, prune_plan: dict | None = None, hpo: dict | None = None,
+                 init: str | None = None) -> TrainResult:
+    job, n = rj.job, rj.num_classes
+    method = "e2vpt" if prune_plan else label
+    run_id = retrain_run_id(label, seed)
+    spec = spec_for(job, "retrain", method, cfg, lr, seed, n)
+    if prune_plan:
+        spec["prune_plan"] = prune_plan
+    if hpo:
+        spec["hpo"] = hpo
+    fp = fingerprint(spec)
+    paths = JobPaths.of(job)
+    run_dir = paths.retrain_config(run_id, fp)
+    meta = _fit(RunSpec(job, "retrain", run_id, paths.relative(run_dir), method=method, seed=seed, lr=lr,
+                        num_classes=n, backbone=rj.backbone, spec=spec, metrics_part=f"{run_id}-{fp}",
+                        subnet=cfg.to_json(), fingerprint=fp, prune_plan=prune_plan, init=init, faults=faults))
+    _publish(run_dir, paths.retrain_run(run_id), fp)
+    trained = PrunePlan.from_dict(prune_plan).config() if prune_plan else cfg
+    row = _runs_row(job, run_id, label, seed, trained, meta, hpo)
+    storage.append_table(paths.retrain, "runs", pa.Table.from_pylist([row]), part=f"{run_id}-{fp}")
+    progress.echo(f"[retrain] {label} seed {seed}: val {row['val_acc']:.2f}% (epoch {row['best_epoch']}) "
+                  f"test {row['test_acc']:.2f}% params {row['params'] / 1e6:.4f}M")
+    return TrainResult("retrain", run_id, meta["epochs_done"], run_dir.join("final").uri,
+                       {**row, "fingerprint": fp})
+
+
+def _runs_row(job: JobConfig, run_id: str, label: str, seed: int, trained: SubnetConfig, meta: dict,
+              hpo: dict | None) -> dict:
+    """The run's row of the ``runs`` table."""
+    row = {"run_id": run_id, "job": job.name, "dataset": job.data.dataset, "method": label, "seed": seed,
+           "config_json": trained.to_json(), "params": meta["params"], "params_head": meta["params_head"],
+           "val_acc": meta["best_val"], "test_acc": meta["test_acc"], "best_epoch": meta["best_epoch"] + 1,
+           "epochs": meta["epochs_done"], "wall_time_s": meta["train_time_s"], "checkpoint_uri": meta["best_uri"],
+           "timestamp": datetime.now(timezone.utc), "hpo_json": json.dumps(hpo, sort_keys=True) if hpo else None}
+    if hpo and hpo.get("val_acc") is not None:   # a tuned run trains on its val images: report the search's val
+        row["val_acc"] = hpo["val_acc"]
+    return row
+
+
+def _publish(attempt: storage.Location, alias: storage.Location, fp: str) -> None:
+    """Make ``<run>/best`` and ``<run>/final`` hold this config's result (meta.json written last)."""
+    current = alias.join("final", "meta.json")
+    if storage.exists(current) and json.loads(storage.read_text(current)).get("fingerprint") == fp:
+        return
+    for part in ("best", "final"):
+        for name in ("model.safetensors", "meta.json"):
+            storage.write_bytes(alias.join(part, name), storage.read_bytes(attempt.join(part, name)))
+
+
+# ----------------------------------------------------------------------------- E2VPT pruning
+def _prune_plan(rj: ResolvedJob, cfg: SubnetConfig, seed: int, best_uri: str) -> dict:
+    """Score the trained E2VPT prompts (best-on-val weights at ``best_uri``) on training batches
+    in a Ray task (the retraining's resources) and plan the pruning; the plan is stored next to
+    the weights (``prune_plan.json``) and reused when the job is re-run."""
+    import ray
+
+    job = rj.job
+    loc = storage.resolve(best_uri, job.storage_endpoint).join("prune_plan.json")
+    want = {"prune": dataclasses.asdict(job.prune), "weights": best_uri}
+    if storage.exists(loc):
+        saved = json.loads(storage.read_text(loc))
+        if saved.get("for") == want:
+            return saved["plan"]
+    tc = job.retrain
+    task = ray.remote(_score_and_plan).options(num_cpus=tc.cpus_per_worker, num_gpus=1 if tc.use_gpu else 0)
+    plan = ray.get(task.remote(job.to_dict(), cfg.to_json(), rj.backbone, rj.num_classes, best_uri, seed))
+    storage.write_text(loc, json.dumps({"for": want, "plan": plan}, indent=1))
+    return plan
+
+
+def _score_and_plan(job_dict: dict, cfg_json: str, backbone: str | None, n: int, best_uri: str, seed: int) -> dict:
+    from noah_ray.data import build_loader, norm_for
+
+    job = JobConfig.from_dict(job_dict)
+    device = torch.device("cuda" if job.retrain.use_gpu and torch.cuda.is_available() else "cpu")
+    tensors, meta = storage.load_state(storage.resolve(best_uri, job.storage_endpoint))
+    model = build_model(job, SubnetConfig.from_json(cfg_json), backbone, n, recipe=recorded(meta)).to(device)
+    model.load_trainable_state_dict(tensors)
+    mean, std, size = norm_for(model)
+    torch.manual_seed(seed)
+    batches = build_loader(job.data, job.data.train_split, train=False, mean=mean, std=std,
+                           img_size=job.data.img_size or size, shuffle=True, endpoint=job.storage_endpoint)
+    _, plan = prune(model, batches, job.prune)
+    return plan.to_dict()

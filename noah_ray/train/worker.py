@@ -1,0 +1,421 @@
+"""The Ray Train worker loop: what every worker of a supernet or retraining run executes.
+
+The drivers (:mod:`noah_ray.train.runs`) describe a run as a :class:`RunSpec` (plain data, never
+credentials) and start a ``TorchTrainer`` with :func:`train_loop`; every worker then sets up
+(:func:`_setup`: model, data, optimiser), resumes from the run's newest checkpoint
+(:func:`_resume`), trains epoch by epoch (:func:`_epoch`: train, evaluate on rank 0, write the
+metrics, report a checkpoint) and, on rank 0, writes the final artifact (:func:`_finish`).
+
+Epochs are counted from 1 wherever a user sees them: progress lines, the ``train_metrics`` /
+``runs`` tables (``epoch``, ``best_epoch``), the metrics reported to Ray Train and the tracking
+steps.  Checkpoint names (``checkpoint_e00004`` = after the 5th epoch), checkpoint ``state.json``
+and ``meta.json`` keep the 0-based loop index.
+
+Checkpoints hold only what trains (modules + head), the optimiser, schedule, loss-scaler, epoch
+and per-rank RNG state, as safetensors + JSON (:mod:`noah_ray.nn.optim`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from noah_ray import progress
+from noah_ray.config import JobConfig, TrainConfig
+from noah_ray.errors import ConfigError
+from noah_ray.nn import optim
+from noah_ray.nn.epoch import make_optimizer, train_epoch
+from noah_ray.nn.models import build_model, evaluate, job_root
+from noah_ray.nn.prune import PrunePlan, apply_plan
+from noah_ray.nn.supernet import PromptedViT
+from noah_ray.space import SearchSpace, SubnetConfig
+from noah_ray.store import storage, tracking
+
+ERROR_FILE = "error.json"                 # a worker's non-retryable error, for the driver
+
+
+@dataclass
+class RunSpec:
+    """One Ray Train run, as every worker receives it (``train_loop_config`` carries
+    :meth:`to_dict`).  ``spec`` is what defines the run (its ``spec.json``); ``subnet`` the
+    capacity as JSON (None: the search space's supernet)."""
+
+    job: JobConfig
+    stage: str                            # "supernet" or "retrain"
+    run_id: str
+    run_dir: str                          # relative to the job's root
+    method: str
+    seed: int
+    lr: float
+    num_classes: int
+    backbone: str | None
+    spec: dict
+    metrics_part: str                     # the train_metrics part name before -e<epoch>
+    subnet: str | None = None
+    fingerprint: str | None = None
+    prune_plan: dict | None = None        # E2VPT: rewind and retrain the kept prompts
+    init: str | None = None               # retrain.init: a subnet artifact's weights
+    faults: list | None = None            # tests: [(epoch, "raise" | "kill"), ...]
+    fault_dir: str | None = None
+    progress: str | None = None           # the driver's console sink
+    tracking: dict | None = None          # the MLflow run (tracking.RunRef.to_dict)
+
+    def to_dict(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "job": self.job.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunSpec:
+        return cls(**{**data, "job": JobConfig.from_dict(data["job"])})
+
+    @property
+    def tc(self) -> TrainConfig:
+        return self.job.supernet if self.stage == "supernet" else self.job.retrain
+
+    @property
+    def tag(self) -> str:
+        return f"[{self.stage} {self.run_id}]"
+
+
+@dataclass
+class Worker:
+    """One worker's training objects (built by :func:`_setup`)."""
+
+    run: RunSpec
+    rank: int
+    world: int
+    device: torch.device
+    model: PromptedViT
+    capacity: SubnetConfig | None
+    train_loader: Any
+    sampler: Any
+    val_loader: Any
+    norm: tuple                           # (mean, std, img_size)
+    opt: Any
+    sched: Any
+    scaler: Any
+    net: torch.nn.Module | None = None    # the model, DDP-wrapped with several workers
+
+    @property
+    def run_dir(self) -> storage.Location:
+        return job_root(self.run.job).join(self.run.run_dir)
+
+
+# ----------------------------------------------------------------------------- subnets per step
+def step_subnet(space: SearchSpace, seed: int, epoch: int, step: int) -> SubnetConfig:
+    """The subnet trained at (epoch, step): a pure function of its arguments, so every worker
+    picks the same one without communicating."""
+    return space.sample(random.Random(f"noah-step:{seed}:{epoch}:{step}"))
+
+
+#: per sampling rule (``supernet.sampling``): the subnets one step trains, given its random one
+SAMPLING: dict[str, Callable[[SearchSpace, SubnetConfig], list[SubnetConfig]]] = {
+    "uniform": lambda space, rnd: [rnd],
+    "sandwich": lambda space, rnd: [space.largest(), space.smallest(), rnd],
+}
+
+
+def step_subnets(space: SearchSpace, rule: str, seed: int, epoch: int, step: int) -> list[SubnetConfig]:
+    """The subnets trained at (epoch, step) under ``rule``; their gradients are averaged into
+    one optimiser step (``uniform``: NOAH's one random subnet; ``sandwich``: largest, smallest
+    and one random subnet, BigNAS / AttentiveNAS)."""
+    return SAMPLING[rule](space, step_subnet(space, seed, epoch, step))
+
+
+def eval_subnets(job: JobConfig, count: int) -> dict[str, SubnetConfig]:
+    """The fixed subnets a supernet is scored on every epoch: smallest, largest, ``count`` random."""
+    rng = random.Random(f"noah-eval:{job.supernet.seed}")
+    out = {"smallest": job.space.smallest(), "largest": job.space.largest()}
+    out.update({f"random_{i}": job.space.sample(rng) for i in range(count)})
+    return out
+
+
+# ----------------------------------------------------------------------------- the worker loop
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker; ``config`` is a :meth:`RunSpec.to_dict`.
+
+    A :class:`ConfigError` (a bad image, a bad file: every retry would fail the same way) is
+    written to ``<run>/error.json``, which the driver turns into one line.  With one worker it is
+    not raised (Ray Train would restart the worker ``max_failures`` times); with several it is
+    (the others may wait in a collective), and each restarted attempt ends at once on the file."""
+    import ray.train
+
+    run = RunSpec.from_dict(config)
+    marker = job_root(run.job).join(run.run_dir, ERROR_FILE)
+    try:
+        if storage.exists(marker):
+            raise ConfigError(json.loads(storage.read_text(marker))["error"])
+        _train(run)
+    except ConfigError as e:
+        storage.write_text(marker, json.dumps({"error": str(e)}))
+        if ray.train.get_context().get_world_size() > 1:
+            raise
+
+
+def _train(run: RunSpec) -> None:
+    w = _setup(run)
+    state, start = _resume(w)
+    session_t0 = time.time()
+    for epoch in range(start, run.tc.epochs):
+        _epoch(w, epoch, start, state, session_t0)
+    if w.rank == 0:
+        _finish(w, state)
+
+
+def _setup(run: RunSpec) -> Worker:
+    """The model (the same initial weights on every rank), the loaders and the optimiser."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32, as timm's train script
+    torch.manual_seed(run.seed)  # identical initial weights on every rank
+    capacity = SubnetConfig.from_json(run.subnet) if run.subnet else None
+    model = build_model(run.job, capacity, run.backbone, run.num_classes,
+                        train_backbone=run.method == "full", method=run.method).to(device)
+    if run.prune_plan:  # E2VPT rewinding: the fresh model holds the same initial values
+        plan = PrunePlan.from_dict(run.prune_plan)
+        model, capacity = apply_plan(model, plan), plan.config()
+    torch.manual_seed(run.seed + 1_000_003 * (rank + 1))  # independent drop-path / shuffling per rank
+    train_loader, sampler, val_loader, norm = _loaders(run, model, rank, world, device)
+    opt, sched, scaler = make_optimizer(model, run.tc, run.lr, len(train_loader), device, run.job.model.precision)
+    return Worker(run, rank, world, device, model, capacity, train_loader, sampler, val_loader, norm,
+                  opt, sched, scaler)
+
+
+def _loaders(run: RunSpec, model: PromptedViT, rank: int, world: int, device: torch.device) -> tuple:
+    """``(train loader, its DistributedSampler or None, val loader on rank 0, (mean, std, size))``."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from noah_ray.data import build_dataset, build_loader, norm_for
+
+    job, endpoint = run.job, run.job.storage_endpoint
+    mean, std, size = norm_for(model)
+    size = job.data.img_size or size
+    ds = build_dataset(job.data, job.data.train_split, train=True, mean=mean, std=std, img_size=size,
+                       endpoint=endpoint)
+    sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=run.seed) if world > 1 else None
+    nw = job.data.num_workers
+    train_loader = DataLoader(ds, batch_size=job.data.batch_size // world, shuffle=sampler is None,
+                              sampler=sampler, num_workers=nw, persistent_workers=nw > 0,
+                              pin_memory=device.type == "cuda", drop_last=len(ds) >= 2 * job.data.batch_size)
+    val_loader = build_loader(job.data, job.data.val_split, train=False, mean=mean, std=std, img_size=size,
+                              endpoint=endpoint) if rank == 0 else None
+    return train_loader, sampler, val_loader, (mean, std, size)
+
+
+def _resume(w: Worker) -> tuple[dict, int]:
+    """The loop state and the first epoch: from the run's newest checkpoint, else fresh (from
+    ``retrain.init``'s weights when set); then the model is wrapped for DDP."""
+    import ray.train.torch
+
+    run, tc = w.run, w.run.tc
+    state = {"epoch": -1, "best_val": -1.0, "best_epoch": -1, "train_time_s": 0.0, "val_acc": {}, "start_epochs": []}
+    ckpt = optim.latest_checkpoint(w.run_dir)
+    if ckpt:
+        state = optim.restore(ckpt, w.model, w.opt, w.sched, w.scaler, w.rank, w.device)
+    elif run.init:       # retrain.init: start from a subnet artifact's weights (same on every rank)
+        from noah_ray.interop.artifact import load_init_weights
+
+        load_init_weights(w.model, run.init, endpoint=run.job.storage_endpoint)
+    start = state["epoch"] + 1
+    state["start_epochs"] = [*state.get("start_epochs", []), start]  # one entry per (re)start
+    if w.rank == 0:
+        data = run.job.data
+        _say(run, f"{run.tag} {w.world} worker(s) on {w.device.type}, {len(w.train_loader.dataset)} images, "
+             f"global batch {data.batch_size}, {len(w.train_loader)} steps/epoch, " +
+             (f"resuming at epoch {start + 1}/{tc.epochs} from {ckpt['name']}" if ckpt else f"{tc.epochs} epochs"))
+    w.net = ray.train.torch.prepare_model(w.model, move_to_device=False,
+                                          parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        if w.world > 1 else w.model
+    return state, start
+
+
+def _epoch(w: Worker, epoch: int, start: int, state: dict, session_t0: float) -> None:
+    """Train one epoch, evaluate it (rank 0), record it and report it with a checkpoint."""
+    run, tc = w.run, w.run.tc
+    if w.sampler is not None:
+        w.sampler.set_epoch(epoch)
+    t0 = time.time()
+    loss_sum, batches, images = _train_epoch(w, epoch).tolist()
+    elapsed = time.time() - t0
+    state["train_time_s"] += elapsed
+    metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(batches, 1), "lr": w.sched.get_last_lr()[0],
+               "images_per_s": images / max(elapsed, 1e-9)}
+    last = epoch + 1 == tc.epochs
+    val = _evaluate(w, epoch, state, metrics) if w.rank == 0 and ((epoch + 1) % tc.eval_every == 0 or last) else {}
+    if w.rank == 0:
+        _write_metrics(job_root(run.job).join(run.stage), run, metrics, val)
+        tracking.log_metrics(run.tracking, metrics, step=metrics["epoch"])
+        _progress(run, epoch, start, metrics, val, state, time.time() - session_t0, elapsed)
+    state["epoch"] = epoch
+    _report(w, epoch, state, metrics, (epoch + 1) % tc.checkpoint_every == 0 or last)
+    _maybe_fail(run, epoch, w.rank)
+
+
+def _train_epoch(w: Worker, epoch: int) -> torch.Tensor:
+    """The epoch's ``[loss sum, batches, images]`` summed over the workers; a supernet trains
+    the subnets of each step (``supernet.sampling``), the same on every worker (checked)."""
+    run, digest = w.run, hashlib.sha1()
+    supernet = run.stage == "supernet"
+
+    def step_passes(step: int) -> list:
+        def activate(cfg: SubnetConfig) -> None:
+            w.model.set_active(cfg)
+            digest.update(cfg.key().encode())
+        return [lambda c=cfg: activate(c) for cfg in step_subnets(run.job.space, run.tc.sampling, run.seed,
+                                                                  epoch, step)]
+
+    sums = train_epoch(w.net, w.train_loader, w.opt, w.sched, w.scaler, w.device,
+                       step_passes if supernet else None)
+    if w.world > 1:
+        if supernet:
+            _check_same_subnets(digest.hexdigest(), epoch)
+        torch.distributed.all_reduce(sums)
+    return sums
+
+
+def _evaluate(w: Worker, epoch: int, state: dict, metrics: dict) -> dict[str, float]:
+    """Rank 0: validation accuracy of the run's fixed subnets (a supernet: smallest, largest and
+    random ones; retraining: its model, whose best-on-val weights are saved as ``best/``)."""
+    run = w.run
+    fixed = eval_subnets(run.job, run.tc.eval_random_subnets) if run.stage == "supernet" else {"model": w.capacity}
+    val = {}
+    for name, cfg in fixed.items():
+        w.model.set_active(cfg)
+        val[name] = evaluate(w.model, w.val_loader, w.device)[0]
+    state["val_acc"] = val
+    metrics.update({f"val_acc_{k}": v for k, v in val.items()})
+    if run.stage == "retrain" and val["model"] > state["best_val"]:
+        state.update(best_val=val["model"], best_epoch=epoch)
+        storage.save_state(w.run_dir.join("best"), w.model.trainable_state_dict(),
+                           {"epoch": epoch, "val_acc": val["model"], "recipe": w.model.recipe.to_dict()})
+    return val
+
+
+def _report(w: Worker, epoch: int, state: dict, metrics: dict, checkpoint: bool) -> None:
+    """``ray.train.report`` the epoch, with a checkpoint (``checkpoint_e<epoch>``) when due."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="noah-ckpt-") as d:
+        ckpt = None
+        if checkpoint:
+            optim.save_checkpoint(d, w.model, w.opt, w.sched, w.scaler, state, w.rank, w.world, w.device)
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_e{epoch:05d}" if ckpt else None)
+
+
+def _finish(w: Worker, state: dict) -> None:
+    """Rank 0 after the last epoch: the final artifact; for retraining, the test accuracy of the
+    best-on-val weights (evaluated once, here)."""
+    from noah_ray.data import build_loader
+
+    run, model, job = w.run, w.model, w.run.job
+    meta = _final_meta(run, model, state)
+    last = model.trainable_state_dict()
+    if run.stage == "supernet":
+        meta["space"] = job.space.to_dict()
+        storage.save_state(w.run_dir.join("final"), last, meta)
+        return
+    best, best_meta = storage.load_state(w.run_dir.join("best"))
+    model.load_trainable_state_dict(best)
+    mean, std, size = w.norm
+    test = build_loader(job.data, job.data.test_split, train=False, mean=mean, std=std, img_size=size,
+                        endpoint=job.storage_endpoint)
+    meta.update(test_acc=evaluate(model, test, w.device)[0], best_val=best_meta["val_acc"],
+                best_epoch=best_meta["epoch"], best_uri=w.run_dir.join("best").uri)
+    _say(run, f"[retrain {run.run_id}] test {meta['test_acc']:.2f}% with the weights of epoch "
+         f"{best_meta['epoch'] + 1} (val {best_meta['val_acc']:.2f}%)")
+    storage.save_state(w.run_dir.join("final"), last, meta)
+
+
+def _final_meta(run: RunSpec, model: PromptedViT, state: dict) -> dict:
+    """``final/meta.json``: what was trained, for how long, and its parameter counts."""
+    counts = model.num_trainable()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    meta = {"stage": run.stage, "run_id": run.run_id, "epochs_done": state["epoch"] + 1,
+            "epochs": state["epoch"] + 1, "num_classes": run.num_classes, "model": run.job.model.name,
+            "backbone": run.backbone, "spec": run.spec, "seed": run.seed,
+            "subnet": json.loads(run.subnet) if run.subnet else None,    # SubnetConfig.to_dict()
+            "method": run.method, "backbone_trained": run.method == "full",
+            "train_time_s": state["train_time_s"],
+            "fingerprint": run.fingerprint, "start_epochs": state["start_epochs"],
+            "val_acc": state["val_acc"], "params_head": counts["head"], "recipe": model.recipe.to_dict(),
+            "params": trainable - counts["head"] if run.method == "full" else
+            sum(v for k, v in counts.items() if k != "head")}
+    if run.spec.get("hpo"):
+        meta["hpo"] = run.spec["hpo"]
+    if run.prune_plan:
+        meta["prune_plan"] = run.prune_plan
+        meta["params_materialised"] = meta["params"]
+        meta["params"] = PrunePlan.from_dict(run.prune_plan).effective_params(model.shape, model.kv_shared)
+    return meta
+
+
+# ----------------------------------------------------------------------------- worker helpers
+def _check_same_subnets(digest: str, epoch: int) -> None:
+    digests = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"epoch {epoch}: workers trained different subnets ({digests}); "
+                           f"every worker must run the same noah_ray version")
+
+
+def _say(run: RunSpec, msg: str, *, done: int | None = None, total: int | None = None) -> None:
+    """One progress line from a worker: to the driver's console (:mod:`noah_ray.progress`), else
+    this worker's stdout (not through Ray Train's print patch, which doubles lines)."""
+    progress.say(run.progress, msg, tag=f"{run.stage} {run.run_id}", done=done, total=total)
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _progress(run: RunSpec, epoch: int, start: int, metrics: dict, val: dict, state: dict, session_s: float,
+              epoch_s: float) -> None:
+    tc = run.tc
+    eta = session_s / (epoch + 1 - start) * (tc.epochs - epoch - 1)
+    shown = " ".join(f"{k} {v:.1f}%" for k, v in list(val.items())[:3])
+    if "model" in val:
+        shown = f"val {val['model']:.1f}% (best {state['best_val']:.1f}% @ {state['best_epoch'] + 1})"
+    _say(run, f"{run.tag} epoch {metrics['epoch']}/{tc.epochs} loss {metrics['train_loss']:.4f} "
+         f"lr {metrics['lr']:.2e} {shown + ' ' if shown else ''}{metrics['images_per_s']:.0f} img/s "
+         f"{epoch_s:.1f}s/epoch ETA {_fmt_s(eta)}", done=metrics["epoch"], total=tc.epochs)
+
+
+def _write_metrics(stage_root: storage.Location, run: RunSpec, metrics: dict, val: dict) -> None:
+    base = {"run_id": run.run_id, "job": run.job.name, "dataset": run.job.data.dataset, "stage": run.stage,
+            "method": run.method, "seed": run.seed, "epoch": metrics["epoch"],
+            "train_loss": metrics["train_loss"], "lr": metrics["lr"], "images_per_s": metrics["images_per_s"],
+            "timestamp": datetime.now(timezone.utc)}
+    rows = [{**base, "subnet": k, "val_acc": v} for k, v in val.items()] or [{**base, "subnet": None,
+                                                                              "val_acc": None}]
+    storage.append_table(stage_root, "train_metrics", pa.Table.from_pylist(rows),
+                         part=f"{run.metrics_part}-e{metrics['epoch']:05d}")
+
+
+def _maybe_fail(run: RunSpec, epoch: int, rank: int) -> None:
+    """Test hook: fail once after ``epoch`` (``raise`` an error or ``kill`` the worker process)."""
+    for i, (at, mode) in enumerate(run.faults or []):
+        marker = os.path.join(run.fault_dir, f"fault-{i}")
+        if at == epoch and rank == 0 and not os.path.exists(marker):
+            open(marker, "w").close()
+            if mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected failure after epoch {epoch}")
