@@ -376,6 +376,7 @@ def test_segment_scores_of_pruned_segments_are_zero():
 
 
 # ----------------------------------------------------------------------------- in the retraining job
+@pytest.mark.slow
 def test_e2vpt_retraining_prunes_rewinds_and_retrains_on_ray(ray_session, tmp_path, tiny_job):
     """The job's ``prune`` section: the e2vpt run is followed by scoring, a stored plan and a
     second (rewound, pruned) run whose row reports fewer, effective parameters."""

@@ -185,6 +185,7 @@ def _stripes_task(n: int, seed: int):
     return img[:, None].repeat(1, 3, 1, 1) + 0.3 * torch.randn(n, 3, 32, 32, generator=g), y
 
 
+@pytest.mark.slow
 def test_training_a_random_subnet_per_step_learns():
     torch.manual_seed(0)
     space = SearchSpace({m: ModuleSpace(widths=(1, 5, 10)) for m in ("vpt", "lora", "adapter")})

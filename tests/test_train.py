@@ -130,6 +130,7 @@ def trained(ray_session, data_root, tmp_path_factory, tiny_job):
     return job, train_supernet(resolve(job, ("supernet",)))
 
 
+@pytest.mark.slow
 def test_two_workers_learn(trained):
     job, result = trained
     assert result.epochs_done == 3
@@ -185,6 +186,7 @@ def test_killed_worker_restarts_and_rerun_resumes_exactly_on_s3(trained, data_ro
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_retrain_baseline_writes_runs_row_on_s3(ray_session, data_root, s3_bucket, s3_markers, tiny_job):
     endpoint, bucket = s3_bucket
     job = make_job(tiny_job, data_root, f"s3://{bucket}/runs", "s3job", endpoint=endpoint)
@@ -226,6 +228,7 @@ def test_bad_storage_or_job_fails_before_training(ray_session, data_root, tmp_pa
     assert not (tmp_path / "bad").exists()  # nothing was written
 
 
+@pytest.mark.slow
 def test_sandwich_supernet_trains_and_its_run_refuses_another_rule(ray_session, data_root, tmp_path, tiny_job):
     job = make_job(tiny_job, data_root, str(tmp_path), "sandwich", epochs=1, sampling="sandwich")
     res = train_supernet(resolve(job, ("supernet",)))
