@@ -161,10 +161,6 @@ class HpoResult:
                 "best_val": self.best_val, "val_acc": self.val_acc, "trials": self.trials}
 
 
-def hpo_location(job: JobConfig) -> storage.Location:
-    return JobPaths.of(job).hpo
-
-
 def _trial_job(job: JobConfig) -> dict:
     """The job every trial of the method trains: ``retrain`` with ``hpo.epochs`` epochs."""
     data = job.to_dict()
@@ -297,7 +293,7 @@ def run_hpo(job: JobConfig | ResolvedJob, method: str, subnet: SubnetConfig | No
         return saved
     n = rj.num_classes
     epochs = h.epochs or job.retrain.epochs
-    tables = TrialTables(hpo_location(job).uri, job.storage_endpoint, job.name, job.data.dataset, method,
+    tables = TrialTables(JobPaths.of(job).hpo.uri, job.storage_endpoint, job.name, job.data.dataset, method,
                          h.searcher, h.scheduler, h.metric, epochs)
     trainable = tune.with_parameters(hpo_trial, job=_trial_job(job), method=method, subnet=cfg.to_json(),
                                      backbone=ensure_backbone(job), num_classes=n, tables=tables)

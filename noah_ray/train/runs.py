@@ -45,7 +45,7 @@ from noah_ray import progress
 from noah_ray.config import JobConfig
 from noah_ray.config.resolved import ResolvedJob, resolved
 from noah_ray.errors import ConfigError
-from noah_ray.nn.models import build_model, ensure_backbone, job_root, subnet_for
+from noah_ray.nn.models import build_model, ensure_backbone, subnet_for
 from noah_ray.nn.prune import PrunePlan, prune
 from noah_ray.space import SubnetConfig
 from noah_ray.space.recipes import LEGACY, RECIPES, recorded
@@ -121,7 +121,7 @@ def _fit(run: RunSpec) -> dict:
     from ray.train import TrainingFailedError
 
     job = run.job
-    loc = job_root(job).join(run.run_dir)
+    loc = JobPaths.of(job).root.join(run.run_dir)
     _check_spec(loc, run.spec)
     final = loc.join("final", "meta.json")
     if storage.exists(final):
@@ -137,7 +137,7 @@ def _fit(run: RunSpec) -> dict:
     if storage.exists(error):                    # left by an earlier attempt whose cause may be fixed now
         loc.fs.delete_file(error.path)
     try:
-        with storage.tidy(job_root(job)):
+        with storage.tidy(JobPaths.of(job).root):
             _trainer(run, loc).fit()
         if storage.exists(error):
             raise ConfigError(json.loads(storage.read_text(error))["error"])
