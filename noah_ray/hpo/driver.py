@@ -10,13 +10,7 @@ trial (best validation value over its epochs) fixes the values; the final runs t
 ``data.final_train_split`` (train800val200) with them for every seed, keep the last epoch (the
 validation images are training images there) and report test once (:func:`tuned_retrain`).
 
-Layout under ``<storage>/<job>/hpo/``::
-
-    hpo_trials/<method>-<trial>.parquet        one row per ended trial (written as it ends)
-    hpo_curves/<method>-<trial>-e00003.parquet one row per trial epoch (what ASHA saw)
-    <method>/settings.json                     what the search started with (a re-run must match)
-    <method>/best.json                         the chosen values, once every trial has ended
-    tune/<method>/                             Ray Tune's experiment and the trials' checkpoints
+What the stage writes under ``<storage>/<job>/hpo/`` is described in :mod:`noah_ray.store.layout`.
 
 Resuming: a re-run restores the Tune experiment (``Tuner.restore``): ended trials stay ended,
 running ones continue from their last epoch checkpoint, the searcher keeps its state.  A trial

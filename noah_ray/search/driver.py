@@ -6,16 +6,7 @@ tables and state in :mod:`noah_ray.search.store`, the evaluation trainable in
   writes the ``trials`` / ``generations`` / ``pareto`` tables, ``best_subnet.yaml`` (what
   retraining reads) and returns a :class:`SearchResult`.
 
-Layout under ``<storage>/<job.name>/search/``::
-
-    trials/<run>-g0000.parquet ...   one file per closed generation (rewritten idempotently)
-    generations/<run>-g0000.parquet
-    pareto/<run>.parquet             the accuracy-vs-params front of the finished run
-    best_subnet.yaml                 the winner of the last finished run
-    runs/<run>/best_subnet.yaml      the winner of each run
-    state/<run>/                     searcher state: snapshot + a record appended per result (resume;
-                                     noah_ray.store.statelog; state/<run>.json is the older format)
-    tune/<run>-a<attempt>/           Ray Tune's experiment directories
+What the stage writes under ``<storage>/<job.name>/search/`` is described in :mod:`noah_ray.store.layout`.
 """
 
 from __future__ import annotations

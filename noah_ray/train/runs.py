@@ -5,23 +5,8 @@ Each stage is a Ray Train ``TorchTrainer`` (DDP: gloo on CPU, nccl on GPU) runni
 :class:`~noah_ray.train.RunSpec`; its run directory lives in the job's storage (a local
 directory or ``s3://``).  The stages take the job as :func:`noah_ray.run.preflight.resolve` checked
 it (a :class:`~noah_ray.run.preflight.ResolvedJob`); given a plain :class:`JobConfig` they resolve
-it once themselves.  Storage layout under ``<storage>/<job.name>/``::
-
-    backbone.safetensors                frozen backbone, written once when model.checkpoint is unset
-    supernet/                           Ray Train run of the supernet (RunConfig(name="supernet"))
-      spec.json                         what the run trains; a re-run with other settings fails fast
-      checkpoint_e00004/                trainable.safetensors, optimizer.safetensors, state.json,
-                                        rng_rank<k>.safetensors (the newest keep_checkpoints kept)
-      final/                            model.safetensors + meta.json: what models.load_supernet reads
-      train_metrics/<run>-e00005.parquet   one file per epoch (numbered from 1), one row per evaluated subnet
-      named/<name>/                     a named supernet run (train_supernet(run_name=...)), same layout
-    retrain/
-      runs/<run>-<fp>.parquet           one row per finished run (val-selected epoch, test once)
-      train_metrics/<run>-<fp>-e00005.parquet
-      <run>/                            run = <method>-seed<k>: the latest finished config of this run
-        best/, final/                     best-on-val weights; last weights + meta.json (test accuracy)
-        <fp>/                           Ray Train run of one config (fp: hash of subnet + hyper-parameters)
-          spec.json, checkpoint_e*/, best/, final/
+it once themselves.  What the runs write under ``<storage>/<job.name>/`` (``supernet/``,
+``retrain/``, ``backbone.safetensors``) is described in :mod:`noah_ray.store.layout`.
 
 Re-running a stage resumes from its last checkpoint (same RunConfig name and storage); a finished
 one returns at once.  A worker that dies is restarted (``FailureConfig``) and continues from the
