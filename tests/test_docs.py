@@ -18,9 +18,10 @@ The page's inline code spans (fenced blocks are skipped) are classified by these
    that does not resolve may still be a job-config key (``search.param_limit``): a section field of
    :class:`~noah_ray.config.JobConfig`, followed through the section dataclasses.  Spans with ``-``
    but no ``.`` (``noah-ray``, ``e2vpt-pruned``) are command or run names and are not checked.
-6. A bare identifier (``JobPaths``, ``resolve``) must be defined somewhere in ``noah_ray``
-   (``def NAME``, ``class NAME``, or ``NAME =`` / ``NAME:`` at module or class level), or be a
-   string value the package knows (``"NAME"`` in its source, e.g. the recipe name ``modern``).
+6. A bare identifier (``JobPaths``, ``resolve``) must be a ``noah_ray`` module or subpackage
+   (``security``, ``store``), be defined somewhere in ``noah_ray`` (``def NAME``, ``class NAME``,
+   or ``NAME =`` / ``NAME:`` at module or class level), or be a string value the package knows
+   (``"NAME"`` in its source, e.g. the recipe name ``modern``).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def problem(span: str) -> str | None:
         return "does not resolve (import + getattr) and is no job-config key"
     if "-" in span or "*" in span:
         return None
-    if _defines(span) or _known_string(span):
+    if any(m.rpartition(".")[2] == span for m in _modules()) or _defines(span) or _known_string(span):
         return None
     return "defined nowhere in noah_ray"
 

@@ -1,11 +1,11 @@
 """The Ray Train stages on the driver: supernet training, subnet retraining and the baselines.
 
 Each stage is a Ray Train ``TorchTrainer`` (DDP: gloo on CPU, nccl on GPU) running
-:func:`noah_ray.train.train_loop` on every worker, described by a
-:class:`~noah_ray.train.RunSpec`; its run directory lives in the job's storage (a local
+:func:`noah_ray.train.worker.train_loop` on every worker, described by a
+:class:`~noah_ray.train.worker.RunSpec`; its run directory lives in the job's storage (a local
 directory or ``s3://``).  The stages take the job as :func:`noah_ray.run.preflight.resolve` checked
-it (a :class:`~noah_ray.run.preflight.ResolvedJob`); given a plain :class:`JobConfig` they resolve
-it once themselves.  What the runs write under ``<storage>/<job.name>/`` (``supernet/``,
+it (a :class:`~noah_ray.config.resolved.ResolvedJob`); a plain :class:`JobConfig` is refused, naming
+that call.  What the runs write under ``<storage>/<job.name>/`` (``supernet/``,
 ``retrain/``, ``backbone.safetensors``) is described in :mod:`noah_ray.store.layout`.
 
 Re-running a stage resumes from its last checkpoint (same RunConfig name and storage); a finished
