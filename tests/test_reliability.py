@@ -28,6 +28,7 @@ from noah_ray.space import ModuleSpace, SearchSpace, SubnetConfig
 from noah_ray.space.budget import ParamLimit
 from noah_ray.space.kinds import BackboneShape
 from noah_ray.store import lease, storage
+from noah_ray.store.layout import JobPaths
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -177,9 +178,9 @@ def test_staging_s3_data_never_writes_outside_the_cache(s3_bucket, tmp_path, mon
 @pytest.fixture(params=["local", "s3"])
 def lease_loc(request, tmp_path):
     if request.param == "local":
-        return lease.location(str(tmp_path / "store"), None, "job")
+        return JobPaths.at(str(tmp_path / "store"), "job").lease
     endpoint, bucket = request.getfixturevalue("s3_bucket")
-    return lease.location(f"s3://{bucket}/store", endpoint, "job")
+    return JobPaths.at(f"s3://{bucket}/store", "job", endpoint).lease
 
 
 def _foreign(loc, renewed_ago: float, host: str = "other-host", pid: int = 4242) -> None:
@@ -215,13 +216,13 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    loc = lease.location(str(tmp_path), None, "job")
+    loc = JobPaths.at(str(tmp_path), "job").lease
     _foreign(loc, renewed_ago=1, host=socket.gethostname(), pid=dead.pid)
     assert lease.acquire(loc, "job", timeout_s=600, settle_s=0.0).pid == os.getpid()
 
 
 def test_the_lease_is_renewed_while_held(tmp_path):
-    loc = lease.location(str(tmp_path), None, "job")
+    loc = JobPaths.at(str(tmp_path), "job").lease
     with lease.hold(str(tmp_path), None, "job", timeout_s=0.4) as held:
         time.sleep(0.5)
         assert lease.read(loc).renewed > held.renewed
@@ -230,19 +231,18 @@ def test_the_lease_is_renewed_while_held(tmp_path):
 # ------------------------------------------------------------------ 8. finished stages without Ray
 def _finished_job(tiny_job, tmp_path: Path, data_root: Path) -> JobConfig:
     """A job whose supernet and search are finished in storage (written without Ray)."""
-    from noah_ray.nn.models import job_root
     from noah_ray.train.runs import spec_for
 
     job = JobConfig.from_dict(tiny_job(
         data_root, tmp_path / "store", name="done", model={"drop_path_rate": 0.1}, retrain=None,
         space={"num_layers": 12, "modules": {"lora": {"depths": [3, 6], "widths": [1, 2]}}}))
-    run = job_root(job).join("supernet")
+    run = JobPaths.of(job).supernet()
     spec = spec_for(job, "supernet", "noah", None, job.supernet.lr, job.supernet.seed, 4)
     storage.write_text(run.join("spec.json"), json.dumps(spec))
     storage.save_state(run.join("final"), {}, {"epochs_done": 1, "num_classes": 4, "val_acc": {"largest": 50.0}})
-    from noah_ray.search.driver import make_searcher, search_location
+    from noah_ray.search.driver import make_searcher
 
-    store = SearchStore(search_location(job).uri, None, "evolution-seed0", job.name, job.data.dataset, "evolution")
+    store = SearchStore(JobPaths.of(job).search.uri, None, "evolution-seed0", job.name, job.data.dataset, "evolution")
     searcher = make_searcher(job, store=store)
     searcher.extra_state = {"settings": _settings(job), "attempt": 0, "run_id": "evolution-seed0"}
     drive(searcher, lambda cfg: 40.0 + sum(cfg.layer_widths("lora")))
@@ -305,7 +305,7 @@ def test_search_with_data_and_storage_on_s3_writes_no_secret(ray_session, s3_buc
     import ray
 
     from noah_ray.data import write_generated_vtab
-    from noah_ray.nn.models import build_model, ensure_backbone, job_root
+    from noah_ray.nn.models import build_model, ensure_backbone
     from noah_ray.search.driver import run_search
 
     endpoint, bucket = s3_bucket
@@ -317,7 +317,7 @@ def test_search_with_data_and_storage_on_s3_writes_no_secret(ray_session, s3_buc
         space={"num_layers": 12, "modules": {"lora": {"depths": [3, 6], "widths": [1, 2]}}},
         search={"max_concurrent": 2, "trial_retries": 0}))
     model = build_model(job, None, ensure_backbone(job), 4)
-    storage.save_state(job_root(job).join("supernet", "final"), model.trainable_state_dict(),
+    storage.save_state(JobPaths.of(job).supernet_final(), model.trainable_state_dict(),
                        {"num_classes": 4, "epochs_done": 1})
     key_id, secret = "AKIANOAHLEAKPROBE7", "noahLeakProbe/Secret+9876zz"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)

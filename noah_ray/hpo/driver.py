@@ -10,13 +10,7 @@ trial (best validation value over its epochs) fixes the values; the final runs t
 ``data.final_train_split`` (train800val200) with them for every seed, keep the last epoch (the
 validation images are training images there) and report test once (:func:`tuned_retrain`).
 
-Layout under ``<storage>/<job>/hpo/``::
-
-    hpo_trials/<method>-<trial>.parquet        one row per ended trial (written as it ends)
-    hpo_curves/<method>-<trial>-e00003.parquet one row per trial epoch (what ASHA saw)
-    <method>/settings.json                     what the search started with (a re-run must match)
-    <method>/best.json                         the chosen values, once every trial has ended
-    tune/<method>/                             Ray Tune's experiment and the trials' checkpoints
+What the stage writes under ``<storage>/<job>/hpo/`` is described in :mod:`noah_ray.store.layout`.
 
 Resuming: a re-run restores the Tune experiment (``Tuner.restore``): ended trials stay ended,
 running ones continue from their last epoch checkpoint, the searcher keeps its state.  A trial
@@ -161,10 +155,6 @@ class HpoResult:
                 "best_val": self.best_val, "val_acc": self.val_acc, "trials": self.trials}
 
 
-def hpo_location(job: JobConfig) -> storage.Location:
-    return JobPaths.of(job).hpo
-
-
 def _trial_job(job: JobConfig) -> dict:
     """The job every trial of the method trains: ``retrain`` with ``hpo.epochs`` epochs."""
     data = job.to_dict()
@@ -297,7 +287,7 @@ def run_hpo(job: JobConfig | ResolvedJob, method: str, subnet: SubnetConfig | No
         return saved
     n = rj.num_classes
     epochs = h.epochs or job.retrain.epochs
-    tables = TrialTables(hpo_location(job).uri, job.storage_endpoint, job.name, job.data.dataset, method,
+    tables = TrialTables(JobPaths.of(job).hpo.uri, job.storage_endpoint, job.name, job.data.dataset, method,
                          h.searcher, h.scheduler, h.metric, epochs)
     trainable = tune.with_parameters(hpo_trial, job=_trial_job(job), method=method, subnet=cfg.to_json(),
                                      backbone=ensure_backbone(job), num_classes=n, tables=tables)

@@ -37,11 +37,6 @@ BASELINE_WIDTHS: dict[str, dict[str, int]] = {
 BACKBONE_SEED = 0
 
 
-def job_root(job: JobConfig) -> storage.Location:
-    """``<storage>/<job.name>``: where every stage of the job writes."""
-    return JobPaths.of(job).root
-
-
 def backbone_uri(job: JobConfig) -> str:
     """The backbone checkpoint every stage loads: ``model.checkpoint``, else the job's
     ``backbone.safetensors`` (written by :func:`ensure_backbone`)."""

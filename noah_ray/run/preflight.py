@@ -197,17 +197,17 @@ def check_checkpoint(job: JobConfig, num_classes: int) -> None:
 
 def check_artifacts(job: JobConfig, stages: tuple[str, ...]) -> None:
     """What this command reads from earlier stages exists and is intact."""
-    from noah_ray.nn.models import job_root, supernet_recovery
-    from noah_ray.search.driver import SearchStore, load_best_subnet, search_location, search_run_name
+    from noah_ray.nn.models import supernet_recovery
+    from noah_ray.search.driver import SearchStore, load_best_subnet, search_run_name
 
-    final = job_root(job).join("supernet", "final")
+    final = JobPaths.of(job).supernet_final()
     if "search" in stages:
         if storage.exists(final.join("meta.json")):
             storage.load_state(final, supernet_recovery(final))
         elif "supernet" not in stages:
             raise ConfigError(f"no trained supernet at {final.uri!r}; run the supernet stage first")
         run = search_run_name(job, None)
-        SearchStore(search_location(job).uri, job.storage_endpoint, run, job.name, job.data.dataset,
+        SearchStore(JobPaths.of(job).search.uri, job.storage_endpoint, run, job.name, job.data.dataset,
                     job.search.algorithm).load_state()
     methods = (job.retrain.method, *job.retrain.baselines)
     if ("retrain" in stages or "hpo" in stages) and "search" not in stages and "noah" in methods \

@@ -6,16 +6,7 @@ tables and state in :mod:`noah_ray.search.store`, the evaluation trainable in
   writes the ``trials`` / ``generations`` / ``pareto`` tables, ``best_subnet.yaml`` (what
   retraining reads) and returns a :class:`SearchResult`.
 
-Layout under ``<storage>/<job.name>/search/``::
-
-    trials/<run>-g0000.parquet ...   one file per closed generation (rewritten idempotently)
-    generations/<run>-g0000.parquet
-    pareto/<run>.parquet             the accuracy-vs-params front of the finished run
-    best_subnet.yaml                 the winner of the last finished run
-    runs/<run>/best_subnet.yaml      the winner of each run
-    state/<run>/                     searcher state: snapshot + a record appended per result (resume;
-                                     noah_ray.store.statelog; state/<run>.json is the older format)
-    tune/<run>-a<attempt>/           Ray Tune's experiment directories
+What the stage writes under ``<storage>/<job.name>/search/`` is described in :mod:`noah_ray.store.layout`.
 """
 
 from __future__ import annotations
@@ -91,11 +82,6 @@ class SearchResult:
     state_uri: str | None = None
 
 
-def search_location(job: JobConfig) -> storage.Location:
-    """``<storage>/<job.name>/search``: where :func:`run_search` writes."""
-    return JobPaths.of(job).search
-
-
 def load_best_subnet(job: JobConfig, run_name: str | None = None) -> SubnetConfig:
     """The winner of the job's last finished search (or of ``run_name``), as retraining uses it."""
     loc = JobPaths.of(job).best_subnet(run_name)
@@ -141,7 +127,7 @@ def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = Tr
     run = search_run_name(job, run_name)
     # the limit fails before anything is written
     resolved, limit = limit is not None, limit or param_limit(job, backbone_shape_of(job))
-    base = search_location(job)
+    base = JobPaths.of(job).search
     store = SearchStore(base.uri, job.storage_endpoint, run, job.name, job.data.dataset, s.algorithm)
     searcher = NoahSearcher.from_config(s, job.space, limit, store, hold_actors=s.hold_actors)
     prior = store.load_state()
@@ -183,7 +169,7 @@ def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = Tr
 def search_done(job: JobConfig, run_name: str | None = None) -> bool:
     """Whether the job's search run finished with a winner (so running it again only reads it)."""
     run = search_run_name(job, run_name)
-    store = SearchStore(search_location(job).uri, job.storage_endpoint, run, job.name, job.data.dataset,
+    store = SearchStore(JobPaths.of(job).search.uri, job.storage_endpoint, run, job.name, job.data.dataset,
                         job.search.algorithm)
     prior = store.load_state()
     want = json.loads(json.dumps(_settings(job)))

@@ -1,37 +1,68 @@
-"""Where everything of a job lives under ``<storage>/<job>/``: the one place that knows the layout.
+"""Where everything of a job lives under ``<storage>/<job>/``: the one place that knows the layout,
+and the one full description of it (other modules and docs/architecture.md point here).
 
 :class:`JobPaths` names every location (local path, ``file://`` or ``s3://`` alike, as
-:class:`~noah_ray.store.storage.Location`); the stages, the queries and the import/export code ask it
-instead of joining folder names themselves.  :data:`TABLE_STAGES` says which stage folder holds
-each result table (schemas: :mod:`noah_ray.store.tables`).  Every table is a folder of Parquet parts,
-``<stage>/<table>/<part>.parquet``, one per ``storage.append_table`` call::
+:class:`~noah_ray.store.storage.Location`; ``JobPaths.of(job)`` or ``JobPaths.at(storage, name,
+endpoint)``); the stages, the queries and the import/export code ask it instead of joining folder
+names themselves.  :data:`TABLE_STAGES` says which stage folder holds each result table (schemas:
+:mod:`noah_ray.store.tables`).  Every table is a folder of Parquet parts,
+``<stage>/<table>/<part>.parquet``, one per ``storage.append_table`` call, never rewritten::
 
     <storage>/<job>/
-      lease.json                       the holder of the running command        JobPaths.lease
-      backbone.safetensors             only when model.checkpoint is unset      JobPaths.backbone
-      supernet/                        Ray Train run "supernet"                 JobPaths.supernet()
-        named/<name>/                  a named supernet run, same layout        JobPaths.supernet(name)
-        spec.json, checkpoint_e*/, final/ (model.safetensors + meta.json)      JobPaths.supernet_final()
-        train_metrics/<run>-e00005.parquet
-      search/                                                                   JobPaths.search
-        trials/, generations/, pareto/ tables
-        best_subnet.yaml               winner of the last finished run          JobPaths.best_subnet()
-        runs/<run>/best_subnet.yaml    winner of each run                       JobPaths.best_subnet(run)
-        state/<run>/                   searcher state (noah_ray.store.statelog)       JobPaths.search_state(run)
-        state/<run>.json               format 1 (older), still read             JobPaths.search_state_v1(run)
-        tune/<run>-a<attempt>/         Ray Tune experiments                     JobPaths.search_tune
-      hpo/                                                                      JobPaths.hpo
-        hpo_trials/, hpo_curves/ tables
-        <method>/settings.json, <method>/best.json                             JobPaths.hpo_method(m)
-        tune/<method>/                                                          JobPaths.hpo_tune
-      retrain/                                                                  JobPaths.retrain
-        runs/, train_metrics/ tables
-        <run>/best/, <run>/final/      run = <method>-seed<k>: latest finished  JobPaths.retrain_run(run)
-        <run>/<fp>/                    one Ray Train run per config fingerprint JobPaths.retrain_config(run, fp)
+      lease.json                       the holder of the running command (host, pid,   JobPaths.lease
+                                       since); deleted on a clean exit (store.lease)
+      backbone.safetensors             only when model.checkpoint is unset             JobPaths.backbone
+                                       (nn.models.ensure_backbone, fixed seed)
+      supernet/                        Ray Train run "supernet"                        JobPaths.supernet()
+        spec.json                      what the run trains; a re-run with other settings fails fast
+        checkpoint_e00004/             after the 5th epoch: trainable.safetensors, optimizer.safetensors,
+                                       rng_rank<k>.safetensors, state.json (nn.optim; newest kept)
+        final/                         model.safetensors + meta.json (what           JobPaths.supernet_final()
+                                       nn.models.load_supernet reads)
+        error.json                     a worker's non-retryable error, for the driver (train.worker)
+        train_metrics/<run>-e00005.parquet   one part per epoch (numbered from 1), a row per evaluated subnet
+        named/<name>/                  a named supernet run, same layout but its   JobPaths.supernet(name)
+                                       train_metrics parts go to supernet/train_metrics/<name>-e*.parquet
+      search/                                                                          JobPaths.search
+        trials/<run>-g0000.parquet     one part per closed generation (rewritten idempotently)
+        generations/<run>-g0000.parquet
+        pareto/<run>.parquet           the accuracy-vs-params front of a finished run
+        best_subnet.yaml               winner of the last finished run (what         JobPaths.best_subnet()
+                                       retraining reads)
+        runs/<run>/best_subnet.yaml    winner of each run                            JobPaths.best_subnet(run)
+        state/<run>/                   searcher state (noah_ray.store.statelog)      JobPaths.search_state(run)
+          snapshot.json                {"format": 2, "seq": N, "state": {...}}
+          log.jsonl                    local storage: one delta per line
+          log/<i:012d>.json            object stores: one delta per object
+        state/<run>.json               format 1 (older), read when no snapshot exists JobPaths.search_state_v1(run)
+        tune/<run>-a<attempt>/         Ray Tune experiment directories               JobPaths.search_tune
+      hpo/                                                                             JobPaths.hpo
+        hpo_trials/<method>-<trial>.parquet         one row per ended trial
+        hpo_curves/<method>-<trial>-e00003.parquet  one row per trial epoch (what ASHA saw)
+        <method>/settings.json         what the search started with (a re-run must   JobPaths.hpo_method(m)
+                                       match)
+        <method>/best.json             the chosen values, once every trial has ended
+        tune/<method>/                 Ray Tune's experiment and the trials'         JobPaths.hpo_tune
+                                       checkpoints
+      retrain/                                                                         JobPaths.retrain
+        runs/<run>-<fp>.parquet        one row per finished run (config_json, val/test accuracy, hpo_json)
+        train_metrics/<run>-<fp>-e00005.parquet
+        <run>/best/, <run>/final/      run = <method>-seed<k>: copies of the latest  JobPaths.retrain_run(run)
+                                       finished config (train.runs._publish)
+        <run>/<fp>/                    one Ray Train run per config fingerprint:     JobPaths.retrain_config(run, fp)
+                                       spec.json, checkpoint_e*/, best/ (best-on-val weights), final/, error.json
 
-``meta.json`` (next to ``model.safetensors`` in every ``final/`` and ``best/``) records the run's
-``method`` and whether it trained the backbone (``backbone_trained``); :func:`backbone_trained`
-reads that, and for files from before the key existed falls back to the run name.
+Ray Train and Tune add their own bookkeeping files inside their run folders.  On S3,
+``storage.tidy`` removes the directory markers pyarrow and Ray leave behind after each stage.
+MLflow runs (``store.tracking``) go to the MLflow server, not into this tree.
+
+There is no job-level ``meta.json``.  ``meta.json`` sits next to ``model.safetensors`` in every
+``final/`` and ``best/`` (and in exported artifacts; ``storage.save_state``) and is written last,
+so a folder without it counts as incomplete.  It records the run's ``method``, whether it trained
+the backbone (``backbone_trained``; :func:`backbone_trained` reads it, and for files from before the
+key existed falls back to the method, then to the run name) and its ``subnet`` as
+``SubnetConfig.to_dict()``.  A sweep (``run.sweep``) puts each job at
+``<storage>/<name>-<dataset>[-<k>shot][-seed<s>]/`` with this same layout.
 """
 
 from __future__ import annotations

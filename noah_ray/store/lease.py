@@ -117,15 +117,11 @@ def release(loc: storage.Location, lease: Lease) -> None:
         loc.fs.delete_file(loc.path)
 
 
-def location(storage_uri: str, endpoint: str | None, job: str) -> storage.Location:
-    return JobPaths.at(storage_uri, job, endpoint).lease
-
-
 @contextlib.contextmanager
 def hold(storage_uri: str, endpoint: str | None, job: str, *, timeout_s: float | None = None) -> Iterator[Lease]:
     """Hold the job's lease for the ``with`` block, renewing it in the background."""
     timeout_s = _timeout() if timeout_s is None else timeout_s
-    loc = location(storage_uri, endpoint, job)
+    loc = JobPaths.at(storage_uri, job, endpoint).lease
     lease = acquire(loc, job, timeout_s=timeout_s)
     stop = threading.Event()
 

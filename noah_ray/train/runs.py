@@ -1,27 +1,12 @@
 """The Ray Train stages on the driver: supernet training, subnet retraining and the baselines.
 
 Each stage is a Ray Train ``TorchTrainer`` (DDP: gloo on CPU, nccl on GPU) running
-:func:`noah_ray.train.train_loop` on every worker, described by a
-:class:`~noah_ray.train.RunSpec`; its run directory lives in the job's storage (a local
+:func:`noah_ray.train.worker.train_loop` on every worker, described by a
+:class:`~noah_ray.train.worker.RunSpec`; its run directory lives in the job's storage (a local
 directory or ``s3://``).  The stages take the job as :func:`noah_ray.run.preflight.resolve` checked
-it (a :class:`~noah_ray.run.preflight.ResolvedJob`); given a plain :class:`JobConfig` they resolve
-it once themselves.  Storage layout under ``<storage>/<job.name>/``::
-
-    backbone.safetensors                frozen backbone, written once when model.checkpoint is unset
-    supernet/                           Ray Train run of the supernet (RunConfig(name="supernet"))
-      spec.json                         what the run trains; a re-run with other settings fails fast
-      checkpoint_e00004/                trainable.safetensors, optimizer.safetensors, state.json,
-                                        rng_rank<k>.safetensors (the newest keep_checkpoints kept)
-      final/                            model.safetensors + meta.json: what models.load_supernet reads
-      train_metrics/<run>-e00005.parquet   one file per epoch (numbered from 1), one row per evaluated subnet
-      named/<name>/                     a named supernet run (train_supernet(run_name=...)), same layout
-    retrain/
-      runs/<run>-<fp>.parquet           one row per finished run (val-selected epoch, test once)
-      train_metrics/<run>-<fp>-e00005.parquet
-      <run>/                            run = <method>-seed<k>: the latest finished config of this run
-        best/, final/                     best-on-val weights; last weights + meta.json (test accuracy)
-        <fp>/                           Ray Train run of one config (fp: hash of subnet + hyper-parameters)
-          spec.json, checkpoint_e*/, best/, final/
+it (a :class:`~noah_ray.config.resolved.ResolvedJob`); a plain :class:`JobConfig` is refused, naming
+that call.  What the runs write under ``<storage>/<job.name>/`` (``supernet/``,
+``retrain/``, ``backbone.safetensors``) is described in :mod:`noah_ray.store.layout`.
 
 Re-running a stage resumes from its last checkpoint (same RunConfig name and storage); a finished
 one returns at once.  A worker that dies is restarted (``FailureConfig``) and continues from the
@@ -45,7 +30,7 @@ from noah_ray import progress
 from noah_ray.config import JobConfig
 from noah_ray.config.resolved import ResolvedJob, resolved
 from noah_ray.errors import ConfigError
-from noah_ray.nn.models import build_model, ensure_backbone, job_root, subnet_for
+from noah_ray.nn.models import build_model, ensure_backbone, subnet_for
 from noah_ray.nn.prune import PrunePlan, prune
 from noah_ray.space import SubnetConfig
 from noah_ray.space.recipes import LEGACY, RECIPES, recorded
@@ -121,7 +106,7 @@ def _fit(run: RunSpec) -> dict:
     from ray.train import TrainingFailedError
 
     job = run.job
-    loc = job_root(job).join(run.run_dir)
+    loc = JobPaths.of(job).root.join(run.run_dir)
     _check_spec(loc, run.spec)
     final = loc.join("final", "meta.json")
     if storage.exists(final):
@@ -137,7 +122,7 @@ def _fit(run: RunSpec) -> dict:
     if storage.exists(error):                    # left by an earlier attempt whose cause may be fixed now
         loc.fs.delete_file(error.path)
     try:
-        with storage.tidy(job_root(job)):
+        with storage.tidy(JobPaths.of(job).root):
             _trainer(run, loc).fit()
         if storage.exists(error):
             raise ConfigError(json.loads(storage.read_text(error))["error"])

@@ -38,11 +38,12 @@ from noah_ray.config import JobConfig, TrainConfig
 from noah_ray.errors import ConfigError
 from noah_ray.nn import optim
 from noah_ray.nn.epoch import make_optimizer, train_epoch
-from noah_ray.nn.models import build_model, evaluate, job_root
+from noah_ray.nn.models import build_model, evaluate
 from noah_ray.nn.prune import PrunePlan, apply_plan
 from noah_ray.nn.supernet import PromptedViT
 from noah_ray.space import SearchSpace, SubnetConfig
 from noah_ray.store import storage, tracking
+from noah_ray.store.layout import JobPaths
 
 ERROR_FILE = "error.json"                 # a worker's non-retryable error, for the driver
 
@@ -110,7 +111,7 @@ class Worker:
 
     @property
     def run_dir(self) -> storage.Location:
-        return job_root(self.run.job).join(self.run.run_dir)
+        return JobPaths.of(self.run.job).root.join(self.run.run_dir)
 
 
 # ----------------------------------------------------------------------------- subnets per step
@@ -153,7 +154,7 @@ def train_loop(config: dict) -> None:
     import ray.train
 
     run = RunSpec.from_dict(config)
-    marker = job_root(run.job).join(run.run_dir, ERROR_FILE)
+    marker = JobPaths.of(run.job).root.join(run.run_dir, ERROR_FILE)
     try:
         if storage.exists(marker):
             raise ConfigError(json.loads(storage.read_text(marker))["error"])
@@ -260,7 +261,7 @@ def _epoch(w: Worker, epoch: int, start: int, state: dict, session_t0: float) ->
     last = epoch + 1 == tc.epochs
     val = _evaluate(w, epoch, state, metrics) if w.rank == 0 and ((epoch + 1) % tc.eval_every == 0 or last) else {}
     if w.rank == 0:
-        _write_metrics(job_root(run.job).join(run.stage), run, metrics, val)
+        _write_metrics(JobPaths.of(run.job).root.join(run.stage), run, metrics, val)
         tracking.log_metrics(run.tracking, metrics, step=metrics["epoch"])
         _progress(run, epoch, start, metrics, val, state, time.time() - session_t0, elapsed)
     state["epoch"] = epoch
