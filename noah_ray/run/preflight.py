@@ -198,7 +198,8 @@ def check_checkpoint(job: JobConfig, num_classes: int) -> None:
 def check_artifacts(job: JobConfig, stages: tuple[str, ...]) -> None:
     """What this command reads from earlier stages exists and is intact."""
     from noah_ray.nn.models import supernet_recovery
-    from noah_ray.search.driver import SearchStore, load_best_subnet, search_run_name
+    from noah_ray.search.driver import load_best_subnet, search_run_name
+    from noah_ray.search.store import SearchStore
 
     final = JobPaths.of(job).supernet_final()
     if "search" in stages:
