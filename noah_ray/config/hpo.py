@@ -89,8 +89,8 @@ class HpoConfig:
     max_concurrent: int = 2
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0           # fractions share a GPU, e.g. 0.25
-    searcher: str = "tpe"                 # tpe | random | grid
-    scheduler: str = "asha"               # asha | fifo
+    searcher: str = "tpe"                 # tpe | random | grid (HPO_SEARCHERS)
+    scheduler: str = "asha"               # asha | fifo (HPO_SCHEDULERS)
     grace_period: int = 1                 # ASHA: epochs before the first stop decision
     reduction_factor: float = 4.0         # ASHA: keep the top 1/reduction_factor at each rung
     metric: str = "val_acc"               # val_acc (max) | val_loss (min), reported every epoch

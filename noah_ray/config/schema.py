@@ -345,6 +345,5 @@ def hpo_module(path: str) -> str | None:
     section, _, key = path.partition(".")
     if section != "model":
         return None
-    meta = {f.name: f.metadata for f in dataclasses.fields(ModelConfig)}.get(key, {})
-    module = meta.get("module")
+    module = next((f.metadata.get("module") for f in dataclasses.fields(ModelConfig) if f.name == key), None)
     return module if isinstance(module, str) else None
