@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from noah_ray.cli import commands as cli_commands
+from noah_ray.config.job import STAGES
 from noah_ray.errors import ConfigError, RunError
+from noah_ray.space.methods import method_help
 
-#: the stages each stage command runs
-STAGE_COMMANDS = {"pipeline": ("supernet", "search", "hpo", "retrain"), "supernet": ("supernet",),
-                  "search": ("search",), "retrain": ("retrain",), "hpo": ("hpo",)}
+#: the stages each stage command runs: ``pipeline`` all of them in order, each stage its own
+STAGE_COMMANDS: dict[str, tuple[str, ...]] = {"pipeline": STAGES, **{s: (s,) for s in STAGES}}
 _STAGE_DOCS = {"pipeline": "supernet -> search -> [hpo ->] retrain (each stage resumes)",
                "supernet": "train the supernet (resumes from its last checkpoint)",
                "search": "evolutionary search on the trained supernet (resumes; nothing is scored twice)",
@@ -244,7 +245,7 @@ def add_stage_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     if command in ("retrain", "hpo"):
         p.add_argument("--subnet", help="subnet file to retrain (default: the search's best_subnet.yaml)")
-        p.add_argument("--method", help="noah or a baseline: linear, full, vpt, adapter, lora, e2vpt"
+        p.add_argument("--method", help=method_help()
                        + (" (default: retrain.method and every baseline)" if command == "hpo" else ""))
     p.set_defaults(func=_stage_command, stage_command=command)
 

@@ -17,7 +17,7 @@ from noah_ray.config.hpo import (
                                  HpoParam,
                                  hpo_default,
 )
-from noah_ray.config.job import JobConfig
+from noah_ray.config.job import STAGES, JobConfig
 from noah_ray.config.schema import (
                                  HPO_ALIASES,
                                  HPO_RETRAIN_KEYS,
@@ -25,6 +25,7 @@ from noah_ray.config.schema import (
                                  PRUNE_SCORES,
                                  SAMPLING_RULES,
                                  SEARCH_ALGORITHMS,
+                                 SEARCH_ENGINES,
                                  TRAIN_SECTIONS,
                                  DataConfig,
                                  ModelConfig,
@@ -34,12 +35,13 @@ from noah_ray.config.schema import (
                                  SupernetConfig,
                                  TrainConfig,
                                  hpo_is_int,
+                                 hpo_module,
                                  hpo_path,
 )
 from noah_ray.config.tracking import MlflowConfig, TrackingConfig
 
 __all__ = ["HPO_ALIASES", "HPO_DEFAULT_RANGES", "HPO_DEFAULT_SPACE", "HPO_METHOD_RANGES", "HPO_METRICS",
            "HPO_RETRAIN_KEYS", "HPO_SCHEDULERS", "HPO_SEARCHERS", "PRUNABLE", "PRUNE_SCORES", "SAMPLING_RULES",
-           "SEARCH_ALGORITHMS", "TRAIN_SECTIONS", "DataConfig", "HpoConfig", "HpoParam", "JobConfig", "MlflowConfig",
-           "ModelConfig", "PruneConfig", "RetrainConfig", "SearchConfig", "SupernetConfig", "TrackingConfig",
-           "TrainConfig", "hpo_default", "hpo_is_int", "hpo_path"]
+           "SEARCH_ALGORITHMS", "SEARCH_ENGINES", "STAGES", "TRAIN_SECTIONS", "DataConfig", "HpoConfig", "HpoParam",
+           "JobConfig", "MlflowConfig", "ModelConfig", "PruneConfig", "RetrainConfig", "SearchConfig",
+           "SupernetConfig", "TrackingConfig", "TrainConfig", "hpo_default", "hpo_is_int", "hpo_module", "hpo_path"]

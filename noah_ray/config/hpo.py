@@ -12,8 +12,14 @@ from noah_ray.config.schema import hpo_path
 from noah_ray.config.sections import positive, section_from_dict, type_ok
 from noah_ray.errors import ConfigError
 
-HPO_SEARCHERS: tuple[str, ...] = ("tpe", "random", "grid")
-HPO_SCHEDULERS: tuple[str, ...] = ("asha", "fifo")
+#: ``hpo.searcher`` / ``hpo.scheduler`` names and the factory each names (``factory(hpo)`` /
+#: ``factory(hpo, epochs)`` -> Ray Tune's searcher / scheduler), imported when a search starts
+#: (:mod:`noah_ray.config.entries`)
+HPO_SEARCHERS: dict[str, str] = {"tpe": "noah_ray.hpo.driver:tpe_searcher",
+                                 "random": "noah_ray.hpo.driver:variant_searcher",
+                                 "grid": "noah_ray.hpo.driver:variant_searcher"}
+HPO_SCHEDULERS: dict[str, str] = {"asha": "noah_ray.hpo.driver:asha_scheduler",
+                                  "fifo": "noah_ray.hpo.driver:fifo_scheduler"}
 HPO_METRICS: dict[str, str] = {"val_acc": "max", "val_loss": "min"}
 
 
@@ -83,8 +89,8 @@ class HpoConfig:
     max_concurrent: int = 2
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0           # fractions share a GPU, e.g. 0.25
-    searcher: str = "tpe"                 # tpe | random | grid
-    scheduler: str = "asha"               # asha | fifo
+    searcher: str = "tpe"                 # tpe | random | grid (HPO_SEARCHERS)
+    scheduler: str = "asha"               # asha | fifo (HPO_SCHEDULERS)
     grace_period: int = 1                 # ASHA: epochs before the first stop decision
     reduction_factor: float = 4.0         # ASHA: keep the top 1/reduction_factor at each rung
     metric: str = "val_acc"               # val_acc (max) | val_loss (min), reported every epoch

@@ -43,6 +43,10 @@ from noah_ray.errors import ConfigError
 from noah_ray.security import safe_name
 from noah_ray.space import SearchSpace, yaml_problem
 
+#: the job's stages, in pipeline order: each reads the job section of its name and writes the stage
+#: folder of its name (:mod:`noah_ray.store.layout`); ``hpo`` runs only with an ``hpo`` section
+STAGES: tuple[str, ...] = ("supernet", "search", "hpo", "retrain")
+
 
 @dataclass
 class JobConfig:

@@ -7,6 +7,7 @@ with the schema it reflects; :class:`noah_ray.config.job.JobConfig` puts the sec
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import typing
 from collections.abc import Mapping
@@ -17,8 +18,10 @@ from noah_ray.config.sections import positive as _positive
 from noah_ray.config.sections import section_from_dict, type_ok, unknown_key
 from noah_ray.errors import ConfigError
 from noah_ray.space import recipes
-from noah_ray.space.kinds import PRUNABLE_KINDS
+from noah_ray.space.kinds import ADAPTER, KV_PROMPT, LORA, PRUNABLE_KINDS, VPT
+from noah_ray.space.methods import default_recipe
 from noah_ray.space.recipes import Recipe
+from noah_ray.space.sampling import SAMPLING
 
 #: short names of the tunable settings; any numeric ``model.*`` key and ``retrain.{lr, weight_decay,
 #: warmup_epochs, min_lr}`` may also be named by its path (e.g. ``model.prompt_dropout``)
@@ -57,28 +60,35 @@ class DataConfig:
             raise ConfigError(f"{where}.num_workers: {self.num_workers} must be >= 0 (0 loads in the main process)")
 
 
+def _of(module: str) -> dict[str, str]:
+    """Field metadata: the setting belongs to prompt module ``module`` (hpo tunes it only for the
+    methods that train that module, :func:`hpo_module`)."""
+    return {"module": module}
+
+
 @dataclass
 class ModelConfig:
     name: str = "vit_base_patch16_224.augreg_in21k"
     checkpoint: str | None = None         # .npz (Google), .pth / .safetensors (timm); path or s3://
     drop_path_rate: float = 0.1
-    lora_scale: float = 1.0
-    kv_shared: bool | None = None         # one K/V prompt tensor (None: the recipe's)
+    lora_scale: float = field(default=1.0, metadata=_of(LORA))
+    kv_shared: bool | None = field(default=None, metadata=_of(KV_PROMPT))         # one K/V prompt tensor (None:
+                                                                                  # the recipe's)
     fused_attn: bool = True
     grad_checkpointing: bool = False
     precision: str = "fp32"               # fp32 | bf16 | fp16
     # recipe (noah_ray.recipes; docs/recipes.md): noah | e2vpt | modern; None: noah, and e2vpt for
     # the e2vpt baseline.  Each setting below overrides the recipe's value (None: the recipe's).
     recipe: str | None = None
-    adapter_act: str | None = None        # quick_gelu | gelu
-    lora_dropout: float | None = None     # on the LoRA input
-    prompt_dropout: float | None = None   # on the VPT tokens
-    adapter_dropout: float | None = None  # on the adapter's hidden layer
+    adapter_act: str | None = field(default=None, metadata=_of(ADAPTER))          # quick_gelu | gelu
+    lora_dropout: float | None = field(default=None, metadata=_of(LORA))          # on the LoRA input
+    prompt_dropout: float | None = field(default=None, metadata=_of(VPT))         # on the VPT tokens
+    adapter_dropout: float | None = field(default=None, metadata=_of(ADAPTER))    # on the adapter's hidden layer
     drop_path: str | None = None          # before_adapter (NOAH) | after_adapter
-    vpt_init: str | None = None           # xavier_tensor | vpt | xavier_token
-    adapter_init: str | None = None       # xavier | zero_up | vit
-    lora_init: str | None = None          # kaiming | vit
-    kv_init: str | None = None            # kaiming | xavier
+    vpt_init: str | None = field(default=None, metadata=_of(VPT))                 # xavier_tensor | vpt | xavier_token
+    adapter_init: str | None = field(default=None, metadata=_of(ADAPTER))         # xavier | zero_up | vit
+    lora_init: str | None = field(default=None, metadata=_of(LORA))               # kaiming | vit
+    kv_init: str | None = field(default=None, metadata=_of(KV_PROMPT))            # kaiming | xavier
     prune_pieces: str | None = None       # strided | contiguous (E2VPT pruning segments)
     prune_shared: bool | None = None      # one pruning mask for all layers
     param_count: str | None = None        # exact | noah (the count search.param_limit applies to)
@@ -95,12 +105,12 @@ class ModelConfig:
 
     def resolved_recipe(self, method: str = "noah") -> Recipe:
         """The recipe this model trains with (for retraining baseline ``method``), overrides applied."""
-        name = self.recipe or ("e2vpt" if method == "e2vpt" else "noah")
+        name = self.recipe or default_recipe(method)
         return recipes.resolve(name, **{k: getattr(self, k, None) for k in recipes.SETTINGS})
 
 
-#: supernet sampling rules (noah_ray.train.step_subnets)
-SAMPLING_RULES: tuple[str, ...] = ("uniform", "sandwich")
+#: supernet sampling rules by name (the registry itself, :data:`noah_ray.space.sampling.SAMPLING`)
+SAMPLING_RULES = SAMPLING
 
 
 @dataclass
@@ -165,8 +175,8 @@ class SupernetConfig(TrainConfig):
                                           # sandwich (largest + smallest + one random, BigNAS / AttentiveNAS)
 
     def check_own(self, where: str) -> None:
-        if self.sampling not in SAMPLING_RULES:
-            raise ConfigError(f"{where}.sampling: {self.sampling!r} unknown; use {' or '.join(SAMPLING_RULES)}")
+        if self.sampling not in SAMPLING:
+            raise ConfigError(f"{where}.sampling: {self.sampling!r} unknown; use {' or '.join(SAMPLING)}")
 
 
 @dataclass
@@ -179,12 +189,12 @@ class RetrainConfig(TrainConfig):
     epochs: int = 100
     lr: float = 1e-3
     seeds: tuple[int, ...] = (0,)         # one run per seed, reported as mean +- std
-    method: str = "noah"                  # noah | linear | full | vpt | adapter | lora | e2vpt
+    method: str = "noah"                  # a retraining method (noah_ray.space.methods.METHODS)
     subnet: str | None = None             # subnet file (default: the search's winner)
     baselines: tuple[str, ...] = ()       # baselines the pipeline trains beside NOAH (linear, vpt, ...)
     baseline_widths: dict[str, dict[str, int]] = field(default_factory=dict)
                                           # per-baseline uniform widths replacing the defaults
-                                          # (noah_ray.models.BASELINE_WIDTHS), e.g. {vpt: {vpt: 50}}
+                                          # (noah_ray.space.methods.METHODS), e.g. {vpt: {vpt: 50}}
     method_lr: dict[str, float] = field(default_factory=dict)
                                           # per-method learning rate overriding `lr`, e.g. {full: 1.0e-4}
     init: str | None = None               # (noah) start from these weights, a subnet artifact
@@ -241,14 +251,22 @@ class PruneConfig:
         object.__setattr__(self, "modules", tuple(self.modules))
 
 
-#: search algorithms (``noah_ray.evolution.ENGINES``): evolution is NOAH's generational search,
-#: aging the asynchronous (barrier-free) regularized evolution
-SEARCH_ALGORITHMS: tuple[str, ...] = ("evolution", "aging", "random", "optuna")
+#: the search algorithms (``search.algorithm``) and the engine class each names, imported when a
+#: search starts (:func:`noah_ray.evolution.engine_for`; :mod:`noah_ray.config.entries`): evolution
+#: is NOAH's generational search, aging the asynchronous (barrier-free) regularized evolution
+SEARCH_ENGINES: dict[str, str] = {
+    "evolution": "noah_ray.evolution.generational:EvolutionEngine",
+    "aging": "noah_ray.evolution.aging:AgingEvolutionEngine",
+    "random": "noah_ray.evolution.random_search:RandomEngine",
+    "optuna": "noah_ray.evolution.nsga2:NSGA2Engine",
+}
+#: the algorithm names (the registry itself: its keys)
+SEARCH_ALGORITHMS = SEARCH_ENGINES
 
 
 @dataclass
 class SearchConfig:
-    algorithm: str = "evolution"          # evolution | aging | random | optuna
+    algorithm: str = "evolution"          # evolution | aging | random | optuna (SEARCH_ENGINES)
     generations: int = 20
     population: int = 50
     top_k: int = 10
@@ -273,9 +291,9 @@ class SearchConfig:
                                           # members (0: top_k parents)
 
     def check(self, where: str) -> None:
-        if self.algorithm not in SEARCH_ALGORITHMS:
-            raise ConfigError(f"{where}.algorithm: {self.algorithm!r} unknown; use "
-                              f"{', '.join(SEARCH_ALGORITHMS[:-1])} or {SEARCH_ALGORITHMS[-1]}")
+        if self.algorithm not in SEARCH_ENGINES:
+            *others, last = SEARCH_ENGINES
+            raise ConfigError(f"{where}.algorithm: {self.algorithm!r} unknown; use {', '.join(others)} or {last}")
         _positive(where, generations=self.generations, population=self.population, top_k=self.top_k,
                   param_limit=self.param_limit, max_concurrent=self.max_concurrent)
         if self.top_k > self.population:
@@ -319,3 +337,13 @@ def hpo_is_int(path: str) -> bool:
     section, _, key = path.partition(".")
     cls = ModelConfig if section == "model" else RetrainConfig
     return typing.get_type_hints(cls)[key] is int
+
+
+def hpo_module(path: str) -> str | None:
+    """The prompt module the setting at ``path`` belongs to (its field's ``module`` metadata, e.g.
+    ``model.lora_scale`` -> ``lora``); None for settings every method has (``retrain.lr``)."""
+    section, _, key = path.partition(".")
+    if section != "model":
+        return None
+    module = next((f.metadata.get("module") for f in dataclasses.fields(ModelConfig) if f.name == key), None)
+    return module if isinstance(module, str) else None

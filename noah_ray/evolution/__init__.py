@@ -28,6 +28,8 @@ One module per concept: :mod:`.candidate` (``Candidate``, ``ParamLimit``, ``pare
 :mod:`.nsga2`, :mod:`.random_search`, :mod:`.objective`; the registry :data:`ENGINES` is here.
 """
 
+from noah_ray.config.entries import load_entry
+from noah_ray.config.schema import SEARCH_ENGINES
 from noah_ray.evolution.aging import AgingEvolutionEngine
 from noah_ray.evolution.candidate import (
                                           ATTEMPT_KEYS,
@@ -46,10 +48,19 @@ from noah_ray.evolution.objective import TargetObjective
 from noah_ray.evolution.random_search import RandomEngine
 from noah_ray.space.budget import ParamLimit
 
-#: the engines by ``search.algorithm`` (``ENGINES[name].from_config(search, space, limit)``)
-ENGINES: dict[str, type[SearchEngine]] = {"evolution": EvolutionEngine, "random": RandomEngine,
-                                          "optuna": NSGA2Engine, "aging": AgingEvolutionEngine}
+
+def engine_for(algorithm: str) -> type[SearchEngine]:
+    """The engine class of ``search.algorithm`` (``engine_for(name).from_config(search, space, limit)``),
+    the one :data:`noah_ray.config.schema.SEARCH_ENGINES` names."""
+    cls = load_entry(SEARCH_ENGINES[algorithm])
+    if not (isinstance(cls, type) and issubclass(cls, SearchEngine)):
+        raise TypeError(f"search algorithm {algorithm!r}: {SEARCH_ENGINES[algorithm]} is not a SearchEngine")
+    return cls
+
+
+#: the engines by ``search.algorithm``, in the order of :data:`~noah_ray.config.schema.SEARCH_ENGINES`
+ENGINES: dict[str, type[SearchEngine]] = {name: engine_for(name) for name in SEARCH_ENGINES}
 
 __all__ = ["ATTEMPT_KEYS", "DONE", "ENGINES", "FAILED", "QUEUED", "RUNNING", "STATE_VERSION",
            "AgingEvolutionEngine", "Candidate", "EvolutionEngine", "GenerationRecord", "NSGA2Engine", "ParamLimit",
-           "RandomEngine", "SearchEngine", "TargetObjective", "apply_deltas", "pareto_front"]
+           "RandomEngine", "SearchEngine", "TargetObjective", "apply_deltas", "engine_for", "pareto_front"]

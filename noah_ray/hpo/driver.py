@@ -26,15 +26,16 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ray import tune
 
 from noah_ray import progress
-from noah_ray.config import HPO_METRICS, HpoConfig, HpoParam, JobConfig, hpo_is_int
+from noah_ray.config import HPO_METRICS, HPO_SCHEDULERS, HPO_SEARCHERS, HpoConfig, HpoParam, JobConfig, hpo_is_int
+from noah_ray.config.entries import load_entry
 from noah_ray.config.resolved import ResolvedJob, resolved
+from noah_ray.config.schema import hpo_module
 from noah_ray.errors import ConfigError, RunError
 from noah_ray.hpo.trial import TrialRecorder, TrialTables, fmt_values, hpo_trial
 from noah_ray.security import tune_without_credentials
@@ -42,19 +43,11 @@ from noah_ray.space import SubnetConfig
 from noah_ray.store import storage, tracking
 from noah_ray.store.layout import JobPaths
 
-#: which module a setting belongs to, by a word in its key (it is tuned only where that module trains)
-MODULE_WORDS: tuple[tuple[str, str], ...] = (("lora", "lora"), ("adapter", "adapter"), ("kv", "kv_prompt"),
-                                             ("prompt", "vpt"), ("vpt", "vpt"))
 #: HpoConfig keys that may change between a run and its resumption (resources, not results)
 _RESOURCE_KEYS = ("max_concurrent", "cpus_per_trial", "gpus_per_trial", "trial_retries")
 
 
 # ====================================================================== the space
-def _module_of(path: str) -> str | None:
-    key = path.partition(".")[2]
-    return next((m for word, m in MODULE_WORDS if word in key), None)
-
-
 def space_for(job: JobConfig, method: str, cfg: SubnetConfig) -> dict[str, HpoParam]:
     """The tuned settings of ``method`` (config path -> range): ``hpo.space`` with
     ``hpo.method_space[method]``, minus the settings of modules the method does not train (no
@@ -62,7 +55,7 @@ def space_for(job: JobConfig, method: str, cfg: SubnetConfig) -> dict[str, HpoPa
     active = set(cfg.active_modules())
     out = {}
     for path, p in job.hpo.params(method).items():
-        module = _module_of(path)
+        module = hpo_module(path)
         if p.methods is not None:
             keep = method in p.methods
         else:
@@ -99,7 +92,8 @@ def param_space(space: dict[str, HpoParam], h: HpoConfig) -> dict[str, Any]:
 
 
 # ====================================================================== searchers and schedulers
-def _tpe(h: HpoConfig):
+# the factories config.HPO_SEARCHERS / HPO_SCHEDULERS name
+def tpe_searcher(h: HpoConfig):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -107,28 +101,33 @@ def _tpe(h: HpoConfig):
     return OptunaSearch(sampler=optuna.samplers.TPESampler(n_startup_trials=startup, seed=h.seed))
 
 
-def _variants(h: HpoConfig):
+def variant_searcher(h: HpoConfig):
     from ray.tune.search import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=h.seed, max_concurrent=h.max_concurrent)
 
 
-def _asha(h: HpoConfig, epochs: int):
+def asha_scheduler(h: HpoConfig, epochs: int):
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(h.grace_period, epochs),
                          reduction_factor=h.reduction_factor)
 
 
-def _fifo(h: HpoConfig, epochs: int):
+def fifo_scheduler(h: HpoConfig, epochs: int):
     from ray.tune.schedulers import FIFOScheduler
 
     return FIFOScheduler()
 
 
-#: searcher name -> factory (Tune's own search algorithms), scheduler name -> factory
-SEARCHERS: dict[str, Callable] = {"tpe": _tpe, "random": _variants, "grid": _variants}
-SCHEDULERS: dict[str, Callable] = {"asha": _asha, "fifo": _fifo}
+def tune_searcher(h: HpoConfig):
+    """Tune's search algorithm for ``hpo.searcher`` (the factory :data:`~noah_ray.config.HPO_SEARCHERS` names)."""
+    return load_entry(HPO_SEARCHERS[h.searcher])(h)
+
+
+def tune_scheduler(h: HpoConfig, epochs: int):
+    """Tune's trial scheduler for ``hpo.scheduler`` (the factory :data:`~noah_ray.config.HPO_SCHEDULERS` names)."""
+    return load_entry(HPO_SCHEDULERS[h.scheduler])(h, epochs)
 
 
 # ====================================================================== the driver
@@ -208,8 +207,8 @@ def _tuner(job: JobConfig, method: str, trainable, space: dict[str, HpoParam], t
         callbacks=[TrialRecorder(tables), *callbacks], failure_config=tune.FailureConfig(max_failures=h.trial_retries),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     tune_config = tune.TuneConfig(
-        metric=h.metric, mode=HPO_METRICS[h.metric], search_alg=SEARCHERS[h.searcher](h),
-        scheduler=SCHEDULERS[h.scheduler](h, epochs), num_samples=1 if h.searcher == "grid" else h.trials,
+        metric=h.metric, mode=HPO_METRICS[h.metric], search_alg=tune_searcher(h),
+        scheduler=tune_scheduler(h, epochs), num_samples=1 if h.searcher == "grid" else h.trials,
         max_concurrent_trials=h.max_concurrent if h.searcher == "tpe" else None,   # variants limit themselves
         reuse_actors=True)
     return tune.Tuner(trainable, param_space=param_space(space, h), tune_config=tune_config, run_config=run_config)

@@ -20,6 +20,7 @@ from ray import tune
 from noah_ray import progress
 from noah_ray.config import HPO_METRICS, JobConfig
 from noah_ray.space import SubnetConfig
+from noah_ray.space.methods import trains_backbone
 from noah_ray.store import storage
 
 
@@ -159,7 +160,7 @@ def hpo_trial(config: dict, job: dict, method: str, subnet: str, backbone: str |
     device = torch.device("cuda" if h.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
     torch.manual_seed(h.seed)
     model = build_model(tuned, SubnetConfig.from_json(subnet), backbone, num_classes,
-                        train_backbone=method == "full", method=method).to(device)   # the method's recipe
+                        train_backbone=trains_backbone(method), method=method).to(device)   # the method's recipe
     train, val = _loaders(tuned, model)
     tc = tuned.retrain
     opt, sched, scaler = make_optimizer(model, tc, tc.method_lr.get(method, tc.lr), len(train), device,

@@ -9,7 +9,8 @@ module for this.
 Baselines are fixed configs trained by the same loop (widths overridable with
 ``retrain.baseline_widths``, learning rate with ``retrain.method_lr``): ``linear`` (head only),
 ``full`` (backbone + head), ``vpt`` (VPT-Deep, 10 tokens per layer), ``adapter`` (bottleneck 8),
-``lora`` (rank 8 on q, k, v), ``e2vpt`` (5 visual + 5 key/value prompts per layer).
+``lora`` (rank 8 on q, k, v), ``e2vpt`` (5 visual + 5 key/value prompts per layer); the methods,
+their widths and whether the backbone trains are the registry :data:`noah_ray.space.methods.METHODS`.
 """
 
 from __future__ import annotations
@@ -24,16 +25,14 @@ from noah_ray.errors import ConfigError
 from noah_ray.nn.backbones import create_backbone
 from noah_ray.nn.supernet import PromptedViT
 from noah_ray.space import SubnetConfig
+from noah_ray.space.methods import METHODS, baseline_widths, baselines
 from noah_ray.space.recipes import Recipe, recorded
 from noah_ray.store import storage
 from noah_ray.store.layout import JobPaths
 
-METHODS = ("noah", "linear", "full", "vpt", "adapter", "lora", "e2vpt")
-
-#: uniform per-layer widths of the baselines (VPT-Deep 10 tokens, Adapter 8, LoRA rank 8, E2VPT 5 + 5)
-BASELINE_WIDTHS: dict[str, dict[str, int]] = {
-    "linear": {}, "full": {}, "vpt": {"vpt": 10}, "adapter": {"adapter": 8}, "lora": {"lora": 8},
-    "e2vpt": {"vpt": 5, "kv_prompt": 5}}
+#: uniform per-layer widths of the baselines at import (VPT-Deep 10 tokens, Adapter 8, LoRA rank 8,
+#: E2VPT 5 + 5), from the method registry :data:`noah_ray.space.methods.METHODS` (which is read live)
+BASELINE_WIDTHS: dict[str, dict[str, int]] = baseline_widths()
 BACKBONE_SEED = 0
 
 
@@ -66,18 +65,18 @@ def subnet_for(method: str, job: JobConfig, subnet: SubnetConfig | None) -> Subn
     if method not in METHODS:
         raise ConfigError(f"method {method!r} unknown; use one of {', '.join(METHODS)}")
     layers = job.space.num_layers
-    if method == "noah":
+    if METHODS[method].searched:
         if subnet is None:
             raise ConfigError("retraining NOAH needs a subnet (the search's best_subnet.yaml or retrain.subnet)")
         if subnet.num_layers != layers:
             raise ConfigError(f"subnet has {subnet.num_layers} layers, the job's space {layers}; "
                               f"give one width per backbone layer")
         return subnet
-    widths = {**BASELINE_WIDTHS[method], **job.retrain.baseline_widths.get(method, {})}
-    unknown = sorted(set(job.retrain.baseline_widths) - set(BASELINE_WIDTHS))
+    widths = {**METHODS[method].widths, **job.retrain.baseline_widths.get(method, {})}
+    unknown = sorted(set(job.retrain.baseline_widths) - set(baselines()))
     if unknown:
         raise ConfigError(f"retrain.baseline_widths: {unknown[0]!r} is not a baseline; "
-                          f"use {', '.join(BASELINE_WIDTHS)}")
+                          f"use {', '.join(baselines())}")
     return SubnetConfig.uniform(layers, **widths) if any(widths.values()) else SubnetConfig.empty(layers)
 
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from noah_ray import progress
-from noah_ray.config import JobConfig
+from noah_ray.config import STAGES, JobConfig
 from noah_ray.config.resolved import ResolvedJob
 from noah_ray.errors import ConfigError
 from noah_ray.interop import read_subnet
-from noah_ray.run.preflight import STAGES, check_artifacts, is_generated, resolve
+from noah_ray.run.preflight import check_artifacts, is_generated, resolve
 from noah_ray.space import SubnetConfig
 from noah_ray.store import storage
 

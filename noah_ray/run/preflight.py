@@ -23,15 +23,15 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from noah_ray.config import JobConfig
+from noah_ray.config import STAGES, JobConfig
 from noah_ray.config.resolved import ResolvedJob, param_limit
 from noah_ray.errors import ConfigError
 from noah_ray.interop import read_subnet
 from noah_ray.space.kinds import BackboneShape
+from noah_ray.space.methods import METHODS
 from noah_ray.store import storage, tracking
 from noah_ray.store.layout import JobPaths
 
-STAGES = ("supernet", "search", "hpo", "retrain")   # hpo runs only with an hpo section
 TRAIN_STAGES = ("supernet", "retrain")               # the Ray Train runs
 
 
@@ -92,8 +92,6 @@ def _check_model(job: JobConfig) -> BackboneShape:
 
 def _check_retrain(job: JobConfig, stages: tuple[str, ...], shape: BackboneShape) -> None:
     """Batch split over each training stage's workers, the methods, prune, subnet and hpo sections."""
-    from noah_ray.nn.models import METHODS
-
     for stage in TRAIN_STAGES:
         n = getattr(job, stage).num_workers
         if stage in stages and job.data.batch_size % n:

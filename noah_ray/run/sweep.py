@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from noah_ray import progress
-from noah_ray.config import JobConfig
+from noah_ray.config import STAGES, JobConfig
 from noah_ray.config.sections import section_from_dict
 from noah_ray.errors import ConfigError
-from noah_ray.run.pipeline import STAGES
 
 
 @dataclass(frozen=True)

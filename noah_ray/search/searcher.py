@@ -1,6 +1,6 @@
 """The Tune searcher of the subnet search: :class:`NoahSearcher` wraps one pure engine of
 :mod:`noah_ray.evolution` (picked by name with ``search.algorithm`` from
-:data:`~noah_ray.evolution.ENGINES`) behind Ray Tune's ``Searcher`` API.  It never suggests an
+:func:`~noah_ray.evolution.engine_for`) behind Ray Tune's ``Searcher`` API.  It never suggests an
 out-of-limit or already-seen subnet, counts failed trials, and ``save``/``restore`` JSON state
 (Tune's experiment checkpoints, ``Tuner.restore``).
 """
@@ -17,7 +17,7 @@ from ray.tune.search import Searcher
 
 from noah_ray import progress
 from noah_ray.config import SearchConfig
-from noah_ray.evolution import DONE, ENGINES, FAILED, GenerationRecord, SearchEngine
+from noah_ray.evolution import DONE, FAILED, GenerationRecord, SearchEngine, engine_for
 from noah_ray.space import SearchSpace
 from noah_ray.space.budget import ParamLimit
 
@@ -57,7 +57,7 @@ class NoahSearcher(Searcher):
     def from_config(cls, search: SearchConfig, space: SearchSpace, limit: ParamLimit,
                     store: SearchStore | None = None, hold_actors: bool = False) -> NoahSearcher:
         """The searcher of engine ``search.algorithm``, built from the ``search`` section."""
-        engine = ENGINES[search.algorithm].from_config(search, space, limit)
+        engine = engine_for(search.algorithm).from_config(search, space, limit)
         return cls(engine, store=store, hold_actors=hold_actors)
 
     # -------------------------------------------------------------- Tune API

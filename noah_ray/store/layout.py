@@ -72,7 +72,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from noah_ray.config.job import STAGES
 from noah_ray.security import safe_name
+from noah_ray.space.methods import METHODS, trains_backbone
 from noah_ray.store import storage
 
 if TYPE_CHECKING:
@@ -83,8 +85,6 @@ SUPERNET_RUN = "supernet"
 LEASE_FILE = "lease.json"
 BACKBONE_FILE = "backbone.safetensors"
 BEST_SUBNET_FILE = "best_subnet.yaml"
-#: the job's stage folders, in pipeline order
-STAGE_DIRS: tuple[str, ...] = ("supernet", "search", "hpo", "retrain")
 #: which stage folders hold each result table (``<job>/<stage>/<table>/``)
 TABLE_STAGES: dict[str, tuple[str, ...]] = {
     "trials": ("search",), "generations": ("search",), "pareto": ("search",),
@@ -104,8 +104,8 @@ def backbone_trained(meta: Mapping[str, Any], run_id: str) -> bool:
     if "backbone_trained" in meta:
         return bool(meta["backbone_trained"])
     if "method" in meta:
-        return meta["method"] == "full"
-    return run_id.startswith("full-")
+        return trains_backbone(meta["method"])
+    return any(run_id.startswith(f"{name}-") for name, m in METHODS.items() if m.trains_backbone)
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,8 @@ class JobPaths:
 
     def stage(self, name: str) -> storage.Location:
         """``<job>/<stage>``: the folder one stage writes (and its tables live in)."""
-        if name not in STAGE_DIRS:
-            raise ValueError(f"unknown stage folder {name!r}; use one of {', '.join(STAGE_DIRS)}")
+        if name not in STAGES:
+            raise ValueError(f"unknown stage folder {name!r}; use one of {', '.join(STAGES)}")
         return self.root.join(name)
 
     def table(self, table: str, stage: str | None = None) -> storage.Location:

@@ -11,14 +11,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from noah_ray.errors import ConfigError
+from noah_ray.space.kinds import MODULES
 
 #: version of the result-table schemas, stored in every Parquet file's metadata.
 #: 2: ``pareto`` has a ``timestamp``; epochs count from 1 (``train_metrics.epoch``, ``runs.best_epoch``),
 #: as the progress lines do.  Older files are upgraded when read (:data:`MIGRATIONS`).
 SCHEMA_VERSION = 2
 
-_widths = [(f"{m}_{k}", t) for m in ("vpt", "lora", "adapter", "kv_prompt")
-           for k, t in (("depth", pa.int16()), ("widths", pa.list_(pa.int16())))]
+#: per prompt-module kind (:data:`~noah_ray.space.kinds.MODULES`, in its order): ``<kind>_depth``, ``<kind>_widths``
+_widths = [(f"{m}_{k}", t) for m in MODULES for k, t in (("depth", pa.int16()), ("widths", pa.list_(pa.int16())))]
 
 #: the fixed schema of every result table (one Parquet dataset per table under the job's URI)
 TABLES: dict[str, pa.Schema] = {

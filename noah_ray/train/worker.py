@@ -25,7 +25,6 @@ import random
 import signal
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -42,6 +41,8 @@ from noah_ray.nn.models import build_model, evaluate
 from noah_ray.nn.prune import PrunePlan, apply_plan
 from noah_ray.nn.supernet import PromptedViT
 from noah_ray.space import SearchSpace, SubnetConfig
+from noah_ray.space.methods import trains_backbone
+from noah_ray.space.sampling import SAMPLING
 from noah_ray.store import storage, tracking
 from noah_ray.store.layout import JobPaths
 
@@ -121,17 +122,10 @@ def step_subnet(space: SearchSpace, seed: int, epoch: int, step: int) -> SubnetC
     return space.sample(random.Random(f"noah-step:{seed}:{epoch}:{step}"))
 
 
-#: per sampling rule (``supernet.sampling``): the subnets one step trains, given its random one
-SAMPLING: dict[str, Callable[[SearchSpace, SubnetConfig], list[SubnetConfig]]] = {
-    "uniform": lambda space, rnd: [rnd],
-    "sandwich": lambda space, rnd: [space.largest(), space.smallest(), rnd],
-}
-
-
 def step_subnets(space: SearchSpace, rule: str, seed: int, epoch: int, step: int) -> list[SubnetConfig]:
     """The subnets trained at (epoch, step) under ``rule``; their gradients are averaged into
-    one optimiser step (``uniform``: NOAH's one random subnet; ``sandwich``: largest, smallest
-    and one random subnet, BigNAS / AttentiveNAS)."""
+    one optimiser step (the rules: :data:`noah_ray.space.sampling.SAMPLING`; ``uniform``: NOAH's one
+    random subnet; ``sandwich``: largest, smallest and one random subnet, BigNAS / AttentiveNAS)."""
     return SAMPLING[rule](space, step_subnet(space, seed, epoch, step))
 
 
@@ -188,7 +182,7 @@ def _setup(run: RunSpec) -> Worker:
     torch.manual_seed(run.seed)  # identical initial weights on every rank
     capacity = SubnetConfig.from_json(run.subnet) if run.subnet else None
     model = build_model(run.job, capacity, run.backbone, run.num_classes,
-                        train_backbone=run.method == "full", method=run.method).to(device)
+                        train_backbone=trains_backbone(run.method), method=run.method).to(device)
     if run.prune_plan:  # E2VPT rewinding: the fresh model holds the same initial values
         plan = PrunePlan.from_dict(run.prune_plan)
         model, capacity = apply_plan(model, plan), plan.config()
@@ -353,11 +347,11 @@ def _final_meta(run: RunSpec, model: PromptedViT, state: dict) -> dict:
             "epochs": state["epoch"] + 1, "num_classes": run.num_classes, "model": run.job.model.name,
             "backbone": run.backbone, "spec": run.spec, "seed": run.seed,
             "subnet": json.loads(run.subnet) if run.subnet else None,    # SubnetConfig.to_dict()
-            "method": run.method, "backbone_trained": run.method == "full",
+            "method": run.method, "backbone_trained": trains_backbone(run.method),
             "train_time_s": state["train_time_s"],
             "fingerprint": run.fingerprint, "start_epochs": state["start_epochs"],
             "val_acc": state["val_acc"], "params_head": counts["head"], "recipe": model.recipe.to_dict(),
-            "params": trainable - counts["head"] if run.method == "full" else
+            "params": trainable - counts["head"] if trains_backbone(run.method) else
             sum(v for k, v in counts.items() if k != "head")}
     if run.spec.get("hpo"):
         meta["hpo"] = run.spec["hpo"]
