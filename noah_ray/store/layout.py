@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from noah_ray.security import safe_name
 from noah_ray.store import storage
+from noah_ray.store.records import MetaRecord
 
 if TYPE_CHECKING:
     from noah_ray.config import JobConfig
@@ -69,12 +70,8 @@ def retrain_run_id(method: str, seed: int) -> str:
 def backbone_trained(meta: Mapping[str, Any], run_id: str) -> bool:
     """Whether the run whose ``meta.json`` is ``meta`` trained the backbone (method ``full``).
     Files written before ``backbone_trained`` was recorded: from their ``method``, else from the
-    run name (``full-seed<k>``)."""
-    if "backbone_trained" in meta:
-        return bool(meta["backbone_trained"])
-    if "method" in meta:
-        return meta["method"] == "full"
-    return run_id.startswith("full-")
+    run name (``full-seed<k>``); :meth:`MetaRecord.trains_backbone`."""
+    return MetaRecord.from_dict(meta).trains_backbone(run_id)
 
 
 @dataclass(frozen=True)
