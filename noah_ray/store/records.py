@@ -133,7 +133,8 @@ class SpecRecord:
         if missing is not None:
             raise ConfigError(f"spec.json has no {missing!r}; it is not a run spec of noah_ray, remove the run "
                               f"directory or use another run_name or job name")
-        return cls(**{n: values.get(n) for n in names})
+        fields: dict[str, Any] = {n: values.get(n) for n in names}
+        return cls(**fields)
 
 
 # ----------------------------------------------------------------------------- final/meta.json
@@ -206,7 +207,7 @@ class MetaRecord:
         names = {f.name for f in dataclasses.fields(cls)} - {"subnet", "recipe", "backbone_trained", "val_acc"}
         values: dict[str, Any] = {k: data[k] for k in names if data.get(k) is not None}
         subnet, trained, val = data.get("subnet"), data.get("backbone_trained"), data.get("val_acc")
-        if trained is None and "method" in data:      # before backbone_trained was recorded
+        if trained is None and data.get("method") is not None:    # before backbone_trained was recorded
             trained = data["method"] == "full"
         return cls(**values, subnet=SubnetConfig.decode(subnet) if subnet else None, recipe=_recipe(data.get("recipe")),
                    backbone_trained=None if trained is None else bool(trained),
