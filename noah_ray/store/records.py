@@ -39,7 +39,7 @@ from typing import Any
 
 from noah_ray.errors import ConfigError
 from noah_ray.space import SubnetConfig
-from noah_ray.space.recipes import LEGACY, RECIPES, Recipe, get
+from noah_ray.space.recipes import LEGACY, RECIPES, Recipe, recorded
 
 Json = dict[str, Any]
 
@@ -61,15 +61,6 @@ def _mapping(data: object, what: str) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{what} must be a JSON object, got {type(data).__name__}; write it again")
     return data
-
-
-def _recipe(value: object) -> Recipe:
-    """A recorded recipe: its ``to_dict`` mapping, a recipe name, or absent (before recipes: legacy)."""
-    if value is None:
-        return RECIPES[LEGACY]
-    if isinstance(value, str):
-        return get(value)
-    return Recipe.from_dict(_mapping(value, "recipe"))
 
 
 # ----------------------------------------------------------------------------- spec.json
@@ -209,7 +200,7 @@ class MetaRecord:
         subnet, trained, val = data.get("subnet"), data.get("backbone_trained"), data.get("val_acc")
         if trained is None and data.get("method") is not None:    # before backbone_trained was recorded
             trained = data["method"] == "full"
-        return cls(**values, subnet=SubnetConfig.decode(subnet) if subnet else None, recipe=_recipe(data.get("recipe")),
+        return cls(**values, subnet=SubnetConfig.decode(subnet) if subnet else None, recipe=recorded(data),
                    backbone_trained=None if trained is None else bool(trained),
                    val_acc=dict(val) if isinstance(val, Mapping) else {})
 
@@ -232,7 +223,7 @@ class BestRecord:
         data = _mapping(data, "best/meta.json")
         _version(data, META_VERSION, "best/meta.json")
         try:
-            return cls(int(data["epoch"]), float(data["val_acc"]), _recipe(data.get("recipe")))
+            return cls(int(data["epoch"]), float(data["val_acc"]), recorded(data))
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"best/meta.json is malformed ({e!r}); delete the run's best/ and train it again") \
                 from None
