@@ -238,7 +238,7 @@ def _finished_job(tiny_job, tmp_path: Path, data_root: Path) -> JobConfig:
         space={"num_layers": 12, "modules": {"lora": {"depths": [3, 6], "widths": [1, 2]}}}))
     run = JobPaths.of(job).supernet()
     spec = spec_for(job, "supernet", "noah", None, job.supernet.lr, job.supernet.seed, 4)
-    storage.write_text(run.join("spec.json"), json.dumps(spec))
+    storage.write_text(run.join("spec.json"), json.dumps(spec.to_dict()))
     storage.save_state(run.join("final"), {}, {"epochs_done": 1, "num_classes": 4, "val_acc": {"largest": 50.0}})
     from noah_ray.search.driver import make_searcher
 

@@ -25,7 +25,8 @@ from noah_ray.space import LORA, MODULES, SubnetConfig
 from noah_ray.space.kinds import PRUNABLE_KINDS
 from noah_ray.space.recipes import recorded
 from noah_ray.store import storage
-from noah_ray.store.layout import JobPaths, backbone_trained
+from noah_ray.store.layout import JobPaths
+from noah_ray.store.records import MetaRecord
 
 ARTIFACT_FORMAT = "noah_ray.subnet"
 ARTIFACT_VERSION = 1
@@ -264,22 +265,24 @@ def model_from_run(job_path: str, run: str):
     base = JobPaths.of(job).retrain_run(run)
     if not storage.exists(base.join("final", "meta.json")):
         raise ConfigError(f"no finished retrain run {run!r} at {base.uri!r}; run the retrain stage first")
-    _, meta = storage.load_state(base.join("final"))
+    _, data = storage.load_state(base.join("final"))
     tensors, _ = storage.load_state(base.join("best"))
-    subnet = meta.get("subnet")
-    cfg = SubnetConfig.decode(subnet) if subnet else None
+    meta = MetaRecord.from_dict(data)
+    cfg = meta.subnet
     if cfg is None:
         raise ConfigError(f"run {run!r} records no subnet; export a retrain run such as noah-seed0")
+    if meta.num_classes is None:
+        raise ConfigError(f"run {run!r}: its final/meta.json records no num_classes; retrain the run")
     plan = None
-    if meta.get("prune_plan"):  # an e2vpt-pruned run: the kept tokens, pruned segments held at zero
+    if meta.prune_plan:  # an e2vpt-pruned run: the kept tokens, pruned segments held at zero
         from noah_ray.nn.prune import PrunePlan, install_gates
 
-        plan = PrunePlan.from_dict(meta["prune_plan"])
+        plan = PrunePlan.from_dict(meta.prune_plan)
         cfg = plan.config()
-    model = build_model(job, cfg, meta["backbone"], int(meta["num_classes"]),
-                        train_backbone=backbone_trained(meta, run), recipe=recorded(meta))
+    model = build_model(job, cfg, meta.backbone, int(meta.num_classes),
+                        train_backbone=meta.trains_backbone(run), recipe=meta.recipe)
     model.load_trainable_state_dict(tensors)
     if plan is not None:
         install_gates(model, plan)
-    return model.eval(), meta["backbone"], job.model.name, job.storage_endpoint
+    return model.eval(), meta.backbone, job.model.name, job.storage_endpoint
 

@@ -26,9 +26,10 @@ from noah_ray.nn.backbones import create_backbone
 from noah_ray.nn.supernet import PromptedViT
 from noah_ray.space import SubnetConfig
 from noah_ray.space.methods import METHODS, baseline_widths, baselines
-from noah_ray.space.recipes import Recipe, recorded
+from noah_ray.space.recipes import Recipe
 from noah_ray.store import storage
 from noah_ray.store.layout import JobPaths
+from noah_ray.store.records import MetaRecord
 
 #: uniform per-layer widths of the baselines at import (VPT-Deep 10 tokens, Adapter 8, LoRA rank 8,
 #: E2VPT 5 + 5), from the method registry :data:`noah_ray.space.methods.METHODS` (which is read live)
@@ -106,7 +107,8 @@ def load_supernet(job: JobConfig, run_name: str | None = None, *, uri: str | Non
     """The trained supernet of ``job`` in eval mode: the job's backbone with the final trainable
     weights of its supernet run (``run_name``), or with the weights at ``uri`` (written by
     ``storage.save_state``; the backbone is then ``model.checkpoint``).  The head has
-    ``meta["num_classes"]`` classes, else ``data.num_classes``."""
+    ``num_classes`` of its ``meta.json`` (:class:`~noah_ray.store.records.MetaRecord`), else
+    ``data.num_classes``."""
     if uri is None:
         final = JobPaths.of(job).supernet_final(run_name)
         if not storage.exists(final.join("meta.json")):
@@ -116,10 +118,11 @@ def load_supernet(job: JobConfig, run_name: str | None = None, *, uri: str | Non
     else:
         tensors, meta = storage.load_state(storage.resolve(uri, job.storage_endpoint))
         backbone = job.model.checkpoint
-    num_classes = meta.get("num_classes") or job.data.num_classes
+    record = MetaRecord.from_dict(meta)
+    num_classes = record.num_classes or job.data.num_classes
     if not num_classes:
         raise ConfigError(f"{uri}: meta.json has no num_classes and data.num_classes is unset; set it")
-    model = build_model(job, None, backbone, int(num_classes), recipe=recorded(meta))
+    model = build_model(job, None, backbone, int(num_classes), recipe=record.recipe)
     model.load_trainable_state_dict(tensors)
     return model.eval()
 

@@ -74,8 +74,8 @@ from typing import TYPE_CHECKING, Any
 
 from noah_ray.config.job import STAGES
 from noah_ray.security import safe_name
-from noah_ray.space.methods import METHODS, trains_backbone
 from noah_ray.store import storage
+from noah_ray.store.records import MetaRecord
 
 if TYPE_CHECKING:
     from noah_ray.config import JobConfig
@@ -100,12 +100,8 @@ def retrain_run_id(method: str, seed: int) -> str:
 def backbone_trained(meta: Mapping[str, Any], run_id: str) -> bool:
     """Whether the run whose ``meta.json`` is ``meta`` trained the backbone (method ``full``).
     Files written before ``backbone_trained`` was recorded: from their ``method``, else from the
-    run name (``full-seed<k>``)."""
-    if "backbone_trained" in meta:
-        return bool(meta["backbone_trained"])
-    if "method" in meta:
-        return trains_backbone(meta["method"])
-    return any(run_id.startswith(f"{name}-") for name, m in METHODS.items() if m.trains_backbone)
+    run name (``full-seed<k>``); :meth:`MetaRecord.trains_backbone`."""
+    return MetaRecord.from_dict(meta).trains_backbone(run_id)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from noah_ray.config import JobConfig, MlflowConfig
 from noah_ray.errors import ConfigError
+from noah_ray.store.records import MetaRecord
 
 KEY_TAG = "noah_ray.key"
 _USERINFO = re.compile(r"(\w[\w+.-]*://)[^/@\s]+@")
@@ -172,23 +173,24 @@ def end_run(ref: RunRef | None, status: str = "FINISHED") -> None:
 
 
 # ------------------------------------------------------------------------------ per stage
-def finish_training(job: JobConfig, stage: str, ref: RunRef | None, meta: dict) -> None:
+def finish_training(job: JobConfig, stage: str, ref: RunRef | None, meta: MetaRecord) -> None:
     """After a supernet / retrain run: its final numbers and plots, then the run is ended."""
     if ref is None:
         return
-    from noah_ray.space import SubnetConfig
     from noah_ray.store import results
 
-    final = {k: meta[k] for k in ("test_acc", "best_val", "params", "params_head", "train_time_s") if k in meta}
-    if "best_epoch" in meta:
-        final["best_epoch"] = meta["best_epoch"] + 1              # counted from 1, as in the runs table
-    log_metrics(ref, final, step=meta.get("epochs_done"))
+    numbers = {"test_acc": meta.test_acc, "best_val": meta.best_val, "params": meta.params,
+               "params_head": meta.params_head, "train_time_s": meta.train_time_s}
+    final: dict[str, float | int] = {k: v for k, v in numbers.items() if v is not None}
+    if meta.best_epoch is not None:
+        final["best_epoch"] = meta.best_epoch + 1              # counted from 1, as in the runs table
+    log_metrics(ref, final, step=meta.epochs_done)
     uri = _job_uri(job)
     with tempfile.TemporaryDirectory(prefix="noah-mlflow-") as tmp:
         if stage == "supernet" and not results.supernet_curves(uri, job.storage_endpoint).empty:
             log_artifact(ref, results.plot_supernet_curves(uri, Path(tmp, "supernet_curves.png"), job.storage_endpoint))
-        subnet = SubnetConfig.decode(meta["subnet"]) if stage == "retrain" and meta.get("subnet") else None
-        if subnet is not None and meta.get("method") == "noah":
+        subnet = meta.subnet if stage == "retrain" else None
+        if subnet is not None and meta.method == "noah":
             log_text(ref, subnet.to_yaml(), "subnet.yaml")
             if any(any(subnet.layer_widths(m)) for m in subnet.widths):
                 log_artifact(ref, results.plot_architecture(subnet, Path(tmp, "architecture.png")))

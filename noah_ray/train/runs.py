@@ -16,10 +16,8 @@ last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -29,13 +27,14 @@ import torch
 from noah_ray import progress
 from noah_ray.config import JobConfig
 from noah_ray.config.resolved import ResolvedJob, resolved
-from noah_ray.errors import ConfigError
+from noah_ray.errors import ConfigError, RunError
 from noah_ray.nn.models import build_model, ensure_backbone, subnet_for
 from noah_ray.nn.prune import PrunePlan, prune
 from noah_ray.space import SubnetConfig
-from noah_ray.space.recipes import LEGACY, RECIPES, recorded
 from noah_ray.store import storage, tracking
 from noah_ray.store.layout import SUPERNET_RUN, JobPaths, retrain_run_id
+from noah_ray.store.records import BestRecord, MetaRecord, SpecRecord
+from noah_ray.train.faults import FaultPlan
 from noah_ray.train.worker import ERROR_FILE, RunSpec, train_loop
 
 
@@ -50,58 +49,58 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------- specs
 def spec_for(job: JobConfig, stage: str, method: str, subnet: SubnetConfig | None, lr: float, seed: int,
-             num_classes: int) -> dict:
+             num_classes: int) -> SpecRecord:
     """What defines a run (its checkpoints are only valid for this); ``epochs`` may grow."""
     tc, d, m = (job.supernet if stage == "supernet" else job.retrain), job.data, job.model
     recipe = m.resolved_recipe(method)
-    spec = {"stage": stage, "method": method, "model": m.name, "checkpoint": m.checkpoint,
-            "drop_path_rate": m.drop_path_rate, "lora_scale": m.lora_scale, "kv_shared": recipe.kv_shared,
-            "recipe": recipe.to_dict(),
-            "space": job.space.to_dict() if stage == "supernet" else None,
-            "subnet": subnet.to_dict() if subnet else None, "num_classes": num_classes,
-            "data": {"dataset": d.dataset, "format": d.format, "train_split": d.train_split,
-                     "batch_size": d.batch_size, "img_size": d.img_size, "shots": d.shots, "seed": d.seed},
-            "lr": lr, "weight_decay": tc.weight_decay, "warmup_epochs": tc.warmup_epochs,
-            "min_lr": tc.min_lr, "seed": seed,
-            **({"sampling": tc.sampling} if stage == "supernet" else {})}
-    if stage == "retrain" and method == "noah" and job.retrain.init:
-        spec["init"] = job.retrain.init       # only when set: the fingerprints of other runs stay as they were
-    return spec
+    return SpecRecord(
+        stage=stage, method=method, model=m.name, checkpoint=m.checkpoint, drop_path_rate=m.drop_path_rate,
+        lora_scale=m.lora_scale, kv_shared=recipe.kv_shared, recipe=recipe.to_dict(),
+        space=job.space.to_dict() if stage == "supernet" else None, subnet=subnet.to_dict() if subnet else None,
+        num_classes=num_classes,
+        data={"dataset": d.dataset, "format": d.format, "train_split": d.train_split, "batch_size": d.batch_size,
+              "img_size": d.img_size, "shots": d.shots, "seed": d.seed},
+        lr=lr, weight_decay=tc.weight_decay, warmup_epochs=tc.warmup_epochs, min_lr=tc.min_lr, seed=seed,
+        sampling=tc.sampling if stage == "supernet" else None,
+        # only when set: the fingerprints of other runs stay as they were
+        init=job.retrain.init if stage == "retrain" and method == "noah" and job.retrain.init else None)
 
 
-def fingerprint(spec: dict) -> str:
-    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+def _read_spec(loc: storage.Location) -> SpecRecord:
+    return SpecRecord.from_dict(json.loads(storage.read_text(loc)))
 
 
-def _check_spec(run_dir: storage.Location, spec: dict) -> None:
+def _read_meta(loc: storage.Location) -> MetaRecord:
+    return MetaRecord.from_dict(json.loads(storage.read_text(loc)))
+
+
+def _check_spec(run_dir: storage.Location, spec: SpecRecord) -> None:
     loc = run_dir.join("spec.json")
     if storage.exists(loc):
-        old = json.loads(storage.read_text(loc))
-        old.setdefault("recipe", RECIPES[LEGACY].to_dict())  # a run from before recipes existed
-        old.setdefault("sampling", "uniform")                # a supernet from before sampling rules
-        diff = next((k for k in spec if old.get(k) != spec[k]), None)
+        old, new = _read_spec(loc).content(), spec.content()
+        diff = next((k for k in new if old.get(k) != new[k]), None)
         if diff is not None:
             raise ConfigError(f"{run_dir.uri!r} was trained with {diff} = {json.dumps(old.get(diff))[:120]}, "
-                              f"this job has {json.dumps(spec[diff])[:120]}; restore the setting, or use "
+                              f"this job has {json.dumps(new[diff])[:120]}; restore the setting, or use "
                               f"another run_name or job name")
     else:
-        storage.write_text(loc, json.dumps(spec, indent=1, sort_keys=True))
+        storage.write_text(loc, json.dumps(spec.to_dict(), indent=1, sort_keys=True))
 
 
-def _finished(run_dir: storage.Location, spec: dict, epochs: int) -> bool:
+def _finished(run_dir: storage.Location, spec: SpecRecord, epochs: int) -> bool:
     """Whether ``run_dir`` holds a finished run of ``spec`` with at least ``epochs`` epochs."""
     spec_loc, final = run_dir.join("spec.json"), run_dir.join("final", "meta.json")
     if not (storage.exists(spec_loc) and storage.exists(final)):
         return False
     try:
-        same = json.loads(storage.read_text(spec_loc)) == json.loads(json.dumps(spec))
-        return same and json.loads(storage.read_text(final)).get("epochs_done", 0) >= epochs
-    except ValueError:
+        same = _read_spec(spec_loc) == SpecRecord.from_dict(json.loads(json.dumps(spec.to_dict())))
+        return same and _read_meta(final).epochs_done >= epochs
+    except (ValueError, ConfigError):
         return False
 
 
 # ----------------------------------------------------------------------------- one Ray Train run
-def _fit(run: RunSpec) -> dict:
+def _fit(run: RunSpec, faults: FaultPlan | None = None) -> MetaRecord:
     """Run (or resume, or skip when finished) one Ray Train run; returns the final meta."""
     from ray.train import TrainingFailedError
 
@@ -110,20 +109,18 @@ def _fit(run: RunSpec) -> dict:
     _check_spec(loc, run.spec)
     final = loc.join("final", "meta.json")
     if storage.exists(final):
-        meta = json.loads(storage.read_text(final))
-        if meta.get("epochs_done", 0) >= run.tc.epochs:
-            progress.echo(f"{run.tag} finished earlier ({meta['epochs_done']} epochs) at {loc.uri}")
+        meta = _read_meta(final)
+        if meta.epochs_done >= run.tc.epochs:
+            progress.echo(f"{run.tag} finished earlier ({meta.epochs_done} epochs) at {loc.uri}")
             return meta
-    ref = tracking.start_run(job, run.stage, run.run_id, extra=tracking.chosen_params(run.spec.get("hpo")))
-    run = dataclasses.replace(run, backbone=ensure_backbone(job), progress=progress.sink_name(),
-                              tracking=ref.to_dict() if ref else None,
-                              fault_dir=tempfile.mkdtemp(prefix="noah-faults-") if run.faults else None)
+    ref = tracking.start_run(job, run.stage, run.run_id, extra=tracking.chosen_params(run.spec.hpo))
+    run = dataclasses.replace(run, backbone=ensure_backbone(job), progress=progress.sink_name(), tracking=ref)
     error = loc.join(ERROR_FILE)
     if storage.exists(error):                    # left by an earlier attempt whose cause may be fixed now
         loc.fs.delete_file(error.path)
     try:
         with storage.tidy(JobPaths.of(job).root):
-            _trainer(run, loc).fit()
+            _trainer(run, loc, faults).fit()
         if storage.exists(error):
             raise ConfigError(json.loads(storage.read_text(error))["error"])
     except TrainingFailedError as e:
@@ -135,20 +132,21 @@ def _fit(run: RunSpec) -> dict:
         raise
     finally:
         progress.drain()         # the workers' last lines before the driver's next one
-    meta = json.loads(storage.read_text(final))
+    meta = _read_meta(final)
     tracking.finish_training(job, run.stage, ref, meta)
     return meta
 
 
-def _trainer(run: RunSpec, loc: storage.Location):
-    """The ``TorchTrainer`` of ``run``: its workers and resources, storage and failure handling."""
+def _trainer(run: RunSpec, loc: storage.Location, faults: FaultPlan | None):
+    """The ``TorchTrainer`` of ``run``: its workers and resources, storage and failure handling
+    (``faults``: a test's injected failures, beside the run)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     tc = run.tc
     parent = loc.path.rsplit("/", 1)[0]
     return TorchTrainer(
-        train_loop, train_loop_config=run.to_dict(),
+        train_loop, train_loop_config={"run": run.to_dict(), "faults": faults.to_dict() if faults else None},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker,
                                                            **({"GPU": 1} if tc.use_gpu else {})}),
@@ -183,9 +181,9 @@ def train_supernet(job: JobConfig | ResolvedJob, *, run_name: str | None = None,
     run_id, run_dir = run_name or SUPERNET_RUN, paths.relative(paths.supernet(run_name))
     spec = spec_for(job, "supernet", "noah", None, tc.lr, tc.seed, n)
     meta = _fit(RunSpec(job, "supernet", run_id, run_dir, method="noah", seed=tc.seed, lr=tc.lr, num_classes=n,
-                        backbone=rj.backbone, spec=spec, metrics_part=run_id, faults=_faults))
-    return TrainResult("supernet", run_id, meta["epochs_done"], paths.supernet_final(run_name).uri,
-                       {f"val_acc_{k}": v for k, v in meta.get("val_acc", {}).items()})
+                        backbone=rj.backbone, spec=spec, metrics_part=run_id), FaultPlan.of(_faults))
+    return TrainResult("supernet", run_id, meta.epochs_done, paths.supernet_final(run_name).uri,
+                       {f"val_acc_{k}": v for k, v in meta.val_acc.items()})
 
 
 def supernet_done(job: JobConfig, num_classes: int) -> bool:
@@ -234,10 +232,8 @@ def retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str, seed:
         return False
     cfg = subnet_for(method, job, subnet)
     lr = float(job.retrain.method_lr.get(method, job.retrain.lr))
-    spec = spec_for(job, "retrain", method, cfg, lr, seed, num_classes)
-    if hpo:
-        spec["hpo"] = hpo
-    run = JobPaths.of(job).retrain_config(retrain_run_id(method, seed), fingerprint(spec))
+    spec = dataclasses.replace(spec_for(job, "retrain", method, cfg, lr, seed, num_classes), hpo=hpo or None)
+    run = JobPaths.of(job).retrain_config(retrain_run_id(method, seed), spec.fingerprint())
     return _finished(run, spec, job.retrain.epochs)
 
 
@@ -266,37 +262,39 @@ def _retrain(rj: ResolvedJob, cfg: SubnetConfig, method: str, seed: int, *, hpo:
 def _retrain_run(rj: ResolvedJob, label: str, cfg: SubnetConfig, lr: float, seed: int, *,
                  faults: list | None = None, prune_plan: dict | None = None, hpo: dict | None = None,
                  init: str | None = None) -> TrainResult:
+    """One retraining run; ``prune_plan`` is the plan's JSON as stored (hashed as it is into the spec)."""
     job, n = rj.job, rj.num_classes
     method = "e2vpt" if prune_plan else label
     run_id = retrain_run_id(label, seed)
-    spec = spec_for(job, "retrain", method, cfg, lr, seed, n)
-    if prune_plan:
-        spec["prune_plan"] = prune_plan
-    if hpo:
-        spec["hpo"] = hpo
-    fp = fingerprint(spec)
+    spec = dataclasses.replace(spec_for(job, "retrain", method, cfg, lr, seed, n), prune_plan=prune_plan or None,
+                               hpo=hpo or None)
+    fp = spec.fingerprint()
+    plan = PrunePlan.from_dict(prune_plan) if prune_plan else None
     paths = JobPaths.of(job)
     run_dir = paths.retrain_config(run_id, fp)
     meta = _fit(RunSpec(job, "retrain", run_id, paths.relative(run_dir), method=method, seed=seed, lr=lr,
                         num_classes=n, backbone=rj.backbone, spec=spec, metrics_part=f"{run_id}-{fp}",
-                        subnet=cfg.to_json(), fingerprint=fp, prune_plan=prune_plan, init=init, faults=faults))
+                        subnet=cfg.to_json(), fingerprint=fp, prune_plan=plan, init=init), FaultPlan.of(faults))
     _publish(run_dir, paths.retrain_run(run_id), fp)
-    trained = PrunePlan.from_dict(prune_plan).config() if prune_plan else cfg
+    trained = plan.config() if plan else cfg
     row = _runs_row(job, run_id, label, seed, trained, meta, hpo)
     storage.append_table(paths.retrain, "runs", pa.Table.from_pylist([row]), part=f"{run_id}-{fp}")
     progress.echo(f"[retrain] {label} seed {seed}: val {row['val_acc']:.2f}% (epoch {row['best_epoch']}) "
                   f"test {row['test_acc']:.2f}% params {row['params'] / 1e6:.4f}M")
-    return TrainResult("retrain", run_id, meta["epochs_done"], run_dir.join("final").uri,
+    return TrainResult("retrain", run_id, meta.epochs_done, run_dir.join("final").uri,
                        {**row, "fingerprint": fp})
 
 
-def _runs_row(job: JobConfig, run_id: str, label: str, seed: int, trained: SubnetConfig, meta: dict,
+def _runs_row(job: JobConfig, run_id: str, label: str, seed: int, trained: SubnetConfig, meta: MetaRecord,
               hpo: dict | None) -> dict:
     """The run's row of the ``runs`` table."""
+    if meta.best_epoch is None:
+        raise RunError(f"retrain run {run_id!r}: its final/meta.json records no best epoch; delete the run "
+                       f"directory and retrain it")
     row = {"run_id": run_id, "job": job.name, "dataset": job.data.dataset, "method": label, "seed": seed,
-           "config_json": trained.to_json(), "params": meta["params"], "params_head": meta["params_head"],
-           "val_acc": meta["best_val"], "test_acc": meta["test_acc"], "best_epoch": meta["best_epoch"] + 1,
-           "epochs": meta["epochs_done"], "wall_time_s": meta["train_time_s"], "checkpoint_uri": meta["best_uri"],
+           "config_json": trained.to_json(), "params": meta.params, "params_head": meta.params_head,
+           "val_acc": meta.best_val, "test_acc": meta.test_acc, "best_epoch": meta.best_epoch + 1,
+           "epochs": meta.epochs_done, "wall_time_s": meta.train_time_s, "checkpoint_uri": meta.best_uri,
            "timestamp": datetime.now(timezone.utc), "hpo_json": json.dumps(hpo, sort_keys=True) if hpo else None}
     if hpo and hpo.get("val_acc") is not None:   # a tuned run trains on its val images: report the search's val
         row["val_acc"] = hpo["val_acc"]
@@ -306,7 +304,7 @@ def _runs_row(job: JobConfig, run_id: str, label: str, seed: int, trained: Subne
 def _publish(attempt: storage.Location, alias: storage.Location, fp: str) -> None:
     """Make ``<run>/best`` and ``<run>/final`` hold this config's result (meta.json written last)."""
     current = alias.join("final", "meta.json")
-    if storage.exists(current) and json.loads(storage.read_text(current)).get("fingerprint") == fp:
+    if storage.exists(current) and _read_meta(current).fingerprint == fp:
         return
     for part in ("best", "final"):
         for name in ("model.safetensors", "meta.json"):
@@ -340,7 +338,8 @@ def _score_and_plan(job_dict: dict, cfg_json: str, backbone: str | None, n: int,
     job = JobConfig.from_dict(job_dict)
     device = torch.device("cuda" if job.retrain.use_gpu and torch.cuda.is_available() else "cpu")
     tensors, meta = storage.load_state(storage.resolve(best_uri, job.storage_endpoint))
-    model = build_model(job, SubnetConfig.from_json(cfg_json), backbone, n, recipe=recorded(meta)).to(device)
+    recipe = BestRecord.from_dict(meta).recipe
+    model = build_model(job, SubnetConfig.from_json(cfg_json), backbone, n, recipe=recipe).to(device)
     model.load_trainable_state_dict(tensors)
     mean, std, size = norm_for(model)
     torch.manual_seed(seed)

@@ -20,9 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
-import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,6 +43,9 @@ from noah_ray.space.methods import trains_backbone
 from noah_ray.space.sampling import SAMPLING
 from noah_ray.store import storage, tracking
 from noah_ray.store.layout import JobPaths
+from noah_ray.store.records import BestRecord, MetaRecord, SpecRecord
+from noah_ray.store.tracking import RunRef
+from noah_ray.train.faults import FaultPlan
 
 ERROR_FILE = "error.json"                 # a worker's non-retryable error, for the driver
 
@@ -53,7 +54,8 @@ ERROR_FILE = "error.json"                 # a worker's non-retryable error, for 
 class RunSpec:
     """One Ray Train run, as every worker receives it (``train_loop_config`` carries
     :meth:`to_dict`).  ``spec`` is what defines the run (its ``spec.json``); ``subnet`` the
-    capacity as JSON (None: the search space's supernet)."""
+    capacity as JSON (None: the search space's supernet).  Test-only fault injection travels
+    beside it (:class:`~noah_ray.train.faults.FaultPlan`), never inside."""
 
     job: JobConfig
     stage: str                            # "supernet" or "retrain"
@@ -64,23 +66,27 @@ class RunSpec:
     lr: float
     num_classes: int
     backbone: str | None
-    spec: dict
+    spec: SpecRecord
     metrics_part: str                     # the train_metrics part name before -e<epoch>
     subnet: str | None = None
     fingerprint: str | None = None
-    prune_plan: dict | None = None        # E2VPT: rewind and retrain the kept prompts
+    prune_plan: PrunePlan | None = None   # E2VPT: rewind and retrain the kept prompts
     init: str | None = None               # retrain.init: a subnet artifact's weights
-    faults: list | None = None            # tests: [(epoch, "raise" | "kill"), ...]
-    fault_dir: str | None = None
     progress: str | None = None           # the driver's console sink
-    tracking: dict | None = None          # the MLflow run (tracking.RunRef.to_dict)
+    tracking: RunRef | None = None        # the MLflow run
 
-    def to_dict(self) -> dict:
-        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "job": self.job.to_dict()}
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (``train_loop_config``): the nested records as their ``to_dict``."""
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "job": self.job.to_dict(),
+                "spec": self.spec.to_dict(), "prune_plan": self.prune_plan.to_dict() if self.prune_plan else None,
+                "tracking": self.tracking.to_dict() if self.tracking else None}
 
     @classmethod
-    def from_dict(cls, data: dict) -> RunSpec:
-        return cls(**{**data, "job": JobConfig.from_dict(data["job"])})
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        plan, ref = data.get("prune_plan"), data.get("tracking")
+        return cls(**{**data, "job": JobConfig.from_dict(data["job"]), "spec": SpecRecord.from_dict(data["spec"]),
+                      "prune_plan": PrunePlan.from_dict(plan) if plan else None,
+                      "tracking": RunRef(**ref) if ref else None})
 
     @property
     def tc(self) -> TrainConfig:
@@ -109,6 +115,7 @@ class Worker:
     sched: Any
     scaler: Any
     net: torch.nn.Module | None = None    # the model, DDP-wrapped with several workers
+    faults: FaultPlan | None = None       # tests: injected failures
 
     @property
     def run_dir(self) -> storage.Location:
@@ -139,7 +146,8 @@ def eval_subnets(job: JobConfig, count: int) -> dict[str, SubnetConfig]:
 
 # ----------------------------------------------------------------------------- the worker loop
 def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker; ``config`` is a :meth:`RunSpec.to_dict`.
+    """Runs on every Ray Train worker; ``config["run"]`` is a :meth:`RunSpec.to_dict`,
+    ``config["faults"]`` a test's :meth:`FaultPlan.to_dict` (else None).
 
     A :class:`ConfigError` (a bad image, a bad file: every retry would fail the same way) is
     written to ``<run>/error.json``, which the driver turns into one line.  With one worker it is
@@ -147,20 +155,22 @@ def train_loop(config: dict) -> None:
     (the others may wait in a collective), and each restarted attempt ends at once on the file."""
     import ray.train
 
-    run = RunSpec.from_dict(config)
+    run = RunSpec.from_dict(config["run"])
+    faults = FaultPlan.from_dict(config["faults"]) if config.get("faults") else None
     marker = JobPaths.of(run.job).root.join(run.run_dir, ERROR_FILE)
     try:
         if storage.exists(marker):
             raise ConfigError(json.loads(storage.read_text(marker))["error"])
-        _train(run)
+        _train(run, faults)
     except ConfigError as e:
         storage.write_text(marker, json.dumps({"error": str(e)}))
         if ray.train.get_context().get_world_size() > 1:
             raise
 
 
-def _train(run: RunSpec) -> None:
+def _train(run: RunSpec, faults: FaultPlan | None) -> None:
     w = _setup(run)
+    w.faults = faults
     state, start = _resume(w)
     session_t0 = time.time()
     for epoch in range(start, run.tc.epochs):
@@ -184,8 +194,7 @@ def _setup(run: RunSpec) -> Worker:
     model = build_model(run.job, capacity, run.backbone, run.num_classes,
                         train_backbone=trains_backbone(run.method), method=run.method).to(device)
     if run.prune_plan:  # E2VPT rewinding: the fresh model holds the same initial values
-        plan = PrunePlan.from_dict(run.prune_plan)
-        model, capacity = apply_plan(model, plan), plan.config()
+        model, capacity = apply_plan(model, run.prune_plan), run.prune_plan.config()
     torch.manual_seed(run.seed + 1_000_003 * (rank + 1))  # independent drop-path / shuffling per rank
     train_loader, sampler, val_loader, norm = _loaders(run, model, rank, world, device)
     opt, sched, scaler = make_optimizer(model, run.tc, run.lr, len(train_loader), device, run.job.model.precision)
@@ -260,7 +269,8 @@ def _epoch(w: Worker, epoch: int, start: int, state: dict, session_t0: float) ->
         _progress(run, epoch, start, metrics, val, state, time.time() - session_t0, elapsed)
     state["epoch"] = epoch
     _report(w, epoch, state, metrics, (epoch + 1) % tc.checkpoint_every == 0 or last)
-    _maybe_fail(run, epoch, w.rank)
+    if w.faults is not None:
+        w.faults.maybe_fail(epoch, w.rank)
 
 
 def _train_epoch(w: Worker, epoch: int) -> torch.Tensor:
@@ -299,7 +309,7 @@ def _evaluate(w: Worker, epoch: int, state: dict, metrics: dict) -> dict[str, fl
     if run.stage == "retrain" and val["model"] > state["best_val"]:
         state.update(best_val=val["model"], best_epoch=epoch)
         storage.save_state(w.run_dir.join("best"), w.model.trainable_state_dict(),
-                           {"epoch": epoch, "val_acc": val["model"], "recipe": w.model.recipe.to_dict()})
+                           BestRecord(epoch, val["model"], w.model.recipe).to_dict())
     return val
 
 
@@ -324,42 +334,38 @@ def _finish(w: Worker, state: dict) -> None:
     meta = _final_meta(run, model, state)
     last = model.trainable_state_dict()
     if run.stage == "supernet":
-        meta["space"] = job.space.to_dict()
-        storage.save_state(w.run_dir.join("final"), last, meta)
+        meta = dataclasses.replace(meta, space=job.space.to_dict())
+        storage.save_state(w.run_dir.join("final"), last, meta.to_dict())
         return
-    best, best_meta = storage.load_state(w.run_dir.join("best"))
-    model.load_trainable_state_dict(best)
+    best_tensors, best_meta = storage.load_state(w.run_dir.join("best"))
+    best = BestRecord.from_dict(best_meta)
+    model.load_trainable_state_dict(best_tensors)
     mean, std, size = w.norm
     test = build_loader(job.data, job.data.test_split, train=False, mean=mean, std=std, img_size=size,
                         endpoint=job.storage_endpoint)
-    meta.update(test_acc=evaluate(model, test, w.device)[0], best_val=best_meta["val_acc"],
-                best_epoch=best_meta["epoch"], best_uri=w.run_dir.join("best").uri)
-    _say(run, f"[retrain {run.run_id}] test {meta['test_acc']:.2f}% with the weights of epoch "
-         f"{best_meta['epoch'] + 1} (val {best_meta['val_acc']:.2f}%)")
-    storage.save_state(w.run_dir.join("final"), last, meta)
+    meta = dataclasses.replace(meta, test_acc=evaluate(model, test, w.device)[0], best_val=best.val_acc,
+                               best_epoch=best.epoch, best_uri=w.run_dir.join("best").uri)
+    _say(run, f"[retrain {run.run_id}] test {meta.test_acc:.2f}% with the weights of epoch "
+         f"{best.epoch + 1} (val {best.val_acc:.2f}%)")
+    storage.save_state(w.run_dir.join("final"), last, meta.to_dict())
 
 
-def _final_meta(run: RunSpec, model: PromptedViT, state: dict) -> dict:
+def _final_meta(run: RunSpec, model: PromptedViT, state: dict) -> MetaRecord:
     """``final/meta.json``: what was trained, for how long, and its parameter counts."""
     counts = model.num_trainable()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    meta = {"stage": run.stage, "run_id": run.run_id, "epochs_done": state["epoch"] + 1,
-            "epochs": state["epoch"] + 1, "num_classes": run.num_classes, "model": run.job.model.name,
-            "backbone": run.backbone, "spec": run.spec, "seed": run.seed,
-            "subnet": json.loads(run.subnet) if run.subnet else None,    # SubnetConfig.to_dict()
-            "method": run.method, "backbone_trained": trains_backbone(run.method),
-            "train_time_s": state["train_time_s"],
-            "fingerprint": run.fingerprint, "start_epochs": state["start_epochs"],
-            "val_acc": state["val_acc"], "params_head": counts["head"], "recipe": model.recipe.to_dict(),
-            "params": trainable - counts["head"] if trains_backbone(run.method) else
-            sum(v for k, v in counts.items() if k != "head")}
-    if run.spec.get("hpo"):
-        meta["hpo"] = run.spec["hpo"]
-    if run.prune_plan:
-        meta["prune_plan"] = run.prune_plan
-        meta["params_materialised"] = meta["params"]
-        meta["params"] = PrunePlan.from_dict(run.prune_plan).effective_params(model.shape, model.kv_shared)
-    return meta
+    modules = sum(v for k, v in counts.items() if k != "head")
+    params = trainable - counts["head"] if trains_backbone(run.method) else modules
+    plan = run.prune_plan
+    return MetaRecord(
+        stage=run.stage, run_id=run.run_id, epochs_done=state["epoch"] + 1, num_classes=run.num_classes,
+        model=run.job.model.name, backbone=run.backbone, spec=run.spec.content(), seed=run.seed,
+        subnet=SubnetConfig.from_json(run.subnet) if run.subnet else None, method=run.method,
+        backbone_trained=trains_backbone(run.method), train_time_s=state["train_time_s"], fingerprint=run.fingerprint,
+        start_epochs=state["start_epochs"], val_acc=state["val_acc"], params_head=counts["head"],
+        recipe=model.recipe, hpo=run.spec.hpo or None,
+        prune_plan=run.spec.prune_plan if plan else None, params_materialised=params if plan else None,
+        params=plan.effective_params(model.shape, model.kv_shared) if plan else params)
 
 
 # ----------------------------------------------------------------------------- worker helpers
@@ -403,14 +409,3 @@ def _write_metrics(stage_root: storage.Location, run: RunSpec, metrics: dict, va
                                                                               "val_acc": None}]
     storage.append_table(stage_root, "train_metrics", pa.Table.from_pylist(rows),
                          part=f"{run.metrics_part}-e{metrics['epoch']:05d}")
-
-
-def _maybe_fail(run: RunSpec, epoch: int, rank: int) -> None:
-    """Test hook: fail once after ``epoch`` (``raise`` an error or ``kill`` the worker process)."""
-    for i, (at, mode) in enumerate(run.faults or []):
-        marker = os.path.join(run.fault_dir, f"fault-{i}")
-        if at == epoch and rank == 0 and not os.path.exists(marker):
-            open(marker, "w").close()
-            if mode == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected failure after epoch {epoch}")
