@@ -39,7 +39,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from noah_ray.security import safe_name
 from noah_ray.store import storage
@@ -73,7 +73,7 @@ def backbone_trained(meta: Mapping[str, Any], run_id: str) -> bool:
     if "backbone_trained" in meta:
         return bool(meta["backbone_trained"])
     if "method" in meta:
-        return meta["method"] == "full"
+        return cast(bool, meta["method"] == "full")
     return run_id.startswith("full-")
 
 
