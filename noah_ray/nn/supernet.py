@@ -149,7 +149,7 @@ class PromptedViT(nn.Module):
     def blocks(self) -> list[PromptBlock]:
         return list(cast("list[PromptBlock]", self.vit.blocks))
 
-    def module(self, name: str, layer: int) -> nn.Module | None:
+    def module(self, name: str, layer: int) -> PromptModule | None:
         return _module(cast(PromptBlock, self.vit.blocks[layer]), name)
 
     def set_active(self, cfg: SubnetConfig) -> None:
