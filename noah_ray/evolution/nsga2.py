@@ -43,7 +43,8 @@ class NSGA2Engine(SearchEngine):
             for i in range(max(s.depths)):
                 self._dists[f"{m}_w{i}"] = optuna.distributions.CategoricalDistribution(list(s.widths))
         self._set_constraint = hasattr(optuna.trial.Trial, "set_constraint")
-        kwargs: dict[str, Any] = {} if self._set_constraint else {"constraints_func": lambda t: (t.user_attrs["violation"],)}
+        kwargs: dict[str, Any] = \
+            {} if self._set_constraint else {"constraints_func": lambda t: (t.user_attrs["violation"],)}
         sampler = optuna.samplers.NSGAIISampler(population_size=max(self.population, 2), seed=seed,
                                                 mutation_prob=self.mutation_prob, **kwargs)
         return optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)

@@ -113,6 +113,7 @@ def load_supernet(job: JobConfig, run_name: str | None = None, *, uri: str | Non
     weights of its supernet run (``run_name``), or with the weights at ``uri`` (written by
     ``storage.save_state``; the backbone is then ``model.checkpoint``).  The head has
     ``meta["num_classes"]`` classes, else ``data.num_classes``."""
+    backbone: str | None
     if uri is None:
         final = JobPaths.of(job).supernet_final(run_name)
         if not storage.exists(final.join("meta.json")):

@@ -185,7 +185,8 @@ def finish_training(job: JobConfig, stage: str, ref: RunRef | None, meta: dict[s
     from noah_ray.space import SubnetConfig
     from noah_ray.store import results
 
-    final: dict[str, Any] = {k: meta[k] for k in ("test_acc", "best_val", "params", "params_head", "train_time_s") if k in meta}
+    final: dict[str, Any] = {k: meta[k] for k in ("test_acc", "best_val", "params", "params_head", "train_time_s")
+                             if k in meta}
     if "best_epoch" in meta:
         final["best_epoch"] = meta["best_epoch"] + 1              # counted from 1, as in the runs table
     log_metrics(ref, final, step=meta.get("epochs_done"))
