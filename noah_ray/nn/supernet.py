@@ -95,6 +95,10 @@ def _module(block: PromptBlock, name: str) -> PromptModule | None:
 class PromptedViT(nn.Module):
     """A timm ViT with prompt modules; only modules and head train (unless ``train_backbone``)."""
 
+    # set on a model loaded from a subnet artifact (noah_ray.interop.artifact.load_subnet)
+    backbone_overrides: tuple[str, ...]
+    merged_lora_subnet: dict[str, Any] | None
+
     def __init__(self, backbone: VisionTransformer, capacity: SubnetConfig, *, lora_scale: float = 1.0,
                  kv_shared: bool | None = None, train_backbone: bool = False,
                  recipe: Recipe | str | None = None) -> None:
