@@ -180,7 +180,7 @@ def import_peft(folder: str | Path, *, model_name: str | None = None, backbone_c
             lora.lora_A.copy_(layer.lora_A[adapter].weight)
             lora.lora_B.copy_(layer.lora_B[adapter].weight * (layer.scaling[adapter] / scale))
         if has_head:
-            head: Any = pm.base_model.model.head
+            head: Any = cast(Any, pm.base_model).model.head
             head = head.modules_to_save[adapter] if hasattr(head, "modules_to_save") else head
             model.vit.head.load_state_dict(head.state_dict())
     return PeftImport(model.eval(), subnet, name, n, ranks, alphas, scale, has_head)
