@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from noah_ray.config.schema import hpo_path
 from noah_ray.config.sections import positive, section_from_dict, type_ok
@@ -54,7 +54,8 @@ class HpoParam:
                 object.__setattr__(self, k, tuple(getattr(self, k)))
 
     def bounds(self) -> tuple[float, float]:
-        vals = self.values if self.values is not None else (self.low, self.high)
+        # check() makes low and high set whenever values is not
+        vals = self.values if self.values is not None else (cast(float, self.low), cast(float, self.high))
         return min(vals), max(vals)
 
 
@@ -105,6 +106,7 @@ class HpoConfig:
                                           # per-method entries replacing / adding to `space`, e.g. {full: {lr: ...}}
 
     def check(self, where: str) -> None:
+        method: str | None
         for k, allowed in (("searcher", HPO_SEARCHERS), ("scheduler", HPO_SCHEDULERS), ("metric", HPO_METRICS)):
             if getattr(self, k) not in allowed:
                 raise ConfigError(f"{where}.{k}: {getattr(self, k)!r} unknown; use {' or '.join(allowed)}")

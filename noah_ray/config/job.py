@@ -148,6 +148,7 @@ class JobConfig:
 
     def _check_hpo_bounds(self, where: str) -> None:
         """Both ends of every range give a valid job (``drop_path`` up to 1.5 is refused here)."""
+        assert self.hpo is not None  # called once hpo is set
         for method in (None, *self.hpo.method_space):
             for path, p in self.hpo.params(method, where).items():
                 for v in p.bounds():

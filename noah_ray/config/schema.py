@@ -12,7 +12,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from noah_ray.config.sections import positive as _positive
 from noah_ray.config.sections import section_from_dict, type_ok, unknown_key
@@ -112,6 +112,8 @@ class ModelConfig:
 #: supernet sampling rules by name (the registry itself, :data:`noah_ray.space.sampling.SAMPLING`)
 SAMPLING_RULES = SAMPLING
 
+_Train = TypeVar("_Train", bound="TrainConfig")
+
 
 @dataclass
 class TrainConfig:
@@ -151,7 +153,7 @@ class TrainConfig:
         """The checks of the keys only this section has."""
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, where: str) -> TrainConfig:
+    def from_dict(cls: type[_Train], data: Mapping[str, Any] | None, where: str) -> _Train:
         """The section from ``data``; a key of the other training section gets a line saying so."""
         if isinstance(data, Mapping):
             bad = unknown_key(cls, data)
@@ -201,6 +203,7 @@ class RetrainConfig(TrainConfig):
                                           # (noah-ray import-peft / export --out), instead of a fresh init
 
     def check_own(self, where: str) -> None:
+        v: Any
         for k, v in self.method_lr.items():
             if not type_ok(v, float) or v <= 0:
                 raise ConfigError(f"{where}.method_lr.{k}: {v!r} must be a learning rate > 0")

@@ -8,9 +8,14 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from noah_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def type_ok(value: Any, tp: Any) -> bool:
@@ -40,7 +45,7 @@ def unknown_key(cls: type, data: Mapping[str, Any]) -> str | None:
     return unknown[0] if unknown else None
 
 
-def section_from_dict(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
+def section_from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
     data = {} if data is None else data
     if not isinstance(data, Mapping):

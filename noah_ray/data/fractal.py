@@ -59,7 +59,7 @@ def sample_category(rng: np.random.Generator, size: int = 32, max_tries: int = 5
 def orbit(maps: np.ndarray, probs: np.ndarray, n_points: int, rng: np.random.Generator) -> np.ndarray:
     """Chaos-game points ``(B, n_points, 2)`` for ``B`` IFSs at once (``maps`` (B, K, 2, 3),
     ``probs`` (B, K), zero-padded to a common K)."""
-    b = maps.shape[0]
+    b: int = maps.shape[0]
     cum = np.cumsum(probs, axis=1)
     cum[:, -1] = 1.0
     x = np.zeros((b, 2))

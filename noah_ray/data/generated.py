@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -65,7 +66,7 @@ def render(task: str, label: int, rng: np.random.RandomState, size: int = 32) ->
     if task == "gen_count":
         n, cells = label + 1, rng.permutation(4)[: label + 1]
         kind = rng.randint(0, 4)
-        colour = _COLOURS[rng.randint(0, 4)]
+        colour: Any = _COLOURS[rng.randint(0, 4)]
         for c in cells[:n]:
             cx = (c % 2 + 0.5) * size / 2 + rng.uniform(-size * 0.06, size * 0.06)
             cy = (c // 2 + 0.5) * size / 2 + rng.uniform(-size * 0.06, size * 0.06)

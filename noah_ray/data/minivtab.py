@@ -91,7 +91,7 @@ def _digits(split: str, seed: int) -> Iterator[tuple[Image.Image, int]]:
     parts = {"train800": order[:800], "val200": order[800:1000], "test": order[1000:]}
     for i in parts[split]:
         grey = (d.images[i] * (255.0 / 16.0)).astype(np.uint8)
-        yield Image.fromarray(grey).resize((SIZE, SIZE), Image.BICUBIC).convert("RGB"), int(d.target[i])
+        yield Image.fromarray(grey).resize((SIZE, SIZE), Image.BICUBIC).convert("RGB"), int(d.target[i])  # type: ignore[attr-defined]
 
 
 def _rgb(img: np.ndarray) -> np.ndarray:
@@ -121,7 +121,7 @@ def _crop(img: np.ndarray, split: str, rng: np.random.RandomState, rotate: bool)
 
 
 def _resized(patch: np.ndarray) -> Image.Image:
-    return Image.fromarray(patch).resize((SIZE, SIZE), Image.BICUBIC)
+    return Image.fromarray(patch).resize((SIZE, SIZE), Image.BICUBIC)  # type: ignore[attr-defined]
 
 
 def _grey_normalised(patch: np.ndarray, rng: np.random.RandomState) -> np.ndarray:

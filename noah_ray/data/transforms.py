@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image
 from torchvision import transforms as T
@@ -32,9 +33,9 @@ class ImageTransform:
     """``post(pre(img))``; ``pre`` is deterministic (None: identity) so its output may be cached."""
 
     pre: Callable[[Image.Image], Image.Image] | None
-    post: Callable[[Image.Image], object]
+    post: Callable[[Image.Image], Any]
 
-    def __call__(self, img: Image.Image):
+    def __call__(self, img: Image.Image) -> Any:
         return self.post(self.pre(img) if self.pre is not None else img)
 
 

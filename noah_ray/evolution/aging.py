@@ -73,6 +73,7 @@ class AgingEvolutionEngine(EvolutionEngine):
             if op == "crossover" and min(self.top_k, len(self.alive)) < 2:
                 op = "mutation"
             for _ in range(self.op_attempts if op else 0):
+                assert op is not None
                 c = self._child(generation, op)
                 if c is not None:
                     return c

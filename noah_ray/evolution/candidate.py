@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from noah_ray.space import SubnetConfig
 
@@ -55,13 +55,13 @@ class GenerationRecord:
 def pareto_front(cands: Sequence[Candidate]) -> list[Candidate]:
     """Scored candidates not dominated in (higher score, fewer params), by increasing params."""
     scored = sorted((c for c in cands if c.status == DONE),
-                    key=lambda c: (c.params, -c.score, c.cid))
+                    key=lambda c: (c.params, -cast(float, c.score), c.cid))   # done: scored
     front: list[Candidate] = []
     for c in scored:
-        if not front or c.score > front[-1].score:
+        if not front or cast(float, c.score) > cast(float, front[-1].score):
             front.append(c)
     return front
 
 
-def rank_key(c: Candidate) -> tuple:
-    return (-c.score, c.params, c.cid)
+def rank_key(c: Candidate) -> tuple[float, int, str]:
+    return (-cast(float, c.score), c.params, c.cid)   # ranks scored candidates

@@ -10,7 +10,7 @@ import random
 import struct
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from noah_ray.errors import ConfigError
 from noah_ray.evolution.candidate import (
@@ -64,7 +64,7 @@ class SearchEngine:
         self.started = False
         self._dirty: dict[str, None] = {}           # candidates changed since the last take_delta
         self._delta_history = 0
-        self._delta_rng: tuple | None = None
+        self._delta_rng: tuple[Any, ...] | None = None
 
     @classmethod
     def from_config(cls, search: SearchConfig, space: SearchSpace, limit: ParamLimit) -> SearchEngine:
@@ -122,10 +122,10 @@ class SearchEngine:
             return []
         c.info.update(info or {})
         c.info.setdefault("t", time.time())
-        if failed or not math.isfinite(score):
+        if failed or not math.isfinite(cast(float, score)):   # not failed: score is set (None returned above)
             c.status, c.score = FAILED, None
         else:
-            c.status, c.score = DONE, float(score)
+            c.status, c.score = DONE, float(cast(float, score))
         self._on_result(c)
         return self._advance()
 
@@ -302,14 +302,14 @@ class SearchEngine:
         pass
 
 
-def _pack_rng(state: tuple) -> dict[str, Any]:
+def _pack_rng(state: tuple[Any, ...]) -> dict[str, Any]:
     """``random.Random.getstate()`` in 3.4 kB of JSON (the plain list takes twice that)."""
     version, internal, gauss = state
     return {"v": version, "mt": base64.b64encode(struct.pack(f"<{len(internal)}I", *internal)).decode(),
             "gauss": gauss}
 
 
-def _unpack_rng(packed: dict[str, Any]) -> list:
+def _unpack_rng(packed: dict[str, Any]) -> list[Any]:
     raw = base64.b64decode(packed["mt"])
     return [packed["v"], list(struct.unpack(f"<{len(raw) // 4}I", raw)), packed["gauss"]]
 

@@ -4,7 +4,7 @@ limit as a constraint.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from noah_ray.evolution.candidate import DONE, FAILED, Candidate
 from noah_ray.evolution.engine import SearchEngine
@@ -29,21 +29,22 @@ class NSGA2Engine(SearchEngine):
         super().__init__(space, limit, population=population, generations=generations, seed=seed,
                          max_attempts=max_attempts)
         self.mutation_prob = mutation_prob
-        self._live: dict = {}                        # cid -> live optuna Trial
-        self._asked = None                           # trial behind the candidate being added
+        self._live: dict[str, Any] = {}              # cid -> live optuna Trial
+        self._asked: Any = None                         # trial behind the candidate being added
         self._study = self._new_study(seed)
 
-    def _new_study(self, seed: int):
+    def _new_study(self, seed: int) -> Any:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self._dists = {}
+        self._dists: dict[str, optuna.distributions.BaseDistribution] = {}
         for m, s in self.space.modules.items():
             self._dists[f"{m}_depth"] = optuna.distributions.CategoricalDistribution(list(s.depths))
             for i in range(max(s.depths)):
                 self._dists[f"{m}_w{i}"] = optuna.distributions.CategoricalDistribution(list(s.widths))
         self._set_constraint = hasattr(optuna.trial.Trial, "set_constraint")
-        kwargs = {} if self._set_constraint else {"constraints_func": lambda t: (t.user_attrs["violation"],)}
+        kwargs: dict[str, Any] = \
+            {} if self._set_constraint else {"constraints_func": lambda t: (t.user_attrs["violation"],)}
         sampler = optuna.samplers.NSGAIISampler(population_size=max(self.population, 2), seed=seed,
                                                 mutation_prob=self.mutation_prob, **kwargs)
         return optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
@@ -62,13 +63,13 @@ class NSGA2Engine(SearchEngine):
                 out[f"{m}_w{i}"] = ws[i] if ws[i] in s.widths else s.widths[0]
         return out
 
-    def _constrain(self, trial, violation: float) -> None:
+    def _constrain(self, trial: Any, violation: float) -> None:
         if self._set_constraint:
             trial.set_constraint("params", violation)
         else:
             trial.set_user_attr("violation", violation)
 
-    def _ask_fixed(self, cfg: SubnetConfig):
+    def _ask_fixed(self, cfg: SubnetConfig) -> Any:
         """A live Optuna trial carrying exactly ``cfg`` (feasible)."""
         self._study.enqueue_trial(self.encode(cfg))
         trial = self._study.ask(self._dists)
@@ -122,11 +123,11 @@ class NSGA2Engine(SearchEngine):
         for c in self.candidates.values():
             if c.status in (DONE, FAILED):
                 done = c.status == DONE
-                extra = {"constraints": {"params": 0.0}} if self._set_constraint else \
+                extra: dict[str, Any] = {"constraints": {"params": 0.0}} if self._set_constraint else \
                     {"user_attrs": {"violation": 0.0}}
                 self._study.add_trial(optuna.trial.create_trial(
                     state=TrialState.COMPLETE if done else TrialState.FAIL,
-                    values=[c.score, c.params / 1e6] if done else None,
+                    values=[cast(float, c.score), c.params / 1e6] if done else None,
                     params=self.encode(c.config), distributions=self._dists, **extra))
             else:
                 self._live[c.cid] = self._ask_fixed(c.config)

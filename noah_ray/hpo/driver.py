@@ -52,6 +52,7 @@ def space_for(job: JobConfig, method: str, cfg: SubnetConfig) -> dict[str, HpoPa
     """The tuned settings of ``method`` (config path -> range): ``hpo.space`` with
     ``hpo.method_space[method]``, minus the settings of modules the method does not train (no
     ``lora_scale`` for VPT) and those limited to other methods."""
+    assert job.hpo is not None                   # run_hpo checked it
     active = set(cfg.active_modules())
     out = {}
     for path, p in job.hpo.params(method).items():
@@ -69,6 +70,7 @@ def grid_values(p: HpoParam, points: int, is_int: bool) -> list[float]:
     """``p``'s values, or ``points`` values spread over its range (log-spaced on a log range)."""
     if p.values is not None:
         return list(p.values)
+    assert p.low is not None and p.high is not None   # a range (HpoParam.check)
     if p.log:
         vals = [p.low * (p.high / p.low) ** (i / (points - 1)) for i in range(points)]
     else:
@@ -79,6 +81,7 @@ def grid_values(p: HpoParam, points: int, is_int: bool) -> list[float]:
 def _domain(p: HpoParam, is_int: bool):
     if p.values is not None:
         return tune.choice(list(p.values))
+    assert p.low is not None and p.high is not None   # a range (HpoParam.check)
     if is_int:
         return tune.lograndint(int(p.low), int(p.high) + 1) if p.log else tune.randint(int(p.low), int(p.high) + 1)
     return tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
@@ -156,12 +159,14 @@ class HpoResult:
 
 def _trial_job(job: JobConfig) -> dict:
     """The job every trial of the method trains: ``retrain`` with ``hpo.epochs`` epochs."""
+    assert job.hpo is not None
     data = job.to_dict()
     data["retrain"]["epochs"] = job.hpo.epochs or job.retrain.epochs
     return data
 
 
 def _settings(job: JobConfig, method: str, cfg: SubnetConfig, space: dict[str, HpoParam]) -> dict:
+    assert job.hpo is not None
     d, r = job.data, job.retrain
     hpo = {k: v for k, v in dataclasses.asdict(job.hpo).items() if k not in _RESOURCE_KEYS}
     return {"method": method, "subnet": cfg.to_dict(), "space": {k: dataclasses.asdict(p) for k, p in space.items()},
@@ -195,6 +200,7 @@ def _tuner(job: JobConfig, method: str, trainable, space: dict[str, HpoParam], t
            callbacks: list):
     """A new Tune experiment for ``method`` (``callbacks`` beside the table writer), or the
     interrupted one restored (``Tuner.restore``: with the callbacks it started with)."""
+    assert job.hpo is not None
     h = job.hpo
     tune_dir = JobPaths.of(job).hpo_tune
     path = tune_dir.join(method)

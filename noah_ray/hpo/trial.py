@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 from ray import tune
@@ -156,6 +156,7 @@ def hpo_trial(config: dict, job: dict, method: str, subnet: str, backbone: str |
         return
     base = JobConfig.from_dict(job)
     h, tuned = base.hpo, base.with_values(config, method)
+    assert h is not None                  # a trial's job has its hpo section (driver._trial_job)
     torch.set_num_threads(max(1, int(h.cpus_per_trial)))
     device = torch.device("cuda" if h.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
     torch.manual_seed(h.seed)
@@ -165,11 +166,13 @@ def hpo_trial(config: dict, job: dict, method: str, subnet: str, backbone: str |
     tc = tuned.retrain
     opt, sched, scaler = make_optimizer(model, tc, tc.method_lr.get(method, tc.lr), len(train), device,
                                         tuned.model.precision)
+    state: dict[str, Any]
     state = {"epoch": -1, "best_val": None, "best_epoch": -1, "best_val_acc": None, "trial_time_s": 0.0}
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = optim.restore(optim.latest_checkpoint(storage.resolve(d)), model, opt, sched, scaler, 0, device)
+            state = optim.restore(cast(dict, optim.latest_checkpoint(storage.resolve(d))), model, opt, sched, scaler,
+                                  0, device)                   # Tune's checkpoint holds one (_report)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     if state["epoch"] + 1 >= tc.epochs and "metrics" in state:   # killed after its last report
         tune.report(state["metrics"])
@@ -196,12 +199,13 @@ def _loaders(job: JobConfig, model) -> tuple:
     from noah_ray.data import build_loader, norm_for
 
     mean, std, size = norm_for(model)
+    kw: dict[str, Any]
     kw = {"mean": mean, "std": std, "img_size": job.data.img_size or size, "endpoint": job.storage_endpoint}
     return (build_loader(job.data, job.data.train_split, train=True, **kw),
             build_loader(job.data, job.data.val_split, train=False, **kw))
 
 
-def _report(metrics: dict, state: dict, objects: tuple, device) -> None:
+def _report(metrics: dict, state: dict, objects: tuple[Any, Any, Any, Any], device) -> None:
     """Report an epoch to Tune with a checkpoint (``checkpoint_e<epoch>/`` in the format of
     :mod:`noah_ray.nn.optim`, so the trial resumes exactly there)."""
     from noah_ray.nn import optim

@@ -33,7 +33,7 @@ ARTIFACT_VERSION = 1
 _BACKBONE = "backbone."
 
 
-def _fingerprint(vit: torch.nn.Module) -> str:
+def _fingerprint(vit: Any) -> str:   # a timm ViT: its submodules are read by name
     """A short hash of backbone tensors that no prompt module changes: tells whether a loaded
     backbone checkpoint is the one the subnet was trained on."""
     h = hashlib.sha256()

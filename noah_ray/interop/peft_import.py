@@ -24,12 +24,15 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from noah_ray.errors import ConfigError
 from noah_ray.space import LORA, SubnetConfig
+
+if TYPE_CHECKING:
+    from noah_ray.nn.modules import LoRA
 
 QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv$")
 #: LoraConfig fields that change what the adapter computes, beyond B·A on a linear layer
@@ -164,7 +167,7 @@ def import_peft(folder: str | Path, *, model_name: str | None = None, backbone_c
         pm = PeftModel.from_pretrained(create_backbone(name, n, backbone_checkpoint, endpoint=endpoint),
                                        str(folder))
     adapter = pm.active_adapter
-    layers = {int(QKV.match(k).group(1)): m for k, m in _lora_layers(pm).items()}
+    layers = {int(cast(re.Match[str], QKV.match(k)).group(1)): m for k, m in _lora_layers(pm).items()}  # qkv only
     ranks = {i: int(m.r[adapter]) for i, m in layers.items()}
     alphas = {i: float(m.lora_alpha[adapter]) for i, m in layers.items()}
     scale = _scale(alphas, ranks)
@@ -173,11 +176,11 @@ def import_peft(folder: str | Path, *, model_name: str | None = None, backbone_c
     model = PromptedViT(base, subnet, lora_scale=scale)
     with torch.no_grad():
         for i, layer in layers.items():
-            lora = model.module(LORA, i)
+            lora = cast("LoRA", model.module(LORA, i))
             lora.lora_A.copy_(layer.lora_A[adapter].weight)
             lora.lora_B.copy_(layer.lora_B[adapter].weight * (layer.scaling[adapter] / scale))
         if has_head:
-            head = pm.base_model.model.head
+            head: Any = cast(Any, pm.base_model).model.head
             head = head.modules_to_save[adapter] if hasattr(head, "modules_to_save") else head
             model.vit.head.load_state_dict(head.state_dict())
     return PeftImport(model.eval(), subnet, name, n, ranks, alphas, scale, has_head)

@@ -10,6 +10,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import timm
@@ -79,7 +80,8 @@ def create_backbone(name: str, num_classes: int, checkpoint: str | None = None, 
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
-    if not checkpoint and model.pos_embed.device.type != "meta":    # shape queries skip the file
+    # shape queries (meta device) skip the file
+    if not checkpoint and cast(torch.nn.Parameter, model.pos_embed).device.type != "meta":
         checkpoint = packaged_weights(model)
     if checkpoint:
         load_backbone_weights(model, checkpoint, endpoint=endpoint)
@@ -92,8 +94,9 @@ def packaged_weights(model: VisionTransformer) -> str | None:
     if not path:
         return None
     if not Path(path).is_file():
-        raise ConfigError(f"the weights of {model.pretrained_cfg.get('architecture')}."
-                          f"{model.pretrained_cfg.get('tag')} are missing ({path}); "
+        cfg: Any = model.pretrained_cfg
+        raise ConfigError(f"the weights of {cfg.get('architecture')}."
+                          f"{cfg.get('tag')} are missing ({path}); "
                           f"reinstall noah_ray or rebuild them with python -m noah_ray.pretrain")
     return path
 
@@ -362,7 +365,7 @@ def fit_to_model(model: VisionTransformer, state: dict[str, torch.Tensor], sourc
 def backbone_shape(model: VisionTransformer) -> BackboneShape:
     """Width, heads, depth and classes of a ViT whose blocks have one ``attn`` each (timm
     ``Block`` / ``ResPostBlock``); parallel-block ViTs are refused with one line."""
-    blk = model.blocks[0]
+    blk: Any = model.blocks[0]
     if not hasattr(getattr(blk, "attn", None), "num_heads"):
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
         raise ConfigError(f"backbone {name} has {type(blk).__name__} blocks (no single attention module); "

@@ -109,6 +109,7 @@ def load_supernet(job: JobConfig, run_name: str | None = None, *, uri: str | Non
     ``storage.save_state``; the backbone is then ``model.checkpoint``).  The head has
     ``num_classes`` of its ``meta.json`` (:class:`~noah_ray.store.records.MetaRecord`), else
     ``data.num_classes``."""
+    backbone: str | None
     if uri is None:
         final = JobPaths.of(job).supernet_final(run_name)
         if not storage.exists(final.join("meta.json")):

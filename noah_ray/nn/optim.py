@@ -15,6 +15,7 @@ import math
 import os
 import posixpath
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -36,7 +37,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
     The decay group comes first and both groups exist even when ``weight_decay`` is 0, as the
     checkpoints written so far expect (optimizer state is keyed by the parameters' order)."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    skip = cast(Any, model).no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=sorted(skip))  # 1.0: never "no decay at all"
     decay = [p for g in groups if g["weight_decay"] for p in g["params"]]
     no_decay = [p for g in groups if not g["weight_decay"] for p in g["params"]]

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -57,6 +58,8 @@ class FractalStream:
     def __init__(self, categories: list[fractal.IFS], cfg: PretrainConfig, seed: int, size: int) -> None:
         self.categories, self.cfg, self.size = categories, cfg, size
         self.rng = np.random.default_rng(seed)
+        self.x: torch.Tensor | None
+        self.y: torch.Tensor | None
         self.x, self.y, self.pos = None, None, 0
 
     def _refill(self, n: int) -> None:
@@ -68,8 +71,9 @@ class FractalStream:
         self.pos = 0
 
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.x is None or self.pos + n > len(self.y):
+        if self.x is None or self.pos + n > len(cast(torch.Tensor, self.y)):   # y is set with x
             self._refill(max(self.cfg.chunk, n))
+        assert self.x is not None and self.y is not None                     # refilled
         sl = slice(self.pos, self.pos + n)
         self.pos += n
         return self.x[sl], self.y[sl]
@@ -97,7 +101,7 @@ def pretrain(cfg: PretrainConfig, out: Path, log=print) -> dict:
     t0 = time.time()
     categories = [fractal.sample_category(rng) for _ in range(cfg.num_classes)]
     model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes)
-    size = model.patch_embed.img_size[0]
+    size: int = cast(Any, model.patch_embed).img_size[0]
     held_out = FractalStream(categories, cfg, cfg.seed + 1, size).take(cfg.eval_images)
     stream = FractalStream(categories, cfg, cfg.seed + 2, size)
     opt = optim.adamw(model, cfg.lr, cfg.weight_decay)

@@ -72,6 +72,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,7 @@ class PrunePlan:
 
     def config(self) -> SubnetConfig:
         """The pruned model's capacity: every pruned module's layer width = its kept count."""
-        widths = dict(self.base.to_dict())
+        widths: dict[str, Any] = dict(self.base.to_dict())   # lists: SubnetConfig takes them
         for m, layers in self.kept.items():
             widths[m] = [len(k) for k in layers]
         return SubnetConfig(widths)
@@ -195,7 +196,7 @@ def _share(grads: list[torch.Tensor | None], targets: list, shared: bool) -> lis
             raise ConfigError(f"shared pruning masks need the same number of {m} tokens in every layer "
                               f"(got {sorted(widths)}); set model.prune_shared: false")
         live = [grads[j] for j in idx if grads[j] is not None]
-        total = torch.stack(live).sum(0) if live else None
+        total = torch.stack(cast("list[torch.Tensor]", live)).sum(0) if live else None
         for j in idx:
             out[j] = total
     return out
@@ -271,7 +272,7 @@ def plan_tokens(scores: Scores, base: SubnetConfig, fraction: float, *, min_vpt_
         widths = base.layer_widths(m)
         if not any(widths):
             continue
-        layers = []
+        layers: list[tuple[int, ...]] = []
         for i, w in enumerate(widths):
             if w == 0:
                 layers.append(())
@@ -291,8 +292,12 @@ def plan_segments(plan: PrunePlan, scores: Scores, fraction: float, num_segments
     """Zero the lowest-scoring ``fraction`` of segments in every layer of the token-pruned model
     (``scores`` were computed on ``apply_plan(model, plan)``); tokens left with no segment are
     removed (a VPT layer keeps at least ``min_vpt_tokens``, their best segment revived)."""
+    kept: dict[str, tuple[tuple[int, ...], ...]]
+    masks: dict[str, tuple[tuple[tuple[int, ...], ...], ...]]
     kept, masks = {}, {}
     for m, layers in plan.kept.items():
+        new_layers: list[tuple[int, ...]]
+        new_masks: list[tuple[tuple[int, ...], ...]]
         new_layers, new_masks = [], []
         for i, toks in enumerate(layers):
             if not toks:
@@ -342,6 +347,7 @@ def apply_plan(model: PromptedViT, plan: PrunePlan) -> PromptedViT:
                 if not toks:
                     continue
                 src, dst = model.module(m, i), sub.module(m, i)
+                assert src is not None and dst is not None     # kept tokens: both models have the module
                 dst.take_tokens(src, torch.tensor(toks, device=next(dst.parameters()).device))
     install_gates(sub, plan)
     return sub
@@ -359,6 +365,7 @@ def install_gates(model: PromptedViT, plan: PrunePlan) -> None:
                 gate = plan.masks(m, i)
                 if gate is not None:
                     mod = model.module(m, i)
+                    assert mod is not None                     # a gate: the layer has the module
                     mod.fix_gate(gate.to(next(mod.parameters()).device))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+from typing import Any, cast
 
 import torch
 from timm.models import checkpoint_seq
@@ -24,7 +25,7 @@ from torch import nn
 
 from noah_ray.errors import ConfigError
 from noah_ray.nn.backbones import backbone_shape, create_backbone
-from noah_ray.nn.modules import REGISTRY, BuildContext, PromptModule, legacy_names, timm_attention
+from noah_ray.nn.modules import REGISTRY, BuildContext, DeepPrompt, PromptModule, legacy_names, timm_attention
 from noah_ray.space import ADAPTER, KV_PROMPT, LORA, MODULES, VPT, SearchSpace, SubnetConfig
 from noah_ray.space.recipes import Recipe, as_recipe
 
@@ -45,6 +46,9 @@ class PromptBlock(nn.Module):
     Its state dict keeps the tensor names checkpoints were written with
     (:func:`~noah_ray.nn.modules.legacy_names`), whatever the attention's current wrapping.
     """
+
+    block: Any                    # the timm block: its submodules are reached by name
+    vpt: DeepPrompt | None
 
     def __init__(self, block: nn.Module, num_prefix: int) -> None:
         super().__init__()
@@ -90,6 +94,10 @@ def _module(block: PromptBlock, name: str) -> PromptModule | None:
 
 class PromptedViT(nn.Module):
     """A timm ViT with prompt modules; only modules and head train (unless ``train_backbone``)."""
+
+    # set on a model loaded from a subnet artifact (noah_ray.interop.artifact.load_subnet)
+    backbone_overrides: tuple[str, ...]
+    merged_lora_subnet: dict[str, Any] | None
 
     def __init__(self, backbone: VisionTransformer, capacity: SubnetConfig, *, lora_scale: float = 1.0,
                  kv_shared: bool | None = None, train_backbone: bool = False,
@@ -143,10 +151,10 @@ class PromptedViT(nn.Module):
     # --------------------------------------------------------------- active
     @property
     def blocks(self) -> list[PromptBlock]:
-        return list(self.vit.blocks)
+        return list(cast("list[PromptBlock]", self.vit.blocks))
 
-    def module(self, name: str, layer: int) -> nn.Module | None:
-        return _module(self.vit.blocks[layer], name)
+    def module(self, name: str, layer: int) -> PromptModule | None:
+        return _module(cast(PromptBlock, self.vit.blocks[layer]), name)
 
     def set_active(self, cfg: SubnetConfig) -> None:
         """Activate a subnet; every width must fit the capacity of its layer."""
@@ -158,7 +166,7 @@ class PromptedViT(nn.Module):
                 if w > cap[i]:
                     raise ConfigError(f"{m} layer {i}: width {w} exceeds the model's capacity {cap[i]}")
         num_prompts = 0
-        for i, blk in enumerate(self.vit.blocks):
+        for i, blk in enumerate(cast("list[PromptBlock]", self.vit.blocks)):
             for m in MODULES:
                 mod = _module(blk, m)
                 if mod is not None:
@@ -168,7 +176,7 @@ class PromptedViT(nn.Module):
                 num_prompts = cfg.layer_widths(VPT)[i]
             blk.num_out = num_prompts
             blk.strip = False
-        self.vit.blocks[-1].strip = True
+        cast(PromptBlock, self.vit.blocks[-1]).strip = True
         self.active = cfg
 
     # ---------------------------------------------------------------- extract
@@ -181,17 +189,19 @@ class PromptedViT(nn.Module):
         sub = PromptedViT(vit, cfg, lora_scale=self.lora_scale, train_backbone=self.train_backbone,
                           recipe=self.recipe)
         with torch.no_grad():
-            for i, (src, dst) in enumerate(zip(self.vit.blocks, sub.vit.blocks)):
+            for i, (src, dst) in enumerate(zip(cast("list[PromptBlock]", self.vit.blocks),
+                                               cast("list[PromptBlock]", sub.vit.blocks))):
                 for m in MODULES:
                     w = cfg.layer_widths(m)[i]
                     if w:
                         s, d = _module(src, m), _module(dst, m)
+                        assert s is not None and d is not None    # width w > 0: both have the module
                         for name, t in s.sliced_state(w).items():
                             getattr(d, name).copy_(t)
                         if getattr(s, "gate", None) is not None:  # fixed pruning gate (prune.py)
-                            d.gate = s.gate[:w].detach().clone()
+                            d.gate = cast(torch.Tensor, s.gate)[:w].detach().clone()
         sub.grad_checkpointing, sub.precision = self.grad_checkpointing, self.precision
-        sub.set_fused_attn(self.vit.blocks[0].block.attn.fused_attn)
+        sub.set_fused_attn(cast(PromptBlock, self.vit.blocks[0]).block.attn.fused_attn)
         self.set_active(cfg)
         return sub
 
@@ -199,7 +209,7 @@ class PromptedViT(nn.Module):
         """A deep copy of the timm ViT with the prompt modules taken out again."""
         vit = copy.deepcopy(self.vit)
         blocks = []
-        for pb in vit.blocks:
+        for pb in cast("list[PromptBlock]", vit.blocks):
             for cls in reversed(REGISTRY.values()):  # unwrap in the reverse order of attaching
                 cls.detach(pb.block)
             blocks.append(pb.block)
@@ -227,7 +237,7 @@ class PromptedViT(nn.Module):
 
     def qkv_linear(self, layer: int) -> nn.Linear:
         """The frozen fused qkv linear layer of block ``layer`` (without its LoRA)."""
-        qkv = timm_attention(self.vit.blocks[layer].block).qkv
+        qkv: Any = timm_attention(cast(PromptBlock, self.vit.blocks[layer]).block).qkv
         return getattr(qkv, "base", qkv)
 
     def no_weight_decay(self) -> set[str]:
@@ -245,7 +255,7 @@ class PromptedViT(nn.Module):
     def num_trainable(self) -> dict[str, int]:
         """Trainable parameter count per module and head, as materialised."""
         out = {m: 0 for m in MODULES}
-        for blk in self.vit.blocks:
+        for blk in cast("list[PromptBlock]", self.vit.blocks):
             for m in MODULES:
                 mod = _module(blk, m)
                 if mod is not None:
@@ -259,7 +269,7 @@ class PromptedViT(nn.Module):
         self.grad_checkpointing = enable
 
     def set_fused_attn(self, enable: bool = True) -> None:
-        for blk in self.vit.blocks:
+        for blk in cast("list[PromptBlock]", self.vit.blocks):
             blk.block.attn.fused_attn = enable
 
     def set_precision(self, precision: str) -> None:

@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ray import tune
 
@@ -238,9 +238,9 @@ def _finish(searcher: NoahSearcher, store: SearchStore, base: storage.Location, 
     sign = 1.0 if searcher.mode == "max" else -1.0
     return SearchResult(
         run_id=store.run_id, algorithm=eng.algorithm, finished=eng.finished,
-        best=best.config if best else None, best_val_acc=sign * best.score if best else None,
+        best=best.config if best else None, best_val_acc=sign * cast(float, best.score) if best else None,
         best_params=best.params if best else None,
-        pareto=[ParetoPoint(c.cid, c.config, c.params, sign * c.score) for c in front],
+        pareto=[ParetoPoint(c.cid, c.config, c.params, sign * cast(float, c.score)) for c in front],
         evaluated=sum(c.status == DONE for c in cands), failed=sum(c.status == FAILED for c in cands),
         generations=len(eng.history), uri=base.uri,
         tables={t: base.join(t).uri for t in ("trials", "generations", "pareto")},

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ray.tune.search import Searcher
 
@@ -61,7 +61,7 @@ class NoahSearcher(Searcher):
         return cls(engine, store=store, hold_actors=hold_actors)
 
     # -------------------------------------------------------------- Tune API
-    def suggest(self, trial_id: str) -> dict | str | None:
+    def suggest(self, trial_id: str) -> dict | str | None:  # type: ignore[override]  # Searcher.FINISHED is a str
         if self.aborted:
             return Searcher.FINISHED
         c = self.engine.ask(trial_id)
@@ -98,7 +98,7 @@ class NoahSearcher(Searcher):
             ok = isinstance(value, (int, float)) and math.isfinite(value)
             info = {k: result[k] for k in ("eval_time_s", "worker", "params_head", "error") if k in result}
             self.fatal = self.fatal or bool(result.get("fatal"))
-            closed = self.engine.tell(trial_id, (value if self.mode == "max" else -value) if ok else None,
+            closed = self.engine.tell(trial_id, (value if self.mode == "max" else -cast(float, value)) if ok else None,
                                       failed=not ok, info=info)
         status = self.engine.candidates[cid].status
         if status == FAILED and self._streak >= 0:
@@ -125,6 +125,7 @@ class NoahSearcher(Searcher):
         if changed:
             delta["searcher"] = changed
             self._logged_extra = dict(self.extra_state)
+        assert self.store is not None                   # called only with a store
         self.store.append_state(delta, self.get_state)
 
     def _report(self, rec: GenerationRecord) -> None:

@@ -43,8 +43,8 @@ class CandidateEvaluator(tune.Trainable):
     supernet and validation split.
     """
 
-    def setup(self, config: dict, job: dict, loader: Callable | None = None,
-              val_data: Callable | None = None) -> None:
+    def setup(self, config: dict, job: dict, loader: Callable | None = None,  # type: ignore[override]
+              val_data: Callable | None = None) -> None:                    # (tune.with_parameters passes job, ...)
         self.error = None
         try:
             self._setup(job, loader, val_data)
@@ -87,6 +87,7 @@ class CandidateEvaluator(tune.Trainable):
             return {METRIC: float("nan"), "error": self.error, "fatal": True, "done": True}
         from noah_ray.nn.models import evaluate
 
+        assert self.subnet is not None                  # not a placeholder (hold_s is None)
         t0 = time.perf_counter()
         self.model.set_active(self.subnet)
         acc, n = evaluate(self.model, self.batches, self.device, self.job.search.eval_batches)

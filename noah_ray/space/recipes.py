@@ -59,8 +59,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from noah_ray.errors import ConfigError
-from noah_ray.space.kinds import PRUNABLE_KINDS, BackboneShape
-from noah_ray.space.subnet import VPT, SubnetConfig
+from noah_ray.space.kinds import PRUNABLE_KINDS, VPT, BackboneShape
+from noah_ray.space.subnet import SubnetConfig
 
 #: allowed values of the string settings
 CHOICES: dict[str, tuple[str, ...]] = {

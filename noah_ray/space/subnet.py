@@ -194,7 +194,8 @@ class SubnetConfig:
             raise ConfigError(f"subnet config is not valid JSON ({e}); fix the file") from None
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), default_flow_style=None, sort_keys=False)
+        text: str = yaml.safe_dump(self.to_dict(), default_flow_style=None, sort_keys=False)
+        return text
 
     @classmethod
     def from_yaml(cls, text: str) -> SubnetConfig:
@@ -262,6 +263,7 @@ class SearchSpace:
         if not isinstance(data, Mapping) or not isinstance(data.get("modules"), Mapping):
             raise ConfigError(f"{where}.modules: a search space needs 'modules': "
                               f"{{name: {{depths: [...], widths: [...]}}}}, got {data!r:.80}")
+        unknown: list[str] | set[str]
         unknown = sorted(set(data) - {"modules", "num_layers"})
         if unknown:
             raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: modules, num_layers")

@@ -92,6 +92,7 @@ def acquire(loc: storage.Location, job: str, *, timeout_s: float | None = None, 
     now = time.time()
     current = read(loc)
     if _held_by_other(current, "", timeout_s, now):
+        assert current is not None            # held: there is a lease
         raise _busy(job, loc, current, now, timeout_s)
     mine = Lease(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now)
     storage.write_text(loc, json.dumps(asdict(mine)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import posixpath
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -34,6 +35,10 @@ from noah_ray.errors import ConfigError
 from noah_ray.space import MODULES, SubnetConfig
 from noah_ray.store import storage
 from noah_ray.store.layout import TABLE_STAGES
+from noah_ray.store.tables import TABLES
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _stage_dirs(loc: storage.Location, table: str) -> list[storage.Location]:
@@ -51,8 +56,8 @@ def _stage_dirs(loc: storage.Location, table: str) -> list[storage.Location]:
 
 def load_table(uri: str, table: str, endpoint: str | None = None) -> pd.DataFrame:
     """All rows of ``table`` below ``uri`` (an empty DataFrame with the table's columns if none)."""
-    if table not in storage.TABLES:
-        raise ConfigError(f"unknown table {table!r}; use one of {', '.join(storage.TABLES)}")
+    if table not in TABLES:
+        raise ConfigError(f"unknown table {table!r}; use one of {', '.join(TABLES)}")
     loc = storage.resolve(uri, endpoint)
     try:
         if not storage.exists(loc):
@@ -66,7 +71,7 @@ def load_table(uri: str, table: str, endpoint: str | None = None) -> pd.DataFram
         raise ConfigError(f"cannot read {loc.uri!r}: {str(e).splitlines()[0][:200]}; "
                           f"check the URI, endpoint and credentials") from None
     if not parts:
-        return storage.TABLES[table].empty_table().to_pandas()
+        return TABLES[table].empty_table().to_pandas()
     return pa.concat_tables(parts, promote_options="default").to_pandas()
 
 
@@ -188,7 +193,7 @@ def searched_subnets(uri: str, endpoint: str | None = None) -> dict[str, SubnetC
 
 
 # ------------------------------------------------------------------------------ plots
-def _pyplot():
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,7 +316,7 @@ def plot_asha_curves(uri: str, path: str | Path, endpoint: str | None = None) ->
     return _save(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     p = Path(path)

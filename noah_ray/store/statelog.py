@@ -62,7 +62,7 @@ class StateLog:
         self._torn = False
         self._has_base = False                # a snapshot (or a format-1 file) exists
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         # a pickled copy (Tune ships searchers around) re-reads its position before writing
         out = dict(self.__dict__)
         out.update(seq=None, _since=0, _snapshot_bytes=0, _torn=False, _has_base=False, stats=IOStats())
@@ -94,7 +94,7 @@ class StateLog:
         self._since, self._snapshot_bytes = sum(n for _, _, n in records), len(text)
         return None if state is None else (state, [d for _, d, _ in records])
 
-    def _records(self) -> list[tuple[int, dict, int]]:
+    def _records(self) -> list[tuple[int, dict[str, Any], int]]:
         """``(seq, delta, bytes)`` of every log record, in order."""
         if self.folder.is_s3:
             out = []
@@ -141,6 +141,7 @@ class StateLog:
         """Record ``delta`` (what changed since the previous record); ``full()`` is the whole
         current state, asked for only when the log is compacted into a snapshot."""
         self._position()
+        assert self.seq is not None           # _position() read it
         self.seq += 1
         if self._torn or not self._has_base:  # never continue a log after a torn line; a log needs a base
             self.snapshot(full())

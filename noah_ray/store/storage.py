@@ -20,6 +20,7 @@ import posixpath
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -59,7 +60,7 @@ def _region() -> str | None:
 
 def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
     endpoint = _endpoint(endpoint)
-    kwargs: dict = {"connect_timeout": 3, "request_timeout": 20,
+    kwargs: dict[str, Any] = {"connect_timeout": 3, "request_timeout": 20,
                     "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
     region = _region()
     if region:
@@ -162,13 +163,13 @@ def tidy(loc: Location) -> Iterator[None]:
 
 
 def exists(loc: Location) -> bool:
-    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+    return cast(bool, loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound)
 
 
 def read_bytes(loc: Location) -> bytes:
     try:
         with loc.fs.open_input_stream(loc.path) as f:
-            return f.read()
+            return cast(bytes, f.read())
     except FileNotFoundError:
         raise ConfigError(f"{loc.uri!r} does not exist; check the path") from None
 
@@ -269,7 +270,7 @@ def read_table(base: Location, table_name: str) -> pa.Table | None:
 
 
 # ------------------------------------------------------------------ checkpoints
-def save_state(loc: Location, tensors: dict, meta: dict) -> None:
+def save_state(loc: Location, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
     """Save tensors as ``<loc>/model.safetensors`` and ``meta`` as ``<loc>/meta.json``.
 
     The JSON is written last: a directory without ``meta.json`` is incomplete and ignored by
@@ -283,7 +284,7 @@ def save_state(loc: Location, tensors: dict, meta: dict) -> None:
     write_text(loc.join("meta.json"), json.dumps(meta, indent=1, sort_keys=True))
 
 
-def load_state(loc: Location, recover: str = "write it again") -> tuple[dict, dict]:
+def load_state(loc: Location, recover: str = "write it again") -> tuple[dict[str, Any], dict[str, Any]]:
     """Inverse of :func:`save_state`: ``(tensors, meta)``.  A truncated or corrupt file raises one
     :class:`ConfigError` naming it and ``recover`` (how to get a good one)."""
     import json

@@ -38,13 +38,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from noah_ray.config import JobConfig, MlflowConfig
 from noah_ray.errors import ConfigError
 from noah_ray.store.records import MetaRecord
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+    from ray.tune.experiment import Trial
 
 KEY_TAG = "noah_ray.key"
 _USERINFO = re.compile(r"(\w[\w+.-]*://)[^/@\s]+@")
@@ -58,7 +62,7 @@ class RunRef:
     tracking_uri: str
     run_id: str
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, str]:
         return {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
 
 
@@ -79,7 +83,7 @@ def redact(value: Any) -> str:
     return _USERINFO.sub(r"\1", text)[:_MAX_PARAM]
 
 
-def _client(uri: str):
+def _client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -96,14 +100,16 @@ def experiment_id(cfg: MlflowConfig) -> str:
     try:
         return client.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location)
     except MlflowException:                         # created meanwhile by another process
-        return client.get_experiment_by_name(cfg.experiment).experiment_id
+        created = client.get_experiment_by_name(cfg.experiment)
+        assert created is not None
+        return created.experiment_id
 
 
 def stage_params(job: JobConfig, stage: str) -> dict[str, str]:
     """What defines a stage, as MLflow parameters (the tracking section itself excluded)."""
     import dataclasses
 
-    section = {"supernet": job.supernet, "retrain": job.retrain, "search": job.search, "hpo": job.hpo}.get(stage)
+    section: Any = {"supernet": job.supernet, "retrain": job.retrain, "search": job.search, "hpo": job.hpo}.get(stage)
     params: dict[str, Any] = {"job": job.name, "storage": job.storage, "space": job.space.to_dict()}
     for prefix, obj in ((stage, section), ("model", job.model), ("data", job.data)):
         if obj is not None:
@@ -111,8 +117,8 @@ def stage_params(job: JobConfig, stage: str) -> dict[str, str]:
     return {k: redact(v) for k, v in params.items()}
 
 
-def start_run(job: JobConfig, stage: str, run_id: str, *, params: dict | None = None,
-              extra: dict | None = None) -> RunRef | None:
+def start_run(job: JobConfig, stage: str, run_id: str, *, params: dict[str, Any] | None = None,
+              extra: dict[str, Any] | None = None) -> RunRef | None:
     """The MLflow run of one stage run (None when the job does not track): found by its key
     (``<job>/<stage>/<run id>``) so that a resumed run continues it, else created with
     ``params`` (default :func:`stage_params`) and ``extra``."""
@@ -132,7 +138,7 @@ def start_run(job: JobConfig, stage: str, run_id: str, *, params: dict | None = 
     return ref
 
 
-def log_params(ref: RunRef | None, params: dict) -> None:
+def log_params(ref: RunRef | None, params: dict[str, Any]) -> None:
     """``params`` (redacted, :func:`redact`) on the run, in batches of 100."""
     if ref is None:
         return
@@ -143,7 +149,7 @@ def log_params(ref: RunRef | None, params: dict) -> None:
         _client(ref.tracking_uri).log_batch(ref.run_id, params=items[i:i + 100])
 
 
-def log_metrics(ref: RunRef | dict | None, metrics: dict, step: int | None = None) -> None:
+def log_metrics(ref: RunRef | dict[str, str] | None, metrics: dict[str, Any], step: int | None = None) -> None:
     """The numeric entries of ``metrics`` at ``step`` (nothing when ``ref`` is None)."""
     if not ref:
         return
@@ -226,7 +232,7 @@ def hpo_params(job: JobConfig, method: str, tuned: list[str]) -> dict[str, Any]:
             "hpo.tuned": sorted(tuned)}
 
 
-def chosen_params(record: dict | None) -> dict[str, Any]:
+def chosen_params(record: dict[str, Any] | None) -> dict[str, Any]:
     """What a method's search chose (:meth:`noah_ray.hpo.HpoResult.record`) as parameters:
     ``chosen.<setting path>`` per value and ``chosen.trial_id`` (logged on the search's run and
     on every final run trained with them)."""
@@ -258,23 +264,23 @@ class TrialLogger(MLflowLoggerCallback):
     the placeholder trials that keep evaluation actors alive are not logged."""
 
     @staticmethod
-    def _hold(trial) -> bool:
+    def _hold(trial: Trial) -> bool:
         return "hold_s" in (trial.config or {})
 
-    def log_trial_start(self, trial) -> None:
+    def log_trial_start(self, trial: Trial) -> None:
         if not self._hold(trial):
             super().log_trial_start(trial)
 
-    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+    def log_trial_result(self, iteration: int, trial: Trial, result: dict[str, Any]) -> None:
         if not self._hold(trial):
             super().log_trial_result(iteration, trial, result)
 
-    def log_trial_end(self, trial, failed: bool = False) -> None:
+    def log_trial_end(self, trial: Trial, failed: bool = False) -> None:
         if trial in self._trial_runs:
             super().log_trial_end(trial, failed)
 
 
-def trial_callbacks(job: JobConfig, parent: RunRef | None, stage: str = "search-trial") -> list:
+def trial_callbacks(job: JobConfig, parent: RunRef | None, stage: str = "search-trial") -> list[TrialLogger]:
     """The Tune callbacks that log a Tune experiment's trials as runs nested under ``parent``,
     tagged ``noah_ray.stage`` = ``stage`` ([] when not tracking)."""
     cfg = job.tracking.mlflow

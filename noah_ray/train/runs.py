@@ -20,12 +20,13 @@ import json
 import statistics
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import cast
 
 import pyarrow as pa
 import torch
 
 from noah_ray import progress
-from noah_ray.config import JobConfig
+from noah_ray.config import JobConfig, SupernetConfig
 from noah_ray.config.resolved import ResolvedJob, resolved
 from noah_ray.errors import ConfigError, RunError
 from noah_ray.nn.models import build_model, ensure_backbone, subnet_for
@@ -61,7 +62,7 @@ def spec_for(job: JobConfig, stage: str, method: str, subnet: SubnetConfig | Non
         data={"dataset": d.dataset, "format": d.format, "train_split": d.train_split, "batch_size": d.batch_size,
               "img_size": d.img_size, "shots": d.shots, "seed": d.seed},
         lr=lr, weight_decay=tc.weight_decay, warmup_epochs=tc.warmup_epochs, min_lr=tc.min_lr, seed=seed,
-        sampling=tc.sampling if stage == "supernet" else None,
+        sampling=cast(SupernetConfig, tc).sampling if stage == "supernet" else None,
         # only when set: the fingerprints of other runs stay as they were
         init=job.retrain.init if stage == "retrain" and method == "noah" and job.retrain.init else None)
 
@@ -320,6 +321,7 @@ def _prune_plan(rj: ResolvedJob, cfg: SubnetConfig, seed: int, best_uri: str) ->
 
     job = rj.job
     loc = storage.resolve(best_uri, job.storage_endpoint).join("prune_plan.json")
+    assert job.prune is not None                  # called for a job that prunes (e2vpt)
     want = {"prune": dataclasses.asdict(job.prune), "weights": best_uri}
     if storage.exists(loc):
         saved = json.loads(storage.read_text(loc))
@@ -345,5 +347,6 @@ def _score_and_plan(job_dict: dict, cfg_json: str, backbone: str | None, n: int,
     torch.manual_seed(seed)
     batches = build_loader(job.data, job.data.train_split, train=False, mean=mean, std=std,
                            img_size=job.data.img_size or size, shuffle=True, endpoint=job.storage_endpoint)
+    assert job.prune is not None                  # the job of _prune_plan
     _, plan = prune(model, batches, job.prune)
     return plan.to_dict()

@@ -25,13 +25,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import torch
 
 from noah_ray import progress
-from noah_ray.config import JobConfig, TrainConfig
+from noah_ray.config import JobConfig, SupernetConfig, TrainConfig
 from noah_ray.errors import ConfigError
 from noah_ray.nn import optim
 from noah_ray.nn.epoch import make_optimizer, train_epoch
@@ -213,6 +213,7 @@ def _loaders(run: RunSpec, model: PromptedViT, rank: int, world: int, device: to
     size = job.data.img_size or size
     ds = build_dataset(job.data, job.data.train_split, train=True, mean=mean, std=std, img_size=size,
                        endpoint=endpoint)
+    sampler: DistributedSampler | None
     sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=run.seed) if world > 1 else None
     nw = job.data.num_workers
     train_loader = DataLoader(ds, batch_size=job.data.batch_size // world, shuffle=sampler is None,
@@ -229,6 +230,7 @@ def _resume(w: Worker) -> tuple[dict, int]:
     import ray.train.torch
 
     run, tc = w.run, w.run.tc
+    state: dict[str, Any]
     state = {"epoch": -1, "best_val": -1.0, "best_epoch": -1, "train_time_s": 0.0, "val_acc": {}, "start_epochs": []}
     ckpt = optim.latest_checkpoint(w.run_dir)
     if ckpt:
@@ -283,9 +285,10 @@ def _train_epoch(w: Worker, epoch: int) -> torch.Tensor:
         def activate(cfg: SubnetConfig) -> None:
             w.model.set_active(cfg)
             digest.update(cfg.key().encode())
-        return [lambda c=cfg: activate(c) for cfg in step_subnets(run.job.space, run.tc.sampling, run.seed,
-                                                                  epoch, step)]
+        return [lambda c=cfg: activate(c)
+                for cfg in step_subnets(run.job.space, cast(SupernetConfig, run.tc).sampling, run.seed, epoch, step)]
 
+    assert w.net is not None                  # _resume wrapped the model
     sums = train_epoch(w.net, w.train_loader, w.opt, w.sched, w.scaler, w.device,
                        step_passes if supernet else None)
     if w.world > 1:
@@ -299,7 +302,8 @@ def _evaluate(w: Worker, epoch: int, state: dict, metrics: dict) -> dict[str, fl
     """Rank 0: validation accuracy of the run's fixed subnets (a supernet: smallest, largest and
     random ones; retraining: its model, whose best-on-val weights are saved as ``best/``)."""
     run = w.run
-    fixed = eval_subnets(run.job, run.tc.eval_random_subnets) if run.stage == "supernet" else {"model": w.capacity}
+    fixed = eval_subnets(run.job, cast(SupernetConfig, run.tc).eval_random_subnets) if run.stage == "supernet" \
+        else {"model": cast(SubnetConfig, w.capacity)}                       # retraining: its subnet
     val = {}
     for name, cfg in fixed.items():
         w.model.set_active(cfg)
@@ -370,7 +374,7 @@ def _final_meta(run: RunSpec, model: PromptedViT, state: dict) -> MetaRecord:
 
 # ----------------------------------------------------------------------------- worker helpers
 def _check_same_subnets(digest: str, epoch: int) -> None:
-    digests = [None] * torch.distributed.get_world_size()
+    digests: list[str | None] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(digests, digest)
     if len(set(digests)) != 1:
         raise RuntimeError(f"epoch {epoch}: workers trained different subnets ({digests}); "

@@ -8,6 +8,7 @@ the initialisation (:data:`ADAPTER_INITS`; ``zero_up`` makes a fresh adapter the
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,12 +81,12 @@ class Adapter(PromptModule):
         return cls(ctx.shape.embed_dim, width, act=r.adapter_act, dropout=r.adapter_dropout, init=r.adapter_init)
 
     @staticmethod
-    def find(pblock: nn.Module) -> Adapter | None:
+    def find(pblock: Any) -> Adapter | None:
         mlp = getattr(pblock.block, "mlp", None)
         return mlp.adapter if isinstance(mlp, AdapterMLP) else None
 
     @classmethod
-    def attach(cls, pblock: nn.Module, module: Adapter, recipe) -> None:
+    def attach(cls, pblock: Any, module: Adapter, recipe) -> None:
         """After the block's MLP; the recipe's ``before_adapter`` moves the block's drop-path
         in between (NOAH: ``x + adapter(drop_path(mlp(norm2 x)))``)."""
         blk = pblock.block
@@ -98,7 +99,7 @@ class Adapter(PromptModule):
         blk.mlp = AdapterMLP(blk.mlp, module, moved)
 
     @staticmethod
-    def detach(block: nn.Module) -> None:
+    def detach(block: Any) -> None:
         if isinstance(getattr(block, "mlp", None), AdapterMLP):
             if block.mlp.block_drop_path is not None:
                 block.drop_path2 = block.mlp.block_drop_path

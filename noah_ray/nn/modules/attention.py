@@ -12,6 +12,8 @@ was wrapped (``block.attn.attn.<timm>``, ``block.attn.lora.*``, ``block.attn.kv_
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
@@ -38,11 +40,16 @@ def check_kv_support(attn: nn.Module) -> None:
 
 
 class PromptAttention(nn.Module):
+    attn: Any                    # a timm Attention: its submodules and settings are read by name
+    num_heads: int
+    head_dim: int
+    kv_prompt: Any               # a KVPrompt
+
     def __init__(self, attn: nn.Module, kv_prompt: nn.Module) -> None:
         super().__init__()
         check_kv_support(attn)
         self.attn = attn  # the timm module, kept whole so it can be put back
-        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.num_heads, self.head_dim = cast(int, attn.num_heads), cast(int, attn.head_dim)
         self.kv_prompt = kv_prompt
 
     @property
@@ -79,7 +86,7 @@ def legacy_names(attn: nn.Module) -> dict[str, str]:
     (the ``attn.`` when KV prompts wrap it), ``kv_prompt.*``.  Written: ``attn.qkv.*``,
     ``lora.*``, ``attn.<timm>``, ``kv_prompt.*``."""
     wrapped = isinstance(attn, PromptAttention)
-    core = attn.attn if wrapped else attn
+    core: nn.Module = cast(PromptAttention, attn).attn if wrapped else attn
     out = {}
     for k in core.state_dict(keep_vars=True):
         if k.startswith("qkv.base."):

@@ -23,7 +23,7 @@ in one place:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 #: kind name -> class, filled by :func:`register` (in :data:`~noah_ray.space.kinds.MODULES` order
 #: once :mod:`noah_ray.nn.modules` is imported)
 REGISTRY: dict[str, type[PromptModule]] = {}
+
+_Module = TypeVar("_Module", bound="PromptModule")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class PromptModule(nn.Module):
 
     max_width: int
     active: int
+    gate: torch.Tensor | None                # the buffer _init_width registers (gated kinds)
 
     def _init_width(self, max_width: int) -> None:
         self.max_width = max_width
@@ -99,7 +102,7 @@ class PromptModule(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def attach(cls, pblock: nn.Module, module: PromptModule, recipe: Recipe) -> None:
+    def attach(cls: type[_Module], pblock: nn.Module, module: _Module, recipe: Recipe) -> None:
         raise NotImplementedError
 
     @staticmethod

@@ -15,6 +15,7 @@ token's key and value vectors segment-wise (E2VPT pruning, see :mod:`noah_ray.nn
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,16 +67,16 @@ class KVPrompt(PromptModule):
                    gate_layout=r.prune_pieces)
 
     @staticmethod
-    def find(pblock: nn.Module) -> KVPrompt | None:
+    def find(pblock: Any) -> KVPrompt | None:
         attn = getattr(pblock.block, "attn", None)
         return attn.kv_prompt if isinstance(attn, PromptAttention) else None
 
     @classmethod
-    def attach(cls, pblock: nn.Module, module: KVPrompt, recipe) -> None:
+    def attach(cls, pblock: Any, module: KVPrompt, recipe) -> None:
         pblock.block.attn = PromptAttention(pblock.block.attn, module)  # checks the attention type
 
     @staticmethod
-    def detach(block: nn.Module) -> None:
+    def detach(block: Any) -> None:
         if isinstance(getattr(block, "attn", None), PromptAttention):
             block.attn = block.attn.attn
 

@@ -13,6 +13,7 @@ timm attention's own forward runs unchanged.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,12 +54,12 @@ class LoRA(PromptModule):
         return cls(d, 3 * d, width, ctx.lora_scale, dropout=ctx.recipe.lora_dropout, init=ctx.recipe.lora_init)
 
     @staticmethod
-    def find(pblock: nn.Module) -> LoRA | None:
+    def find(pblock: Any) -> LoRA | None:
         qkv = timm_attention(pblock.block).qkv
         return qkv.lora if isinstance(qkv, LoRALinear) else None
 
     @classmethod
-    def attach(cls, pblock: nn.Module, module: LoRA, recipe) -> None:
+    def attach(cls, pblock: Any, module: LoRA, recipe) -> None:
         attn = timm_attention(pblock.block)
         qkv = getattr(attn, "qkv", None)
         if not isinstance(qkv, nn.Linear) or qkv.out_features != module.lora_B.shape[0] \
@@ -68,8 +69,8 @@ class LoRA(PromptModule):
         attn.qkv = LoRALinear(qkv, module)
 
     @staticmethod
-    def detach(block: nn.Module) -> None:
-        attn = timm_attention(block)
+    def detach(block: Any) -> None:
+        attn: Any = timm_attention(block)
         if isinstance(getattr(attn, "qkv", None), LoRALinear):
             attn.qkv = attn.qkv.base
 

@@ -17,6 +17,7 @@ grad) and to hold pruned segments at zero (see :mod:`noah_ray.nn.prune`).  ``Non
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,11 +65,11 @@ class DeepPrompt(PromptModule):
                    dropout=r.prompt_dropout, gate_layout=r.prune_pieces)
 
     @staticmethod
-    def find(pblock: nn.Module) -> DeepPrompt | None:
+    def find(pblock: Any) -> DeepPrompt | None:
         return pblock.vpt
 
     @classmethod
-    def attach(cls, pblock: nn.Module, module: DeepPrompt, recipe) -> None:
+    def attach(cls, pblock: Any, module: DeepPrompt, recipe) -> None:
         pblock.vpt = module  # PromptBlock inserts the tokens before its block
 
     def gate_multiplier(self, gate: torch.Tensor) -> torch.Tensor:
