@@ -18,6 +18,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
 
 
+@pytest.mark.slow                     # about 90 s cold on 2 cores; the fast tier leaves it to CI
 def test_mypy_finds_nothing(tmp_path: Path) -> None:
     pytest.importorskip("mypy")
     # a fresh cache: the result never depends on what an earlier run left behind (~1.5 min cold)
