@@ -11,6 +11,7 @@ from noah_ray.errors import ConfigError
 from noah_ray.run import pipeline, preflight
 from noah_ray.space.kinds import BackboneShape
 from noah_ray.store import storage
+from noah_ray.store.records import MetaRecord
 from noah_ray.train import runs
 
 
@@ -66,10 +67,10 @@ def test_a_command_checks_once_however_many_runs_it_starts(data_root, tmp_path, 
     monkeypatch.setattr(preflight, "check_data", counted("check_data", preflight.check_data))
     fits = []
 
-    def finished_run(run):
+    def finished_run(run, faults=None):
         fits.append((run.run_id, run.num_classes, run.backbone))
-        return {"params": 16, "params_head": 4, "best_val": 50.0, "test_acc": 25.0, "best_epoch": 0,
-                "epochs_done": 1, "train_time_s": 0.1, "best_uri": "unused"}
+        return MetaRecord.from_dict({"params": 16, "params_head": 4, "best_val": 50.0, "test_acc": 25.0,
+                                     "best_epoch": 0, "epochs_done": 1, "train_time_s": 0.1, "best_uri": "unused"})
 
     monkeypatch.setattr(runs, "_fit", finished_run)
     monkeypatch.setattr(runs, "_publish", lambda *args: None)

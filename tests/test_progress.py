@@ -114,7 +114,7 @@ def test_verbose_flag_reaches_ray_init_and_the_session(tmp_path, monkeypatch, ca
 
 _SCRIPT = """
 import sys, time, ray
-from noah_ray import pipeline
+from noah_ray.run import pipeline
 pipeline.init_ray(quiet=sys.argv[1] == "quiet")
 ray.get(ray.remote(lambda: print("a line printed by a ray worker", flush=True)).remote())
 time.sleep(1.5)              # the driver's log monitor polls
