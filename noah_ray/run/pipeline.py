@@ -8,16 +8,21 @@ job again only re-reads its results.
 
 from __future__ import annotations
 
+import _thread
+import contextlib
+import dataclasses
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from noah_ray import progress
 from noah_ray.config import STAGES, JobConfig
 from noah_ray.config.resolved import ResolvedJob
-from noah_ray.errors import ConfigError
+from noah_ray.errors import ConfigError, Interrupted
 from noah_ray.interop import read_subnet
 from noah_ray.run.preflight import check_artifacts, is_generated, resolve
 from noah_ray.space import SubnetConfig
@@ -90,19 +95,53 @@ def prepare_data(job: JobConfig) -> None:
                 write_generated_vtab(root, job.data.dataset, seed=job.data.seed)
 
 
-def init_ray(address: str | None = None, *, quiet: bool = False) -> None:
+def init_ray(address: str | None = None, *, quiet: bool = False) -> bool:
     """Connect to ``address`` / ``$RAY_ADDRESS`` (set inside ``ray job submit``), else start a
     local Ray on this machine.  ``quiet`` keeps Ray's own output in Ray's log files
     (:func:`noah_ray.progress.quiet_ray`); run the stages inside :func:`noah_ray.progress.session`
-    so that the workers' progress lines still reach the console."""
+    so that the workers' progress lines still reach the console.  True when this call started a
+    local Ray (the caller shuts it down; one it attached to is left running)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict = {"include_dashboard": False} if address == "local" else {}
     kwargs.update(progress.quiet_ray() if quiet else {"log_to_driver": True})
     ray.init(address=address, **kwargs)
+    return address == "local"
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    for sig in _SIGNALS:              # once: the cleanup that follows (lease, Ray) runs to its end
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interrupts() -> Iterator[Callable[[], None]]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread for the ``with`` block,
+    so that the stage stops through the ordinary error path (lease released, one line); later
+    signals are ignored until the block ends.  ``ray.init`` installs Ray's own handler (a native
+    stack dump, exit 134): call the function this yields again after it.  Outside the main thread
+    (a sweep's Ray task) nothing is installed."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = {sig: signal.getsignal(sig) for sig in _SIGNALS} if main else {}
+
+    def install() -> None:
+        if main:
+            for sig in _SIGNALS:
+                signal.signal(sig, _raise_interrupted)
+
+    install()
+    try:
+        yield install
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def retrain_subnet(job: JobConfig) -> SubnetConfig:
@@ -121,22 +160,45 @@ def run_stages(job: JobConfig, stages: tuple[str, ...] = STAGES, *,
     :func:`preflight` runs first; the job's lease (:mod:`noah_ray.store.lease`) is held throughout, so a
     second run of the same job fails at once.  ``start_ray`` is called only when a stage has work
     left (finished stages answer from storage); without it Ray must be initialised (or starts on
-    first use)."""
+    first use).  A lease lost while a stage runs (another run took it over) interrupts the main
+    thread and raises :class:`~noah_ray.store.lease.LeaseLost`; a signal (:func:`interrupts`)
+    raises :class:`Interrupted` naming the stage, where its results are and that the command resumes."""
     from noah_ray.store import lease
 
     report = preflight(job, stages)
-    with lease.hold(job.storage, job.storage_endpoint, job.name):
-        if report.pending and start_ray is not None:
-            start_ray()
-        prepare_data(job)
-        summary: dict = {"job": job.name, "uri": storage.resolve(job.storage, job.storage_endpoint).join(job.name).uri}
-        t0 = time.time()
-        for stage in (s for s in STAGES if s in stages):
-            out = _RUNNERS[stage](report.resolved)
-            if out is not None:
-                summary[stage] = out
-        summary["wall_time_s"] = time.time() - t0
-        return summary
+    main = threading.current_thread() is threading.main_thread()
+    on_lost = (lambda lost: _thread.interrupt_main(signal.SIGINT)) if main else None
+    holder: lease.Holder | None = None
+    try:
+        with lease.hold(job.storage, job.storage_endpoint, job.name, on_lost=on_lost) as holder:
+            return _run_held(dataclasses.replace(report.resolved, lease=holder.token), report.pending, stages,
+                             start_ray)
+    except (Interrupted, KeyboardInterrupt):
+        if holder is not None and holder.lost is not None:      # the interrupt came from the lease thread
+            raise holder.lost from None
+        raise
+
+
+def _run_held(rj: ResolvedJob, pending: tuple[str, ...], stages: tuple[str, ...],
+              start_ray: Callable[[], None] | None) -> dict:
+    job = rj.job
+    if pending and start_ray is not None:
+        start_ray()
+    prepare_data(job)
+    uri = storage.resolve(job.storage, job.storage_endpoint).join(job.name).uri
+    summary: dict = {"job": job.name, "uri": uri}
+    t0 = time.time()
+    for stage in (s for s in STAGES if s in stages):
+        try:
+            out = _RUNNERS[stage](rj)
+        except Interrupted as e:
+            raise Interrupted(e.signum, f"{e.args[0].split(';')[0]} during the {stage} stage; what finished "
+                                        f"(checkpoints, scored candidates, tables) is saved under {uri}; "
+                                        f"resume with") from None
+        if out is not None:
+            summary[stage] = out
+    summary["wall_time_s"] = time.time() - t0
+    return summary
 
 
 def _supernet(rj: ResolvedJob) -> dict:
