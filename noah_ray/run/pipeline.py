@@ -8,7 +8,6 @@ job again only re-reads its results.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import dataclasses
 import os
@@ -153,6 +152,14 @@ def retrain_subnet(job: JobConfig) -> SubnetConfig:
     return load_best_subnet(job)
 
 
+def _interrupt_main(lost: BaseException) -> None:
+    """From the lease thread: stop the main thread's stage now.  A real SIGINT to the main thread
+    wakes a blocking call (``time.sleep``, a wait in Ray); only when Python handles SIGINT (else
+    the signal could end the process)."""
+    if callable(signal.getsignal(signal.SIGINT)):
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+
 def run_stages(job: JobConfig, stages: tuple[str, ...] = STAGES, *,
                start_ray: Callable[[], None] | None = None) -> dict:
     """Run the requested stages in order; returns a summary per stage.
@@ -167,7 +174,7 @@ def run_stages(job: JobConfig, stages: tuple[str, ...] = STAGES, *,
 
     report = preflight(job, stages)
     main = threading.current_thread() is threading.main_thread()
-    on_lost = (lambda lost: _thread.interrupt_main(signal.SIGINT)) if main else None
+    on_lost = _interrupt_main if main else None
     holder: lease.Holder | None = None
     try:
         with lease.hold(job.storage, job.storage_endpoint, job.name, on_lost=on_lost) as holder:
