@@ -15,18 +15,20 @@ class RunError(RuntimeError):
 
 
 class Interrupted(RunError):
-    """The command got SIGINT or SIGTERM: the stage stopped; what finished is saved, and the same
-    command resumes.  The command exits ``128 + signum`` (130, 143)."""
+    """The command got SIGINT or SIGTERM (``signum``): the stage stopped; what finished is saved
+    (under ``saved``), and the same command resumes.  The command exits ``128 + signum`` (130, 143)."""
 
-    def __init__(self, signum: int, message: str = "") -> None:
+    def __init__(self, signum: int, stage: str = "", saved: str = "") -> None:
         import signal
 
-        self.signum = signum
+        self.signum, self.stage, self.saved = signum, stage, saved
         try:
             name = signal.Signals(signum).name
         except ValueError:
             name = f"signal {signum}"
-        super().__init__(message or f"interrupted by {name}; what finished is saved; resume with")
+        super().__init__(f"interrupted by {name}" + (f" during the {stage} stage" if stage else "")
+                         + "; what finished" + (f" (checkpoints, scored candidates, tables) is saved under {saved}"
+                                                if saved else " is saved") + "; resume with")
 
     @property
     def exit_code(self) -> int:

@@ -20,6 +20,7 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from importlib import metadata, resources
@@ -93,23 +94,27 @@ def demo_config(out: str | Path, quick: bool = False) -> Any:
 # ------------------------------------------------------------------------------ commands
 def _run_stages(job, stages: tuple[str, ...], args: argparse.Namespace) -> dict:
     """The stages on a console that shows our lines (Ray's own with --verbose); Ray starts only
-    when a stage has work left.  SIGINT / SIGTERM stop the stage (:func:`noah_ray.run.pipeline.interrupts`:
-    our handler replaces Ray's after ``ray.init``); a Ray this command started is shut down on
-    every way out, one it attached to is left running."""
+    when a stage has work left.  SIGINT / SIGTERM stop the stage (:func:`noah_ray.run.pipeline.interrupts`;
+    our handler replaces Ray's after ``ray.init``) and raise :class:`Interrupted`; a Ray this
+    command started is shut down on every way out, one it attached to is left running."""
     from noah_ray import progress
     from noah_ray.run import pipeline
 
     quiet = not args.verbose
     started: list[bool] = []
-    with progress.session(quiet=quiet), pipeline.interrupts() as trap:
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")      # Tune's graceful stop would look like success
+    with pipeline.interrupts() as trap:
         def start_ray() -> None:
             started.append(pipeline.init_ray(args.address, quiet=quiet))
-            trap()
+            trap.install()
 
         try:
-            return pipeline.run_stages(job, stages, start_ray=start_ray)
+            with progress.session(quiet=quiet):
+                return pipeline.run_stages(job, stages, start_ray=start_ray)
+        except (Interrupted, KeyboardInterrupt) as e:
+            raise trap.interrupted(e) from None
         finally:
-            if any(started):
+            if any(started):                                        # after the session: it uses Ray
                 import ray
 
                 ray.shutdown()
@@ -386,9 +391,11 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
 
         register_tiny_models()  # our timm models (vit_noah_tiny_patch4_32.fractal) for every command
         return int(args.func(args) or 0)
-    except Exception as e:
+    except (Exception, KeyboardInterrupt) as e:
         if debug:
             raise
+        if isinstance(e, KeyboardInterrupt):        # before the stages' own handling (:func:`_run_stages`)
+            e = Interrupted(signal.SIGINT)
         command = f"{parser.prog} {shlex.join(sys.argv[1:] if argv is None else list(argv))}"
         kind = "stopped" if isinstance(e, Interrupted) else "error"
         print(f"{parser.prog}: {kind}: {error_line(e, command)}", file=sys.stderr, flush=True)

@@ -114,30 +114,48 @@ def init_ray(address: str | None = None, *, quiet: bool = False) -> bool:
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _raise_interrupted(signum: int, frame: object) -> None:
-    for sig in _SIGNALS:              # once: the cleanup that follows (lease, Ray) runs to its end
-        signal.signal(sig, signal.SIG_IGN)
-    raise Interrupted(signum)
+@dataclass
+class Trap:
+    """SIGINT / SIGTERM for one command (:func:`interrupts`): ``signum`` is the first one caught."""
+
+    main: bool
+    signum: int | None = None
+
+    def install(self) -> None:
+        """(Re)install the handler: again after ``ray.init``, whose own SIGTERM handler dumps a
+        native stack and aborts (exit 134)."""
+        if self.main:
+            for sig in _SIGNALS:
+                signal.signal(sig, self._caught)
+
+    def _caught(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        for sig in _SIGNALS:              # once: the cleanup that follows (lease, Ray) runs to its end
+            signal.signal(sig, signal.SIG_IGN)
+        # KeyboardInterrupt, not our own error: a blocking ray.get turns only that into a clean raise
+        raise KeyboardInterrupt
+
+    def interrupted(self, err: BaseException) -> Interrupted:
+        """The command's :class:`Interrupted` for ``err`` (a KeyboardInterrupt, or an Interrupted
+        that :func:`run_stages` named the stage in), with the signal that was caught."""
+        signum = self.signum or signal.SIGINT
+        if isinstance(err, Interrupted):
+            return Interrupted(signum, err.stage, err.saved)
+        return Interrupted(signum)
 
 
 @contextlib.contextmanager
-def interrupts() -> Iterator[Callable[[], None]]:
-    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread for the ``with`` block,
-    so that the stage stops through the ordinary error path (lease released, one line); later
-    signals are ignored until the block ends.  ``ray.init`` installs Ray's own handler (a native
-    stack dump, exit 134): call the function this yields again after it.  Outside the main thread
-    (a sweep's Ray task) nothing is installed."""
-    main = threading.current_thread() is threading.main_thread()
-    saved = {sig: signal.getsignal(sig) for sig in _SIGNALS} if main else {}
-
-    def install() -> None:
-        if main:
-            for sig in _SIGNALS:
-                signal.signal(sig, _raise_interrupted)
-
-    install()
+def interrupts() -> Iterator[Trap]:
+    """SIGINT and SIGTERM stop the stage for the ``with`` block: the main thread gets a
+    ``KeyboardInterrupt`` (which Ray's blocking calls pass on), the ordinary error path releases
+    the lease, and the caller turns it into :class:`Interrupted` (:meth:`Trap.interrupted`); later
+    signals are ignored until the block ends.  Outside the main thread (a sweep's Ray task)
+    nothing is installed."""
+    trap = Trap(threading.current_thread() is threading.main_thread())
+    saved = {sig: signal.getsignal(sig) for sig in _SIGNALS} if trap.main else {}
+    trap.install()
     try:
-        yield install
+        yield trap
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
@@ -168,8 +186,8 @@ def run_stages(job: JobConfig, stages: tuple[str, ...] = STAGES, *,
     second run of the same job fails at once.  ``start_ray`` is called only when a stage has work
     left (finished stages answer from storage); without it Ray must be initialised (or starts on
     first use).  A lease lost while a stage runs (another run took it over) interrupts the main
-    thread and raises :class:`~noah_ray.store.lease.LeaseLost`; a signal (:func:`interrupts`)
-    raises :class:`Interrupted` naming the stage, where its results are and that the command resumes."""
+    thread and raises :class:`~noah_ray.store.lease.LeaseLost`; an interrupt (SIGINT, or a signal
+    :func:`interrupts` caught) raises :class:`Interrupted` naming the stage and where its results are."""
     from noah_ray.store import lease
 
     report = preflight(job, stages)
@@ -198,10 +216,8 @@ def _run_held(rj: ResolvedJob, pending: tuple[str, ...], stages: tuple[str, ...]
     for stage in (s for s in STAGES if s in stages):
         try:
             out = _RUNNERS[stage](rj)
-        except Interrupted as e:
-            raise Interrupted(e.signum, f"{e.args[0].split(';')[0]} during the {stage} stage; what finished "
-                                        f"(checkpoints, scored candidates, tables) is saved under {uri}; "
-                                        f"resume with") from None
+        except (Interrupted, KeyboardInterrupt) as e:
+            raise Interrupted(getattr(e, "signum", signal.SIGINT), stage, uri) from None
         if out is not None:
             summary[stage] = out
     summary["wall_time_s"] = time.time() - t0

@@ -122,7 +122,11 @@ def _fit(run: RunSpec, faults: FaultPlan | None = None) -> MetaRecord:
         loc.fs.delete_file(error.path)
     try:
         with storage.tidy(JobPaths.of(job).root):
-            _trainer(run, loc, faults).fit()
+            trainer = _trainer(run, loc, faults)
+            # Ray Train's own SIGINT handler would end fit() as if the run were done; SIGINT / SIGTERM
+            # are the command's (a KeyboardInterrupt out of fit: run.pipeline.interrupts)
+            trainer._register_sigint_handler = lambda controller: None
+            trainer.fit()
         if storage.exists(error):
             raise ConfigError(json.loads(storage.read_text(error))["error"])
     except TrainingFailedError as e:
