@@ -207,7 +207,7 @@ def test_a_stale_lease_is_taken_over_and_a_clean_exit_releases(lease_loc):
         lease.acquire(lease_loc, "job", timeout_s=60, settle_s=0.0)
     _foreign(lease_loc, renewed_ago=120)                       # its holder stopped renewing
     with lease.hold(lease_loc.uri.rsplit("/job/", 1)[0], lease_loc.endpoint, "job", timeout_s=60) as held:
-        assert lease.read(lease_loc).token == held.token and held.pid == os.getpid()
+        assert lease.read(lease_loc).token == held.token and held.lease.pid == os.getpid()
     assert not storage.exists(lease_loc)
 
 
@@ -224,8 +224,9 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
 def test_the_lease_is_renewed_while_held(tmp_path):
     loc = JobPaths.at(str(tmp_path), "job").lease
     with lease.hold(str(tmp_path), None, "job", timeout_s=0.4) as held:
+        first = held.lease.renewed
         time.sleep(0.5)
-        assert lease.read(loc).renewed > held.renewed
+        assert lease.read(loc).renewed > first and held.lost is None
 
 
 # ------------------------------------------------------------------ 8. finished stages without Ray

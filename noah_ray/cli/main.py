@@ -17,10 +17,10 @@ The same stages run as Ray jobs: ``ray job submit --working-dir . -- python -m j
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import re
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from importlib import metadata, resources
@@ -29,7 +29,7 @@ from typing import Any
 
 from noah_ray.cli import commands as cli_commands
 from noah_ray.config.job import STAGES
-from noah_ray.errors import ConfigError, RunError
+from noah_ray.errors import ConfigError, Interrupted, RunError
 from noah_ray.space.methods import method_help
 
 #: the stages each stage command runs: ``pipeline`` all of them in order, each stage its own
@@ -94,14 +94,30 @@ def demo_config(out: str | Path, quick: bool = False) -> Any:
 # ------------------------------------------------------------------------------ commands
 def _run_stages(job, stages: tuple[str, ...], args: argparse.Namespace) -> dict:
     """The stages on a console that shows our lines (Ray's own with --verbose); Ray starts only
-    when a stage has work left."""
+    when a stage has work left.  SIGINT / SIGTERM stop the stage (:func:`noah_ray.run.pipeline.interrupts`;
+    our handler replaces Ray's after ``ray.init``) and raise :class:`Interrupted`; a Ray this
+    command started is shut down on every way out, one it attached to is left running."""
     from noah_ray import progress
     from noah_ray.run import pipeline
 
     quiet = not args.verbose
-    with progress.session(quiet=quiet):
-        return pipeline.run_stages(job, stages, start_ray=functools.partial(pipeline.init_ray, args.address,
-                                                                            quiet=quiet))
+    started: list[bool] = []
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")      # Tune's graceful stop would look like success
+    with pipeline.interrupts() as trap:
+        def start_ray() -> None:
+            started.append(pipeline.init_ray(args.address, quiet=quiet))
+            trap.install()
+
+        try:
+            with progress.session(quiet=quiet):
+                return pipeline.run_stages(job, stages, start_ray=start_ray)
+        except (Interrupted, KeyboardInterrupt) as e:
+            raise trap.interrupted(e) from None
+        finally:
+            if any(started):                                        # after the session: it uses Ray
+                import ray
+
+                ray.shutdown()
 
 
 def _stage_command(args: argparse.Namespace) -> int:
@@ -375,12 +391,15 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
 
         register_tiny_models()  # our timm models (vit_noah_tiny_patch4_32.fractal) for every command
         return int(args.func(args) or 0)
-    except Exception as e:
+    except (Exception, KeyboardInterrupt) as e:
         if debug:
             raise
+        if isinstance(e, KeyboardInterrupt):        # before the stages' own handling (:func:`_run_stages`)
+            e = Interrupted(signal.SIGINT)
         command = f"{parser.prog} {shlex.join(sys.argv[1:] if argv is None else list(argv))}"
-        print(f"{parser.prog}: error: {error_line(e, command)}", file=sys.stderr)
-        return 1
+        kind = "stopped" if isinstance(e, Interrupted) else "error"
+        print(f"{parser.prog}: {kind}: {error_line(e, command)}", file=sys.stderr, flush=True)
+        return e.exit_code if isinstance(e, Interrupted) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

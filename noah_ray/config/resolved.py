@@ -21,6 +21,7 @@ class ResolvedJob:
     limit: ParamLimit | None              # the search's parameter limit (when the search runs)
     backbone: str                         # backbone checkpoint URI (models.backbone_uri)
     splits: dict[str, tuple[str, ...]]    # stage -> the splits it reads
+    lease: str | None = None              # the token of the job's lease the command holds (the writes' fence)
 
     def with_job(self, job: JobConfig) -> ResolvedJob:
         """The same checks for a variant of the job (e.g. hpo's final runs: other values)."""

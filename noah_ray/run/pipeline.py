@@ -8,16 +8,20 @@ job again only re-reads its results.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from noah_ray import progress
 from noah_ray.config import STAGES, JobConfig
 from noah_ray.config.resolved import ResolvedJob
-from noah_ray.errors import ConfigError
+from noah_ray.errors import ConfigError, Interrupted
 from noah_ray.interop import read_subnet
 from noah_ray.run.preflight import check_artifacts, is_generated, resolve
 from noah_ray.space import SubnetConfig
@@ -90,19 +94,71 @@ def prepare_data(job: JobConfig) -> None:
                 write_generated_vtab(root, job.data.dataset, seed=job.data.seed)
 
 
-def init_ray(address: str | None = None, *, quiet: bool = False) -> None:
+def init_ray(address: str | None = None, *, quiet: bool = False) -> bool:
     """Connect to ``address`` / ``$RAY_ADDRESS`` (set inside ``ray job submit``), else start a
     local Ray on this machine.  ``quiet`` keeps Ray's own output in Ray's log files
     (:func:`noah_ray.progress.quiet_ray`); run the stages inside :func:`noah_ray.progress.session`
-    so that the workers' progress lines still reach the console."""
+    so that the workers' progress lines still reach the console.  True when this call started a
+    local Ray (the caller shuts it down; one it attached to is left running)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict = {"include_dashboard": False} if address == "local" else {}
     kwargs.update(progress.quiet_ray() if quiet else {"log_to_driver": True})
     ray.init(address=address, **kwargs)
+    return address == "local"
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass
+class Trap:
+    """SIGINT / SIGTERM for one command (:func:`interrupts`): ``signum`` is the first one caught."""
+
+    main: bool
+    signum: int | None = None
+
+    def install(self) -> None:
+        """(Re)install the handler: again after ``ray.init``, whose own SIGTERM handler dumps a
+        native stack and aborts (exit 134)."""
+        if self.main:
+            for sig in _SIGNALS:
+                signal.signal(sig, self._caught)
+
+    def _caught(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        for sig in _SIGNALS:              # once: the cleanup that follows (lease, Ray) runs to its end
+            signal.signal(sig, signal.SIG_IGN)
+        # KeyboardInterrupt, not our own error: a blocking ray.get turns only that into a clean raise
+        raise KeyboardInterrupt
+
+    def interrupted(self, err: BaseException) -> Interrupted:
+        """The command's :class:`Interrupted` for ``err`` (a KeyboardInterrupt, or an Interrupted
+        that :func:`run_stages` named the stage in), with the signal that was caught."""
+        signum = self.signum or signal.SIGINT
+        if isinstance(err, Interrupted):
+            return Interrupted(signum, err.stage, err.saved)
+        return Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interrupts() -> Iterator[Trap]:
+    """SIGINT and SIGTERM stop the stage for the ``with`` block: the main thread gets a
+    ``KeyboardInterrupt`` (which Ray's blocking calls pass on), the ordinary error path releases
+    the lease, and the caller turns it into :class:`Interrupted` (:meth:`Trap.interrupted`); later
+    signals are ignored until the block ends.  Outside the main thread (a sweep's Ray task)
+    nothing is installed."""
+    trap = Trap(threading.current_thread() is threading.main_thread())
+    saved = {sig: signal.getsignal(sig) for sig in _SIGNALS} if trap.main else {}
+    trap.install()
+    try:
+        yield trap
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def retrain_subnet(job: JobConfig) -> SubnetConfig:
@@ -114,6 +170,14 @@ def retrain_subnet(job: JobConfig) -> SubnetConfig:
     return load_best_subnet(job)
 
 
+def _interrupt_main(lost: BaseException) -> None:
+    """From the lease thread: stop the main thread's stage now.  A real SIGINT to the main thread
+    wakes a blocking call (``time.sleep``, a wait in Ray); only when Python handles SIGINT (else
+    the signal could end the process)."""
+    if callable(signal.getsignal(signal.SIGINT)):
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+
 def run_stages(job: JobConfig, stages: tuple[str, ...] = STAGES, *,
                start_ray: Callable[[], None] | None = None) -> dict:
     """Run the requested stages in order; returns a summary per stage.
@@ -121,22 +185,43 @@ def run_stages(job: JobConfig, stages: tuple[str, ...] = STAGES, *,
     :func:`preflight` runs first; the job's lease (:mod:`noah_ray.store.lease`) is held throughout, so a
     second run of the same job fails at once.  ``start_ray`` is called only when a stage has work
     left (finished stages answer from storage); without it Ray must be initialised (or starts on
-    first use)."""
+    first use).  A lease lost while a stage runs (another run took it over) interrupts the main
+    thread and raises :class:`~noah_ray.store.lease.LeaseLost`; an interrupt (SIGINT, or a signal
+    :func:`interrupts` caught) raises :class:`Interrupted` naming the stage and where its results are."""
     from noah_ray.store import lease
 
     report = preflight(job, stages)
-    with lease.hold(job.storage, job.storage_endpoint, job.name):
-        if report.pending and start_ray is not None:
-            start_ray()
-        prepare_data(job)
-        summary: dict = {"job": job.name, "uri": storage.resolve(job.storage, job.storage_endpoint).join(job.name).uri}
-        t0 = time.time()
-        for stage in (s for s in STAGES if s in stages):
-            out = _RUNNERS[stage](report.resolved)
-            if out is not None:
-                summary[stage] = out
-        summary["wall_time_s"] = time.time() - t0
-        return summary
+    main = threading.current_thread() is threading.main_thread()
+    on_lost = _interrupt_main if main else None
+    holder: lease.Holder | None = None
+    try:
+        with lease.hold(job.storage, job.storage_endpoint, job.name, on_lost=on_lost) as holder:
+            return _run_held(dataclasses.replace(report.resolved, lease=holder.token), report.pending, stages,
+                             start_ray)
+    except (Interrupted, KeyboardInterrupt):
+        if holder is not None and holder.lost is not None:      # the interrupt came from the lease thread
+            raise holder.lost from None
+        raise
+
+
+def _run_held(rj: ResolvedJob, pending: tuple[str, ...], stages: tuple[str, ...],
+              start_ray: Callable[[], None] | None) -> dict:
+    job = rj.job
+    if pending and start_ray is not None:
+        start_ray()
+    prepare_data(job)
+    uri = storage.resolve(job.storage, job.storage_endpoint).join(job.name).uri
+    summary: dict = {"job": job.name, "uri": uri}
+    t0 = time.time()
+    for stage in (s for s in STAGES if s in stages):
+        try:
+            out = _RUNNERS[stage](rj)
+        except (Interrupted, KeyboardInterrupt) as e:
+            raise Interrupted(getattr(e, "signum", signal.SIGINT), stage, uri) from None
+        if out is not None:
+            summary[stage] = out
+    summary["wall_time_s"] = time.time() - t0
+    return summary
 
 
 def _supernet(rj: ResolvedJob) -> dict:

@@ -8,6 +8,19 @@ is taken over.
 
 Object stores have no atomic create-if-absent here, so taking a lease writes it and reads it back
 after a short settle time: of two runs racing, the one whose token is not read back gives up.
+
+The lease is also a fence.  A holder that paused for longer than the timeout (a stopped process,
+a long GC or network stall) may find its lease taken over.  :func:`renew` compares the token in
+the file with its own first and raises :class:`LeaseLost` instead of writing; :func:`hold` records
+the loss (:attr:`Holder.lost`) and tells its caller (``on_lost``), who stops the stage.  Every
+write of checkpoints and tables calls :func:`check` with the token first (the Ray Train workers
+carry it in their run spec), so a stale holder's workers stop instead of writing into a run folder
+that the new holder owns.
+
+That fence is check-then-write on storage without conditional writes, so it is not atomic: a
+write that starts right after its check passed can still land after a takeover.  The window is one
+read of ``lease.json`` plus one write; with a takeover only after ``timeout_s`` of silence it needs
+a pause of the writer exactly there.
 """
 
 from __future__ import annotations
@@ -19,11 +32,12 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from noah_ray.errors import ConfigError
+from noah_ray import progress
+from noah_ray.errors import ConfigError, RunError
 from noah_ray.store import storage
 from noah_ray.store.layout import JobPaths
 
@@ -42,6 +56,27 @@ class Lease:
     @property
     def since_utc(self) -> str:
         return datetime.fromtimestamp(self.since, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+class LeaseLost(RunError):
+    """This run's lease was taken over by another run (or could not be renewed for the timeout):
+    the stage stops and writes nothing more."""
+
+
+def _lost(loc: storage.Location, current: Lease | None) -> LeaseLost:
+    who = (f"taken over by host {current.host}, pid {current.pid} at {current.since_utc}" if current is not None
+           else "deleted")
+    return LeaseLost(f"this run lost the job's lease {loc.uri}: it was {who} after this run did not renew it in "
+                     f"time (was this process paused?); the stage stopped and wrote nothing more; the other run "
+                     f"owns the job now - once it has finished or died, resume with")
+
+
+def check(loc: storage.Location, token: str) -> None:
+    """The fence every checkpoint and table write calls first: raise :class:`LeaseLost` unless the
+    lease at ``loc`` still carries ``token`` (check-then-write, not atomic: see the module doc)."""
+    current = read(loc)
+    if current is None or current.token != token:
+        raise _lost(loc, current)
 
 
 def _timeout() -> float:
@@ -106,6 +141,9 @@ def acquire(loc: storage.Location, job: str, *, timeout_s: float | None = None, 
 
 
 def renew(loc: storage.Location, lease: Lease) -> Lease:
+    """Write ``lease`` back with a new renewal time, after :func:`check`: a lease another run took
+    over raises :class:`LeaseLost` and is left as it is."""
+    check(loc, lease.token)
     renewed = Lease(lease.token, lease.host, lease.pid, lease.since, time.time())
     storage.write_text(loc, json.dumps(asdict(renewed)))
     return renewed
@@ -118,27 +156,66 @@ def release(loc: storage.Location, lease: Lease) -> None:
         loc.fs.delete_file(loc.path)
 
 
+@dataclass
+class Holder:
+    """The lease a :func:`hold` block holds, as its renewal thread keeps it: ``lost`` is set when
+    it was taken over or could not be renewed for ``timeout_s``."""
+
+    loc: storage.Location
+    lease: Lease
+    timeout_s: float
+    lost: LeaseLost | None = None
+    failures: list[str] = field(default_factory=list)     # renewal errors since the last success
+
+    @property
+    def token(self) -> str:
+        return self.lease.token
+
+    def renew_once(self) -> bool:
+        """One renewal; False once the lease is lost (then :attr:`lost` says why)."""
+        try:
+            self.lease = renew(self.loc, self.lease)
+            self.failures.clear()
+            return True
+        except LeaseLost as e:
+            self.lost = e
+        except OSError as e:             # a storage hiccup: said, and retried until the timeout
+            self.failures.append(f"{type(e).__name__}: {e}")
+            progress.echo(f"warning: renewing the lease {self.loc.uri} failed ({self.failures[-1]}); retrying")
+            if time.time() - self.lease.renewed < self.timeout_s:
+                return True
+            self.lost = LeaseLost(f"this run could not renew the job's lease {self.loc.uri} for "
+                                  f"{self.timeout_s:.0f} s (last error: {self.failures[-1]}), so another run may "
+                                  f"have taken the job over; the stage stopped; fix the storage, then resume with")
+        return False
+
+
 @contextlib.contextmanager
-def hold(storage_uri: str, endpoint: str | None, job: str, *, timeout_s: float | None = None) -> Iterator[Lease]:
-    """Hold the job's lease for the ``with`` block, renewing it in the background."""
+def hold(storage_uri: str, endpoint: str | None, job: str, *, timeout_s: float | None = None,
+         on_lost: Callable[[LeaseLost], None] | None = None) -> Iterator[Holder]:
+    """Hold the job's lease for the ``with`` block, renewing it in the background.
+
+    When the lease is lost (:meth:`Holder.renew_once`) renewal stops and ``on_lost`` is called
+    from the renewal thread; the caller stops its stage (the workers stop on their own fence
+    :func:`check`).  A lost lease is not released: it belongs to the other run."""
     timeout_s = _timeout() if timeout_s is None else timeout_s
     loc = JobPaths.at(storage_uri, job, endpoint).lease
-    lease = acquire(loc, job, timeout_s=timeout_s)
+    holder = Holder(loc, acquire(loc, job, timeout_s=timeout_s), timeout_s)
     stop = threading.Event()
 
     def keep() -> None:
-        nonlocal lease
         while not stop.wait(timeout_s / 4):
-            try:
-                lease = renew(loc, lease)
-            except OSError:          # a storage hiccup: try again next period
-                continue
+            if not holder.renew_once():
+                assert holder.lost is not None
+                if on_lost is not None and not stop.is_set():
+                    on_lost(holder.lost)
+                return
 
     thread = threading.Thread(target=keep, name=f"noah-lease-{job}", daemon=True)
     thread.start()
     try:
-        yield lease
+        yield holder
     finally:
         stop.set()
         thread.join()
-        release(loc, lease)
+        release(loc, holder.lease)

@@ -32,7 +32,7 @@ from noah_ray.errors import ConfigError, RunError
 from noah_ray.nn.models import build_model, ensure_backbone, subnet_for
 from noah_ray.nn.prune import PrunePlan, prune
 from noah_ray.space import SubnetConfig
-from noah_ray.store import storage, tracking
+from noah_ray.store import lease, storage, tracking
 from noah_ray.store.layout import SUPERNET_RUN, JobPaths, retrain_run_id
 from noah_ray.store.records import BestRecord, MetaRecord, SpecRecord
 from noah_ray.train.faults import FaultPlan
@@ -107,6 +107,7 @@ def _fit(run: RunSpec, faults: FaultPlan | None = None) -> MetaRecord:
 
     job = run.job
     loc = JobPaths.of(job).root.join(run.run_dir)
+    run.fence()
     _check_spec(loc, run.spec)
     final = loc.join("final", "meta.json")
     if storage.exists(final):
@@ -121,7 +122,11 @@ def _fit(run: RunSpec, faults: FaultPlan | None = None) -> MetaRecord:
         loc.fs.delete_file(error.path)
     try:
         with storage.tidy(JobPaths.of(job).root):
-            _trainer(run, loc, faults).fit()
+            trainer = _trainer(run, loc, faults)
+            # Ray Train's own SIGINT handler would end fit() as if the run were done; SIGINT / SIGTERM
+            # are the command's (a KeyboardInterrupt out of fit: run.pipeline.interrupts)
+            trainer._register_sigint_handler = lambda controller: None
+            trainer.fit()
         if storage.exists(error):
             raise ConfigError(json.loads(storage.read_text(error))["error"])
     except TrainingFailedError as e:
@@ -156,6 +161,12 @@ def _trainer(run: RunSpec, loc: storage.Location, faults: FaultPlan | None):
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints)))
 
 
+def _fence(rj: ResolvedJob) -> None:
+    """The driver's writes check the job's lease first, as the workers' do (:meth:`RunSpec.fence`)."""
+    if rj.lease is not None:
+        lease.check(JobPaths.of(rj.job).lease, rj.lease)
+
+
 def _raise_config_error(err: BaseException) -> None:
     """A ConfigError raised inside a worker reaches the caller as itself (one line)."""
     seen, todo = set(), [err, *getattr(err, "worker_failures", {}).values()]
@@ -182,7 +193,7 @@ def train_supernet(job: JobConfig | ResolvedJob, *, run_name: str | None = None,
     run_id, run_dir = run_name or SUPERNET_RUN, paths.relative(paths.supernet(run_name))
     spec = spec_for(job, "supernet", "noah", None, tc.lr, tc.seed, n)
     meta = _fit(RunSpec(job, "supernet", run_id, run_dir, method="noah", seed=tc.seed, lr=tc.lr, num_classes=n,
-                        backbone=rj.backbone, spec=spec, metrics_part=run_id), FaultPlan.of(_faults))
+                        backbone=rj.backbone, spec=spec, metrics_part=run_id, lease=rj.lease), FaultPlan.of(_faults))
     return TrainResult("supernet", run_id, meta.epochs_done, paths.supernet_final(run_name).uri,
                        {f"val_acc_{k}": v for k, v in meta.val_acc.items()})
 
@@ -275,10 +286,13 @@ def _retrain_run(rj: ResolvedJob, label: str, cfg: SubnetConfig, lr: float, seed
     run_dir = paths.retrain_config(run_id, fp)
     meta = _fit(RunSpec(job, "retrain", run_id, paths.relative(run_dir), method=method, seed=seed, lr=lr,
                         num_classes=n, backbone=rj.backbone, spec=spec, metrics_part=f"{run_id}-{fp}",
-                        subnet=cfg.to_json(), fingerprint=fp, prune_plan=plan, init=init), FaultPlan.of(faults))
+                        subnet=cfg.to_json(), fingerprint=fp, prune_plan=plan, init=init, lease=rj.lease),
+                FaultPlan.of(faults))
+    _fence(rj)
     _publish(run_dir, paths.retrain_run(run_id), fp)
     trained = plan.config() if plan else cfg
     row = _runs_row(job, run_id, label, seed, trained, meta, hpo)
+    _fence(rj)
     storage.append_table(paths.retrain, "runs", pa.Table.from_pylist([row]), part=f"{run_id}-{fp}")
     progress.echo(f"[retrain] {label} seed {seed}: val {row['val_acc']:.2f}% (epoch {row['best_epoch']}) "
                   f"test {row['test_acc']:.2f}% params {row['params'] / 1e6:.4f}M")

@@ -41,7 +41,7 @@ from noah_ray.nn.supernet import PromptedViT
 from noah_ray.space import SearchSpace, SubnetConfig
 from noah_ray.space.methods import trains_backbone
 from noah_ray.space.sampling import SAMPLING
-from noah_ray.store import storage, tracking
+from noah_ray.store import lease, storage, tracking
 from noah_ray.store.layout import JobPaths
 from noah_ray.store.records import BestRecord, MetaRecord, SpecRecord
 from noah_ray.store.tracking import RunRef
@@ -73,6 +73,7 @@ class RunSpec:
     prune_plan: PrunePlan | None = None   # E2VPT: rewind and retrain the kept prompts
     init: str | None = None               # retrain.init: a subnet artifact's weights
     progress: str | None = None           # the driver's console sink
+    lease: str | None = None              # the token of the job's lease: the fence of every write (store.lease)
     tracking: RunRef | None = None        # the MLflow run
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +96,12 @@ class RunSpec:
     @property
     def tag(self) -> str:
         return f"[{self.stage} {self.run_id}]"
+
+    def fence(self) -> None:
+        """Before a write: :class:`~noah_ray.store.lease.LeaseLost` when the job's lease is no longer
+        the driver's (another run took the job over while this one was paused)."""
+        if self.lease is not None:
+            lease.check(JobPaths.of(self.job).lease, self.lease)
 
 
 @dataclass
@@ -158,6 +165,7 @@ def train_loop(config: dict) -> None:
     run = RunSpec.from_dict(config["run"])
     faults = FaultPlan.from_dict(config["faults"]) if config.get("faults") else None
     marker = JobPaths.of(run.job).root.join(run.run_dir, ERROR_FILE)
+    run.fence()                           # a restarted worker of a run that lost its lease ends here
     try:
         if storage.exists(marker):
             raise ConfigError(json.loads(storage.read_text(marker))["error"])
@@ -312,6 +320,7 @@ def _evaluate(w: Worker, epoch: int, state: dict, metrics: dict) -> dict[str, fl
     metrics.update({f"val_acc_{k}": v for k, v in val.items()})
     if run.stage == "retrain" and val["model"] > state["best_val"]:
         state.update(best_val=val["model"], best_epoch=epoch)
+        run.fence()
         storage.save_state(w.run_dir.join("best"), w.model.trainable_state_dict(),
                            BestRecord(epoch, val["model"], w.model.recipe).to_dict())
     return val
@@ -324,6 +333,7 @@ def _report(w: Worker, epoch: int, state: dict, metrics: dict, checkpoint: bool)
     with tempfile.TemporaryDirectory(prefix="noah-ckpt-") as d:
         ckpt = None
         if checkpoint:
+            w.run.fence()
             optim.save_checkpoint(d, w.model, w.opt, w.sched, w.scaler, state, w.rank, w.world, w.device)
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_e{epoch:05d}" if ckpt else None)
@@ -339,6 +349,7 @@ def _finish(w: Worker, state: dict) -> None:
     last = model.trainable_state_dict()
     if run.stage == "supernet":
         meta = dataclasses.replace(meta, space=job.space.to_dict())
+        run.fence()
         storage.save_state(w.run_dir.join("final"), last, meta.to_dict())
         return
     best_tensors, best_meta = storage.load_state(w.run_dir.join("best"))
@@ -351,6 +362,7 @@ def _finish(w: Worker, state: dict) -> None:
                                best_epoch=best.epoch, best_uri=w.run_dir.join("best").uri)
     _say(run, f"[retrain {run.run_id}] test {meta.test_acc:.2f}% with the weights of epoch "
          f"{best.epoch + 1} (val {best.val_acc:.2f}%)")
+    run.fence()
     storage.save_state(w.run_dir.join("final"), last, meta.to_dict())
 
 
@@ -411,5 +423,6 @@ def _write_metrics(stage_root: storage.Location, run: RunSpec, metrics: dict, va
             "timestamp": datetime.now(timezone.utc)}
     rows = [{**base, "subnet": k, "val_acc": v} for k, v in val.items()] or [{**base, "subnet": None,
                                                                               "val_acc": None}]
+    run.fence()
     storage.append_table(stage_root, "train_metrics", pa.Table.from_pylist(rows),
                          part=f"{run.metrics_part}-e{metrics['epoch']:05d}")

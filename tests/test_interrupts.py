@@ -1,0 +1,127 @@
+"""SIGTERM and SIGINT to a running stage command (issue 28, item 7): what ``timeout``, Kubernetes,
+Slurm and the cluster launcher send.  The stage stops, the Ray the command started is shut down,
+the lease is released, one line says what was saved and the command that resumes, the exit status
+is 128 + the signal (143, 130), no process the command started is left, and a rerun resumes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from noah_ray.store.layout import JobPaths
+
+EXE = Path(sys.executable).with_name("noah-ray")
+
+
+def _lines(proc: subprocess.Popen, sink: list[str]) -> threading.Thread:
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sink.append(line)
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    return t
+
+
+def _wait_for(sink: list[str], text: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not any(text in ln for ln in sink):
+        assert proc.poll() is None, "".join(sink)[-3000:]
+        assert time.time() < deadline, f"no {text!r} in:\n" + "".join(sink)[-3000:]
+        time.sleep(0.2)
+
+
+def _gone(pids: list[int], timeout: float = 30) -> list[int]:
+    """The processes of ``pids`` still alive after ``timeout`` s (zombies count as gone)."""
+    deadline = time.time() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
+def _stop(pids: list[int]) -> None:
+    for pid in pids:                                     # only what this test's command started
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture()
+def job_file(tmp_path, tiny_job) -> Path:
+    cfg = tiny_job(tmp_path / "data", tmp_path / "store", name="sig", supernet={"epochs": 4})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture()
+def ray_env():
+    """A Ray of the command's own: local (no RAY_ADDRESS) with its own short temp dir."""
+    tmp = tempfile.mkdtemp(prefix="nrsig")
+    yield {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": tmp, "PYTHONUNBUFFERED": "1"}
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _interrupt(job_file: Path, env: dict, sig: int) -> tuple[int, str, str, list[int]]:
+    """Run ``noah-ray supernet``, send ``sig`` after the second epoch line; the exit status, stdout,
+    stderr and the processes it had started that are still alive afterwards."""
+    proc = subprocess.Popen([str(EXE), "supernet", "--config", str(job_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=job_file.parent)
+    out: list[str] = []
+    pump = _lines(proc, out)
+    started: list[int] = []
+    try:
+        _wait_for(out, "[supernet supernet] epoch 2/4", proc, timeout=400)   # epoch 1's checkpoint is saved
+        started = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert started, "the command started no Ray processes?"
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+        pump.join(timeout=10)
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        left = _gone(started)
+        return proc.returncode, "".join(out), err, left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _stop(started)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
+def test_a_signal_stops_the_stage_in_one_line_and_a_rerun_resumes(job_file, ray_env, sig, code, name):
+    rc, out, err, left = _interrupt(job_file, ray_env, sig)
+    assert rc == code, out[-2000:] + err[-3000:]
+    assert err.count("\n") == 1, err[-3000:]
+    assert err.startswith(f"noah-ray: stopped: interrupted by {name} during the supernet stage; ")
+    assert err.rstrip().endswith(f"resume with: noah-ray supernet --config {job_file}"), err
+    assert "SIGTERM received" not in err and "PC: @" not in err and "Traceback" not in err
+    assert left == [], f"processes left running: {left}"
+    job = yaml.safe_load(job_file.read_text())
+    assert not Path(JobPaths.at(job["storage"], job["name"]).lease.path).exists()     # the lease is released
+    again = subprocess.run([str(EXE), "supernet", "--config", str(job_file)], capture_output=True, text=True,
+                           env=ray_env, cwd=job_file.parent, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "resuming at epoch" in again.stdout and "supernet: 4 epoch(s)" in again.stdout, again.stdout[-3000:]
