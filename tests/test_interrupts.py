@@ -121,6 +121,8 @@ def test_a_signal_stops_the_stage_in_one_line_and_a_rerun_resumes(job_file, ray_
     assert left == [], f"processes left running: {left}"
     job = yaml.safe_load(job_file.read_text())
     assert not Path(JobPaths.at(job["storage"], job["name"]).lease.path).exists()     # the lease is released
+    if sig != signal.SIGTERM:
+        return                    # the resume after a stop is the same for both signals: checked once (SIGTERM)
     again = subprocess.run([str(EXE), "supernet", "--config", str(job_file)], capture_output=True, text=True,
                            env=ray_env, cwd=job_file.parent, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
