@@ -322,6 +322,8 @@ def read_checked(loc: Location, names: list[str], manifest: str = MANIFEST, reco
         raise ConfigError(f"{man.uri} is truncated or corrupt; {recover}") from None
     files = {}
     for name in names:
+        if not exists(loc.join(name)):
+            raise ConfigError(f"{loc.join(name).uri} is missing (an incomplete write); {recover}")
         files[name] = data = read_bytes(loc.join(name))
         if listed is None:
             continue
