@@ -189,3 +189,108 @@ def test_ray_forgets_checkpoints_set_aside(tmp_path):
     storage.write_text(run.join(runs.RAY_SNAPSHOT), "{\"checkpoint_res")              # unreadable: removed
     runs._forget_checkpoints(run, ["checkpoint_e00000"])
     assert not storage.exists(run.join(runs.RAY_SNAPSHOT))
+
+
+# ----------------------------------------------------------------------------- Ray Train
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_generated_vtab(root, "gen_color", num_train=64, num_val=32, num_test=32)
+    return root
+
+
+def make_job(tiny_job, data_root, where, name, *, epochs, keep=2):
+    return JobConfig.from_dict(tiny_job(
+        data_root, str(where), name=name, data={"batch_size": 16}, space=SPACE, search=None,
+        supernet={"epochs": epochs, "lr": 3e-3, "warmup_epochs": 1, "num_workers": 1, "eval_random_subnets": 1,
+                  "max_failures": 0, "keep_checkpoints": keep},
+        retrain={"epochs": 2, "lr": 3e-3, "warmup_epochs": 0, "num_workers": 1}))
+
+
+def _supernet(job):
+    return storage.resolve(job.storage).join(job.name, "supernet")
+
+
+def _nan_fill(loc: storage.Location) -> None:
+    """Overwrite every tensor byte of a safetensors file with 0xFF (NaN): same size, header intact."""
+    data = storage.read_bytes(loc)
+    at = tensor_offset(data)
+    storage.write_bytes(loc, data[:at] + b"\xff" * (len(data) - at))
+
+
+@pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_falls_back_with_one_line_and_finishes_finite(ray_session, data_root, tmp_path,
+                                                                                  tiny_job, capsys):
+    from noah_ray.train.runs import supernet_done, train_supernet
+
+    job = make_job(tiny_job, data_root, tmp_path, "corrupt", epochs=3)
+    with pytest.raises(Exception, match="injected failure after epoch 1"):
+        train_supernet(resolve(job, ("supernet",)), _faults=[(1, "raise")])
+    run = _supernet(job)
+    _nan_fill(run.join("checkpoint_e00001", "trainable.safetensors"))       # corrupted in place, same size
+    capsys.readouterr()
+    assert train_supernet(resolve(job, ("supernet",))).epochs_done == 3
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "checkpoint_e00001" in ln]
+    assert len(lines) == 1 and "corrupt" in lines[0] and "resuming from checkpoint_e00000" in lines[0], lines
+    assert storage.exists(run.join("corrupt_checkpoint_e00001", "trainable.safetensors"))   # kept, set aside
+    metrics = storage.read_table(run, "train_metrics").to_pandas()
+    assert all(math.isfinite(v) for v in metrics["train_loss"])
+    tensors, meta = storage.load_state(run.join("final"))
+    assert meta["start_epochs"] == [0, 1] and all(torch.isfinite(t).all() for t in tensors.values())
+    # a damaged final/ is not "done"
+    n = resolve(job, ("supernet",)).num_classes
+    assert supernet_done(job, n)
+    _nan_fill(run.join("final", "model.safetensors"))
+    assert not supernet_done(job, n)
+
+
+@pytest.mark.slow
+def test_two_truncated_state_json_resume_from_an_older_checkpoint_and_complete(ray_session, data_root, tmp_path,
+                                                                             tiny_job, capsys):
+    from noah_ray.train.runs import train_supernet
+
+    job = make_job(tiny_job, data_root, tmp_path, "cut", epochs=5, keep=3)
+    with pytest.raises(Exception, match="injected failure after epoch 2"):
+        train_supernet(resolve(job, ("supernet",)), _faults=[(2, "raise")])
+    run = _supernet(job)
+    for name in ("checkpoint_e00002", "checkpoint_e00001"):
+        p = Path(run.join(name, "state.json").path)
+        p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+    capsys.readouterr()
+    assert train_supernet(resolve(job, ("supernet",))).epochs_done == 5     # no "Path not found" from Ray
+    out = capsys.readouterr().out
+    assert "checkpoint_e00002, checkpoint_e00001" in out and "resuming from checkpoint_e00000" in out
+    _, meta = storage.load_state(run.join("final"))
+    assert meta["start_epochs"] == [0, 1]
+    assert optim.checkpoint_names(run)[:3] == ["checkpoint_e00004", "checkpoint_e00003", "checkpoint_e00002"]
+    for name in optim.checkpoint_names(run)[:3]:
+        optim.read_checkpoint(run.join(name))                               # every kept checkpoint intact
+
+
+@pytest.mark.slow
+def test_a_damaged_retrain_final_is_not_done_and_a_rerun_writes_it_again(ray_session, data_root, tmp_path, tiny_job,
+                                                                       capsys):
+    from noah_ray.train.runs import retrain, retrain_done
+
+    job = make_job(tiny_job, data_root, tmp_path, "rt", epochs=1)
+    rj = resolve(job, ("retrain",))
+    res = retrain(rj, None, method="lora", seed=0)
+    published = storage.resolve(job.storage).join(job.name, "retrain", "lora-seed0")
+    attempt = published.join(res.metrics["fingerprint"])
+    assert retrain_done(job, None, "lora", 0, rj.num_classes)
+    _nan_fill(published.join("final", "model.safetensors"))                 # what export reads
+    assert not retrain_done(job, None, "lora", 0, rj.num_classes)
+    retrain(rj, None, method="lora", seed=0)                                 # publishes the intact run again
+    assert retrain_done(job, None, "lora", 0, rj.num_classes)
+    storage.load_state(published.join("final"))
+    # the run's own final/ damaged: rebuilt from its last checkpoint (no epoch trained again)
+    p = Path(attempt.join("final", "model.safetensors").path)
+    p.write_bytes(p.read_bytes()[:-64])
+    assert not retrain_done(job, None, "lora", 0, rj.num_classes)
+    capsys.readouterr()
+    again = retrain(rj, None, method="lora", seed=0)
+    assert "final is truncated or corrupt: writing it again" in capsys.readouterr().out
+    tensors, meta = storage.load_state(attempt.join("final"))
+    assert meta["epochs_done"] == 2 and meta["start_epochs"] == [0, 2]
+    assert again.metrics["test_acc"] == res.metrics["test_acc"]
+    assert retrain_done(job, None, "lora", 0, rj.num_classes)
