@@ -4,7 +4,9 @@ A checkpoint directory ``checkpoint_e<epoch>/`` holds ``trainable.safetensors`` 
 ``optimizer.safetensors`` (AdamW moments, keyed ``<param index>.<name>``), ``rng_rank<k>.safetensors``
 (torch RNG of every worker) and ``state.json`` (epoch, best val accuracy, step counters, param
 groups, LR-schedule and loss-scaler state): tensors as safetensors, the rest as JSON, no pickles,
-so a checkpoint can be inspected and loaded without executing code.
+so a checkpoint can be inspected and loaded without executing code.  Each rank's files are listed
+with their sha256 in a manifest (``checksums.json``, ``checksums_rank<k>.json``) checked on load;
+a checkpoint that fails it is skipped, and before a resume set aside (``corrupt_checkpoint_e*``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import posixpath
 from collections.abc import Callable
 from typing import Any, cast
@@ -27,7 +28,6 @@ from noah_ray.store.storage import Location
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two AdamW groups by timm's rule
@@ -100,52 +100,102 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+#: written with a checksum manifest per rank (``checksums.json`` for rank 0's files,
+#: ``checksums_rank<k>.json`` for rank k's RNG); format 1 (no manifest) still loads, unverified
+CHECKPOINT_FORMAT = 2
+CORRUPT_PREFIX = "corrupt_"               # a checkpoint set aside by :func:`set_aside_bad`
+_RANK0 = ("state.json", "trainable.safetensors", "optimizer.safetensors")
+
+
+def _manifest(rank: int) -> str:
+    return storage.MANIFEST if rank == 0 else f"checksums_rank{rank}.json"
+
+
 def save_checkpoint(d: str, model, opt, sched, scaler, state: dict, rank: int, world: int,
                     device: torch.device) -> None:
     """Write rank ``rank``'s part of a checkpoint into directory ``d``: every rank its RNG state,
-    rank 0 the trainable weights, optimiser tensors and ``state.json`` (state, schedule, scaler)."""
-    from safetensors.torch import save_file
+    rank 0 the trainable weights, optimiser tensors and ``state.json`` (state, schedule, scaler);
+    each rank then the checksums of its files (:func:`noah_ray.store.storage.write_checked`)."""
+    from safetensors.torch import save
 
-    save_file({k: v.contiguous().cpu() for k, v in rng_state(device).items()},
-              os.path.join(d, f"rng_rank{rank}.safetensors"))
-    if rank != 0:
-        return
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()},
-              os.path.join(d, "trainable.safetensors"))
-    tensors, opt_json = optimizer_state(opt)
-    save_file(tensors, os.path.join(d, "optimizer.safetensors"))
-    with open(os.path.join(d, "state.json"), "w") as f:
-        json.dump({**state, "format": CHECKPOINT_FORMAT, "world_size": world, "optimizer": opt_json,
-                   "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}, f)
+    files = {f"rng_rank{rank}.safetensors": save({k: v.contiguous().cpu() for k, v in rng_state(device).items()})}
+    if rank == 0:
+        tensors, opt_json = optimizer_state(opt)
+        files["trainable.safetensors"] = save({k: v.detach().contiguous().cpu()
+                                               for k, v in model.trainable_state_dict().items()})
+        files["optimizer.safetensors"] = save(tensors)
+        files["state.json"] = json.dumps({
+            **state, "format": CHECKPOINT_FORMAT, "world_size": world, "optimizer": opt_json,
+            "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}).encode()
+    storage.write_checked(storage.resolve(d), files, _manifest(rank))
 
 
-def latest_checkpoint(run_dir: Location) -> dict | None:
-    """The newest complete ``checkpoint_e*`` of the run, read from storage.
+def checkpoint_names(run_dir: Location) -> list[str]:
+    """The run's ``checkpoint_e*`` folders in storage (those with a ``state.json``), newest first."""
+    dirs = {posixpath.dirname(f.path) for f in storage.list_files(run_dir, "state.json")}
+    return sorted((posixpath.basename(d) for d in dirs if posixpath.dirname(d) == run_dir.path
+                   and posixpath.basename(d).startswith("checkpoint_e")), reverse=True)
 
-    Ray registers a reported checkpoint when its controller next polls the workers, so a worker
-    killed right after reporting leaves an uploaded but unregistered checkpoint; reading storage
-    resumes from it instead of losing that epoch.  Every rank applies the same completeness
-    test to the same files, so all ranks pick the same checkpoint."""
+
+def read_checkpoint(d: Location) -> dict:
+    """One checkpoint folder, every file checked against its rank's manifest; raises
+    :class:`ConfigError` (one line naming the bad file) for a truncated, corrupt or incomplete one.
+    A format-1 checkpoint (written before checksums) is read unverified."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    dirs = {posixpath.dirname(f.path) for f in storage.list_files(run_dir, "state.json")}
-    names = sorted((posixpath.basename(d) for d in dirs if posixpath.dirname(d) == run_dir.path
-                    and posixpath.basename(d).startswith("checkpoint_e")), reverse=True)
-    for name in names:
-        d = run_dir.join(name)
+    try:
+        first = storage.read_checked(d, [*_RANK0, "rng_rank0.safetensors"], _manifest(0))
+        st = json.loads(first.files["state.json"])
+        if st.get("format", 1) >= 2 and not first.verified:
+            raise ConfigError(f"{d.join(storage.MANIFEST).uri} is missing (an incomplete upload)")
+        rng = [load(first.files["rng_rank0.safetensors"])]
+        for k in range(1, st["world_size"]):
+            part = storage.read_checked(d, [f"rng_rank{k}.safetensors"], _manifest(k))
+            if st.get("format", 1) >= 2 and not part.verified:
+                raise ConfigError(f"{d.join(_manifest(k)).uri} is missing (an incomplete upload)")
+            rng.append(load(part.files[f"rng_rank{k}.safetensors"]))
+        return {"name": posixpath.basename(d.path), "state": st, "rng": rng,
+                "trainable": load(first.files["trainable.safetensors"]),
+                "optimizer": load(first.files["optimizer.safetensors"])}
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise ConfigError(f"{d.uri} is truncated or corrupt ({type(e).__name__})") from None
 
-        def tensors(file: str, d: Location = d) -> dict[str, torch.Tensor]:
-            return load(storage.read_bytes(d.join(file)))
 
+def latest_checkpoint(run_dir: Location) -> dict | None:
+    """The newest good ``checkpoint_e*`` of the run, read from storage (:func:`read_checkpoint`).
+
+    Ray registers a reported checkpoint when its controller next polls the workers, so a worker
+    killed right after reporting leaves an uploaded but unregistered checkpoint; reading storage
+    resumes from it instead of losing that epoch.  Every rank applies the same test to the same
+    files, so all ranks pick the same checkpoint."""
+    for name in checkpoint_names(run_dir):
         try:
-            st = json.loads(storage.read_text(d.join("state.json")))
-            return {"name": name, "state": st, "trainable": tensors("trainable.safetensors"),
-                    "optimizer": tensors("optimizer.safetensors"),
-                    "rng": [tensors(f"rng_rank{k}.safetensors") for k in range(st["world_size"])]}
-        except (ConfigError, OSError, ValueError, KeyError, SafetensorError) as e:  # partial upload: use an older one
-            log.warning("skipping incomplete checkpoint %s (%s)", d.uri, type(e).__name__)
+            return read_checkpoint(run_dir.join(name))
+        except ConfigError as e:  # partial upload or corrupt: use an older one
+            log.warning("skipping checkpoint %s: %s", name, e)
     return None
+
+
+def set_aside_bad(run_dir: Location) -> tuple[list[str], str | None]:
+    """Before a run resumes: move every checkpoint newer than the newest good one aside (to
+    ``corrupt_<name>``, kept for inspection), so that the resumed run neither loads nor reuses
+    their names.  Returns ``(names set aside, the newest good checkpoint or None)``."""
+    bad: list[str] = []
+    for name in checkpoint_names(run_dir):
+        try:
+            read_checkpoint(run_dir.join(name))
+            return bad, name
+        except ConfigError as e:
+            log.warning("checkpoint %s is bad: %s", name, e)
+            aside, n = run_dir.join(CORRUPT_PREFIX + name), 1
+            while storage.exists(aside):
+                aside, n = run_dir.join(f"{CORRUPT_PREFIX}{name}.{n}"), n + 1
+            storage.move_dir(run_dir.join(name), aside)
+            bad.append(name)
+    return bad, None
 
 
 def restore(ckpt: dict, model, opt, sched, scaler, rank: int, device: torch.device) -> dict:

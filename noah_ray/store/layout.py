@@ -16,7 +16,9 @@ names themselves.  :data:`TABLE_STAGES` says which stage folder holds each resul
       supernet/                        Ray Train run "supernet"                        JobPaths.supernet()
         spec.json                      what the run trains; a re-run with other settings fails fast
         checkpoint_e00004/             after the 5th epoch: trainable.safetensors, optimizer.safetensors,
-                                       rng_rank<k>.safetensors, state.json (nn.optim; newest kept)
+                                       rng_rank<k>.safetensors, state.json (nn.optim; newest kept),
+                                       checksums.json / checksums_rank<k>.json (sha256 per file)
+        corrupt_checkpoint_e00004/     a bad newest checkpoint set aside before a resume (kept to inspect)
         final/                         model.safetensors + meta.json (what           JobPaths.supernet_final()
                                        nn.models.load_supernet reads)
         error.json                     a worker's non-retryable error, for the driver (train.worker)
@@ -57,8 +59,10 @@ Ray Train and Tune add their own bookkeeping files inside their run folders.  On
 MLflow runs (``store.tracking``) go to the MLflow server, not into this tree.
 
 There is no job-level ``meta.json``.  ``meta.json`` sits next to ``model.safetensors`` in every
-``final/`` and ``best/`` (and in exported artifacts; ``storage.save_state``) and is written last,
-so a folder without it counts as incomplete.  It records the run's ``method``, whether it trained
+``final/`` and ``best/`` (and in exported artifacts; ``storage.save_state``), followed by
+``checksums.json`` (the sha256 of both, ``storage.MANIFEST``): a folder without ``meta.json`` counts
+as incomplete, one whose files fail their checksum as damaged (a stage with such a ``final/`` is not
+done); folders from before checksums load unverified.  It records the run's ``method``, whether it trained
 the backbone (``backbone_trained``; :func:`backbone_trained` reads it, and for files from before the
 key existed falls back to the method, then to the run name) and its ``subnet`` as
 ``SubnetConfig.to_dict()``.  A sweep (``run.sweep``) puts each job at

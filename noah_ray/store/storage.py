@@ -210,6 +210,18 @@ def delete(loc: Location) -> None:
         remove_markers(Location(posixpath.dirname(loc.uri), loc.fs, posixpath.dirname(loc.path), loc.endpoint))
 
 
+def move_dir(src: Location, dst: Location) -> None:
+    """Move folder ``src`` to ``dst`` (same filesystem): a rename locally; on S3 (no renames)
+    every object is copied, then ``src`` deleted, so nothing is lost if this stops half-way."""
+    if not src.is_s3:
+        src.fs.create_dir(posixpath.dirname(dst.path), recursive=True)
+        src.fs.move(src.path, dst.path)
+        return
+    for f in list_files(src):
+        src.fs.copy_file(f.path, posixpath.join(dst.path, posixpath.relpath(f.path, src.path)))
+    delete(src)
+
+
 def write_text(loc: Location, text: str) -> None:
     write_bytes(loc, text.encode())
 
@@ -269,35 +281,92 @@ def read_table(base: Location, table_name: str) -> pa.Table | None:
     return pa.concat_tables(tables, promote_options="default")
 
 
+# ------------------------------------------------------------------ checksums
+#: the manifest beside the files of a checkpoint folder, ``final/`` or ``best/``: the sha256 and
+#: size of each, written after them (a folder whose manifest is missing was written before
+#: checksums existed, or is incomplete)
+MANIFEST = "checksums.json"
+
+
+@dataclass(frozen=True)
+class Checked:
+    """Files read by :func:`read_checked`; ``verified`` is False for a folder without a manifest
+    (written before checksums: accepted unverified)."""
+
+    files: dict[str, bytes]
+    verified: bool
+
+
+def write_checked(loc: Location, files: dict[str, bytes], manifest: str = MANIFEST) -> None:
+    """Write ``files`` (name -> bytes) into folder ``loc``, then their manifest ``manifest``."""
+    import hashlib
+    import json
+
+    for name, data in files.items():
+        write_bytes(loc.join(name), data)
+    entries = {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for name, data in files.items()}
+    write_text(loc.join(manifest), json.dumps({"format": 1, "files": entries}, indent=1, sort_keys=True))
+
+
+def read_checked(loc: Location, names: list[str], manifest: str = MANIFEST, recover: str = "write it again") -> Checked:
+    """Read ``names`` from folder ``loc``, each checked against the manifest beside them.  A file
+    that is missing, not listed or whose bytes differ raises one :class:`ConfigError` naming it
+    and ``recover``; without a manifest the files are returned unverified."""
+    import hashlib
+    import json
+
+    man = loc.join(manifest)
+    try:
+        listed = json.loads(read_text(man))["files"] if exists(man) else None
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{man.uri} is truncated or corrupt; {recover}") from None
+    files = {}
+    for name in names:
+        if not exists(loc.join(name)):
+            raise ConfigError(f"{loc.join(name).uri} is missing (an incomplete write); {recover}")
+        files[name] = data = read_bytes(loc.join(name))
+        if listed is None:
+            continue
+        want = listed.get(name) if isinstance(listed, dict) else None
+        if not isinstance(want, dict) or hashlib.sha256(data).hexdigest() != want.get("sha256"):
+            why = f"not listed in {manifest}" if not isinstance(want, dict) else f"fails its checksum in {manifest}"
+            raise ConfigError(f"{loc.join(name).uri} is truncated or corrupt ({why}); {recover}")
+    return Checked(files, listed is not None)
+
+
 # ------------------------------------------------------------------ checkpoints
 def save_state(loc: Location, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Save tensors as ``<loc>/model.safetensors`` and ``meta`` as ``<loc>/meta.json``.
+    """Save tensors as ``<loc>/model.safetensors`` and ``meta`` as ``<loc>/meta.json``, then their
+    checksums (:data:`MANIFEST`, :func:`write_checked`).
 
-    The JSON is written last: a directory without ``meta.json`` is incomplete and ignored by
-    :func:`load_state`.
+    A directory without ``meta.json`` is incomplete and ignored by :func:`load_state`.
     """
     import json
 
     from safetensors.torch import save
 
-    write_bytes(loc.join("model.safetensors"), save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
-    write_text(loc.join("meta.json"), json.dumps(meta, indent=1, sort_keys=True))
+    write_checked(loc, {"model.safetensors": save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}),
+                        "meta.json": json.dumps(meta, indent=1, sort_keys=True).encode()})
 
 
 def load_state(loc: Location, recover: str = "write it again") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Inverse of :func:`save_state`: ``(tensors, meta)``.  A truncated or corrupt file raises one
-    :class:`ConfigError` naming it and ``recover`` (how to get a good one)."""
+    """Inverse of :func:`save_state`: ``(tensors, meta)``.  A truncated or corrupt file, or one that
+    fails its checksum, raises one :class:`ConfigError` naming it and ``recover`` (how to get a
+    good one).  A folder written before checksums (no manifest) loads unverified."""
     import json
 
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     meta_loc, weights = loc.join("meta.json"), loc.join("model.safetensors")
+    if not exists(meta_loc):
+        read_bytes(meta_loc)                          # the one-line "does not exist" error
+    files = read_checked(loc, ["meta.json", "model.safetensors"], recover=recover).files
     try:
-        meta = json.loads(read_text(meta_loc))
+        meta = json.loads(files["meta.json"].decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{meta_loc.uri} is truncated or corrupt ({type(e).__name__}); {recover}") from None
     try:
-        return load(read_bytes(weights)), meta
+        return load(files["model.safetensors"]), meta
     except (SafetensorError, ValueError) as e:
         raise ConfigError(f"{weights.uri} is truncated or corrupt ({str(e).splitlines()[0][:80]}); {recover}") from None

@@ -29,6 +29,7 @@ from noah_ray import progress
 from noah_ray.config import JobConfig, SupernetConfig
 from noah_ray.config.resolved import ResolvedJob, resolved
 from noah_ray.errors import ConfigError, RunError
+from noah_ray.nn import optim
 from noah_ray.nn.models import build_model, ensure_backbone, subnet_for
 from noah_ray.nn.prune import PrunePlan, prune
 from noah_ray.space import SubnetConfig
@@ -89,15 +90,69 @@ def _check_spec(run_dir: storage.Location, spec: SpecRecord) -> None:
 
 
 def _finished(run_dir: storage.Location, spec: SpecRecord, epochs: int) -> bool:
-    """Whether ``run_dir`` holds a finished run of ``spec`` with at least ``epochs`` epochs."""
+    """Whether ``run_dir`` holds a finished run of ``spec`` with at least ``epochs`` epochs (and an
+    intact ``final/``: one that fails its checksum is not finished)."""
     spec_loc, final = run_dir.join("spec.json"), run_dir.join("final", "meta.json")
     if not (storage.exists(spec_loc) and storage.exists(final)):
         return False
     try:
         same = _read_spec(spec_loc) == SpecRecord.from_dict(json.loads(json.dumps(spec.to_dict())))
-        return same and _read_meta(final).epochs_done >= epochs
+        return same and _final_meta(run_dir.join("final")).epochs_done >= epochs
     except (ValueError, ConfigError):
         return False
+
+
+def _final_meta(final: storage.Location) -> MetaRecord:
+    """The meta of an intact ``final/`` (every file checked: :func:`storage.load_state`)."""
+    return MetaRecord.from_dict(storage.load_state(final)[1])
+
+
+def _intact(folder: storage.Location) -> bool:
+    """Whether ``folder`` (a ``final/`` or ``best/``) loads and passes its checksums."""
+    try:
+        storage.load_state(folder)
+        return True
+    except ConfigError:
+        return False
+
+
+#: Ray Train's record of the checkpoints it keeps (and deletes beyond ``num_to_keep``) in a run folder
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def _forget_checkpoints(loc: storage.Location, names: list[str]) -> None:
+    """Drop ``names`` (checkpoints set aside) from Ray Train's snapshot of run ``loc``, so that
+    its checkpoint manager neither deletes them nor a new checkpoint of the same name later; an
+    unreadable snapshot is removed (Ray then starts its bookkeeping afresh)."""
+    snap = loc.join(RAY_SNAPSHOT)
+    if not storage.exists(snap):
+        return
+    try:
+        st = json.loads(storage.read_text(snap))
+        for results, paired in (("checkpoint_results", "checkpoint_report_indices"),
+                                ("pending_training_results", "pending_validation_specs")):
+            kept = [(r, v) for r, v in zip(st[results], st[paired], strict=True)
+                    if r["checkpoint_dir_name"] not in names]
+            st[results], st[paired] = [r for r, _ in kept], [v for _, v in kept]
+        latest = st.get("latest_checkpoint_result")
+        if latest is not None and latest["checkpoint_dir_name"] in names:
+            st["latest_checkpoint_result"] = st["checkpoint_results"][-1] if st["checkpoint_results"] else None
+        for key in [k for k in st if k.endswith("_checkpoint_dir_names")]:
+            st[key] = [n for n in st[key] if n not in names]
+        storage.write_text(snap, json.dumps(st))
+    except (ValueError, KeyError, TypeError):
+        storage.delete(snap)
+
+
+def _set_aside_bad(tag: str, loc: storage.Location) -> None:
+    """Before a run (re)starts: move its bad newest checkpoints aside (one line naming them and the
+    checkpoint it resumes from) and make Ray Train forget them."""
+    bad, good = optim.set_aside_bad(loc)
+    if not bad:
+        return
+    _forget_checkpoints(loc, bad)
+    progress.echo(f"{tag} checkpoint(s) {', '.join(bad)} at {loc.uri} are truncated or corrupt: set aside as "
+                  f"{optim.CORRUPT_PREFIX}<name>; " + (f"resuming from {good}" if good else "starting afresh"))
 
 
 # ----------------------------------------------------------------------------- one Ray Train run
@@ -111,10 +166,12 @@ def _fit(run: RunSpec, faults: FaultPlan | None = None) -> MetaRecord:
     _check_spec(loc, run.spec)
     final = loc.join("final", "meta.json")
     if storage.exists(final):
-        meta = _read_meta(final)
-        if meta.epochs_done >= run.tc.epochs:
+        if not _intact(loc.join("final")):
+            progress.echo(f"{run.tag} {loc.join('final').uri} is truncated or corrupt: writing it again")
+        elif (meta := _read_meta(final)).epochs_done >= run.tc.epochs:
             progress.echo(f"{run.tag} finished earlier ({meta.epochs_done} epochs) at {loc.uri}")
             return meta
+    _set_aside_bad(run.tag, loc)
     ref = tracking.start_run(job, run.stage, run.run_id, extra=tracking.chosen_params(run.spec.hpo))
     run = dataclasses.replace(run, backbone=ensure_backbone(job), progress=progress.sink_name(), tracking=ref)
     error = loc.join(ERROR_FILE)
@@ -138,7 +195,7 @@ def _fit(run: RunSpec, faults: FaultPlan | None = None) -> MetaRecord:
         raise
     finally:
         progress.drain()         # the workers' last lines before the driver's next one
-    meta = _read_meta(final)
+    meta = _final_meta(loc.join("final"))
     tracking.finish_training(job, run.stage, ref, meta)
     return meta
 
@@ -245,8 +302,10 @@ def retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str, seed:
     cfg = subnet_for(method, job, subnet)
     lr = float(job.retrain.method_lr.get(method, job.retrain.lr))
     spec = dataclasses.replace(spec_for(job, "retrain", method, cfg, lr, seed, num_classes), hpo=hpo or None)
-    run = JobPaths.of(job).retrain_config(retrain_run_id(method, seed), spec.fingerprint())
-    return _finished(run, spec, job.retrain.epochs)
+    paths, run_id = JobPaths.of(job), retrain_run_id(method, seed)
+    published = [paths.retrain_run(run_id).join(p) for p in ("best", "final")]
+    return _finished(paths.retrain_config(run_id, spec.fingerprint()), spec, job.retrain.epochs) \
+        and all(_intact(p) for p in published if storage.exists(p.join("meta.json")))
 
 
 def _check_init(rj: ResolvedJob, cfg: SubnetConfig, method: str) -> None:
@@ -319,11 +378,12 @@ def _runs_row(job: JobConfig, run_id: str, label: str, seed: int, trained: Subne
 def _publish(attempt: storage.Location, alias: storage.Location, fp: str) -> None:
     """Make ``<run>/best`` and ``<run>/final`` hold this config's result (meta.json written last)."""
     current = alias.join("final", "meta.json")
-    if storage.exists(current) and _read_meta(current).fingerprint == fp:
+    if storage.exists(current) and all(_intact(alias.join(p)) for p in ("best", "final")) \
+            and _read_meta(current).fingerprint == fp:
         return
     for part in ("best", "final"):
-        for name in ("model.safetensors", "meta.json"):
-            storage.write_bytes(alias.join(part, name), storage.read_bytes(attempt.join(part, name)))
+        files = storage.read_checked(attempt.join(part), ["model.safetensors", "meta.json"]).files
+        storage.write_checked(alias.join(part), files)
 
 
 # ----------------------------------------------------------------------------- E2VPT pruning
