@@ -37,19 +37,23 @@ def safe_name(value: object, key: str) -> str:
     return value
 
 
-def redact(text: str) -> str:
-    """``text`` with the userinfo of every URI replaced by ``***``."""
-    return _USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
+def _is_userinfo(info: str) -> bool:
+    """Whether ``info`` (a URI's text between ``scheme://`` and its first ``@``) is credentials: no
+    ``/`` in it (the authority's userinfo), or a ``KEY:SECRET`` whose secret holds ``/`` (a ``/``
+    before any ``:`` starts the path: ``s3://bucket/key@2x.png`` has none)."""
+    return "/" not in info or ":" in info.split("/", 1)[0]
+
+
+def redact(text: str, mask: str = "***@") -> str:
+    """``text`` with the userinfo of every URI replaced by ``mask`` (``""``: removed)."""
+    return _USERINFO.sub(lambda m: m.group("scheme") + mask if _is_userinfo(m.group("userinfo")) else m.group(0),
+                         text)
 
 
 def has_userinfo(uri: str) -> bool:
-    """Whether ``uri`` carries credentials: an ``@`` in its authority, or a ``KEY:SECRET@`` whose
-    secret holds ``/`` (a ``/`` before any ``:`` is the path: ``s3://bucket/a@b`` has none)."""
+    """Whether ``uri`` carries credentials (:func:`redact` would hide some of it)."""
     m = _USERINFO.match(uri.strip())
-    if m is None:
-        return False
-    info = m.group("userinfo")
-    return "/" not in info or ":" in info.split("/", 1)[0]
+    return m is not None and _is_userinfo(m.group("userinfo"))
 
 
 @contextlib.contextmanager

@@ -79,7 +79,7 @@ def check(job: JobConfig) -> None:
 def redact(value: Any) -> str:
     """``value`` as a parameter string, without any ``user:password@`` of a URI, cut to 500 chars."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    return security.redact(text)[:_MAX_PARAM]
+    return security.redact(text, "")[:_MAX_PARAM]
 
 
 def _client(uri: str) -> MlflowClient:
