@@ -388,3 +388,33 @@ def test_bad_input_is_one_line_before_ray_and_changes_nothing(case, tmp_path, te
 
 def test_the_table_is_large_enough():
     assert len(CASES) >= 40
+
+
+def test_a_large_split_is_checked_by_header_and_says_so(tmp_path, template, monkeypatch, capsys):
+    """Above ``DECODE_LIMIT`` images only headers are read (a truncated JPEG passes) and one stdout
+    line says why; at or below it the same image is decoded and refused with one line."""
+    from noah_ray.config import DataConfig
+    from noah_ray.errors import ConfigError
+    from noah_ray.run import preflight
+    from noah_ray.run.preflight import check_data
+
+    shutil.copytree(template, tmp_path / "data")
+    world = World(tmp_path, tmp_path / "data", tmp_path / "store", {}, tmp_path / "job.yaml")
+    truncated_jpeg(world, "train800")
+    job = type("Job", (), {"data": DataConfig(root=str(world.data), dataset="gen_color"), "storage_endpoint": None})
+    with pytest.raises(ConfigError, match="image file is truncated"):
+        check_data(job, {"supernet": ("train800",)}, 4)
+    monkeypatch.setattr(preflight, "DECODE_LIMIT", 4)
+    check_data(job, {"supernet": ("train800",)}, 4)
+    out, err = capsys.readouterr()
+    assert err == "" and "split 'train800': 8 images, more than 4: only their headers are checked" in out
+
+
+def test_a_sweep_file_with_a_key_twice_is_refused(tmp_path):
+    from noah_ray.errors import ConfigError
+    from noah_ray.run.sweep import SweepConfig
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("sweep:\n  datasets: [gen_color]\nname: a\nname: b\n")
+    with pytest.raises(ConfigError, match=r"key 'name' appears twice \(lines 3 and 4\)"):
+        SweepConfig.load(path)

@@ -124,27 +124,33 @@ def positive(where: str, **values: float | None) -> None:
             raise ConfigError(f"{where}.{k}: {v} must be > 0")
 
 
-class DuplicateKeyError(yaml.YAMLError):
-    """A YAML mapping that names one key twice (YAML keeps the last value without a word)."""
+class DuplicateKeyError(Exception):
+    """A YAML mapping that names one key twice (YAML itself keeps the last value without a word)."""
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            try:
-                first = seen.setdefault(key, line)
-            except TypeError:             # an unhashable key: the base class says so
-                break
-            if first != line:
-                raise DuplicateKeyError(f"key {key!r} appears twice (lines {first} and {line})")
-        return super().construct_mapping(node, deep)
+def _construct_mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+    """``SafeLoader.construct_mapping``, refusing a key given twice in one mapping."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.setdefault(key, line)
+        except TypeError:                 # an unhashable key: the base class says so
+            break
+        if first != line:
+            raise DuplicateKeyError(f"key {key!r} appears twice (lines {first} and {line})")
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
 
 
-def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that raises :class:`DuplicateKeyError` for a key given twice in one mapping."""
-    return yaml.load(text, Loader=_StrictLoader)
+#: ``yaml.SafeLoader`` that refuses a key given twice in one mapping
+_StrictLoader = type("_StrictLoader", (yaml.SafeLoader,), {"construct_mapping": _construct_mapping})
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` of the file ``where``, with one :class:`ConfigError` naming a key given twice
+    in one mapping and both its lines (YAML would keep the last value without a word)."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{where}: {e}; keep one of them") from None
