@@ -209,10 +209,10 @@ def check_data(job: JobConfig, splits: dict[str, tuple[str, ...]], num_classes: 
     for split in names:
         samples = read_split(job.data, split, num_classes=num_classes, endpoint=job.storage_endpoint)
         paths = [p for p, _ in samples]
+        small = len(paths) <= DECODE_LIMIT
         if not (s3 or job.data.skip_corrupt):
-            check_images([p for p in dict.fromkeys(paths) if p not in checked], split,
-                         decode=len(paths) <= DECODE_LIMIT)
-            checked.update(paths)
+            check_images([p for p in dict.fromkeys(paths) if p not in checked] if small else paths, split, small)
+            checked.update(paths if small else ())
 
 
 def check_checkpoint(job: JobConfig, num_classes: int) -> None:
