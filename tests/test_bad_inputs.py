@@ -183,6 +183,14 @@ def yaml_edit(fn: Callable[[str], str]) -> Callable[[World], None]:
     return mutate
 
 
+def json_text(text: str) -> Callable[[World], None]:
+    def mutate(world: World) -> None:
+        world.cfg = None
+        world.config = world.root / "job.json"
+        world.config.write_text(text)
+    return mutate
+
+
 def env(name: str, value: str) -> Callable[[World], None]:
     def mutate(world: World) -> None:
         world.env[name] = value
@@ -312,6 +320,8 @@ CASES: dict[str, tuple[Callable[[World], None], tuple[str, ...], str]] = {
                       "key 'name' appears twice (lines 1 and 3)"),
     "duplicate nested key": (yaml_edit(lambda t: t.replace("  epochs: 1\nsearch:", "  epochs: 1\n  epochs: 2\nsearch:")),
                              ("supernet",), "key 'epochs' appears twice"),
+    "duplicate JSON key": (json_text('{"name": "tiny", "name": "other"}'), ("pipeline",),
+                           "key 'name' appears twice in one object"),
     "epochs absurd": (section("supernet.epochs", 10 ** 9), ("supernet",), "supernet.epochs: 1000000000"),
     "generations absurd": (section("search.generations", 10 ** 9), ("pipeline",), "search.generations: 1000000000"),
     # ---------------------------------------------------------------- lease timeout (item 2)

@@ -5,6 +5,7 @@ types refused with one line, then the section's own ``check(where)``.  Every sec
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -154,3 +155,17 @@ def load_yaml(text: str, where: str) -> Any:
         return yaml.load(text, Loader=_StrictLoader)
     except DuplicateKeyError as e:
         raise ConfigError(f"{where}: {e}; keep one of them") from None
+
+
+def load_json(text: str, where: str) -> Any:
+    """``json.loads`` of the file ``where``, with one :class:`ConfigError` naming a key given twice in
+    one object (``json`` would keep the last value without a word)."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in items:
+            if k in out:
+                raise ConfigError(f"{where}: key {k!r} appears twice in one object; keep one of them")
+            out[k] = v
+        return out
+
+    return json.loads(text, object_pairs_hook=pairs)
