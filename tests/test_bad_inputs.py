@@ -10,8 +10,9 @@ import hashlib
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,9 @@ from noah_ray.run import pipeline
 from noah_ray.store import storage
 
 SECRET = "SECRETXX0wQ"
+#: a real-shaped AWS secret key: 40 characters of the base64 alphabet, with '/' and '+'
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCY/EXAMPLEKY"
+assert len(AWS_SECRET) == 40
 
 
 @dataclass
@@ -34,6 +38,7 @@ class World:
     cfg: dict
     config: Path
     backbone: bytes = b""
+    env: dict[str, str] = field(default_factory=dict)     # environment variables the command runs with
 
     @property
     def job(self) -> storage.Location:
@@ -109,6 +114,17 @@ def pickled_checkpoint(world: World) -> None:
     checkpoint(world, "model.pth", buf.getvalue())
 
 
+def legacy_pickled_checkpoint(world: World) -> None:
+    """The pre-1.6 torch format with pickle protocol 4: torch warns about the protocol when reading it."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(torch.nn.Linear(2, 2), buf, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    checkpoint(world, "legacy.pth", buf.getvalue())
+
+
 def npz_checkpoint(world: World) -> None:
     import io
 
@@ -156,6 +172,47 @@ def foreign_subnet(world: World) -> None:
 def state_json(world: World) -> None:
     supernet_final(world)
     storage.write_text(world.job.join("search", "state", "evolution-seed0.json"), '{"engine": {"candidates": [')
+
+
+def yaml_edit(fn: Callable[[str], str]) -> Callable[[World], None]:
+    """Write the config as YAML, then edit its text (values ``safe_dump`` never writes)."""
+    def mutate(world: World) -> None:
+        text = fn(yaml.safe_dump(world.cfg))
+        world.cfg = None
+        world.config.write_text(text)
+    return mutate
+
+
+def json_text(text: str) -> Callable[[World], None]:
+    def mutate(world: World) -> None:
+        world.cfg = None
+        world.config = world.root / "job.json"
+        world.config.write_text(text)
+    return mutate
+
+
+def env(name: str, value: str) -> Callable[[World], None]:
+    def mutate(world: World) -> None:
+        world.env[name] = value
+    return mutate
+
+
+def outside_split(world: World) -> None:
+    """A split file outside the dataset folder: ``data.test_split: ../../outside``."""
+    (world.root / "outside.txt").write_text("outside-the-dataset-line.png 0\n")
+    world.cfg["data"]["test_split"] = "../../outside"
+
+
+def truncated_jpeg(world: World, split: str) -> None:
+    import io
+
+    from PIL import Image
+
+    path = first_image(world, split)
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, "JPEG", quality=95)
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])      # the header whole, half the scan
 
 
 # name: (mutate, command and extra args, text the one line must contain)
@@ -238,7 +295,59 @@ CASES: dict[str, tuple[Callable[[World], None], tuple[str, ...], str]] = {
     "retrain before any search": (lambda w: None, ("retrain",), "no search winner"),
     # ---------------------------------------------------------------- one run per job
     "job already running": (live_lease, ("supernet",), "already running: host other-host, pid 4242"),
+    # ---------------------------------------------------------------- values (issue 28, item 1)
+    "supernet.lr overflows": (yaml_edit(lambda t: t.replace("supernet:\n", "supernet:\n  lr: 1.0e+400\n")),
+                              ("supernet",), "supernet.lr: inf"),
+    "lora_scale .inf": (section("model.lora_scale", float("inf")), ("pipeline",), "model.lora_scale: inf"),
+    "retrain.lr .inf": (section("retrain.lr", float("inf")), ("retrain", "--method", "linear"), "retrain.lr: inf"),
+    "weight_decay .nan": (section("retrain.weight_decay", float("nan")), ("pipeline",), "retrain.weight_decay: nan"),
+    "method_lr .inf": (section("retrain.method_lr", {"linear": float("inf")}), ("pipeline",),
+                       "retrain.method_lr.linear: inf"),
+    "param_limit -.inf": (section("search.param_limit", float("-inf")), ("search",), "search.param_limit: -inf"),
+    "seed a word": (section("retrain.seeds", ["a"]), ("retrain", "--method", "linear"), "retrain.seeds: ['a']"),
+    "seed a list": (section("retrain.seeds", [[0, 1]]), ("retrain", "--method", "linear"), "retrain.seeds: [[0, 1]]"),
+    "seed a fraction": (section("retrain.seeds", [0.5]), ("retrain", "--method", "linear"), "retrain.seeds: [0.5]"),
+    "seed a path": (section("retrain.seeds", ["0/../../../escaped"]), ("retrain", "--method", "linear"),
+                    "retrain.seeds: ['0/../../../escaped']"),
+    "seeds repeated": (section("retrain.seeds", [0, 0]), ("retrain", "--method", "linear"), "retrain.seeds: [0, 0]"),
+    "no seeds": (section("retrain.seeds", []), ("retrain", "--method", "linear"), "retrain.seeds: []"),
+    "test split outside the dataset": (outside_split, ("retrain", "--method", "linear"),
+                                       "data.test_split: '../../outside'"),
+    "train split with a slash": (section("data.train_split", "sub/train800"), ("supernet",),
+                                 "data.train_split: 'sub/train800'"),
+    "img_size against the model": (section("data.img_size", 3), ("supernet",), "data.img_size 3"),
+    "duplicate key": (raw("name: tiny\nstorage: /tmp/x\nname: other\n"), ("pipeline",),
+                      "key 'name' appears twice (lines 1 and 3)"),
+    "duplicate nested key": (yaml_edit(lambda t: t.replace("  epochs: 1\nsearch:", "  epochs: 1\n  epochs: 2\nsearch:")),
+                             ("supernet",), "key 'epochs' appears twice"),
+    "duplicate JSON key": (json_text('{"name": "tiny", "name": "other"}'), ("pipeline",),
+                           "key 'name' appears twice in one object"),
+    "epochs absurd": (section("supernet.epochs", 10 ** 9), ("supernet",), "supernet.epochs: 1000000000"),
+    "generations absurd": (section("search.generations", 10 ** 9), ("pipeline",), "search.generations: 1000000000"),
+    # ---------------------------------------------------------------- lease timeout (item 2)
+    "lease timeout inf": (env("NOAH_RAY_LEASE_TIMEOUT_S", "inf"), ("supernet",), "NOAH_RAY_LEASE_TIMEOUT_S='inf'"),
+    "lease timeout nan": (env("NOAH_RAY_LEASE_TIMEOUT_S", "nan"), ("supernet",), "NOAH_RAY_LEASE_TIMEOUT_S='nan'"),
+    "lease timeout 0": (env("NOAH_RAY_LEASE_TIMEOUT_S", "0"), ("supernet",), "NOAH_RAY_LEASE_TIMEOUT_S='0'"),
+    "lease timeout negative": (env("NOAH_RAY_LEASE_TIMEOUT_S", "-30"), ("supernet",), "NOAH_RAY_LEASE_TIMEOUT_S='-30'"),
+    "lease timeout a word": (env("NOAH_RAY_LEASE_TIMEOUT_S", "soon"), ("supernet",), "NOAH_RAY_LEASE_TIMEOUT_S='soon'"),
+    # ---------------------------------------------------------------- secrets with '/' (item 5)
+    "AWS key in the storage URI": (section("storage", f"s3://AKIAIOSFODNN7EXAMPLE:{AWS_SECRET}@bucket/noah"),
+                                   ("pipeline",), "s3://***@bucket/noah"),
+    "AWS key in the endpoint": (lambda w: w.cfg.update(storage="s3://bucket/noah",
+                                                       storage_endpoint=f"http://AKIAIOSFODNN7EXAMPLE:{AWS_SECRET}@127.0.0.1:9"),
+                                ("pipeline",), "http://***@127.0.0.1:9"),
+    "AWS key in the checkpoint URI": (section("model.checkpoint", f"s3://AKIAIOSFODNN7EXAMPLE:{AWS_SECRET}@bucket/v.npz"),
+                                      ("pipeline",), "s3://***@bucket/v.npz"),
+    "AWS key in results": (lambda w: None, ("results", f"s3://AKIAIOSFODNN7EXAMPLE:{AWS_SECRET}@bucket/noah/tiny"),
+                           "s3://***@bucket/noah/tiny"),
+    # ---------------------------------------------------------------- stderr noise (item 6)
+    "legacy pickled checkpoint": (legacy_pickled_checkpoint, ("supernet",), "legacy.pth"),
+    "truncated train JPEG": (lambda w: truncated_jpeg(w, "train800"), ("supernet",), "images/train"),
+    "truncated test JPEG": (lambda w: truncated_jpeg(w, "test"), ("retrain", "--method", "linear"), "images/test"),
 }
+
+#: warnings that Python hides by default (they never reach a user's stderr)
+HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
 
 def checksums(root: Path) -> dict[str, str]:
@@ -261,18 +370,61 @@ def test_bad_input_is_one_line_before_ray_and_changes_nothing(case, tmp_path, te
     if world.cfg is not None:
         world.config.write_text(yaml.safe_dump(world.cfg))
     started: list = []
-    monkeypatch.setattr(pipeline, "init_ray", lambda *a, **k: started.append(a))
+
+    def init_ray(*a, **k) -> None:          # a case that gets this far is late: stop it before Ray runs
+        started.append(a)
+        raise RuntimeError("Ray would start")
+
+    monkeypatch.setattr(pipeline, "init_ray", init_ray)
+    for k, v in world.env.items():
+        monkeypatch.setenv(k, v)
     was_running = ray.is_initialized()
     before = checksums(tmp_path)
-    rc = cli.main([argv[0], "--config", str(world.config), *argv[1:]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = cli.main(list(argv) if argv[0] == "results" else [argv[0], "--config", str(world.config), *argv[1:]])
     out, err = capsys.readouterr()
+    shown = [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, HIDDEN_WARNINGS)]
+    assert shown == [], shown                # a warning on stderr breaks the one-line rule too
     assert rc == 1, (out, err)
     assert err.count("\n") == 1 and err.startswith("noah-ray: error: ") and "Traceback" not in err, err
     assert needle in err, err
-    assert SECRET not in err + out
+    assert SECRET not in err + out and AWS_SECRET not in err + out
+    assert "outside-the-dataset-line" not in err + out
+    assert not (tmp_path / "escaped").exists()
     assert started == [] and ray.is_initialized() == was_running
     assert checksums(tmp_path) == before
 
 
 def test_the_table_is_large_enough():
     assert len(CASES) >= 40
+
+
+def test_a_large_split_is_checked_by_header_and_says_so(tmp_path, template, monkeypatch, capsys):
+    """Above ``DECODE_LIMIT`` images only headers are read (a truncated JPEG passes) and one stdout
+    line says why; at or below it the same image is decoded and refused with one line."""
+    from noah_ray.config import DataConfig
+    from noah_ray.errors import ConfigError
+    from noah_ray.run import preflight
+    from noah_ray.run.preflight import check_data
+
+    shutil.copytree(template, tmp_path / "data")
+    world = World(tmp_path, tmp_path / "data", tmp_path / "store", {}, tmp_path / "job.yaml")
+    truncated_jpeg(world, "train800")
+    job = type("Job", (), {"data": DataConfig(root=str(world.data), dataset="gen_color"), "storage_endpoint": None})
+    with pytest.raises(ConfigError, match="image file is truncated"):
+        check_data(job, {"supernet": ("train800",)}, 4)
+    monkeypatch.setattr(preflight, "DECODE_LIMIT", 4)
+    check_data(job, {"supernet": ("train800",)}, 4)
+    out, err = capsys.readouterr()
+    assert err == "" and "split 'train800': 8 images, more than 4: only their headers are checked" in out
+
+
+def test_a_sweep_file_with_a_key_twice_is_refused(tmp_path):
+    from noah_ray.errors import ConfigError
+    from noah_ray.run.sweep import SweepConfig
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("sweep:\n  datasets: [gen_color]\nname: a\nname: b\n")
+    with pytest.raises(ConfigError, match=r"key 'name' appears twice \(lines 3 and 4\)"):
+        SweepConfig.load(path)

@@ -124,13 +124,19 @@ def test_tune_does_not_put_credentials_into_runtime_envs(monkeypatch):
     ("cannot read s3://AKIAX:s3cr3t@bucket/x", "cannot read s3://***@bucket/x"),
     ("'http://user:pw@127.0.0.1:9000' and s3://k@b/p", "'http://***@127.0.0.1:9000' and s3://***@b/p"),
     ("s3://bucket/key@2x.png", "s3://bucket/key@2x.png"),
+    # real-shaped AWS secret keys (40 characters, '/' and '+'): the userinfo runs to the '@'
+    ("storage 's3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMI/K7MDENG+bPxRfiCY/EXAMPLEKY@bucket/noah' is bad",
+     "storage 's3://***@bucket/noah' is bad"),
+    ("(endpoint http://AKIAIOSFODNN7EXAMPLE:/wJalrXUtnFEMIK7MDENG+bPxRfiCYEXAMPLEK@127.0.0.1:9)",
+     "(endpoint http://***@127.0.0.1:9)"),
 ])
 def test_errors_never_echo_uri_userinfo(text, shown):
     assert security.redact(text) == shown
 
 
 def test_uris_with_credentials_are_refused_without_echoing_them():
-    for uri in ("s3://AKIAX:s3cr3t@bucket/noah", "file://me:pw@/tmp/x"):
+    assert not security.has_userinfo("s3://bucket/key@2x.png")
+    for uri in ("s3://AKIAX:s3cr3t@bucket/noah", "file://me:pw@/tmp/x", "s3://AKIAX:s3cr3t/with+slash@bucket/noah"):
         with pytest.raises(ConfigError) as e:
             storage.resolve(uri)
         assert "s3cr3t" not in str(e.value) and "pw@" not in str(e.value) and "***@" in str(e.value)
@@ -344,14 +350,19 @@ def test_search_with_data_and_storage_on_s3_writes_no_secret(ray_session, s3_buc
 
 # ------------------------------------------------------------------ 6. non-retryable errors in workers
 @pytest.mark.slow
-def test_a_corrupt_image_found_in_a_worker_ends_after_one_attempt(ray_session, tmp_path, capsys, tiny_job):
-    """An image whose header reads but whose pixels do not passes the preflight; the worker's
-    ConfigError is not retried (max_failures 2) and ends the command with one line."""
+def test_a_corrupt_image_found_in_a_worker_ends_after_one_attempt(ray_session, tmp_path, capsys, tiny_job,
+                                                                  monkeypatch):
+    """An image whose header reads but whose pixels do not passes a header-only preflight (a split
+    above ``DECODE_LIMIT``); the worker's ConfigError is not retried (max_failures 2) and ends the
+    command with one line."""
     import ray
     import yaml
 
     from noah_ray.cli import main as cli
     from noah_ray.data import write_generated_vtab
+    from noah_ray.run import preflight
+
+    monkeypatch.setattr(preflight, "DECODE_LIMIT", 0)           # headers only, as for a large split
 
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=8, num_val=4, num_test=4)
     ds = tmp_path / "data" / "gen_color"
@@ -368,6 +379,34 @@ def test_a_corrupt_image_found_in_a_worker_ends_after_one_attempt(ray_session, t
     logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
     raised = [str(p) for p in logs.rglob("*") if p.is_file() and str(bad).encode() in p.read_bytes()]
     assert raised == []          # no worker raised it, so Ray Train had nothing to retry
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_training_with_one_line_and_records_nothing(ray_session, tmp_path, capsys,
+                                                                            tiny_job):
+    """A finite but huge learning rate (1e30) makes the loss overflow within the first epoch: the
+    run ends with one line (not retried, not exit 0), and no ``runs`` row, final weights or result
+    is written."""
+    import yaml
+
+    from noah_ray.cli import main as cli
+    from noah_ray.data import write_generated_vtab
+    from noah_ray.store import results
+
+    write_generated_vtab(tmp_path / "data", "gen_color", num_train=32, num_val=4, num_test=4)   # 4 steps
+    cfg = tiny_job(tmp_path / "data", tmp_path / "store", name="nan", supernet=None, search=None,
+                   retrain={"epochs": 2, "lr": 1e30, "min_lr": 0.0, "warmup_epochs": 0, "max_failures": 2})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc = cli.main(["retrain", "--config", str(path), "--method", "linear"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, (out, err)
+    assert "epoch 1/2: the training loss is" in err and "(not finite)" in err and "retrain.lr (1e+30)" in err, err
+    job = tmp_path / "store" / "nan"
+    assert results.runs(str(job)).empty
+    assert not list(job.rglob("final/meta.json")) and not list(job.rglob("checkpoint_e*")), \
+        sorted(str(p.relative_to(job)) for p in job.rglob("*"))
+    assert "test_acc" not in out
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):

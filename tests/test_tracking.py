@@ -29,6 +29,11 @@ def test_config_refuses_credentials_in_the_tracking_uri():
             JobConfig.from_dict({"tracking": bad})
         assert SECRET not in str(e.value)
     assert tracking.redact(f"s3://AKIA:{SECRET}@bucket/noah") == "s3://bucket/noah"
+    aws = "wJalrXUtnFEMI/K7MDENG+bPxRfiCY/EXAMPLEKY"        # a real-shaped secret key: '/' and '+'
+    assert tracking.redact(f"s3://AKIA:{aws}@bucket/noah") == "s3://bucket/noah"
+    with pytest.raises(ConfigError) as e:
+        JobConfig.from_dict({"tracking": {"mlflow": {"tracking_uri": f"https://me:{aws}@mlflow.example/"}}})
+    assert aws not in str(e.value) and "MLFLOW_TRACKING_PASSWORD" in str(e.value)
 
 
 def tiny_tracked_job(tiny_job, tmp_path: Path) -> JobConfig:

@@ -37,7 +37,7 @@ from noah_ray.config.schema import (
     SupernetConfig,
     hpo_is_int,
 )
-from noah_ray.config.sections import section_from_dict
+from noah_ray.config.sections import load_json, load_yaml, section_from_dict
 from noah_ray.config.tracking import TrackingConfig
 from noah_ray.errors import ConfigError
 from noah_ray.security import safe_name
@@ -108,7 +108,7 @@ class JobConfig:
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; check the path")
         try:
-            data = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+            data = (load_json if p.suffix == ".json" else load_yaml)(p.read_text(), str(p))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}: cannot parse ({str(e).splitlines()[0]}); fix the file") from None
         except yaml.YAMLError as e:

@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+from noah_ray.config.sections import at_most as _at_most
 from noah_ray.config.sections import positive as _positive
 from noah_ray.config.sections import section_from_dict, type_ok, unknown_key
 from noah_ray.errors import ConfigError
+from noah_ray.security import safe_name
 from noah_ray.space import recipes
 from noah_ray.space.kinds import ADAPTER, KV_PROMPT, LORA, PRUNABLE_KINDS, VPT
 from noah_ray.space.methods import default_recipe
@@ -29,6 +31,14 @@ HPO_ALIASES: dict[str, str] = {"lr": "retrain.lr", "weight_decay": "retrain.weig
                                "warmup_epochs": "retrain.warmup_epochs", "drop_path": "model.drop_path_rate",
                                "lora_scale": "model.lora_scale"}
 HPO_RETRAIN_KEYS: tuple[str, ...] = ("lr", "weight_decay", "warmup_epochs", "min_lr")
+
+#: sane upper bounds: a value above one is a typo (an extra zero) or a run that never ends
+MAX_EPOCHS = 100_000
+MAX_GENERATIONS = 10_000
+MAX_POPULATION = 100_000
+MAX_BATCH = 65_536
+MAX_IMG_SIZE = 4096
+MAX_SEED = 2**32 - 1                      # numpy's seed range
 
 
 @dataclass
@@ -56,6 +66,10 @@ class DataConfig:
         _positive(where, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                   num_classes=self.num_classes, img_size=self.img_size)
         _positive(where, shots=self.shots)
+        _at_most(where, MAX_BATCH, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size)
+        _at_most(where, MAX_IMG_SIZE, img_size=self.img_size)
+        for k in ("train_split", "val_split", "final_train_split", "test_split"):   # read under the dataset folder
+            safe_name(getattr(self, k), f"{where}.{k}")
         if self.num_workers < 0:
             raise ConfigError(f"{where}.num_workers: {self.num_workers} must be >= 0 (0 loads in the main process)")
 
@@ -140,6 +154,7 @@ class TrainConfig:
     def check(self, where: str) -> None:
         _positive(where, epochs=self.epochs, lr=self.lr, num_workers=self.num_workers,
                   checkpoint_every=self.checkpoint_every, eval_every=self.eval_every)
+        _at_most(where, MAX_EPOCHS, epochs=self.epochs, warmup_epochs=self.warmup_epochs)
         if self.warmup_epochs < 0 or self.weight_decay < 0:
             raise ConfigError(f"{where}: warmup_epochs and weight_decay must be >= 0")
         if not 0 <= self.min_lr <= self.lr:
@@ -204,6 +219,10 @@ class RetrainConfig(TrainConfig):
 
     def check_own(self, where: str) -> None:
         v: Any
+        seeds = list(self.seeds)
+        if not seeds or len(set(seeds)) < len(seeds) or not all(0 <= s <= MAX_SEED for s in seeds):
+            raise ConfigError(f"{where}.seeds: {seeds} must be a list of distinct integers in [0, {MAX_SEED}] "
+                              f"(one run each), e.g. [0, 1, 2]")
         for k, v in self.method_lr.items():
             if not type_ok(v, float) or v <= 0:
                 raise ConfigError(f"{where}.method_lr.{k}: {v!r} must be a learning rate > 0")
@@ -299,6 +318,8 @@ class SearchConfig:
             raise ConfigError(f"{where}.algorithm: {self.algorithm!r} unknown; use {', '.join(others)} or {last}")
         _positive(where, generations=self.generations, population=self.population, top_k=self.top_k,
                   param_limit=self.param_limit, max_concurrent=self.max_concurrent)
+        _at_most(where, MAX_GENERATIONS, generations=self.generations)
+        _at_most(where, MAX_POPULATION, population=self.population)
         if self.top_k > self.population:
             raise ConfigError(f"{where}.top_k: {self.top_k} exceeds population {self.population}")
         if not 0 <= self.tournament <= self.population:

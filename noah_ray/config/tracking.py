@@ -9,6 +9,7 @@ from typing import Any
 
 from noah_ray.config.sections import section_from_dict
 from noah_ray.errors import ConfigError
+from noah_ray.security import has_userinfo
 
 
 @dataclass
@@ -24,7 +25,7 @@ class MlflowConfig:
         if not self.tracking_uri.strip() or not self.experiment.strip():
             raise ConfigError(f"{where}: tracking_uri and experiment must be set, e.g. "
                               f"{{tracking_uri: sqlite:///mlflow.db, experiment: noah-ray}}")
-        if "@" in self.tracking_uri.split("://", 1)[-1].split("/", 1)[0]:
+        if has_userinfo(self.tracking_uri):
             raise ConfigError(f"{where}.tracking_uri: credentials in the URI would be logged and sent to Ray "
                               f"workers; set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead")
 

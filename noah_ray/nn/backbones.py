@@ -6,6 +6,7 @@ import io
 import logging
 import math
 import pickle
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -167,7 +168,10 @@ def _torch_state(data: bytes, uri: str) -> dict[str, torch.Tensor]:
     import argparse
 
     try:  # training scripts (DeiT, MAE, ...) store their argparse.Namespace beside the weights
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # torch warns about the pickle protocol of legacy files before refusing or reading them: the
+            # outcome is this function's one line (or the tensors), never a warning beside it
+            warnings.simplefilter("ignore", UserWarning)
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)

@@ -9,7 +9,9 @@ command with one line instead of failing inside Ray workers (and being retried):
   the search space against the backbone, the parameter limit, batch split over the workers, the
   retraining methods, the prune section, ``retrain.subnet``, the hpo section;
 * :func:`check_data` - every split file the stages read (the test split too), labels within the
-  class count, and every image's header (unless ``data.skip_corrupt``);
+  class count, and every image (unless ``data.skip_corrupt``): decoded whole when the split is
+  small (up to :data:`DECODE_LIMIT` images: a VTAB-1k split is 1,000), else its header only, and
+  one line says so;
 * the storage is writable (``storage.check_writable``, the one write: a probe, deleted);
 * :func:`check_checkpoint` - the backbone checkpoint's format and every tensor's shape against the
   model (built on the meta device: no memory);
@@ -33,6 +35,9 @@ from noah_ray.store import storage, tracking
 from noah_ray.store.layout import JobPaths
 
 TRAIN_STAGES = ("supernet", "retrain")               # the Ray Train runs
+#: splits of at most this many images are decoded whole before Ray starts (a truncated JPEG has a
+#: readable header); larger ones (a VTAB test split: up to ~27,000) only have their headers read
+DECODE_LIMIT = 5000
 
 
 def resolve(job: JobConfig, stages: tuple[str, ...] = STAGES, *, generate: bool = False) -> ResolvedJob:
@@ -87,7 +92,25 @@ def _check_model(job: JobConfig) -> BackboneShape:
     if job.space.num_layers != shape.depth:
         raise ConfigError(f"space.num_layers {job.space.num_layers} does not match {job.model.name} "
                           f"({shape.depth} blocks); set space.num_layers: {shape.depth}")
+    _check_img_size(job)
     return shape
+
+
+def _check_img_size(job: JobConfig) -> None:
+    """``data.img_size`` (the size images are resized to) against the model's input size."""
+    import torch
+
+    from noah_ray.nn.backbones import create_backbone
+
+    size = job.data.img_size
+    if size is None:
+        return
+    with torch.device("meta"):
+        embed = create_backbone(job.model.name, 1).patch_embed
+    want, patch = int(embed.img_size[0]), int(embed.patch_size[0])
+    if size != want and (getattr(embed, "strict_img_size", True) or size % patch):
+        raise ConfigError(f"data.img_size {size} does not match {job.model.name}, which takes {want} x {want} "
+                          f"images; set data.img_size: {want} or remove it (the model's size is the default)")
 
 
 def _check_retrain(job: JobConfig, stages: tuple[str, ...], shape: BackboneShape) -> None:
@@ -140,21 +163,35 @@ def _splits(job: JobConfig, stage: str) -> tuple[str, ...]:
     return reads[stage]
 
 
-def _bad_image(path: str) -> str | None:
+def _bad_image(path: str, decode: bool = False) -> str | None:
+    """Why the image at ``path`` cannot be used (None: it can); ``decode``: all its pixels, not only
+    its header (a truncated JPEG has a readable header)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             w, h = im.size
+            if decode:
+                im.load()
         return None if w > 0 and h > 0 else "has no pixels"
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        return type(e).__name__
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        detail = str(e).splitlines()[0][:80] if decode and str(e) else ""
+        return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
 
 
-def check_images(paths: list[str], split: str) -> None:
-    """Every image's header can be read (format and size), else one :class:`ConfigError`."""
+def check_images(paths: list[str], split: str, decode: bool | None = None) -> None:
+    """Every image can be read, else one :class:`ConfigError`: decoded whole when ``decode`` (default:
+    when the split has at most :data:`DECODE_LIMIT` images), else its header (format and size) only,
+    and a line saying why."""
+    from noah_ray import progress
+
+    decode = len(paths) <= DECODE_LIMIT if decode is None else decode
+    if not decode:
+        progress.echo(f"split {split!r}: {len(paths)} images, more than {DECODE_LIMIT}: only their headers are "
+                      f"checked before Ray starts (decoding all takes long); a corrupt one stops the stage there "
+                      f"unless data.skip_corrupt: true")
     with ThreadPoolExecutor(8) as pool:
-        for path, bad in zip(paths, pool.map(_bad_image, paths)):
+        for path, bad in zip(paths, pool.map(lambda p: _bad_image(p, decode), paths)):
             if bad:
                 raise ConfigError(f"image {path!r} of split {split!r} cannot be read ({bad}); replace it, remove it "
                                   f"from the split, or set data.skip_corrupt: true")
@@ -168,10 +205,14 @@ def check_data(job: JobConfig, splits: dict[str, tuple[str, ...]], num_classes: 
 
     s3 = str(job.data.root).startswith("s3://")
     names = dict.fromkeys(x for stage, xs in splits.items() if not s3 or stage in TRAIN_STAGES for x in xs)
+    checked: set[str] = set()             # train800val200 repeats train800 and val200: each image once
     for split in names:
         samples = read_split(job.data, split, num_classes=num_classes, endpoint=job.storage_endpoint)
+        paths = [p for p, _ in samples]
+        small = len(paths) <= DECODE_LIMIT
         if not (s3 or job.data.skip_corrupt):
-            check_images([p for p, _ in samples], split)
+            check_images([p for p in dict.fromkeys(paths) if p not in checked] if small else paths, split, small)
+            checked.update(paths if small else ())
 
 
 def check_checkpoint(job: JobConfig, num_classes: int) -> None:

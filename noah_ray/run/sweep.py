@@ -115,8 +115,10 @@ class SweepConfig:
 def _read_yaml(p: Path) -> dict:
     import yaml
 
+    from noah_ray.config.sections import load_yaml
+
     try:
-        data = yaml.safe_load(p.read_text())
+        data = load_yaml(p.read_text(), str(p))
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: cannot parse ({str(e).splitlines()[0]}); fix the file") from None
     if data is not None and not isinstance(data, dict):

@@ -77,6 +77,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from noah_ray.config.job import STAGES
+from noah_ray.errors import ConfigError
 from noah_ray.security import safe_name
 from noah_ray.store import storage
 from noah_ray.store.records import MetaRecord
@@ -97,8 +98,11 @@ TABLE_STAGES: dict[str, tuple[str, ...]] = {
 
 
 def retrain_run_id(method: str, seed: int) -> str:
-    """The name of the retraining run of ``method`` with ``seed``: ``<method>-seed<k>``."""
-    return f"{method}-seed{seed}"
+    """The name of the retraining run of ``method`` with ``seed``: ``<method>-seed<k>``, one path
+    segment (a seed that is not an integer, e.g. ``'0/../x'``, is refused, never joined)."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"retrain seed {seed!r} must be an integer, e.g. retrain.seeds: [0, 1, 2]")
+    return safe_name(f"{method}-seed{seed}", "retrain run")
 
 
 def backbone_trained(meta: Mapping[str, Any], run_id: str) -> bool:

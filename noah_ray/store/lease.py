@@ -58,6 +58,11 @@ class Lease:
         return datetime.fromtimestamp(self.since, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+#: the range ``$NOAH_RAY_LEASE_TIMEOUT_S`` may take: below it the renew loop spins and a second run
+#: takes over a live lease; above it (or inf) a killed run's lease is never taken over
+TIMEOUT_RANGE_S = (1.0, 86_400.0)
+
+
 class LeaseLost(RunError):
     """This run's lease was taken over by another run (or could not be renewed for the timeout):
     the stage stops and writes nothing more."""
@@ -80,11 +85,19 @@ def check(loc: storage.Location, token: str) -> None:
 
 
 def _timeout() -> float:
+    """``$NOAH_RAY_LEASE_TIMEOUT_S`` (default :data:`DEFAULT_TIMEOUT_S`), validated like a config value."""
     raw = os.environ.get("NOAH_RAY_LEASE_TIMEOUT_S")
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    lo, hi = TIMEOUT_RANGE_S
     try:
-        return float(raw) if raw else DEFAULT_TIMEOUT_S
+        value = float(raw)
     except ValueError:
-        raise ConfigError(f"NOAH_RAY_LEASE_TIMEOUT_S={raw!r} is not a number of seconds") from None
+        value = float("nan")
+    if not lo <= value <= hi:        # nan and inf fail here too
+        raise ConfigError(f"NOAH_RAY_LEASE_TIMEOUT_S={raw!r} must be a number of seconds in [{lo:g}, {hi:g}]; "
+                          f"unset it for the default {DEFAULT_TIMEOUT_S:g}")
+    return value
 
 
 def read(loc: storage.Location) -> Lease | None:

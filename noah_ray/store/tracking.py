@@ -33,7 +33,6 @@ environment variables.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+from noah_ray import security
 from noah_ray.config import JobConfig, MlflowConfig
 from noah_ray.errors import ConfigError
 from noah_ray.store.records import MetaRecord
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
 KEY_TAG = "noah_ray.key"
-_USERINFO = re.compile(r"(\w[\w+.-]*://)[^/@\s]+@")
 _MAX_PARAM = 500
 
 
@@ -80,7 +79,7 @@ def check(job: JobConfig) -> None:
 def redact(value: Any) -> str:
     """``value`` as a parameter string, without any ``user:password@`` of a URI, cut to 500 chars."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    return _USERINFO.sub(r"\1", text)[:_MAX_PARAM]
+    return security.redact(text, "")[:_MAX_PARAM]
 
 
 def _client(uri: str) -> MlflowClient:

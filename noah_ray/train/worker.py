@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import tempfile
 import time
@@ -267,6 +268,7 @@ def _epoch(w: Worker, epoch: int, start: int, state: dict, session_t0: float) ->
         w.sampler.set_epoch(epoch)
     t0 = time.time()
     loss_sum, batches, images = _train_epoch(w, epoch).tolist()
+    _check_loss(run, epoch, loss_sum / max(batches, 1))
     elapsed = time.time() - t0
     state["train_time_s"] += elapsed
     metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(batches, 1), "lr": w.sched.get_last_lr()[0],
@@ -281,6 +283,19 @@ def _epoch(w: Worker, epoch: int, start: int, state: dict, session_t0: float) ->
     _report(w, epoch, state, metrics, (epoch + 1) % tc.checkpoint_every == 0 or last)
     if w.faults is not None:
         w.faults.maybe_fail(epoch, w.rank)
+
+
+def _check_loss(run: RunSpec, epoch: int, loss: float) -> None:
+    """Stop at the first epoch whose mean training loss is not finite (summed over the workers, so
+    every rank stops alike), before its metrics, checkpoint or any result is written: the
+    :class:`ConfigError` ends the run with one line (:func:`train_loop`), never a retry."""
+    if math.isfinite(loss):
+        return
+    key = f"retrain.method_lr.{run.method}" if run.lr != run.job.retrain.lr and run.stage == "retrain" \
+        else f"{run.stage}.lr"
+    raise ConfigError(f"{run.tag} epoch {epoch + 1}/{run.tc.epochs}: the training loss is {loss} (not finite), "
+                      f"so training stopped and nothing of this run was recorded as a result; lower {key} "
+                      f"({run.lr:g}) or model.lora_scale, or train in fp32")
 
 
 def _train_epoch(w: Worker, epoch: int) -> torch.Tensor:
