@@ -115,7 +115,7 @@ def test_run_stages_stops_the_stage_when_the_lease_is_taken_over(tmp_path, monke
         seen["finished"] = True
         return {}
 
-    monkeypatch.setenv("NOAH_RAY_LEASE_TIMEOUT_S", "0.4")
+    monkeypatch.setenv("NOAH_RAY_LEASE_TIMEOUT_S", "1")       # the smallest allowed
     monkeypatch.setattr(pipeline, "preflight", lambda j, s: pipeline.PreflightReport(_resolved(j), ()))
     monkeypatch.setattr(pipeline, "prepare_data", lambda j: None)
     monkeypatch.setitem(pipeline._RUNNERS, "supernet", stage)
