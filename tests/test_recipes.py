@@ -323,6 +323,7 @@ def test_artifact_records_the_recipe_and_one_without_loads_as_modern(tmp_path):
     del meta["recipe"]                                   # an artifact from before recipes existed
     meta["kv_shared"] = False                            # (it wrote kv_shared, then False by default)
     (tmp_path / "a" / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "a" / "checksums.json").unlink()          # (and no checksum manifest, which came later)
     legacy = load_subnet(str(tmp_path / "a"))
     assert legacy.recipe == recipes.RECIPES["modern"]
     assert legacy.module("adapter", 0).act_name == "gelu" and not torch.allclose(legacy(x), net(x), atol=1e-6)
