@@ -118,6 +118,44 @@ def test_trial_table_reads_back_with_pandas(tmp_path):
     assert all(p.stat().st_size > 5000 for p in pngs)
 
 
+def test_a_trial_with_a_non_finite_loss_ends_as_an_error_with_one_line(data_root, tmp_path, monkeypatch, tiny_job):
+    """The trial function run directly (Tune's session faked): an epoch whose loss is inf raises
+    the workers' one-line ConfigError (nn.epoch.check_loss) before that epoch's curve or report,
+    and TrialRecorder keeps that line in the trial's row."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from noah_ray.hpo import trial
+    from noah_ray.nn import epoch
+    from noah_ray.nn.models import ensure_backbone
+
+    job = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path / "store")))
+    hpo_dir = tmp_path / "store" / "h" / "hpo"
+    tables = TrialTables(str(hpo_dir), None, "h", "gen_color", "lora", "tpe", "asha", "val_acc", 2)
+    reports: list = []
+    fake = SimpleNamespace(get_context=lambda: SimpleNamespace(get_trial_id=lambda: "t0"),
+                           get_checkpoint=lambda: None, report=lambda *a, **k: reports.append(a),
+                           Checkpoint=SimpleNamespace(from_directory=lambda d: d))
+    monkeypatch.setattr(trial, "tune", fake)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)      # the trial's setting: not for this process
+    monkeypatch.setattr(epoch, "train_epoch",
+                        lambda *a, **k: torch.tensor([float("inf"), 2.0, 64.0], dtype=torch.float64))
+    cfg = subnet_for("lora", job, None)
+    with pytest.raises(ConfigError) as e:
+        trial.hpo_trial({"retrain.lr": 0.5}, job.to_dict(), "lora", cfg.to_json(), ensure_backbone(job), 4, tables)
+    msg = str(e.value)
+    assert msg.startswith("[hpo lora] trial t0 epoch 1/2: the training loss is inf (not finite)"), msg
+    assert "\n" not in msg and "0.5 was tried" in msg
+    assert reports == [] and not (hpo_dir / "hpo_curves").exists()
+    err = tmp_path / "error.txt"
+    err.write_text(f"Traceback (most recent call last):\n  File \"x.py\", line 1\n{type(e.value).__name__}: {msg}\n")
+    failed = SimpleNamespace(trial_id="t0", config={"retrain.lr": 0.5}, last_result={}, error_file=str(err))
+    trial.TrialRecorder(tables).on_trial_error(0, [], failed)
+    row = pd.read_parquet(hpo_dir / "hpo_trials").iloc[0]
+    assert row["status"] == "error" and "the training loss is inf (not finite)" in row["error"]
+
+
 def test_hpo_command_without_a_section_is_one_line_before_ray_starts(data_root, tmp_path, capsys, tiny_job):
     from noah_ray.cli import main as cli
 

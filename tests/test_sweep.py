@@ -117,6 +117,39 @@ def test_sweep_starts_ray_quiet_unless_verbose(tmp_path, monkeypatch, capsys, fl
     assert capsys.readouterr().out.startswith("== sweep: 1 pipeline(s), 4 at a time")
 
 
+@pytest.mark.parametrize("started", [True, False])
+def test_sweep_stops_on_a_signal_like_the_stage_commands(tmp_path, monkeypatch, capsys, started):
+    """The sweep runs inside interrupts() (our handler, reinstalled after ray.init); a signal gives
+    one line naming what is saved and exit 143, and Ray is shut down only when the sweep started it."""
+    import signal
+
+    import ray
+
+    from noah_ray.run import pipeline, sweep
+
+    calls: list[str] = []
+    monkeypatch.setattr(pipeline, "init_ray", lambda address=None, *, quiet=False: calls.append("init") or started)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+
+    def run_sweep(s, n=None):
+        handler = signal.getsignal(signal.SIGTERM)
+        assert getattr(handler, "__self__", None).__class__ is pipeline.Trap       # ours, not Ray's or the default
+        handler(signal.SIGTERM, None)                  # what a SIGTERM to the command does
+        raise AssertionError("the handler did not stop the sweep")
+
+    monkeypatch.setattr(sweep, "run_sweep", run_sweep)
+    before = signal.getsignal(signal.SIGTERM)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "sw", "storage": str(tmp_path / "store"),
+                                    "sweep": {"datasets": ["gen_shape"]}}))
+    assert cli.main(["sweep", "--config", str(path)]) == 143
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stopped: interrupted by SIGTERM" in err and str(tmp_path / "store") in err, err
+    assert "resume with" in err and "sweep --config" in err
+    assert calls == (["init", "shutdown"] if started else ["init"])
+    assert signal.getsignal(signal.SIGTERM) == before                               # restored afterwards
+
+
 def test_the_jobs_entrypoint_and_the_cli_know_sweep(tmp_path, capsys):
     import subprocess
     import sys

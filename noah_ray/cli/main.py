@@ -25,12 +25,15 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from noah_ray.cli import commands as cli_commands
 from noah_ray.config.job import STAGES
 from noah_ray.errors import ConfigError, Interrupted, RunError
 from noah_ray.space.methods import method_help
+
+if TYPE_CHECKING:
+    from noah_ray.run.sweep import SweepConfig, SweepOutcome
 
 #: the stages each stage command runs: ``pipeline`` all of them in order, each stage its own
 STAGE_COMMANDS: dict[str, tuple[str, ...]] = {"pipeline": STAGES, **{s: (s,) for s in STAGES}}
@@ -136,21 +139,14 @@ def _stage_command(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from noah_ray import progress
-    from noah_ray.run import pipeline
-    from noah_ray.run.sweep import SweepConfig, format_outcomes, run_sweep
+    from noah_ray.run.sweep import SweepConfig, format_outcomes
     from noah_ray.store import storage
 
     sweep = SweepConfig.load(args.config, lambda d: apply_overrides(d, args.set))
     jobs = sweep.jobs()
     root = storage.resolve(jobs[0].storage, jobs[0].storage_endpoint)
     storage.check_writable(root)                                                   # before Ray starts
-    quiet = not args.verbose
-    with progress.session(quiet=quiet):                    # our lines only; Ray's own with --verbose
-        pipeline.init_ray(args.address, quiet=quiet)
-        progress.echo(f"== sweep: {len(jobs)} pipeline(s), {args.max_concurrent or sweep.sweep.max_concurrent} "
-                      f"at a time, stages {', '.join(sweep.sweep.stages)} -> {root.uri}")
-        outcomes = run_sweep(sweep, args.max_concurrent)
+    outcomes = _run_sweep(sweep, len(jobs), root.uri, args)
     print(format_outcomes(outcomes, root.uri))
     failed = [o for o in outcomes if not o.ok]
     if failed:
@@ -159,6 +155,35 @@ def _sweep(args: argparse.Namespace) -> int:
               f"(finished stages are not re-run)", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_sweep(sweep: SweepConfig, count: int, root: str, args: argparse.Namespace) -> list[SweepOutcome]:
+    """The sweep's pipelines as the stage commands run theirs (:func:`_run_stages`): our console
+    (Ray's own lines with --verbose); SIGINT / SIGTERM stop it with :class:`Interrupted` (the
+    pipelines still running are cancelled, what finished stays under ``root``); a Ray this command
+    started is shut down on every way out, one it attached to is left running."""
+    from noah_ray import progress
+    from noah_ray.run import pipeline
+    from noah_ray.run.sweep import run_sweep
+
+    quiet = not args.verbose
+    started = False
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")      # Tune's graceful stop would look like success
+    with pipeline.interrupts() as trap:
+        try:
+            with progress.session(quiet=quiet):                    # our lines only; Ray's own with --verbose
+                started = bool(pipeline.init_ray(args.address, quiet=quiet))
+                trap.install()                                     # again: ray.init put its own SIGTERM handler
+                progress.echo(f"== sweep: {count} pipeline(s), {args.max_concurrent or sweep.sweep.max_concurrent} "
+                              f"at a time, stages {', '.join(sweep.sweep.stages)} -> {root}")
+                return run_sweep(sweep, args.max_concurrent)
+        except (Interrupted, KeyboardInterrupt) as e:
+            raise Interrupted(trap.interrupted(e).signum, saved=root) from None
+        finally:
+            if started:                                            # after the session: it uses Ray
+                import ray
+
+                ray.shutdown()
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser, prog: str) -> None:

@@ -42,6 +42,7 @@ from noah_ray.security import tune_without_credentials
 from noah_ray.space import SubnetConfig
 from noah_ray.store import storage, tracking
 from noah_ray.store.layout import JobPaths
+from noah_ray.store.lease import Fence
 
 #: HpoConfig keys that may change between a run and its resumption (resources, not results)
 _RESOURCE_KEYS = ("max_concurrent", "cpus_per_trial", "gpus_per_trial", "trial_retries")
@@ -177,10 +178,12 @@ def _settings(job: JobConfig, method: str, cfg: SubnetConfig, space: dict[str, H
                         "weight_decay": r.weight_decay, "warmup_epochs": r.warmup_epochs, "min_lr": r.min_lr}}
 
 
-def _check_settings(loc: storage.Location, settings: dict) -> None:
-    """Refuse to resume a search started with other settings (one line naming the first)."""
+def _check_settings(loc: storage.Location, settings: dict, tables: TrialTables) -> None:
+    """Refuse to resume a search started with other settings (one line naming the first); a new
+    search writes them (after the fence, :meth:`TrialTables.check`)."""
     f = loc.join("settings.json")
     if not storage.exists(f):
+        tables.check()
         storage.write_text(f, json.dumps(settings, indent=1, sort_keys=True, default=list))
         return
     old = json.loads(storage.read_text(f))
@@ -264,6 +267,7 @@ def _choose(method: str, h: HpoConfig, results, tables: TrialTables, loc: storag
                     epochs_trained=sum(int(x[2].get("epoch", 0)) for x in rows), errors=len(rows) - len(ok),
                     uri=loc.uri)
     tables.write_trial(tid, config, m, "done", chosen=True)
+    tables.check()
     storage.write_text(loc.join("best.json"), json.dumps(dataclasses.asdict(res), indent=1, sort_keys=True))
     return res
 
@@ -285,15 +289,15 @@ def run_hpo(job: JobConfig | ResolvedJob, method: str, subnet: SubnetConfig | No
         raise ConfigError(f"hpo: nothing to tune for {method!r} (every setting in hpo.space belongs to modules "
                           f"{method} does not train); add lr or weight_decay to hpo.space")
     loc = JobPaths.of(job).hpo_method(method)
-    _check_settings(loc, _settings(job, method, cfg, space))
+    epochs = h.epochs or job.retrain.epochs
+    tables = TrialTables(JobPaths.of(job).hpo.uri, job.storage_endpoint, job.name, job.data.dataset, method,
+                         h.searcher, h.scheduler, h.metric, epochs, Fence.of(job, rj.lease))
+    _check_settings(loc, _settings(job, method, cfg, space), tables)
     saved = saved_result(job, method)
     if saved is not None:
         progress.echo(f"[hpo {method}] finished earlier: {fmt_values(saved.values)}")
         return saved
     n = rj.num_classes
-    epochs = h.epochs or job.retrain.epochs
-    tables = TrialTables(JobPaths.of(job).hpo.uri, job.storage_endpoint, job.name, job.data.dataset, method,
-                         h.searcher, h.scheduler, h.metric, epochs)
     trainable = tune.with_parameters(hpo_trial, job=_trial_job(job), method=method, subnet=cfg.to_json(),
                                      backbone=ensure_backbone(job), num_classes=n, tables=tables)
     trainable = tune.with_resources(trainable, {"cpu": h.cpus_per_trial, "gpu": h.gpus_per_trial})

@@ -22,12 +22,14 @@ from noah_ray.config import HPO_METRICS, JobConfig
 from noah_ray.space import SubnetConfig
 from noah_ray.space.methods import trains_backbone
 from noah_ray.store import storage
+from noah_ray.store.lease import Fence
 
 
 # ====================================================================== tables
 @dataclass(frozen=True)
 class TrialTables:
-    """Where one method's trial rows and curves go; plain data, so Tune pickles it safely."""
+    """Where one method's trial rows and curves go; plain data, so Tune pickles it safely.
+    ``fence``: the job's lease, checked before every write (None: unfenced)."""
 
     uri: str                  # <storage>/<job>/hpo
     endpoint: str | None
@@ -38,10 +40,16 @@ class TrialTables:
     scheduler: str
     metric: str
     max_epochs: int
+    fence: Fence | None = None
 
     @property
     def base(self) -> storage.Location:
         return storage.resolve(self.uri, self.endpoint)
+
+    def check(self) -> None:
+        """Before a write: :class:`~noah_ray.store.lease.LeaseLost` once another run took the lease over."""
+        if self.fence is not None:
+            self.fence.check()
 
     def _ids(self) -> dict[str, Any]:
         return {"run_id": self.method, "job": self.job, "dataset": self.dataset, "method": self.method}
@@ -65,6 +73,7 @@ class TrialTables:
         keys = ("train_loss", "val_acc", "val_loss", "lr", "images_per_s")
         row = {**self._ids(), "trial_id": trial_id, "epoch": metrics["epoch"],   # from 1, as everywhere
                **{k: metrics[k] for k in keys}, "timestamp": datetime.now(timezone.utc)}
+        self.check()
         storage.append_table(self.base, "hpo_curves", pa.Table.from_pylist([row]),
                              part=f"{self.method}-{trial_id}-e{metrics['epoch'] - 1:05d}")
 
@@ -82,6 +91,7 @@ class TrialTables:
                "wall_time_s": r.get("trial_time_s"), "worker": r.get("worker"), "error": error,
                "chosen": chosen, "timestamp": datetime.now(timezone.utc),
                **{hp_column(k): v for k, v in values.items()}}
+        self.check()
         storage.append_table(self.base, "hpo_trials", pa.Table.from_pylist([row]), part=f"{self.method}-{trial_id}")
 
 
@@ -115,7 +125,16 @@ class TrialRecorder(tune.Callback):
         self.tables.write_trial(trial.trial_id, trial.config, trial.last_result, "done")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self.tables.write_trial(trial.trial_id, trial.config, trial.last_result, "error")
+        self.tables.write_trial(trial.trial_id, trial.config, trial.last_result, "error", trial_error(trial))
+
+
+def trial_error(trial) -> str | None:
+    """The last line of a failed trial's error (e.g. :func:`noah_ray.nn.epoch.check_loss`'s), from the
+    error file Tune wrote just now."""
+    local = trial.error_file
+    text = open(local).read() if local and os.path.exists(local) else str(trial.get_error() or "")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else None
 
 
 # ====================================================================== the trial
@@ -142,11 +161,13 @@ def _better(metric: str, new: float, old: float | None) -> bool:
 def hpo_trial(config: dict, job: dict, method: str, subnet: str, backbone: str | None, num_classes: int,
               tables: TrialTables) -> None:
     """One Tune trial: train ``method`` with the values in ``config`` (config path -> value) on
-    the training split, report the validation metrics and a checkpoint after every epoch."""
+    the training split, report the validation metrics and a checkpoint after every epoch.  A
+    non-finite training loss ends the trial as an error with one line (:func:`noah_ray.nn.epoch.check_loss`)
+    before that epoch's curve or report."""
     import torch
 
     from noah_ray.nn import optim
-    from noah_ray.nn.epoch import make_optimizer, train_epoch
+    from noah_ray.nn.epoch import make_optimizer
     from noah_ray.nn.models import build_model
 
     trial_id = tune.get_context().get_trial_id()
@@ -162,36 +183,50 @@ def hpo_trial(config: dict, job: dict, method: str, subnet: str, backbone: str |
     torch.manual_seed(h.seed)
     model = build_model(tuned, SubnetConfig.from_json(subnet), backbone, num_classes,
                         train_backbone=trains_backbone(method), method=method).to(device)   # the method's recipe
-    train, val = _loaders(tuned, model)
+    loaders = _loaders(tuned, model)
     tc = tuned.retrain
-    opt, sched, scaler = make_optimizer(model, tc, tc.method_lr.get(method, tc.lr), len(train), device,
-                                        tuned.model.precision)
+    lr = tc.method_lr.get(method, tc.lr)
+    opt, sched, scaler = make_optimizer(model, tc, lr, len(loaders[0]), device, tuned.model.precision)
+    objects = (model, opt, sched, scaler)
     state: dict[str, Any]
     state = {"epoch": -1, "best_val": None, "best_epoch": -1, "best_val_acc": None, "trial_time_s": 0.0}
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = optim.restore(cast(dict, optim.latest_checkpoint(storage.resolve(d))), model, opt, sched, scaler,
+            state = optim.restore(cast(dict, optim.latest_checkpoint(storage.resolve(d))), *objects,
                                   0, device)                   # Tune's checkpoint holds one (_report)
-    worker = f"{socket.gethostname()}:{os.getpid()}"
     if state["epoch"] + 1 >= tc.epochs and "metrics" in state:   # killed after its last report
         tune.report(state["metrics"])
+    fix = f"lower the learning-rate range in hpo.space ({lr:g} was tried) or model.lora_scale, or train in fp32"
     for epoch in range(state["epoch"] + 1, tc.epochs):
-        t0 = time.time()
-        loss_sum, batches, images = train_epoch(model, train, opt, sched, scaler, device).tolist()
-        acc, vloss = _val_metrics(model, val, device)
-        state["trial_time_s"] += time.time() - t0
-        value = acc if h.metric == "val_acc" else vloss
-        if _better(h.metric, value, state["best_val"]):
-            state.update(best_val=value, best_epoch=epoch, best_val_acc=acc)
-        state["epoch"] = epoch
-        metrics = {"epoch": epoch + 1, "val_acc": acc, "val_loss": vloss, "train_loss": loss_sum / max(batches, 1),
-                   "lr": sched.get_last_lr()[0], "images_per_s": images / max(time.time() - t0, 1e-9),
-                   "best_val": state["best_val"], "best_epoch": state["best_epoch"] + 1,   # reported from 1
-                   "best_val_acc": state["best_val_acc"], "trial_time_s": state["trial_time_s"], "worker": worker}
+        where = f"[hpo {method}] trial {trial_id} epoch {epoch + 1}/{tc.epochs}"
+        metrics = _epoch(objects, loaders, device, h.metric, state, epoch, where, fix)
         tables.write_curve(trial_id, metrics)
         state["metrics"] = metrics
-        _report(metrics, state, (model, opt, sched, scaler), device)
+        _report(metrics, state, objects, device)
+
+
+def _epoch(objects: tuple[Any, Any, Any, Any], loaders: tuple, device, metric: str, state: dict, epoch: int,
+           where: str, fix: str) -> dict:
+    """Train and validate one epoch of a trial (``objects``: model, optimiser, schedule, scaler);
+    stop on a non-finite loss first; update ``state`` (best so far); returns the epoch's metrics."""
+    from noah_ray.nn.epoch import check_loss, train_epoch
+
+    model, opt, sched, scaler = objects
+    t0 = time.time()
+    loss_sum, batches, images = train_epoch(model, loaders[0], opt, sched, scaler, device).tolist()
+    check_loss(loss_sum / max(batches, 1), where, fix)
+    acc, vloss = _val_metrics(model, loaders[1], device)
+    state["trial_time_s"] += time.time() - t0
+    value = acc if metric == "val_acc" else vloss
+    if _better(metric, value, state["best_val"]):
+        state.update(best_val=value, best_epoch=epoch, best_val_acc=acc)
+    state["epoch"] = epoch
+    return {"epoch": epoch + 1, "val_acc": acc, "val_loss": vloss, "train_loss": loss_sum / max(batches, 1),
+            "lr": sched.get_last_lr()[0], "images_per_s": images / max(time.time() - t0, 1e-9),
+            "best_val": state["best_val"], "best_epoch": state["best_epoch"] + 1,   # reported from 1
+            "best_val_acc": state["best_val_acc"], "trial_time_s": state["trial_time_s"],
+            "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 def _loaders(job: JobConfig, model) -> tuple:

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from noah_ray.config import TrainConfig
+from noah_ray.errors import ConfigError
 from noah_ray.nn import optim
 
 
@@ -45,3 +47,13 @@ def train_epoch(net: torch.nn.Module, loader, opt, sched, scaler, device: torch.
         sched.step()
         sums += torch.stack([loss.detach().double(), sums.new_tensor(1.0), sums.new_tensor(float(y.numel()))])
     return sums
+
+
+def check_loss(loss: float, where: str, fix: str) -> None:
+    """Stop at the first epoch whose mean training loss is not finite, before anything of that
+    epoch is written: one-line :class:`ConfigError` (``where``: the run and epoch; ``fix``: what
+    to change), never a result with nan.  The Ray Train workers (:mod:`noah_ray.train.worker`) and
+    the hpo trials (:mod:`noah_ray.hpo.trial`) call it."""
+    if not math.isfinite(loss):
+        raise ConfigError(f"{where}: the training loss is {loss} (not finite), so training stopped and nothing of "
+                          f"this run was recorded as a result; {fix}")

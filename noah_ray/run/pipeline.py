@@ -240,7 +240,7 @@ def _search(rj: ResolvedJob) -> dict:
     s = rj.job.search
     progress.echo(f"== search: {s.algorithm}, {s.generations} generation(s) x {s.population}, "
                   f"limit {s.param_limit} M")
-    res = run_search(rj.job, limit=rj.limit)
+    res = run_search(rj.job, limit=rj.limit, lease=rj.lease)
     return {"best": res.best.to_dict() if res.best else None, "val_acc": res.best_val_acc,
             "params": res.best_params, "evaluated": res.evaluated, "uri": res.uri,
             "best_subnet_uri": res.best_subnet_uri, "finished": res.finished}

@@ -23,6 +23,7 @@ what storage holds, so running a sweep again only runs what is missing.  A job t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -176,7 +177,8 @@ def run_sweep(sweep: SweepConfig, max_concurrent: int | None = None) -> list[Swe
     """Every job's pipeline as a Ray task (at most ``max_concurrent`` at once, default the
     sweep's); Ray must be initialised.  Returns the outcomes in the sweep's order.  One line per
     pipeline started / ended (:func:`noah_ray.progress.echo`); the pipelines' own lines stay in
-    their tasks' Ray logs unless Ray was started verbose."""
+    their tasks' Ray logs unless Ray was started verbose.  Interrupted (a KeyboardInterrupt from
+    the command's signal handler), it cancels the pipelines still running and raises on."""
     import ray
 
     # the orchestrating task itself holds no CPU: the stages it starts (Ray Train, Tune) do
@@ -186,20 +188,26 @@ def run_sweep(sweep: SweepConfig, max_concurrent: int | None = None) -> list[Swe
     pending = list(jobs)
     running: dict = {}
     outcomes: dict[str, SweepOutcome] = {}
-    while pending or running:
-        while pending and len(running) < limit:
-            job = pending.pop(0)
-            progress.echo(f"== sweep: starting {job.name} ({len(outcomes) + len(running) + 1}/{len(jobs)})")
-            running[task.remote(_absolute(job).to_dict(), sweep.sweep.stages)] = job.name
-        ready, _ = ray.wait(list(running), num_returns=1)
-        name = running.pop(ready[0])
-        try:
-            outcomes[name] = ray.get(ready[0])
-        except Exception as e:              # the task's process died (OOM, node lost)
-            outcomes[name] = SweepOutcome(name, False, error=_one_line(e))
-        o = outcomes[name]
-        progress.echo(f"== sweep: {name} {'finished' if o.ok else 'FAILED: ' + o.error}", tag="sweep",
-                      done=len(outcomes), total=len(jobs))
+    try:
+        while pending or running:
+            while pending and len(running) < limit:
+                job = pending.pop(0)
+                progress.echo(f"== sweep: starting {job.name} ({len(outcomes) + len(running) + 1}/{len(jobs)})")
+                running[task.remote(_absolute(job).to_dict(), sweep.sweep.stages)] = job.name
+            ready, _ = ray.wait(list(running), num_returns=1)
+            name = running.pop(ready[0])
+            try:
+                outcomes[name] = ray.get(ready[0])
+            except Exception as e:              # the task's process died (OOM, node lost)
+                outcomes[name] = SweepOutcome(name, False, error=_one_line(e))
+            o = outcomes[name]
+            progress.echo(f"== sweep: {name} {'finished' if o.ok else 'FAILED: ' + o.error}", tag="sweep",
+                          done=len(outcomes), total=len(jobs))
+    except BaseException:                       # interrupted: stop the pipelines (their leases are released)
+        for ref in running:
+            with contextlib.suppress(Exception):   # best effort: a Ray already gone has nothing to cancel
+                ray.cancel(ref)
+        raise
     return [outcomes[j.name] for j in jobs]
 
 

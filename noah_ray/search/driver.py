@@ -32,6 +32,7 @@ from noah_ray.space.budget import ParamLimit
 from noah_ray.space.kinds import BackboneShape
 from noah_ray.store import storage, tracking
 from noah_ray.store.layout import JobPaths
+from noah_ray.store.lease import Fence
 
 #: search settings that change what a run computes; a resumed run must keep them
 _FIXED_KEYS = ("algorithm", "population", "top_k", "mutations", "crossovers", "mutation_prob",
@@ -113,7 +114,7 @@ def search_run_name(job: JobConfig, run_name: str | None) -> str:
 def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = True,
                loader: Callable | None = None, val_data: Callable | None = None,
                callbacks: Sequence[tune.Callback] = (), stop: Any = None,
-               limit: ParamLimit | None = None) -> SearchResult:
+               limit: ParamLimit | None = None, lease: str | None = None) -> SearchResult:
     """Search ``job.space`` for the best subnet under ``job.search.param_limit``.
 
     ``run_name`` (default ``<algorithm>-seed<seed>``) names the run; with ``resume`` an
@@ -122,13 +123,16 @@ def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = Tr
     replace the supernet loader and validation data of :class:`CandidateEvaluator`;
     ``callbacks`` / ``stop`` go to Tune's ``RunConfig``.  ``limit``: the limit
     :func:`noah_ray.run.preflight.resolve` checked (with the storage); None: checked here.
+    ``lease``: the token of the job's lease the command holds (``ResolvedJob.lease``): every table,
+    state and winner write checks it first (:class:`~noah_ray.store.lease.Fence`); None: unfenced.
     """
     s = job.search
     run = search_run_name(job, run_name)
     # the limit fails before anything is written
     resolved, limit = limit is not None, limit or param_limit(job, backbone_shape_of(job))
     base = JobPaths.of(job).search
-    store = SearchStore(base.uri, job.storage_endpoint, run, job.name, job.data.dataset, s.algorithm)
+    store = SearchStore(base.uri, job.storage_endpoint, run, job.name, job.data.dataset, s.algorithm,
+                        Fence.of(job, lease))
     searcher = NoahSearcher.from_config(s, job.space, limit, store, hold_actors=s.hold_actors)
     prior = store.load_state()
     attempt = 0

@@ -18,6 +18,7 @@ import pyarrow as pa
 from noah_ray.evolution import DONE, FAILED, Candidate, GenerationRecord, SearchEngine, apply_deltas
 from noah_ray.space import MODULES
 from noah_ray.store import storage
+from noah_ray.store.lease import Fence
 from noah_ray.store.statelog import StateLog
 
 
@@ -56,7 +57,9 @@ def _utc(t: float | None = None) -> datetime:
 
 @dataclass
 class SearchStore:
-    """Where one search run keeps its tables, state and winner (``uri`` = the search folder)."""
+    """Where one search run keeps its tables, state and winner (``uri`` = the search folder).
+    ``fence``: the job's lease, checked before every write (:class:`~noah_ray.store.lease.Fence`;
+    None: unfenced, for tests and tools that hold no lease)."""
 
     uri: str
     endpoint: str | None
@@ -64,6 +67,7 @@ class SearchStore:
     job: str
     dataset: str
     algorithm: str
+    fence: Fence | None = None
 
     @functools.cached_property
     def base(self) -> storage.Location:
@@ -75,7 +79,12 @@ class SearchStore:
 
     @functools.cached_property
     def state_log(self) -> StateLog:
-        return StateLog(self.state_loc, legacy=self.base.join("state", f"{self.run_id}.json"))
+        return StateLog(self.state_loc, legacy=self.base.join("state", f"{self.run_id}.json"), fence=self.fence)
+
+    def _check(self) -> None:
+        """Before a write: :class:`~noah_ray.store.lease.LeaseLost` once another run took the lease over."""
+        if self.fence is not None:
+            self.fence.check()
 
     def load_state(self) -> dict | None:
         """The searcher state: the snapshot with every logged result replayed (or the older
@@ -116,18 +125,21 @@ class SearchStore:
         cols["worker"] = [c.info.get("worker") for c in ms]
         cols["timestamp"] = [_utc(c.info.get("t")) for c in ms]
         part = f"{self.run_id}-g{rec.generation:04d}"
+        self._check()
         storage.append_table(self.base, "trials", pa.table(cols), part=part)
         best = engine.candidates.get(rec.best_cid) if rec.best_cid else None
         gen = {**{k: [v] for k, v in self._ids().items()}, "generation": [rec.generation],
                "evaluated": [rec.evaluated], "failed": [rec.failed], "best_val_acc": [rec.best_score],
                "best_params": [rec.best_params], "best_config_json": [best.config.to_json() if best else None],
                "timestamp": [_utc()]}
+        self._check()
         storage.append_table(self.base, "generations", pa.table(gen), part=part)
 
     def write_final(self, front: Sequence[Candidate], best: Candidate | None) -> str | None:
         """The Pareto table and the winner's subnet file; returns the winner's URI."""
         cols = _rows(front, self._ids())
         cols["timestamp"] = [_utc(c.info.get("t")) for c in front]      # when it was scored, as in trials
+        self._check()
         storage.append_table(self.base, "pareto", pa.table(cols), part=self.run_id)
         if best is None:
             return None
@@ -135,8 +147,10 @@ class SearchStore:
                 f"{best.params} module parameters (head excluded)\n"
                 f"# retraining reads this file directly (retrain.subnet)\n")
         text = head + best.config.to_yaml()
+        self._check()
         storage.write_text(self.base.join("runs", self.run_id, "best_subnet.yaml"), text)
         loc = self.base.join("best_subnet.yaml")
+        self._check()
         storage.write_text(loc, text)
         return loc.uri
 

@@ -9,13 +9,13 @@ is taken over.
 Object stores have no atomic create-if-absent here, so taking a lease writes it and reads it back
 after a short settle time: of two runs racing, the one whose token is not read back gives up.
 
-The lease is also a fence.  A holder that paused for longer than the timeout (a stopped process,
-a long GC or network stall) may find its lease taken over.  :func:`renew` compares the token in
-the file with its own first and raises :class:`LeaseLost` instead of writing; :func:`hold` records
-the loss (:attr:`Holder.lost`) and tells its caller (``on_lost``), who stops the stage.  Every
-write of checkpoints and tables calls :func:`check` with the token first (the Ray Train workers
-carry it in their run spec), so a stale holder's workers stop instead of writing into a run folder
-that the new holder owns.
+The lease is also a fence. A holder that paused for longer than the timeout (a stopped process, a
+long GC or network stall) may find its lease taken over. :func:`renew` compares the token in the
+file with its own first and raises :class:`LeaseLost` instead of writing; :func:`hold` records the
+loss (:attr:`Holder.lost`) and tells its caller (``on_lost``), who stops the stage. Every write of
+checkpoints and tables calls :func:`check` with the token first (the Ray Train workers carry it in
+their run spec; the search and hpo stores a :class:`Fence`), so a stale holder's workers stop
+instead of writing into a run folder that the new holder owns.
 
 That fence is check-then-write on storage without conditional writes, so it is not atomic: a
 write that starts right after its check passed can still land after a takeover.  The window is one
@@ -35,11 +35,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from noah_ray import progress
 from noah_ray.errors import ConfigError, RunError
 from noah_ray.store import storage
 from noah_ray.store.layout import JobPaths
+
+if TYPE_CHECKING:
+    from noah_ray.config import JobConfig
 
 #: seconds without renewal after which a lease counts as abandoned (``$NOAH_RAY_LEASE_TIMEOUT_S``)
 DEFAULT_TIMEOUT_S = 120.0
@@ -82,6 +86,27 @@ def check(loc: storage.Location, token: str) -> None:
     current = read(loc)
     if current is None or current.token != token:
         raise _lost(loc, current)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A writer's fence: the job's lease (``lease.json`` at ``uri`` on ``endpoint``) and the token
+    the command took.  Plain data, so it travels to Tune trials and pickled searchers without a
+    filesystem object (or credentials)."""
+
+    uri: str
+    endpoint: str | None
+    token: str
+
+    @classmethod
+    def of(cls, job: JobConfig, token: str | None) -> Fence | None:
+        """The fence of ``job``'s lease for ``token`` (None without a token: an unfenced writer, e.g. a
+        test or a tool that holds no lease)."""
+        return None if token is None else cls(JobPaths.of(job).lease.uri, job.storage_endpoint, token)
+
+    def check(self) -> None:
+        """:func:`check` before a write: :class:`LeaseLost` once another run took the lease over."""
+        check(storage.resolve(self.uri, self.endpoint), self.token)
 
 
 def _timeout() -> float:

@@ -33,6 +33,7 @@ from typing import Any
 
 from noah_ray.errors import ConfigError
 from noah_ray.store import storage
+from noah_ray.store.lease import Fence
 
 FORMAT = 2
 SNAPSHOT, LOCAL_LOG, SEGMENTS = "snapshot.json", "log.jsonl", "log"
@@ -47,11 +48,13 @@ class IOStats:
 
 
 class StateLog:
-    """Snapshot + append-only log in ``folder``; ``legacy`` is the format-1 file of the run."""
+    """Snapshot + append-only log in ``folder``; ``legacy`` is the format-1 file of the run;
+    ``fence``: the job's lease, checked before every write (None: unfenced)."""
 
     def __init__(self, folder: storage.Location, legacy: storage.Location | None = None,
-                 min_compact_bytes: int = 1 << 20) -> None:
+                 min_compact_bytes: int = 1 << 20, fence: Fence | None = None) -> None:
         self.folder, self.legacy, self.min_compact_bytes = folder, legacy, min_compact_bytes
+        self.fence = fence
         self.stats = IOStats()
         self._reset_position()
 
@@ -127,9 +130,17 @@ class StateLog:
         if self.seq is None:
             self.load()
 
+    def _check(self) -> None:
+        if self.fence is not None:
+            self.fence.check()
+
     def snapshot(self, state: dict[str, Any]) -> None:
         """Write the whole ``state`` (it includes every record so far), then drop the old log."""
         self._position()
+        self._check()
+        self._write_snapshot(state)
+
+    def _write_snapshot(self, state: dict[str, Any]) -> None:
         text = json.dumps({"format": FORMAT, "seq": self.seq, "state": state})
         storage.write_text(self.folder.join(SNAPSHOT), text)
         storage.delete(self.folder.join(SEGMENTS if self.folder.is_s3 else LOCAL_LOG))
@@ -141,10 +152,11 @@ class StateLog:
         """Record ``delta`` (what changed since the previous record); ``full()`` is the whole
         current state, asked for only when the log is compacted into a snapshot."""
         self._position()
+        self._check()
         assert self.seq is not None           # _position() read it
         self.seq += 1
         if self._torn or not self._has_base:  # never continue a log after a torn line; a log needs a base
-            self.snapshot(full())
+            self._write_snapshot(full())
             return
         text = json.dumps({"seq": self.seq, "delta": delta}) + "\n"
         if self.folder.is_s3:
@@ -155,7 +167,7 @@ class StateLog:
         self.stats.bytes += len(text)
         self._since += len(text)
         if self._since >= max(self.min_compact_bytes, self._snapshot_bytes):
-            self.snapshot(full())
+            self._write_snapshot(full())      # the fence was checked for this record just now
 
 
 def _read_json(loc: storage.Location) -> tuple[str, Any]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import random
 import tempfile
 import time
@@ -35,7 +34,7 @@ from noah_ray import progress
 from noah_ray.config import JobConfig, SupernetConfig, TrainConfig
 from noah_ray.errors import ConfigError
 from noah_ray.nn import optim
-from noah_ray.nn.epoch import make_optimizer, train_epoch
+from noah_ray.nn.epoch import check_loss, make_optimizer, train_epoch
 from noah_ray.nn.models import build_model, evaluate
 from noah_ray.nn.prune import PrunePlan, apply_plan
 from noah_ray.nn.supernet import PromptedViT
@@ -289,13 +288,10 @@ def _check_loss(run: RunSpec, epoch: int, loss: float) -> None:
     """Stop at the first epoch whose mean training loss is not finite (summed over the workers, so
     every rank stops alike), before its metrics, checkpoint or any result is written: the
     :class:`ConfigError` ends the run with one line (:func:`train_loop`), never a retry."""
-    if math.isfinite(loss):
-        return
     key = f"retrain.method_lr.{run.method}" if run.lr != run.job.retrain.lr and run.stage == "retrain" \
         else f"{run.stage}.lr"
-    raise ConfigError(f"{run.tag} epoch {epoch + 1}/{run.tc.epochs}: the training loss is {loss} (not finite), "
-                      f"so training stopped and nothing of this run was recorded as a result; lower {key} "
-                      f"({run.lr:g}) or model.lora_scale, or train in fp32")
+    check_loss(loss, f"{run.tag} epoch {epoch + 1}/{run.tc.epochs}",
+               f"lower {key} ({run.lr:g}) or model.lora_scale, or train in fp32")
 
 
 def _train_epoch(w: Worker, epoch: int) -> torch.Tensor:
