@@ -5,6 +5,7 @@ written by :class:`TrialRecorder` as Tune ends each trial)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -111,7 +112,11 @@ class TrialRecorder(tune.Callback):
     one progress line per trial epoch on the driver's console (:func:`noah_ray.progress.echo`)."""
 
     def __init__(self, tables: TrialTables) -> None:
-        self.tables = tables
+        # unfenced: Tune pickles its callbacks with the experiment and a resumed search gets them back
+        # (Tuner.restore takes no new ones), so a token here would be the killed run's and refuse the
+        # resumed run's rows; the driver is fenced by the lease's holder thread, which stops the stage
+        # when the lease is lost, and the trials' own writes carry the current token
+        self.tables = dataclasses.replace(tables, fence=None)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         t = self.tables
