@@ -17,12 +17,13 @@ The same stages run as Ray jobs: ``ray job submit --working-dir . -- python -m j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata, resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,11 +96,13 @@ def demo_config(out: str | Path, quick: bool = False) -> Any:
 
 
 # ------------------------------------------------------------------------------ commands
-def _run_stages(job, stages: tuple[str, ...], args: argparse.Namespace) -> dict:
-    """The stages on a console that shows our lines (Ray's own with --verbose); Ray starts only
-    when a stage has work left.  SIGINT / SIGTERM stop the stage (:func:`noah_ray.run.pipeline.interrupts`;
-    our handler replaces Ray's after ``ray.init``) and raise :class:`Interrupted`; a Ray this
-    command started is shut down on every way out, one it attached to is left running."""
+@contextlib.contextmanager
+def _ray_command(args: argparse.Namespace, saved: str | None = None) -> Iterator[Callable[[], None]]:
+    """What a command that may start Ray runs in (a stage command, a sweep): a console that shows
+    our lines (Ray's own with --verbose); the ``start_ray`` it yields starts or attaches to Ray and
+    puts our SIGINT / SIGTERM handler back after ``ray.init`` (:func:`noah_ray.run.pipeline.interrupts`),
+    so a signal raises :class:`Interrupted` (naming ``saved``, the storage root, when given); a Ray
+    this command started is shut down on every way out, one it attached to is left running."""
     from noah_ray import progress
     from noah_ray.run import pipeline
 
@@ -109,18 +112,27 @@ def _run_stages(job, stages: tuple[str, ...], args: argparse.Namespace) -> dict:
     with pipeline.interrupts() as trap:
         def start_ray() -> None:
             started.append(pipeline.init_ray(args.address, quiet=quiet))
-            trap.install()
+            trap.install()                                         # again: ray.init put its own SIGTERM handler
 
         try:
             with progress.session(quiet=quiet):
-                return pipeline.run_stages(job, stages, start_ray=start_ray)
+                yield start_ray
         except (Interrupted, KeyboardInterrupt) as e:
-            raise trap.interrupted(e) from None
+            stopped = trap.interrupted(e)
+            raise (stopped if saved is None else Interrupted(stopped.signum, saved=saved)) from None
         finally:
             if any(started):                                        # after the session: it uses Ray
                 import ray
 
                 ray.shutdown()
+
+
+def _run_stages(job, stages: tuple[str, ...], args: argparse.Namespace) -> dict:
+    """The stages in :func:`_ray_command`; Ray starts only when a stage has work left."""
+    from noah_ray.run import pipeline
+
+    with _ray_command(args) as start_ray:
+        return pipeline.run_stages(job, stages, start_ray=start_ray)
 
 
 def _stage_command(args: argparse.Namespace) -> int:
@@ -158,32 +170,16 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _run_sweep(sweep: SweepConfig, count: int, root: str, args: argparse.Namespace) -> list[SweepOutcome]:
-    """The sweep's pipelines as the stage commands run theirs (:func:`_run_stages`): our console
-    (Ray's own lines with --verbose); SIGINT / SIGTERM stop it with :class:`Interrupted` (the
-    pipelines still running are cancelled, what finished stays under ``root``); a Ray this command
-    started is shut down on every way out, one it attached to is left running."""
+    """The sweep's pipelines in :func:`_ray_command`, as the stage commands run theirs; on SIGINT /
+    SIGTERM the pipelines still running are cancelled and what finished stays under ``root``."""
     from noah_ray import progress
-    from noah_ray.run import pipeline
     from noah_ray.run.sweep import run_sweep
 
-    quiet = not args.verbose
-    started = False
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")      # Tune's graceful stop would look like success
-    with pipeline.interrupts() as trap:
-        try:
-            with progress.session(quiet=quiet):                    # our lines only; Ray's own with --verbose
-                started = bool(pipeline.init_ray(args.address, quiet=quiet))
-                trap.install()                                     # again: ray.init put its own SIGTERM handler
-                progress.echo(f"== sweep: {count} pipeline(s), {args.max_concurrent or sweep.sweep.max_concurrent} "
-                              f"at a time, stages {', '.join(sweep.sweep.stages)} -> {root}")
-                return run_sweep(sweep, args.max_concurrent)
-        except (Interrupted, KeyboardInterrupt) as e:
-            raise Interrupted(trap.interrupted(e).signum, saved=root) from None
-        finally:
-            if started:                                            # after the session: it uses Ray
-                import ray
-
-                ray.shutdown()
+    with _ray_command(args, saved=root) as start_ray:
+        start_ray()
+        progress.echo(f"== sweep: {count} pipeline(s), {args.max_concurrent or sweep.sweep.max_concurrent} "
+                      f"at a time, stages {', '.join(sweep.sweep.stages)} -> {root}")
+        return run_sweep(sweep, args.max_concurrent)
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser, prog: str) -> None:

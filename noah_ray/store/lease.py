@@ -109,6 +109,13 @@ class Fence:
         check(storage.resolve(self.uri, self.endpoint), self.token)
 
 
+def fence(job: JobConfig, token: str | None) -> None:
+    """:func:`check` ``job``'s lease for ``token`` before a write; nothing without a token (an
+    unfenced writer: a test or a tool that holds no lease)."""
+    if token is not None:
+        check(JobPaths.of(job).lease, token)
+
+
 def _timeout() -> float:
     """``$NOAH_RAY_LEASE_TIMEOUT_S`` (default :data:`DEFAULT_TIMEOUT_S`), validated like a config value."""
     raw = os.environ.get("NOAH_RAY_LEASE_TIMEOUT_S")

@@ -220,8 +220,7 @@ def _trainer(run: RunSpec, loc: storage.Location, faults: FaultPlan | None):
 
 def _fence(rj: ResolvedJob) -> None:
     """The driver's writes check the job's lease first, as the workers' do (:meth:`RunSpec.fence`)."""
-    if rj.lease is not None:
-        lease.check(JobPaths.of(rj.job).lease, rj.lease)
+    lease.fence(rj.job, rj.lease)
 
 
 def _raise_config_error(err: BaseException) -> None:

@@ -100,8 +100,7 @@ class RunSpec:
     def fence(self) -> None:
         """Before a write: :class:`~noah_ray.store.lease.LeaseLost` when the job's lease is no longer
         the driver's (another run took the job over while this one was paused)."""
-        if self.lease is not None:
-            lease.check(JobPaths.of(self.job).lease, self.lease)
+        lease.fence(self.job, self.lease)
 
 
 @dataclass
