@@ -26,7 +26,7 @@ def _check_folder(root, name):
     splits = {s: read_split(cfg, s, num_classes=info.num_classes) for s in ("train800", "val200", "train800val200", "test")}
     assert {s: len(splits[s]) for s in SPLIT_SIZES} == SPLIT_SIZES
     assert splits["train800val200"] == splits["train800"] + splits["val200"]
-    assert len(splits["test"]) >= 500
+    assert len(splits["test"]) == (1797 - 1000 if name == "mv_digits" else 2000)   # v2: 2,000 where the source allows
     for split in ("train800", "test"):
         assert {y for _, y in splits[split]} == set(range(info.num_classes)), f"{name}/{split}: a class is missing"
     with Image.open(splits["test"][0][0]) as im:
@@ -68,7 +68,25 @@ def test_digits_are_the_real_uci_digits_split_without_overlap(tmp_path):
     small = [np.asarray(Image.open(p).convert("L").resize((8, 8), Image.BILINEAR), dtype=np.float32)
              for p, _ in splits["test"][:5]]
     assert all(img.std() > 20 for img in small)      # real strokes, not blank images
-    assert (d / ".generated").read_text().startswith("minivtab-2 mv_digits")
+    assert (d / ".generated").read_text().startswith(f"minivtab-v{minivtab.VERSION} mv_digits")
+
+
+def test_v2_keeps_train_and_val_of_v1_and_never_reuses_an_older_folder(tmp_path, monkeypatch):
+    """v2 only adds test images: train800 / val200 are the images v1 had; a v1 folder under the
+    data root is neither read by a job nor reused by write_task."""
+    v1 = minivtab.write_task(tmp_path / "old", "mv_position")
+    (v1 / ".generated").write_text("minivtab-2 mv_position 32 500 0")     # what v1 stamped
+    job = minivtab.job_config("mv_position", tmp_path / "s", tmp_path / "old")
+    assert job.data.root == str(tmp_path / "old" / f"minivtab-v{minivtab.VERSION}")
+    again = minivtab.write_task(tmp_path / "old", "mv_position")          # stamp differs: rewritten
+    assert (again / ".generated").read_text().startswith(f"minivtab-v{minivtab.VERSION} ")
+    monkeypatch.setattr(minivtab, "NUM_TEST", 500)                       # the v1 test size
+    small = minivtab.write_task(tmp_path / "v1", "mv_position")
+    for split in ("train800", "val200"):
+        assert (small / f"{split}.txt").read_text() == (again / f"{split}.txt").read_text()
+        for row in (again / f"{split}.txt").read_text().splitlines()[:20]:
+            rel = row.split()[0]
+            assert np.array_equal(np.asarray(Image.open(small / rel)), np.asarray(Image.open(again / rel)))
 
 
 def test_fractal_categories_are_bounded_and_fill_the_image():
