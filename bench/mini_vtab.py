@@ -42,7 +42,7 @@ RANDOM_BACKBONE = "vit_noah_tiny_patch4_32"
 QUICK_TASKS = ("mv_digits", "mv_ihc_stain", "mv_position")
 #: the pretrained job's stages, in order; those the pipeline lacks (``race`` before it exists) are skipped
 PRE_STAGES = ("supernet", "search", "race", "retrain")
-#: stages whose cost every NOAH row carries; ``race`` only the rows after the first (``noah+``)
+#: stages whose cost every NOAH row carries; ``race`` every NOAH row but ``noah`` (``noah+``)
 SEARCH_STAGES = ("supernet", "search")
 FLOOR = "pixels"
 #: the full run uses the recipe as it is (noah_ray/configs/minivtab.yaml); --quick shortens it
@@ -157,7 +157,8 @@ class Cost:
 def method_costs(runs, times: Times) -> list[Cost]:
     """Per method, summed over the jobs: its share of the retrain stage (its runs' recorded
     training time, plus the rest of the stage's wall time split evenly over the stage's runs),
-    and for the NOAH rows the supernet and search stages (and the race for ``noah+`` rows)."""
+    and for the NOAH rows (``noah*``) the supernet and search stages, and for those but ``noah``
+    (``noah+``) the race."""
     wall: dict[str, float] = {}
     jobs: dict[str, int] = {}
     for job, rows in runs.groupby("job"):
@@ -167,12 +168,11 @@ def method_costs(runs, times: Times) -> list[Cost]:
         train = rows.groupby("method")["wall_time_s"].sum()
         count = rows.groupby("method").size()
         rest = max(0.0, stages["retrain"] - float(train.sum())) / max(1, len(rows))
-        firsts = sorted(m for m in count.index if str(m).startswith("noah"))[:1]
         for method in count.index:
             w = float(train[method]) + rest * int(count[method])
             if str(method).startswith("noah"):
                 w += sum(stages.get(s, 0.0) for s in SEARCH_STAGES)
-                w += 0.0 if method in firsts else stages.get("race", 0.0)
+                w += 0.0 if method == "noah" else stages.get("race", 0.0)
             wall[method] = wall.get(method, 0.0) + w
             jobs[method] = jobs.get(method, 0) + 1
     return [Cost(m, w, w / 60 * times.cores_per_task, jobs[m]) for m, w in sorted(wall.items())]
@@ -428,7 +428,7 @@ def write_doc(path: Path, out: Path, argv: list[str], wall: float | None, done: 
     text += ["## Cost per method\n",
              "Summed over tasks: its share of the retrain stage (its runs' recorded training time plus the "
              "stage's other wall time split evenly over its runs); NOAH rows add the supernet and search stages, "
-             "rows after `noah` the race.  CPU-minutes = wall minutes x the cores a task had.\n",
+             "`noah+` also the race.  CPU-minutes = wall minutes x the cores a task had.\n",
              *cost_block(pre_runs, Times.read(out)), "",
              "## Runs (wall seconds per job and stage)\n",
              *([f"- {d['task']}: {d.get('error') or d.get('times')}" for d in done] or ["(none in this call)"]), ""]
