@@ -449,8 +449,7 @@ def _probe(args, tasks: list[str], out: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_TASKS)} with short budgets")
     p.add_argument("--tasks", nargs="+", default=None, help="mini-VTAB task names (default: all nine)")
@@ -468,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbone", default=None,
                    help="--probe: the backbone tag to probe against the random one (default: the recipe's)")
     p.add_argument("--_run-task", dest="run_task", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = _parser()
     args = p.parse_args(argv)
     if args.run_task:
         print("TIMES " + json.dumps(run_task(args.run_task)), flush=True)
