@@ -502,8 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     pre, rnd = results.vtab_table_of(pre_runs), results.vtab_table_of(rnd_runs)
 
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.precision", 2):
-        print("\npretrained backbone:\n" + pre.to_string(index=False))
-        print("\nrandom backbone (linear probe):\n" + rnd.to_string(index=False))
+        for title, df in (("pretrained backbone", pre), ("random backbone (linear probe)", rnd)):
+            print(f"\n{title}:\n" + (df.to_string(index=False) if not df.empty else "(no runs)"))
     blocks = statistics_blocks(pre_runs)
     print("\n" + "\n".join(summary(pre, rnd) + blocks.get("wins", []) + blocks.get("intervals", [])
                            + cost_block(pre_runs, Times.read(out))
