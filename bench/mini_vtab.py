@@ -16,7 +16,7 @@ every method against every baseline, paired bootstrap 95 % intervals of each NOA
 baseline over (task, seed) pairs (:mod:`noah_ray.store.stats`), and the cost of each method in
 CPU-minutes from the stage wall times the bench records (``<out>/storage/times.json``).
 
-    python bench/mini_vtab.py --probe                 # closed-form probes only: pixels / backbone / random (~2 min)
+    python bench/mini_vtab.py --probe                 # closed-form probes only: pixels / backbone / random (<= 7 min)
     python bench/mini_vtab.py --quick                 # 3 tasks, short budgets (<= 10 min alone)
     python bench/mini_vtab.py --out /tmp/mv --doc docs/mini_vtab.md   # the full run
     python bench/mini_vtab.py --out /tmp/mv --doc docs/mini_vtab.md --report   # the doc again, no runs
@@ -463,7 +463,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", type=Path, default=None, help="also write the whole section as Markdown here")
     p.add_argument("--report", action="store_true", help="run nothing: print (and --doc) from the stored results")
     p.add_argument("--probe", action="store_true",
-                   help="only the closed-form probes: pixels floor, --backbone, random backbone (no Ray, ~2 min)")
+                   help="only the closed-form probes: pixels floor, --backbone, random backbone (no Ray, minutes)")
     p.add_argument("--backbone", default=None,
                    help="--probe: the backbone tag to probe against the random one (default: the recipe's)")
     p.add_argument("--_run-task", dest="run_task", default=None, help=argparse.SUPPRESS)
