@@ -97,9 +97,11 @@ def run(tasks: list[str], out: Path, budget: dict, seeds: list[int], parallel: i
     return done
 
 
-def probe_table(tasks: list[str], data_root: Path):
+def probe_table(tasks: list[str], data_root: Path, backbone: str | None = None, checkpoint: str | None = None):
     """Closed-form linear probes (in-process, no Ray): standardised pre-logit features of the
-    frozen backbone, multinomial logistic regression fit on train800val200, scored on test."""
+    frozen backbone, multinomial logistic regression fit on train800val200, scored on test.
+    ``backbone`` (a timm name or pretrained tag; default: the benchmark's) with ``checkpoint``
+    (a weights file, optional) is the "pretrained" column."""
     import numpy as np
     import pandas as pd
     import torch
@@ -110,7 +112,9 @@ def probe_table(tasks: list[str], data_root: Path):
     from noah_ray.nn.backbones import create_backbone
 
     rows = []
-    models = {"pretrained": create_backbone(minivtab.job_config(tasks[0], ".", ".").model.name, 1).eval(),
+    name = backbone or minivtab.job_config(tasks[0], ".", ".").model.name
+    torch.manual_seed(0)                    # the random backbone is the same one in every run
+    models = {"pretrained": create_backbone(name, 1, checkpoint).eval(),
               "random": create_backbone(RANDOM_BACKBONE, 1).eval()}
     for task in tasks:
         minivtab.write_task(data_root, task)
@@ -217,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", type=Path, default=None, help="also write the tables as Markdown here")
     p.add_argument("--probe", action="store_true",
                    help="only the closed-form linear probes, pretrained vs random backbone (no Ray, ~1 min)")
+    p.add_argument("--backbone", default=None,
+                   help="--probe: the backbone to probe against the random one (a timm name or tag, "
+                        "e.g. vit_noah_tiny_patch4_32.fractal; default: the benchmark's)")
+    p.add_argument("--checkpoint", default=None, help="--probe: load the backbone's weights from this file")
     p.add_argument("--_run-task", dest="run_task", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run_task:
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(1)
-        df = probe_table(tasks, out / "data")
+        df = probe_table(tasks, out / "data", args.backbone, args.checkpoint)
         print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         print(f"mean over {len(df)} tasks: pretrained {df['pretrained'].mean():.2f} %, random "
               f"{df['random'].mean():.2f} %, difference {df['difference'].mean():+.2f} points (goal >= +15)")
