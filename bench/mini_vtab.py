@@ -224,19 +224,23 @@ def _features(model, cfg, split: str):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def probe_table(tasks: list[str], data_root: Path, backbone: str | None = None):
+def probe_table(tasks: list[str], data_root: Path, backbone: str | None = None, checkpoint: str | None = None):
     """Per task: the pixel floor and closed-form linear probes (in-process, no Ray) on the frozen
     ``backbone`` (default: the mini-VTAB recipe's) and on the random backbone: standardised
     pre-logit features, logistic regression fit on train800val200, scored on test.  Also the
-    seconds the backbone's forward took over the test split (``test_s``)."""
+    seconds the backbone's forward took over the test split (``test_s``).  ``checkpoint`` (a
+    weights file, optional) loads the probed backbone's weights from it."""
     import pandas as pd
+    import torch
 
     from noah_ray.config import DataConfig
     from noah_ray.data import minivtab
     from noah_ray.nn.backbones import create_backbone
 
     backbone = backbone or minivtab.job_config(tasks[0], ".", ".").model.name
-    models = {backbone: create_backbone(backbone, 1).eval(), "random": create_backbone(RANDOM_BACKBONE, 1).eval()}
+    models = {backbone: create_backbone(backbone, 1, checkpoint).eval()}
+    torch.manual_seed(0)                    # the random backbone is the same one in every run
+    models["random"] = create_backbone(RANDOM_BACKBONE, 1).eval()
     root, rows = minivtab.versioned_root(data_root), []
     for task in tasks:
         minivtab.write_task(root, task)
@@ -443,7 +447,7 @@ def _probe(args, tasks: list[str], out: Path) -> int:
 
     torch.set_num_threads(1)
     backbone = args.backbone or minivtab.job_config(tasks[0], ".", ".").model.name
-    df = probe_table(tasks, out / "data", backbone)
+    df = probe_table(tasks, out / "data", backbone, args.checkpoint)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("\n".join(probe_lines(df, backbone)))
     return 0
@@ -466,6 +470,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="only the closed-form probes: pixels floor, --backbone, random backbone (no Ray, minutes)")
     p.add_argument("--backbone", default=None,
                    help="--probe: the backbone tag to probe against the random one (default: the recipe's)")
+    p.add_argument("--checkpoint", default=None, help="--probe: load the backbone's weights from this file")
     p.add_argument("--_run-task", dest="run_task", default=None, help=argparse.SUPPRESS)
     return p
 
