@@ -133,3 +133,21 @@ def test_the_sweep_source_reads_the_finished_tasks_winners(tmp_path):
     assert got == [*uniform_at_limit(SPACE, LIMIT), winner]
     plain = SweepConfig.from_dict({"name": "sw", "sweep": {"datasets": ["gen_a", "gen_b"]}}).jobs()
     assert all(j.search.warm_jobs == () for j in plain)
+
+
+# ----------------------------------------------------------------------------- supernet.epochs_multiple
+def test_supernet_epochs_as_a_multiple_of_the_retraining_epochs():
+    job = JobConfig.from_dict({"supernet": {"epochs_multiple": 2}, "retrain": {"epochs": 12}})
+    assert job.supernet.epochs == 24 and job.supernet.epochs_multiple is None      # 2 x 12
+    assert JobConfig.from_dict({"supernet": {"epochs_multiple": 0.5}, "retrain": {"epochs": 7}}).supernet.epochs == 4
+    assert JobConfig.from_dict({"supernet": {"epochs_multiple": 0.01}, "retrain": {"epochs": 7}}).supernet.epochs == 1
+    assert JobConfig.from_dict({"supernet": {"epochs": 30}}).supernet.epochs == 30            # plain epochs as before
+    assert JobConfig.from_dict({}).supernet.epochs == 500
+    again = JobConfig.from_dict(job.to_dict())                     # a saved job holds the resulting epochs
+    assert again.supernet.epochs == 24 and again.to_dict() == job.to_dict()
+    with pytest.raises(ConfigError, match=r"give supernet.epochs \(30\) or supernet.epochs_multiple \(2 x "
+                                          r"retrain.epochs\), not both"):
+        JobConfig.from_dict({"supernet": {"epochs": 30, "epochs_multiple": 2}})
+    for bad in (0, -1, "two", 1000):
+        with pytest.raises(ConfigError, match="supernet.epochs_multiple"):
+            JobConfig.from_dict({"supernet": {"epochs_multiple": bad}})

@@ -34,6 +34,7 @@ HPO_RETRAIN_KEYS: tuple[str, ...] = ("lr", "weight_decay", "warmup_epochs", "min
 
 #: sane upper bounds: a value above one is a typo (an extra zero) or a run that never ends
 MAX_EPOCHS = 100_000
+MAX_EPOCHS_MULTIPLE = 100.0
 MAX_GENERATIONS = 10_000
 MAX_POPULATION = 100_000
 MAX_BATCH = 65_536
@@ -190,10 +191,29 @@ class SupernetConfig(TrainConfig):
     seed: int = 0                         # init, per-step subnet sampling, shuffling
     sampling: str = "uniform"             # subnets trained per step; uniform (NOAH: one random) |
                                           # sandwich (largest + smallest + one random, BigNAS / AttentiveNAS)
+    epochs_multiple: float | None = None  # epochs = this x retrain.epochs, rounded (the paper trains the
+                                          # supernet as long as the retraining: 1); instead of epochs, not
+                                          # with it; the loaded job holds the resulting epochs
 
     def check_own(self, where: str) -> None:
         if self.sampling not in SAMPLING:
             raise ConfigError(f"{where}.sampling: {self.sampling!r} unknown; use {' or '.join(SAMPLING)}")
+        m = self.epochs_multiple
+        if m is not None and not (type_ok(m, float) and 0 < m <= MAX_EPOCHS_MULTIPLE):
+            raise ConfigError(f"{where}.epochs_multiple: {m!r} must be a number in (0, {MAX_EPOCHS_MULTIPLE:g}] "
+                              f"(supernet epochs as a multiple of retrain.epochs), e.g. 1 or 2")
+
+    def resolve_epochs(self, retrain_epochs: int, explicit_epochs: bool, where: str) -> None:
+        """Set ``epochs`` from ``epochs_multiple`` x ``retrain_epochs`` (rounded half up, at least 1), then forget the
+        multiple (a saved job holds plain epochs); a section giving both is refused."""
+        m = self.epochs_multiple
+        if m is None:
+            return
+        if explicit_epochs:
+            raise ConfigError(f"{where}: give supernet.epochs ({self.epochs}) or supernet.epochs_multiple ({m:g} x "
+                              f"retrain.epochs), not both; remove one")
+        self.epochs, self.epochs_multiple = max(1, int(m * retrain_epochs + 0.5)), None   # half up
+        _at_most(where, MAX_EPOCHS, epochs=self.epochs)
 
 
 @dataclass
