@@ -151,3 +151,11 @@ def test_supernet_epochs_as_a_multiple_of_the_retraining_epochs():
     for bad in (0, -1, "two", 1000):
         with pytest.raises(ConfigError, match="supernet.epochs_multiple"):
             JobConfig.from_dict({"supernet": {"epochs_multiple": bad}})
+
+
+def test_the_config_names_and_the_registries_agree():
+    from noah_ray.config.schema import SEARCH_TIES, WARM_STARTS
+    from noah_ray.evolution.ties import TIE_BREAKS
+    from noah_ray.search.warm import WARM_SOURCES
+
+    assert list(TIE_BREAKS) == list(SEARCH_TIES) and list(WARM_SOURCES) == list(WARM_STARTS)

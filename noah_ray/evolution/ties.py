@@ -21,9 +21,9 @@ from noah_ray.evolution.candidate import DONE, Candidate, rank_key
 
 #: ``search.ties`` rules: the sort key whose minimum among the tied candidates wins
 TIE_BREAKS: dict[str, Callable[[Candidate], tuple]] = {
-    "best": rank_key,
     "more_params": lambda c: (-c.params, -cast(float, c.score), c.cid),
     "fewer_params": lambda c: (c.params, -cast(float, c.score), c.cid),
+    "best": rank_key,
 }
 
 
