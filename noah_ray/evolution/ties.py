@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from noah_ray.evolution.candidate import DONE, Candidate, rank_key
 
 #: ``search.ties`` rules: the sort key whose minimum among the tied candidates wins
-TIE_BREAKS: dict[str, Callable[[Candidate], tuple]] = {
+TIE_BREAKS: dict[str, Callable[[Candidate], tuple[Any, ...]]] = {
     "more_params": lambda c: (-c.params, -cast(float, c.score), c.cid),
     "fewer_params": lambda c: (c.params, -cast(float, c.score), c.cid),
     "best": rank_key,
@@ -52,7 +52,7 @@ class Selection:
         """How many other candidates were statistically tied with the winner."""
         return len(self.tied) - 1
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """JSON-ready fields (the search result, ``best_subnet.yaml``'s header, the tracking run)."""
         return {"ties": self.rule, "tie_se": self.tie_se, "top_cid": self.top.cid, "top_val_acc": self.top.score,
                 "val_se": self.se, "val_images": self.n, "tied": self.others_tied,

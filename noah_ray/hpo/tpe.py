@@ -49,7 +49,7 @@ class RungAwareOptunaSearch(OptunaSearch):
             return
         from optuna.trial import TrialState
 
-        assert result is not None                   # stopped_early(None) is False
+        assert result is not None and self._ot_study is not None   # stopped_early(None) is False; set up
         trial = self._ot_trials[trial_id]
         step, value = result.get(TRAINING_ITERATION), result.get(self.metric)
         if isinstance(step, int) and isinstance(value, (int, float)) and step > self._last_step.get(trial_id, 0):
