@@ -188,7 +188,7 @@ def _tuner(job: JobConfig, trainable, n: int, tables: TrialTables):
 
 
 # ====================================================================== the driver
-def run_race(job: ResolvedJob) -> RaceResult | None:
+def run_race(job: ResolvedJob | JobConfig) -> RaceResult | None:
     """Race the finalists (Ray must be initialised); returns the survivor.  None when the race does
     not apply (:func:`race_applies`); a finished race returns its saved survivor without Tune."""
     from noah_ray.nn.models import ensure_backbone
