@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 
 def run(command: str, argv: Sequence[str] | None = None) -> int:
-    """Run stage command ``command`` (pipeline, supernet, search, retrain) with ``argv``."""
+    """Run stage command ``command`` (pipeline, supernet, search, race, hpo, retrain) with ``argv``."""
     from noah_ray.cli.main import stage_main
 
     return stage_main(command, sys.argv[1:] if argv is None else argv, prog=f"python -m jobs.{command}")

@@ -1,4 +1,4 @@
-"""``python -m jobs.pipeline --config X.yaml``: supernet -> search -> retrain, each stage resuming from what
+"""``python -m jobs.pipeline --config X.yaml``: supernet -> search -> race -> retrain, each stage resuming from what
 storage holds."""
 
 from jobs import run

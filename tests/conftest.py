@@ -38,6 +38,7 @@ TINY_JOB: dict[str, Any] = {
     "search": {"generations": 1, "population": 4, "top_k": 2, "mutations": 1, "crossovers": 1,
                "param_limit": 0.01},
     "retrain": {"epochs": 1},
+    "race": {"enabled": False},           # NOAH's plain procedure; tests/test_race.py turns racing on
 }
 
 

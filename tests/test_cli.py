@@ -17,7 +17,7 @@ from noah_ray.cli import main as cli
 from noah_ray.data import write_generated_vtab
 from noah_ray.store import storage
 
-SUBCOMMANDS = ("demo", "pipeline", "supernet", "search", "retrain", "hpo", "results", "import-noah", "export")
+SUBCOMMANDS = ("demo", "pipeline", "supernet", "search", "race", "retrain", "hpo", "results", "import-noah", "export")
 
 
 def tree(root: Path) -> list[str]:
@@ -216,7 +216,7 @@ def test_demo_end_to_end(tmp_path):
     # the console holds our lines only: no line from Ray's internals (they are in Ray's log files)
     assert p.stderr == "", p.stderr[-3000:]
     progress_lines = text[:text.index("\nsupernet: ")].splitlines()
-    ours = re.compile(r"^(noah-ray demo: |== (data|supernet|search|retrain): |\[(supernet|search|retrain)[ \]])")
+    ours = re.compile(r"^(noah-ray demo: |== (data|supernet|search|race|retrain): |\[(supernet|search|race|retrain)[ \]])")
     assert [ln for ln in progress_lines if not ours.match(ln)] == []
     for chatter in ("pid=", "PlacementGroupCleaner", "Failed to query", "View detailed results", "tensorboard",
                     "TrainingReport", "Checkpoint", "Trial ", "╭", "WARNING", "INFO", "Traceback"):

@@ -32,7 +32,7 @@ PY = sys.executable
 
 
 def test_entrypoints_help_and_errors(tmp_path):
-    for stage in ("pipeline", "supernet", "search", "retrain", "hpo"):
+    for stage in ("pipeline", "supernet", "search", "race", "retrain", "hpo"):
         p = subprocess.run([PY, "-m", f"jobs.{stage}", "--help"], cwd=REPO, capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 0 and p.stdout.startswith(f"usage: python -m jobs.{stage}"), p.stderr

@@ -186,15 +186,15 @@ def test_hpo_tunes_a_module_setting_only_where_the_module_trains():
 def test_stage_order_has_one_home():
     from noah_ray.run import pipeline, preflight, sweep
 
-    assert STAGES == ("supernet", "search", "hpo", "retrain")
+    assert STAGES == ("supernet", "search", "race", "hpo", "retrain")
     assert cli.STAGE_COMMANDS == {"pipeline": STAGES, "supernet": ("supernet",), "search": ("search",),
-                                  "hpo": ("hpo",), "retrain": ("retrain",)}
+                                  "race": ("race",), "hpo": ("hpo",), "retrain": ("retrain",)}
     assert set(cli._STAGE_DOCS) == set(cli.STAGE_COMMANDS)
     assert tuple(pipeline._RUNNERS) == STAGES and sweep.SweepSection().stages == STAGES
     assert preflight.resolve.__defaults__[0] == STAGES and pipeline.run_stages.__defaults__[0] == STAGES
     paths = JobPaths.at("/tmp/x", "job")
     assert [paths.stage(s).uri.rsplit("/", 1)[1] for s in STAGES] == list(STAGES)
-    with pytest.raises(ValueError, match="use one of supernet, search, hpo, retrain"):
+    with pytest.raises(ValueError, match="use one of supernet, search, race, hpo, retrain"):
         paths.stage("export")
 
 

@@ -42,7 +42,7 @@ def test_the_vtab_sweep_file_names_the_19_tasks_over_the_papers_job():
     ({}, r"sweep.datasets: \[\] must name at least one dataset"),
     ({"datasets": ["a", "a"]}, r"names a dataset twice"),
     ({"datasets": ["a"], "shots": [0]}, r"sweep.shots: \[0\] must be positive integers"),
-    ({"datasets": ["a"], "stages": ["train"]}, r"sweep.stages: \['train'\]: use some of supernet, search, hpo, retrain"),
+    ({"datasets": ["a"], "stages": ["train"]}, r"sweep.stages: \['train'\]: use some of supernet, search, race, hpo, retrain"),
     ({"datasets": ["a"], "colour": 1}, r"sweep: unknown key 'colour'"),
 ])
 def test_sweep_errors_name_the_key(sweep, match):

@@ -38,9 +38,11 @@ if TYPE_CHECKING:
 
 #: the stages each stage command runs: ``pipeline`` all of them in order, each stage its own
 STAGE_COMMANDS: dict[str, tuple[str, ...]] = {"pipeline": STAGES, **{s: (s,) for s in STAGES}}
-_STAGE_DOCS = {"pipeline": "supernet -> search -> [hpo ->] retrain (each stage resumes)",
+_STAGE_DOCS = {"pipeline": "supernet -> search -> [race ->] [hpo ->] retrain (each stage resumes)",
                "supernet": "train the supernet (resumes from its last checkpoint)",
                "search": "evolutionary search on the trained supernet (resumes; nothing is scored twice)",
+               "race": "race the search's finalists and the hand-sized baselines (ASHA on Ray Tune); the survivor "
+                       "is retrained (race.enabled: false: the search's winner); resumes",
                "retrain": "retrain the searched subnet and the baselines; test accuracy over seeds",
                "hpo": "hyper-parameter search (Optuna TPE + ASHA on Ray Tune) of each retraining method; resumes"}
 
@@ -92,6 +94,7 @@ def demo_config(out: str | Path, quick: bool = False) -> Any:
         data["supernet"].update(epochs=1, warmup_epochs=0, eval_random_subnets=0)
         data["search"].update(generations=1, population=4, top_k=2, mutations=1, crossovers=1)
         data["retrain"].update(epochs=1, warmup_epochs=0, baselines=["linear"])
+        data["race"] = {"finalists": 2}
     return JobConfig.from_dict(data, where="demo config")
 
 
@@ -211,6 +214,8 @@ def write_plots(uri: str, out_dir: str | Path, *, endpoint: str | None = None) -
         paths.append(results.plot_pareto(uri, out_dir / "pareto.png", endpoint=endpoint))
     if not results.supernet_curves(uri, endpoint=endpoint).empty:
         paths.append(results.plot_supernet_curves(uri, out_dir / "supernet_curves.png", endpoint=endpoint))
+    if not results.finalists(uri, endpoint=endpoint).empty:
+        paths.append(results.plot_finalists(uri, out_dir / "finalists.png", endpoint=endpoint))
     if not results.hpo(uri, endpoint=endpoint).empty:
         paths.append(results.plot_hpo(uri, out_dir / "hpo_values.png", endpoint=endpoint))
         paths.append(results.plot_asha_curves(uri, out_dir / "hpo_curves.png", endpoint=endpoint))
@@ -243,7 +248,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 _VERBOSE_HELP = "also show Ray's own output (workers, Ray Train, Tune); by default it goes to Ray's log files"
 
-_TABLES = ("leaderboard", "vtab", "trials", "generations", "pareto", "runs", "curves", "hpo", "hpo_curves")
+_TABLES = ("leaderboard", "vtab", "trials", "generations", "pareto", "finalists", "runs", "curves", "hpo",
+           "hpo_curves")
 
 
 def _results(args: argparse.Namespace) -> int:
@@ -252,7 +258,8 @@ def _results(args: argparse.Namespace) -> int:
     from noah_ray.store import results
 
     fn = {"leaderboard": results.leaderboard, "vtab": results.vtab_table, "trials": results.load_trials,
-          "generations": results.generations, "pareto": results.pareto, "runs": results.runs,
+          "generations": results.generations, "pareto": results.pareto, "finalists": results.finalists,
+          "runs": results.runs,
           "curves": results.supernet_curves, "hpo": results.hpo, "hpo_curves": results.hpo_curves}[args.table]
     df = fn(args.uri, endpoint=args.endpoint)
     if args.csv:
@@ -281,7 +288,8 @@ def add_stage_arguments(p: argparse.ArgumentParser, command: str) -> None:
                    help="show the traceback of an error (also: NOAH_RAY_DEBUG=1)")
     p.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     if command in ("retrain", "hpo"):
-        p.add_argument("--subnet", help="subnet file to retrain (default: the search's best_subnet.yaml)")
+        p.add_argument("--subnet", help="subnet file to retrain (default: the race's survivor, or with "
+                                        "race.enabled: false the search's best_subnet.yaml)")
         p.add_argument("--method", help=method_help()
                        + (" (default: retrain.method and every baseline)" if command == "hpo" else ""))
     p.set_defaults(func=_stage_command, stage_command=command)

@@ -14,6 +14,7 @@ rejected on load with one line naming the key and the fix.
     supernet: {epochs: 500}
     search:   {generations: 20, param_limit: 0.64}
     retrain:  {epochs: 100, seeds: [0, 1, 2]}
+    race:     {finalists: 8, baselines: true}   # the default; enabled: false retrains the search's winner
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import yaml
 
 from noah_ray.config.hpo import HpoConfig
+from noah_ray.config.race import RaceConfig
 from noah_ray.config.schema import (
     DataConfig,
     ModelConfig,
@@ -44,8 +46,9 @@ from noah_ray.security import safe_name
 from noah_ray.space import SearchSpace, yaml_problem
 
 #: the job's stages, in pipeline order: each reads the job section of its name and writes the stage
-#: folder of its name (:mod:`noah_ray.store.layout`); ``hpo`` runs only with an ``hpo`` section
-STAGES: tuple[str, ...] = ("supernet", "search", "hpo", "retrain")
+#: folder of its name (:mod:`noah_ray.store.layout`); ``race`` runs unless ``race.enabled: false``
+#: (or ``retrain.subnet`` is given, or NOAH is not retrained), ``hpo`` only with an ``hpo`` section
+STAGES: tuple[str, ...] = ("supernet", "search", "race", "hpo", "retrain")
 
 
 @dataclass
@@ -59,6 +62,7 @@ class JobConfig:
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    race: RaceConfig = field(default_factory=RaceConfig)   # finalist racing before retraining (noah_ray.hpo.race)
     prune: PruneConfig | None = None      # E2VPT pruning + rewinding after the e2vpt retraining
     hpo: HpoConfig | None = None          # hyper-parameter search before retraining (noah_ray.hpo)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)   # MLflow (noah_ray.store.tracking)
@@ -95,6 +99,8 @@ class JobConfig:
         sup = data.get("supernet")
         out.supernet.resolve_epochs(out.retrain.epochs, isinstance(sup, Mapping) and sup.get("epochs") is not None,
                                     f"{where}.supernet")
+        if "race" in data:
+            out.race = section_from_dict(RaceConfig, data["race"] or {}, f"{where}.race")
         if data.get("prune") is not None:
             out.prune = section_from_dict(PruneConfig, data["prune"], f"{where}.prune")
         if data.get("hpo") is not None:
@@ -127,6 +133,7 @@ class JobConfig:
         out["retrain"]["baselines"] = list(out["retrain"]["baselines"])
         out["search"]["warm_start"] = list(out["search"]["warm_start"])
         out["search"]["warm_jobs"] = list(out["search"]["warm_jobs"])
+        out["race"]["lrs"] = list(out["race"]["lrs"])
         if out["prune"] is not None and out["prune"]["modules"] is not None:
             out["prune"]["modules"] = list(out["prune"]["modules"])
         if out["hpo"] is None:

@@ -42,6 +42,7 @@ class TrialTables:
     metric: str
     max_epochs: int
     fence: Fence | None = None
+    stage: str = "hpo"        # the stage whose folder ``uri`` is (hpo, race): in progress lines
 
     @property
     def base(self) -> storage.Location:
@@ -121,9 +122,9 @@ class TrialRecorder(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         t = self.tables
         if "epoch" in result:
-            progress.echo(f"[hpo {t.method}] trial {trial.trial_id} epoch {result['epoch']}/{t.max_epochs}: "
+            progress.echo(f"[{t.stage} {t.method}] trial {trial.trial_id} epoch {result['epoch']}/{t.max_epochs}: "
                           f"val_acc {result['val_acc']:.2f}% val_loss {result['val_loss']:.4f} "
-                          f"({fmt_values(trial.config)})", tag=f"hpo {t.method} {trial.trial_id}",
+                          f"({fmt_values(trial.config)})", tag=f"{t.stage} {t.method} {trial.trial_id}",
                           done=result["epoch"], total=t.max_epochs)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
@@ -166,15 +167,8 @@ def _better(metric: str, new: float, old: float | None) -> bool:
 def hpo_trial(config: dict, job: dict, method: str, subnet: str, backbone: str | None, num_classes: int,
               tables: TrialTables) -> None:
     """One Tune trial: train ``method`` with the values in ``config`` (config path -> value) on
-    the training split, report the validation metrics and a checkpoint after every epoch.  A
-    non-finite training loss ends the trial as an error with one line (:func:`noah_ray.nn.epoch.check_loss`)
-    before that epoch's curve or report."""
-    import torch
-
-    from noah_ray.nn import optim
-    from noah_ray.nn.epoch import make_optimizer
-    from noah_ray.nn.models import build_model
-
+    the training split, report the validation metrics and a checkpoint after every epoch
+    (:func:`train_trial`)."""
     trial_id = tune.get_context().get_trial_id()
     ended = tables.finished(trial_id)
     if ended is not None:                 # ended before a kill: report it again, train nothing
@@ -183,10 +177,41 @@ def hpo_trial(config: dict, job: dict, method: str, subnet: str, backbone: str |
     base = JobConfig.from_dict(job)
     h, tuned = base.hpo, base.with_values(config, method)
     assert h is not None                  # a trial's job has its hpo section (driver._trial_job)
-    torch.set_num_threads(max(1, int(h.cpus_per_trial)))
-    device = torch.device("cuda" if h.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
-    torch.manual_seed(h.seed)
-    model = build_model(tuned, SubnetConfig.from_json(subnet), backbone, num_classes,
+    fix = "lower the learning-rate range in hpo.space ({lr:g} was tried) or model.lora_scale, or train in fp32"
+    train_trial(tuned, method, SubnetConfig.from_json(subnet), backbone, num_classes, tables,
+                TrialResources(h.cpus_per_trial, h.gpus_per_trial, h.seed, h.metric, fix))
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """How a trial trains: threads, device, torch seed, the metric it tracks, and the fix its
+    non-finite-loss line names (``{lr:g}``: the learning rate it trained with)."""
+
+    cpus: float
+    gpus: float
+    seed: int
+    metric: str
+    fix: str
+
+
+def train_trial(tuned: JobConfig, method: str, cfg: SubnetConfig, backbone: str | None, num_classes: int,
+                tables: TrialTables, res: TrialResources) -> None:
+    """The body of a trial (the hpo trials and the finalist race, :mod:`noah_ray.hpo.race`): train
+    ``cfg`` as ``method`` with ``tuned.retrain`` (its epochs) on the training split from its initial
+    values, report the validation metrics with a checkpoint after every epoch, resume from Tune's
+    checkpoint.  A non-finite training loss ends the trial as an error with one line
+    (:func:`noah_ray.nn.epoch.check_loss`) before that epoch's curve or report."""
+    import torch
+
+    from noah_ray.nn import optim
+    from noah_ray.nn.epoch import make_optimizer
+    from noah_ray.nn.models import build_model
+
+    trial_id = tune.get_context().get_trial_id()
+    torch.set_num_threads(max(1, int(res.cpus)))
+    device = torch.device("cuda" if res.gpus > 0 and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(res.seed)
+    model = build_model(tuned, cfg, backbone, num_classes,
                         train_backbone=trains_backbone(method), method=method).to(device)   # the method's recipe
     loaders = _loaders(tuned, model)
     tc = tuned.retrain
@@ -202,10 +227,9 @@ def hpo_trial(config: dict, job: dict, method: str, subnet: str, backbone: str |
                                   0, device)                   # Tune's checkpoint holds one (_report)
     if state["epoch"] + 1 >= tc.epochs and "metrics" in state:   # killed after its last report
         tune.report(state["metrics"])
-    fix = f"lower the learning-rate range in hpo.space ({lr:g} was tried) or model.lora_scale, or train in fp32"
     for epoch in range(state["epoch"] + 1, tc.epochs):
-        where = f"[hpo {method}] trial {trial_id} epoch {epoch + 1}/{tc.epochs}"
-        metrics = _epoch(objects, loaders, device, h.metric, state, epoch, where, fix)
+        where = f"[{tables.stage} {method}] trial {trial_id} epoch {epoch + 1}/{tc.epochs}"
+        metrics = _epoch(objects, loaders, device, res.metric, state, epoch, where, res.fix.format(lr=lr))
         tables.write_curve(trial_id, metrics)
         state["metrics"] = metrics
         _report(metrics, state, objects, device)
@@ -258,4 +282,4 @@ def _report(metrics: dict, state: dict, objects: tuple[Any, Any, Any, Any], devi
 
 
 def fmt_values(values: dict[str, float]) -> str:
-    return ", ".join(f"{k.partition('.')[2]}={v:.4g}" for k, v in values.items())
+    return ", ".join(f"{k.rpartition('.')[2]}={v:.4g}" for k, v in values.items())

@@ -1,4 +1,4 @@
-"""The chained stages (supernet -> search -> retrain), shared by the CLI and the Ray jobs.
+"""The chained stages (supernet -> search -> race -> retrain), shared by the CLI and the Ray jobs.
 
 Everything about a job is validated once, before anything is written (:func:`preflight`:
 :func:`noah_ray.run.preflight.resolve`); the stages take the resolved job and do not check again.  Each
@@ -44,6 +44,7 @@ def preflight(job: JobConfig, stages: tuple[str, ...] = STAGES) -> PreflightRepo
 
 def _stage_done(stage: str, job: JobConfig, num_classes: int) -> bool:
     from noah_ray.hpo import driver as hpo
+    from noah_ray.hpo import race
     from noah_ray.search import driver as search
     from noah_ray.train import runs
 
@@ -51,6 +52,8 @@ def _stage_done(stage: str, job: JobConfig, num_classes: int) -> bool:
         return runs.supernet_done(job, num_classes)
     if stage == "search":
         return search.search_done(job)
+    if stage == "race":
+        return race.race_done(job)
     if stage == "hpo" and job.hpo is None:
         return True
     methods = _methods(job)
@@ -61,8 +64,8 @@ def _stage_done(stage: str, job: JobConfig, num_classes: int) -> bool:
     if stage == "hpo":
         return all(hpo.hpo_done(job, m) for m in methods)
     done = runs.retrain_done if job.hpo is None else hpo.tuned_retrain_done
-    return all(done(job, subnet if m == "noah" else None, m, seed, num_classes)
-               for m in methods for seed in job.retrain.seeds)
+    return all(done(race.raced_job(job) if m == "noah" else job, subnet if m == "noah" else None, m, seed,
+                    num_classes) for m in methods for seed in job.retrain.seeds)
 
 
 def pending_stages(job: JobConfig, stages: tuple[str, ...], num_classes: int) -> tuple[str, ...]:
@@ -162,11 +165,15 @@ def interrupts() -> Iterator[Trap]:
 
 
 def retrain_subnet(job: JobConfig) -> SubnetConfig:
-    """The subnet retraining uses: ``retrain.subnet`` if set, else the search's winner."""
+    """The subnet retraining uses: ``retrain.subnet`` if set, else the race's survivor (unless
+    ``race.enabled: false``), else the search's winner."""
+    from noah_ray.hpo.race import race_applies, raced_subnet
     from noah_ray.search.driver import load_best_subnet
 
     if job.retrain.subnet:
         return read_subnet(job.retrain.subnet)
+    if race_applies(job):
+        return raced_subnet(job)
     return load_best_subnet(job)
 
 
@@ -246,6 +253,19 @@ def _search(rj: ResolvedJob) -> dict:
             "best_subnet_uri": res.best_subnet_uri, "finished": res.finished, "selection": res.selection}
 
 
+def _race(rj: ResolvedJob) -> dict | None:
+    from noah_ray.hpo.race import race_applies, run_race
+
+    job = rj.job
+    if not race_applies(job):
+        return None
+    r = job.race
+    progress.echo(f"== race: {r.finalists} search finalist(s)" + (" + the baselines" if r.baselines else "")
+                  + f", ASHA up to {r.epochs(job.retrain.epochs)} epoch(s)")
+    res = run_race(rj)
+    return None if res is None else dataclasses.asdict(res)
+
+
 def _hpo(rj: ResolvedJob) -> dict | None:
     from noah_ray.hpo.driver import run_hpo
 
@@ -259,6 +279,7 @@ def _hpo(rj: ResolvedJob) -> dict | None:
 
 def _retrain(rj: ResolvedJob) -> dict:
     from noah_ray.hpo.driver import tuned_retrain
+    from noah_ray.hpo.race import raced_job
     from noah_ray.train.runs import retrain_seeds
 
     job, methods = rj.job, _methods(rj.job)
@@ -266,12 +287,13 @@ def _retrain(rj: ResolvedJob) -> dict:
                   + (" with tuned hyper-parameters" if job.hpo else ""))
     subnet = retrain_subnet(job) if "noah" in methods else None
     run = retrain_seeds if job.hpo is None else tuned_retrain
-    return {m: run(rj, subnet if m == "noah" else None, m) for m in methods}
+    return {m: run(rj.with_job(raced_job(job)) if m == "noah" else rj, subnet if m == "noah" else None, m)
+            for m in methods}
 
 
 #: stage name -> what runs it on the resolved job (its summary; None: nothing to run)
 _RUNNERS: dict[str, Callable[[ResolvedJob], dict | None]] = {
-    "supernet": _supernet, "search": _search, "hpo": _hpo, "retrain": _retrain}
+    "supernet": _supernet, "search": _search, "race": _race, "hpo": _hpo, "retrain": _retrain}
 
 
 def format_summary(summary: dict) -> str:
@@ -291,6 +313,12 @@ def format_summary(summary: dict) -> str:
                          f"({s['evaluated']} candidates scored{tied}) -> {s['best_subnet_uri'] or s['uri']}")
         else:
             lines.append(f"search: no finished result yet ({s['evaluated']} candidates scored); run it again to resume")
+    if summary.get("race"):
+        r = summary["race"]
+        lr = f", lr {r['lr']:g}" if r["lr"] is not None else ""
+        lines.append(f"race: survivor {r['source']} (finalist {r['finalist']} of {r['finalists']}{lr}): val "
+                     f"{r['val_acc']:.2f}% after {r['epochs']} epoch(s), {r['params'] / 1e6:.4f} M params; "
+                     f"{r['epochs_trained']} epochs trained -> {r['uri']}")
     for method, r in summary.get("hpo", {}).items():
         values = ", ".join(f"{k.partition('.')[2]} {v:.4g}" for k, v in r["values"].items())
         lines.append(f"hpo {method}: best {r['metric']} {r['best_val']:.4g} of {r['trials']} trials with {values}")

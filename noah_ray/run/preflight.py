@@ -157,6 +157,7 @@ def _splits(job: JobConfig, stage: str) -> tuple[str, ...]:
     """The splits ``stage`` reads."""
     d, h = job.data, job.hpo
     reads = {"supernet": (d.train_split, d.val_split), "search": (d.val_split,),
+             "race": (d.train_split, d.val_split) if job.race.enabled else (),
              "hpo": (d.train_split, d.val_split) if h is not None else (),
              "retrain": (d.train_split, d.val_split, d.test_split)
              + ((d.final_train_split,) if h is not None else ())}      # the tuned final runs: train800val200
@@ -236,6 +237,7 @@ def check_checkpoint(job: JobConfig, num_classes: int) -> None:
 
 def check_artifacts(job: JobConfig, stages: tuple[str, ...]) -> None:
     """What this command reads from earlier stages exists and is intact."""
+    from noah_ray.hpo.race import race_applies, raced_subnet
     from noah_ray.nn.models import supernet_recovery
     from noah_ray.search.driver import load_best_subnet, search_run_name
     from noah_ray.search.store import SearchStore
@@ -250,6 +252,9 @@ def check_artifacts(job: JobConfig, stages: tuple[str, ...]) -> None:
         SearchStore(JobPaths.of(job).search.uri, job.storage_endpoint, run, job.name, job.data.dataset,
                     job.search.algorithm).load_state()
     methods = (job.retrain.method, *job.retrain.baselines)
-    if ("retrain" in stages or "hpo" in stages) and "search" not in stages and "noah" in methods \
-            and not job.retrain.subnet:
+    raced = race_applies(job)
+    if ("race" in stages or (("retrain" in stages or "hpo" in stages) and not raced)) and "search" not in stages \
+            and "noah" in methods and not job.retrain.subnet:
         job.space.validate(load_best_subnet(job), absent_ok=True)   # warm starts: modules alone
+    if ("retrain" in stages or "hpo" in stages) and raced and "race" not in stages and "search" not in stages:
+        raced_subnet(job)          # the race's survivor: a baseline may be wider than the space allows

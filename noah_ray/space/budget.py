@@ -47,6 +47,21 @@ class ParamLimit:
             raise ConfigError(f"search.param_min {self.min_m} M is above the largest subnet of the "
                               f"space ({high:.4f} M); lower param_min below {high:.4f}")
 
+    def widest_uniform(self, kind: str, num_layers: int, cap: int = 4096) -> SubnetConfig | None:
+        """The hand-sized baseline of ``kind`` at this limit: ``kind`` alone, the same width in every
+        layer, the widest (up to ``cap``) whose count fits; None when not even width 1 fits."""
+        def fits(w: int) -> bool:
+            return self.count(SubnetConfig.uniform(num_layers, **{kind: w})) / 1e6 <= self.max_m
+
+        if not fits(1):
+            return None
+        low, high = 1, cap                # fits(low); the count grows with the width
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        cfg = SubnetConfig.uniform(num_layers, **{kind: low})
+        return cfg if self.ok(cfg) else None
+
 
 def uniform_at_limit(space: SearchSpace, limit: ParamLimit) -> list[SubnetConfig]:
     """The hand-sized configs at the limit: each module of ``space`` alone, the same width in each

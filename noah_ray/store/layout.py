@@ -38,6 +38,16 @@ names themselves.  :data:`TABLE_STAGES` says which stage folder holds each resul
           log/<i:012d>.json            object stores: one delta per object
         state/<run>.json               format 1 (older), read when no snapshot exists JobPaths.search_state_v1(run)
         tune/<run>-a<attempt>/         Ray Tune experiment directories               JobPaths.search_tune
+      race/                            finalist racing (hpo.race)                      JobPaths.race
+        finalists/race.parquet         one row per (finalist, lr) trial: source, params, rung scores,
+                                       stopped, chosen (written once the race ended)
+        hpo_trials/race-<trial>.parquet, hpo_curves/race-<trial>-e00003.parquet   as under hpo/
+        settings.json                  the finalists and settings the race started   JobPaths.race_settings
+                                       with (a re-run must match)
+        chosen.json                    the survivor: what retraining trains (its     JobPaths.race_chosen
+                                       subnet, lr, source); a re-run only reads it
+        tune/race/                     Ray Tune's experiment and the trials'         JobPaths.race_tune
+                                       checkpoints
       hpo/                                                                             JobPaths.hpo
         hpo_trials/<method>-<trial>.parquet         one row per ended trial
         hpo_curves/<method>-<trial>-e00003.parquet  one row per trial epoch (what ASHA saw)
@@ -94,7 +104,7 @@ BEST_SUBNET_FILE = "best_subnet.yaml"
 TABLE_STAGES: dict[str, tuple[str, ...]] = {
     "trials": ("search",), "generations": ("search",), "pareto": ("search",),
     "runs": ("retrain",), "train_metrics": ("supernet", "retrain"),
-    "hpo_trials": ("hpo",), "hpo_curves": ("hpo",)}
+    "hpo_trials": ("hpo", "race"), "hpo_curves": ("hpo", "race"), "finalists": ("race",)}
 
 
 def retrain_run_id(method: str, seed: int) -> str:
@@ -184,6 +194,23 @@ class JobPaths:
     @property
     def search_tune(self) -> storage.Location:
         return self.search.join("tune")
+
+    # ------------------------------------------------------------ race
+    @property
+    def race(self) -> storage.Location:
+        return self.stage("race")
+
+    @property
+    def race_settings(self) -> storage.Location:
+        return self.race.join("settings.json")
+
+    @property
+    def race_chosen(self) -> storage.Location:
+        return self.race.join("chosen.json")
+
+    @property
+    def race_tune(self) -> storage.Location:
+        return self.race.join("tune")
 
     # ------------------------------------------------------------ hpo
     @property

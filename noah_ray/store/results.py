@@ -9,6 +9,9 @@ recursively.  Tables and their stage folders (:data:`noah_ray.store.layout.TABLE
     <job>/search/trials            one row per scored candidate (widths, params, val_acc, ...)
     <job>/search/generations       one row per generation
     <job>/search/pareto            the non-dominated candidates of each finished search
+    <job>/race/finalists           one row per finalist trial of the race: source, params, rung scores,
+                                   stopped, chosen (the race's trials also fill race/hpo_trials and
+                                   race/hpo_curves, with method "race")
     <job>/retrain/runs             one row per retraining run (val-selected epoch, test once)
     <job>/retrain/train_metrics    per retraining epoch
     <job>/hpo/hpo_trials           one row per hyper-parameter trial (values as hp_* columns)
@@ -92,6 +95,18 @@ def pareto(uri: str, endpoint: str | None = None) -> pd.DataFrame:
     return df.sort_values(["job", "run_id", "params"]).reset_index(drop=True)
 
 
+def finalists(uri: str, endpoint: str | None = None) -> pd.DataFrame:
+    """One row per trial of each finalist race (:mod:`noah_ray.hpo.race`): the finalist, its
+    ``source`` (``search`` or ``baseline:<kind>``), params, learning rate, the epochs of the rungs it
+    reached (``rungs``) and its val accuracy there (``rung_scores``), ``stopped`` (by ASHA) and
+    ``chosen`` (the survivor retraining trains); best last score first."""
+    df = load_table(uri, "finalists", endpoint)
+    if df.empty:
+        return df
+    df = df.sort_values("timestamp").drop_duplicates(["job", "trial_id"], keep="last")
+    return df.sort_values(["job", "epochs_run", "last_val_acc"], ascending=[True, False, False]).reset_index(drop=True)
+
+
 def runs(uri: str, endpoint: str | None = None) -> pd.DataFrame:
     """One row per retraining run; a re-run of the same (job, method, seed) replaces the older row."""
     df = load_table(uri, "runs", endpoint)
@@ -171,8 +186,9 @@ def hpo(uri: str, endpoint: str | None = None) -> pd.DataFrame:
     setting, epochs run, stopped early, best and last val, wall time, worker, and ``chosen``: the
     trial whose values the final runs used."""
     df = load_table(uri, "hpo_trials", endpoint)
+    df = df[df["method"] != "race"]             # the race's trials: finalists()
     if df.empty:
-        return df
+        return df.reset_index(drop=True)
     df = df.sort_values("timestamp").drop_duplicates(["job", "method", "trial_id"], keep="last")
     return df.sort_values(["job", "method", "trial_id"]).reset_index(drop=True)
 
@@ -180,6 +196,7 @@ def hpo(uri: str, endpoint: str | None = None) -> pd.DataFrame:
 def hpo_curves(uri: str, endpoint: str | None = None) -> pd.DataFrame:
     """Per hyper-parameter trial and epoch: train loss, val accuracy and loss, learning rate."""
     df = load_table(uri, "hpo_curves", endpoint)
+    df = df[df["method"] != "race"]             # the race's curves: plot_finalists
     return df.sort_values(["job", "method", "trial_id", "epoch"]).reset_index(drop=True)
 
 
@@ -324,6 +341,30 @@ def plot_asha_curves(uri: str, path: str | Path, endpoint: str | None = None) ->
         ax.set_xlabel("epoch")
         ax.set_ylabel("val accuracy (%)")
         ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_finalists(uri: str, path: str | Path, endpoint: str | None = None) -> Path:
+    """The race of each job: every finalist's val accuracy at the rungs it reached (search finalists
+    solid, baselines dashed; grey once ASHA stopped it), the survivor thick and black."""
+    df = finalists(uri, endpoint)
+    if df.empty:
+        raise ConfigError(f"no finalist race under {uri!r}; run the race stage first")
+    jobs = sorted(df["job"].unique())
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(jobs), figsize=(4.8 * len(jobs) + 0.6, 3.6), squeeze=False)
+    for ax, job in zip(axes[0], jobs):
+        for i, row in enumerate(df[df["job"] == job].itertuples()):
+            style = "--" if str(row.source).startswith("baseline") else "-"
+            colour = "k" if row.chosen else ("0.65" if row.stopped else f"C{i % 10}")
+            lr = f" lr {row.lr:g}" if row.lr == row.lr and row.lr is not None else ""
+            ax.plot(list(row.rungs), list(row.rung_scores), "o" + style, c=colour, lw=2.4 if row.chosen else 1.0,
+                    label=f"{row.source} #{row.finalist}{lr} ({row.params / 1e6:.3g} M)")
+        ax.set_title(f"{job}: finalist race (black: survivor, grey: stopped)", fontsize=8)
+        ax.set_xlabel("epoch (rung)")
+        ax.set_ylabel("val accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     return _save(fig, path)
 
 

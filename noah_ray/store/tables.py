@@ -86,6 +86,18 @@ TABLES: dict[str, pa.Schema] = {
         ("val_acc", pa.float64()), ("val_loss", pa.float64()), ("lr", pa.float64()),
         ("images_per_s", pa.float64()), ("timestamp", pa.timestamp("ms", tz="UTC")),
     ]),
+    # one row per trial of a finalist race (noah_ray.hpo.race): a finalist (with a learning rate when
+    # race.lrs races them), where it came from (search: its rank; baseline:<kind>), its val_acc at each
+    # rung it reached (rungs: the epochs, from 1), whether ASHA stopped it, and the survivor (chosen)
+    "finalists": pa.schema([
+        ("run_id", pa.string()), ("job", pa.string()), ("dataset", pa.string()), ("trial_id", pa.string()),
+        ("finalist", pa.int32()), ("source", pa.string()), ("search_rank", pa.int32()),
+        ("search_val_acc", pa.float64()), ("config_key", pa.string()), ("config_json", pa.string()), *_widths,
+        ("params", pa.int64()), ("lr", pa.float64()), ("rungs", pa.list_(pa.int32())),
+        ("rung_scores", pa.list_(pa.float64())), ("epochs_run", pa.int32()), ("max_epochs", pa.int32()),
+        ("last_val_acc", pa.float64()), ("last_val_loss", pa.float64()), ("stopped", pa.bool_()),
+        ("status", pa.string()), ("chosen", pa.bool_()), ("timestamp", pa.timestamp("ms", tz="UTC")),
+    ]),
 }
 
 #: tables that also keep extra float64 columns with this prefix (one per tuned hyper-parameter)

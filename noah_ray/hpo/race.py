@@ -1,0 +1,337 @@
+"""Finalist racing (the ``race`` stage, the service's default selection; ``race.enabled: false``
+keeps NOAH's plain procedure, the search's winner retrained).
+
+The finalists (:func:`pick_finalists`): the search's winner and its next best distinct candidates
+(``race.finalists`` in all; ranked by supernet val accuracy, ties to more parameters) and, with
+``race.baselines``, each module kind of the space alone, uniform, at the widest width under the
+same parameter limit (:meth:`~noah_ray.space.ParamLimit.widest_uniform`).  Each finalist (with each
+learning rate of ``race.lrs``: a grid, every pair one trial) trains standalone from its initial
+values as retraining trains NOAH (method ``noah``, its recipe and optimiser; the hpo stage's trial,
+:func:`~noah_ray.hpo.trial.train_trial`) on ``data.train_split`` (train800) and reports val accuracy
+on ``data.val_split`` (val200) every epoch; Ray Tune's ``ASHAScheduler`` stops the weak ones at the
+rungs (:func:`~noah_ray.config.race.rungs`; the cost: :func:`~noah_ray.config.race.race_budget`).
+
+The survivor (:func:`_choose`): among the trials that reached the top rung (the most epochs any
+trial ran), the best val accuracy at that last epoch; ties go to the lower val loss there, then to
+more parameters, then to the earlier finalist (the search's order, baselines last).  Retraining
+trains it (:func:`raced_subnet`, with its learning rate when ``race.lrs`` raced them and the job has
+no ``hpo`` section: :func:`raced_job`) on train800val200 for every seed and tests once.
+
+Storage (:mod:`noah_ray.store.layout`, ``<job>/race/``): ``settings.json`` (a re-run must match),
+the trials' ``hpo_trials`` / ``hpo_curves`` rows as the hpo stage writes them, the ``finalists``
+table and ``chosen.json``.  A finished race is only read again; an interrupted one resumes
+(``Tuner.restore``, as :mod:`noah_ray.hpo.driver` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+from ray import tune
+
+from noah_ray import progress
+from noah_ray.config import JobConfig, race_budget
+from noah_ray.config.race import rungs
+from noah_ray.config.resolved import ResolvedJob, param_limit, resolved
+from noah_ray.errors import ConfigError, RunError
+from noah_ray.hpo.driver import _check_settings, _error_line, _quiet_snapshots
+from noah_ray.hpo.trial import TrialRecorder, TrialResources, TrialTables, train_trial
+from noah_ray.security import tune_without_credentials
+from noah_ray.space import MODULES, ParamLimit, SubnetConfig
+from noah_ray.store import storage
+from noah_ray.store.layout import JobPaths
+from noah_ray.store.lease import Fence
+
+RUN_ID = "race"
+METRIC = "val_acc"
+_RESOURCE_KEYS = ("max_concurrent", "cpus_per_trial", "gpus_per_trial", "trial_retries")
+
+
+@dataclass(frozen=True)
+class Finalist:
+    """One config that races: ``source`` is ``search`` or ``baseline:<kind>``."""
+
+    subnet: SubnetConfig
+    source: str
+    params: int
+    search_rank: int | None = None        # 0: the search's winner
+    search_val_acc: float | None = None   # its supernet score
+
+
+@dataclass
+class RaceResult:
+    """The survivor of a race (``chosen.json``): what retraining trains."""
+
+    subnet: dict
+    source: str
+    finalist: int
+    trial_id: str
+    lr: float | None                      # the raced learning rate (None: retrain.lr)
+    val_acc: float
+    epochs: int
+    params: int
+    finalists: int
+    trials: int
+    stopped_early: int
+    epochs_trained: int
+    budget_epochs: int                    # race_budget of the brackets (synchronous halving)
+    uri: str
+
+
+# ====================================================================== finalists
+def race_applies(job: JobConfig) -> bool:
+    """Whether the race chooses what NOAH retrains: enabled, NOAH retrained, no ``retrain.subnet``."""
+    return job.race.enabled and not job.retrain.subnet and "noah" in (job.retrain.method, *job.retrain.baselines)
+
+
+def search_finalists(job: JobConfig, limit: ParamLimit, k: int) -> list[Finalist]:
+    """The search's winner, then its best distinct candidates by val accuracy (ties: more params),
+    ``k`` in all, from the search run's ``trials`` table."""
+    from noah_ray.search.driver import load_best_subnet, search_run_name
+
+    winner = load_best_subnet(job)
+    table = storage.read_table(JobPaths.of(job).search, "trials")
+    rows = [] if table is None else [
+        r for r in table.to_pylist() if r["run_id"] == search_run_name(job, None) and r["status"] == "done"
+        and r["val_acc"] is not None and math.isfinite(r["val_acc"])]
+    rows.sort(key=lambda r: (-r["val_acc"], -r["params"]))
+    score = {SubnetConfig.from_json(r["config_json"]).key(): r["val_acc"] for r in reversed(rows)}
+    first = Finalist(winner, "search", limit.count(winner), 0, score.get(winner.key()))
+    out: dict[str, Finalist] = {winner.key(): first}
+    for r in rows:
+        cfg = SubnetConfig.from_json(r["config_json"])
+        if len(out) >= k:
+            break
+        if cfg.key() not in out and limit.ok(cfg):
+            out[cfg.key()] = Finalist(cfg, "search", limit.count(cfg), len(out), r["val_acc"])
+    return list(out.values())
+
+
+def pick_finalists(job: JobConfig, limit: ParamLimit) -> list[Finalist]:
+    """:func:`search_finalists`, then (``race.baselines``) each kind of the space alone at the limit;
+    a baseline equal to a search finalist races once, as the search's."""
+    out = search_finalists(job, limit, job.race.finalists)
+    seen = {f.subnet.key() for f in out}
+    for kind in job.space.modules if job.race.baselines else ():
+        cfg = limit.widest_uniform(kind, job.space.num_layers)
+        if cfg is None:
+            progress.echo(f"[race] no {kind} baseline: width 1 in every layer is over the limit")
+        elif cfg.key() in seen:
+            progress.echo(f"[race] the {kind} baseline is a search finalist already")
+        else:
+            seen.add(cfg.key())
+            out.append(Finalist(cfg, f"baseline:{kind}", limit.count(cfg)))
+    return out
+
+
+# ====================================================================== the trial
+def race_trial(config: dict, job: dict, subnets: list[str], backbone: str | None, num_classes: int,
+               tables: TrialTables, res: TrialResources) -> None:
+    """One Tune trial of the race: finalist ``config["finalist"]`` (with ``config["lr"]`` when
+    learning rates race) trained as NOAH's retraining trains it (:func:`train_trial`)."""
+    ended = tables.finished(tune.get_context().get_trial_id())
+    if ended is not None:                 # ended before a kill: report it again, train nothing
+        tune.report(ended)
+        return
+    base = JobConfig.from_dict(job, where="race trial")
+    tuned = base.with_values({"retrain.lr": config["lr"]}, "noah") if "lr" in config else base
+    train_trial(tuned, "noah", SubnetConfig.from_json(subnets[int(config["finalist"])]), backbone, num_classes,
+                tables, res)
+
+
+def _trial_job(job: JobConfig) -> dict:
+    data = job.to_dict()
+    data["retrain"]["epochs"] = job.race.epochs(job.retrain.epochs)
+    return data
+
+
+def _settings(job: JobConfig, finalists: list[Finalist]) -> dict:
+    d, r = job.data, job.retrain
+    race = {k: v for k, v in dataclasses.asdict(job.race).items() if k not in _RESOURCE_KEYS}
+    return {"finalists": [{"subnet": f.subnet.to_dict(), "source": f.source} for f in finalists], "race": race,
+            "model": dataclasses.asdict(job.model),
+            "data": {"dataset": d.dataset, "format": d.format, "train_split": d.train_split, "val_split": d.val_split,
+                     "batch_size": d.batch_size, "img_size": d.img_size, "shots": d.shots, "seed": d.seed},
+            "retrain": {"epochs": job.race.epochs(r.epochs), "lr": r.method_lr.get("noah", r.lr),
+                        "weight_decay": r.weight_decay, "warmup_epochs": r.warmup_epochs, "min_lr": r.min_lr}}
+
+
+def _tuner(job: JobConfig, trainable, n: int, tables: TrialTables):
+    """A new Tune experiment (a grid over finalists x lrs under ASHA), or the interrupted one restored."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    r, tune_dir = job.race, JobPaths.of(job).race_tune
+    path = tune_dir.join(RUN_ID)
+    if tune.Tuner.can_restore(path.path, storage_filesystem=path.fs):
+        progress.echo(f"[race] resuming the race from {path.uri}")
+        return tune.Tuner.restore(path.path, trainable, resume_errored=True, storage_filesystem=path.fs)
+    top = r.epochs(job.retrain.epochs)
+    space: dict = {"finalist": tune.grid_search(list(range(n)))}
+    if r.lrs:
+        space["lr"] = tune.grid_search(list(r.lrs))
+    run_config = tune.RunConfig(
+        name=RUN_ID, storage_path=tune_dir.path, storage_filesystem=tune_dir.fs, verbose=0,
+        callbacks=[TrialRecorder(tables)], failure_config=tune.FailureConfig(max_failures=r.trial_retries),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    search = BasicVariantGenerator(random_state=r.seed, max_concurrent=r.max_concurrent)
+    tune_config = tune.TuneConfig(
+        metric=METRIC, mode="max", search_alg=search,
+        scheduler=ASHAScheduler(time_attr="epoch", max_t=top, grace_period=r.grace(job.retrain.epochs),
+                                reduction_factor=r.reduction_factor), num_samples=1, reuse_actors=True)
+    return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+# ====================================================================== the driver
+def run_race(job: ResolvedJob | JobConfig) -> RaceResult | None:
+    """Race the finalists (Ray must be initialised); returns the survivor.  None when the race does
+    not apply (:func:`race_applies`); a finished race returns its saved survivor without Tune."""
+    from noah_ray.nn.models import ensure_backbone
+
+    rj = resolved(job, "race")
+    job = rj.job
+    if not race_applies(job):
+        return None
+    saved = saved_race(job)
+    if saved is not None:
+        progress.echo(f"[race] finished earlier: {saved.source} finalist {saved.finalist} "
+                      f"(val {saved.val_acc:.2f}%)")
+        return saved
+    finalists = pick_finalists(job, rj.limit or param_limit(job, rj.shape))
+    r, paths = job.race, JobPaths.of(job)
+    top, grace = r.epochs(job.retrain.epochs), r.grace(job.retrain.epochs)
+    tables = TrialTables(paths.race.uri, job.storage_endpoint, job.name, job.data.dataset, RUN_ID, "grid", "asha",
+                         METRIC, top, Fence.of(job, rj.lease), stage="race")
+    _check_settings(paths.race, _settings(job, finalists), tables)
+    n_trials = len(finalists) * max(1, len(r.lrs))
+    budget = race_budget(n_trials, grace, r.reduction_factor, top)
+    marks = rungs(grace, r.reduction_factor, top)
+    progress.echo(f"[race] {len(finalists)} finalist(s) ({sum(f.source == 'search' for f in finalists)} from the "
+                  f"search) x {max(1, len(r.lrs))} lr: {n_trials} trial(s), rungs {marks}, about {budget} "
+                  f"epochs ({budget / top:.1f} retrainings of {top} epochs)")
+    fix = "lower retrain.lr / race.lrs ({lr:g} was tried) or model.lora_scale, or train in fp32"
+    trainable = tune.with_parameters(race_trial, job=_trial_job(job), subnets=[f.subnet.to_json() for f in finalists],
+                                     backbone=ensure_backbone(job), num_classes=rj.num_classes, tables=tables,
+                                     res=TrialResources(r.cpus_per_trial, r.gpus_per_trial, r.seed, METRIC, fix))
+    trainable = tune.with_resources(trainable, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
+    with _quiet_snapshots(), tune_without_credentials():
+        results = _tuner(job, trainable, len(finalists), tables).fit()
+    res = _choose(job, finalists, results, tables, budget)
+    progress.echo(f"[race] survivor: {res.source} finalist {res.finalist} (val {res.val_acc:.2f}% after "
+                  f"{res.epochs} epochs, {res.params / 1e6:.4f} M params; {res.stopped_early} of {res.trials} trials "
+                  f"stopped early, {res.epochs_trained} epochs trained)")
+    return res
+
+
+def _trial_rows(results, tables: TrialTables) -> list[dict]:
+    """Per Tune result: its config, last metrics, status and error; each trial's row rewritten."""
+    out = []
+    for r in results:
+        trial_id = r.metrics.get("trial_id")
+        status = "error" if r.error else "done"
+        if trial_id is not None:
+            tables.write_trial(trial_id, r.config, r.metrics, status, _error_line(r.error))
+        out.append({"trial_id": trial_id, "config": r.config, "m": r.metrics, "status": status, "error": r.error})
+    return out
+
+
+def _curves(job: JobConfig) -> dict[str, dict[int, float]]:
+    """trial id -> epoch -> val accuracy, from the race's ``hpo_curves`` rows."""
+    t = storage.read_table(JobPaths.of(job).race, "hpo_curves")
+    out: dict[str, dict[int, float]] = {}
+    for row in [] if t is None else t.to_pylist():
+        out.setdefault(row["trial_id"], {})[int(row["epoch"])] = row["val_acc"]
+    return out
+
+
+def _choose(job: JobConfig, finalists: list[Finalist], results, tables: TrialTables, budget: int) -> RaceResult:
+    """The survivor (the module docstring says how ties go); writes the ``finalists`` table and
+    ``chosen.json``."""
+    rows = _trial_rows(results, tables)
+    ok = [x for x in rows if x["status"] == "done" and isinstance(x["m"].get(METRIC), (int, float))
+          and math.isfinite(x["m"][METRIC])]
+    if not ok:
+        first = next((_error_line(x["error"]) for x in rows if x["error"] is not None), "no trial reported a result")
+        raise RunError(f"race: no trial finished (first error: {first}); fix the cause and run the same command "
+                       f"again: it retries the failed trials")
+    top = max(int(x["m"]["epoch"]) for x in ok)
+
+    def rank(x: dict) -> tuple:
+        f = int(x["config"]["finalist"])
+        return (x["m"][METRIC], -x["m"].get("val_loss", math.inf), finalists[f].params, -f)
+
+    best = max((x for x in ok if int(x["m"]["epoch"]) == top), key=rank)
+    f = int(best["config"]["finalist"])
+    res = RaceResult(subnet=finalists[f].subnet.to_dict(), source=finalists[f].source, finalist=f,
+                     trial_id=best["trial_id"], lr=best["config"].get("lr"), val_acc=float(best["m"][METRIC]),
+                     epochs=top, params=finalists[f].params, finalists=len(finalists), trials=len(rows),
+                     stopped_early=sum(int(x["m"].get("epoch", 0)) < tables.max_epochs for x in ok),
+                     epochs_trained=sum(int(x["m"].get("epoch", 0)) for x in rows), budget_epochs=budget,
+                     uri=JobPaths.of(job).race.uri)
+    tables.write_trial(best["trial_id"], best["config"], best["m"], "done", chosen=True)
+    _write_finalists(job, finalists, rows, best["trial_id"], tables)
+    tables.check()
+    storage.write_text(JobPaths.of(job).race_chosen, json.dumps(dataclasses.asdict(res), indent=1, sort_keys=True))
+    return res
+
+
+def _write_finalists(job: JobConfig, finalists: list[Finalist], rows: list[dict], chosen: str | None,
+                     tables: TrialTables) -> None:
+    """The ``finalists`` table: one row per trial (a fixed part name: rewriting it is idempotent)."""
+    r = job.race
+    marks = rungs(r.grace(job.retrain.epochs), r.reduction_factor, tables.max_epochs)
+    curves, now = _curves(job), datetime.now(timezone.utc)
+    out = []
+    for x in rows:
+        f = finalists[int(x["config"]["finalist"])]
+        curve = curves.get(x["trial_id"] or "", {})
+        reached = [e for e in marks if e in curve]
+        epochs = int(x["m"].get("epoch", 0))
+        out.append({"run_id": RUN_ID, "job": job.name, "dataset": job.data.dataset, "trial_id": x["trial_id"],
+                    "finalist": int(x["config"]["finalist"]), "source": f.source, "search_rank": f.search_rank,
+                    "search_val_acc": f.search_val_acc, "config_key": f.subnet.key(),
+                    "config_json": f.subnet.to_json(), "params": f.params, "lr": x["config"].get("lr"),
+                    **{f"{m}_depth": f.subnet.depth(m) for m in MODULES},
+                    **{f"{m}_widths": list(f.subnet.layer_widths(m)) for m in MODULES},
+                    "rungs": reached, "rung_scores": [curve[e] for e in reached], "epochs_run": epochs,
+                    "max_epochs": tables.max_epochs, "last_val_acc": x["m"].get(METRIC),
+                    "last_val_loss": x["m"].get("val_loss"),
+                    "stopped": x["status"] == "done" and epochs < tables.max_epochs, "status": x["status"],
+                    "chosen": x["trial_id"] == chosen, "timestamp": now})
+    tables.check()
+    storage.append_table(JobPaths.of(job).race, "finalists", pa.Table.from_pylist(out), part=RUN_ID)
+
+
+# ====================================================================== what retraining reads
+def saved_race(job: JobConfig) -> RaceResult | None:
+    """The finished race's survivor (``chosen.json``), or None."""
+    loc = JobPaths.of(job).race_chosen
+    return RaceResult(**json.loads(storage.read_text(loc))) if storage.exists(loc) else None
+
+
+def race_done(job: JobConfig) -> bool:
+    """Whether the race has nothing left to do: it does not apply, or it finished."""
+    return not race_applies(job) or saved_race(job) is not None
+
+
+def raced_subnet(job: JobConfig) -> SubnetConfig:
+    """The survivor's subnet (the race must have finished)."""
+    res = saved_race(job)
+    if res is None:
+        raise ConfigError(f"no race survivor at {JobPaths.of(job).race_chosen.uri}; run the race stage first "
+                          f"(noah-ray race), or set race.enabled: false to retrain the search's winner")
+    return SubnetConfig.from_dict(res.subnet)
+
+
+def raced_job(job: JobConfig) -> JobConfig:
+    """The job NOAH's retraining runs: with the survivor's learning rate when ``race.lrs`` raced
+    them (and no ``hpo`` section tunes it afterwards), else ``job`` itself."""
+    res = saved_race(job) if race_applies(job) else None
+    if res is None or res.lr is None or job.hpo is not None:
+        return job
+    return job.with_values({"retrain.lr": res.lr}, "noah")

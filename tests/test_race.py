@@ -1,0 +1,210 @@
+"""Finalist racing (noah_ray.hpo.race): the race section, the brackets' budget, the finalists (the
+search's top-K distinct candidates plus the hand-sized baselines at the limit); end to end on Ray
+Tune with a tiny ViT: the survivor has the best top-rung score, retraining trains it (with its
+raced learning rate), a re-run answers from storage.  The search's outputs are written here
+(a trials table and a winner), so the race runs without a supernet."""
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from noah_ray.config import JobConfig, race_budget
+from noah_ray.config.race import rungs
+from noah_ray.config.resolved import param_limit
+from noah_ray.data import write_generated_vtab
+from noah_ray.errors import ConfigError
+from noah_ray.hpo import race
+from noah_ray.nn.backbones import shape_of
+from noah_ray.space import SubnetConfig
+from noah_ray.store import results, storage
+from noah_ray.store.layout import JobPaths
+
+TINY = "vit_noah_tiny_patch4_32"
+SPACE = {"num_layers": 12, "modules": {"lora": {"depths": [6, 12], "widths": [1, 2]},
+                                       "adapter": {"depths": [6, 12], "widths": [1, 2]}}}
+
+
+def job_dict(tiny_job, root: Path, store: str, **race_cfg) -> dict:
+    return tiny_job(root, store, name="r", data={"batch_size": 32, "eval_batch_size": 32}, space=SPACE,
+                    supernet=None, search={"param_limit": 0.01},
+                    retrain={"epochs": 2, "lr": 3e-3, "warmup_epochs": 0, "method": "noah", "baselines": [],
+                             "seeds": [0], "max_failures": 0},
+                    race={"enabled": True, "finalists": 3, "max_epochs": 2, "grace_period": 1,
+                          "reduction_factor": 2, **race_cfg})
+
+
+def cfg(lora: int, lora_depth: int, adapter: int, adapter_depth: int) -> SubnetConfig:
+    return SubnetConfig({"lora": (lora,) * lora_depth + (0,) * (12 - lora_depth),
+                         "adapter": (adapter,) * adapter_depth + (0,) * (12 - adapter_depth)})
+
+
+#: what the search scored (val_acc), in the order it wrote them; the winner is C1 (its best_subnet.yaml)
+C1, C2, C3, C4, C5 = cfg(1, 12, 1, 6), cfg(2, 6, 1, 12), cfg(1, 6, 2, 6), cfg(1, 6, 0, 0), cfg(0, 0, 1, 6)
+SCORED = [(C4, 40.0, "done"), (C1, 70.0, "done"), (C2, 70.0, "done"), (C2, 65.0, "done"), (C3, 60.0, "done"),
+          (C5, 99.0, "failed"), (C4, 55.0, "done")]
+
+
+def write_search(job: JobConfig) -> None:
+    """The search's outputs as the search stage leaves them: the trials rows and the winner."""
+    from noah_ray.search.driver import search_run_name
+
+    paths = JobPaths.of(job)
+    rows = [{"run_id": search_run_name(job, None), "job": job.name, "dataset": job.data.dataset,
+             "algorithm": "evolution", "trial_id": f"t{i}", "config_key": c.key(), "config_json": c.to_json(),
+             "params": c.param_count(shape_of(TINY, 1)).modules, "val_acc": None if status == "failed" else acc,
+             "status": status, "generation": 0} for i, (c, acc, status) in enumerate(SCORED)]
+    rows.append({**rows[0], "run_id": "other-run", "trial_id": "x", "config_json": cfg(2, 12, 2, 12).to_json(),
+                 "val_acc": 100.0})                                   # another search run: not this job's
+    storage.append_table(paths.search, "trials", pa.Table.from_pylist(rows), part="g0")
+    storage.write_text(paths.best_subnet(), C1.to_yaml())
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("race-data")
+    write_generated_vtab(root, "gen_color", num_train=64, num_val=32, num_test=32)
+    return root
+
+
+# ----------------------------------------------------------------------------- no Ray
+@pytest.mark.parametrize("bad, match", [
+    ({"finalists": 0}, r"^config\.race\.finalists: 0 must be > 0$"),
+    ({"finalists": 10_000}, r"^config\.race\.finalists: 10000 is above the sane limit 256; check the value$"),
+    ({"reduction_factor": 1}, r"^config\.race\.reduction_factor: 1 must be > 1 \(e\.g\. 4: .*\)$"),
+    ({"lrs": [0.01, -1]}, r"^config\.race\.lrs: -1 must be > 0, e\.g\. lrs: \[0\.001, 0\.003, 0\.01\]$"),
+    ({"lrs": [0.01, 0.01]}, r"^config\.race\.lrs: \[0\.01, 0\.01\] names a value twice; list each learning rate once$"),
+    ({"lrs": ["fast"]}, r"^config\.race\.lrs: "),
+    ({"grace_period": 5, "max_epochs": 2}, r"^config\.race\.grace_period: 5 exceeds max_epochs 2; lower it$"),
+    ({"finalist": 3}, r"^config\.race: unknown key 'finalist'"),
+    ({"enabled": "yes"}, r"^config\.race\.enabled: "),
+])
+def test_bad_race_settings_fail_in_one_line(bad, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        JobConfig.from_dict({"race": bad})
+    assert "\n" not in str(e.value)
+
+
+def test_racing_is_the_default_and_the_plain_procedure_stays_selectable():
+    assert JobConfig().race.enabled and JobConfig().race.finalists == 8 and JobConfig().race.baselines
+    job = JobConfig.from_dict({"race": {"enabled": False}})
+    assert not race.race_applies(job) and race.race_done(job)
+    assert not race.race_applies(JobConfig.from_dict({"retrain": {"subnet": "x.yaml"}}))   # a given subnet wins
+    assert not race.race_applies(JobConfig.from_dict({"retrain": {"method": "lora"}}))     # NOAH not retrained
+    assert JobConfig.from_dict(JobConfig.from_dict({"race": {"lrs": [0.01]}}).to_dict()).race.lrs == [0.01]
+
+
+def test_rungs_and_budget_of_the_default_brackets():
+    # Ray's milestones grace * rf**k for k < int(log(max_t / grace) / log(rf) + 1), then max_t itself
+    assert rungs(6, 4.0, 100) == [6, 24, 96, 100]
+    assert rungs(1, 4.0, 6) == [1, 4, 6] and rungs(1, 2.0, 2) == [1, 2] and rungs(3, 4.0, 3) == [3]
+    # synchronous halving of 11 trials (8 finalists + 3 baselines), 100 epochs, the default grace 100 // 16:
+    # 11 x 6 + ceil(11/4) x (24 - 6) + ceil(3/4) x (96 - 24) + 1 x (100 - 96)
+    assert JobConfig().race.grace(100) == 6
+    assert race_budget(11, 6, 4.0, 100) == 11 * 6 + 3 * 18 + 1 * 72 + 1 * 4 == 196      # 1.96 retrainings
+    assert race_budget(11, 1, 4.0, 6) == 11 + 3 * 3 + 1 * 2                             # the demo's 6 epochs
+    assert race_budget(1, 1, 2.0, 2) == 2
+
+
+def test_the_widest_uniform_baseline_fits_and_one_more_does_not(tiny_job, data_root, tmp_path):
+    job = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path)))
+    limit = param_limit(job, shape_of(TINY, 1))
+    for kind in ("lora", "adapter", "vpt"):
+        best = limit.widest_uniform(kind, 12)
+        assert best is not None and set(best.widths) == {kind} and len(set(best.layer_widths(kind))) == 1
+        w = best.layer_widths(kind)[0]
+        assert limit.count(best) <= 0.01e6 < limit.count(SubnetConfig.uniform(12, **{kind: w + 1}))
+    assert limit.widest_uniform("lora", 12, cap=1) == SubnetConfig.uniform(12, lora=1)
+
+
+def test_finalists_are_the_top_k_distinct_search_candidates_then_the_baselines(tiny_job, data_root, tmp_path):
+    job = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path)))
+    write_search(job)
+    limit = param_limit(job, shape_of(TINY, 1))
+    out = race.pick_finalists(job, limit)
+    # the winner first, then by val_acc (C2 ties C1 at 70: more params first), a config once, failed ones never
+    assert [f.subnet for f in out[:3]] == [C1, C2, C3]
+    assert [f.search_val_acc for f in out[:3]] == [70.0, 70.0, 60.0] and [f.search_rank for f in out[:3]] == [0, 1, 2]
+    assert [f.source for f in out] == ["search"] * 3 + ["baseline:lora", "baseline:adapter"]
+    assert [f.subnet for f in out[3:]] == [limit.widest_uniform("lora", 12), limit.widest_uniform("adapter", 12)]
+    assert all(f.params == limit.count(f.subnet) and limit.ok(f.subnet) for f in out)
+    wide = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path), finalists=8, baselines=False))
+    assert [f.subnet for f in race.pick_finalists(wide, limit)] == [C1, C2, C3, C4]   # all 4 distinct ones
+
+
+def test_retraining_needs_the_finished_race_unless_racing_is_off(tiny_job, data_root, tmp_path):
+    from noah_ray.run import pipeline
+
+    job = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path)))
+    write_search(job)
+    with pytest.raises(ConfigError, match=r"^no race survivor at .*chosen\.json; run the race stage first "
+                                          r"\(noah-ray race\), or set race\.enabled: false") as e:
+        pipeline.retrain_subnet(job)
+    assert "\n" not in str(e.value)
+    job.race.enabled = False
+    assert pipeline.retrain_subnet(job) == C1 and race.raced_job(job) is job
+
+
+def test_race_command_refuses_a_bad_race_section_in_one_line(tiny_job, data_root, tmp_path, capsys):
+    from noah_ray.cli import main as cli
+
+    data = job_dict(tiny_job, data_root, str(tmp_path / "store"), reduction_factor=0.5)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    rc = cli.main(["race", "--config", str(tmp_path / "job.yaml"), "--address", "127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "race.reduction_factor: 0.5 must be > 1" in err
+    assert not (tmp_path / "store").exists()
+
+
+# ----------------------------------------------------------------------------- Ray Tune
+@pytest.mark.slow
+def test_race_picks_the_best_top_rung_finalist_and_retraining_trains_it(ray_session, data_root, tmp_path, tiny_job):
+    from noah_ray.run import pipeline
+
+    job = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path), lrs=[3e-2, 1e-6]))
+    write_search(job)
+    summary = pipeline.run_stages(job, ("race", "retrain"))
+    uri = str(tmp_path / "r")
+    fin = results.finalists(uri)
+    assert len(fin) == 5 * 2 and (fin.status == "done").all()
+    assert sorted(fin.source.unique()) == ["baseline:adapter", "baseline:lora", "search"]
+    assert fin[fin.source == "search"].config_key.nunique() == 3
+    assert sorted(fin.lr.unique()) == [1e-6, 3e-2] and fin.groupby("finalist").lr.nunique().eq(2).all()
+    # rung scores are the curve's val accuracy at the rung epochs the trial reached
+    curves = results.load_table(uri, "hpo_curves").set_index(["trial_id", "epoch"]).val_acc
+    for row in fin.itertuples():
+        assert list(row.rungs) == [e for e in (1, 2) if e <= row.epochs_run]
+        assert list(row.rung_scores) == [curves[(row.trial_id, e)] for e in row.rungs]
+        assert row.last_val_acc == row.rung_scores[-1] and row.stopped == (row.epochs_run < 2)
+    # the survivor: the best val accuracy at the top rung among the trials that reached it
+    top = fin[fin.epochs_run == fin.epochs_run.max()]
+    chosen = fin[fin.chosen]
+    assert len(chosen) == 1 and chosen.trial_id.iloc[0] in set(top.trial_id)
+    assert chosen.last_val_acc.iloc[0] == top.last_val_acc.max()
+    saved = json.loads((tmp_path / "r" / "race" / "chosen.json").read_text())
+    assert saved["trial_id"] == chosen.trial_id.iloc[0] and saved["lr"] == chosen.lr.iloc[0]
+    assert SubnetConfig.from_json(chosen.config_json.iloc[0]) == SubnetConfig.from_dict(saved["subnet"])
+    assert saved["epochs_trained"] == fin.epochs_run.sum() and summary["race"]["trial_id"] == saved["trial_id"]
+    # retraining trained the survivor with its raced learning rate
+    _, meta = storage.load_state(storage.resolve(str(tmp_path / "r" / "retrain" / "noah-seed0" / "final")))
+    assert SubnetConfig.from_dict(meta["subnet"]) == SubnetConfig.from_dict(saved["subnet"])
+    assert math.isclose(meta["spec"]["lr"], saved["lr"])
+    assert len(results.runs(uri)) == 1
+    # a finished race and retraining answer from storage: no Ray, nothing rewritten
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*") if p.is_file() and "runs" not in p.parts}
+    assert pipeline.preflight(job, ("race", "retrain")).pending == ()
+    again = pipeline.run_stages(job, ("race", "retrain"), start_ray=lambda: pytest.fail("Ray was started"))
+    assert again["race"]["trial_id"] == saved["trial_id"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*") if p.is_file()
+            and "runs" not in p.parts and p.name != "lease.json"} == {p: t for p, t in files.items()
+                                                                      if p.name != "lease.json"}
+    # other finalists: the race refuses to resume over the stored one
+    changed = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path), lrs=[3e-2, 1e-6], finalists=2))
+    (tmp_path / "r" / "race" / "chosen.json").unlink()
+    with pytest.raises(ConfigError, match="was started with other finalists"):
+        pipeline.run_stages(changed, ("race",))
+    assert len(results.hpo(uri)) == 0                   # the race's trials are not hyper-parameter trials
+    assert results.plot_finalists(uri, tmp_path / "f.png").stat().st_size > 5000
