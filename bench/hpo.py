@@ -10,7 +10,8 @@ layout (800 train / 200 val images, 32x32) with the tiny ViT and one retraining 
    epochs per second (the runs may train different epoch counts, ASHA decides asynchronously).
 
 Usage: ``python bench/hpo.py [--task gen_count] [--method lora] [--epochs 9] [--trials 12]
-[--points 4] [--grace 1] [--reduction-factor 3] [--skip-concurrency] [--out DIR]``; with the same
+[--points 4] [--grace 1] [--reduction-factor 3] [--seed 0] [--search-seed S] [--skip-concurrency]
+[--out DIR]``; with the same
 ``--out`` a finished run (e.g. the grid) is reused, not run again
 """
 
@@ -39,7 +40,8 @@ def make_job(args, root: Path, name: str, **hpo):
         "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
         "space": {"num_layers": 12, "modules": {"lora": {"depths": [12], "widths": [8]}}},
         "retrain": {"epochs": args.epochs, "warmup_epochs": 1, "method": args.method, "seeds": [0]},
-        "hpo": {"space": SPACE, "grid_points": args.points, "cpus_per_trial": 1, "seed": args.seed, **hpo}})
+        "hpo": {"space": SPACE, "grid_points": args.points, "cpus_per_trial": 1,
+                "seed": args.seed if args.search_seed is None else args.search_seed, **hpo}})
 
 
 def measure(job, method: str) -> dict:
@@ -79,7 +81,9 @@ def main() -> None:
     p.add_argument("--points", type=int, default=4, help="grid points per axis")
     p.add_argument("--reduction-factor", type=float, default=3.0)
     p.add_argument("--grace", type=int, default=1, help="ASHA grace period (epochs before the first stop)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data (and, without --search-seed, sampler) seed")
+    p.add_argument("--search-seed", type=int, default=None, help="the TPE sampler's seed (hpo.seed); the data "
+                   "and the grid stay those of --seed, so one grid serves several sampler seeds")
     p.add_argument("--skip-concurrency", action="store_true", help="skip the 1-vs-2 concurrent trials run")
     p.add_argument("--out", default=None, help="work directory (default: a temporary one)")
     args = p.parse_args()
@@ -99,6 +103,7 @@ def main() -> None:
     grid = measure(make_job(args, root, f"grid{args.points}-{tag}", searcher="grid", scheduler="fifo",
                             max_concurrent=2), args.method)
     tag += f"-t{args.trials}-rf{args.reduction_factor:g}-g{args.grace}-s{args.seed}"
+    tag += "" if args.search_seed is None else f"-ss{args.search_seed}"
     tpe2 = measure(make_job(args, root, f"tpe-asha-c2-{tag}", max_concurrent=2, **asha), args.method)
     rows = [("grid (fifo), 2 conc.", grid), ("tpe+asha, 2 conc.", tpe2)]
     if not args.skip_concurrency:

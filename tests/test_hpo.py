@@ -251,3 +251,38 @@ def test_sigkilled_search_resumes_without_rerunning_a_finished_trial(ray_session
         mine = {n: t for n, t in after.items() if f"-{tid}-" in n}
         assert mine and all(before.get(n) == t for n, t in mine.items())
     assert sum(trials.epochs_run) == len(after) == 3 * 2  # every other trial ran its epochs once
+
+
+def test_tpe_hears_asha_stopped_trials_as_pruned_at_their_rung_and_finished_ones_as_complete(ray_session, tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from noah_ray.hpo.tpe import RungAwareOptunaSearch
+
+    def _rungs(config):                           # local: Ray pickles it by value (tests is no package)
+        for epoch in range(1, 5):                 # the score grows with x and with the epochs
+            tune.report({"epoch": epoch, "score": config["x"] * epoch})
+
+    searcher = RungAwareOptunaSearch(sampler=optuna.samplers.TPESampler(n_startup_trials=3, seed=0), max_t=4)
+    tuner = tune.Tuner(_rungs, param_space={"x": tune.uniform(0.0, 1.0)}, tune_config=tune.TuneConfig(
+        metric="score", mode="max", search_alg=searcher, num_samples=10, max_concurrent_trials=1,
+        scheduler=ASHAScheduler(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2)),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="rungs", verbose=0))
+    grid = tuner.fit()
+    assert len(grid) == 10 and not grid.errors
+    seen = {}
+    for r in grid:
+        ot = searcher._ot_study.trials[searcher._ot_trials[r.metrics["trial_id"]].number]
+        seen[r.metrics["trial_id"]] = ot.state
+        last, x = r.metrics["epoch"], r.config["x"]
+        if last < 4:                                  # ASHA stopped it at a rung
+            assert ot.state == TrialState.PRUNED
+            # every rung it reached is an intermediate value, the last one included (Tune hands
+            # the stopping result to on_trial_complete only); the trial's value is that last one
+            assert ot.intermediate_values == pytest.approx({e: x * e for e in range(1, last + 1)})
+            assert ot.value == pytest.approx(x * last)
+        else:
+            assert ot.state == TrialState.COMPLETE and ot.value == pytest.approx(4 * x)
+    assert TrialState.PRUNED in seen.values() and TrialState.COMPLETE in seen.values()

@@ -2,6 +2,7 @@
 backbone (loads by its timm tag, beats the random backbone on a linear probe)."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def _check_folder(root, name):
     splits = {s: read_split(cfg, s, num_classes=info.num_classes) for s in ("train800", "val200", "train800val200", "test")}
     assert {s: len(splits[s]) for s in SPLIT_SIZES} == SPLIT_SIZES
     assert splits["train800val200"] == splits["train800"] + splits["val200"]
-    assert len(splits["test"]) >= 500
+    assert len(splits["test"]) == (1797 - 1000 if name == "mv_digits" else 2000)   # v2: 2,000 where the source allows
     for split in ("train800", "test"):
         assert {y for _, y in splits[split]} == set(range(info.num_classes)), f"{name}/{split}: a class is missing"
     with Image.open(splits["test"][0][0]) as im:
@@ -68,7 +69,25 @@ def test_digits_are_the_real_uci_digits_split_without_overlap(tmp_path):
     small = [np.asarray(Image.open(p).convert("L").resize((8, 8), Image.BILINEAR), dtype=np.float32)
              for p, _ in splits["test"][:5]]
     assert all(img.std() > 20 for img in small)      # real strokes, not blank images
-    assert (d / ".generated").read_text().startswith("minivtab-2 mv_digits")
+    assert (d / ".generated").read_text().startswith(f"minivtab-v{minivtab.VERSION} mv_digits")
+
+
+def test_v2_keeps_train_and_val_of_v1_and_never_reuses_an_older_folder(tmp_path, monkeypatch):
+    """v2 only adds test images: train800 / val200 are the images v1 had; a v1 folder under the
+    data root is neither read by a job nor reused by write_task."""
+    v1 = minivtab.write_task(tmp_path / "old", "mv_position")
+    (v1 / ".generated").write_text("minivtab-2 mv_position 32 500 0")     # what v1 stamped
+    job = minivtab.job_config("mv_position", tmp_path / "s", tmp_path / "old")
+    assert job.data.root == str(tmp_path / "old" / f"minivtab-v{minivtab.VERSION}")
+    again = minivtab.write_task(tmp_path / "old", "mv_position")          # stamp differs: rewritten
+    assert (again / ".generated").read_text().startswith(f"minivtab-v{minivtab.VERSION} ")
+    monkeypatch.setattr(minivtab, "NUM_TEST", 500)                       # the v1 test size
+    small = minivtab.write_task(tmp_path / "v1", "mv_position")
+    for split in ("train800", "val200"):
+        assert (small / f"{split}.txt").read_text() == (again / f"{split}.txt").read_text()
+        for row in (again / f"{split}.txt").read_text().splitlines()[:20]:
+            rel = row.split()[0]
+            assert np.array_equal(np.asarray(Image.open(small / rel)), np.asarray(Image.open(again / rel)))
 
 
 def test_fractal_categories_are_bounded_and_fill_the_image():
@@ -115,25 +134,95 @@ def test_shipped_weights_load_by_tag_and_beat_the_random_backbone(tmp_path, one_
 
 
 # ------------------------------------------------------------------ the benchmark script
-@pytest.mark.slow
-def test_mini_vtab_bench_quick_on_one_task(tmp_path, ray_session):
-    """``bench/mini_vtab.py --quick`` settings on one task, through the real pipeline on the
-    session's local Ray: NOAH + a linear probe, the random-backbone probe, the VTAB table and
-    the Markdown report."""
+def _bench():
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("mini_vtab", Path(__file__).parents[1] / "bench" / "mini_vtab.py")
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench          # its dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+def _fake_results(out):
+    """A stored benchmark without training: runs of noah, noah+, linear and lora on three tasks x
+    3 seeds (linear = base + seed, lora = linear + 10, noah = linear + 8, noah+ = linear + 12), the
+    cached floor and the stage times (supernet 60 s, search 120 s, race 30 s, retrain 300 s per task;
+    every run's training 20 s; 2 cores per task)."""
+    from datetime import datetime, timedelta, timezone
+
+    import pyarrow as pa
+
+    from noah_ray.store import storage
+
+    base = {"mv_digits": 50.0, "mv_photos": 20.0, "mv_count": 40.0}
+    offset = {"linear": 0.0, "lora": 10.0, "noah": 8.0, "noah+": 12.0}
+    params = {"linear": 0, "lora": 18432, "noah": 11000, "noah+": 12000}
+    t0, i = datetime(2026, 1, 1, tzinfo=timezone.utc), 0
+    for task, b in base.items():
+        loc = storage.resolve(str(out / "pretrained")).join(task, "retrain")
+        for method, off in offset.items():
+            for seed in range(3):
+                i += 1
+                row = {"run_id": f"{method}-seed{seed}", "job": task, "dataset": task, "method": method, "seed": seed,
+                       "params": params[method], "params_head": 40, "val_acc": 50.0, "test_acc": b + seed + off,
+                       "best_epoch": 1, "epochs": 1, "wall_time_s": 20.0, "timestamp": t0 + timedelta(seconds=i)}
+                storage.append_table(loc, "runs", pa.Table.from_pylist([row]), part=f"{method}-seed{seed}")
+    (out / "pixels.json").write_text(json.dumps({f"v{minivtab.VERSION}": {"mv_digits": 55.0, "mv_photos": 25.0,
+                                                                           "mv_count": 30.0}}))
+    stages = {"supernet": 60.0, "search": 120.0, "race": 30.0, "retrain": 300.0}
+    (out / "times.json").write_text(json.dumps({"cores_per_task": 2.0, "jobs": {t: stages for t in base}}))
+
+
+def test_doc_writer_prints_averages_wins_intervals_and_costs_worked_out_by_hand(tmp_path):
+    bench = _bench()
+    out = tmp_path / "storage"
+    _fake_results(out)
+    doc = tmp_path / "mv.md"
+    bench.write_doc(doc, out, ["--report"], None, [], "abc123")
+    text = doc.read_text()
+    assert "Commit: `abc123`" in text and "Command: `python bench/mini_vtab.py --report`" in text
+    # noah per task: digits 59, photos 29, count 49 -> Natural 44, Structured 49; groups 46.5, tasks 45.67
+    assert "| noah | 46.50 | 45.67 | 45.67 | 3 | 9 |" in text
+    assert "| pixels | 35.00 | 36.67 |" in text           # Natural (55 + 25) / 2 = 40, Structured 30
+    # paired differences are constant: noah - lora = -2, noah+ - lora = +2, noah - linear = +8
+    assert "| noah - lora | -2.00 | [-2.00, -2.00] | 9 |" in text
+    assert "| noah+ - lora | +2.00 | [+2.00, +2.00] | 9 |" in text
+    assert "| noah - linear | +8.00 | [+8.00, +8.00] | 9 |" in text
+    assert "noah+ - noah" not in text                       # NOAH rows are compared with baselines only
+    lines = text.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("| method | vs "))
+    header = [c.strip() for c in lines[at].split("|")]
+    table = lines[at + 2:lines.index("", at)]
+    cell = {r[1]: dict(zip(header, r)) for r in ([c.strip() for c in ln.split("|")] for ln in table)}
+    assert cell["noah"]["vs lora"] == "0-3" and cell["noah+"]["vs lora"] == "3-0"
+    assert cell["noah"]["vs pixels"] == "3-0" and cell["linear"]["vs pixels"] == "1-2"   # count 41 > 30 only
+    # cost: retrain 300 s = 12 runs x 20 s + 60 s split evenly (5 s a run): 75 s per method and task;
+    # noah adds supernet + search (180 s), noah+ also the race (30 s); x 3 tasks, x 2 cores
+    costs = {c.method: c for c in bench.method_costs(bench.load_runs(out)[0], bench.Times.read(out))}
+    assert costs["noah"].wall_s == pytest.approx(3 * 255) and costs["noah"].cpu_min == pytest.approx(3 * 255 / 30)
+    assert costs["noah+"].wall_s == pytest.approx(3 * 285) and costs["lora"].wall_s == pytest.approx(3 * 75)
+    assert "pixels" not in costs and "| noah+ | 28.5 | 14.2 | 3 |" in text
+    assert "floor (pixels, mean over tasks 36.67 %): all 4 methods clear it" in text
+
+
+@pytest.mark.slow
+def test_mini_vtab_bench_quick_on_one_task(tmp_path, ray_session):
+    """``bench/mini_vtab.py --quick`` settings on one task, through the real pipeline on the
+    session's local Ray: NOAH + a linear probe, the random-backbone probe, the VTAB table and
+    the Markdown report."""
+    bench = _bench()
     doc = tmp_path / "mini_vtab.md"
     rc = bench.main(["--quick", "--tasks", "mv_position", "--seeds", "0", "--methods", "linear",
                      "--supernet-epochs", "1", "--retrain-epochs", "1", "--out", str(tmp_path), "--doc", str(doc)])
     assert rc == 0
     pre, rnd = bench.tables(tmp_path / "storage")
-    assert set(pre["method"]) == {"noah", "linear"} and set(rnd["method"]) == {"linear"}
-    assert {"mv_position", "Structured", "Mean", "params_m"} <= set(pre.columns)
+    assert set(pre["method"]) == {"noah", "linear", "pixels"} and set(rnd["method"]) == {"linear"}
+    assert {"mv_position", "Structured", "Mean", "Mean_tasks", "params_m"} <= set(pre.columns)
     assert pre["Mean"].between(0, 100).all() and pre.set_index("method").loc["linear", "params_m"] == 0
     text = doc.read_text()
     assert "Commit: `" in text and "linear probe, mean over 1 tasks: pretrained" in text
+    assert "| noah - linear |" in text and "| noah - pixels |" in text and "## Cost per method" in text
+    assert json.loads((tmp_path / "storage" / "times.json").read_text())["jobs"]["mv_position"]["supernet"] > 0
     assert ray_session.is_initialized()                  # the bench left the session's Ray running

@@ -129,9 +129,11 @@ def test_hpo_searchers_and_schedulers_build_tune_objects():
     from ray.tune.search.optuna import OptunaSearch
 
     from noah_ray.hpo.driver import tune_scheduler, tune_searcher
+    from noah_ray.hpo.tpe import RungAwareOptunaSearch
 
-    built = {s: type(tune_searcher(HpoConfig(searcher=s))) for s in HPO_SEARCHERS}
-    assert built == {"tpe": OptunaSearch, "random": BasicVariantGenerator, "grid": BasicVariantGenerator}
+    built = {s: type(tune_searcher(HpoConfig(searcher=s), 4)) for s in HPO_SEARCHERS}
+    assert built == {"tpe": RungAwareOptunaSearch, "random": BasicVariantGenerator, "grid": BasicVariantGenerator}
+    assert issubclass(RungAwareOptunaSearch, OptunaSearch)
     built = {s: type(tune_scheduler(HpoConfig(scheduler=s), 4)) for s in HPO_SCHEDULERS}
     assert built == {"asha": ASHAScheduler, "fifo": FIFOScheduler}
 

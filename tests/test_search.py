@@ -30,7 +30,7 @@ from noah_ray.search.driver import load_best_subnet, make_searcher, run_search
 from noah_ray.search.searcher import NoahSearcher
 from noah_ray.search.store import SearchStore
 from noah_ray.space import ModuleSpace, SearchSpace, SubnetConfig
-from noah_ray.space.budget import ParamLimit
+from noah_ray.space.budget import ParamLimit, uniform_at_limit
 from noah_ray.space.kinds import BackboneShape
 from noah_ray.store import storage
 
@@ -378,7 +378,13 @@ def test_supernet_then_search_on_s3(ray_session, s3_bucket, tiny, s3_markers, ti
         assert ((pareto.params <= row.params) & (pareto.val_acc >= row.val_acc)).any()
     winner = SubnetConfig.from_yaml(storage.read_text(base.join("best_subnet.yaml")))
     assert winner == result.best == load_best_subnet(job) == load_best_subnet(job, result.run_id)
-    assert result.best_val_acc == trials.val_acc.max()
+    # the winner: the most parameters among the candidates within 1 s.e. of the top (search.ties default)
+    sel, top = result.selection, trials.val_acc.max()
+    assert sel["top_val_acc"] == top and sel["val_images"] == 32 and sel["ties"] == "more_params"
+    assert sel["val_se"] == pytest.approx(100 * (top / 100 * (1 - top / 100) / 32) ** 0.5)
+    tied = trials[trials.val_acc >= top - sel["val_se"] - 1e-9]
+    assert sel["tied"] == len(tied) - 1 and result.best_params == tied.params.max()
+    assert (trials.origin == "warm").sum() == len(uniform_at_limit(job.space, limit))     # warm start
     job.space.validate(winner)
     assert len(storage.read_table(base, "generations")) == 3
     again = run_search(job)                                        # finished: nothing re-run

@@ -12,8 +12,8 @@ from noah_ray.config.schema import hpo_path
 from noah_ray.config.sections import positive, section_from_dict, type_ok
 from noah_ray.errors import ConfigError
 
-#: ``hpo.searcher`` / ``hpo.scheduler`` names and the factory each names (``factory(hpo)`` /
-#: ``factory(hpo, epochs)`` -> Ray Tune's searcher / scheduler), imported when a search starts
+#: ``hpo.searcher`` / ``hpo.scheduler`` names and the factory each names (``factory(hpo, epochs)``,
+#: ``epochs`` the trials' budget -> Ray Tune's searcher / scheduler), imported when a search starts
 #: (:mod:`noah_ray.config.entries`)
 HPO_SEARCHERS: dict[str, str] = {"tpe": "noah_ray.hpo.driver:tpe_searcher",
                                  "random": "noah_ray.hpo.driver:variant_searcher",

@@ -92,6 +92,9 @@ class JobConfig:
             out.search = section_from_dict(SearchConfig, data["search"], f"{where}.search")
         if "retrain" in data:
             out.retrain = RetrainConfig.from_dict(data["retrain"], f"{where}.retrain")
+        sup = data.get("supernet")
+        out.supernet.resolve_epochs(out.retrain.epochs, isinstance(sup, Mapping) and sup.get("epochs") is not None,
+                                    f"{where}.supernet")
         if data.get("prune") is not None:
             out.prune = section_from_dict(PruneConfig, data["prune"], f"{where}.prune")
         if data.get("hpo") is not None:
@@ -122,6 +125,8 @@ class JobConfig:
         out["space"] = self.space.to_dict()
         out["retrain"]["seeds"] = list(out["retrain"]["seeds"])
         out["retrain"]["baselines"] = list(out["retrain"]["baselines"])
+        out["search"]["warm_start"] = list(out["search"]["warm_start"])
+        out["search"]["warm_jobs"] = list(out["search"]["warm_jobs"])
         if out["prune"] is not None and out["prune"]["modules"] is not None:
             out["prune"]["modules"] = list(out["prune"]["modules"])
         if out["hpo"] is None:

@@ -34,6 +34,7 @@ HPO_RETRAIN_KEYS: tuple[str, ...] = ("lr", "weight_decay", "warmup_epochs", "min
 
 #: sane upper bounds: a value above one is a typo (an extra zero) or a run that never ends
 MAX_EPOCHS = 100_000
+MAX_EPOCHS_MULTIPLE = 100.0
 MAX_GENERATIONS = 10_000
 MAX_POPULATION = 100_000
 MAX_BATCH = 65_536
@@ -190,10 +191,29 @@ class SupernetConfig(TrainConfig):
     seed: int = 0                         # init, per-step subnet sampling, shuffling
     sampling: str = "uniform"             # subnets trained per step; uniform (NOAH: one random) |
                                           # sandwich (largest + smallest + one random, BigNAS / AttentiveNAS)
+    epochs_multiple: float | None = None  # epochs = this x retrain.epochs, rounded (the paper trains the
+                                          # supernet as long as the retraining: 1); instead of epochs, not
+                                          # with it; the loaded job holds the resulting epochs
 
     def check_own(self, where: str) -> None:
         if self.sampling not in SAMPLING:
             raise ConfigError(f"{where}.sampling: {self.sampling!r} unknown; use {' or '.join(SAMPLING)}")
+        m = self.epochs_multiple
+        if m is not None and not (type_ok(m, float) and 0 < m <= MAX_EPOCHS_MULTIPLE):
+            raise ConfigError(f"{where}.epochs_multiple: {m!r} must be a number in (0, {MAX_EPOCHS_MULTIPLE:g}] "
+                              f"(supernet epochs as a multiple of retrain.epochs), e.g. 1 or 2")
+
+    def resolve_epochs(self, retrain_epochs: int, explicit_epochs: bool, where: str) -> None:
+        """Set ``epochs`` from ``epochs_multiple`` x ``retrain_epochs`` (rounded half up, at least 1), then forget the
+        multiple (a saved job holds plain epochs); a section giving both is refused."""
+        m = self.epochs_multiple
+        if m is None:
+            return
+        if explicit_epochs:
+            raise ConfigError(f"{where}: give supernet.epochs ({self.epochs}) or supernet.epochs_multiple ({m:g} x "
+                              f"retrain.epochs), not both; remove one")
+        self.epochs, self.epochs_multiple = max(1, int(m * retrain_epochs + 0.5)), None   # half up
+        _at_most(where, MAX_EPOCHS, epochs=self.epochs)
 
 
 @dataclass
@@ -286,6 +306,21 @@ SEARCH_ENGINES: dict[str, str] = {
 SEARCH_ALGORITHMS = SEARCH_ENGINES
 
 
+#: ``search.ties``: how the winner is picked among the candidates statistically tied with the top
+#: score (the sort keys: :data:`noah_ray.evolution.ties.TIE_BREAKS`)
+SEARCH_TIES: dict[str, str] = {
+    "more_params": "the most parameters (under the limit)",
+    "fewer_params": "the fewest parameters",
+    "best": "the top score (NOAH's choice)",
+}
+MAX_TIE_SE = 10.0
+#: ``search.warm_start`` sources of generation 0 configs (:func:`noah_ray.search.driver.warm_configs`)
+WARM_STARTS: dict[str, str] = {
+    "uniform": "each module alone, uniform over its layers, at the widest width under the limit",
+    "sweep": "the winners of the sweep's other tasks that finished their search",
+}
+
+
 @dataclass
 class SearchConfig:
     algorithm: str = "evolution"          # evolution | aging | random | optuna (SEARCH_ENGINES)
@@ -311,6 +346,16 @@ class SearchConfig:
                                           # generation
     tournament: int = 0                   # aging: each parent is the best of this many living
                                           # members (0: top_k parents)
+    ties: str = "more_params"             # the winner among candidates within tie_se standard errors
+                                          # (binomial, val split) of the top score: more_params (most
+                                          # parameters under the limit) | fewer_params | best (NOAH: the top
+                                          # score) (SEARCH_TIES; noah_ray.evolution.ties)
+    tie_se: float = 1.0                   # the tie window in standard errors of the top score
+    warm_start: tuple[str, ...] = ("uniform",)
+                                          # generation 0 also holds: uniform (each module alone, uniform,
+                                          # at the widest width under the limit) and/or sweep (winners of
+                                          # the sweep's finished tasks, warm_jobs); [] : all random (NOAH)
+    warm_jobs: tuple[str, ...] = ()       # sweep: the other tasks' job names (set by the sweep)
 
     def check(self, where: str) -> None:
         if self.algorithm not in SEARCH_ENGINES:
@@ -334,6 +379,15 @@ class SearchConfig:
             if not 0 <= getattr(self, k) <= 1:
                 raise ConfigError(f"{where}.{k}: {getattr(self, k)} must be in [0, 1]")
         _positive(where, cpus_per_trial=self.cpus_per_trial, eval_batches=self.eval_batches)
+        if self.ties not in SEARCH_TIES:
+            raise ConfigError(f"{where}.ties: {self.ties!r} unknown; use {', '.join(SEARCH_TIES)}")
+        if not (type_ok(self.tie_se, float) and 0 <= self.tie_se <= MAX_TIE_SE):
+            raise ConfigError(f"{where}.tie_se: {self.tie_se!r} must be a number of standard errors in "
+                              f"[0, {MAX_TIE_SE}] (0: exact ties only)")
+        bad = [w for w in self.warm_start if w not in WARM_STARTS]
+        if bad or len(set(self.warm_start)) < len(self.warm_start):
+            raise ConfigError(f"{where}.warm_start: {list(self.warm_start)!r} must list distinct sources out of "
+                              f"{', '.join(WARM_STARTS)} (or be [] for an all-random generation 0)")
         if self.gpus_per_trial < 0 or self.trial_retries < 0 or self.param_min < 0:
             raise ConfigError(f"{where}: gpus_per_trial, trial_retries and param_min must be >= 0")
 

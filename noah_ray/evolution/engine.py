@@ -9,7 +9,7 @@ import math
 import random
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from noah_ray.errors import ConfigError
@@ -65,11 +65,16 @@ class SearchEngine:
         self._dirty: dict[str, None] = {}           # candidates changed since the last take_delta
         self._delta_history = 0
         self._delta_rng: tuple[Any, ...] | None = None
+        self.warm: list[SubnetConfig] = []          # generation 0 starts with these (warm start)
 
     @classmethod
-    def from_config(cls, search: SearchConfig, space: SearchSpace, limit: ParamLimit) -> SearchEngine:
-        """The engine the ``search`` section describes (each engine takes the keys it knows)."""
-        return cls(space, limit, **cls.config_kwargs(search))
+    def from_config(cls, search: SearchConfig, space: SearchSpace, limit: ParamLimit,
+                    warm: Sequence[SubnetConfig] = ()) -> SearchEngine:
+        """The engine the ``search`` section describes (each engine takes the keys it knows);
+        ``warm``: configs generation 0 holds before its random ones (``search.warm_start``)."""
+        engine = cls(space, limit, **cls.config_kwargs(search))
+        engine.warm = list(warm)
+        return engine
 
     @classmethod
     def config_kwargs(cls, s: SearchConfig) -> dict[str, Any]:
@@ -197,8 +202,22 @@ class SearchEngine:
         self._dirty[c.cid] = None
         return c
 
-    def _random(self, generation: int, n: int, taken: set[str]) -> list[Candidate]:
+    def _warm(self, generation: int, n: int, taken: set[str]) -> list[Candidate]:
+        """Up to ``n`` of the warm-start configs not proposed yet (generation 0 only); those outside
+        the space (modules may be absent: ``SearchSpace.validate(absent_ok=True)``) or the limit
+        are skipped."""
         out: list[Candidate] = []
+        for cfg in self.warm if generation == 0 else ():
+            if len(out) >= n:
+                break
+            c = self._new(cfg, generation, "warm", taken=taken) if self.space.contains(cfg, absent_ok=True) else None
+            if c is not None:
+                out.append(c)
+        return out
+
+    def _random(self, generation: int, n: int, taken: set[str]) -> list[Candidate]:
+        """``n`` new feasible configs: the warm-start ones first (generation 0), then random ones."""
+        out = self._warm(generation, n, taken)
         for _ in range(max(n, 1) * self.max_attempts):
             if len(out) >= n:
                 break

@@ -97,15 +97,19 @@ def param_space(space: dict[str, HpoParam], h: HpoConfig) -> dict[str, Any]:
 
 # ====================================================================== searchers and schedulers
 # the factories config.HPO_SEARCHERS / HPO_SCHEDULERS name
-def tpe_searcher(h: HpoConfig):
+def tpe_searcher(h: HpoConfig, epochs: int):
+    """Optuna TPE; trials the scheduler stopped before ``epochs`` reach it as pruned at their last
+    rung, not as completed with a lower-fidelity score (:class:`~noah_ray.hpo.tpe.RungAwareOptunaSearch`)."""
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from noah_ray.hpo.tpe import RungAwareOptunaSearch
 
     startup = h.startup_trials or max(2, h.trials // 4)
-    return OptunaSearch(sampler=optuna.samplers.TPESampler(n_startup_trials=startup, seed=h.seed))
+    return RungAwareOptunaSearch(sampler=optuna.samplers.TPESampler(n_startup_trials=startup, seed=h.seed),
+                                 max_t=epochs, time_attr="epoch")
 
 
-def variant_searcher(h: HpoConfig):
+def variant_searcher(h: HpoConfig, epochs: int):
     from ray.tune.search import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=h.seed, max_concurrent=h.max_concurrent)
@@ -124,9 +128,10 @@ def fifo_scheduler(h: HpoConfig, epochs: int):
     return FIFOScheduler()
 
 
-def tune_searcher(h: HpoConfig):
-    """Tune's search algorithm for ``hpo.searcher`` (the factory :data:`~noah_ray.config.HPO_SEARCHERS` names)."""
-    return load_entry(HPO_SEARCHERS[h.searcher])(h)
+def tune_searcher(h: HpoConfig, epochs: int):
+    """Tune's search algorithm for ``hpo.searcher`` (the factory :data:`~noah_ray.config.HPO_SEARCHERS`
+    names) for trials of up to ``epochs`` epochs."""
+    return load_entry(HPO_SEARCHERS[h.searcher])(h, epochs)
 
 
 def tune_scheduler(h: HpoConfig, epochs: int):
@@ -216,7 +221,7 @@ def _tuner(job: JobConfig, method: str, trainable, space: dict[str, HpoParam], t
         callbacks=[TrialRecorder(tables), *callbacks], failure_config=tune.FailureConfig(max_failures=h.trial_retries),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     tune_config = tune.TuneConfig(
-        metric=h.metric, mode=HPO_METRICS[h.metric], search_alg=tune_searcher(h),
+        metric=h.metric, mode=HPO_METRICS[h.metric], search_alg=tune_searcher(h, epochs),
         scheduler=tune_scheduler(h, epochs), num_samples=1 if h.searcher == "grid" else h.trials,
         max_concurrent_trials=h.max_concurrent if h.searcher == "tpe" else None,   # variants limit themselves
         reuse_actors=True)

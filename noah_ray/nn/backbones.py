@@ -26,17 +26,24 @@ from noah_ray.space.kinds import BackboneShape
 log = logging.getLogger(__name__)
 
 
+def _packaged(tag: str) -> dict:
+    """The pretrained config of a tiny-ViT tag whose weights ship in ``noah_ray/weights/``."""
+    return {"file": str(Path(__file__).parents[1] / "weights" / f"vit_noah_tiny_patch4_32.{tag}.safetensors"),
+            "num_classes": 0, "input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bicubic",
+            "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "first_conv": "patch_embed.proj", "classifier": "head",
+            "license": "mit"}
+
+
 #: pretrained configs of the tiny models; timm's ``register_model`` reads this module's
 #: ``default_cfgs`` when :func:`register_tiny_models` registers them (data only: importing
 #: this module registers nothing)
 default_cfgs = generate_default_cfgs({
     # formula-driven pretraining on IFS fractal categories (python -m noah_ray.nn.pretrain), shipped
     # with the package; not ImageNet weights (no natural image was seen)
-    "vit_noah_tiny_patch4_32.fractal": {
-        "file": str(Path(__file__).parents[1] / "weights" / "vit_noah_tiny_patch4_32.fractal.safetensors"),
-        "num_classes": 0, "input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bicubic",
-        "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "first_conv": "patch_embed.proj", "classifier": "head",
-        "license": "mit"},
+    "vit_noah_tiny_patch4_32.fractal": _packaged("fractal"),
+    # pretrained on images Debian packages ship (wallpaper photographs, font glyphs) plus fractals
+    # (python -m noah_ray.nn.pretrain --source photos:...,glyphs:...,fractals:... --tag shipped)
+    "vit_noah_tiny_patch4_32.shipped": _packaged("shipped"),
     "vit_noah_tiny_patch4_32.untrained*": {     # "*" (after the tags with weights):
                                                  # the default without a tag (random init)
         "url": "", "num_classes": 10, "input_size": (3, 32, 32), "crop_pct": 1.0,

@@ -17,15 +17,17 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from noah_ray.data import fractal
+from noah_ray.data import fractal, shipped
+from noah_ray.errors import ConfigError
 from noah_ray.nn import optim
 
 DEFAULT_MODEL = "vit_noah_tiny_patch4_32"
@@ -46,10 +48,16 @@ class PretrainConfig:
     eval_images: int = 2048         # held-out instances scored at the end (source accuracy)
     seed: int = 0
     threads: int = 1
+    #: what the classes are, ``name:share`` parts of :data:`SOURCES` (``fractals`` alone is the
+    #: original FractalDB-style recipe; e.g. ``photos:0.6,glyphs:0.2,fractals:0.2`` mixes them)
+    source: str = "fractals"
+    tag: str = "fractal"            # pretrained tag of the written file (<model>.<tag>.safetensors)
+    photo_grid: int = 3             # photos: regions per image are photo_grid x (photo_grid + 1)
+    cache_dir: str = ""             # photos: decoded-image cache (default ~/.cache/noah_ray/shipped)
 
 
-def default_out(model: str = DEFAULT_MODEL) -> Path:
-    return Path(__file__).parents[1] / "weights" / f"{model}.fractal.safetensors"
+def default_out(model: str = DEFAULT_MODEL, tag: str = "fractal") -> Path:
+    return Path(__file__).parents[1] / "weights" / f"{model}.{tag}.safetensors"
 
 
 class FractalStream:
@@ -61,6 +69,7 @@ class FractalStream:
         self.x: torch.Tensor | None
         self.y: torch.Tensor | None
         self.x, self.y, self.pos = None, None, 0
+        self.num_classes = len(categories)
 
     def _refill(self, n: int) -> None:
         labels = self.rng.integers(0, len(self.categories), size=n)
@@ -87,23 +96,79 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
     return 100.0 * float((pred == y).float().mean())
 
 
-def pretrain(cfg: PretrainConfig, out: Path, log=print) -> dict:
-    """Train and write the backbone; returns the recipe and the measured numbers."""
-    import timm
+class Stream(Protocol):
+    num_classes: int
 
-    from noah_ray.nn.backbones import register_tiny_models
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    register_tiny_models()
 
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    t0 = time.time()
+class MixStream:
+    """Batches drawn from several streams at fixed shares, their labels offset into one class space."""
+
+    def __init__(self, parts: list[tuple[Stream, float]]) -> None:
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [s.num_classes for s, _ in parts])[:-1].tolist()
+        self.num_classes = sum(s.num_classes for s, _ in parts)
+
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = [round(n * share) for _, share in self.parts[:-1]]
+        counts.append(n - sum(counts))
+        xs, ys = zip(*[(x, y + off) for (s, _), off, k in zip(self.parts, self.offsets, counts) if k > 0
+                       for x, y in [s.take(k)]])
+        return torch.cat(xs), torch.cat(ys)
+
+
+def _fractals(cfg: PretrainConfig, rng: np.random.Generator, size: int) -> Callable[[int], Stream]:
     categories = [fractal.sample_category(rng) for _ in range(cfg.num_classes)]
-    model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes)
-    size: int = cast(Any, model.patch_embed).img_size[0]
-    held_out = FractalStream(categories, cfg, cfg.seed + 1, size).take(cfg.eval_images)
-    stream = FractalStream(categories, cfg, cfg.seed + 2, size)
+
+    def make(seed: int) -> Stream:
+        return FractalStream(categories, cfg, seed, size)
+    return make
+
+
+def _photos(cfg: PretrainConfig, rng: np.random.Generator, size: int) -> Callable[[int], Stream]:
+    photos = shipped.photo_cache(Path(cfg.cache_dir) if cfg.cache_dir else None)
+    return lambda seed: shipped.PhotoStream(photos, seed, size, cfg.photo_grid, cfg.photo_grid + 1)
+
+
+def _glyphs(cfg: PretrainConfig, rng: np.random.Generator, size: int) -> Callable[[int], Stream]:
+    masks, names = shipped.render_glyphs(shipped.font_files())
+    return lambda seed: shipped.GlyphStream(masks, names, seed, size)
+
+
+#: pretraining sources: name -> (config, rng, image size) -> (seed -> stream of labelled batches)
+SOURCES: dict[str, Callable[[PretrainConfig, np.random.Generator, int], Callable[[int], Stream]]] = {
+    "fractals": _fractals, "photos": _photos, "glyphs": _glyphs}
+
+
+def parse_source(spec: str) -> list[tuple[str, float]]:
+    """``"photos:0.6,glyphs:0.4"`` -> ``[("photos", 0.6), ("glyphs", 0.4)]`` (a bare name has share 1)."""
+    parts = []
+    for item in spec.split(","):
+        name, _, share = item.strip().partition(":")
+        if name not in SOURCES:
+            raise ConfigError(f"unknown pretraining source {name!r} in --source {spec!r}; use {', '.join(SOURCES)}")
+        try:
+            parts.append((name, float(share or 1.0)))
+        except ValueError:
+            raise ConfigError(f"bad share {share!r} in --source {spec!r}; write name:share, e.g. photos:0.6") from None
+    total = sum(w for _, w in parts)
+    if total <= 0 or any(w < 0 for _, w in parts):
+        raise ConfigError(f"--source {spec!r}: shares must be >= 0 with a positive sum")
+    return [(n, w / total) for n, w in parts]
+
+
+def build_streams(cfg: PretrainConfig, rng: np.random.Generator, size: int) -> tuple[Stream, Stream]:
+    """The held-out stream (seed + 1) and the training stream (seed + 2) of ``cfg.source``."""
+    parts = parse_source(cfg.source)
+    makers = [(SOURCES[name](cfg, rng, size), share) for name, share in parts]
+    if len(makers) == 1:
+        return makers[0][0](cfg.seed + 1), makers[0][0](cfg.seed + 2)
+    return (MixStream([(m(cfg.seed + 1 + 10 * i), w) for i, (m, w) in enumerate(makers)]),
+            MixStream([(m(cfg.seed + 2 + 10 * i), w) for i, (m, w) in enumerate(makers)]))
+
+
+def _train(model: torch.nn.Module, stream: Stream, cfg: PretrainConfig, t0: float, log) -> None:
     opt = optim.adamw(model, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, optim.warmup_cosine(cfg.steps, cfg.warmup_steps, 0.01))
     model.train()
@@ -122,12 +187,40 @@ def pretrain(cfg: PretrainConfig, out: Path, log=print) -> dict:
             log(f"step {step + 1}/{cfg.steps} loss {running:.3f} lr {sched.get_last_lr()[0]:.2e} "
                 f"{(step + 1) * cfg.batch_size / el:.0f} img/s elapsed {el / 60:.1f} min "
                 f"eta {el / (step + 1) * (cfg.steps - step - 1) / 60:.1f} min")
+
+
+def describe(cfg: PretrainConfig) -> str:
+    if cfg.source == "fractals":
+        return "IFS fractal categories (FractalDB-style), noah_ray.data.fractal"
+    return f"{cfg.source} (noah_ray.data.shipped photographs/glyphs, noah_ray.data.fractal)"
+
+
+def pretrain(cfg: PretrainConfig, out: Path, log=print) -> dict:
+    """Train and write the backbone; returns the recipe and the measured numbers."""
+    import timm
+
+    from noah_ray.nn.backbones import register_tiny_models
+
+    register_tiny_models()
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.time()
+    size: int = cast(Any, timm.create_model(cfg.model, pretrained=False, num_classes=0).patch_embed).img_size[0]
+    held_stream, stream = build_streams(cfg, rng, size)
+    torch.manual_seed(cfg.seed)
+    model = timm.create_model(cfg.model, pretrained=False, num_classes=held_stream.num_classes)
+    log(f"source {cfg.source}: {held_stream.num_classes} classes; {sum(p.numel() for p in model.parameters())} "
+        f"parameters; setup {time.time() - t0:.1f} s")
+    held_out = held_stream.take(cfg.eval_images)
+    _train(model, stream, cfg, t0, log)
     acc = _accuracy(model, *held_out)
-    report = {"recipe": asdict(cfg), "source": "IFS fractal categories (FractalDB-style), noah_ray.data.fractal",
+    report = {"recipe": asdict(cfg), "source": describe(cfg), "classes": held_stream.num_classes,
               "held_out_top1": round(acc, 2), "wall_time_s": round(time.time() - t0, 1),
               "images_seen": cfg.steps * cfg.batch_size}
     save_backbone(model, out, report)
-    log(f"held-out source accuracy {acc:.2f}% over {cfg.num_classes} categories; wrote {out}")
+    log(f"held-out source accuracy {acc:.2f}% over {held_stream.num_classes} classes; wrote {out}")
     return report
 
 
@@ -147,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     p.add_argument("--out", type=Path, default=None, help="default: the packaged weights file")
     args = vars(p.parse_args(argv))
-    out = args.pop("out") or default_out(args["model"])
+    out = args.pop("out") or default_out(args["model"], args["tag"])
     report = pretrain(PretrainConfig(**args), out, log=lambda s: print(s, flush=True))
     print(json.dumps(report, indent=1))
     return 0

@@ -249,7 +249,7 @@ def _search(rj: ResolvedJob) -> dict:
     res = run_search(rj.job, limit=rj.limit, lease=rj.lease)
     return {"best": res.best.to_dict() if res.best else None, "val_acc": res.best_val_acc,
             "params": res.best_params, "evaluated": res.evaluated, "uri": res.uri,
-            "best_subnet_uri": res.best_subnet_uri, "finished": res.finished}
+            "best_subnet_uri": res.best_subnet_uri, "finished": res.finished, "selection": res.selection}
 
 
 def _hpo(rj: ResolvedJob) -> dict | None:
@@ -290,8 +290,11 @@ def format_summary(summary: dict) -> str:
     if "search" in summary:
         s = summary["search"]
         if s["best"]:
+            sel = s.get("selection") or {}
+            tied = (f"; {sel['tied']} other(s) within {sel['tie_se']:g} s.e. ({sel['val_se']:.2f} points) of the top "
+                    f"{sel['top_val_acc']:.2f}%, tie rule {sel['ties']}") if sel.get("val_se") is not None else ""
             lines.append(f"search: best val {s['val_acc']:.2f}% with {s['params'] / 1e6:.4f} M params "
-                         f"({s['evaluated']} candidates scored) -> {s['best_subnet_uri'] or s['uri']}")
+                         f"({s['evaluated']} candidates scored{tied}) -> {s['best_subnet_uri'] or s['uri']}")
         else:
             lines.append(f"search: no finished result yet ({s['evaluated']} candidates scored); run it again to resume")
     for method, r in summary.get("hpo", {}).items():

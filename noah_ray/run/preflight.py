@@ -132,7 +132,7 @@ def _check_retrain(job: JobConfig, stages: tuple[str, ...], shape: BackboneShape
             raise ConfigError(f"prune.num_segments {job.prune.num_segments} must divide {job.model.name}'s "
                               f"embed dim {shape.embed_dim}; pick a divisor of {shape.embed_dim}")
     if ("retrain" in stages or "hpo" in stages) and job.retrain.subnet:
-        job.space.validate(read_subnet(job.retrain.subnet))
+        job.space.validate(read_subnet(job.retrain.subnet), absent_ok=True)
     if stages == ("hpo",) and job.hpo is None:
         raise ConfigError("the job has no hpo section; add one (e.g. hpo: {trials: 16}) to tune hyper-parameters")
     for m in job.hpo.method_space if job.hpo is not None else ():
@@ -252,4 +252,4 @@ def check_artifacts(job: JobConfig, stages: tuple[str, ...]) -> None:
     methods = (job.retrain.method, *job.retrain.baselines)
     if ("retrain" in stages or "hpo" in stages) and "search" not in stages and "noah" in methods \
             and not job.retrain.subnet:
-        job.space.validate(load_best_subnet(job))
+        job.space.validate(load_best_subnet(job), absent_ok=True)   # warm starts: modules alone

@@ -114,8 +114,12 @@ class SweepConfig:
             if seed is not None:
                 d["data"]["seed"], name = seed, f"{name}-seed{seed}"
             d["name"] = name
-            out.append(JobConfig.from_dict(d, where=f"{self.where} ({name})"))
-        return out
+            out.append(d)
+        names = [d["name"] for d in out]
+        for d in out:                 # warm start from the other tasks' winners (search.warm_start: [sweep])
+            if "sweep" in d["search"]["warm_start"]:
+                d["search"]["warm_jobs"] = [n for n in names if n != d["name"]]
+        return [JobConfig.from_dict(d, where=f"{self.where} ({d['name']})") for d in out]
 
 
 def _read_yaml(p: Path) -> dict:

@@ -19,13 +19,16 @@ from typing import Any, cast
 
 from ray import tune
 
-from noah_ray.config import JobConfig
+from noah_ray import progress
+from noah_ray.config import JobConfig, SearchConfig
 from noah_ray.config.resolved import param_limit
 from noah_ray.errors import ConfigError, RunError
 from noah_ray.evolution import DONE, FAILED, pareto_front
+from noah_ray.evolution.ties import select
 from noah_ray.search.searcher import NoahSearcher
 from noah_ray.search.store import SearchStore
 from noah_ray.search.trainable import CandidateEvaluator
+from noah_ray.search.warm import warm_configs
 from noah_ray.security import safe_name, tune_without_credentials
 from noah_ray.space import SubnetConfig
 from noah_ray.space.budget import ParamLimit
@@ -36,7 +39,7 @@ from noah_ray.store.lease import Fence
 
 #: search settings that change what a run computes; a resumed run must keep them
 _FIXED_KEYS = ("algorithm", "population", "top_k", "mutations", "crossovers", "mutation_prob",
-               "depth_prob", "param_limit", "param_min", "eval_batches", "seed", "tournament")
+               "depth_prob", "param_limit", "param_min", "eval_batches", "seed", "tournament", "warm_start")
 
 
 def backbone_shape_of(job: JobConfig) -> BackboneShape:
@@ -49,7 +52,8 @@ def backbone_shape_of(job: JobConfig) -> BackboneShape:
 def make_searcher(job: JobConfig, *, shape: BackboneShape | None = None,
                   store: SearchStore | None = None) -> NoahSearcher:
     """The searcher of the engine named by ``job.search.algorithm``."""
-    return NoahSearcher.from_config(job.search, job.space, param_limit(job, shape or backbone_shape_of(job)), store)
+    limit = param_limit(job, shape or backbone_shape_of(job))
+    return NoahSearcher.from_config(job.search, job.space, limit, store, warm=warm_configs(job, limit))
 
 
 def _trial_dirname(trial) -> str:
@@ -81,6 +85,9 @@ class SearchResult:
     tables: dict[str, str] = field(default_factory=dict)
     best_subnet_uri: str | None = None
     state_uri: str | None = None
+    #: how the winner was picked: the top score, its s.e., how many candidates were tied with the
+    #: winner, the rule (:meth:`noah_ray.evolution.ties.Selection.summary`); empty if nothing scored
+    selection: dict[str, Any] = field(default_factory=dict)
 
 
 def load_best_subnet(job: JobConfig, run_name: str | None = None) -> SubnetConfig:
@@ -93,7 +100,7 @@ def load_best_subnet(job: JobConfig, run_name: str | None = None) -> SubnetConfi
 
 def _settings(job: JobConfig) -> dict[str, Any]:
     s = job.search
-    return {**{k: getattr(s, k) for k in _FIXED_KEYS}, "space": job.space.to_dict(),
+    return {**{k: json.loads(json.dumps(getattr(s, k))) for k in _FIXED_KEYS}, "space": job.space.to_dict(),
             "model": job.model.name, "kv_shared": job.model.resolved_recipe().kv_shared,
             "param_count": job.model.resolved_recipe().param_count, "dataset": job.data.dataset,
             "val_split": job.data.val_split}
@@ -133,7 +140,8 @@ def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = Tr
     base = JobPaths.of(job).search
     store = SearchStore(base.uri, job.storage_endpoint, run, job.name, job.data.dataset, s.algorithm,
                         Fence.of(job, lease))
-    searcher = NoahSearcher.from_config(s, job.space, limit, store, hold_actors=s.hold_actors)
+    warm = warm_configs(job, limit)
+    searcher = NoahSearcher.from_config(s, job.space, limit, store, hold_actors=s.hold_actors, warm=warm)
     prior = store.load_state()
     attempt = 0
     if prior is not None:
@@ -143,7 +151,7 @@ def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = Tr
         _check_settings(run, prior.get("settings", {}), _settings(job))
         retry = not _succeeded(searcher, prior)   # unfinished, aborted or nothing scored: retry the failed
         if retry:
-            searcher = NoahSearcher.from_config(s, job.space, limit, store, hold_actors=s.hold_actors)
+            searcher = NoahSearcher.from_config(s, job.space, limit, store, hold_actors=s.hold_actors, warm=warm)
         searcher.set_state(prior, requeue_running=True, requeue_failed=retry)
         attempt = prior.get("attempt", 0) + 1
         for rec in searcher.engine.history:      # idempotent: covers a crash between result and table
@@ -153,7 +161,7 @@ def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = Tr
     searcher.extra_state = {"settings": _settings(job), "attempt": attempt, "run_id": run}
     store.save_state(searcher.get_state())
     if searcher.finished:
-        return _finish(searcher, store, base, run)
+        return _finish(searcher, store, base, run, s)
     ref = tracking.start_run(job, "search", run)
     callbacks = [*callbacks, *tracking.trial_callbacks(job, ref)]
     try:
@@ -165,7 +173,7 @@ def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = Tr
     except BaseException:
         tracking.end_run(ref, "FAILED")
         raise
-    result = _finish(searcher, store, base, run)
+    result = _finish(searcher, store, base, run, s)
     tracking.finish_search(job, ref, result)
     return result
 
@@ -231,14 +239,21 @@ def _fit(job: JobConfig, searcher: NoahSearcher, base: storage.Location, name: s
         return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config).fit()
 
 
-def _finish(searcher: NoahSearcher, store: SearchStore, base: storage.Location, run: str) -> SearchResult:
+def _finish(searcher: NoahSearcher, store: SearchStore, base: storage.Location, run: str,
+            s: SearchConfig) -> SearchResult:
+    """The result; a finished search also writes its Pareto table and winner: among the candidates
+    within ``s.tie_se`` standard errors of the top score, the one ``s.ties`` prefers
+    (:func:`noah_ray.evolution.ties.select`)."""
     eng = searcher.engine
     cands = list(eng.candidates.values())
     front = pareto_front(cands)
-    best = eng.best()
+    sel = select(cands, s.ties, s.tie_se) if searcher.mode == "max" else None
+    best = sel.winner if sel is not None else eng.best()
     if eng.finished and best is None:
         raise RunError(_failure(searcher, run, None, f"ended with none of its {len(cands)} candidates scored"))
-    best_uri = store.write_final(front, best) if eng.finished else None
+    best_uri = store.write_final(front, best, sel) if eng.finished else None
+    if eng.finished and sel is not None:
+        progress.echo(f"[search {store.run_id}] winner: {sel.line()}")
     sign = 1.0 if searcher.mode == "max" else -1.0
     return SearchResult(
         run_id=store.run_id, algorithm=eng.algorithm, finished=eng.finished,
@@ -248,4 +263,5 @@ def _finish(searcher: NoahSearcher, store: SearchStore, base: storage.Location, 
         evaluated=sum(c.status == DONE for c in cands), failed=sum(c.status == FAILED for c in cands),
         generations=len(eng.history), uri=base.uri,
         tables={t: base.join(t).uri for t in ("trials", "generations", "pareto")},
-        best_subnet_uri=best_uri, state_uri=store.state_loc.uri)
+        best_subnet_uri=best_uri, state_uri=store.state_loc.uri,
+        selection=sel.summary() if sel is not None else {})

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from ray.tune.search import Searcher
@@ -18,7 +19,7 @@ from ray.tune.search import Searcher
 from noah_ray import progress
 from noah_ray.config import SearchConfig
 from noah_ray.evolution import DONE, FAILED, GenerationRecord, SearchEngine, engine_for
-from noah_ray.space import SearchSpace
+from noah_ray.space import SearchSpace, SubnetConfig
 from noah_ray.space.budget import ParamLimit
 
 if TYPE_CHECKING:
@@ -55,9 +56,11 @@ class NoahSearcher(Searcher):
 
     @classmethod
     def from_config(cls, search: SearchConfig, space: SearchSpace, limit: ParamLimit,
-                    store: SearchStore | None = None, hold_actors: bool = False) -> NoahSearcher:
-        """The searcher of engine ``search.algorithm``, built from the ``search`` section."""
-        engine = engine_for(search.algorithm).from_config(search, space, limit)
+                    store: SearchStore | None = None, hold_actors: bool = False,
+                    warm: Sequence[SubnetConfig] = ()) -> NoahSearcher:
+        """The searcher of engine ``search.algorithm``, built from the ``search`` section; ``warm``:
+        the warm-start configs of generation 0 (:func:`noah_ray.search.warm.warm_configs`)."""
+        engine = engine_for(search.algorithm).from_config(search, space, limit, warm)
         return cls(engine, store=store, hold_actors=hold_actors)
 
     # -------------------------------------------------------------- Tune API
@@ -96,7 +99,8 @@ class NoahSearcher(Searcher):
         else:
             value = result.get(self.metric)
             ok = isinstance(value, (int, float)) and math.isfinite(value)
-            info = {k: result[k] for k in ("eval_time_s", "worker", "params_head", "error") if k in result}
+            info = {k: result[k] for k in ("eval_time_s", "worker", "params_head", "error", "val_images")
+                    if k in result}
             self.fatal = self.fatal or bool(result.get("fatal"))
             closed = self.engine.tell(trial_id, (value if self.mode == "max" else -cast(float, value)) if ok else None,
                                       failed=not ok, info=info)

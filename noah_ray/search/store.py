@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from noah_ray.evolution import DONE, FAILED, Candidate, GenerationRecord, SearchEngine, apply_deltas
+from noah_ray.evolution.ties import Selection
 from noah_ray.space import MODULES
 from noah_ray.store import storage
 from noah_ray.store.lease import Fence
@@ -135,8 +136,10 @@ class SearchStore:
         self._check()
         storage.append_table(self.base, "generations", pa.table(gen), part=part)
 
-    def write_final(self, front: Sequence[Candidate], best: Candidate | None) -> str | None:
-        """The Pareto table and the winner's subnet file; returns the winner's URI."""
+    def write_final(self, front: Sequence[Candidate], best: Candidate | None,
+                    selection: Selection | None = None) -> str | None:
+        """The Pareto table and the winner's subnet file (its header says how the winner was
+        picked among the statistically tied candidates, ``selection``); returns the winner's URI."""
         cols = _rows(front, self._ids())
         cols["timestamp"] = [_utc(c.info.get("t")) for c in front]      # when it was scored, as in trials
         self._check()
@@ -145,7 +148,8 @@ class SearchStore:
             return None
         head = (f"# noah-ray search winner: job {self.job}, run {self.run_id}, val_acc {best.score:.4f}, "
                 f"{best.params} module parameters (head excluded)\n"
-                f"# retraining reads this file directly (retrain.subnet)\n")
+                + (f"# selection: {selection.line()}\n" if selection is not None else "")
+                + "# retraining reads this file directly (retrain.subnet)\n")
         text = head + best.config.to_yaml()
         self._check()
         storage.write_text(self.base.join("runs", self.run_id, "best_subnet.yaml"), text)

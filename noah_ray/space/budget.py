@@ -46,3 +46,21 @@ class ParamLimit:
         if high < self.min_m:
             raise ConfigError(f"search.param_min {self.min_m} M is above the largest subnet of the "
                               f"space ({high:.4f} M); lower param_min below {high:.4f}")
+
+
+def uniform_at_limit(space: SearchSpace, limit: ParamLimit) -> list[SubnetConfig]:
+    """The hand-sized configs at the limit: each module of ``space`` alone, the same width in each
+    of its layers (its deepest allowed depth), at the widest width of the space that fits
+    ``limit``; in the space's module order.  The other modules are absent even where the space's
+    depths lack 0 (``SearchSpace.validate(absent_ok=True)``: the supernet evaluates them switched
+    off).  A module is left out when even its narrowest width exceeds the limit."""
+    out = []
+    zeros = {k: (0,) * space.num_layers for k in space.modules}
+    for m, ms in space.modules.items():
+        depth = max(ms.depths)
+        for w in sorted(ms.widths, reverse=True) if depth else ():
+            cfg = SubnetConfig({**zeros, m: (w,) * depth + (0,) * (space.num_layers - depth)})
+            if limit.ok(cfg) and space.contains(cfg, absent_ok=True):
+                out.append(cfg)
+                break
+    return out

@@ -303,8 +303,10 @@ class SearchSpace:
                              for m, s in self.modules.items()})
 
     # ------------------------------------------------------------ validation
-    def validate(self, cfg: SubnetConfig) -> SubnetConfig:
-        """Raise :class:`ConfigError` naming the offending module/layer/value, else return cfg."""
+    def validate(self, cfg: SubnetConfig, absent_ok: bool = False) -> SubnetConfig:
+        """Raise :class:`ConfigError` naming the offending module/layer/value, else return cfg.
+        ``absent_ok``: a module may also be absent (depth 0) where the space's depths lack 0 (the
+        supernet evaluates it with the module off; e.g. the warm-start configs of one module alone)."""
         if cfg.num_layers != self.num_layers:
             raise ConfigError(f"subnet has {cfg.num_layers} layers, the space has {self.num_layers}; "
                               f"give one width per layer")
@@ -320,16 +322,16 @@ class SearchSpace:
                 if i < depth and w not in s.widths:
                     raise ConfigError(f"{m} layer {i}: width {w} is not in {list(s.widths)} "
                                       f"(modules fill layers 0..depth-1)")
-            if depth not in s.depths and not (depth == 0 and 0 in s.depths):
+            if depth not in s.depths and not (depth == 0 and (absent_ok or 0 in s.depths)):
                 raise ConfigError(f"{m}: depth {depth} is not in {list(s.depths)}")
         for m in self.modules:
-            if m not in cfg.widths and 0 not in self.modules[m].depths:
+            if m not in cfg.widths and 0 not in self.modules[m].depths and not absent_ok:
                 raise ConfigError(f"module {m!r} is missing from the subnet; give its per-layer widths")
         return cfg
 
-    def contains(self, cfg: SubnetConfig) -> bool:
+    def contains(self, cfg: SubnetConfig, absent_ok: bool = False) -> bool:
         try:
-            self.validate(cfg)
+            self.validate(cfg, absent_ok)
         except ConfigError:
             return False
         return True

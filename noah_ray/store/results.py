@@ -108,7 +108,11 @@ LEADERBOARD_COLUMNS = ["dataset", "job", "method", "seeds", "test_acc_mean", "te
 def leaderboard(uri: str, endpoint: str | None = None) -> pd.DataFrame:
     """Per dataset, job and method: test accuracy mean and std (population, over seeds), val
     accuracy, trainable module parameters in millions (head excluded); best first."""
-    df = runs(uri, endpoint)
+    return leaderboard_of(runs(uri, endpoint))
+
+
+def leaderboard_of(df: pd.DataFrame) -> pd.DataFrame:
+    """:func:`leaderboard` of run rows (:func:`runs`, or rows added to them such as a floor)."""
     if df.empty:
         return pd.DataFrame(columns=LEADERBOARD_COLUMNS)
     g = df.groupby(["dataset", "job", "method"])
@@ -125,10 +129,16 @@ def leaderboard(uri: str, endpoint: str | None = None) -> pd.DataFrame:
 
 def vtab_table(uri: str, endpoint: str | None = None) -> pd.DataFrame:
     """Methods x datasets (mean test accuracy over seeds) in VTAB order, with the group means
-    (``Natural``, ``Specialized``, ``Structured``), ``Mean`` (the mean of the group means, as
-    the VPT / NOAH tables report it) and the mean module parameters (``params_m``).  Datasets
-    outside VTAB-1k get columns but no group."""
-    lb = leaderboard(uri, endpoint)
+    (``Natural``, ``Specialized``, ``Structured``), VTAB's two averages: ``Mean`` (the mean of the
+    group means, as the VPT / NOAH tables report it) and ``Mean_tasks`` (the mean over all tasks),
+    and the mean module parameters (``params_m``).  Datasets outside VTAB-1k get columns but no
+    group.  Intervals, wins and losses of these numbers: :mod:`noah_ray.store.stats`."""
+    return vtab_table_of(runs(uri, endpoint))
+
+
+def vtab_table_of(df: pd.DataFrame) -> pd.DataFrame:
+    """:func:`vtab_table` of run rows (:func:`runs`, or rows added to them such as a floor)."""
+    lb = leaderboard_of(df)
     if lb.empty:
         return pd.DataFrame(columns=["method"])
     wide = lb.pivot_table(index="method", columns="dataset", values="test_acc_mean", aggfunc="mean")
@@ -143,6 +153,7 @@ def vtab_table(uri: str, endpoint: str | None = None) -> pd.DataFrame:
             groups.append(group)
     if groups:
         wide["Mean"] = wide[groups].mean(axis=1)
+        wide["Mean_tasks"] = wide[order].mean(axis=1)
     wide["params_m"] = lb.groupby("method")["params_m"].mean()
     wide.columns.name = None
     return wide.reset_index()

@@ -213,8 +213,10 @@ def finish_search(job: JobConfig, ref: RunRef | None, result: Any) -> None:
         if row.best_val_acc == row.best_val_acc:                 # not NaN
             log_metrics(ref, {"best_val_acc": row.best_val_acc, "evaluated": row.evaluated,
                               "failed": row.failed}, step=int(row.generation))    # as in the table
+    sel = {k: result.selection[k] for k in ("val_se", "tied", "top_val_acc")
+           if isinstance(result.selection.get(k), (int, float))}
     log_metrics(ref, {"val_acc": result.best_val_acc, "params": result.best_params, "evaluated": result.evaluated,
-                      "failed": result.failed}, step=result.generations)
+                      "failed": result.failed, **sel}, step=result.generations)
     if result.best_subnet_uri:
         log_text(ref, storage.read_text(storage.resolve(result.best_subnet_uri, job.storage_endpoint)),
                  "best_subnet.yaml")

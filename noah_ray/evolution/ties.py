@@ -1,0 +1,83 @@
+"""Noise-aware choice of a search's winner: :func:`select`, :class:`Selection`, :func:`standard_error`.
+
+A candidate's score is its accuracy (percent) on ``n`` validation images, a binomial estimate
+with standard error ``100 * sqrt(p (1 - p) / n)`` (``p`` = accuracy / 100): on val200 near 75 %
+that is 3.1 points, so candidates a point or two apart are not told apart by the evaluation.
+Every candidate within ``tie_se`` standard errors of the top score is *tied* with it; the rule
+``search.ties`` (:data:`TIE_BREAKS`) picks the winner among them: ``best`` the top score (NOAH's
+choice; fewer parameters on equal scores), ``more_params`` the one with the most parameters
+(under the limit, as every candidate is), ``fewer_params`` the fewest.  The s.e. is the top
+candidate's; it is unknown (no ties) when its evaluation did not say how many images it scored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from noah_ray.evolution.candidate import DONE, Candidate, rank_key
+
+#: ``search.ties`` rules: the sort key whose minimum among the tied candidates wins
+TIE_BREAKS: dict[str, Callable[[Candidate], tuple[Any, ...]]] = {
+    "more_params": lambda c: (-c.params, -cast(float, c.score), c.cid),
+    "fewer_params": lambda c: (c.params, -cast(float, c.score), c.cid),
+    "best": rank_key,
+}
+
+
+def standard_error(acc_percent: float, n: int) -> float:
+    """Binomial standard error (points) of an accuracy of ``acc_percent`` % measured on ``n`` images."""
+    p = min(max(acc_percent / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / n)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The winner of a search and the evidence: ``top`` (highest score), ``se`` (its s.e., points;
+    None: unknown), ``n`` (images it was scored on), ``tied`` (candidates within ``tie_se`` s.e.
+    of the top, the top included, best score first) and the ``rule`` that picked ``winner``."""
+
+    winner: Candidate
+    top: Candidate
+    se: float | None
+    n: int | None
+    tied: tuple[Candidate, ...]
+    rule: str
+    tie_se: float
+
+    @property
+    def others_tied(self) -> int:
+        """How many other candidates were statistically tied with the winner."""
+        return len(self.tied) - 1
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready fields (the search result, ``best_subnet.yaml``'s header, the tracking run)."""
+        return {"ties": self.rule, "tie_se": self.tie_se, "top_cid": self.top.cid, "top_val_acc": self.top.score,
+                "val_se": self.se, "val_images": self.n, "tied": self.others_tied,
+                "tied_cids": [c.cid for c in self.tied], "winner_cid": self.winner.cid}
+
+    def line(self) -> str:
+        """One line: the s.e. and how many candidates were tied with the winner."""
+        if self.se is None:
+            return f"s.e. unknown (images scored not recorded): winner = top score ({self.rule})"
+        return (f"{self.others_tied} other candidate(s) within {self.tie_se:g} s.e. ({self.tie_se * self.se:.2f} "
+                f"points; s.e. {self.se:.2f} on {self.n} images) of the top score {self.top.score:.2f} "
+                f"({self.top.cid}); {self.rule}: {self.winner.cid}, {self.winner.score:.2f}, "
+                f"{self.winner.params} params")
+
+
+def select(cands: Sequence[Candidate], rule: str = "best", tie_se: float = 1.0) -> Selection | None:
+    """The winner among the scored ``cands`` under ``rule`` (:data:`TIE_BREAKS`); None if none scored.
+    Scores are accuracies in percent; ``info["val_images"]`` is the number of images scored."""
+    scored = sorted((c for c in cands if c.status == DONE), key=rank_key)
+    if not scored:
+        return None
+    top = scored[0]
+    n = top.info.get("val_images")
+    se = standard_error(cast(float, top.score), n) if isinstance(n, int) and n > 0 else None
+    window = tie_se * se if se is not None else 0.0
+    tied = tuple(c for c in scored if cast(float, c.score) >= cast(float, top.score) - window - 1e-9)
+    winner = min(tied, key=TIE_BREAKS[rule])
+    return Selection(winner, top, se, n if se is not None else None, tied, rule, tie_se)
