@@ -105,7 +105,9 @@ def epoch_times(job: dict):
 
     root = storage.resolve(job["storage"], job["storage_endpoint"]).join(job["name"], "supernet")
     m = storage.read_table(root, "train_metrics").to_pandas()
-    return m.drop_duplicates("epoch").sort_values("epoch")[["epoch", "timestamp"]]
+    m = m.drop_duplicates("epoch").sort_values("epoch")[["epoch", "timestamp"]]
+    m["timestamp"] = [t.timestamp() if hasattr(t, "timestamp") else float(t) for t in m["timestamp"]]  # seconds
+    return m
 
 
 def run(args) -> dict:
