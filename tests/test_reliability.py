@@ -227,6 +227,39 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
     assert lease.acquire(loc, "job", timeout_s=600, settle_s=0.0).pid == os.getpid()
 
 
+def test_a_rerun_after_node_loss_waits_out_a_lease_nobody_renews(tmp_path):
+    # the holder ran on another host (its node died): not renewed for one renewal period, so the
+    # re-run (wait_stale) waits until the lease is timeout_s old, then takes it over
+    loc = JobPaths.at(str(tmp_path), "job").lease
+    _foreign(loc, renewed_ago=0.5)
+    t0 = time.time()
+    mine = lease.acquire(loc, "job", timeout_s=2.0, settle_s=0.0, wait_stale=True)
+    waited = time.time() - t0
+    assert mine.pid == os.getpid() and lease.read(loc).token == mine.token
+    assert 1.5 - 0.1 <= waited < 10                 # >= 2.0 - 0.5 s: the lease's remaining life
+
+
+def test_a_rerun_fails_when_the_holder_still_renews(tmp_path):
+    import threading
+
+    loc = JobPaths.at(str(tmp_path), "job").lease
+    _foreign(loc, renewed_ago=0.0)
+    stop = threading.Event()
+
+    def renewing() -> None:                          # another host's live run, renewing
+        while not stop.wait(0.2):
+            _foreign(loc, renewed_ago=0.0)
+
+    t = threading.Thread(target=renewing)
+    t.start()
+    try:
+        with pytest.raises(ConfigError, match="already running: host other-host"):
+            lease.acquire(loc, "job", timeout_s=2.0, settle_s=0.0, wait_stale=True)
+    finally:
+        stop.set()
+        t.join()
+
+
 def test_the_lease_is_renewed_while_held(tmp_path):
     loc = JobPaths.at(str(tmp_path), "job").lease
     with lease.hold(str(tmp_path), None, "job", timeout_s=0.4) as held:

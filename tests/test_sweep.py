@@ -163,3 +163,54 @@ def test_the_jobs_entrypoint_and_the_cli_know_sweep(tmp_path, capsys):
     assert cli.main(["sweep", "--config", str(single)]) == 1       # a config error: one line, nothing run
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no 'sweep' section" in err
+
+
+@pytest.mark.slow
+def test_a_pipeline_whose_process_dies_is_rerun_and_resumes(ray_session, tmp_path, tiny_job):
+    """A system failure (the pipeline's worker process killed, as on a lost node) re-runs the
+    pipeline (sweep.task_retries); it takes over the dead run's lease and finishes from storage."""
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    from noah_ray.data import write_generated_vtab
+    from noah_ray.run.sweep import run_sweep
+
+    data, store = tmp_path / "data", tmp_path / "store"
+    write_generated_vtab(data, "gen_shape", num_train=16, num_val=8, num_test=8, img_size=32)
+    spec = tiny_job(
+        data, store, name="sk", data={"eval_batch_size": 8},
+        space={"num_layers": 12, "modules": {m: {"depths": [3, 6], "widths": [1, 4]} for m in ("vpt", "lora")}},
+        supernet={"epochs": 3, "warmup_epochs": 0, "eval_random_subnets": 0},
+        search={"population": 2, "top_k": 1, "mutations": 0, "crossovers": 0, "param_limit": 0.004,
+                "max_concurrent": 1, "hold_actors": False},
+        retrain={"warmup_epochs": 0}, sweep={"datasets": ["gen_shape"], "task_retries": 1})
+    lease_file = store / "sk-gen_shape" / "lease.json"
+    holders: list[int] = []
+
+    def kill_first_holder() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                pid = json.loads(lease_file.read_text())["pid"]
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.2)
+                continue
+            if pid not in holders:
+                holders.append(pid)
+                if len(holders) == 1:
+                    time.sleep(3.0)                      # inside the supernet stage
+                    os.kill(pid, signal.SIGKILL)
+                else:
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_first_holder, daemon=True)
+    killer.start()
+    [outcome] = run_sweep(SweepConfig.from_dict(spec))
+    killer.join(timeout=5)
+    assert outcome.ok, outcome.error
+    assert len(holders) == 2 and holders[0] != holders[1]       # killed once, re-run by another worker
+    assert results.vtab_table(str(store))["gen_shape"].notna().all()

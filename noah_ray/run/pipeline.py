@@ -23,6 +23,7 @@ from noah_ray.config import STAGES, JobConfig
 from noah_ray.config.resolved import ResolvedJob
 from noah_ray.errors import ConfigError, Interrupted
 from noah_ray.interop import read_subnet
+from noah_ray.run import capacity
 from noah_ray.run.preflight import check_artifacts, is_generated, resolve
 from noah_ray.space import SubnetConfig
 from noah_ray.store import storage
@@ -186,7 +187,7 @@ def _interrupt_main(lost: BaseException) -> None:
 
 
 def run_stages(job: JobConfig, stages: tuple[str, ...] = STAGES, *,
-               start_ray: Callable[[], None] | None = None) -> dict:
+               start_ray: Callable[[], None] | None = None, wait_stale_lease: bool = False) -> dict:
     """Run the requested stages in order; returns a summary per stage.
 
     :func:`preflight` runs first; the job's lease (:mod:`noah_ray.store.lease`) is held throughout, so a
@@ -194,7 +195,9 @@ def run_stages(job: JobConfig, stages: tuple[str, ...] = STAGES, *,
     left (finished stages answer from storage); without it Ray must be initialised (or starts on
     first use).  A lease lost while a stage runs (another run took it over) interrupts the main
     thread and raises :class:`~noah_ray.store.lease.LeaseLost`; an interrupt (SIGINT, or a signal
-    :func:`interrupts` caught) raises :class:`Interrupted` naming the stage and where its results are."""
+    :func:`interrupts` caught) raises :class:`Interrupted` naming the stage and where its results are.
+    ``wait_stale_lease`` (a sweep's pipeline re-run after its node died) waits out a lease that its
+    dead holder no longer renews instead of failing at once."""
     from noah_ray.store import lease
 
     report = preflight(job, stages)
@@ -202,7 +205,8 @@ def run_stages(job: JobConfig, stages: tuple[str, ...] = STAGES, *,
     on_lost = _interrupt_main if main else None
     holder: lease.Holder | None = None
     try:
-        with lease.hold(job.storage, job.storage_endpoint, job.name, on_lost=on_lost) as holder:
+        with lease.hold(job.storage, job.storage_endpoint, job.name, on_lost=on_lost,
+                        wait_stale=wait_stale_lease) as holder:
             return _run_held(dataclasses.replace(report.resolved, lease=holder.token), report.pending, stages,
                              start_ray)
     except (Interrupted, KeyboardInterrupt):
@@ -216,6 +220,8 @@ def _run_held(rj: ResolvedJob, pending: tuple[str, ...], stages: tuple[str, ...]
     job = rj.job
     if pending and start_ray is not None:
         start_ray()
+    if pending:
+        capacity.check(job, pending, capacity.node_types())
     prepare_data(job)
     uri = storage.resolve(job.storage, job.storage_endpoint).join(job.name).uri
     summary: dict = {"job": job.name, "uri": uri}

@@ -14,6 +14,7 @@ A sweep file is a job config (every section is the base of each job) plus a ``sw
       shots: [1, 2, 4, 8, 16]          # few-shot: one job per dataset x shots x seed (data.shots)
       seeds: [0, 1, 2]                 # few-shot list seeds (data.seed)
       max_concurrent: 4                # pipelines running at once
+      task_retries: 2                  # a pipeline whose process or node died runs again (resumes)
       stages: [supernet, search, retrain]
 
 Each job's pipeline (:func:`noah_ray.run.pipeline.run_stages`) is independent and resumes from
@@ -44,6 +45,7 @@ class SweepSection:
     seeds: tuple[int, ...] = ()           # few-shot list seeds (empty: data.seed of the base)
     max_concurrent: int = 4
     stages: tuple[str, ...] = STAGES
+    task_retries: int = 2                 # re-runs of a pipeline whose process or node died (not its errors)
 
     def check(self, where: str) -> None:
         if not self.datasets or not all(isinstance(d, str) and d for d in self.datasets):
@@ -57,6 +59,9 @@ class SweepSection:
             raise ConfigError(f"{where}.seeds: {list(self.seeds)!r} must be integers >= 0")
         if self.max_concurrent < 1:
             raise ConfigError(f"{where}.max_concurrent: {self.max_concurrent} must be >= 1")
+        if not isinstance(self.task_retries, int) or self.task_retries < 0:
+            raise ConfigError(f"{where}.task_retries: {self.task_retries!r} must be an integer >= 0 (0: a pipeline "
+                              f"whose node dies is reported failed)")
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages:
             raise ConfigError(f"{where}.stages: {list(self.stages)!r}: use some of {', '.join(STAGES)}")
@@ -158,7 +163,7 @@ def run_pipeline(job_dict: dict, stages: Sequence[str]) -> SweepOutcome:
 
     job = JobConfig.from_dict(job_dict)
     try:
-        return SweepOutcome(job.name, True, run_stages(job, tuple(stages)))
+        return SweepOutcome(job.name, True, run_stages(job, tuple(stages), wait_stale_lease=True))
     except Exception as e:                  # isolated: one dataset's failure never stops the others
         return SweepOutcome(job.name, False, error=_one_line(e))
 
@@ -185,8 +190,10 @@ def run_sweep(sweep: SweepConfig, max_concurrent: int | None = None) -> list[Swe
     the command's signal handler), it cancels the pipelines still running and raises on."""
     import ray
 
-    # the orchestrating task itself holds no CPU: the stages it starts (Ray Train, Tune) do
-    task = ray.remote(num_cpus=0, max_retries=0)(run_pipeline)
+    # the orchestrating task itself holds no CPU: the stages it starts (Ray Train, Tune) do.  A
+    # system failure (its worker process or node died) re-runs it, resuming from storage; its own
+    # errors never reach Ray (run_pipeline returns them as a failed outcome), so they are not retried
+    task = ray.remote(num_cpus=0, max_retries=sweep.sweep.task_retries, retry_exceptions=False)(run_pipeline)
     jobs = sweep.jobs()
     limit = max_concurrent or sweep.sweep.max_concurrent
     pending = list(jobs)

@@ -166,14 +166,35 @@ def _busy(job: str, loc: storage.Location, held: Lease, now: float, timeout_s: f
                        f"that run is dead, run again after {timeout_s:.0f} s without renewal (it is then taken over)")
 
 
-def acquire(loc: storage.Location, job: str, *, timeout_s: float | None = None, settle_s: float = 0.2) -> Lease:
-    """Take the lease at ``loc`` or raise :class:`ConfigError` naming its live holder."""
+def _wait_out(loc: storage.Location, job: str, held: Lease, timeout_s: float) -> None:
+    """Wait for a lease whose holder stopped renewing (its node died) to go stale; a holder that
+    renews within one renewal period (``timeout_s / 4``) is alive: :class:`ConfigError` at once."""
+    time.sleep(timeout_s / 4 + 1.0)
+    while True:
+        now, current = time.time(), read(loc)
+        if not _held_by_other(current, "", timeout_s, now):
+            return
+        assert current is not None
+        if current.token != held.token or current.renewed > held.renewed:
+            raise _busy(job, loc, current, now, timeout_s)
+        progress.echo(f"job {job!r}: waiting {timeout_s - (now - current.renewed):.0f} s for the lease of a "
+                      f"stopped run (host {current.host}, pid {current.pid}) to expire")
+        time.sleep(min(max(timeout_s - (now - current.renewed), 0.1), timeout_s / 4))
+
+
+def acquire(loc: storage.Location, job: str, *, timeout_s: float | None = None, settle_s: float = 0.2,
+            wait_stale: bool = False) -> Lease:
+    """Take the lease at ``loc`` or raise :class:`ConfigError` naming its live holder.  With
+    ``wait_stale`` (a re-run after a node died), a lease nobody renews is waited out first."""
     timeout_s = _timeout() if timeout_s is None else timeout_s
     now = time.time()
     current = read(loc)
     if _held_by_other(current, "", timeout_s, now):
         assert current is not None            # held: there is a lease
-        raise _busy(job, loc, current, now, timeout_s)
+        if not wait_stale:
+            raise _busy(job, loc, current, now, timeout_s)
+        _wait_out(loc, job, current, timeout_s)
+        now = time.time()
     mine = Lease(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now)
     storage.write_text(loc, json.dumps(asdict(mine)))
     time.sleep(settle_s)
@@ -237,7 +258,7 @@ class Holder:
 
 @contextlib.contextmanager
 def hold(storage_uri: str, endpoint: str | None, job: str, *, timeout_s: float | None = None,
-         on_lost: Callable[[LeaseLost], None] | None = None) -> Iterator[Holder]:
+         on_lost: Callable[[LeaseLost], None] | None = None, wait_stale: bool = False) -> Iterator[Holder]:
     """Hold the job's lease for the ``with`` block, renewing it in the background.
 
     When the lease is lost (:meth:`Holder.renew_once`) renewal stops and ``on_lost`` is called
@@ -245,7 +266,7 @@ def hold(storage_uri: str, endpoint: str | None, job: str, *, timeout_s: float |
     :func:`check`).  A lost lease is not released: it belongs to the other run."""
     timeout_s = _timeout() if timeout_s is None else timeout_s
     loc = JobPaths.at(storage_uri, job, endpoint).lease
-    holder = Holder(loc, acquire(loc, job, timeout_s=timeout_s), timeout_s)
+    holder = Holder(loc, acquire(loc, job, timeout_s=timeout_s, wait_stale=wait_stale), timeout_s)
     stop = threading.Event()
 
     def keep() -> None:
