@@ -89,3 +89,10 @@ def test_a_broken_cluster_config_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv(capacity.CONFIG_ENV, str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="cannot be read"):
         capacity.configured()
+
+
+def test_race_trials_are_checked_when_the_race_runs(aws_nodes, tiny_job):
+    job = _job(tiny_job, race={"enabled": True, "gpus_per_trial": 9})
+    with pytest.raises(ConfigError, match=r"^race: a race trial needs \{CPU: 1, GPU: 9\}"):
+        capacity.check(job, ("race", "retrain"), aws_nodes)
+    capacity.check(_job(tiny_job, race={"enabled": False, "gpus_per_trial": 9}), ("race",), aws_nodes)

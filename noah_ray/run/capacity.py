@@ -68,6 +68,10 @@ def bundles(job: JobConfig, stages: tuple[str, ...]) -> list[Bundle]:
         s = job.search
         out.append(Bundle("search", "a search trial", {"CPU": s.cpus_per_trial, "GPU": s.gpus_per_trial},
                           "search.cpus_per_trial / search.gpus_per_trial"))
+    if "race" in stages and job.race.enabled:
+        r = job.race
+        out.append(Bundle("race", "a race trial", {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial},
+                          "race.cpus_per_trial / race.gpus_per_trial"))
     if "hpo" in stages and job.hpo is not None:
         h = job.hpo
         out.append(Bundle("hpo", "an HPO trial", {"CPU": h.cpus_per_trial, "GPU": h.gpus_per_trial},
