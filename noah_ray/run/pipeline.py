@@ -259,14 +259,15 @@ def _hpo(rj: ResolvedJob) -> dict | None:
 
 def _retrain(rj: ResolvedJob) -> dict:
     from noah_ray.hpo.driver import tuned_retrain
-    from noah_ray.train.runs import retrain_seeds
+    from noah_ray.train.runs import retrain_methods
 
     job, methods = rj.job, _methods(rj.job)
     progress.echo(f"== retrain: {', '.join(methods)} x seeds {list(job.retrain.seeds)}"
                   + (" with tuned hyper-parameters" if job.hpo else ""))
     subnet = retrain_subnet(job) if "noah" in methods else None
-    run = retrain_seeds if job.hpo is None else tuned_retrain
-    return {m: run(rj, subnet if m == "noah" else None, m) for m in methods}
+    if job.hpo is None:                 # one session of reused workers for every method and seed
+        return retrain_methods(rj, subnet, methods)
+    return {m: tuned_retrain(rj, subnet if m == "noah" else None, m) for m in methods}
 
 
 #: stage name -> what runs it on the resolved job (its summary; None: nothing to run)
