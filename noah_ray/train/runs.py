@@ -262,13 +262,19 @@ def _fit_session(runs: list[RunSpec], faults: dict[str, FaultPlan] | None = None
     failures: dict[str, int] = {}
     try:
         while todo:
+            failed: BaseException | None = None
             try:
                 with tempfile.TemporaryDirectory(prefix="noah-session-") as folder:
                     _launch(_session_trainer(todo, folder, faults or {}), todo[0])
             except TrainingFailedError as e:
-                _after_failure(todo, e, failures)
+                failed = e
             for r in todo:
                 _raise_error_file(r)
+            if failed is not None:
+                _after_failure(todo, failed, failures)
+            elif not all(finished(r) for r in todo):
+                raise RunError(f"{next(r for r in todo if not finished(r)).tag} ended without an intact final/; "
+                               f"run the stage again")
             todo = [r for r in todo if not finished(r)]
     except BaseException:
         for r in todo:
@@ -283,14 +289,13 @@ def _after_failure(todo: list[RunSpec], err: BaseException, failures: dict[str, 
     """A session's worker group failed: a worker's ConfigError is raised as one line; else the
     failure counts against the run in flight (the first one not finished), which is restarted
     unless it used up its ``max_failures``."""
-    for r in todo:
-        _raise_error_file(r)
     _raise_config_error(err)
     run = next(r for r in todo if not finished(r))
     failures[run.run_id] = failures.get(run.run_id, 0) + 1
     limit = run.tc.max_failures
     if 0 <= limit < failures[run.run_id]:
         raise err
+    run.fence()                                  # no new worker group for a job whose lease is gone
     progress.echo(f"{run.tag} failed ({type(err).__name__}); restarting it from its newest checkpoint "
                   f"(failure {failures[run.run_id]} of {'unlimited' if limit < 0 else limit} allowed)")
 
