@@ -277,8 +277,11 @@ def _fit_session(runs: list[RunSpec], faults: dict[str, FaultPlan] | None = None
                                f"run the stage again")
             todo = [r for r in todo if not finished(r)]
     except BaseException:
-        for r in todo:
-            tracking.end_run(r.tracking, "FAILED")
+        for r in todo:                           # the runs that finished before it are recorded as such
+            if finished(r):
+                _end(r)
+            else:
+                tracking.end_run(r.tracking, "FAILED")
         raise
     finally:
         progress.drain()
@@ -290,7 +293,9 @@ def _after_failure(todo: list[RunSpec], err: BaseException, failures: dict[str, 
     failure counts against the run in flight (the first one not finished), which is restarted
     unless it used up its ``max_failures``."""
     _raise_config_error(err)
-    run = next(r for r in todo if not finished(r))
+    run = next((r for r in todo if not finished(r)), None)
+    if run is None:                              # it failed after its last run finished: nothing to redo
+        return
     failures[run.run_id] = failures.get(run.run_id, 0) + 1
     limit = run.tc.max_failures
     if 0 <= limit < failures[run.run_id]:
