@@ -164,8 +164,8 @@ def train_loop(config: dict) -> None:
     not raised (Ray Train would restart the worker ``max_failures`` times); with several it is
     (the others may wait in a collective), and each restarted attempt ends at once on the file."""
     if "runs" in config:
-        faults = {k: FaultPlan.from_dict(f) for k, f in config.get("run_faults", {}).items()}
-        _session([RunSpec.from_dict(r) for r in config["runs"]], faults)
+        _session([RunSpec.from_dict(r) for r in config["runs"]],
+                 {k: FaultPlan.from_dict(f) for k, f in config.get("run_faults", {}).items()})
     else:
         faults = FaultPlan.from_dict(config["faults"]) if config.get("faults") else None
         _guarded(RunSpec.from_dict(config["run"]), faults, Session(direct=False))
