@@ -63,8 +63,7 @@ def _first_checkpoint(paths, timeout_s: float = 600.0) -> float:
     loc = storage.resolve(paths[0], paths[1]).join(paths[2], "supernet")
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        with_ckpt = [f.path for f in storage.list_files(loc) if "/checkpoint_e" in f.path and f.path.endswith("state.json")]
-        if with_ckpt:
+        if any("/checkpoint_e" in f.path and f.path.endswith("state.json") for f in storage.list_files(loc)):
             return time.time()
         time.sleep(0.2)
     raise TimeoutError("no checkpoint written")
@@ -158,7 +157,8 @@ def report(lossy: dict, calm: dict, res, events: dict, wall_lossy: float, wall_c
     calm_et = epoch_times(calm)
     epoch_s = float(calm_et["timestamp"].diff().median())
     out = {"epochs": res.epochs_done, "start_epochs": meta.get("start_epochs"), "weights_equal": equal,
-           "max_abs_diff": max_diff, "wall_s_with_loss": round(wall_lossy, 1), "wall_s_undisturbed": round(wall_calm, 1),
+           "max_abs_diff": max_diff, "wall_s_with_loss": round(wall_lossy, 1),
+           "wall_s_undisturbed": round(wall_calm, 1),
            "undisturbed_epoch_s": round(epoch_s, 1), **({"error": events["error"]} if "error" in events else {})}
     if "removed_at" in events:
         after = et[et["timestamp"] > events["removed_at"]]

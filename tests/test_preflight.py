@@ -67,12 +67,13 @@ def test_a_command_checks_once_however_many_runs_it_starts(data_root, tmp_path, 
     monkeypatch.setattr(preflight, "check_data", counted("check_data", preflight.check_data))
     fits = []
 
-    def finished_run(run, faults=None):
-        fits.append((run.run_id, run.num_classes, run.backbone))
-        return MetaRecord.from_dict({"params": 16, "params_head": 4, "best_val": 50.0, "test_acc": 25.0,
-                                     "best_epoch": 0, "epochs_done": 1, "train_time_s": 0.1, "best_uri": "unused"})
+    def finished_runs(session, faults=None):        # the retrain stage's one session of runs
+        fits.extend((run.run_id, run.num_classes, run.backbone) for run in session)
+        return [MetaRecord.from_dict({"params": 16, "params_head": 4, "best_val": 50.0, "test_acc": 25.0,
+                                      "best_epoch": 0, "epochs_done": 1, "train_time_s": 0.1, "best_uri": "unused"})
+                for _ in session]
 
-    monkeypatch.setattr(runs, "_fit", finished_run)
+    monkeypatch.setattr(runs, "_fit_session", finished_runs)
     monkeypatch.setattr(runs, "_publish", lambda *args: None)
     job = job_for(data_root, tmp_path / "out", seeds=[0, 1, 2])
     summary = pipeline.run_stages(job, ("retrain",))

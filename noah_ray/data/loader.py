@@ -168,10 +168,12 @@ def build_dataset(cfg: DataConfig, split: str, *, train: bool, mean: Sequence[fl
 def build_loader(cfg: DataConfig, split: str, *, train: bool, mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.5, 0.5, 0.5), img_size: int | None = None,
                  shuffle: bool | None = None, batch_size: int | None = None,
-                 endpoint: str | None = None) -> DataLoader:
-    """A DataLoader over :func:`build_dataset` with ``cfg.num_workers`` worker processes (persistent),
-    shuffled when ``train`` (unless ``shuffle`` says otherwise), last partial batch kept."""
-    ds = build_dataset(cfg, split, train=train, mean=mean, std=std, img_size=img_size, endpoint=endpoint)
+                 endpoint: str | None = None, dataset: Dataset | None = None) -> DataLoader:
+    """A DataLoader over :func:`build_dataset` (or ``dataset``, one built before) with
+    ``cfg.num_workers`` worker processes (persistent), shuffled when ``train`` (unless ``shuffle``
+    says otherwise), last partial batch kept."""
+    ds = dataset if dataset is not None else build_dataset(cfg, split, train=train, mean=mean, std=std,
+                                                           img_size=img_size, endpoint=endpoint)
     workers = cfg.num_workers
     return DataLoader(ds, batch_size=batch_size or (cfg.batch_size if train else cfg.eval_batch_size),
                       shuffle=train if shuffle is None else shuffle, num_workers=workers,

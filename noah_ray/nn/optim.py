@@ -111,9 +111,10 @@ def _manifest(rank: int) -> str:
     return storage.MANIFEST if rank == 0 else f"checksums_rank{rank}.json"
 
 
-def save_checkpoint(d: str, model, opt, sched, scaler, state: dict, rank: int, world: int,
+def save_checkpoint(d: str | Location, model, opt, sched, scaler, state: dict, rank: int, world: int,
                     device: torch.device) -> None:
-    """Write rank ``rank``'s part of a checkpoint into directory ``d``: every rank its RNG state,
+    """Write rank ``rank``'s part of a checkpoint into directory ``d`` (a local path or a storage
+    location): every rank its RNG state,
     rank 0 the trainable weights, optimiser tensors and ``state.json`` (state, schedule, scaler);
     each rank then the checksums of its files (:func:`noah_ray.store.storage.write_checked`)."""
     from safetensors.torch import save
@@ -127,7 +128,7 @@ def save_checkpoint(d: str, model, opt, sched, scaler, state: dict, rank: int, w
         files["state.json"] = json.dumps({
             **state, "format": CHECKPOINT_FORMAT, "world_size": world, "optimizer": opt_json,
             "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}).encode()
-    storage.write_checked(storage.resolve(d), files, _manifest(rank))
+    storage.write_checked(d if isinstance(d, Location) else storage.resolve(d), files, _manifest(rank))
 
 
 def checkpoint_names(run_dir: Location) -> list[str]:

@@ -286,15 +286,23 @@ def _hpo(rj: ResolvedJob) -> dict | None:
 def _retrain(rj: ResolvedJob) -> dict:
     from noah_ray.hpo.driver import tuned_retrain
     from noah_ray.hpo.race import raced_job
-    from noah_ray.train.runs import retrain_seeds
+    from noah_ray.train.runs import retrain_methods
 
     job, methods = rj.job, _methods(rj.job)
     progress.echo(f"== retrain: {', '.join(methods)} x seeds {list(job.retrain.seeds)}"
                   + (" with tuned hyper-parameters" if job.hpo else ""))
     subnet = retrain_subnet(job) if "noah" in methods else None
-    run = retrain_seeds if job.hpo is None else tuned_retrain
-    return {m: run(rj.with_job(raced_job(job)) if m == "noah" else rj, subnet if m == "noah" else None, m)
-            for m in methods}
+    if job.hpo is not None:
+        return {m: tuned_retrain(rj.with_job(raced_job(job)) if m == "noah" else rj, subnet if m == "noah" else None, m)
+                for m in methods}
+    noah_job = raced_job(job) if "noah" in methods else job
+    if noah_job is job:                 # one session of reused workers for every method and seed
+        return retrain_methods(rj, subnet, methods)
+    # the race chose NOAH's learning rate: NOAH in a session of its own, the baselines with theirs
+    out = retrain_methods(rj.with_job(noah_job), subnet, ["noah"])
+    others = [m for m in methods if m != "noah"]
+    out.update(retrain_methods(rj, None, others) if others else {})
+    return {m: out[m] for m in methods}
 
 
 #: stage name -> what runs it on the resolved job (its summary; None: nothing to run)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import cast
@@ -37,7 +39,7 @@ from noah_ray.store import lease, storage, tracking
 from noah_ray.store.layout import SUPERNET_RUN, JobPaths, retrain_run_id
 from noah_ray.store.records import BestRecord, MetaRecord, SpecRecord
 from noah_ray.train.faults import FaultPlan
-from noah_ray.train.worker import ERROR_FILE, RunSpec, train_loop
+from noah_ray.train.worker import ERROR_FILE, RunSpec, finished, train_loop
 
 
 @dataclass
@@ -160,8 +162,34 @@ def _fit(run: RunSpec, faults: FaultPlan | None = None) -> MetaRecord:
     """Run (or resume, or skip when finished) one Ray Train run; returns the final meta."""
     from ray.train import TrainingFailedError
 
-    job = run.job
-    loc = JobPaths.of(job).root.join(run.run_dir)
+    began = _begin(run)
+    if isinstance(began, MetaRecord):
+        return began
+    run = began
+    try:
+        _launch(_trainer(run, _run_loc(run), faults), run)
+        _raise_error_file(run)
+    except TrainingFailedError as e:
+        tracking.end_run(run.tracking, "FAILED")
+        _raise_config_error(e)
+        raise
+    except BaseException:
+        tracking.end_run(run.tracking, "FAILED")
+        raise
+    finally:
+        progress.drain()         # the workers' last lines before the driver's next one
+    return _end(run)
+
+
+def _run_loc(run: RunSpec) -> storage.Location:
+    return JobPaths.of(run.job).root.join(run.run_dir)
+
+
+def _begin(run: RunSpec) -> RunSpec | MetaRecord:
+    """Before a run trains: its spec checked (or written); the final meta when it finished
+    earlier, else the run ready to train (bad checkpoints set aside, tracking started, an earlier
+    attempt's ``error.json`` removed)."""
+    loc = _run_loc(run)
     run.fence()
     _check_spec(loc, run.spec)
     final = loc.join("final", "meta.json")
@@ -172,31 +200,32 @@ def _fit(run: RunSpec, faults: FaultPlan | None = None) -> MetaRecord:
             progress.echo(f"{run.tag} finished earlier ({meta.epochs_done} epochs) at {loc.uri}")
             return meta
     _set_aside_bad(run.tag, loc)
-    ref = tracking.start_run(job, run.stage, run.run_id, extra=tracking.chosen_params(run.spec.hpo))
-    run = dataclasses.replace(run, backbone=ensure_backbone(job), progress=progress.sink_name(), tracking=ref)
+    ref = tracking.start_run(run.job, run.stage, run.run_id, extra=tracking.chosen_params(run.spec.hpo))
     error = loc.join(ERROR_FILE)
     if storage.exists(error):                    # left by an earlier attempt whose cause may be fixed now
         loc.fs.delete_file(error.path)
-    try:
-        with storage.tidy(JobPaths.of(job).root):
-            trainer = _trainer(run, loc, faults)
-            # Ray Train's own SIGINT handler would end fit() as if the run were done; SIGINT / SIGTERM
-            # are the command's (a KeyboardInterrupt out of fit: run.pipeline.interrupts)
-            trainer._register_sigint_handler = lambda controller: None
-            trainer.fit()
-        if storage.exists(error):
-            raise ConfigError(json.loads(storage.read_text(error))["error"])
-    except TrainingFailedError as e:
-        tracking.end_run(ref, "FAILED")
-        _raise_config_error(e)
-        raise
-    except BaseException:
-        tracking.end_run(ref, "FAILED")
-        raise
-    finally:
-        progress.drain()         # the workers' last lines before the driver's next one
-    meta = _final_meta(loc.join("final"))
-    tracking.finish_training(job, run.stage, ref, meta)
+    return dataclasses.replace(run, backbone=ensure_backbone(run.job), progress=progress.sink_name(), tracking=ref)
+
+
+def _launch(trainer, run: RunSpec) -> None:
+    """``trainer.fit()`` without Ray Train's own SIGINT handler, which would end fit() as if the run
+    were done; SIGINT / SIGTERM are the command's (a KeyboardInterrupt out of fit: run.pipeline.interrupts)."""
+    with storage.tidy(JobPaths.of(run.job).root):
+        trainer._register_sigint_handler = lambda controller: None
+        trainer.fit()
+
+
+def _raise_error_file(run: RunSpec) -> None:
+    """A worker's ConfigError, left in the run's ``error.json``, as one line."""
+    error = _run_loc(run).join(ERROR_FILE)
+    if storage.exists(error):
+        raise ConfigError(json.loads(storage.read_text(error))["error"])
+
+
+def _end(run: RunSpec) -> MetaRecord:
+    """After a run trained: its final meta, recorded in tracking."""
+    meta = _final_meta(_run_loc(run).join("final"))
+    tracking.finish_training(run.job, run.stage, run.tracking, meta)
     return meta
 
 
@@ -216,6 +245,84 @@ def _trainer(run: RunSpec, loc: storage.Location, faults: FaultPlan | None):
         run_config=RunConfig(name=run.run_dir.rsplit("/", 1)[-1], storage_path=parent, storage_filesystem=loc.fs,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints)))
+
+
+# ----------------------------------------------------------------------------- one session, many runs
+def _fit_session(runs: list[RunSpec], faults: dict[str, FaultPlan] | None = None) -> list[MetaRecord]:
+    """Train ``runs`` (same job, same workers) in one worker group, one after another
+    (:func:`noah_ray.train.worker.train_loop` with ``runs``): the fixed cost of starting workers,
+    importing, decoding the images is paid once, not per run.  Each run writes where it would
+    alone (checkpoints, ``best/``, ``final/``, metrics).  A run that fails restarts the group on the
+    runs left, up to ``max_failures`` times per run, from its newest checkpoint.  Returns the runs'
+    final metas, in order.  ``faults`` (tests): a :class:`FaultPlan` per run id."""
+    from ray.train import TrainingFailedError
+
+    began = [_begin(r) for r in runs]
+    todo = [r for r in began if isinstance(r, RunSpec)]
+    failures: dict[str, int] = {}
+    try:
+        while todo:
+            failed: BaseException | None = None
+            try:
+                with tempfile.TemporaryDirectory(prefix="noah-session-") as folder:
+                    _launch(_session_trainer(todo, folder, faults or {}), todo[0])
+            except TrainingFailedError as e:
+                failed = e
+            for r in todo:
+                _raise_error_file(r)
+            if failed is not None:
+                _after_failure(todo, failed, failures)
+            elif not all(finished(r) for r in todo):
+                raise RunError(f"{next(r for r in todo if not finished(r)).tag} ended without an intact final/; "
+                               f"run the stage again")
+            todo = [r for r in todo if not finished(r)]
+    except BaseException:
+        for r in todo:                           # the runs that finished before it are recorded as such
+            if finished(r):
+                _end(r)
+            else:
+                tracking.end_run(r.tracking, "FAILED")
+        raise
+    finally:
+        progress.drain()
+    return [b if isinstance(b, MetaRecord) else _end(b) for b in began]
+
+
+def _after_failure(todo: list[RunSpec], err: BaseException, failures: dict[str, int]) -> None:
+    """A session's worker group failed: a worker's ConfigError is raised as one line; else the
+    failure counts against the run in flight (the first one not finished), which is restarted
+    unless it used up its ``max_failures``."""
+    _raise_config_error(err)
+    run = next((r for r in todo if not finished(r)), None)
+    if run is None:                              # it failed after its last run finished: nothing to redo
+        return
+    failures[run.run_id] = failures.get(run.run_id, 0) + 1
+    limit = run.tc.max_failures
+    if 0 <= limit < failures[run.run_id]:
+        raise err
+    run.fence()                                  # no new worker group for a job whose lease is gone
+    progress.echo(f"{run.tag} failed ({type(err).__name__}); restarting it from its newest checkpoint "
+                  f"(failure {failures[run.run_id]} of {'unlimited' if limit < 0 else limit} allowed)")
+
+
+def _session_trainer(runs: list[RunSpec], folder: str, faults: dict[str, FaultPlan]):
+    """One ``TorchTrainer`` for ``runs`` (their common workers); Ray Train's own run folder (it
+    holds no checkpoint: the runs write theirs) is ``folder``, a local temporary one."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    tc = runs[0].tc
+    shapes = {(r.tc.num_workers, r.tc.use_gpu, r.tc.cpus_per_worker) for r in runs}
+    if len(shapes) > 1:
+        raise ValueError(f"one session trains runs of one worker shape, not {sorted(shapes)}")
+    return TorchTrainer(
+        train_loop, train_loop_config={"runs": [r.to_dict() for r in runs],
+                                                "run_faults": {k: f.to_dict() for k, f in faults.items()}},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker,
+                                                           **({"GPU": 1} if tc.use_gpu else {})}),
+        run_config=RunConfig(name="session", storage_path=folder,
+                             failure_config=FailureConfig(max_failures=0)))
 
 
 def _fence(rj: ResolvedJob) -> None:
@@ -282,10 +389,32 @@ def retrain(job: JobConfig | ResolvedJob, subnet: SubnetConfig | None, *, method
 def retrain_seeds(job: JobConfig | ResolvedJob, subnet: SubnetConfig | None, method: str = "noah",
                   hpo: dict | None = None) -> dict:
     """Retrain for every seed in ``retrain.seeds``; test accuracy as mean and (population) std."""
+    return retrain_methods(job, subnet, (method,), hpo=hpo)[method]
+
+
+def retrain_methods(job: JobConfig | ResolvedJob, subnet: SubnetConfig | None, methods: Sequence[str],
+                    hpo: dict | None = None, _faults: dict[str, list] | None = None) -> dict[str, dict]:
+    """Retrain every method (``subnet``: NOAH's) for every seed in ``retrain.seeds``, all in one
+    session of reused workers (:func:`_fit_session`); E2VPT with a ``prune`` section (its second
+    run needs the first's weights) runs by itself after them.  Per method: test accuracy as mean
+    and (population) std over the seeds.  ``_faults`` (tests): ``{run id: [(epoch, mode), ...]}``."""
     rj = resolved(job, "retrain")
-    cfg = subnet_for(method, rj.job, subnet)
-    _check_init(rj, cfg, method)
-    results = [_retrain(rj, cfg, method, s, hpo=hpo) for s in rj.job.retrain.seeds]
+    seeds, cfgs = rj.job.retrain.seeds, {m: subnet_for(m, rj.job, subnet if m == "noah" else None) for m in methods}
+    for m, cfg in cfgs.items():
+        _check_init(rj, cfg, m)
+    alone = {m for m in methods if m == "e2vpt" and rj.job.prune is not None}
+    planned = [(m, s, _plan_run(rj, m, cfgs[m], s, hpo=hpo)) for m in methods if m not in alone for s in seeds]
+    plans = {k: p for k, v in (_faults or {}).items() if (p := FaultPlan.of(v)) is not None}
+    metas = _fit_session([run for _, _, run in planned], plans)
+    results: dict[str, list[TrainResult]] = {m: [] for m in methods}
+    for (m, s, run), meta in zip(planned, metas, strict=True):
+        results[m].append(_record_run(rj, run, m, s, cfgs[m], meta, hpo))
+    for m in alone:
+        results[m] = [_retrain(rj, cfgs[m], m, s, hpo=hpo) for s in seeds]
+    return {m: _seeds_summary(results[m]) for m in methods}
+
+
+def _seeds_summary(results: list[TrainResult]) -> dict:
     accs = [r.metrics["test_acc"] for r in results]
     return {"method": results[0].metrics["method"], "test_acc_mean": statistics.fmean(accs),
             "test_acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "runs": accs,
@@ -319,43 +448,53 @@ def _check_init(rj: ResolvedJob, cfg: SubnetConfig, method: str) -> None:
 
 def _retrain(rj: ResolvedJob, cfg: SubnetConfig, method: str, seed: int, *, hpo: dict | None = None,
              faults: list | None = None) -> TrainResult:
-    tc = rj.job.retrain
-    lr = float(tc.method_lr.get(method, tc.lr))
-    init = tc.init if method == "noah" else None
-    result = _retrain_run(rj, method, cfg, lr, seed, faults=faults, hpo=hpo, init=init)
+    result = _retrain_run(rj, method, cfg, seed, faults=faults, hpo=hpo)
     if method != "e2vpt" or rj.job.prune is None:
         return result
     plan = _prune_plan(rj, cfg, seed, result.metrics["checkpoint_uri"])
-    return _retrain_run(rj, "e2vpt-pruned", cfg, lr, seed, prune_plan=plan, hpo=hpo)
+    return _retrain_run(rj, "e2vpt-pruned", cfg, seed, prune_plan=plan, hpo=hpo)
 
 
-def _retrain_run(rj: ResolvedJob, label: str, cfg: SubnetConfig, lr: float, seed: int, *,
-                 faults: list | None = None, prune_plan: dict | None = None, hpo: dict | None = None,
-                 init: str | None = None) -> TrainResult:
-    """One retraining run; ``prune_plan`` is the plan's JSON as stored (hashed as it is into the spec)."""
-    job, n = rj.job, rj.num_classes
+def _retrain_run(rj: ResolvedJob, label: str, cfg: SubnetConfig, seed: int, *,
+                 faults: list | None = None, prune_plan: dict | None = None, hpo: dict | None = None) -> TrainResult:
+    """One retraining run (a Ray Train run of its own)."""
+    run = _plan_run(rj, label, cfg, seed, prune_plan=prune_plan, hpo=hpo)
+    return _record_run(rj, run, label, seed, cfg, _fit(run, FaultPlan.of(faults)), hpo)
+
+
+def _plan_run(rj: ResolvedJob, label: str, cfg: SubnetConfig, seed: int, *, prune_plan: dict | None = None,
+              hpo: dict | None = None) -> RunSpec:
+    """The :class:`RunSpec` of one retraining run; ``prune_plan`` is the plan's JSON as stored
+    (hashed as it is into the spec)."""
+    job, n, tc = rj.job, rj.num_classes, rj.job.retrain
     method = "e2vpt" if prune_plan else label
+    lr = float(tc.method_lr.get(method, tc.lr))
+    init = tc.init if label == "noah" else None
     run_id = retrain_run_id(label, seed)
     spec = dataclasses.replace(spec_for(job, "retrain", method, cfg, lr, seed, n), prune_plan=prune_plan or None,
                                hpo=hpo or None)
     fp = spec.fingerprint()
-    plan = PrunePlan.from_dict(prune_plan) if prune_plan else None
     paths = JobPaths.of(job)
-    run_dir = paths.retrain_config(run_id, fp)
-    meta = _fit(RunSpec(job, "retrain", run_id, paths.relative(run_dir), method=method, seed=seed, lr=lr,
-                        num_classes=n, backbone=rj.backbone, spec=spec, metrics_part=f"{run_id}-{fp}",
-                        subnet=cfg.to_json(), fingerprint=fp, prune_plan=plan, init=init, lease=rj.lease),
-                FaultPlan.of(faults))
+    return RunSpec(job, "retrain", run_id, paths.relative(paths.retrain_config(run_id, fp)), method=method, seed=seed,
+                   lr=lr, num_classes=n, backbone=rj.backbone, spec=spec, metrics_part=f"{run_id}-{fp}",
+                   subnet=cfg.to_json(), fingerprint=fp, prune_plan=PrunePlan.from_dict(prune_plan) if prune_plan
+                   else None, init=init, lease=rj.lease)
+
+
+def _record_run(rj: ResolvedJob, run: RunSpec, label: str, seed: int, cfg: SubnetConfig, meta: MetaRecord,
+                hpo: dict | None) -> TrainResult:
+    """A trained run's ``best/`` and ``final/`` published under its stable name, its ``runs`` row."""
+    job, paths, fp = rj.job, JobPaths.of(rj.job), cast(str, run.fingerprint)
+    run_dir = paths.root.join(run.run_dir)
     _fence(rj)
-    _publish(run_dir, paths.retrain_run(run_id), fp)
-    trained = plan.config() if plan else cfg
-    row = _runs_row(job, run_id, label, seed, trained, meta, hpo)
+    _publish(run_dir, paths.retrain_run(run.run_id), fp)
+    trained = run.prune_plan.config() if run.prune_plan else cfg
+    row = _runs_row(job, run.run_id, label, seed, trained, meta, hpo)
     _fence(rj)
-    storage.append_table(paths.retrain, "runs", pa.Table.from_pylist([row]), part=f"{run_id}-{fp}")
+    storage.append_table(paths.retrain, "runs", pa.Table.from_pylist([row]), part=f"{run.run_id}-{fp}")
     progress.echo(f"[retrain] {label} seed {seed}: val {row['val_acc']:.2f}% (epoch {row['best_epoch']}) "
                   f"test {row['test_acc']:.2f}% params {row['params'] / 1e6:.4f}M")
-    return TrainResult("retrain", run_id, meta.epochs_done, run_dir.join("final").uri,
-                       {**row, "fingerprint": fp})
+    return TrainResult("retrain", run.run_id, meta.epochs_done, run_dir.join("final").uri, {**row, "fingerprint": fp})
 
 
 def _runs_row(job: JobConfig, run_id: str, label: str, seed: int, trained: SubnetConfig, meta: MetaRecord,

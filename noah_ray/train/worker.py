@@ -122,6 +122,7 @@ class Worker:
     scaler: Any
     net: torch.nn.Module | None = None    # the model, DDP-wrapped with several workers
     faults: FaultPlan | None = None       # tests: injected failures
+    session: Session | None = None        # kept across the runs of a session
 
     @property
     def run_dir(self) -> storage.Location:
@@ -153,30 +154,77 @@ def eval_subnets(job: JobConfig, count: int) -> dict[str, SubnetConfig]:
 # ----------------------------------------------------------------------------- the worker loop
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker; ``config["run"]`` is a :meth:`RunSpec.to_dict`,
-    ``config["faults"]`` a test's :meth:`FaultPlan.to_dict` (else None).
+    ``config["faults"]`` a test's :meth:`FaultPlan.to_dict` (else None).  A retraining session
+    (:func:`noah_ray.train.runs.retrain_methods`) passes ``config["runs"]`` instead: several runs
+    that this worker group trains one after another (:func:`_session`), and ``config["run_faults"]``
+    (a plan per run id).
 
     A :class:`ConfigError` (a bad image, a bad file: every retry would fail the same way) is
     written to ``<run>/error.json``, which the driver turns into one line.  With one worker it is
     not raised (Ray Train would restart the worker ``max_failures`` times); with several it is
     (the others may wait in a collective), and each restarted attempt ends at once on the file."""
+    if "runs" in config:
+        _session([RunSpec.from_dict(r) for r in config["runs"]],
+                 {k: FaultPlan.from_dict(f) for k, f in config.get("run_faults", {}).items()})
+    else:
+        faults = FaultPlan.from_dict(config["faults"]) if config.get("faults") else None
+        _guarded(RunSpec.from_dict(config["run"]), faults, Session(direct=False))
+
+
+@dataclass
+class Session:
+    """What a worker keeps from one run to the next of a session: the datasets built (their
+    decoded images, keyed by what builds them); ``direct``: checkpoints are written straight to the
+    run's folder in storage (a session's runs share one Ray Train run, whose checkpoint folder is
+    not theirs) instead of through ``ray.train.report``."""
+
+    direct: bool
+    datasets: dict = dataclasses.field(default_factory=dict)
+
+
+def _session(runs: list[RunSpec], faults: dict[str, FaultPlan]) -> None:
+    """Train ``runs`` one after another in this worker group: a finished one is skipped, the
+    others resume from their newest checkpoint; the first that fails with a ConfigError ends the
+    session (the driver raises it)."""
+    session = Session(direct=True)
+    for run in runs:
+        if finished(run):
+            continue
+        if not _guarded(run, faults.get(run.run_id), session):
+            return
+
+
+def finished(run: RunSpec) -> bool:
+    """Whether ``run`` has an intact ``final/`` with all its epochs."""
+    final = JobPaths.of(run.job).root.join(run.run_dir, "final")
+    if not storage.exists(final.join("meta.json")):
+        return False
+    try:
+        return MetaRecord.from_dict(storage.load_state(final)[1]).epochs_done >= run.tc.epochs
+    except (ConfigError, ValueError):
+        return False
+
+
+def _guarded(run: RunSpec, faults: FaultPlan | None, session: Session) -> bool:
+    """Train ``run``; False when it ended on a ConfigError (written to its ``error.json``)."""
     import ray.train
 
-    run = RunSpec.from_dict(config["run"])
-    faults = FaultPlan.from_dict(config["faults"]) if config.get("faults") else None
     marker = JobPaths.of(run.job).root.join(run.run_dir, ERROR_FILE)
     run.fence()                           # a restarted worker of a run that lost its lease ends here
     try:
         if storage.exists(marker):
             raise ConfigError(json.loads(storage.read_text(marker))["error"])
-        _train(run, faults)
+        _train(run, faults, session)
+        return True
     except ConfigError as e:
         storage.write_text(marker, json.dumps({"error": str(e)}))
         if ray.train.get_context().get_world_size() > 1:
             raise
+        return False
 
 
-def _train(run: RunSpec, faults: FaultPlan | None) -> None:
-    w = _setup(run)
+def _train(run: RunSpec, faults: FaultPlan | None, session: Session) -> None:
+    w = _setup(run, session)
     w.faults = faults
     state, start = _resume(w)
     session_t0 = time.time()
@@ -186,7 +234,7 @@ def _train(run: RunSpec, faults: FaultPlan | None) -> None:
         _finish(w, state)
 
 
-def _setup(run: RunSpec) -> Worker:
+def _setup(run: RunSpec, session: Session) -> Worker:
     """The model (the same initial weights on every rank), the loaders and the optimiser."""
     import ray.train
     import ray.train.torch
@@ -203,32 +251,48 @@ def _setup(run: RunSpec) -> Worker:
     if run.prune_plan:  # E2VPT rewinding: the fresh model holds the same initial values
         model, capacity = apply_plan(model, run.prune_plan), run.prune_plan.config()
     torch.manual_seed(run.seed + 1_000_003 * (rank + 1))  # independent drop-path / shuffling per rank
-    train_loader, sampler, val_loader, norm = _loaders(run, model, rank, world, device)
+    train_loader, sampler, val_loader, norm = _loaders(run, model, rank, world, device, session)
     opt, sched, scaler = make_optimizer(model, run.tc, run.lr, len(train_loader), device, run.job.model.precision)
     return Worker(run, rank, world, device, model, capacity, train_loader, sampler, val_loader, norm,
-                  opt, sched, scaler)
+                  opt, sched, scaler, session=session)
 
 
-def _loaders(run: RunSpec, model: PromptedViT, rank: int, world: int, device: torch.device) -> tuple:
+def _loaders(run: RunSpec, model: PromptedViT, rank: int, world: int, device: torch.device,
+             session: Session) -> tuple:
     """``(train loader, its DistributedSampler or None, val loader on rank 0, (mean, std, size))``."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from noah_ray.data import build_dataset, build_loader, norm_for
+    from noah_ray.data import build_loader, norm_for
 
-    job, endpoint = run.job, run.job.storage_endpoint
+    job = run.job
     mean, std, size = norm_for(model)
     size = job.data.img_size or size
-    ds = build_dataset(job.data, job.data.train_split, train=True, mean=mean, std=std, img_size=size,
-                       endpoint=endpoint)
+    ds = _dataset(run, session, job.data.train_split, train=True, norm=(mean, std, size))
     sampler: DistributedSampler | None
     sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=run.seed) if world > 1 else None
     nw = job.data.num_workers
     train_loader = DataLoader(ds, batch_size=job.data.batch_size // world, shuffle=sampler is None,
                               sampler=sampler, num_workers=nw, persistent_workers=nw > 0,
                               pin_memory=device.type == "cuda", drop_last=len(ds) >= 2 * job.data.batch_size)
-    val_loader = build_loader(job.data, job.data.val_split, train=False, mean=mean, std=std, img_size=size,
-                              endpoint=endpoint) if rank == 0 else None
+    val_loader = build_loader(job.data, job.data.val_split, train=False, img_size=size,
+                              dataset=_dataset(run, session, job.data.val_split, train=False, norm=(mean, std, size))) \
+        if rank == 0 else None
     return train_loader, sampler, val_loader, (mean, std, size)
+
+
+def _dataset(run: RunSpec, session: Session, split: str, *, train: bool, norm: tuple) -> Any:
+    """The dataset of ``split``, built once per session (its images decoded once: building one
+    draws no random numbers, so a cached one trains exactly as a fresh one)."""
+    from noah_ray.data import build_dataset
+
+    job = run.job
+    mean, std, size = norm
+    key = json.dumps([dataclasses.asdict(job.data), job.storage_endpoint, split, train, list(mean), list(std), size],
+                     sort_keys=True, default=str)
+    if key not in session.datasets:
+        session.datasets[key] = build_dataset(job.data, split, train=train, mean=mean, std=std, img_size=size,
+                                              endpoint=job.storage_endpoint)
+    return session.datasets[key]
 
 
 def _resume(w: Worker) -> tuple[dict, int]:
@@ -337,16 +401,37 @@ def _evaluate(w: Worker, epoch: int, state: dict, metrics: dict) -> dict[str, fl
 
 
 def _report(w: Worker, epoch: int, state: dict, metrics: dict, checkpoint: bool) -> None:
-    """``ray.train.report`` the epoch, with a checkpoint (``checkpoint_e<epoch>``) when due."""
+    """``ray.train.report`` the epoch, with a checkpoint (``checkpoint_e<epoch>``) when due; in a
+    session the checkpoint is written to the run's folder directly (:func:`_save_direct`)."""
     import ray.train
 
+    name = f"checkpoint_e{epoch:05d}"
+    if w.session is not None and w.session.direct:
+        if checkpoint:
+            _save_direct(w, state, name)
+        return
     with tempfile.TemporaryDirectory(prefix="noah-ckpt-") as d:
         ckpt = None
         if checkpoint:
             w.run.fence()
             optim.save_checkpoint(d, w.model, w.opt, w.sched, w.scaler, state, w.rank, w.world, w.device)
             ckpt = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_e{epoch:05d}" if ckpt else None)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if ckpt else None)
+
+
+def _save_direct(w: Worker, state: dict, name: str) -> None:
+    """Every rank writes its part of checkpoint ``name`` into the run's folder (each part checked by
+    its manifest: a partial one is skipped on resume); once all have written, rank 0 deletes the
+    checkpoints beyond ``keep_checkpoints`` (what Ray Train's ``num_to_keep`` does for a run)."""
+    w.run.fence()
+    optim.save_checkpoint(w.run_dir.join(name), w.model, w.opt, w.sched, w.scaler, state, w.rank, w.world,
+                          w.device)
+    if w.world > 1:
+        torch.distributed.barrier()
+    keep = w.run.tc.keep_checkpoints
+    if w.rank == 0 and keep:
+        for old in optim.checkpoint_names(w.run_dir)[keep:]:
+            storage.delete(w.run_dir.join(old))
 
 
 def _finish(w: Worker, state: dict) -> None:
@@ -355,6 +440,7 @@ def _finish(w: Worker, state: dict) -> None:
     from noah_ray.data import build_loader
 
     run, model, job = w.run, w.model, w.run.job
+    assert w.session is not None              # _setup sets it
     meta = _final_meta(run, model, state)
     last = model.trainable_state_dict()
     if run.stage == "supernet":
@@ -366,8 +452,8 @@ def _finish(w: Worker, state: dict) -> None:
     best = BestRecord.from_dict(best_meta)
     model.load_trainable_state_dict(best_tensors)
     mean, std, size = w.norm
-    test = build_loader(job.data, job.data.test_split, train=False, mean=mean, std=std, img_size=size,
-                        endpoint=job.storage_endpoint)
+    test = build_loader(job.data, job.data.test_split, train=False, img_size=size,
+                        dataset=_dataset(run, w.session, job.data.test_split, train=False, norm=w.norm))
     meta = dataclasses.replace(meta, test_acc=evaluate(model, test, w.device)[0], best_val=best.val_acc,
                                best_epoch=best.epoch, best_uri=w.run_dir.join("best").uri)
     _say(run, f"[retrain {run.run_id}] test {meta.test_acc:.2f}% with the weights of epoch "

@@ -1,0 +1,123 @@
+"""Retraining seeds and baselines in one session of reused workers (``runs.retrain_methods``): one
+Ray Train worker group for all runs, the same results and files as one Ray Train run per run, and
+exact resume after a kill in the middle of the second run."""
+
+import pytest
+import torch
+from ray.train.torch import TorchTrainer
+
+from noah_ray.config import JobConfig
+from noah_ray.data import write_generated_vtab
+from noah_ray.run.preflight import resolve
+from noah_ray.store import storage
+from noah_ray.train import runs
+
+WIDTHS = {"vpt": {"vpt": 2}, "lora": {"lora": 2}}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_generated_vtab(root, "gen_color", num_train=48, num_val=16, num_test=16)
+    return root
+
+
+@pytest.fixture()
+def fits(monkeypatch):
+    """How many ``TorchTrainer.fit`` calls (worker groups) the driver makes."""
+    calls = []
+    real = TorchTrainer.fit
+
+    def counted(self):
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(TorchTrainer, "fit", counted)
+    return calls
+
+
+def _job(tiny_job, data_root, store, *, methods=("lora", "vpt"), epochs=2, max_failures=0):
+    return JobConfig.from_dict(tiny_job(
+        data_root, store, name="sess", data={"batch_size": 16}, search=None, supernet=None,
+        model={"drop_path_rate": 0.1},
+        retrain={"epochs": epochs, "lr": 3e-3, "warmup_epochs": 0, "num_workers": 1, "seeds": [0, 1],
+                 "method": methods[0], "baselines": list(methods[1:]), "baseline_widths": WIDTHS,
+                 "max_failures": max_failures, "keep_checkpoints": 1}))
+
+
+def _outcome(job):
+    """Per run: (val, test, best epoch, epochs) of its ``runs`` row and its final weights."""
+    root = storage.resolve(job.storage).join(job.name, "retrain")
+    rows = storage.read_table(root, "runs").to_pandas().sort_values("run_id")
+    out = {}
+    for r in rows.itertuples():
+        tensors, meta = storage.load_state(root.join(r.run_id, "final"))
+        out[r.run_id] = ((r.val_acc, r.test_acc, r.best_epoch, r.epochs), tensors, meta)
+    return out
+
+
+def _files(loc):
+    return {f.uri[len(loc.uri):] for f in storage.list_files(loc)}
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k][0] == b[k][0], k
+        assert a[k][1].keys() == b[k][1].keys()
+        assert all(torch.equal(a[k][1][n], b[k][1][n]) for n in a[k][1]), k
+
+
+@pytest.mark.slow
+def test_one_worker_group_same_results_as_one_run_each(ray_session, data_root, tmp_path, tiny_job, fits):
+    job = _job(tiny_job, data_root, str(tmp_path / "session"))
+    summary = runs.retrain_methods(resolve(job, ("retrain",)), None, ("lora", "vpt"))
+    assert len(fits) == 1                                   # 4 runs, one worker group
+    session = _outcome(job)
+    assert sorted(session) == ["lora-seed0", "lora-seed1", "vpt-seed0", "vpt-seed1"]
+    assert summary["lora"]["runs"] == [session["lora-seed0"][0][1], session["lora-seed1"][0][1]]
+
+    alone = _job(tiny_job, data_root, str(tmp_path / "alone"))
+    for m in ("lora", "vpt"):
+        for s in (0, 1):
+            runs.retrain(resolve(alone, ("retrain",)), None, method=m, seed=s)
+    assert len(fits) == 1 + 4                              # the per-run path: one worker group each
+    _same(session, _outcome(alone))
+    # the same files in each run's folder: checkpoints (keep_checkpoints 1), best/, final/, spec
+    for run_id in session:
+        got = _files(storage.resolve(job.storage).join(job.name, "retrain", run_id))
+        want = _files(storage.resolve(alone.storage).join(alone.name, "retrain", run_id))
+        assert got == {n for n in want if n.rsplit("/", 1)[-1] not in (runs.RAY_SNAPSHOT, *storage.RAY_MARKERS)}
+        assert any("/checkpoint_e00001/" in n for n in got) and not any("/checkpoint_e00000/" in n for n in got)
+
+    fits.clear()                                           # finished: answered from storage
+    again = runs.retrain_methods(resolve(job, ("retrain",)), None, ("lora", "vpt"))
+    assert fits == [] and again["vpt"]["runs"] == summary["vpt"]["runs"]
+
+
+@pytest.mark.slow
+def test_kill_in_second_run_resumes_exactly(ray_session, data_root, tmp_path, tiny_job, fits):
+    """The worker is killed after epoch 2 of the second run: re-running the stage skips the first
+    run and resumes the second from its checkpoint; with ``max_failures`` 1 the session restarts it
+    by itself.  Both end bit-exact with an uninterrupted session."""
+    clean = _job(tiny_job, data_root, str(tmp_path / "clean"), methods=("lora",), epochs=3)
+    runs.retrain_methods(resolve(clean, ("retrain",)), None, ("lora",))
+    want = _outcome(clean)
+
+    killed = _job(tiny_job, data_root, str(tmp_path / "killed"), methods=("lora",), epochs=3)
+    fits.clear()
+    with pytest.raises(Exception, match="(?i)fail|died|error"):
+        runs.retrain_methods(resolve(killed, ("retrain",)), None, ("lora",), _faults={"lora-seed1": [(1, "kill")]})
+    runs.retrain_methods(resolve(killed, ("retrain",)), None, ("lora",))
+    assert len(fits) == 2
+    got = _outcome(killed)
+    _same(got, want)
+    assert got["lora-seed0"][2]["start_epochs"] == [0] and got["lora-seed1"][2]["start_epochs"] == [0, 2]
+
+    retried = _job(tiny_job, data_root, str(tmp_path / "retried"), methods=("lora",), epochs=3, max_failures=1)
+    fits.clear()
+    runs.retrain_methods(resolve(retried, ("retrain",)), None, ("lora",), _faults={"lora-seed1": [(1, "kill")]})
+    assert len(fits) == 2                                  # the group restarted once, on the run left
+    got = _outcome(retried)
+    _same(got, want)
+    assert got["lora-seed1"][2]["start_epochs"] == [0, 2]
