@@ -18,8 +18,12 @@ checkpointing is printed too.
 Defaults: CUDA: ``vit_base_patch16_224``, batch 64, bf16 autocast; CPU: the tiny
 ``vit_noah_tiny_patch4_32``, batch 64, fp32.
 
+``--profile N`` instead profiles N steps of ``plain (full bwd)`` and ``supernet`` with
+torch.profiler (same random subnets) and prints milliseconds per step in forward / backward /
+optimizer and the top operators by self CPU time.
+
 Usage: ``python bench/supernet_step.py [--device auto|cpu|cuda] [--model M] [--batch B]
-[--precision fp32|bf16] [--rounds R] [--steps S] [--threads T]``
+[--precision fp32|bf16] [--rounds R] [--steps S] [--threads T] [--profile N]``
 """
 
 from __future__ import annotations
@@ -107,6 +111,33 @@ def build(args: argparse.Namespace) -> list[Variant]:
     return variants
 
 
+def profile(variants: list[Variant], steps: int, rows: int = 15) -> None:
+    """Per-step phase times and the top operators of ``plain (full bwd)`` and ``supernet``."""
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    for v in variants[1:3]:
+        v.rng = random.Random(1)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                if v.space is not None:
+                    with record_function("set_active"):
+                        v.model.set_active(v.space.sample(v.rng))
+                with record_function("forward"):
+                    out = v.model(v.x)
+                v.opt.zero_grad(set_to_none=True)
+                with record_function("backward"):
+                    F.cross_entropy(out.float(), v.y).backward()
+                with record_function("optimizer"):
+                    v.opt.step()
+        ka = prof.key_averages()
+        phases = {e.key: e.cpu_time_total / steps / 1e3 for e in ka
+                  if e.key in ("set_active", "forward", "backward", "optimizer")}
+        print(f"== {v.name}: ms per step " + ", ".join(f"{k} {t:.1f}" for k, t in phases.items())
+              + f"; {sum(e.count for e in ka) // steps} profiler events per step")
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=44))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -116,6 +147,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant per round")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps instead of timing")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,6 +160,9 @@ def main() -> None:
     for v in variants:  # warm-up (kernels, AdamW state)
         v.step()
         v.step()
+    if args.profile:
+        profile(variants, args.profile)
+        return
     for _ in range(args.rounds):
         for v in variants:
             v.timed(args.steps)

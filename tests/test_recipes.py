@@ -15,7 +15,7 @@ from noah_ray.config.resolved import param_limit
 from noah_ray.errors import ConfigError
 from noah_ray.interop import import_noah, reference_files
 from noah_ray.nn.backbones import create_backbone
-from noah_ray.nn.modules import Adapter, DeepPrompt, KVPrompt, LoRA
+from noah_ray.nn.modules import Adapter, DeepPrompt, KVPrompt, LoRA, LoRALinear
 from noah_ray.nn.modules.adapter import quick_gelu
 from noah_ray.nn.modules.vpt import expand_gate
 from noah_ray.nn.prune import mask_scores, prune
@@ -139,16 +139,23 @@ def test_kv_prompt_init_matches_e2vpt():
 
 # ------------------------------------------------------------------ dropout
 def test_lora_dropout_acts_on_the_input_in_training_only():
-    torch.manual_seed(0)
-    lora = LoRA(6, 18, 4, dropout=0.5)
+    # A = I and B = [I; I; I]: delta = [drop(x), drop(x), drop(x)], so the mask is visible.  On the
+    # input, all three copies of an input element share its mask; on the product they would not.
+    lora = LoRA(6, 18, 6, dropout=0.5)
     with torch.no_grad():
-        lora.lora_B.normal_()
-    x = torch.randn(5, 6)
+        lora.lora_A.copy_(torch.eye(6))
+        lora.lora_B.copy_(torch.eye(6).repeat(3, 1))
+    x = torch.randn(2000, 6) + 3.0                      # no zeros in x
     torch.manual_seed(7)
     got = lora.train().delta(x)
-    torch.manual_seed(7)
-    want = (F.dropout(x, 0.5, training=True) @ lora.lora_A.T) @ lora.lora_B.T
-    assert torch.allclose(got, want, atol=1e-6)
+    first = got[:, :6]
+    assert torch.equal(first, got[:, 6:12]) and torch.equal(first, got[:, 12:])
+    kept = first != 0
+    assert torch.allclose(first[kept], 2 * x[kept], rtol=1e-6) and abs(kept.float().mean().item() - 0.5) < 0.02
+    base = torch.nn.Linear(6, 18)
+    torch.manual_seed(7)                                 # the fused qkv + LoRA path draws the same mask
+    fused = LoRALinear(base, lora)(x)
+    assert torch.allclose(fused, base(x) + got, atol=1e-5)
     assert torch.allclose(lora.eval().delta(x), (x @ lora.lora_A.T) @ lora.lora_B.T, atol=1e-6)
 
 
@@ -166,16 +173,20 @@ def test_prompt_dropout_per_sample_on_prompt_tokens_only():
 
 
 def test_adapter_dropout_on_the_hidden_layer_in_training_only():
+    # up = [I; 0] (8 x 6) and up bias 0: a(h) - h = [drop(z), 0, 0] with z the hidden layer
     torch.manual_seed(0)
     a = Adapter(8, 6, act="quick_gelu", dropout=0.5, init="xavier")
-    h = torch.randn(4, 8)
-    torch.manual_seed(3)
-    got = a.train()(h)
-    torch.manual_seed(3)
-    want = h + F.dropout(quick_gelu(h @ a.down_weight.T + a.down_bias), 0.5, True) @ a.up_weight.T + a.up_bias
-    assert torch.allclose(got, want, atol=1e-6)
-    want_eval = h + quick_gelu(h @ a.down_weight.T + a.down_bias) @ a.up_weight.T + a.up_bias
-    assert torch.allclose(a.eval()(h), want_eval, atol=1e-6)
+    with torch.no_grad():
+        a.up_weight.copy_(torch.cat([torch.eye(6), torch.zeros(2, 6)]))
+        a.up_bias.zero_()
+    h = torch.randn(4000, 8)
+    z = quick_gelu(h @ a.down_weight.T + a.down_bias)
+    out = a.train()(h) - h
+    dz, kept = out[:, :6], out[:, :6] != 0
+    assert torch.equal(out[:, 6:], torch.zeros(4000, 2))
+    assert torch.allclose(dz[kept], 2 * z[kept], rtol=1e-4, atol=1e-6)
+    assert abs(kept.float().mean().item() - 0.5) < 0.02
+    assert torch.allclose(a.eval()(h) - h, torch.cat([z, torch.zeros(4000, 2)], 1), atol=1e-6)
 
 
 @pytest.mark.parametrize("which", recipes.DROPOUTS)

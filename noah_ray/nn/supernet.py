@@ -26,6 +26,7 @@ from torch import nn
 from noah_ray.errors import ConfigError
 from noah_ray.nn.backbones import backbone_shape, create_backbone
 from noah_ray.nn.modules import REGISTRY, BuildContext, DeepPrompt, PromptModule, legacy_names, timm_attention
+from noah_ray.nn.modules.fast_ops import splice
 from noah_ray.space import ADAPTER, KV_PROMPT, LORA, MODULES, VPT, SearchSpace, SubnetConfig
 from noah_ray.space.recipes import Recipe, as_recipe
 
@@ -66,7 +67,7 @@ class PromptBlock(nn.Module):
             x = self.vpt.insert(x, self.num_prefix, self.num_in)
         x = self.block(x)
         if self.strip and self.num_out:
-            x = torch.cat([x[:, : self.num_prefix], x[:, self.num_prefix + self.num_out:]], dim=1)
+            x = splice(x, None, self.num_prefix, self.num_out)
         return x
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from noah_ray.errors import ConfigError
 from noah_ray.nn.modules.base import BuildContext, PromptModule, register
+from noah_ray.nn.modules.fast_ops import dropout
 from noah_ray.space.kinds import ADAPTER
 
 
@@ -109,7 +110,7 @@ class Adapter(PromptModule):
         r = self.active
         if r == 0:
             return h
-        z = self.dropout(self.act(F.linear(h, self.down_weight[:r], self.down_bias[:r])))
+        z = dropout(self.act(F.linear(h, self.down_weight[:r], self.down_bias[:r])), self.dropout.p, self.training)
         return h + F.linear(z, self.up_weight[:, :r], self.up_bias)
 
     def sliced_state(self, width: int) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@
 ``B: out x max_rank``.  A smaller active rank uses the first ``r`` rows of ``A`` and columns of
 ``B`` (weight entanglement).  ``init="kaiming"`` (LoRA, NOAH): A Kaiming-uniform (a = sqrt 5),
 B zero, so a fresh LoRA leaves the layer unchanged; ``"vit"``: both truncated-normal std 0.02.
-``dropout`` acts on the LoRA input only (training only).
+``dropout`` acts on the LoRA input only (training only; :func:`~noah_ray.nn.modules.fast_ops.dropout`).
 
 peft's way: :class:`LoRALinear` replaces ``attn.qkv`` and computes ``base(x) + delta(x)``, so the
 timm attention's own forward runs unchanged.
@@ -16,11 +16,13 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from noah_ray.errors import ConfigError
 from noah_ray.nn.modules.attention import timm_attention
 from noah_ray.nn.modules.base import BuildContext, PromptModule, register
+from noah_ray.nn.modules.fast_ops import dropout
 from noah_ray.space.kinds import LORA
 
 LORA_INITS = ("kaiming", "vit")
@@ -76,7 +78,15 @@ class LoRA(PromptModule):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         r = self.active
-        return (self.dropout(x) @ self.lora_A[:r].T) @ self.lora_B[:, :r].T * self.scale
+        return (dropout(x, self.dropout.p, self.training) @ self.lora_A[:r].T) @ self.lora_B[:, :r].T * self.scale
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out + delta(x)`` with the rank-``r`` product, its scale and the sum in one ``addmm``
+        (no full-size delta tensor, no separate scale and add passes, forward or backward)."""
+        r = self.active
+        h = F.linear(dropout(x, self.dropout.p, self.training), self.lora_A[:r])
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, r), self.lora_B[:, :r].T, alpha=self.scale)
+        return flat.view(out.shape)
 
     def merged_weight_delta(self) -> torch.Tensor:
         """``scale * B A`` at the active rank: add it to the base weight to merge."""
@@ -102,6 +112,4 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.lora.active > 0:
-            out = out + self.lora.delta(x)
-        return out
+        return self.lora.add_to(out, x) if self.lora.active > 0 else out

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from noah_ray.nn.modules.base import BuildContext, PromptModule, register
+from noah_ray.nn.modules.fast_ops import dropout, splice
 from noah_ray.space.kinds import VPT
 
 GATE_LAYOUTS = ("contiguous", "strided")
@@ -81,8 +82,8 @@ class DeepPrompt(PromptModule):
         p = self.prompts[: self.active]
         if self.gate is not None:
             p = p * self.gate_multiplier(self.gate[: self.active])
-        p = self.dropout(p.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1))
-        return torch.cat([x[:, :num_prefix], p, x[:, num_prefix + num_previous:]], dim=1)
+        p = dropout(p.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1), self.dropout.p, self.training)
+        return splice(x, p, num_prefix, num_previous)
 
     def sliced_state(self, tokens: int) -> dict[str, torch.Tensor]:
         return {"prompts": self.prompts[:tokens].detach().clone()}

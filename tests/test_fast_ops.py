@@ -1,0 +1,64 @@
+"""The hot-path operations of the prompt modules, checked against their definitions: inverted
+dropout's distribution and reproducibility, and the token splice's values and gradients."""
+
+import math
+
+import pytest
+import torch
+
+from noah_ray.nn.modules.fast_ops import dropout, splice
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keeps_each_element_with_probability_one_minus_p_scaled(p):
+    x = torch.rand(1000, 1000) + 1.0                       # no zeros
+    torch.manual_seed(0)
+    y = dropout(x, p, True)
+    kept = y != 0
+    n = x.numel()
+    # binomial mean n(1-p), sd sqrt(n p (1-p)): within 5 sd
+    assert abs(kept.sum().item() - n * (1 - p)) < 5 * math.sqrt(n * p * (1 - p))
+    scale = torch.tensor(1.0).div_(1 - p)                  # F.dropout's noise value, 1 / (1 - p) in float32
+    assert torch.equal(y[kept], x[kept] * scale)
+    # independence: neighbours (rows, columns) agree as often as independent draws would
+    for a, b in ((kept[:, 1:], kept[:, :-1]), (kept[1:], kept[:-1])):
+        both = (a & b).float().mean().item()
+        assert abs(both - (1 - p) ** 2) < 0.005
+
+
+def test_dropout_is_reproducible_under_torch_seed_and_fresh_per_call():
+    x = torch.ones(64, 75, 48)
+    torch.manual_seed(3)
+    a, b = dropout(x, 0.1, True), dropout(x, 0.1, True)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, 0.1, True), a) and not torch.equal(a, b)
+    state = torch.get_rng_state()                          # saved / restored RNG state replays it
+    c = dropout(x, 0.1, True)
+    torch.set_rng_state(state)
+    assert torch.equal(dropout(x, 0.1, True), c)
+
+
+def test_dropout_is_the_identity_in_eval_or_at_zero_and_flows_gradients_through_the_mask():
+    x = torch.randn(8, 5, requires_grad=True)
+    assert dropout(x, 0.3, False) is x and dropout(x, 0.0, True) is x
+    y = dropout(x, 0.5, True)
+    y.sum().backward()
+    assert torch.equal(x.grad, (y.detach() != 0).float() * 2.0)
+    assert dropout(torch.ones(4, dtype=torch.bfloat16), 0.5, True).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("start,n_old,n_new", [(1, 0, 3), (1, 3, 3), (1, 5, 2), (0, 2, 4), (1, 4, 0)])
+def test_splice_replaces_tokens_and_routes_gradients(start, n_old, n_new):
+    x = torch.randn(2, 9, 4, requires_grad=True)
+    p = torch.randn(2, n_new, 4, requires_grad=True) if n_new else None
+    out = splice(x, p, start, n_old)
+    want = [x[:, :start]] + ([p] if p is not None else []) + [x[:, start + n_old:]]
+    assert torch.equal(out, torch.cat(want, 1))
+    g = torch.randn_like(out)
+    out.backward(g)
+    gx = torch.zeros(2, 9, 4)                              # d out / d x: the kept tokens' gradients, 0 at the replaced ones
+    gx[:, :start] = g[:, :start]
+    gx[:, start + n_old:] = g[:, start + n_new:]
+    assert torch.equal(x.grad, gx)
+    if p is not None:
+        assert torch.equal(p.grad, g[:, start:start + n_new])
