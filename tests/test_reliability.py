@@ -18,7 +18,7 @@ import pytest
 import ray.cloudpickle
 
 from noah_ray import security
-from noah_ray.config import JobConfig
+from noah_ray.config import JobConfig, SearchConfig
 from noah_ray.errors import ConfigError, RunError
 from noah_ray.evolution import DONE, FAILED, QUEUED, EvolutionEngine, TargetObjective
 from noah_ray.search.driver import _finish, _settings
@@ -81,7 +81,7 @@ def test_a_search_with_nothing_scored_is_never_a_success(tmp_path):
     drive(searcher, TargetObjective.random(SPACE, LIMIT, seed=1), fail=lambda cid: True)
     assert searcher.engine.finished and searcher.engine.best() is None
     with pytest.raises(RunError, match=r"none of its 8 candidates scored \(first error: endpoint unreachable\)"):
-        _finish(searcher, store, storage.resolve(str(tmp_path)), "r")
+        _finish(searcher, store, storage.resolve(str(tmp_path)), "r", SearchConfig())
     assert not (tmp_path / "best_subnet.yaml").exists() and not (tmp_path / "pareto").exists()
 
 
