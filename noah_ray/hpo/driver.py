@@ -204,6 +204,24 @@ def _check_settings(loc: storage.Location, settings: dict, tables: TrialTables) 
                               f"setting, or use another job name")
 
 
+def restored_tuner(tune_dir: storage.Location, name: str, trainable, what: str):
+    """The interrupted Tune experiment ``name`` under ``tune_dir`` restored (ended trials stay
+    ended, errored ones run again), saying ``what`` first; None when there is none to restore."""
+    path = tune_dir.join(name)
+    if not tune.Tuner.can_restore(path.path, storage_filesystem=path.fs):
+        return None
+    progress.echo(f"{what} from {path.uri}")
+    return tune.Tuner.restore(path.path, trainable, resume_errored=True, storage_filesystem=path.fs)
+
+
+def trial_run_config(tune_dir: storage.Location, name: str, callbacks: list, retries: int):
+    """The ``RunConfig`` of a trial experiment (HPO, race): in storage, quiet, ``retries`` per
+    trial, one checkpoint kept per trial (what a resume needs)."""
+    return tune.RunConfig(
+        name=name, storage_path=tune_dir.path, storage_filesystem=tune_dir.fs, verbose=0, callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=retries), checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+
+
 def _tuner(job: JobConfig, method: str, trainable, space: dict[str, HpoParam], tables: TrialTables,
            callbacks: list):
     """A new Tune experiment for ``method`` (``callbacks`` beside the table writer), or the
@@ -211,15 +229,11 @@ def _tuner(job: JobConfig, method: str, trainable, space: dict[str, HpoParam], t
     assert job.hpo is not None
     h = job.hpo
     tune_dir = JobPaths.of(job).hpo_tune
-    path = tune_dir.join(method)
-    if tune.Tuner.can_restore(path.path, storage_filesystem=path.fs):
-        progress.echo(f"[hpo {method}] resuming the search from {path.uri}")
-        return tune.Tuner.restore(path.path, trainable, resume_errored=True, storage_filesystem=path.fs)
+    restored = restored_tuner(tune_dir, method, trainable, f"[hpo {method}] resuming the search")
+    if restored is not None:
+        return restored
     epochs = job.hpo.epochs or job.retrain.epochs
-    run_config = tune.RunConfig(
-        name=method, storage_path=tune_dir.path, storage_filesystem=tune_dir.fs, verbose=0,
-        callbacks=[TrialRecorder(tables), *callbacks], failure_config=tune.FailureConfig(max_failures=h.trial_retries),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    run_config = trial_run_config(tune_dir, method, [TrialRecorder(tables), *callbacks], h.trial_retries)
     tune_config = tune.TuneConfig(
         metric=h.metric, mode=HPO_METRICS[h.metric], search_alg=tune_searcher(h, epochs),
         scheduler=tune_scheduler(h, epochs), num_samples=1 if h.searcher == "grid" else h.trials,
@@ -248,28 +262,45 @@ def _error_line(err: BaseException | None) -> str | None:
     return (lines[-1] if lines else type(err).__name__)[:300]
 
 
-def _choose(method: str, h: HpoConfig, results, tables: TrialTables, loc: storage.Location) -> HpoResult:
-    """Rewrite every trial's row from Tune's results (idempotent), pick the best trial by its best
-    validation value over epochs (ties: more epochs, then the earlier trial) and save it."""
-    rows = []
+def trial_rows(results, tables: TrialTables) -> list[dict]:
+    """Per Tune result: its ``trial_id``, ``config``, last metrics ``m``, ``status`` and ``error``;
+    each trial's table row rewritten from it (idempotent).  ``trial_id`` None: the trial failed
+    before reporting (:class:`TrialRecorder` wrote its row)."""
+    out = []
     for r in results:
-        trial_id = r.metrics.get("trial_id")      # None: failed before reporting (TrialRecorder wrote its row)
+        trial_id = r.metrics.get("trial_id")
         status = "error" if r.error else "done"
         if trial_id is not None:
             tables.write_trial(trial_id, r.config, r.metrics, status, _error_line(r.error))
-        rows.append((trial_id, r.config, r.metrics, status, r.error))
-    ok = [x for x in rows if x[3] == "done" and isinstance(x[2].get("best_val"), (int, float))
-          and math.isfinite(x[2]["best_val"])]
+        out.append({"trial_id": trial_id, "config": r.config, "m": r.metrics, "status": status, "error": r.error})
+    return out
+
+
+def finished_rows(rows: list[dict], metric: str, what: str) -> list[dict]:
+    """The rows of trials that finished with a finite ``metric``; none: :class:`RunError` naming
+    the first error and the command that retries the failed trials."""
+    ok = [x for x in rows if x["status"] == "done" and isinstance(x["m"].get(metric), (int, float))
+          and math.isfinite(x["m"][metric])]
     if not ok:
-        first = next((_error_line(x[4]) for x in rows if x[4] is not None), "no trial reported a result")
-        raise RunError(f"hyper-parameter search of {method!r}: no trial finished (first error: {first}); fix the "
-                       f"cause and run the same command again: it retries the failed trials")
+        first = next((_error_line(x["error"]) for x in rows if x["error"] is not None), "no trial reported a result")
+        raise RunError(f"{what}: no trial finished (first error: {first}); fix the cause and run the same command "
+                       f"again: it retries the failed trials")
+    return ok
+
+
+def _choose(method: str, h: HpoConfig, results, tables: TrialTables, loc: storage.Location) -> HpoResult:
+    """Rewrite every trial's row from Tune's results (idempotent), pick the best trial by its best
+    validation value over epochs (ties: more epochs, then the earlier trial) and save it."""
+    rows = trial_rows(results, tables)
+    ok = finished_rows(rows, "best_val", f"hyper-parameter search of {method!r}")
     sign = 1.0 if HPO_METRICS[h.metric] == "max" else -1.0
-    tid, config, m, _, _ = max(ok, key=lambda x: (sign * x[2]["best_val"], x[2].get("epoch", 0)))
+    best = max(ok, key=lambda x: (sign * x["m"]["best_val"], x["m"].get("epoch", 0)))
+    tid, config, m = best["trial_id"], best["config"], best["m"]
     res = HpoResult(method=method, values={k: float(v) for k, v in config.items()}, trial_id=tid, metric=h.metric,
                     best_val=float(m["best_val"]), val_acc=m.get("best_val_acc"), trials=len(rows),
-                    stopped_early=sum(x[3] == "done" and x[2].get("epoch", 0) < tables.max_epochs for x in rows),
-                    epochs_trained=sum(int(x[2].get("epoch", 0)) for x in rows), errors=len(rows) - len(ok),
+                    stopped_early=sum(x["status"] == "done" and x["m"].get("epoch", 0) < tables.max_epochs
+                                      for x in rows),
+                    epochs_trained=sum(int(x["m"].get("epoch", 0)) for x in rows), errors=len(rows) - len(ok),
                     uri=loc.uri)
     tables.write_trial(tid, config, m, "done", chosen=True)
     tables.check()

@@ -38,8 +38,15 @@ from noah_ray import progress
 from noah_ray.config import JobConfig, race_budget
 from noah_ray.config.race import rungs
 from noah_ray.config.resolved import ResolvedJob, param_limit, resolved
-from noah_ray.errors import ConfigError, RunError
-from noah_ray.hpo.driver import _check_settings, _error_line, _quiet_snapshots
+from noah_ray.errors import ConfigError
+from noah_ray.hpo.driver import (
+    _check_settings,
+    _quiet_snapshots,
+    finished_rows,
+    restored_tuner,
+    trial_rows,
+    trial_run_config,
+)
 from noah_ray.hpo.trial import TrialRecorder, TrialResources, TrialTables, train_trial
 from noah_ray.security import tune_without_credentials
 from noah_ray.space import MODULES, ParamLimit, SubnetConfig
@@ -167,18 +174,14 @@ def _tuner(job: JobConfig, trainable, n: int, tables: TrialTables):
     from ray.tune.search import BasicVariantGenerator
 
     r, tune_dir = job.race, JobPaths.of(job).race_tune
-    path = tune_dir.join(RUN_ID)
-    if tune.Tuner.can_restore(path.path, storage_filesystem=path.fs):
-        progress.echo(f"[race] resuming the race from {path.uri}")
-        return tune.Tuner.restore(path.path, trainable, resume_errored=True, storage_filesystem=path.fs)
+    restored = restored_tuner(tune_dir, RUN_ID, trainable, "[race] resuming the race")
+    if restored is not None:
+        return restored
     top = r.epochs(job.retrain.epochs)
     space: dict = {"finalist": tune.grid_search(list(range(n)))}
     if r.lrs:
         space["lr"] = tune.grid_search(list(r.lrs))
-    run_config = tune.RunConfig(
-        name=RUN_ID, storage_path=tune_dir.path, storage_filesystem=tune_dir.fs, verbose=0,
-        callbacks=[TrialRecorder(tables)], failure_config=tune.FailureConfig(max_failures=r.trial_retries),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    run_config = trial_run_config(tune_dir, RUN_ID, [TrialRecorder(tables)], r.trial_retries)
     search = BasicVariantGenerator(random_state=r.seed, max_concurrent=r.max_concurrent)
     tune_config = tune.TuneConfig(
         metric=METRIC, mode="max", search_alg=search,
@@ -228,18 +231,6 @@ def run_race(job: ResolvedJob | JobConfig) -> RaceResult | None:
     return res
 
 
-def _trial_rows(results, tables: TrialTables) -> list[dict]:
-    """Per Tune result: its config, last metrics, status and error; each trial's row rewritten."""
-    out = []
-    for r in results:
-        trial_id = r.metrics.get("trial_id")
-        status = "error" if r.error else "done"
-        if trial_id is not None:
-            tables.write_trial(trial_id, r.config, r.metrics, status, _error_line(r.error))
-        out.append({"trial_id": trial_id, "config": r.config, "m": r.metrics, "status": status, "error": r.error})
-    return out
-
-
 def _curves(job: JobConfig) -> dict[str, dict[int, float]]:
     """trial id -> epoch -> val accuracy, from the race's ``hpo_curves`` rows."""
     t = storage.read_table(JobPaths.of(job).race, "hpo_curves")
@@ -252,13 +243,8 @@ def _curves(job: JobConfig) -> dict[str, dict[int, float]]:
 def _choose(job: JobConfig, finalists: list[Finalist], results, tables: TrialTables, budget: int) -> RaceResult:
     """The survivor (the module docstring says how ties go); writes the ``finalists`` table and
     ``chosen.json``."""
-    rows = _trial_rows(results, tables)
-    ok = [x for x in rows if x["status"] == "done" and isinstance(x["m"].get(METRIC), (int, float))
-          and math.isfinite(x["m"][METRIC])]
-    if not ok:
-        first = next((_error_line(x["error"]) for x in rows if x["error"] is not None), "no trial reported a result")
-        raise RunError(f"race: no trial finished (first error: {first}); fix the cause and run the same command "
-                       f"again: it retries the failed trials")
+    rows = trial_rows(results, tables)
+    ok = finished_rows(rows, METRIC, "race")
     top = max(int(x["m"]["epoch"]) for x in ok)
 
     def rank(x: dict) -> tuple:
