@@ -94,8 +94,8 @@ def check(job: JobConfig, stages: tuple[str, ...], nodes: NodeTypes | None) -> N
 
 
 def _fmt(res: Mapping[str, float]) -> str:
-    keep = {k: v for k, v in res.items() if v and (k in ("CPU", "GPU") or not k.startswith("node:"))
-            and k not in ("memory", "object_store_memory")}
+    skip = ("memory", "object_store_memory")
+    keep = {k: v for k, v in res.items() if v and not k.startswith("node:") and k not in skip}
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(keep.items())) + "}"
 
 
