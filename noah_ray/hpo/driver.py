@@ -40,7 +40,7 @@ from noah_ray.errors import ConfigError, RunError
 from noah_ray.hpo.trial import TrialRecorder, TrialTables, fmt_values, hpo_trial
 from noah_ray.security import tune_without_credentials
 from noah_ray.space import SubnetConfig
-from noah_ray.store import storage, tracking
+from noah_ray.store import storage, tracking, trial_logging
 from noah_ray.store.layout import JobPaths
 from noah_ray.store.lease import Fence
 
@@ -342,7 +342,7 @@ def run_hpo(job: JobConfig | ResolvedJob, method: str, subnet: SubnetConfig | No
     ref = tracking.start_run(job, "hpo", method, params=tracking.hpo_params(job, method, list(space)))
     try:
         with _quiet_snapshots(), tune_without_credentials():   # no AWS secrets in trial runtime_envs
-            tuner = _tuner(job, method, trainable, space, tables, tracking.trial_callbacks(job, ref, "hpo-trial"))
+            tuner = _tuner(job, method, trainable, space, tables, trial_logging.trial_callbacks(job, ref, "hpo-trial"))
             results = tuner.fit()
         res = _choose(method, h, results, tables, loc)
     except BaseException:

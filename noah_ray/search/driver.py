@@ -33,7 +33,7 @@ from noah_ray.security import safe_name, tune_without_credentials
 from noah_ray.space import SubnetConfig
 from noah_ray.space.budget import ParamLimit
 from noah_ray.space.kinds import BackboneShape
-from noah_ray.store import storage, tracking
+from noah_ray.store import storage, tracking, trial_logging
 from noah_ray.store.layout import JobPaths
 from noah_ray.store.lease import Fence
 
@@ -163,7 +163,7 @@ def run_search(job: JobConfig, *, run_name: str | None = None, resume: bool = Tr
     if searcher.finished:
         return _finish(searcher, store, base, run, s)
     ref = tracking.start_run(job, "search", run)
-    callbacks = [*callbacks, *tracking.trial_callbacks(job, ref)]
+    callbacks = [*callbacks, *trial_logging.trial_callbacks(job, ref)]
     try:
         results = _fit(job, searcher, base, f"{run}-a{attempt:02d}", loader, val_data, callbacks, stop)
         if searcher.aborted:

@@ -15,7 +15,8 @@ One MLflow run per stage run, named ``<stage> <run id>`` and tagged ``noah_ray.j
   ``subnet.yaml`` and ``architecture.png``.
 * ``search <run>``: the settings, per-generation ``best_val_acc`` (step = generation, from 0 as in the tables),
   the winner's ``val_acc`` / ``params``; artifacts ``best_subnet.yaml`` and ``pareto.png``.  Each
-  scored candidate is a nested run (Ray Tune's ``MLflowLoggerCallback``) with its subnet as
+  scored candidate is a nested run (Ray Tune's ``MLflowLoggerCallback``, in
+  :mod:`noah_ray.store.trial_logging`) with its subnet as
   parameters and its ``val_acc`` / ``params``.
 
 * ``hpo <method>``: the ``hpo`` / ``retrain`` settings, then the chosen values (``chosen.<path>``,
@@ -39,8 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ray.air.integrations.mlflow import MLflowLoggerCallback
-
 from noah_ray import security
 from noah_ray.config import JobConfig, MlflowConfig
 from noah_ray.errors import ConfigError
@@ -48,7 +47,6 @@ from noah_ray.store.records import MetaRecord
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
-    from ray.tune.experiment import Trial
 
 KEY_TAG = "noah_ray.key"
 _MAX_PARAM = 500
@@ -258,36 +256,3 @@ def _job_uri(job: JobConfig) -> str:
     from noah_ray.store import storage
 
     return storage.resolve(job.storage, job.storage_endpoint).join(job.name).uri
-
-
-class TrialLogger(MLflowLoggerCallback):
-    """Ray Tune's MLflow callback, one nested run per scored candidate (its subnet as parameters);
-    the placeholder trials that keep evaluation actors alive are not logged."""
-
-    @staticmethod
-    def _hold(trial: Trial) -> bool:
-        return "hold_s" in (trial.config or {})
-
-    def log_trial_start(self, trial: Trial) -> None:
-        if not self._hold(trial):
-            super().log_trial_start(trial)
-
-    def log_trial_result(self, iteration: int, trial: Trial, result: dict[str, Any]) -> None:
-        if not self._hold(trial):
-            super().log_trial_result(iteration, trial, result)
-
-    def log_trial_end(self, trial: Trial, failed: bool = False) -> None:
-        if trial in self._trial_runs:
-            super().log_trial_end(trial, failed)
-
-
-def trial_callbacks(job: JobConfig, parent: RunRef | None, stage: str = "search-trial") -> list[TrialLogger]:
-    """The Tune callbacks that log a Tune experiment's trials as runs nested under ``parent``,
-    tagged ``noah_ray.stage`` = ``stage`` ([] when not tracking)."""
-    cfg = job.tracking.mlflow
-    if cfg is None or parent is None:
-        return []
-    experiment_id(cfg)                                 # exists, with its artifact location
-    return [TrialLogger(tracking_uri=cfg.tracking_uri, experiment_name=cfg.experiment, save_artifact=False,
-                        tags={"mlflow.parentRunId": parent.run_id, "noah_ray.job": job.name,
-                              "noah_ray.stage": stage})]
