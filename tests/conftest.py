@@ -146,3 +146,50 @@ def _s3_markers(endpoint: str, bucket: str) -> list[str]:
     objs = [o for page in pages for o in page.get("Contents", [])]
     assert objs, f"bucket {bucket} is empty"
     return sorted(o["Key"] for o in objs if o["Key"].endswith("/") or o["Size"] == 0)
+
+
+# ----------------------------------------------------------------------------- mypy in the background
+#: tests/test_static.py's mypy check takes about a minute of CPU; when it is selected it starts at
+#: collection, at the lowest priority, and uses the CPU the Ray tests leave idle while they wait.
+MYPY_TEST = "test_static.py::test_mypy_finds_nothing"
+_MYPY = pytest.StashKey[Any]()
+
+
+def start_mypy(cache_dir: str | Path):
+    """``python -m mypy`` with pyproject.toml's settings and a fresh ``cache_dir``, niced; its Popen."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.Popen([sys.executable, "-m", "mypy", "--cache-dir", str(cache_dir)], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: os.nice(19))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("mypy") and any(item.nodeid.endswith(MYPY_TEST) for item in session.items):
+        cache = tempfile.mkdtemp(prefix="noah-mypy-")
+        session.config.stash[_MYPY] = (start_mypy(cache), cache)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    proc, cache = config.stash.get(_MYPY, (None, None))
+    if proc is not None:
+        if proc.poll() is None:                      # its test was deselected or did not get to it
+            proc.kill()
+            proc.communicate()
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.fixture()
+def mypy_run(request, tmp_path):
+    """mypy's exit status and output: from the run started at collection, else a run now."""
+    proc, _ = request.config.stash.get(_MYPY, (None, None))
+    proc = proc or start_mypy(tmp_path / "mypy_cache")
+    out, _ = proc.communicate()
+    return proc.returncode, out

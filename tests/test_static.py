@@ -18,12 +18,12 @@ def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
 
 
-@pytest.mark.slow                     # about 90 s cold on 2 cores; the fast tier leaves it to CI
-def test_mypy_finds_nothing(tmp_path: Path) -> None:
+@pytest.mark.slow                     # about 1 min of CPU, started at collection (conftest.start_mypy)
+def test_mypy_finds_nothing(mypy_run) -> None:
     pytest.importorskip("mypy")
-    # a fresh cache: the result never depends on what an earlier run left behind (~1.5 min cold)
-    r = _run(["mypy", "--cache-dir", str(tmp_path / "mypy_cache")])
-    assert r.returncode == 0, f"mypy found problems:\n{r.stdout}{r.stderr}"
+    # a fresh cache: the result never depends on what an earlier run left behind
+    code, out = mypy_run
+    assert code == 0, f"mypy found problems:\n{out}"
 
 
 def test_ruff_finds_nothing() -> None:

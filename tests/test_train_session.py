@@ -36,7 +36,7 @@ def fits(monkeypatch):
     return calls
 
 
-def _job(tiny_job, data_root, store, *, methods=("lora", "vpt"), epochs=2, max_failures=0):
+def _job(tiny_job, data_root, store, *, methods=("lora", "vpt"), epochs=3, max_failures=0):
     return JobConfig.from_dict(tiny_job(
         data_root, store, name="sess", data={"batch_size": 16}, search=None, supernet=None,
         model={"drop_path_rate": 0.1},
@@ -68,27 +68,38 @@ def _same(a, b):
         assert all(torch.equal(a[k][1][n], b[k][1][n]) for n in a[k][1]), k
 
 
+@pytest.fixture(scope="module")
+def reference(ray_session, data_root, tmp_path_factory, tiny_job):
+    """The uninterrupted session (LoRA and VPT, seeds 0 and 1, 3 epochs): its job, its summary,
+    how many worker groups it started and what it wrote."""
+    job = _job(tiny_job, data_root, str(tmp_path_factory.mktemp("session")))
+    calls = []
+    real = TorchTrainer.fit
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TorchTrainer, "fit", lambda self: calls.append(1) or real(self))
+        summary = runs.retrain_methods(resolve(job, ("retrain",)), None, ("lora", "vpt"))
+    return job, summary, len(calls), _outcome(job)
+
+
 @pytest.mark.slow
-def test_one_worker_group_same_results_as_one_run_each(ray_session, data_root, tmp_path, tiny_job, fits):
-    job = _job(tiny_job, data_root, str(tmp_path / "session"))
-    summary = runs.retrain_methods(resolve(job, ("retrain",)), None, ("lora", "vpt"))
-    assert len(fits) == 1                                   # 4 runs, one worker group
-    session = _outcome(job)
+def test_one_worker_group_same_results_as_one_run_each(reference, data_root, tmp_path, tiny_job, fits):
+    job, summary, groups, session = reference
+    assert groups == 1                                     # 4 runs, one worker group
     assert sorted(session) == ["lora-seed0", "lora-seed1", "vpt-seed0", "vpt-seed1"]
     assert summary["lora"]["runs"] == [session["lora-seed0"][0][1], session["lora-seed1"][0][1]]
 
     alone = _job(tiny_job, data_root, str(tmp_path / "alone"))
-    for m in ("lora", "vpt"):
-        for s in (0, 1):
-            runs.retrain(resolve(alone, ("retrain",)), None, method=m, seed=s)
-    assert len(fits) == 1 + 4                              # the per-run path: one worker group each
-    _same(session, _outcome(alone))
+    picked = {"lora-seed1": ("lora", 1), "vpt-seed0": ("vpt", 0)}   # a later seed and the second method
+    for m, s in picked.values():
+        runs.retrain(resolve(alone, ("retrain",)), None, method=m, seed=s)
+    assert len(fits) == 2                                  # the per-run path: one worker group each
+    _same({k: session[k] for k in picked}, _outcome(alone))
     # the same files in each run's folder: checkpoints (keep_checkpoints 1), best/, final/, spec
-    for run_id in session:
+    for run_id in picked:
         got = _files(storage.resolve(job.storage).join(job.name, "retrain", run_id))
         want = _files(storage.resolve(alone.storage).join(alone.name, "retrain", run_id))
         assert got == {n for n in want if n.rsplit("/", 1)[-1] not in (runs.RAY_SNAPSHOT, *storage.RAY_MARKERS)}
-        assert any("/checkpoint_e00001/" in n for n in got) and not any("/checkpoint_e00000/" in n for n in got)
+        assert any("/checkpoint_e00002/" in n for n in got) and not any("/checkpoint_e00001/" in n for n in got)
 
     fits.clear()                                           # finished: answered from storage
     again = runs.retrain_methods(resolve(job, ("retrain",)), None, ("lora", "vpt"))
@@ -96,28 +107,26 @@ def test_one_worker_group_same_results_as_one_run_each(ray_session, data_root, t
 
 
 @pytest.mark.slow
-def test_kill_in_second_run_resumes_exactly(ray_session, data_root, tmp_path, tiny_job, fits):
+def test_kill_in_second_run_resumes_exactly(reference, data_root, tmp_path, tiny_job, fits):
     """The worker is killed after epoch 2 of the second run: re-running the stage skips the first
     run and resumes the second from its checkpoint; with ``max_failures`` 1 the session restarts it
     by itself.  Both end bit-exact with an uninterrupted session."""
-    clean = _job(tiny_job, data_root, str(tmp_path / "clean"), methods=("lora",), epochs=3)
-    runs.retrain_methods(resolve(clean, ("retrain",)), None, ("lora",))
-    want = _outcome(clean)
-
-    killed = _job(tiny_job, data_root, str(tmp_path / "killed"), methods=("lora",), epochs=3)
-    fits.clear()
+    want = reference[3]
+    killed = _job(tiny_job, data_root, str(tmp_path / "killed"))
     with pytest.raises(Exception, match="(?i)fail|died|error"):
-        runs.retrain_methods(resolve(killed, ("retrain",)), None, ("lora",), _faults={"lora-seed1": [(1, "kill")]})
-    runs.retrain_methods(resolve(killed, ("retrain",)), None, ("lora",))
+        runs.retrain_methods(resolve(killed, ("retrain",)), None, ("lora", "vpt"),
+                             _faults={"lora-seed1": [(1, "kill")]})
+    runs.retrain_methods(resolve(killed, ("retrain",)), None, ("lora", "vpt"))
     assert len(fits) == 2
     got = _outcome(killed)
     _same(got, want)
     assert got["lora-seed0"][2]["start_epochs"] == [0] and got["lora-seed1"][2]["start_epochs"] == [0, 2]
+    assert got["vpt-seed1"][2]["start_epochs"] == [0]
 
-    retried = _job(tiny_job, data_root, str(tmp_path / "retried"), methods=("lora",), epochs=3, max_failures=1)
+    retried = _job(tiny_job, data_root, str(tmp_path / "retried"), max_failures=1)
     fits.clear()
-    runs.retrain_methods(resolve(retried, ("retrain",)), None, ("lora",), _faults={"lora-seed1": [(1, "kill")]})
-    assert len(fits) == 2                                  # the group restarted once, on the run left
+    runs.retrain_methods(resolve(retried, ("retrain",)), None, ("lora", "vpt"), _faults={"lora-seed1": [(1, "kill")]})
+    assert len(fits) == 2                                  # the group restarted once, on the runs left
     got = _outcome(retried)
     _same(got, want)
     assert got["lora-seed1"][2]["start_epochs"] == [0, 2]
