@@ -219,52 +219,39 @@ def _nan_fill(loc: storage.Location) -> None:
 
 
 @pytest.mark.slow
-def test_a_corrupt_newest_checkpoint_falls_back_with_one_line_and_finishes_finite(ray_session, data_root, tmp_path,
-                                                                                  tiny_job, capsys):
+def test_damaged_newest_checkpoints_fall_back_with_one_line_and_the_run_finishes_finite(ray_session, data_root,
+                                                                                         tmp_path, tiny_job, capsys):
+    """The run stops after epoch 2 with three checkpoints kept; the newest one's weights are NaN
+    (same size, header intact) and the next one's state.json is cut in half: the rerun names both
+    once, sets them aside, resumes from the oldest and finishes with finite weights and losses."""
     from noah_ray.train.runs import supernet_done, train_supernet
-
-    job = make_job(tiny_job, data_root, tmp_path, "corrupt", epochs=3)
-    with pytest.raises(Exception, match="injected failure after epoch 1"):
-        train_supernet(resolve(job, ("supernet",)), _faults=[(1, "raise")])
-    run = _supernet(job)
-    _nan_fill(run.join("checkpoint_e00001", "trainable.safetensors"))       # corrupted in place, same size
-    capsys.readouterr()
-    assert train_supernet(resolve(job, ("supernet",))).epochs_done == 3
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if "checkpoint_e00001" in ln]
-    assert len(lines) == 1 and "corrupt" in lines[0] and "resuming from checkpoint_e00000" in lines[0], lines
-    assert storage.exists(run.join("corrupt_checkpoint_e00001", "trainable.safetensors"))   # kept, set aside
-    metrics = storage.read_table(run, "train_metrics").to_pandas()
-    assert all(math.isfinite(v) for v in metrics["train_loss"])
-    tensors, meta = storage.load_state(run.join("final"))
-    assert meta["start_epochs"] == [0, 1] and all(torch.isfinite(t).all() for t in tensors.values())
-    # a damaged final/ is not "done"
-    n = resolve(job, ("supernet",)).num_classes
-    assert supernet_done(job, n)
-    _nan_fill(run.join("final", "model.safetensors"))
-    assert not supernet_done(job, n)
-
-
-@pytest.mark.slow
-def test_two_truncated_state_json_resume_from_an_older_checkpoint_and_complete(ray_session, data_root, tmp_path,
-                                                                             tiny_job, capsys):
-    from noah_ray.train.runs import train_supernet
 
     job = make_job(tiny_job, data_root, tmp_path, "cut", epochs=5, keep=3)
     with pytest.raises(Exception, match="injected failure after epoch 2"):
         train_supernet(resolve(job, ("supernet",)), _faults=[(2, "raise")])
     run = _supernet(job)
-    for name in ("checkpoint_e00002", "checkpoint_e00001"):
-        p = Path(run.join(name, "state.json").path)
-        p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+    _nan_fill(run.join("checkpoint_e00002", "trainable.safetensors"))       # corrupted in place, same size
+    p = Path(run.join("checkpoint_e00001", "state.json").path)
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])               # truncated
     capsys.readouterr()
     assert train_supernet(resolve(job, ("supernet",))).epochs_done == 5     # no "Path not found" from Ray
     out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if "checkpoint_e00002" in ln]
+    assert len(lines) == 1 and "corrupt" in lines[0], out
     assert "checkpoint_e00002, checkpoint_e00001" in out and "resuming from checkpoint_e00000" in out
-    _, meta = storage.load_state(run.join("final"))
-    assert meta["start_epochs"] == [0, 1]
+    assert storage.exists(run.join("corrupt_checkpoint_e00002", "trainable.safetensors"))   # kept, set aside
+    metrics = storage.read_table(run, "train_metrics").to_pandas()
+    assert all(math.isfinite(v) for v in metrics["train_loss"])
+    tensors, meta = storage.load_state(run.join("final"))
+    assert meta["start_epochs"] == [0, 1] and all(torch.isfinite(t).all() for t in tensors.values())
     assert optim.checkpoint_names(run)[:3] == ["checkpoint_e00004", "checkpoint_e00003", "checkpoint_e00002"]
     for name in optim.checkpoint_names(run)[:3]:
         optim.read_checkpoint(run.join(name))                               # every kept checkpoint intact
+    # a damaged final/ is not "done"
+    n = resolve(job, ("supernet",)).num_classes
+    assert supernet_done(job, n)
+    _nan_fill(run.join("final", "model.safetensors"))
+    assert not supernet_done(job, n)
 
 
 @pytest.mark.slow

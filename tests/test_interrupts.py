@@ -69,7 +69,12 @@ def _stop(pids: list[int]) -> None:
 
 @pytest.fixture()
 def job_file(tmp_path, tiny_job) -> Path:
-    cfg = tiny_job(tmp_path / "data", tmp_path / "store", name="sig", supernet={"epochs": 4})
+    from noah_ray.data import write_generated_vtab
+
+    # written here, smaller than the 800-image default the command writes: epochs of about a second,
+    # still 4 of them left after the signal is sent
+    write_generated_vtab(tmp_path / "data", "gen_color", num_train=192, num_val=32, num_test=32)
+    cfg = tiny_job(tmp_path / "data", tmp_path / "store", name="sig", supernet={"epochs": 6})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -92,7 +97,7 @@ def _interrupt(job_file: Path, env: dict, sig: int) -> tuple[int, str, str, list
     pump = _lines(proc, out)
     started: list[int] = []
     try:
-        _wait_for(out, "[supernet supernet] epoch 2/4", proc, timeout=400)   # epoch 1's checkpoint is saved
+        _wait_for(out, "[supernet supernet] epoch 2/6", proc, timeout=400)   # epoch 1's checkpoint is saved
         started = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert started, "the command started no Ray processes?"
         proc.send_signal(sig)
@@ -126,4 +131,4 @@ def test_a_signal_stops_the_stage_in_one_line_and_a_rerun_resumes(job_file, ray_
     again = subprocess.run([str(EXE), "supernet", "--config", str(job_file)], capture_output=True, text=True,
                            env=ray_env, cwd=job_file.parent, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
-    assert "resuming at epoch" in again.stdout and "supernet: 4 epoch(s)" in again.stdout, again.stdout[-3000:]
+    assert "resuming at epoch" in again.stdout and "supernet: 6 epoch(s)" in again.stdout, again.stdout[-3000:]

@@ -55,7 +55,7 @@ def test_a_bad_job_section_fails_before_anything_runs():
         SweepConfig.from_dict({"search": {"population": 0}, "sweep": {"datasets": ["a"]}})
 
 
-TASKS = ("gen_shape", "gen_count", "gen_color")
+TASKS = ("gen_shape", "gen_count")                  # one pipeline that runs, one that fails
 
 
 @pytest.mark.slow
@@ -84,18 +84,18 @@ def test_sweep_runs_pipelines_concurrently_and_isolates_a_failure(ray_session, t
     # the console holds our lines only: the sweep's, then the summary (the pipelines' in Ray's logs).
     # Ray's driver prints the raylet's error notices (e.g. "N PYTHON worker processes have been
     # started") whatever log_to_driver says; those are the only other lines allowed
-    ours = re.compile(r"^(== sweep: |sweep: \d+/3 pipeline|  (ok|FAILED) +sw-gen_|table: noah-ray results )")
+    ours = re.compile(r"^(== sweep: |sweep: \d+/2 pipeline|  (ok|FAILED) +sw-gen_|table: noah-ray results )")
     raylet = re.compile(r"^(\x1b\[\d+m)?\(raylet\)")
     assert [ln for ln in out.splitlines() if not ours.match(ln) and not raylet.match(ln)] == [], out[-3000:]
     assert "(pid=" not in out and "Trial " not in out and "[supernet supernet] epoch" not in out
-    assert out.count("== sweep: starting ") == 3 and out.index("== sweep: starting ") < out.index("sweep: 2/3")
-    assert err.count("\n") == 1 and "1 of 3 pipeline(s) failed" in err and "sw-gen_count" in err
+    assert out.count("== sweep: starting ") == 2 and out.index("== sweep: starting ") < out.index("sweep: 1/2")
+    assert err.count("\n") == 1 and "1 of 2 pipeline(s) failed" in err and "sw-gen_count" in err
     assert "train800.txt:" in err and "label 'one' is not an integer" in err
-    assert "ok      sw-gen_shape" in out and "ok      sw-gen_color" in out and "FAILED  sw-gen_count" in out
+    assert "ok      sw-gen_shape" in out and "FAILED  sw-gen_count" in out
     table = results.vtab_table(str(store))
     assert table.method.tolist() == ["noah"]
-    assert {"gen_shape", "gen_color"} <= set(table.columns) and "gen_count" not in table.columns
-    assert table[["gen_shape", "gen_color"]].notna().all(axis=None)
+    assert "gen_shape" in table.columns and "gen_count" not in table.columns
+    assert table["gen_shape"].notna().all()
     assert not (store / "sw-gen_count" / "search").exists()
 
 
