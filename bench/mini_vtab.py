@@ -49,7 +49,8 @@ FLOOR = "pixels"
 FULL: dict = {}
 QUICK = {"supernet": {"epochs": 3, "warmup_epochs": 0, "eval_random_subnets": 0},
          "search": {"generations": 1, "population": 6, "top_k": 2, "mutations": 2, "crossovers": 2},
-         "retrain": {"epochs": 3, "warmup_epochs": 0}}
+         "retrain": {"epochs": 3, "warmup_epochs": 0},
+         "race": {"finalists": 2}}                  # + the 3 uniform baselines: 5 racers, not 11
 
 
 # ------------------------------------------------------------------ running the jobs
