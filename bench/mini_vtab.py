@@ -470,7 +470,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", action="store_true",
                    help="only the closed-form probes: pixels floor, --backbone, random backbone (no Ray, minutes)")
     p.add_argument("--backbone", default=None,
-                   help="--probe: the backbone tag to probe against the random one (default: the recipe's)")
+                   help="the pretrained job's backbone tag, and with --probe the one probed against the random "
+                        "backbone (default: the recipe's)")
     p.add_argument("--checkpoint", default=None, help="--probe: load the backbone's weights from this file")
     p.add_argument("--_run-task", dest="run_task", default=None, help=argparse.SUPPRESS)
     return p
@@ -498,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         for section, value in (("supernet", args.supernet_epochs), ("retrain", args.retrain_epochs)):
             if value is not None:
                 budget[section] = {**budget.get(section, {}), "epochs": value}
+        if args.backbone:                        # the pretrained job's backbone (the random job keeps its own)
+            budget["model"] = {**budget.get("model", {}), "name": args.backbone}
         done = run(tasks, out, budget, args.seeds, args.parallel, args.methods)
         wall = time.time() - t0
     import pandas as pd
