@@ -209,8 +209,33 @@ def test_a_pipeline_whose_process_dies_is_rerun_and_resumes(ray_session, tmp_pat
 
     killer = threading.Thread(target=kill_first_holder, daemon=True)
     killer.start()
-    [outcome] = run_sweep(SweepConfig.from_dict(spec))
+    before = _live_placement_groups()
+    try:
+        [outcome] = run_sweep(SweepConfig.from_dict(spec))
+    finally:
+        # Known gap (issue 27): a pipeline process SIGKILLed while Ray Train is starting its worker
+        # group can leave that group's placement group behind in this Ray (Ray Train's cleaner had
+        # not registered it yet); it holds a CPU until the Ray ends.  Removed here so that the
+        # session's later tests get both CPUs.
+        from ray.util import remove_placement_group
+
+        for pg_id in _live_placement_groups() - before:
+            remove_placement_group(_pg(pg_id))
     killer.join(timeout=5)
     assert outcome.ok, outcome.error
     assert len(holders) == 2 and holders[0] != holders[1]       # killed once, re-run by another worker
     assert results.vtab_table(str(store))["gen_shape"].notna().all()
+
+
+def _live_placement_groups() -> set[str]:
+    """The ids of the placement groups of this Ray that are not removed."""
+    from ray.util import placement_group_table
+
+    return {k for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
+
+
+def _pg(pg_id: str):
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+
+    return PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id)))
