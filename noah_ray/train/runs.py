@@ -211,7 +211,7 @@ def _begin(run: RunSpec) -> RunSpec | MetaRecord:
 #: Ray Train's controller polls its workers every ``$RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (Ray's
 #: default 2 s), so a finished run was noticed on average 1 s late and its ``fit()`` returned up to
 #: 2 s after the last epoch.  Unless the user set it, we poll every 0.25 s: a status call per worker,
-#: nothing next to an epoch (``bench/fixed_cost.py`` measures the stage's fixed cost).
+#: nothing next to an epoch (``bench/fit_overhead.py`` measures a stage run's fixed cost).
 POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
