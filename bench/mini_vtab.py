@@ -379,6 +379,11 @@ def statistics_blocks(runs) -> dict[str, list[str]]:
             if not stats.paired_differences(runs, noah, b).empty:
                 iv = stats.paired_bootstrap(runs, noah, b)
                 intervals.append(f"| {noah} - {b} | {iv.mean:+.2f} | [{iv.low:+.2f}, {iv.high:+.2f}] | {iv.pairs} |")
+    rows = noah_methods(methods)
+    for a, b in zip(rows[1:], rows[:1] * len(rows)):          # racing vs the plain procedure
+        if not stats.paired_differences(runs, a, b).empty:
+            iv = stats.paired_bootstrap(runs, a, b)
+            intervals.append(f"| {a} - {b} | {iv.mean:+.2f} | [{iv.low:+.2f}, {iv.high:+.2f}] | {iv.pairs} |")
     return {"averages": averages, "wins": wins, "intervals": intervals}
 
 

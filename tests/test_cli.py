@@ -209,7 +209,8 @@ def test_demo_end_to_end(tmp_path):
     from noah_ray.store import results
 
     runs = results.runs(str(out / "demo"))
-    assert set(runs["method"]) == {"noah", "linear"} and runs["test_acc"].between(0, 100).all()
+    # the demo races its finalists (the service's default): NOAH's rows are the race's survivor, noah+
+    assert set(runs["method"]) == {"noah+", "linear"} and runs["test_acc"].between(0, 100).all()
     assert len(results.load_trials(str(out / "demo"))) > 0
     assert (out / "demo" / "search" / "best_subnet.yaml").is_file()
     assert sorted(os.listdir(tmp_path)) == ["out"]          # nothing written outside --out
@@ -226,7 +227,7 @@ def test_demo_end_to_end(tmp_path):
     assert set(results.generations(str(out / "demo"))["generation"]) == {0}
     assert set(results.load_trials(str(out / "demo"))["generation"]) == {0}
     # epochs mean the same in the log and in the tables (counted from 1)
-    assert "[supernet supernet] epoch 1/1 " in text and "[retrain noah-seed0] epoch 1/1 " in text
+    assert "[supernet supernet] epoch 1/1 " in text and "[retrain noahplus-seed0] epoch 1/1 " in text
     assert set(results.supernet_curves(str(out / "demo"))["epoch"]) == {1} and set(runs["best_epoch"]) == {1}
 
 

@@ -190,7 +190,8 @@ def test_doc_writer_prints_averages_wins_intervals_and_costs_worked_out_by_hand(
     assert "| noah - lora | -2.00 | [-2.00, -2.00] | 9 |" in text
     assert "| noah+ - lora | +2.00 | [+2.00, +2.00] | 9 |" in text
     assert "| noah - linear | +8.00 | [+8.00, +8.00] | 9 |" in text
-    assert "noah+ - noah" not in text                       # NOAH rows are compared with baselines only
+    # and racing against the plain procedure: (+2) - (-2) on every pair, once (not noah - noah+)
+    assert "| noah+ - noah | +4.00 | [+4.00, +4.00] | 9 |" in text and "| noah - noah+ |" not in text
     lines = text.splitlines()
     at = next(i for i, ln in enumerate(lines) if ln.startswith("| method | vs "))
     header = [c.strip() for c in lines[at].split("|")]
@@ -210,19 +211,20 @@ def test_doc_writer_prints_averages_wins_intervals_and_costs_worked_out_by_hand(
 @pytest.mark.slow
 def test_mini_vtab_bench_quick_on_one_task(tmp_path, ray_session):
     """``bench/mini_vtab.py --quick`` settings on one task, through the real pipeline on the
-    session's local Ray: NOAH + a linear probe, the random-backbone probe, the VTAB table and
-    the Markdown report."""
+    session's local Ray: NOAH twice (the race's survivor ``noah+`` and the plain procedure
+    ``noah``) + a linear probe, the random-backbone probe, the VTAB table and the Markdown report."""
     bench = _bench()
     doc = tmp_path / "mini_vtab.md"
     rc = bench.main(["--quick", "--tasks", "mv_position", "--seeds", "0", "--methods", "linear",
                      "--supernet-epochs", "1", "--retrain-epochs", "1", "--out", str(tmp_path), "--doc", str(doc)])
     assert rc == 0
     pre, rnd = bench.tables(tmp_path / "storage")
-    assert set(pre["method"]) == {"noah", "linear", "pixels"} and set(rnd["method"]) == {"linear"}
+    assert set(pre["method"]) == {"noah", "noah+", "linear", "pixels"} and set(rnd["method"]) == {"linear"}
     assert {"mv_position", "Structured", "Mean", "Mean_tasks", "params_m"} <= set(pre.columns)
     assert pre["Mean"].between(0, 100).all() and pre.set_index("method").loc["linear", "params_m"] == 0
     text = doc.read_text()
     assert "Commit: `" in text and "linear probe, mean over 1 tasks: pretrained" in text
     assert "| noah - linear |" in text and "| noah - pixels |" in text and "## Cost per method" in text
+    assert "| noah+ - linear |" in text and "| noah+ - noah |" in text and "| noah+ | " in text
     assert json.loads((tmp_path / "storage" / "times.json").read_text())["jobs"]["mv_position"]["supernet"] > 0
     assert ray_session.is_initialized()                  # the bench left the session's Ray running

@@ -4,6 +4,7 @@ Tune with a tiny ViT: the survivor has the best top-rung score, retraining train
 raced learning rate), a re-run answers from storage.  The search's outputs are written here
 (a trials table and a winner), so the race runs without a supernet."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -148,6 +149,30 @@ def test_retraining_needs_the_finished_race_unless_racing_is_off(tiny_job, data_
     assert pipeline.retrain_subnet(job) == C1 and race.raced_job(job) is job
 
 
+def test_the_plain_row_retrains_the_top_scored_candidate_and_its_run_id_is_one_segment(tiny_job, data_root, tmp_path):
+    from noah_ray.run import pipeline
+    from noah_ray.store.layout import retrain_run_id
+
+    job = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path), retrain_plain=True))
+    write_search(job)
+    # NOAH's own choice: the top val accuracy (C1 and C2 tie at 70.0: C1 has fewer params); the failed
+    # C5 (99.0) and another run's candidate (100.0) never count
+    assert C1.param_count(shape_of(TINY, 1)).modules < C2.param_count(shape_of(TINY, 1)).modules
+    assert race.top_scored(job) == C1
+    assert retrain_run_id("noah+", 0) == "noahplus-seed0" and retrain_run_id("noah", 1) == "noah-seed1"
+    survivor = race.RaceResult(C3.to_dict(), "search", 2, "t2", None, 60.0, 2, 1, 5, 5, 3, 7, 7, "x")
+    storage.write_text(JobPaths.of(job).race_chosen, json.dumps(dataclasses.asdict(survivor)))
+    assert pipeline.noah_rows(job) == {"noah+": C3, "noah": C1}      # both rows, each its own subnet
+    job.race.retrain_plain = False
+    assert list(pipeline.noah_rows(job)) == ["noah+"]
+    job.race.enabled = False
+    assert pipeline.noah_rows(job) == {"noah": C1}
+    hpo = job_dict(tiny_job, data_root, str(tmp_path), retrain_plain=True)
+    with pytest.raises(ConfigError, match=r"^race\.retrain_plain: true with an hpo section: .*set "
+                                          r"race\.retrain_plain: false, or remove hpo$"):
+        pipeline.preflight(JobConfig.from_dict({**hpo, "hpo": {"trials": 2}}), ("retrain",))
+
+
 def test_race_command_refuses_a_bad_race_section_in_one_line(tiny_job, data_root, tmp_path, capsys):
     from noah_ray.cli import main as cli
 
@@ -164,7 +189,7 @@ def test_race_command_refuses_a_bad_race_section_in_one_line(tiny_job, data_root
 def test_race_picks_the_best_top_rung_finalist_and_retraining_trains_it(ray_session, data_root, tmp_path, tiny_job):
     from noah_ray.run import pipeline
 
-    job = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path), lrs=[3e-2, 1e-6]))
+    job = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path), lrs=[3e-2, 1e-6], retrain_plain=True))
     write_search(job)
     summary = pipeline.run_stages(job, ("race", "retrain"))
     uri = str(tmp_path / "r")
@@ -188,11 +213,16 @@ def test_race_picks_the_best_top_rung_finalist_and_retraining_trains_it(ray_sess
     assert saved["trial_id"] == chosen.trial_id.iloc[0] and saved["lr"] == chosen.lr.iloc[0]
     assert SubnetConfig.from_json(chosen.config_json.iloc[0]) == SubnetConfig.from_dict(saved["subnet"])
     assert saved["epochs_trained"] == fin.epochs_run.sum() and summary["race"]["trial_id"] == saved["trial_id"]
-    # retraining trained the survivor with its raced learning rate
-    _, meta = storage.load_state(storage.resolve(str(tmp_path / "r" / "retrain" / "noah-seed0" / "final")))
+    # retraining trained the survivor with its raced learning rate as the row noah+, and (retrain_plain)
+    # the search's top-scored candidate with retrain.lr as the row noah: C1 (70.0, fewer params than C2)
+    _, meta = storage.load_state(storage.resolve(str(tmp_path / "r" / "retrain" / "noahplus-seed0" / "final")))
     assert SubnetConfig.from_dict(meta["subnet"]) == SubnetConfig.from_dict(saved["subnet"])
-    assert math.isclose(meta["spec"]["lr"], saved["lr"])
-    assert len(results.runs(uri)) == 1
+    assert math.isclose(meta["spec"]["lr"], saved["lr"]) and meta["spec"]["method"] == "noah"
+    _, plain = storage.load_state(storage.resolve(str(tmp_path / "r" / "retrain" / "noah-seed0" / "final")))
+    assert SubnetConfig.from_dict(plain["subnet"]) == C1 and math.isclose(plain["spec"]["lr"], 3e-3)
+    rows = results.runs(uri).set_index("method")
+    assert sorted(rows.index) == ["noah", "noah+"] and sorted(summary["retrain"]) == ["noah", "noah+"]
+    assert SubnetConfig.from_json(rows.loc["noah", "config_json"]) == C1
     # a finished race and retraining answer from storage: no Ray, nothing rewritten
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*") if p.is_file() and "runs" not in p.parts}
     assert pipeline.preflight(job, ("race", "retrain")).pending == ()

@@ -7,7 +7,10 @@ module kind of the space alone at the widest uniform width under the limit) trai
 (Ray Tune's ``ASHAScheduler``: first decision after ``grace_period`` epochs, the best
 ``1/reduction_factor`` go on at each rung, ``max_epochs`` at the top).  The survivor is what
 retraining trains.  ``enabled: false`` keeps NOAH's plain procedure (the search's winner is
-retrained).  The cost of the default brackets: :func:`race_budget`.
+retrained).  The survivor's result rows are named ``noah+``; ``retrain_plain: true`` also retrains
+the search's top-scored candidate (NOAH's choice, ``search.ties: best``) as the rows ``noah``, so
+one job compares both procedures on the same supernet and search.  The cost of the default
+brackets: :func:`race_budget`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class RaceConfig:
     gpus_per_trial: float = 0.0
     trial_retries: int = 1                # Tune retries of a crashed trial (from its last checkpoint)
     seed: int = 0
+    retrain_plain: bool = False           # also retrain the search's top-scored candidate as the row
+                                          # ``noah`` (NOAH's plain procedure) beside the survivor ``noah+``
 
     def check(self, where: str) -> None:
         positive(where, finalists=self.finalists, max_epochs=self.max_epochs, grace_period=self.grace_period,

@@ -40,6 +40,7 @@ from noah_ray.errors import ConfigError, RunError
 from noah_ray.hpo.trial import TrialRecorder, TrialTables, fmt_values, hpo_trial
 from noah_ray.security import tune_without_credentials
 from noah_ray.space import SubnetConfig
+from noah_ray.space.methods import method_of
 from noah_ray.store import storage, tracking, trial_logging
 from noah_ray.store.layout import JobPaths
 from noah_ray.store.lease import Fence
@@ -370,7 +371,7 @@ def tuned_retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str,
     """Whether the final run of ``method`` / ``seed`` with the chosen values finished earlier."""
     from noah_ray.train.runs import retrain_done
 
-    res = saved_result(job, method)
+    res = saved_result(job, method_of(method))
     return res is not None and retrain_done(final_job(job, res), subnet, method, seed, num_classes, res.record())
 
 
@@ -383,12 +384,14 @@ def final_job(job: JobConfig, res: HpoResult) -> JobConfig:
     return out
 
 
-def tuned_retrain(job: JobConfig | ResolvedJob, subnet: SubnetConfig | None, method: str) -> dict:
+def tuned_retrain(job: JobConfig | ResolvedJob, subnet: SubnetConfig | None, method: str,
+                  label: str | None = None) -> dict:
     """The retrain stage of a method under ``hpo``: search (or reuse the search), then the final
-    runs for every seed with the chosen values (:func:`noah_ray.train.runs.retrain_seeds`)."""
+    runs for every seed with the chosen values (:func:`noah_ray.train.runs.retrain_seeds`), as the
+    result rows ``label`` (default: the method's name; ``noah+`` for the race's survivor)."""
     from noah_ray.train.runs import retrain_seeds
 
     rj = resolved(job, "hpo")
     res = run_hpo(rj, method, subnet)
-    out = retrain_seeds(rj.with_job(final_job(rj.job, res)), subnet, method, hpo=res.record())
+    out = retrain_seeds(rj.with_job(final_job(rj.job, res)), subnet, label or method, hpo=res.record())
     return {**out, "hpo": res.record()}

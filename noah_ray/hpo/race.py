@@ -99,13 +99,10 @@ def race_applies(job: JobConfig) -> bool:
 def search_finalists(job: JobConfig, limit: ParamLimit, k: int) -> list[Finalist]:
     """The search's winner, then its best distinct candidates by val accuracy (ties: more params),
     ``k`` in all, from the search run's ``trials`` table."""
-    from noah_ray.search.driver import load_best_subnet, search_run_name
+    from noah_ray.search.driver import load_best_subnet
 
     winner = load_best_subnet(job)
-    table = storage.read_table(JobPaths.of(job).search, "trials")
-    rows = [] if table is None else [
-        r for r in table.to_pylist() if r["run_id"] == search_run_name(job, None) and r["status"] == "done"
-        and r["val_acc"] is not None and math.isfinite(r["val_acc"])]
+    rows = _scored_candidates(job)
     rows.sort(key=lambda r: (-r["val_acc"], -r["params"]))
     score = {SubnetConfig.from_json(r["config_json"]).key(): r["val_acc"] for r in reversed(rows)}
     first = Finalist(winner, "search", limit.count(winner), 0, score.get(winner.key()))
@@ -117,6 +114,27 @@ def search_finalists(job: JobConfig, limit: ParamLimit, k: int) -> list[Finalist
         if cfg.key() not in out and limit.ok(cfg):
             out[cfg.key()] = Finalist(cfg, "search", limit.count(cfg), len(out), r["val_acc"])
     return list(out.values())
+
+
+def _scored_candidates(job: JobConfig) -> list[dict]:
+    """The rows of the job's last search run's ``trials`` table with a finite val accuracy."""
+    from noah_ray.search.driver import search_run_name
+
+    table = storage.read_table(JobPaths.of(job).search, "trials")
+    return [] if table is None else [
+        r for r in table.to_pylist() if r["run_id"] == search_run_name(job, None) and r["status"] == "done"
+        and r["val_acc"] is not None and math.isfinite(r["val_acc"])]
+
+
+def top_scored(job: JobConfig) -> SubnetConfig:
+    """NOAH's own choice (the paper's procedure): the search's candidate with the highest val
+    accuracy (the search scores only candidates under the limit), fewer parameters on equal scores
+    (``search.ties: best``)."""
+    rows = _scored_candidates(job)
+    if not rows:
+        raise ConfigError(f"no scored search candidate at {JobPaths.of(job).search.uri}; run the search "
+                          f"stage first")
+    return SubnetConfig.from_json(min(rows, key=lambda r: (-r["val_acc"], r["params"]))["config_json"])
 
 
 def pick_finalists(job: JobConfig, limit: ParamLimit) -> list[Finalist]:

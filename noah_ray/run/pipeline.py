@@ -26,6 +26,7 @@ from noah_ray.interop import read_subnet
 from noah_ray.run import capacity
 from noah_ray.run.preflight import check_artifacts, is_generated, resolve
 from noah_ray.space import SubnetConfig
+from noah_ray.space.methods import RACED_NOAH
 from noah_ray.store import storage
 
 
@@ -59,14 +60,15 @@ def _stage_done(stage: str, job: JobConfig, num_classes: int) -> bool:
         return True
     methods = _methods(job)
     try:
-        subnet = retrain_subnet(job) if "noah" in methods else None
+        noah = noah_rows(job) if "noah" in methods else {}
     except ConfigError:                  # e.g. the winner file is not written yet: the search stage writes it
         return False
     if stage == "hpo":
         return all(hpo.hpo_done(job, m) for m in methods)
     done = runs.retrain_done if job.hpo is None else hpo.tuned_retrain_done
-    return all(done(race.raced_job(job) if m == "noah" else job, subnet if m == "noah" else None, m, seed,
-                    num_classes) for m in methods for seed in job.retrain.seeds)
+    rows = [*noah, *(m for m in methods if m != "noah")]
+    return all(done(race.raced_job(job) if r == RACED_NOAH else job, noah.get(r), r, seed, num_classes)
+               for r in rows for seed in job.retrain.seeds)
 
 
 def pending_stages(job: JobConfig, stages: tuple[str, ...], num_classes: int) -> tuple[str, ...]:
@@ -176,6 +178,20 @@ def retrain_subnet(job: JobConfig) -> SubnetConfig:
     if race_applies(job):
         return raced_subnet(job)
     return load_best_subnet(job)
+
+
+def noah_rows(job: JobConfig) -> dict[str, SubnetConfig]:
+    """NOAH's result rows and the subnet each retrains: when the race applies, ``noah+`` (the
+    race's survivor) and, with ``race.retrain_plain``, ``noah`` (the search's top-scored candidate,
+    the paper's procedure); else ``noah`` (``retrain.subnet`` or the search's winner)."""
+    from noah_ray.hpo.race import race_applies, raced_subnet, top_scored
+
+    if not race_applies(job):
+        return {"noah": retrain_subnet(job)}
+    rows = {RACED_NOAH: raced_subnet(job)}
+    if job.race.retrain_plain:
+        rows["noah"] = top_scored(job)
+    return rows
 
 
 def _interrupt_main(lost: BaseException) -> None:
@@ -291,18 +307,20 @@ def _retrain(rj: ResolvedJob) -> dict:
     job, methods = rj.job, _methods(rj.job)
     progress.echo(f"== retrain: {', '.join(methods)} x seeds {list(job.retrain.seeds)}"
                   + (" with tuned hyper-parameters" if job.hpo else ""))
-    subnet = retrain_subnet(job) if "noah" in methods else None
-    if job.hpo is not None:
-        return {m: tuned_retrain(rj.with_job(raced_job(job)) if m == "noah" else rj, subnet if m == "noah" else None, m)
-                for m in methods}
-    noah_job = raced_job(job) if "noah" in methods else job
-    if noah_job is job:                 # one session of reused workers for every method and seed
-        return retrain_methods(rj, subnet, methods)
-    # the race chose NOAH's learning rate: NOAH in a session of its own, the baselines with theirs
-    out = retrain_methods(rj.with_job(noah_job), subnet, ["noah"])
+    noah = noah_rows(job) if "noah" in methods else {}
     others = [m for m in methods if m != "noah"]
-    out.update(retrain_methods(rj, None, others) if others else {})
-    return {m: out[m] for m in methods}
+    if job.hpo is not None:
+        out = {r: tuned_retrain(rj.with_job(raced_job(job)), s, "noah", label=r) for r, s in noah.items()}
+        return {**out, **{m: tuned_retrain(rj, None, m) for m in others}}
+    raced = raced_job(job)
+    # the race chose NOAH's learning rate: its survivor in a session of its own; every other row and
+    # seed in one session of reused workers
+    apart = [RACED_NOAH] if RACED_NOAH in noah and raced is not job else []
+    together = [*(r for r in noah if r not in apart), *others]
+    out = retrain_methods(rj, {r: noah[r] for r in together if r in noah}, together) if together else {}
+    if apart:
+        out.update(retrain_methods(rj.with_job(raced), {RACED_NOAH: noah[RACED_NOAH]}, apart))
+    return {r: out[r] for r in (*noah, *others)}
 
 
 #: stage name -> what runs it on the resolved job (its summary; None: nothing to run)

@@ -138,6 +138,9 @@ def _check_retrain(job: JobConfig, stages: tuple[str, ...], shape: BackboneShape
     for m in job.hpo.method_space if job.hpo is not None else ():
         if m not in METHODS:
             raise ConfigError(f"hpo.method_space: {m!r} is not a retraining method; use one of {', '.join(METHODS)}")
+    if job.hpo is not None and job.race.enabled and job.race.retrain_plain:
+        raise ConfigError("race.retrain_plain: true with an hpo section: the plain noah row would need a tuning of "
+                          "its own; set race.retrain_plain: false, or remove hpo")
 
 
 def is_generated(job: JobConfig) -> bool:

@@ -42,6 +42,18 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
+#: the NOAH row whose subnet the race chose (the service's default selection); the row ``noah`` is
+#: the search's own choice retrained (the paper's procedure).  Both train method ``noah``.
+RACED_NOAH = "noah+"
+#: result rows named other than the method they train: row label -> method
+ROW_METHODS: dict[str, str] = {RACED_NOAH: "noah"}
+
+
+def method_of(label: str) -> str:
+    """The retraining method a result row trains: ``noah`` for ``noah+``, else the label itself."""
+    return ROW_METHODS.get(label, label)
+
+
 def baselines() -> tuple[str, ...]:
     """The methods training a fixed config (all but the searched one), in registry order."""
     return tuple(name for name, m in METHODS.items() if not m.searched)

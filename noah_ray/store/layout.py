@@ -108,11 +108,12 @@ TABLE_STAGES: dict[str, tuple[str, ...]] = {
 
 
 def retrain_run_id(method: str, seed: int) -> str:
-    """The name of the retraining run of ``method`` with ``seed``: ``<method>-seed<k>``, one path
-    segment (a seed that is not an integer, e.g. ``'0/../x'``, is refused, never joined)."""
+    """The name of the retraining run of ``method`` (a result row's label) with ``seed``:
+    ``<method>-seed<k>``, one path segment, ``+`` spelled ``plus`` (``noah+`` -> ``noahplus-seed0``);
+    a seed that is not an integer, e.g. ``'0/../x'``, is refused, never joined."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"retrain seed {seed!r} must be an integer, e.g. retrain.seeds: [0, 1, 2]")
-    return safe_name(f"{method}-seed{seed}", "retrain run")
+    return safe_name(f"{method.replace('+', 'plus')}-seed{seed}", "retrain run")
 
 
 def backbone_trained(meta: Mapping[str, Any], run_id: str) -> bool:

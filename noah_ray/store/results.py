@@ -36,6 +36,7 @@ import pyarrow as pa
 from noah_ray.config import datasets as registry
 from noah_ray.errors import ConfigError
 from noah_ray.space import MODULES, SubnetConfig
+from noah_ray.space.methods import RACED_NOAH
 from noah_ray.store import storage
 from noah_ray.store.layout import TABLE_STAGES
 from noah_ray.store.tables import TABLES
@@ -207,7 +208,8 @@ def config_of(row: pd.Series) -> SubnetConfig:
 
 
 def searched_subnets(uri: str, endpoint: str | None = None) -> dict[str, SubnetConfig]:
-    """Per job: the retrained NOAH subnet, else the best scored search candidate."""
+    """Per job: the retrained NOAH subnet (the race's survivor ``noah+`` before the plain ``noah``),
+    else the best scored search candidate."""
     out: dict[str, SubnetConfig] = {}
     trials = load_trials(uri, endpoint)
     trials = trials[(trials["status"].fillna("done") == "done") & trials["val_acc"].notna()]
@@ -215,8 +217,10 @@ def searched_subnets(uri: str, endpoint: str | None = None) -> dict[str, SubnetC
         out[job] = config_of(d.sort_values(["val_acc", "params"], ascending=[False, True]).iloc[0])
     r = runs(uri, endpoint)
     if not r.empty:
-        for job, d in r[r["method"] == "noah"].groupby("job"):
-            out[job] = config_of(d.iloc[-1])
+        noah = r[r["method"].isin(["noah", RACED_NOAH])]
+        for job, d in noah.groupby("job"):
+            raced = d[d["method"] == RACED_NOAH]
+            out[job] = config_of((raced if not raced.empty else d).iloc[-1])
     return out
 
 

@@ -20,7 +20,7 @@ import json
 import os
 import statistics
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import cast
@@ -36,6 +36,7 @@ from noah_ray.nn import optim
 from noah_ray.nn.models import build_model, ensure_backbone, subnet_for
 from noah_ray.nn.prune import PrunePlan, prune
 from noah_ray.space import SubnetConfig
+from noah_ray.space.methods import method_of
 from noah_ray.store import lease, storage, tracking
 from noah_ray.store.layout import SUPERNET_RUN, JobPaths, retrain_run_id
 from noah_ray.store.records import BestRecord, MetaRecord, SpecRecord
@@ -392,8 +393,8 @@ def retrain(job: JobConfig | ResolvedJob, subnet: SubnetConfig | None, *, method
     ``hpo`` (from :mod:`noah_ray.hpo`: the chosen values and their trial) is recorded with the run:
     in its spec and ``meta.json`` (key ``hpo``) and the ``runs`` row (``hpo_json``)."""
     rj = resolved(job, "retrain")
-    cfg = subnet_for(method, rj.job, subnet)
-    _check_init(rj, cfg, method)
+    cfg = subnet_for(method_of(method), rj.job, subnet)
+    _check_init(rj, cfg, method_of(method))
     return _retrain(rj, cfg, method, seed, hpo=hpo, faults=_faults)
 
 
@@ -403,16 +404,20 @@ def retrain_seeds(job: JobConfig | ResolvedJob, subnet: SubnetConfig | None, met
     return retrain_methods(job, subnet, (method,), hpo=hpo)[method]
 
 
-def retrain_methods(job: JobConfig | ResolvedJob, subnet: SubnetConfig | None, methods: Sequence[str],
-                    hpo: dict | None = None, _faults: dict[str, list] | None = None) -> dict[str, dict]:
-    """Retrain every method (``subnet``: NOAH's) for every seed in ``retrain.seeds``, all in one
+def retrain_methods(job: JobConfig | ResolvedJob, subnet: SubnetConfig | Mapping[str, SubnetConfig] | None,
+                    methods: Sequence[str], hpo: dict | None = None,
+                    _faults: dict[str, list] | None = None) -> dict[str, dict]:
+    """Retrain every method (``subnet``: NOAH's, or one per NOAH row; a method may be a row label
+    such as ``noah+``, :data:`noah_ray.space.methods.ROW_METHODS`) for every seed in ``retrain.seeds``, all in one
     session of reused workers (:func:`_fit_session`); E2VPT with a ``prune`` section (its second
     run needs the first's weights) runs by itself after them.  Per method: test accuracy as mean
     and (population) std over the seeds.  ``_faults`` (tests): ``{run id: [(epoch, mode), ...]}``."""
     rj = resolved(job, "retrain")
-    seeds, cfgs = rj.job.retrain.seeds, {m: subnet_for(m, rj.job, subnet if m == "noah" else None) for m in methods}
+    seeds = rj.job.retrain.seeds
+    subnets = subnet if isinstance(subnet, Mapping) else {m: subnet for m in methods if method_of(m) == "noah"}
+    cfgs = {m: subnet_for(method_of(m), rj.job, subnets.get(m)) for m in methods}
     for m, cfg in cfgs.items():
-        _check_init(rj, cfg, m)
+        _check_init(rj, cfg, method_of(m))
     alone = {m for m in methods if m == "e2vpt" and rj.job.prune is not None}
     planned = [(m, s, _plan_run(rj, m, cfgs[m], s, hpo=hpo)) for m in methods if m not in alone for s in seeds]
     plans = {k: p for k, v in (_faults or {}).items() if (p := FaultPlan.of(v)) is not None}
@@ -436,12 +441,13 @@ def _seeds_summary(results: list[TrainResult]) -> dict:
 def retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str, seed: int, num_classes: int,
                  hpo: dict | None = None) -> bool:
     """Whether retraining ``method`` with ``seed`` finished earlier (E2VPT with pruning: unknown, False)."""
+    label, method = method, method_of(method)
     if method == "e2vpt" and job.prune is not None:
         return False
     cfg = subnet_for(method, job, subnet)
     lr = float(job.retrain.method_lr.get(method, job.retrain.lr))
     spec = dataclasses.replace(spec_for(job, "retrain", method, cfg, lr, seed, num_classes), hpo=hpo or None)
-    paths, run_id = JobPaths.of(job), retrain_run_id(method, seed)
+    paths, run_id = JobPaths.of(job), retrain_run_id(label, seed)
     published = [paths.retrain_run(run_id).join(p) for p in ("best", "final")]
     return _finished(paths.retrain_config(run_id, spec.fingerprint()), spec, job.retrain.epochs) \
         and all(_intact(p) for p in published if storage.exists(p.join("meta.json")))
@@ -478,9 +484,9 @@ def _plan_run(rj: ResolvedJob, label: str, cfg: SubnetConfig, seed: int, *, prun
     """The :class:`RunSpec` of one retraining run; ``prune_plan`` is the plan's JSON as stored
     (hashed as it is into the spec)."""
     job, n, tc = rj.job, rj.num_classes, rj.job.retrain
-    method = "e2vpt" if prune_plan else label
+    method = "e2vpt" if prune_plan else method_of(label)
     lr = float(tc.method_lr.get(method, tc.lr))
-    init = tc.init if label == "noah" else None
+    init = tc.init if method == "noah" else None
     run_id = retrain_run_id(label, seed)
     spec = dataclasses.replace(spec_for(job, "retrain", method, cfg, lr, seed, n), prune_plan=prune_plan or None,
                                hpo=hpo or None)
