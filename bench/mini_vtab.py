@@ -112,22 +112,24 @@ def run(tasks: list[str], out: Path, budget: dict, seeds: list[int], parallel: i
     address = ray.get_runtime_context().gcs_address
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    jobs = {t: task_jobs(t, out, budget, seeds, methods) for t in tasks}
     with ThreadPoolExecutor(parallel) as pool:
-        done = list(pool.map(lambda t: _launch(t, task_jobs(t, out, budget, seeds, methods), address, log_dir), tasks))
+        done = list(pool.map(lambda t: _launch(t, jobs[t], address, log_dir), tasks))
     if owner:
         ray.shutdown()
-    record_times(out, done, parallel)
+    record_times(out, done, parallel, jobs[tasks[0]][0][1]["model"]["name"] if tasks else None)
     return done
 
 
 # ------------------------------------------------------------------ stage times and cost
 @dataclass
 class Times:
-    """``<out>/times.json``: wall seconds per job and stage, and the cores each task had
-    (the machine's cores over the tasks run at once)."""
+    """``<out>/times.json``: wall seconds per job and stage, the cores each task had (the
+    machine's cores over the tasks run at once) and the pretrained jobs' backbone."""
 
     cores_per_task: float = 1.0
     jobs: dict[str, dict[str, float]] = field(default_factory=dict)
+    backbone: str | None = None
 
     @classmethod
     def read(cls, out: Path) -> Times:
@@ -135,15 +137,17 @@ class Times:
         if not path.is_file():
             return cls()
         data = json.loads(path.read_text())
-        return cls(float(data.get("cores_per_task", 1.0)), data.get("jobs", {}))
+        return cls(float(data.get("cores_per_task", 1.0)), data.get("jobs", {}), data.get("backbone"))
 
 
-def record_times(out: Path, done: list[dict], parallel: int) -> Times:
+def record_times(out: Path, done: list[dict], parallel: int, backbone: str | None = None) -> Times:
     t = Times.read(out)
     t.cores_per_task = max(1.0, (os.cpu_count() or 1) / parallel)
+    t.backbone = backbone or t.backbone
     for d in done:
         t.jobs.update(d.get("times", {}))
-    (out / "times.json").write_text(json.dumps({"cores_per_task": t.cores_per_task, "jobs": t.jobs}, indent=1))
+    (out / "times.json").write_text(json.dumps({"cores_per_task": t.cores_per_task, "jobs": t.jobs,
+                                                "backbone": t.backbone}, indent=1))
     return t
 
 
@@ -413,7 +417,7 @@ def write_doc(path: Path, out: Path, argv: list[str], wall: float | None, done: 
     pre_runs, rnd_runs = load_runs(out)
     pre, rnd = results.vtab_table_of(pre_runs), results.vtab_table_of(rnd_runs)
     blocks = statistics_blocks(pre_runs)
-    backbone = minivtab.job_config(next(iter(minivtab.TASKS)), ".", ".").model.name
+    backbone = Times.read(out).backbone or minivtab.job_config(next(iter(minivtab.TASKS)), ".", ".").model.name
 
     def block(df) -> str:
         return "```\n" + df.to_string(index=False, float_format=lambda v: f"{v:.2f}") + "\n```" \

@@ -29,6 +29,9 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# the local cluster's session files and address file (ray_current_cluster) in a folder of its own,
+# so that no other Ray on this machine (nor its ``ray.init("auto")``) meets this one
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="nrc", dir="/tmp"))
 
 #: node death is noticed after health_check_period_ms x failure_threshold (Ray's defaults: 3 s x 5)
 FAST_HEALTH = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,

@@ -216,7 +216,8 @@ def test_mini_vtab_bench_quick_on_one_task(tmp_path, ray_session):
     bench = _bench()
     doc = tmp_path / "mini_vtab.md"
     rc = bench.main(["--quick", "--tasks", "mv_position", "--seeds", "0", "--methods", "linear",
-                     "--supernet-epochs", "1", "--retrain-epochs", "1", "--out", str(tmp_path), "--doc", str(doc)])
+                     "--supernet-epochs", "1", "--retrain-epochs", "1", "--out", str(tmp_path), "--doc", str(doc),
+                     "--backbone", "vit_noah_tiny_patch4_32.fractal"])
     assert rc == 0
     pre, rnd = bench.tables(tmp_path / "storage")
     assert set(pre["method"]) == {"noah", "noah+", "linear", "pixels"} and set(rnd["method"]) == {"linear"}
@@ -226,5 +227,9 @@ def test_mini_vtab_bench_quick_on_one_task(tmp_path, ray_session):
     assert "Commit: `" in text and "linear probe, mean over 1 tasks: pretrained" in text
     assert "| noah - linear |" in text and "| noah - pixels |" in text and "## Cost per method" in text
     assert "| noah+ - linear |" in text and "| noah+ - noah |" in text and "| noah+ | " in text
-    assert json.loads((tmp_path / "storage" / "times.json").read_text())["jobs"]["mv_position"]["supernet"] > 0
+    times = json.loads((tmp_path / "storage" / "times.json").read_text())
+    assert times["jobs"]["mv_position"]["supernet"] > 0
+    # the doc names the backbone the run used (--backbone), not the recipe's (.shipped)
+    assert times["backbone"] == "vit_noah_tiny_patch4_32.fractal"
+    assert "## Pretrained backbone (`vit_noah_tiny_patch4_32.fractal`)" in text
     assert ray_session.is_initialized()                  # the bench left the session's Ray running

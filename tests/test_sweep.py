@@ -12,7 +12,7 @@ import yaml
 
 from noah_ray.cli import main as cli
 from noah_ray.errors import ConfigError
-from noah_ray.run.sweep import SweepConfig
+from noah_ray.run.sweep import SweepConfig, run_sweep
 from noah_ray.store import results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +100,23 @@ def test_sweep_runs_pipelines_concurrently_and_isolates_a_failure(ray_session, t
 
 
 @pytest.mark.parametrize("flags, quiet", [((), True), (("--verbose",), False)])
+def test_a_pipeline_no_node_can_hold_is_refused_on_the_driver_and_starts_no_task(ray_session, tmp_path, tiny_job,
+                                                                                    monkeypatch, capsys):
+    """The capacity check runs on the sweep's driver (inside a task, a local Ray looks attached and
+    would go unchecked): a job asking for a GPU the local Ray lacks fails in one line, no task runs."""
+    from noah_ray.run import capacity
+
+    monkeypatch.delenv(capacity.CONFIG_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(capacity, "BOOTSTRAP", "/nonexistent/ray_bootstrap_config.yaml")
+    spec = tiny_job(tmp_path / "data", tmp_path / "store", name="gpu", supernet={"use_gpu": True},
+                    sweep={"datasets": ["gen_shape"], "max_concurrent": 1})
+    [outcome] = run_sweep(SweepConfig.from_dict(spec))
+    assert not outcome.ok and "== sweep: starting" not in capsys.readouterr().out
+    assert "\n" not in outcome.error and "supernet" in outcome.error and "GPU: 1" in outcome.error
+    assert not (tmp_path / "store").exists()
+
+
 def test_sweep_starts_ray_quiet_unless_verbose(tmp_path, monkeypatch, capsys, flags, quiet):
     from noah_ray import progress
     from noah_ray.run import pipeline, sweep

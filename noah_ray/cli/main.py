@@ -370,7 +370,8 @@ def _add_import_noah(sub: argparse._SubParsersAction) -> None:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a retrained subnet for inference (artifact, merged LoRA, peft)")
     p.add_argument("source", help="a job config (YAML, with --run) or a subnet artifact directory / s3:// URI")
-    p.add_argument("--run", default="noah-seed0", help="retrain run id of the job (default: noah-seed0)")
+    p.add_argument("--run", default=None, help="retrain run id of the job (default: NOAH's seed 0: noahplus-seed0 "
+                                                "when the job raced its finalists, else noah-seed0)")
     p.add_argument("--out", help="write a subnet artifact (safetensors + meta.json); load with noah_ray.load_subnet")
     p.add_argument("--merge-lora", action="store_true", help="fold LoRA into the qkv weights (no LoRA at inference)")
     p.add_argument("--include-backbone", action="store_true", help="also store the whole backbone in the artifact")

@@ -57,6 +57,8 @@ from noah_ray.store.lease import Fence
 RUN_ID = "race"
 METRIC = "val_acc"
 _RESOURCE_KEYS = ("max_concurrent", "cpus_per_trial", "gpus_per_trial", "trial_retries")
+#: race options about what follows the race (retraining), not the race itself: not part of its settings
+_AFTER_KEYS = ("retrain_plain",)
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,8 @@ def top_scored(job: JobConfig) -> SubnetConfig:
     if not rows:
         raise ConfigError(f"no scored search candidate at {JobPaths.of(job).search.uri}; run the search "
                           f"stage first")
-    return SubnetConfig.from_json(min(rows, key=lambda r: (-r["val_acc"], r["params"]))["config_json"])
+    best = min(rows, key=lambda r: (-r["val_acc"], r["params"], str(r["trial_id"])))
+    return SubnetConfig.from_json(best["config_json"])
 
 
 def pick_finalists(job: JobConfig, limit: ParamLimit) -> list[Finalist]:
@@ -177,7 +180,7 @@ def _trial_job(job: JobConfig) -> dict:
 
 def _settings(job: JobConfig, finalists: list[Finalist]) -> dict:
     d, r = job.data, job.retrain
-    race = {k: v for k, v in dataclasses.asdict(job.race).items() if k not in _RESOURCE_KEYS}
+    race = {k: v for k, v in dataclasses.asdict(job.race).items() if k not in _RESOURCE_KEYS + _AFTER_KEYS}
     return {"finalists": [{"subnet": f.subnet.to_dict(), "source": f.source} for f in finalists], "race": race,
             "model": dataclasses.asdict(job.model),
             "data": {"dataset": d.dataset, "format": d.format, "train_split": d.train_split, "val_split": d.val_split,

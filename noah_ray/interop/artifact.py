@@ -23,9 +23,10 @@ from noah_ray.errors import ConfigError
 from noah_ray.security import safe_name
 from noah_ray.space import LORA, MODULES, SubnetConfig
 from noah_ray.space.kinds import PRUNABLE_KINDS
+from noah_ray.space.methods import RACED_NOAH
 from noah_ray.space.recipes import recorded
 from noah_ray.store import storage
-from noah_ray.store.layout import JobPaths
+from noah_ray.store.layout import JobPaths, retrain_run_id
 from noah_ray.store.records import MetaRecord
 
 ARTIFACT_FORMAT = "noah_ray.subnet"
@@ -254,15 +255,20 @@ def load_init_weights(model, uri: str, *, endpoint: str | None = None) -> None:
     model.load_trainable_state_dict(own)
 
 
-def model_from_run(job_path: str, run: str):
-    """The retrained subnet of run ``run`` (e.g. ``noah-seed0``) of the job in ``job_path``, with
-    its backbone checkpoint URI and timm model name."""
+def model_from_run(job_path: str, run: str | None = None):
+    """The retrained subnet of run ``run`` (e.g. ``noah-seed0``; default: NOAH's seed-0 run, the
+    race's survivor ``noahplus-seed0`` when the job raced, else ``noah-seed0``) of the job in
+    ``job_path``, with its backbone checkpoint URI and timm model name."""
     from noah_ray.config import JobConfig
     from noah_ray.nn.models import build_model
 
-    safe_name(run, "run (the run id from the runs table, e.g. noah-seed0)")
     job = JobConfig.load(job_path)
-    base = JobPaths.of(job).retrain_run(run)
+    paths = JobPaths.of(job)
+    if run is None:
+        raced = retrain_run_id(RACED_NOAH, 0)
+        run = raced if storage.exists(paths.retrain_run(raced).join("final", "meta.json")) else "noah-seed0"
+    safe_name(run, "run (the run id from the runs table, e.g. noah-seed0)")
+    base = paths.retrain_run(run)
     if not storage.exists(base.join("final", "meta.json")):
         raise ConfigError(f"no finished retrain run {run!r} at {base.uri!r}; run the retrain stage first")
     _, data = storage.load_state(base.join("final"))

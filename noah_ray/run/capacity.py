@@ -11,9 +11,9 @@ Where the node types come from (:func:`node_types`):
 * the autoscaler's cluster config: ``$NOAH_RAY_CLUSTER_CONFIG``, else ``~/ray_bootstrap_config.yaml``
   (the file ``ray up`` writes on the head node from ``cluster/aws.yaml``): every
   ``available_node_types`` entry with its ``resources`` (``GPU`` counts like any other resource);
-* else, on a local Ray (this machine the only node and no ``$RAY_ADDRESS``: a laptop, where nothing
-  can autoscale), the live node (``ray.nodes()``).  An attached cluster without a config (KubeRay,
-  whose autoscaler may still add the node) is not checked.
+* else, on a local Ray this process started (a laptop, where nothing can autoscale), the live node
+  (``ray.nodes()``).  An attached cluster without a config (``--address``, ``$RAY_ADDRESS``,
+  KubeRay: its autoscaler may still add the node) is not checked.
 """
 
 from __future__ import annotations
@@ -145,7 +145,17 @@ def node_types() -> NodeTypes | None:
         return nodes
     import ray
 
-    if not ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+    if not ray.is_initialized() or not _started_here():
         return None
     live = from_live_cluster()
     return live if len(live.types) == 1 else None
+
+
+def _started_here() -> bool:
+    """Whether this process started the Ray it is connected to (``ray.init()`` on a laptop), as
+    opposed to attaching to a running cluster (``--address``, ``$RAY_ADDRESS``, ``ray job
+    submit``), whose autoscaler may add nodes that are not there yet."""
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    return bool(getattr(node, "head", False)) and not os.environ.get("RAY_ADDRESS")

@@ -240,7 +240,7 @@ def check_checkpoint(job: JobConfig, num_classes: int) -> None:
 
 def check_artifacts(job: JobConfig, stages: tuple[str, ...]) -> None:
     """What this command reads from earlier stages exists and is intact."""
-    from noah_ray.hpo.race import race_applies, raced_subnet
+    from noah_ray.hpo.race import race_applies, raced_subnet, top_scored
     from noah_ray.nn.models import supernet_recovery
     from noah_ray.search.driver import load_best_subnet, search_run_name
     from noah_ray.search.store import SearchStore
@@ -261,3 +261,5 @@ def check_artifacts(job: JobConfig, stages: tuple[str, ...]) -> None:
         job.space.validate(load_best_subnet(job), absent_ok=True)   # warm starts: modules alone
     if ("retrain" in stages or "hpo" in stages) and raced and "race" not in stages and "search" not in stages:
         raced_subnet(job)          # the race's survivor: a baseline may be wider than the space allows
+    if "retrain" in stages and raced and job.race.retrain_plain and "search" not in stages:
+        top_scored(job)            # the plain row's subnet: the search must have scored candidates

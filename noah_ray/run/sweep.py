@@ -35,6 +35,7 @@ from noah_ray import progress
 from noah_ray.config import STAGES, JobConfig
 from noah_ray.config.sections import section_from_dict
 from noah_ray.errors import ConfigError
+from noah_ray.run import capacity
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ def run_sweep(sweep: SweepConfig, max_concurrent: int | None = None) -> list[Swe
     # errors never reach Ray (run_pipeline returns them as a failed outcome), so they are not retried
     task = ray.remote(num_cpus=0, max_retries=sweep.sweep.task_retries, retry_exceptions=False)(run_pipeline)
     jobs = sweep.jobs()
+    nodes = capacity.node_types()     # here, on the driver: inside a task a local Ray looks attached
     limit = max_concurrent or sweep.sweep.max_concurrent
     pending = list(jobs)
     running: dict = {}
@@ -203,8 +205,17 @@ def run_sweep(sweep: SweepConfig, max_concurrent: int | None = None) -> list[Swe
         while pending or running:
             while pending and len(running) < limit:
                 job = pending.pop(0)
+                try:
+                    capacity.check(job, tuple(sweep.sweep.stages), nodes)
+                except ConfigError as e:        # no node can ever run it: its outcome, the others go on
+                    outcomes[job.name] = SweepOutcome(job.name, False, error=str(e))
+                    progress.echo(f"== sweep: {job.name} FAILED: {e}", tag="sweep", done=len(outcomes),
+                                  total=len(jobs))
+                    continue
                 progress.echo(f"== sweep: starting {job.name} ({len(outcomes) + len(running) + 1}/{len(jobs)})")
                 running[task.remote(_absolute(job).to_dict(), sweep.sweep.stages)] = job.name
+            if not running:
+                break
             ready, _ = ray.wait(list(running), num_returns=1)
             name = running.pop(ready[0])
             try:

@@ -1,0 +1,166 @@
+"""Node loss during the subnet search, on a real multi-node Ray: a node dies with candidates in flight.
+
+A local cluster (``ray.cluster_utils.Cluster``: a CPU-0 head and ``--nodes`` worker nodes of one
+CPU, each its own raylet) trains the tiny supernet once, then runs the evolutionary search twice on
+it with the same seed: ``lossy``, whose evaluation trials run ``max_concurrent`` at a time on the
+worker nodes and lose one node (raylet and every process on it killed) while candidates are being
+scored, and ``calm``, undisturbed.  A trial on the lost node fails as a system failure and Tune
+retries it on a node left (``search.trial_retries``).
+
+Checked: every candidate of ``calm`` was scored in ``lossy`` with the same val accuracy, none is
+recorded as scored twice (one ``done`` row per candidate in the ``trials`` table, as many as the
+search's state says it scored), the winner and the Pareto front are the same.  Measured: the
+wall time of both runs, and the time from the node's removal to the next scored candidate.
+
+Prints one JSON line.
+
+    python bench/node_loss_search.py              # ~3-4 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# the local cluster's session files and address file (ray_current_cluster) in a folder of its own,
+# so that no other Ray on this machine (nor its ``ray.init("auto")``) meets this one
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="nrc", dir="/tmp"))
+
+#: node death is noticed after health_check_period_ms x failure_threshold (Ray's defaults: 3 s x 5)
+FAST_HEALTH = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
+               "health_check_failure_threshold": 3}
+
+
+def job_dict(data_root: str, storage: str, concurrent: int, population: int, generations: int) -> dict:
+    modules = {m: {"depths": [3, 12], "widths": [1, 5]} for m in ("vpt", "lora", "adapter")}
+    return {"name": "searched", "storage": storage,
+            "data": {"root": data_root, "dataset": "gen_color", "batch_size": 16, "eval_batch_size": 64,
+                     "num_workers": 0},
+            "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
+            "space": {"num_layers": 12, "modules": modules},
+            "supernet": {"epochs": 1, "warmup_epochs": 0, "num_workers": 1, "eval_random_subnets": 0},
+            "search": {"generations": generations, "population": population, "top_k": 3, "mutations": 2,
+                       "crossovers": 2, "param_limit": 0.02, "max_concurrent": concurrent, "cpus_per_trial": 1,
+                       "trial_retries": 2, "hold_actors": False}}
+
+
+def scored(uri: str, run: str):
+    """The run's trials rows: all attempts, and the ``done`` ones."""
+    from noah_ray.store import results
+
+    t = results.load_trials(uri)
+    t = t[t["run_id"] == run]
+    return t, t[t["status"] == "done"]
+
+
+def kill_while_scoring(cluster, uri: str, run: str, events: dict, stop: threading.Event,
+                       timeout_s: float = 600.0) -> None:
+    """After the run's first scored candidate, remove a worker node that is running a trial (never
+    after ``stop`` is set: the run ended)."""
+    import ray
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not stop.is_set():
+        try:
+            if len(scored(uri, run)[1]):
+                break
+        except Exception:                        # the table does not exist yet
+            pass
+        time.sleep(0.3)
+    while time.time() < deadline and not stop.is_set():
+        free = ray._private.state.available_resources_per_node()
+        busy = [n for n in cluster.worker_nodes if n.node_id in free and free[n.node_id].get("CPU", 0.0) < 1.0]
+        if busy:
+            events["removed_at"] = time.time()
+            events["done_before"] = len(scored(uri, run)[1])
+            cluster.remove_node(busy[0], allow_graceful=False)
+            return
+        time.sleep(0.1)
+    events["error"] = "no busy worker node found"
+
+
+def compare(uri: str, lossy, calm, events: dict) -> dict:
+    from noah_ray.store import results
+
+    rows, done = scored(uri, "lossy")
+    _, calm_done = scored(uri, "calm")
+    acc = dict(zip(done["config_key"], done["val_acc"]))
+    calm_acc = dict(zip(calm_done["config_key"], calm_done["val_acc"]))
+    pareto = results.pareto(uri)
+    front = {r: sorted(pareto[pareto["run_id"] == r]["config_json"]) for r in ("lossy", "calm")}
+    after = done[done["timestamp"].map(lambda t: t.timestamp()) > events.get("removed_at", float("inf"))]
+    first_after = float(after["timestamp"].map(lambda t: t.timestamp()).min()) if len(after) else None
+    return {"candidates_lossy": len(done), "candidates_calm": len(calm_done),
+            "attempts_lossy": len(rows), "failed_attempts": int((rows["status"] != "done").sum()),
+            "scored_twice": int(done["trial_id"].duplicated().sum() + done["config_key"].duplicated().sum()),
+            "state_evaluated": lossy.evaluated, "same_scores": acc == calm_acc,
+            "same_winner": lossy.best == calm.best and lossy.best_val_acc == calm.best_val_acc,
+            "same_pareto": front["lossy"] == front["calm"] and bool(front["calm"]),
+            "done_before_loss": events.get("done_before"),
+            "removal_to_next_scored_s": round(first_after - events["removed_at"], 1) if first_after else None,
+            **({"error": events["error"]} if "error" in events else {})}
+
+
+def run(args) -> dict:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from noah_ray.config import JobConfig
+    from noah_ray.data import write_generated_vtab
+    from noah_ray.run.preflight import resolve
+    from noah_ray.search.driver import run_search
+    from noah_ray.train.runs import train_supernet
+
+    tmp = Path(tempfile.mkdtemp(prefix="noah-node-loss-search-"))
+    write_generated_vtab(tmp / "data", "gen_color", num_train=64, num_val=args.val_images, num_test=16)
+    job = JobConfig.from_dict(job_dict(str(tmp / "data"), str(tmp / "store"), args.concurrent, args.population,
+                                       args.generations))
+    uri = str(tmp / "store" / "searched")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH})
+    try:
+        for _ in range(args.nodes):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        train_supernet(resolve(job, ("supernet",), generate=True))
+        events: dict = {}
+        stop = threading.Event()
+        killer = threading.Thread(target=kill_while_scoring, args=(cluster, uri, "lossy", events, stop), daemon=True)
+        killer.start()
+        t0 = time.time()
+        lossy = run_search(job, run_name="lossy")
+        wall_lossy = time.time() - t0
+        stop.set()
+        killer.join(timeout=30)
+        t0 = time.time()
+        calm = run_search(job, run_name="calm")
+        out = compare(uri, lossy, calm, events)
+        out.update(wall_s_with_loss=round(wall_lossy, 1), wall_s_undisturbed=round(time.time() - t0, 1))
+        return out
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=3, help="worker nodes of 1 CPU each (>= 2: one is lost)")
+    p.add_argument("--concurrent", type=int, default=3, help="search trials at once")
+    p.add_argument("--population", type=int, default=9)
+    p.add_argument("--generations", type=int, default=2)
+    p.add_argument("--val-images", type=int, default=128)
+    args = p.parse_args(argv)
+    print(json.dumps(run(args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
