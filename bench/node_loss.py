@@ -38,14 +38,15 @@ FAST_HEALTH = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 
                "health_check_failure_threshold": 3}
 
 
-def job_dict(data_root: str, storage: str, endpoint: str | None, name: str, epochs: int) -> dict:
+def job_dict(data_root: str, storage: str, endpoint: str | None, name: str, epochs: int,
+             max_failures: int = 2) -> dict:
     modules = {m: {"depths": [3, 12], "widths": [1, 5]} for m in ("vpt", "lora", "adapter")}
     return {"name": name, "storage": storage, "storage_endpoint": endpoint,
             "data": {"root": data_root, "dataset": "gen_color", "batch_size": 16, "num_workers": 0},
             "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.1},
             "space": {"num_layers": 12, "modules": modules},
             "supernet": {"epochs": epochs, "lr": 3e-3, "warmup_epochs": 1, "num_workers": 2,
-                         "cpus_per_worker": 1, "eval_random_subnets": 0, "max_failures": 2},
+                         "cpus_per_worker": 1, "eval_random_subnets": 0, "max_failures": max_failures},
             "retrain": {"epochs": 1}}
 
 
@@ -72,15 +73,31 @@ def _first_checkpoint(paths, timeout_s: float = 600.0) -> float:
     raise TimeoutError("no checkpoint written")
 
 
-def kill_a_worker_node(cluster, where: tuple, delay_s: float, out: dict) -> None:
+def drain(cluster, node, deadline_s: float) -> None:
+    """Ray's drain of ``node`` for pre-emption (as a spot interruption arrives), ``deadline_s`` ahead."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    gcs = ray._raylet.GcsClient(address=cluster.address)
+    accepted, why = gcs.drain_node(node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                   "spot interruption (bench)", int((time.time() + deadline_s) * 1000))
+    if not accepted:
+        raise RuntimeError(f"drain refused: {why}")
+
+
+def kill_a_worker_node(cluster, where: tuple, delay_s: float, out: dict, drain_s: float | None = None) -> None:
     """Wait for the first checkpoint, then ``delay_s`` (inside the next epoch), then remove the
-    node of one worker."""
+    node of one worker; with ``drain_s``, first drain it for pre-emption and remove it at the deadline."""
     out["checkpoint_at"] = _first_checkpoint(where)
     time.sleep(delay_s)
     node = busy_worker_node(cluster)
     if node is None:
         out["error"] = "no busy worker node found"
         return
+    if drain_s is not None:
+        out["drained_at"] = time.time()
+        drain(cluster, node, drain_s)
+        time.sleep(drain_s)
     out["removed_at"] = time.time()
     cluster.remove_node(node, allow_graceful=False)
 
@@ -128,11 +145,14 @@ def run(args) -> dict:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         storage_root = args.storage or str(tmp / "store")
-        lossy = job_dict(str(tmp / "data"), storage_root, args.endpoint, "lossy", args.epochs)
-        calm = job_dict(str(tmp / "data"), storage_root, args.endpoint, "calm", args.epochs)
+        # drained for pre-emption: no failure budget at all, a pre-emption must not be charged to it
+        failures = 0 if args.drain is not None else 2
+        lossy = job_dict(str(tmp / "data"), storage_root, args.endpoint, "lossy", args.epochs, failures)
+        calm = job_dict(str(tmp / "data"), storage_root, args.endpoint, "calm", args.epochs, failures)
         events: dict = {}
         killer = threading.Thread(target=kill_a_worker_node, daemon=True,
-                                  args=(cluster, (storage_root, args.endpoint, "lossy"), args.delay, events))
+                                  args=(cluster, (storage_root, args.endpoint, "lossy"), args.delay, events,
+                                        args.drain))
         killer.start()
         t0 = time.time()
         res = train(lossy)
@@ -160,6 +180,7 @@ def report(lossy: dict, calm: dict, res, events: dict, wall_lossy: float, wall_c
     calm_et = epoch_times(calm)
     epoch_s = float(calm_et["timestamp"].diff().median())
     out = {"epochs": res.epochs_done, "start_epochs": meta.get("start_epochs"), "weights_equal": equal,
+           "max_failures": lossy["supernet"]["max_failures"], "drained": "drained_at" in events,
            "max_abs_diff": max_diff, "wall_s_with_loss": round(wall_lossy, 1),
            "wall_s_undisturbed": round(wall_calm, 1),
            "undisturbed_epoch_s": round(epoch_s, 1), **({"error": events["error"]} if "error" in events else {})}
@@ -185,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay", type=float, default=1.0, help="seconds after the first checkpoint")
     p.add_argument("--storage", default=None, help="default: a temporary folder")
     p.add_argument("--endpoint", default=None)
+    p.add_argument("--drain", type=float, default=None, metavar="S",
+                   help="drain the node for pre-emption S seconds before removing it, with supernet.max_failures 0")
     args = p.parse_args(argv)
     print(json.dumps(run(args)), flush=True)
     return 0
