@@ -118,7 +118,8 @@ def run_task(task: str, out: Path, count: int, rules: list[str], budget: dict = 
     job = minivtab.job_config(task, out, out / "data", budget, name=f"rank-{task}")
     pipeline.prepare_data(job)
     subnets = spread_subnets(job.space, shape_of(job.model.name), count)
-    res = {"task": task, "params": [c.param_count(shape_of(job.model.name)).modules for c in subnets]}
+    res = {"task": task, "backbone": job.model.name,
+           "params": [c.param_count(shape_of(job.model.name)).modules for c in subnets]}
     for rule in rules:
         rjob = JobConfig.from_dict(job.to_dict())
         rjob.supernet.sampling = rule
