@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=list(minivtab.TASKS))
     args = p.parse_args(argv)
     run = args.run / "storage" if (args.run / "storage").is_dir() else args.run
-    if not (args.copy / "pretrained").is_dir():
-        shutil.copytree(run / "pretrained", args.copy / "pretrained")
+    for task in args.tasks:                       # only the tasks compared (another may still be running)
+        if not (args.copy / "pretrained" / task).is_dir():
+            shutil.copytree(run / "pretrained" / task, args.copy / "pretrained" / task)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         out = [compare(t, run, args.copy) for t in args.tasks]
