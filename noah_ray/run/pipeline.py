@@ -305,10 +305,10 @@ def _retrain(rj: ResolvedJob) -> dict:
     from noah_ray.train.runs import retrain_methods
 
     job, methods = rj.job, _methods(rj.job)
-    progress.echo(f"== retrain: {', '.join(methods)} x seeds {list(job.retrain.seeds)}"
-                  + (" with tuned hyper-parameters" if job.hpo else ""))
     noah = noah_rows(job) if "noah" in methods else {}
     others = [m for m in methods if m != "noah"]
+    progress.echo(f"== retrain: {', '.join([*noah, *others])} x seeds {list(job.retrain.seeds)}"
+                  + (" with tuned hyper-parameters" if job.hpo else ""))
     if job.hpo is not None:
         out = {r: tuned_retrain(rj.with_job(raced_job(job)), s, "noah", label=r) for r, s in noah.items()}
         return {**out, **{m: tuned_retrain(rj, None, m) for m in others}}
