@@ -34,7 +34,7 @@ class TaskResult:
     task: str
     warm_top: float            # the run's search (warm start [uniform]): top val accuracy
     cold_top: float            # warm_start: []
-    warm_params: int
+    warm_params: int           # the top-scored candidate's module parameters
     cold_params: int
     warm_scored: int
     cold_scored: int
@@ -44,7 +44,7 @@ class TaskResult:
 
     def line(self) -> str:
         return (f"{self.task:15s} top val: warm {self.warm_top:6.2f} cold {self.cold_top:6.2f} "
-                f"({self.warm_top - self.cold_top:+.2f})  winner params {self.warm_params} / {self.cold_params}  "
+                f"({self.warm_top - self.cold_top:+.2f})  top's params {self.warm_params} / {self.cold_params}  "
                 f"scored {self.warm_scored} / {self.cold_scored}  warm top from {self.top_origin}  "
                 f"race survivor {self.survivor} ({self.survivor_val:.2f})")
 
@@ -63,15 +63,16 @@ def compare(task: str, run: Path, copy: Path) -> TaskResult:
     from noah_ray.store import results
 
     job = minivtab.job_config(task, copy / "pretrained", run / "data", {"search": {"warm_start": []}})
-    cold = run_search(job, run_name=NO_WARM)
+    run_search(job, run_name=NO_WARM)
     uri = str(copy / "pretrained" / task)
     warm_rows = _trials(uri, search_run_name(job, None))
     cold_rows = _trials(uri, NO_WARM)
     top = warm_rows.sort_values(["val_acc", "params"], ascending=[False, True]).iloc[0]
+    cold_top = cold_rows.sort_values(["val_acc", "params"], ascending=[False, True]).iloc[0]
     fin = results.finalists(uri)
     chosen = fin[fin["chosen"]].iloc[0]
     return TaskResult(task, float(warm_rows["val_acc"].max()), float(cold_rows["val_acc"].max()),
-                      int(top["params"]), int(cold.best_params or 0), len(warm_rows), len(cold_rows),
+                      int(top["params"]), int(cold_top["params"]), len(warm_rows), len(cold_rows),
                       str(top["origin"]), str(chosen["source"]), float(chosen["last_val_acc"]))
 
 
