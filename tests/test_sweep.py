@@ -99,7 +99,6 @@ def test_sweep_runs_pipelines_concurrently_and_isolates_a_failure(ray_session, t
     assert not (store / "sw-gen_count" / "search").exists()
 
 
-@pytest.mark.parametrize("flags, quiet", [((), True), (("--verbose",), False)])
 def test_a_pipeline_no_node_can_hold_is_refused_on_the_driver_and_starts_no_task(ray_session, tmp_path, tiny_job,
                                                                                     monkeypatch, capsys):
     """The capacity check runs on the sweep's driver (inside a task, a local Ray looks attached and
@@ -117,6 +116,7 @@ def test_a_pipeline_no_node_can_hold_is_refused_on_the_driver_and_starts_no_task
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.parametrize("flags, quiet", [((), True), (("--verbose",), False)])
 def test_sweep_starts_ray_quiet_unless_verbose(tmp_path, monkeypatch, capsys, flags, quiet):
     from noah_ray import progress
     from noah_ray.run import pipeline, sweep
