@@ -353,6 +353,24 @@ def test_cli_export_from_artifact_and_job_run(tmp_path: Path, backbone_file: str
     assert "no finished retrain run" in capsys.readouterr().err
 
 
+def test_export_defaults_to_the_raced_run_when_the_job_raced(tmp_path: Path, backbone_file: str) -> None:
+    """Without --run: ``noahplus-seed0`` (the race's survivor) when the job has it, else ``noah-seed0``."""
+    from noah_ray.interop.artifact import model_from_run
+    from noah_ray.store import storage
+
+    job = {"name": "j", "storage": str(tmp_path / "res"), "model": {"name": TINY, "checkpoint": backbone_file}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    for run_id, cfg in (("noah-seed0", MIXED), ("noahplus-seed0", SubnetConfig.uniform(12, lora=2))):
+        model = make_model(cfg, backbone_file, lora_scale=1.0)
+        run = storage.resolve(str(tmp_path / "res")).join("j", "retrain", run_id)
+        storage.save_state(run.join("best"), model.trainable_state_dict(), {"epoch": 3, "val_acc": 50.0})
+        storage.save_state(run.join("final"), model.trainable_state_dict(),
+                           {"num_classes": 7, "model": TINY, "backbone": backbone_file, "subnet": cfg.to_json(),
+                            "recipe": model.recipe.to_dict()})
+        got, *_ = model_from_run(str(tmp_path / "job.yaml"))
+        assert got.active.key() == cfg.key()         # the plain run while it is alone, then the raced one
+
+
 @pytest.mark.parametrize("run", ["../noah-seed0", "noah/seed0", ".hidden", ""])
 def test_export_refuses_a_run_name_that_is_not_one_path_segment(tmp_path: Path, run: str) -> None:
     from noah_ray.interop.artifact import model_from_run

@@ -262,12 +262,13 @@ def model_from_run(job_path: str, run: str | None = None):
     from noah_ray.config import JobConfig
     from noah_ray.nn.models import build_model
 
+    if run is not None:                  # a bad name fails before the job file is read
+        safe_name(run, "run (the run id from the runs table, e.g. noah-seed0)")
     job = JobConfig.load(job_path)
     paths = JobPaths.of(job)
     if run is None:
         raced = retrain_run_id(RACED_NOAH, 0)
         run = raced if storage.exists(paths.retrain_run(raced).join("final", "meta.json")) else "noah-seed0"
-    safe_name(run, "run (the run id from the runs table, e.g. noah-seed0)")
     base = paths.retrain_run(run)
     if not storage.exists(base.join("final", "meta.json")):
         raise ConfigError(f"no finished retrain run {run!r} at {base.uri!r}; run the retrain stage first")
