@@ -185,16 +185,20 @@ def report(lossy: dict, calm: dict, res, events: dict, wall_lossy: float, wall_c
            "wall_s_undisturbed": round(wall_calm, 1),
            "undisturbed_epoch_s": round(epoch_s, 1), **({"error": events["error"]} if "error" in events else {})}
     if "removed_at" in events:
-        after = et[et["timestamp"] > events["removed_at"]]
+        starts = meta.get("start_epochs") or []
+        restart = starts[-1] if len(starts) > 1 else 0
+        # the first epoch the restarted group finished (epochs count from 1: the restart from k trains k + 1);
+        # the epoch in flight may still finish on the node left before the loss is noticed
+        after = et[(et["timestamp"] > events["removed_at"]) & (et["epoch"] > restart)]
         first = float(after["timestamp"].iloc[0]) if len(after) else float("nan")
         out["node_removed_after_checkpoint_s"] = round(events["removed_at"] - events["checkpoint_at"], 1)
         out["removal_to_next_epoch_s"] = round(first - events["removed_at"], 1)
         out["recovery_s"] = round(first - events["removed_at"] - epoch_s, 1)
-        starts = meta.get("start_epochs") or []
         done_before = int((et["timestamp"] < events["removed_at"]).sum())
         out["restarted_from_epoch"] = starts[-1] if len(starts) > 1 else None
-        # whole epochs finished before the loss but trained again (0: only the epoch in flight was lost)
-        out["finished_epochs_redone"] = done_before - starts[-1] if len(starts) > 1 else None
+        # whole epochs finished before the loss but trained again (0: at most the epoch in flight was
+        # lost; the restart may even come after it, when that epoch finished before the loss was noticed)
+        out["finished_epochs_redone"] = max(0, done_before - starts[-1]) if len(starts) > 1 else None
     return out
 
 
