@@ -1,12 +1,13 @@
 """The hot-path operations of the prompt modules, checked against their definitions: inverted
-dropout's distribution and reproducibility, and the token splice's values and gradients."""
+dropout's distribution and reproducibility, the token splice's values and gradients, and the
+thin linear product's values and gradients (against the sum written out and finite differences)."""
 
 import math
 
 import pytest
 import torch
 
-from noah_ray.nn.modules.fast_ops import dropout, splice
+from noah_ray.nn.modules.fast_ops import dropout, splice, thin_linear
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -62,3 +63,30 @@ def test_splice_replaces_tokens_and_routes_gradients(start, n_old, n_new):
     assert torch.equal(x.grad, gx)
     if p is not None:
         assert torch.equal(p.grad, g[:, start:start + n_new])
+
+
+@pytest.mark.parametrize("out_features,in_features", [(5, 12), (12, 5), (1, 9), (9, 1)])
+@pytest.mark.parametrize("with_bias,with_base,alpha", [(False, False, 1.0), (True, False, 1.0),
+                                                      (False, True, 0.7), (True, True, 2.0)])
+def test_thin_linear_is_base_plus_alpha_x_wt_plus_bias_with_exact_gradients(out_features, in_features, with_bias,
+                                                                           with_base, alpha):
+    torch.manual_seed(0)
+    dd = dict(dtype=torch.float64, requires_grad=True)
+    x, w = torch.randn(2, 7, in_features, **dd), torch.randn(out_features, in_features, **dd)
+    b, base = torch.randn(out_features, **dd), torch.randn(2, 7, out_features, **dd)
+
+    def f(x, w, b, base):
+        return thin_linear(x, w, b if with_bias else None, base=base if with_base else None, alpha=alpha)
+
+    # the definition, written out element by element: y[i, j] = base[i, j] + alpha * sum_k x[i, k] w[j, k] + b[j]
+    want = torch.einsum("bnk,jk->bnj", x, w) * alpha + (base if with_base else 0) + (b if with_bias else 0)
+    assert torch.allclose(f(x, w, b, base), want, atol=1e-13, rtol=0)
+    assert torch.autograd.gradcheck(f, (x, w, b, base))   # backward against finite differences
+
+
+def test_thin_linear_under_autocast_computes_in_low_precision():
+    x, w = torch.randn(3, 16), torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = thin_linear(x, w, base=torch.zeros(3, 4, dtype=torch.bfloat16))   # base: a bf16 layer output
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), x @ w.T, atol=0.1, rtol=0.02)

@@ -44,3 +44,24 @@ def test_frozen_backbone_groups_hold_only_modules_and_head():
     n_train = sum(p.requires_grad for p in model.parameters())
     assert len(decay["params"]) + len(free["params"]) == n_train
     assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in free["params"])
+
+
+def test_adamw_is_fused_on_cpu_and_takes_the_decoupled_weight_decay_step():
+    """One step against AdamW written out (Loshchilov & Hutter; torch's bias-corrected form):
+    p <- p (1 - lr wd); m = (1 - b1) g; v = (1 - b2) g^2; p <- p - lr m_hat / (sqrt(v_hat) + eps)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    opt = optim.adamw(model, lr=0.1, weight_decay=0.5)
+    assert opt.defaults["fused"] is True
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = grads[n].clone()
+    opt.step()
+    lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
+    for n, p in model.named_parameters():
+        wd = 0.5 if n == "weight" else 0.0                    # biases: the no-decay group
+        g = grads[n]
+        m_hat, v_hat = (1 - b1) * g / (1 - b1), (1 - b2) * g * g / (1 - b2)
+        want = before[n] * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
+        assert torch.allclose(p.detach(), want, atol=1e-12, rtol=0), n

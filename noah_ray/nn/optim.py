@@ -46,7 +46,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
+    """AdamW over :func:`param_groups`, torch's fused kernel where it has one (CPU and CUDA
+    floating-point parameters on one device): one kernel per parameter instead of ~30 ops.  The
+    NOAH supernet has 86 trainable tensors; the step took 2.0 ms for-loop, 0.45 ms fused (tiny
+    32 px model, docs/benchmarks.md)."""
+    groups = param_groups(model, weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    devices = {p.device.type for p in params}
+    fused = len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from noah_ray.errors import ConfigError
 from noah_ray.nn.modules.base import BuildContext, PromptModule, register
-from noah_ray.nn.modules.fast_ops import dropout
+from noah_ray.nn.modules.fast_ops import dropout, thin_linear
 from noah_ray.space.kinds import ADAPTER
 
 
@@ -110,8 +110,8 @@ class Adapter(PromptModule):
         r = self.active
         if r == 0:
             return h
-        z = dropout(self.act(F.linear(h, self.down_weight[:r], self.down_bias[:r])), self.dropout.p, self.training)
-        return h + F.linear(z, self.up_weight[:, :r], self.up_bias)
+        z = dropout(self.act(thin_linear(h, self.down_weight[:r], self.down_bias[:r])), self.dropout.p, self.training)
+        return thin_linear(z, self.up_weight[:, :r], self.up_bias, base=h)
 
     def sliced_state(self, width: int) -> dict[str, torch.Tensor]:
         return {"down_weight": self.down_weight[:width].detach().clone(),

@@ -9,6 +9,11 @@ equal in math.
   element and cost 4-5x more (docs/benchmarks.md).  Other devices use ``F.dropout``.
 * :func:`splice`: ``cat([x[:, :start], p, x[:, start + n_old:]], 1)`` whose backward writes the
   input gradient in one pass (autograd's two slice-backwards zero-fill and add two full copies).
+* :func:`thin_linear`: ``base + alpha * x @ W.T + bias`` for a weight with one small side (LoRA's
+  ``A`` and ``B``, an adapter's down and up projections).  CPU BLAS is slow (4-6x) at products
+  whose result is ``(many rows, r)`` for small ``r`` (``g @ B``, ``g.T @ h``: the gradients
+  autograd forms for a rank-``r`` product); each such product is formed as the transpose of
+  ``(r, many)`` instead.  Same products, summed in another order.
 """
 
 from __future__ import annotations
@@ -51,6 +56,68 @@ class _Splice(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gp = g[:, s:s + n_new]
         return gx, gp, None, None
+
+
+def _mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` formed as ``(b.T @ a.T).T``: fast on CPU when ``b`` has few columns."""
+    return torch.mm(b.t(), a.t()).t()
+
+
+class _ThinLinear(torch.autograd.Function):
+    """``base + alpha * x2 @ w.T + bias`` on 2-D ``x2``; ``w`` is ``(out, in)`` with a small side."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, base: torch.Tensor | None,
+                alpha: float) -> torch.Tensor:
+        ctx.save_for_backward(x2, w)
+        ctx.alpha, ctx.has_bias = alpha, bias is not None
+        if w.shape[0] < w.shape[1]:                        # small output (r, in): (r, M) then transposed
+            y = _mm_t(x2, w.t())
+            y = y * alpha if alpha != 1.0 else y
+            y = y if base is None else base + y
+            return y if bias is None else y + bias
+        start = base if base is not None else bias
+        if start is None:
+            return torch.mm(x2, w.t()).mul_(alpha) if alpha != 1.0 else torch.mm(x2, w.t())
+        y = torch.addmm(start, x2, w.t(), alpha=alpha)
+        return y.add_(bias) if base is not None and bias is not None else y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        x2, w = ctx.saved_tensors
+        gx = gw = gb = None
+        if w.shape[0] < w.shape[1]:                        # g (M, r): plain products are fast
+            if ctx.needs_input_grad[0]:
+                gx = torch.mm(g, w)
+            if ctx.needs_input_grad[1]:
+                gw = torch.mm(g.t(), x2)
+        else:                                              # x2 (M, r), g (M, out): transposed products
+            if ctx.needs_input_grad[0]:
+                gx = torch.mm(w.t().contiguous(), g.t()).t()
+            if ctx.needs_input_grad[1]:
+                gw = torch.mm(x2.t(), g).t()
+        if ctx.alpha != 1.0:
+            gx = gx * ctx.alpha if gx is not None else None
+            gw = gw * ctx.alpha if gw is not None else None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb, g if ctx.needs_input_grad[3] else None, None
+
+
+def thin_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+                base: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+    """``base + alpha * F.linear(x, w) + bias`` (``base`` shaped like the result, optional) for a
+    weight ``w`` with one small side; products arranged for CPU BLAS (module docstring).  Under
+    autocast or off the CPU it is the plain torch expression."""
+    if x.device.type != "cpu" or torch.is_autocast_enabled(x.device.type):
+        y = F.linear(x, w) * alpha if alpha != 1.0 else F.linear(x, w)
+        y = y if base is None else base + y
+        return y if bias is None else y + bias
+    lead = x.shape[:-1]
+    flat_base = None if base is None else base.reshape(-1, w.shape[0])
+    y = _ThinLinear.apply(x.reshape(-1, x.shape[-1]), w, bias, flat_base, alpha)
+    return y.view(*lead, w.shape[0])
 
 
 def splice(x: torch.Tensor, p: torch.Tensor | None, start: int, n_old: int) -> torch.Tensor:

@@ -16,13 +16,12 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from noah_ray.errors import ConfigError
 from noah_ray.nn.modules.attention import timm_attention
 from noah_ray.nn.modules.base import BuildContext, PromptModule, register
-from noah_ray.nn.modules.fast_ops import dropout
+from noah_ray.nn.modules.fast_ops import dropout, thin_linear
 from noah_ray.space.kinds import LORA
 
 LORA_INITS = ("kaiming", "vit")
@@ -81,12 +80,12 @@ class LoRA(PromptModule):
         return (dropout(x, self.dropout.p, self.training) @ self.lora_A[:r].T) @ self.lora_B[:, :r].T * self.scale
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``out + delta(x)`` with the rank-``r`` product, its scale and the sum in one ``addmm``
-        (no full-size delta tensor, no separate scale and add passes, forward or backward)."""
+        """``out + delta(x)``: the rank-``r`` products, the scale and the sum with no full-size delta
+        tensor and no separate scale or add pass, forward or backward
+        (:func:`~noah_ray.nn.modules.fast_ops.thin_linear`)."""
         r = self.active
-        h = F.linear(dropout(x, self.dropout.p, self.training), self.lora_A[:r])
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, r), self.lora_B[:, :r].T, alpha=self.scale)
-        return flat.view(out.shape)
+        h = thin_linear(dropout(x, self.dropout.p, self.training), self.lora_A[:r])
+        return thin_linear(h, self.lora_B[:, :r], base=out, alpha=self.scale)
 
     def merged_weight_delta(self) -> torch.Tensor:
         """``scale * B A`` at the active rank: add it to the base weight to merge."""
