@@ -13,6 +13,9 @@ The standalone accuracies are shared by both rules.  Same budget: the sandwich r
 three subnets per step, so it gets a third of the uniform rule's epochs (equal subnet passes).
 
     python bench/rank_correlation.py --tasks mv_digits mv_position --subnets 20
+
+``--supernet-epochs 6 12 24`` trains one supernet per length and rule (the paper's answer to a
+noisy ranking is a longer supernet); the results are then labelled ``<rule>_e<epochs>``.
 """
 
 from __future__ import annotations
@@ -107,7 +110,13 @@ def correlations(a: list[float], b: list[float], boots: int = 2000, seed: int = 
     return out
 
 
-def run_task(task: str, out: Path, count: int, rules: list[str], budget: dict = BUDGET) -> dict:
+def labels(rules: list[str], lengths: list[int]) -> list[tuple[str, str, int]]:
+    """(label, rule, uniform-rule epochs) per supernet: the rule alone when there is one length."""
+    return [(rule if len(lengths) == 1 else f"{rule}_e{e}", rule, e) for e in lengths for rule in rules]
+
+
+def run_task(task: str, out: Path, count: int, rules: list[str], budget: dict = BUDGET,
+             lengths: list[int] | None = None) -> dict:
     from noah_ray.config import JobConfig
     from noah_ray.data import minivtab
     from noah_ray.nn.backbones import shape_of
@@ -120,19 +129,20 @@ def run_task(task: str, out: Path, count: int, rules: list[str], budget: dict = 
     subnets = spread_subnets(job.space, shape_of(job.model.name), count)
     res = {"task": task, "backbone": job.model.name,
            "params": [c.param_count(shape_of(job.model.name)).modules for c in subnets]}
-    for rule in rules:
+    runs = labels(rules, lengths or [job.supernet.epochs])
+    for label, rule, epochs in runs:
         rjob = JobConfig.from_dict(job.to_dict())
         rjob.supernet.sampling = rule
-        rjob.supernet.epochs = job.supernet.epochs if rule == "uniform" else max(1, job.supernet.epochs // 3)
+        rjob.supernet.epochs = epochs if rule == "uniform" else max(1, epochs // 3)
         t0 = time.time()
-        train_supernet(resolve(rjob, ("supernet",)), run_name=rule)
-        res[f"inherited_{rule}"] = inherited_accuracy(rjob, rule, subnets)
-        res[f"supernet_s_{rule}"] = round(time.time() - t0, 1)
+        train_supernet(resolve(rjob, ("supernet",)), run_name=label)
+        res[f"inherited_{label}"] = inherited_accuracy(rjob, label, subnets)
+        res[f"supernet_s_{label}"] = round(time.time() - t0, 1)
     t0 = time.time()
     res["standalone"] = [standalone_accuracy(job, c) for c in subnets]
     res["standalone_s"] = round(time.time() - t0, 1)
-    for rule in rules:
-        res[f"corr_{rule}"] = correlations(res[f"inherited_{rule}"], res["standalone"])
+    for label, _, _ in runs:
+        res[f"corr_{label}"] = correlations(res[f"inherited_{label}"], res["standalone"])
     return res
 
 
@@ -142,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subnets", type=int, default=20)
     p.add_argument("--rules", nargs="+", default=["uniform", "sandwich"])
     p.add_argument("--out", type=Path, default=Path("./rank-results"))
-    p.add_argument("--supernet-epochs", type=int, default=BUDGET["supernet"]["epochs"],
-                   help="uniform rule's epochs (sandwich: a third of them)")
+    p.add_argument("--supernet-epochs", type=int, nargs="+", default=[BUDGET["supernet"]["epochs"]],
+                   help="uniform rule's epochs (sandwich: a third of them); several: one supernet each")
     p.add_argument("--standalone-epochs", type=int, default=BUDGET["retrain"]["epochs"])
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -154,13 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     pipeline.init_ray(None, quiet=True)
     out = args.out.expanduser().resolve() / "storage"
-    budget = {"supernet": {**BUDGET["supernet"], "epochs": args.supernet_epochs},
+    budget = {"supernet": {**BUDGET["supernet"], "epochs": args.supernet_epochs[0]},
               "retrain": {**BUDGET["retrain"], "epochs": args.standalone_epochs}}
     results = []
     for task in args.tasks:
-        r = run_task(task, out, args.subnets, args.rules, budget)
+        r = run_task(task, out, args.subnets, args.rules, budget, args.supernet_epochs)
         results.append(r)
-        for rule in args.rules:
+        for rule, _, _ in labels(args.rules, args.supernet_epochs):
             c = r[f"corr_{rule}"]
             print(f"{task} {rule:8s}: Kendall tau {c['kendall_tau']['value']:+.3f} "
                   f"[{c['kendall_tau']['ci95'][0]:+.2f}, {c['kendall_tau']['ci95'][1]:+.2f}]  Spearman rho "
@@ -168,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{c['spearman_rho']['ci95'][1]:+.2f}]  (supernet {r[f'supernet_s_{rule}']:.0f} s)", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"budget": budget, "argv": sys.argv[1:], "results": results}, indent=1))
+        args.json.write_text(json.dumps({"budget": budget, "supernet_epochs": args.supernet_epochs,
+                                         "argv": sys.argv[1:], "results": results}, indent=1))
     return 0
 
 

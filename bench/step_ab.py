@@ -38,7 +38,8 @@ def unpack_before(rev: str, into: pathlib.Path) -> str:
     """``rev``'s ``noah_ray`` package as ``noah_ray_before`` under ``into``; returns the commit."""
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True,
                             capture_output=True, text=True).stdout.strip()
-    tar = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "noah_ray"], check=True, capture_output=True).stdout
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "noah_ray"], check=True,
+                         capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
     pkg = into / "noah_ray_before"
     (into / "noah_ray").rename(pkg)
