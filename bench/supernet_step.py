@@ -18,12 +18,16 @@ checkpointing is printed too.
 Defaults: CUDA: ``vit_base_patch16_224``, batch 64, bf16 autocast; CPU: the tiny
 ``vit_noah_tiny_patch4_32``, batch 64, fp32.
 
+``--ablate`` instead times the supernet with one module kind at a time (the random subnet's other
+kinds set to width 0) and with all of them, against ``plain (full bwd)``: what each kind costs;
+``--recipe modern`` (no dropouts) beside the default ``noah`` recipe shows what the dropouts cost.
+
 ``--profile N`` instead profiles N steps of ``plain (full bwd)`` and ``supernet`` with
 torch.profiler (same random subnets) and prints milliseconds per step in forward / backward /
 optimizer and the top operators by self CPU time.
 
 Usage: ``python bench/supernet_step.py [--device auto|cpu|cuda] [--model M] [--batch B]
-[--precision fp32|bf16] [--rounds R] [--steps S] [--threads T] [--profile N]``
+[--precision fp32|bf16] [--rounds R] [--steps S] [--threads T] [--profile N] [--ablate] [--recipe R]``
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import torch.nn.functional as F
 from noah_ray.nn import optim
 from noah_ray.nn.backbones import create_backbone
 from noah_ray.nn.supernet import PromptedViT
-from noah_ray.space import SearchSpace
+from noah_ray.space import MODULES, SearchSpace, SubnetConfig
 
 DEFAULTS = {"cuda": ("vit_base_patch16_224", 64, "bf16", 5, 10), "cpu": ("vit_noah_tiny_patch4_32", 64, "fp32", 10, 2)}
 
@@ -49,8 +53,8 @@ class Variant:
     """One model + its training step."""
 
     def __init__(self, name: str, model: torch.nn.Module, x, y, precision: str, space: SearchSpace | None = None,
-                 seed: int = 0) -> None:
-        self.name, self.model, self.x, self.y, self.space = name, model, x, y, space
+                 seed: int = 0, keep: tuple[str, ...] = MODULES) -> None:
+        self.name, self.model, self.x, self.y, self.space, self.keep = name, model, x, y, space, keep
         self.rng = random.Random(seed)
         self.opt = optim.adamw(model, 1e-4, 0.05)   # the product's optimiser (fused where torch has it)
         self.dtype = torch.bfloat16 if precision == "bf16" else None
@@ -59,7 +63,9 @@ class Variant:
 
     def step(self) -> None:
         if self.space is not None:  # random subnet per step, as in supernet training
-            self.model.set_active(self.space.sample(self.rng))
+            cfg = self.space.sample(self.rng)
+            self.model.set_active(SubnetConfig({m: w if m in self.keep else (0,) * len(w)
+                                                for m, w in cfg.widths.items()}))
         ctx = contextlib.nullcontext() if self.dtype is None or self.space is not None else \
             torch.autocast(self.x.device.type, dtype=self.dtype)  # PromptedViT autocasts itself
         with ctx:
@@ -86,26 +92,48 @@ class Variant:
         return statistics.median(self.times)
 
 
-def build(args: argparse.Namespace) -> list[Variant]:
+def inputs(args: argparse.Namespace) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The backbone's depth, one batch of images and labels."""
     dev = torch.device(args.device)
     torch.manual_seed(0)
     probe = create_backbone(args.model, 100)
-    depth, size = len(probe.blocks), probe.patch_embed.img_size
-    x = torch.randn(args.batch, 3, *size, device=dev)
-    y = torch.randint(0, 100, (args.batch,), device=dev)
+    x = torch.randn(args.batch, 3, *probe.patch_embed.img_size, device=dev)
+    return len(probe.blocks), x, torch.randint(0, 100, (args.batch,), device=dev)
+
+
+def plain_full_bwd(args: argparse.Namespace, x, y) -> Variant:
+    full_bwd = create_backbone(args.model, 100).to(args.device).train()
+    full_bwd.requires_grad_(False)
+    full_bwd.head.requires_grad_(True)
+    full_bwd.pos_embed.requires_grad_(True)
+    return Variant("plain (full bwd)", full_bwd, x, y, args.precision)
+
+
+def build_ablation(args: argparse.Namespace) -> list[Variant]:
+    """plain (full bwd), then the supernet with each module kind alone and with all of them."""
+    depth, x, y = inputs(args)
+    space = SearchSpace.paper_vtab(depth)
+    variants = [plain_full_bwd(args, x, y)]
+    for keep in [(m,) for m in space.modules] + [tuple(space.modules)]:
+        net = PromptedViT.supernet(args.model, 100, space, recipe=args.recipe).to(args.device).train()
+        net.set_precision(args.precision)
+        name = "supernet, " + ("all" if len(keep) > 1 else f"{keep[0]} only")
+        variants.append(Variant(name, net, x, y, args.precision, space, keep=keep))
+    return variants
+
+
+def build(args: argparse.Namespace) -> list[Variant]:
+    dev = torch.device(args.device)
+    depth, x, y = inputs(args)
     variants = []
     head_only = create_backbone(args.model, 100).to(dev).train()
     head_only.requires_grad_(False)
     head_only.head.requires_grad_(True)
     variants.append(Variant("plain (head only)", head_only, x, y, args.precision))
-    full_bwd = create_backbone(args.model, 100).to(dev).train()
-    full_bwd.requires_grad_(False)
-    full_bwd.head.requires_grad_(True)
-    full_bwd.pos_embed.requires_grad_(True)
-    variants.append(Variant("plain (full bwd)", full_bwd, x, y, args.precision))
+    variants.append(plain_full_bwd(args, x, y))
     space = SearchSpace.paper_vtab(depth)
     for ckpt in (False, True):
-        net = PromptedViT.supernet(args.model, 100, space).to(dev).train()
+        net = PromptedViT.supernet(args.model, 100, space, recipe=args.recipe).to(dev).train()
         net.set_precision(args.precision)
         net.set_grad_checkpointing(ckpt)
         variants.append(Variant("supernet + ckpt" if ckpt else "supernet", net, x, y, args.precision, space))
@@ -149,6 +177,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant per round")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps instead of timing")
+    p.add_argument("--ablate", action="store_true", help="time each module kind alone instead")
+    p.add_argument("--recipe", default="noah", help="the supernet's recipe (noah_ray.space.recipes)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,7 +187,7 @@ def main() -> None:
     model, batch, precision, rounds, steps = DEFAULTS[args.device]
     args.model, args.batch, args.precision = args.model or model, args.batch or batch, args.precision or precision
     args.rounds, args.steps = args.rounds or rounds, args.steps or steps
-    variants = build(args)
+    variants = build_ablation(args) if args.ablate else build(args)
     for v in variants:  # warm-up (kernels, AdamW state)
         v.step()
         v.step()
@@ -167,6 +197,12 @@ def main() -> None:
     for _ in range(args.rounds):
         for v in variants:
             v.timed(args.steps)
+    if args.ablate:
+        print(f"{args.model}, batch {args.batch}, recipe {args.recipe}, torch threads {torch.get_num_threads()}, "
+              f"{args.rounds} rounds x {args.steps} steps (median per step)")
+        for v in variants:
+            print(f"{v.name:26s} {1e3 * v.step_s:9.1f} ms  x plain (full bwd) {v.step_s / variants[0].step_s:.3f}")
+        return
     print(f"{args.model}, batch {args.batch}, {args.precision}, device {args.device}, torch threads "
           f"{torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps (median per step)")
     base = variants[0]

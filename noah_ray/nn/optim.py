@@ -47,9 +47,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`, torch's fused kernel where it has one (CPU and CUDA
-    floating-point parameters on one device): one kernel per parameter instead of ~30 ops.  The
-    NOAH supernet has 86 trainable tensors; the step took 2.0 ms for-loop, 0.45 ms fused (tiny
-    32 px model, docs/benchmarks.md)."""
+    floating-point parameters on one device): one kernel per parameter instead of ~30 small ops
+    (the NOAH supernet has 86 trainable tensors; docs/benchmarks.md, "Supernet step")."""
     groups = param_groups(model, weight_decay)
     params = [p for g in groups for p in g["params"]]
     devices = {p.device.type for p in params}
