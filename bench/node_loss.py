@@ -20,22 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-# the local cluster's session files and address file (ray_current_cluster) in a folder of its own,
-# so that no other Ray on this machine (nor its ``ray.init("auto")``) meets this one
-os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="nrc", dir="/tmp"))
+from local_cluster import busy_worker_nodes, isolate, local_cluster  # bench/local_cluster.py
 
-#: node death is noticed after health_check_period_ms x failure_threshold (Ray's defaults: 3 s x 5)
-FAST_HEALTH = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
-               "health_check_failure_threshold": 3}
+isolate()   # before Ray is imported
 
 
 def job_dict(data_root: str, storage: str, endpoint: str | None, name: str, epochs: int,
@@ -52,13 +45,8 @@ def job_dict(data_root: str, storage: str, endpoint: str | None, name: str, epoc
 
 def busy_worker_node(cluster):
     """A worker node whose CPU is in use (it hosts a Ray Train worker)."""
-    import ray
-
-    free = ray._private.state.available_resources_per_node()
-    for node in cluster.worker_nodes:
-        if free.get(node.node_id, {}).get("CPU", 0.0) < 1.0:
-            return node
-    return None
+    busy = busy_worker_nodes(cluster)
+    return busy[0] if busy else None
 
 
 def _first_checkpoint(paths, timeout_s: float = 600.0) -> float:
@@ -130,20 +118,13 @@ def epoch_times(job: dict):
 
 
 def run(args) -> dict:
-    import ray
     import torch
-    from ray.cluster_utils import Cluster
 
     from noah_ray.data import write_generated_vtab
 
     tmp = Path(tempfile.mkdtemp(prefix="noah-node-loss-"))
     write_generated_vtab(tmp / "data", "gen_color", num_train=args.train_images, num_val=16, num_test=16)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH})
-    try:
-        for _ in range(args.nodes):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    with local_cluster(args.nodes) as cluster:
         storage_root = args.storage or str(tmp / "store")
         # drained for pre-emption: no failure budget at all, a pre-emption must not be charged to it
         failures = 0 if args.drain is not None else 2
@@ -165,9 +146,6 @@ def run(args) -> dict:
         equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         max_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
         return report(lossy, calm, res, events, wall_lossy, wall_calm, equal, max_diff)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def report(lossy: dict, calm: dict, res, events: dict, wall_lossy: float, wall_calm: float,

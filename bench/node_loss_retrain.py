@@ -19,21 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-# the local cluster's session files and address file in a folder of its own (no other Ray meets it)
-os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="nrc", dir="/tmp"))
+from local_cluster import busy_worker_nodes, isolate, local_cluster  # bench/local_cluster.py
 
-#: node death is noticed after health_check_period_ms x failure_threshold (Ray's defaults: 3 s x 5)
-FAST_HEALTH = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
-               "health_check_failure_threshold": 3}
+isolate()   # before Ray is imported
 METHODS = ("lora", "adapter", "vpt")
 
 
@@ -59,15 +53,12 @@ def _checkpoints(root) -> list[str]:
 
 def kill_the_worker_node(cluster, root, events: dict, stop: threading.Event, timeout_s: float = 600.0) -> None:
     """After the first checkpoint of the session, remove the node its worker runs on."""
-    import ray
-
     deadline = time.time() + timeout_s
     while not _checkpoints(root) and time.time() < deadline and not stop.is_set():
         time.sleep(0.2)
     events["checkpoints_before"] = len(_checkpoints(root))
     while time.time() < deadline and not stop.is_set():
-        free = ray._private.state.available_resources_per_node()
-        busy = [n for n in cluster.worker_nodes if n.node_id in free and free[n.node_id].get("CPU", 0.0) < 1.0]
+        busy = busy_worker_nodes(cluster)
         if busy:
             events["removed_at"] = time.time()
             cluster.remove_node(busy[0], allow_graceful=False)
@@ -105,9 +96,7 @@ def _recovery(root, removed_at: float | None) -> dict:
 
 
 def run(args) -> dict:
-    import ray
     import torch
-    from ray.cluster_utils import Cluster
 
     from noah_ray.config import JobConfig
     from noah_ray.data import write_generated_vtab
@@ -119,12 +108,7 @@ def run(args) -> dict:
     write_generated_vtab(tmp / "data", "gen_color", num_train=args.train_images, num_val=32, num_test=32)
     lossy = JobConfig.from_dict(job_dict(str(tmp / "data"), str(tmp / "store"), "lossy", args.epochs))
     calm = JobConfig.from_dict(job_dict(str(tmp / "data"), str(tmp / "store"), "calm", args.epochs))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH})
-    try:
-        for _ in range(args.nodes):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    with local_cluster(args.nodes) as cluster:
         events: dict = {}
         stop = threading.Event()
         root = storage.resolve(str(tmp / "store")).join("lossy", "retrain")
@@ -148,9 +132,6 @@ def run(args) -> dict:
                 "wall_s_with_loss": round(wall_lossy, 1), "wall_s_undisturbed": round(wall_calm, 1),
                 **({"error": events["error"]} if "error" in events else {}),
                 **({"node_removed": True} if "removed_at" in events else {"node_removed": False})}
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,22 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-# the local cluster's session files and address file (ray_current_cluster) in a folder of its own,
-# so that no other Ray on this machine (nor its ``ray.init("auto")``) meets this one
-os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="nrc", dir="/tmp"))
+from local_cluster import busy_worker_nodes, isolate, local_cluster  # bench/local_cluster.py
 
-#: node death is noticed after health_check_period_ms x failure_threshold (Ray's defaults: 3 s x 5)
-FAST_HEALTH = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
-               "health_check_failure_threshold": 3}
+isolate()   # before Ray is imported
 
 
 def job_dict(data_root: str, storage: str, concurrent: int, population: int, generations: int) -> dict:
@@ -65,8 +58,6 @@ def kill_while_scoring(cluster, uri: str, run: str, events: dict, stop: threadin
                        timeout_s: float = 600.0) -> None:
     """After the run's first scored candidate, remove a worker node that is running a trial (never
     after ``stop`` is set: the run ended)."""
-    import ray
-
     deadline = time.time() + timeout_s
     while time.time() < deadline and not stop.is_set():
         try:
@@ -76,8 +67,7 @@ def kill_while_scoring(cluster, uri: str, run: str, events: dict, stop: threadin
             pass
         time.sleep(0.3)
     while time.time() < deadline and not stop.is_set():
-        free = ray._private.state.available_resources_per_node()
-        busy = [n for n in cluster.worker_nodes if n.node_id in free and free[n.node_id].get("CPU", 0.0) < 1.0]
+        busy = busy_worker_nodes(cluster)
         if busy:
             events["removed_at"] = time.time()
             events["done_before"] = len(scored(uri, run)[1])
@@ -110,9 +100,6 @@ def compare(uri: str, lossy, calm, events: dict) -> dict:
 
 
 def run(args) -> dict:
-    import ray
-    from ray.cluster_utils import Cluster
-
     from noah_ray.config import JobConfig
     from noah_ray.data import write_generated_vtab
     from noah_ray.run.preflight import resolve
@@ -124,12 +111,7 @@ def run(args) -> dict:
     job = JobConfig.from_dict(job_dict(str(tmp / "data"), str(tmp / "store"), args.concurrent, args.population,
                                        args.generations))
     uri = str(tmp / "store" / "searched")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH})
-    try:
-        for _ in range(args.nodes):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    with local_cluster(args.nodes) as cluster:
         train_supernet(resolve(job, ("supernet",), generate=True))
         events: dict = {}
         stop = threading.Event()
@@ -145,9 +127,6 @@ def run(args) -> dict:
         out = compare(uri, lossy, calm, events)
         out.update(wall_s_with_loss=round(wall_lossy, 1), wall_s_undisturbed=round(time.time() - t0, 1))
         return out
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
