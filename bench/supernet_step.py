@@ -22,12 +22,16 @@ Defaults: CUDA: ``vit_base_patch16_224``, batch 64, bf16 autocast; CPU: the tiny
 kinds set to width 0) and with all of them, against ``plain (full bwd)``: what each kind costs;
 ``--recipe modern`` (no dropouts) beside the default ``noah`` recipe shows what the dropouts cost.
 
+``--products`` instead times the rank-r matrix products of a LoRA on the model's fused qkv
+(``(rows, 3d) @ (3d, r)`` and ``(3d, rows) @ (rows, r)``, the gradients of ``x A^T B^T``) laid out
+as autograd forms them and transposed as :func:`noah_ray.nn.modules.fast_ops.thin_linear` forms them.
+
 ``--profile N`` instead profiles N steps of ``plain (full bwd)`` and ``supernet`` with
 torch.profiler (same random subnets) and prints milliseconds per step in forward / backward /
 optimizer and the top operators by self CPU time.
 
 Usage: ``python bench/supernet_step.py [--device auto|cpu|cuda] [--model M] [--batch B]
-[--precision fp32|bf16] [--rounds R] [--steps S] [--threads T] [--profile N] [--ablate] [--recipe R]``
+[--precision fp32|bf16] [--rounds R] [--steps S] [--threads T] [--profile N] [--ablate] [--recipe R] [--products]``
 """
 
 from __future__ import annotations
@@ -167,6 +171,35 @@ def profile(variants: list[Variant], steps: int, rows: int = 15) -> None:
         print(ka.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=44))
 
 
+def _ms(f, *a, n: int = 10, reps: int = 5) -> float:
+    f(*a)
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f(*a)
+        out.append((time.perf_counter() - t0) / n * 1e3)
+    return statistics.median(out)
+
+
+def _mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.mm(a, b).t()
+
+
+def products(args: argparse.Namespace) -> None:
+    """The LoRA gradient products at this model's shapes (rows = batch x tokens + 5 prompts)."""
+    probe = create_backbone(args.model, 100)
+    d, rows = probe.embed_dim, args.batch * (probe.patch_embed.num_patches + probe.num_prefix_tokens + 5)
+    g = torch.randn(rows, 3 * d)
+    print(f"{args.model}: rows {rows}, qkv width {3 * d}, torch threads {torch.get_num_threads()} (median ms)")
+    print(f"{'r':>3s} {'g @ B':>8s} {'(B.T @ g.T).T':>14s} {'g.T @ h':>8s} {'(h.T @ g).T':>12s}")
+    for r in (1, 5, 10, 16):
+        b, h = torch.randn(3 * d, 16)[:, :r], torch.randn(rows, r)
+        bt = b.t().contiguous()
+        print(f"{r:3d} {_ms(torch.mm, g, b):8.2f} {_ms(_mm_t, bt, g.t()):14.2f} "
+              f"{_ms(torch.mm, g.t(), h):8.2f} {_ms(_mm_t, h.t(), g):12.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -179,6 +212,7 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps instead of timing")
     p.add_argument("--ablate", action="store_true", help="time each module kind alone instead")
     p.add_argument("--recipe", default="noah", help="the supernet's recipe (noah_ray.space.recipes)")
+    p.add_argument("--products", action="store_true", help="time the LoRA gradient products in both layouts")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,6 +221,9 @@ def main() -> None:
     model, batch, precision, rounds, steps = DEFAULTS[args.device]
     args.model, args.batch, args.precision = args.model or model, args.batch or batch, args.precision or precision
     args.rounds, args.steps = args.rounds or rounds, args.steps or steps
+    if args.products:
+        products(args)
+        return
     variants = build_ablation(args) if args.ablate else build(args)
     for v in variants:  # warm-up (kernels, AdamW state)
         v.step()
