@@ -26,12 +26,18 @@ kinds set to width 0) and with all of them, against ``plain (full bwd)``: what e
 (``(rows, 3d) @ (3d, r)`` and ``(3d, rows) @ (rows, r)``, the gradients of ``x A^T B^T``) laid out
 as autograd forms them and transposed as :func:`noah_ray.nn.modules.fast_ops.thin_linear` forms them.
 
+``--tokens`` instead times the plain ViT's blocks (forward + backward to the input) on its own
+sequence and on 1, 5 and 10 tokens more: what VPT's prompt tokens cost by themselves, the same
+frozen blocks run on a longer sequence (a random subnet of the paper's space carries 5.4 prompt
+tokens in every layer on average).
+
 ``--profile N`` instead profiles N steps of ``plain (full bwd)`` and ``supernet`` with
 torch.profiler (same random subnets) and prints milliseconds per step in forward / backward /
 optimizer and the top operators by self CPU time.
 
 Usage: ``python bench/supernet_step.py [--device auto|cpu|cuda] [--model M] [--batch B]
-[--precision fp32|bf16] [--rounds R] [--steps S] [--threads T] [--profile N] [--ablate] [--recipe R] [--products]``
+[--precision fp32|bf16] [--rounds R] [--steps S] [--threads T] [--profile N] [--ablate] [--recipe R]
+[--products] [--tokens]``
 """
 
 from __future__ import annotations
@@ -200,6 +206,33 @@ def products(args: argparse.Namespace) -> None:
               f"{_ms(torch.mm, g.t(), h):8.2f} {_ms(_mm_t, h.t(), g):12.2f}")
 
 
+def tokens(args: argparse.Namespace) -> None:
+    """The plain blocks' forward + backward time at the model's sequence length + 0 / 1 / 5 / 10."""
+    vit = create_backbone(args.model, 100).to(args.device).train()
+    vit.requires_grad_(False)
+    n = vit.patch_embed.num_patches + vit.num_prefix_tokens
+    xs = {extra: torch.randn(args.batch, n + extra, vit.embed_dim, device=args.device, requires_grad=True)
+          for extra in (0, 1, 5, 10)}
+    times: dict[int, list[float]] = {e: [] for e in xs}
+
+    def fwd_bwd(x: torch.Tensor) -> None:
+        vit.blocks(x).sum().backward()
+
+    for x in xs.values():
+        fwd_bwd(x)
+    for _ in range(args.rounds):
+        for extra, x in xs.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fwd_bwd(x)
+            times[extra].append((time.perf_counter() - t0) / args.steps * 1e3)
+    base = statistics.median(times[0])
+    print(f"{args.model}, batch {args.batch}, torch threads {torch.get_num_threads()}: blocks forward + backward")
+    for extra, t in times.items():
+        ms = statistics.median(t)
+        print(f"  {n + extra:4d} tokens (+{extra:2d}): {ms:8.1f} ms  x {ms / base:.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -213,6 +246,7 @@ def main() -> None:
     p.add_argument("--ablate", action="store_true", help="time each module kind alone instead")
     p.add_argument("--recipe", default="noah", help="the supernet's recipe (noah_ray.space.recipes)")
     p.add_argument("--products", action="store_true", help="time the LoRA gradient products in both layouts")
+    p.add_argument("--tokens", action="store_true", help="time the plain blocks on longer sequences")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,8 +255,8 @@ def main() -> None:
     model, batch, precision, rounds, steps = DEFAULTS[args.device]
     args.model, args.batch, args.precision = args.model or model, args.batch or batch, args.precision or precision
     args.rounds, args.steps = args.rounds or rounds, args.steps or steps
-    if args.products:
-        products(args)
+    if args.products or args.tokens:
+        (products if args.products else tokens)(args)
         return
     variants = build_ablation(args) if args.ablate else build(args)
     for v in variants:  # warm-up (kernels, AdamW state)
