@@ -90,3 +90,16 @@ def test_thin_linear_under_autocast_computes_in_low_precision():
         y = thin_linear(x, w, base=torch.zeros(3, 4, dtype=torch.bfloat16))   # base: a bf16 layer output
     assert y.dtype == torch.bfloat16
     assert torch.allclose(y.float(), x @ w.T, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("with_base,alpha", [(False, 1.0), (True, 1.0), (False, 0.5), (True, 0.5)])
+def test_thin_linear_under_autocast_keeps_the_layer_dtype_and_the_definition(with_base, alpha):
+    """Under autocast the plain torch ops run, so an fp32 bias is cast like F.linear's (an adapter
+    in a bf16 model stays bf16)."""
+    x, w, b = torch.randn(3, 16), torch.randn(4, 16), torch.randn(4)
+    base = torch.randn(3, 4).bfloat16() if with_base else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = thin_linear(x, w, b, base=base, alpha=alpha)
+    assert y.dtype == torch.bfloat16
+    want = alpha * x @ w.T + b + (base.float() if with_base else 0)
+    assert torch.allclose(y.float(), want, atol=0.15, rtol=0.02)

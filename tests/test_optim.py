@@ -65,3 +65,18 @@ def test_adamw_is_fused_on_cpu_and_takes_the_decoupled_weight_decay_step():
         m_hat, v_hat = (1 - b1) * g / (1 - b1), (1 - b2) * g * g / (1 - b2)
         want = before[n] * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
         assert torch.allclose(p.detach(), want, atol=1e-12, rtol=0), n
+
+
+def test_a_checkpoint_of_the_for_loop_adamw_resumes_into_the_fused_one():
+    """Checkpoints written before the fused kernel carry ``fused: None``; loading one keeps the
+    optimiser as built (fused), with the saved moments."""
+    model = torch.nn.Linear(4, 3)
+    old = torch.optim.AdamW(optim.param_groups(model, 0.1), lr=0.1)   # as written by earlier versions
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    old.step()
+    tensors, data = optim.optimizer_state(old)
+    new = optim.adamw(model, lr=0.1, weight_decay=0.1)
+    optim.load_optimizer_state(new, tensors, data)
+    assert all(g["fused"] is True for g in new.param_groups)
+    assert torch.equal(new.state[model.weight]["exp_avg"], old.state[model.weight]["exp_avg"])

@@ -45,6 +45,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
+#: optimizer options that choose how the step is computed, not what it computes
+IMPLEMENTATION = ("fused", "foreach")
+
+
 def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`, torch's fused kernel where it has one (CPU and CUDA
     floating-point parameters on one device): one kernel per parameter instead of ~30 small ops
@@ -83,12 +87,15 @@ def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor]
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], data: dict) -> None:
-    """Inverse of :func:`optimizer_state`; tensors move to the parameters' devices."""
+    """Inverse of :func:`optimizer_state`; tensors move to the parameters' devices.  How the step
+    is computed (``fused`` / ``foreach``) stays as ``opt`` was built, not as the checkpoint's writer
+    had it (older checkpoints were written by the for-loop AdamW)."""
     state: dict[int, dict] = {}
     for key, v in list(tensors.items()) + list(data["scalars"].items()):
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in data["param_groups"]]
+    kernel = {k: opt.defaults[k] for k in IMPLEMENTATION if k in opt.defaults}
+    groups = [{**{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}, **kernel} for g in data["param_groups"]]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 

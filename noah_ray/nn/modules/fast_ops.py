@@ -105,15 +105,27 @@ class _ThinLinear(torch.autograd.Function):
         return gx, gw, gb, g if ctx.needs_input_grad[3] else None, None
 
 
+def _plain_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, base: torch.Tensor | None,
+                  alpha: float) -> torch.Tensor:
+    """:func:`thin_linear` in plain torch ops, the ones the modules used before it (autocast casts
+    each of them: an adapter in a bf16 model stays bf16)."""
+    if base is not None and bias is None:           # LoRA's B product: one addmm into the layer's output
+        flat = torch.addmm(base.reshape(-1, w.shape[0]), x.reshape(-1, x.shape[-1]), w.t(), alpha=alpha)
+        return flat.view(base.shape)
+    y = F.linear(x, w, bias if alpha == 1.0 else None)
+    if alpha != 1.0:
+        y = y * alpha
+        y = y if bias is None else y + bias.to(y.dtype)
+    return y if base is None else base + y
+
+
 def thin_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
                 base: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
     """``base + alpha * F.linear(x, w) + bias`` (``base`` shaped like the result, optional) for a
     weight ``w`` with one small side; products arranged for CPU BLAS (module docstring).  Under
     autocast or off the CPU it is the plain torch expression."""
     if x.device.type != "cpu" or torch.is_autocast_enabled(x.device.type):
-        y = F.linear(x, w) * alpha if alpha != 1.0 else F.linear(x, w)
-        y = y if base is None else base + y
-        return y if bias is None else y + bias
+        return _plain_linear(x, w, bias, base, alpha)
     lead = x.shape[:-1]
     flat_base = None if base is None else base.reshape(-1, w.shape[0])
     y = _ThinLinear.apply(x.reshape(-1, x.shape[-1]), w, bias, flat_base, alpha)
