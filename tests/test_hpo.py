@@ -18,7 +18,7 @@ import yaml
 from noah_ray.config import JobConfig
 from noah_ray.data import write_generated_vtab
 from noah_ray.errors import ConfigError
-from noah_ray.hpo.driver import grid_values, space_for
+from noah_ray.hpo.driver import best_row, grid_values, space_for
 from noah_ray.hpo.trial import TrialTables, hp_column
 from noah_ray.nn.models import subnet_for
 from noah_ray.space import SubnetConfig
@@ -286,3 +286,16 @@ def test_tpe_hears_asha_stopped_trials_as_pruned_at_their_rung_and_finished_ones
         else:
             assert ot.state == TrialState.COMPLETE and ot.value == pytest.approx(4 * x)
     assert TrialState.PRUNED in seen.values() and TrialState.COMPLETE in seen.values()
+
+
+def test_the_chosen_trial_does_not_depend_on_the_order_trials_finished_in():
+    """Equal best scores and epochs go to the earlier trial, whatever order Tune lists the results
+    in (a trial retried after a lost node finishes last)."""
+    def row(tid, best, epoch=3):
+        return {"trial_id": tid, "m": {"best_val": best, "epoch": epoch}}
+
+    rows = [row("a_00002", 100.0), row("a_00003", 100.0), row("a_00001", 100.0), row("a_00000", 96.9)]
+    for order in (rows, rows[::-1], rows[1:] + rows[:1]):
+        assert best_row(order, "max")["trial_id"] == "a_00001"
+    assert best_row([row("a_00000", 90.0, 2), row("a_00001", 90.0, 3)], "max")["trial_id"] == "a_00001"  # more epochs
+    assert best_row([row("a_00000", 0.5), row("a_00001", 0.4)], "min")["trial_id"] == "a_00001"         # val_loss

@@ -289,13 +289,21 @@ def finished_rows(rows: list[dict], metric: str, what: str) -> list[dict]:
     return ok
 
 
+def best_row(ok: list[dict], mode: str) -> dict:
+    """The best finished trial by its best validation value (``mode`` max or min); ties: more
+    epochs, then the earlier trial (Tune's trial ids end in the trial's creation index).  Not the
+    order Tune returns results in: that follows completion, which a retried trial changes."""
+    sign = 1.0 if mode == "max" else -1.0
+    ordered = sorted(ok, key=lambda x: str(x["trial_id"]))
+    return max(ordered, key=lambda x: (sign * x["m"]["best_val"], x["m"].get("epoch", 0)))
+
+
 def _choose(method: str, h: HpoConfig, results, tables: TrialTables, loc: storage.Location) -> HpoResult:
     """Rewrite every trial's row from Tune's results (idempotent), pick the best trial by its best
     validation value over epochs (ties: more epochs, then the earlier trial) and save it."""
     rows = trial_rows(results, tables)
     ok = finished_rows(rows, "best_val", f"hyper-parameter search of {method!r}")
-    sign = 1.0 if HPO_METRICS[h.metric] == "max" else -1.0
-    best = max(ok, key=lambda x: (sign * x["m"]["best_val"], x["m"].get("epoch", 0)))
+    best = best_row(ok, HPO_METRICS[h.metric])
     tid, config, m = best["trial_id"], best["config"], best["m"]
     res = HpoResult(method=method, values={k: float(v) for k, v in config.items()}, trial_id=tid, metric=h.metric,
                     best_val=float(m["best_val"]), val_acc=m.get("best_val_acc"), trials=len(rows),
