@@ -9,10 +9,14 @@ Ray on this machine (nor its ``ray.init("auto")``) meets this one; call it befor
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: node death is noticed after health_check_period_ms x failure_threshold (Ray's defaults: 3 s x 5)
@@ -52,3 +56,32 @@ def busy_worker_nodes(cluster: Any) -> list:
 
     free = ray._private.state.available_resources_per_node()
     return [n for n in cluster.worker_nodes if n.node_id in free and free[n.node_id].get("CPU", 0.0) < 1.0]
+
+
+def remove_a_busy_node(cluster: Any, events: dict, deadline: float, stop: threading.Event,
+                       before: Callable[[], dict] | None = None) -> None:
+    """Remove (without warning) the first worker node found busy, recording ``removed_at`` and
+    what ``before()`` returns at that moment in ``events``; ``error`` if none was busy by
+    ``deadline`` or ``stop`` was set (the run ended)."""
+    while time.time() < deadline and not stop.is_set():
+        busy = busy_worker_nodes(cluster)
+        if busy:
+            events["removed_at"] = time.time()
+            events.update(before() if before else {})
+            cluster.remove_node(busy[0], allow_graceful=False)
+            return
+        time.sleep(0.1)
+    events["error"] = "no busy worker node found"
+
+
+def bench_parser(doc: str | None, nodes: int, spare: str = ">= 2: one is lost") -> argparse.ArgumentParser:
+    """A node-loss bench's command line, with ``--nodes``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=nodes, help=f"worker nodes of 1 CPU each ({spare})")
+    return p
+
+
+def print_run(run: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> int:
+    """Run the scenario and print its outcome as one JSON line."""
+    print(json.dumps(run(args)), flush=True)
+    return 0

@@ -18,15 +18,13 @@ minus one undisturbed epoch), epochs redone, whether the weights are equal.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from local_cluster import busy_worker_nodes, isolate, local_cluster  # bench/local_cluster.py
+from local_cluster import bench_parser, busy_worker_nodes, isolate, local_cluster, print_run  # bench/local_cluster.py
 
 isolate()   # before Ray is imported
 
@@ -181,8 +179,7 @@ def report(lossy: dict, calm: dict, res, events: dict, wall_lossy: float, wall_c
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nodes", type=int, default=3, help="worker nodes of 1 CPU each (>= 3: one spare)")
+    p = bench_parser(__doc__, 3, ">= 3: one spare")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--train-images", type=int, default=256)
     p.add_argument("--delay", type=float, default=1.0, help="seconds after the first checkpoint")
@@ -190,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint", default=None)
     p.add_argument("--drain", type=float, default=None, metavar="S",
                    help="drain the node for pre-emption S seconds before removing it, with supernet.max_failures 0")
-    args = p.parse_args(argv)
-    print(json.dumps(run(args)), flush=True)
-    return 0
+    return print_run(run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -19,15 +19,13 @@ Prints one JSON line.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from local_cluster import busy_worker_nodes, isolate, local_cluster  # bench/local_cluster.py
+from local_cluster import bench_parser, isolate, local_cluster, print_run, remove_a_busy_node  # bench/local_cluster.py
 
 isolate()   # before Ray is imported
 
@@ -66,15 +64,7 @@ def kill_while_scoring(cluster, uri: str, run: str, events: dict, stop: threadin
         except Exception:                        # the table does not exist yet
             pass
         time.sleep(0.3)
-    while time.time() < deadline and not stop.is_set():
-        busy = busy_worker_nodes(cluster)
-        if busy:
-            events["removed_at"] = time.time()
-            events["done_before"] = len(scored(uri, run)[1])
-            cluster.remove_node(busy[0], allow_graceful=False)
-            return
-        time.sleep(0.1)
-    events["error"] = "no busy worker node found"
+    remove_a_busy_node(cluster, events, deadline, stop, lambda: {"done_before": len(scored(uri, run)[1])})
 
 
 def compare(uri: str, lossy, calm, events: dict) -> dict:
@@ -130,15 +120,12 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nodes", type=int, default=3, help="worker nodes of 1 CPU each (>= 2: one is lost)")
+    p = bench_parser(__doc__, 3, ">= 2: one is lost")
     p.add_argument("--concurrent", type=int, default=3, help="search trials at once")
     p.add_argument("--population", type=int, default=9)
     p.add_argument("--generations", type=int, default=2)
     p.add_argument("--val-images", type=int, default=128)
-    args = p.parse_args(argv)
-    print(json.dumps(run(args)), flush=True)
-    return 0
+    return print_run(run, p.parse_args(argv))
 
 
 if __name__ == "__main__":
