@@ -6,8 +6,7 @@ between runs a few minutes apart (docs/benchmarks.md), so two runs of ``bench/su
 cannot tell a 2 % change.  Here the older package is unpacked from git under the name
 ``noah_ray_before`` (``git archive REV noah_ray``, imports renamed), both supernets draw the same
 random subnets, and the rounds alternate plain / before / after, so drift hits all three alike.
-Each side uses its own commit's optimiser (``nn.optim.adamw``, or torch's AdamW where the commit
-has none).
+Each side uses its own commit's optimiser (``nn.optim.adamw``; commits since the package's layers).
 
 Usage: ``python bench/step_ab.py REV [--model M] [--batch B] [--rounds R] [--threads T] [--ckpt]``
 """
@@ -54,10 +53,7 @@ def side(prefix: str, model: str, ckpt: bool) -> tuple[torch.nn.Module, torch.op
     space = space_mod.SearchSpace.paper_vtab(12)
     net = sn.PromptedViT.supernet(model, 100, space).train()
     net.set_grad_checkpointing(ckpt)
-    opt_mod = importlib.import_module(f"{prefix}.nn.optim")
-    opt = opt_mod.adamw(net, 1e-4, 0.05) if hasattr(opt_mod, "adamw") else \
-        torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
-    return net, opt, space
+    return net, importlib.import_module(f"{prefix}.nn.optim").adamw(net, 1e-4, 0.05), space
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from noah_ray.nn import optim
 from noah_ray.nn.backbones import create_backbone
 from noah_ray.nn.supernet import PromptedViT
-from noah_ray.space import MODULES, SearchSpace, SubnetConfig
+from noah_ray.space import SearchSpace, SubnetConfig
 
 DEFAULTS = {"cuda": ("vit_base_patch16_224", 64, "bf16", 5, 10), "cpu": ("vit_noah_tiny_patch4_32", 64, "fp32", 10, 2)}
 
@@ -63,7 +63,7 @@ class Variant:
     """One model + its training step."""
 
     def __init__(self, name: str, model: torch.nn.Module, x, y, precision: str, space: SearchSpace | None = None,
-                 seed: int = 0, keep: tuple[str, ...] = MODULES) -> None:
+                 seed: int = 0, keep: tuple[str, ...] | None = None) -> None:
         self.name, self.model, self.x, self.y, self.space, self.keep = name, model, x, y, space, keep
         self.rng = random.Random(seed)
         self.opt = optim.adamw(model, 1e-4, 0.05)   # the product's optimiser (fused where torch has it)
@@ -74,8 +74,9 @@ class Variant:
     def step(self) -> None:
         if self.space is not None:  # random subnet per step, as in supernet training
             cfg = self.space.sample(self.rng)
-            self.model.set_active(SubnetConfig({m: w if m in self.keep else (0,) * len(w)
-                                                for m, w in cfg.widths.items()}))
+            if self.keep is not None:   # --ablate: the other module kinds at width 0
+                cfg = SubnetConfig({m: w if m in self.keep else (0,) * len(w) for m, w in cfg.widths.items()})
+            self.model.set_active(cfg)
         ctx = contextlib.nullcontext() if self.dtype is None or self.space is not None else \
             torch.autocast(self.x.device.type, dtype=self.dtype)  # PromptedViT autocasts itself
         with ctx:
