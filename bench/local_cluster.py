@@ -58,16 +58,33 @@ def busy_worker_nodes(cluster: Any) -> list:
     return [n for n in cluster.worker_nodes if n.node_id in free and free[n.node_id].get("CPU", 0.0) < 1.0]
 
 
+def drain_node(cluster: Any, node: Any, deadline_s: float) -> None:
+    """Ray's drain of ``node`` for pre-emption (as a spot interruption arrives), ``deadline_s`` ahead."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    gcs = ray._raylet.GcsClient(address=cluster.address)
+    accepted, why = gcs.drain_node(node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                   "spot interruption (bench)", int((time.time() + deadline_s) * 1000))
+    if not accepted:
+        raise RuntimeError(f"drain refused: {why}")
+
+
 def remove_a_busy_node(cluster: Any, events: dict, deadline: float, stop: threading.Event,
-                       before: Callable[[], dict] | None = None) -> None:
+                       before: Callable[[], dict] | None = None, drain_s: float | None = None) -> None:
     """Remove (without warning) the first worker node found busy, recording ``removed_at`` and
     what ``before()`` returns at that moment in ``events``; ``error`` if none was busy by
-    ``deadline`` or ``stop`` was set (the run ended)."""
+    ``deadline`` or ``stop`` was set (the run ended).  With ``drain_s``: drain it for pre-emption
+    first (``drained_at``) and remove it at the drain's deadline, as a spot interruption does."""
     while time.time() < deadline and not stop.is_set():
         busy = busy_worker_nodes(cluster)
         if busy:
-            events["removed_at"] = time.time()
             events.update(before() if before else {})
+            if drain_s is not None:
+                events["drained_at"] = time.time()
+                drain_node(cluster, busy[0], drain_s)
+                time.sleep(drain_s)
+            events["removed_at"] = time.time()
             cluster.remove_node(busy[0], allow_graceful=False)
             return
         time.sleep(0.1)

@@ -24,7 +24,14 @@ import threading
 import time
 from pathlib import Path
 
-from local_cluster import bench_parser, busy_worker_nodes, isolate, local_cluster, print_run  # bench/local_cluster.py
+from local_cluster import (  # bench/local_cluster.py
+    bench_parser,
+    busy_worker_nodes,
+    drain_node,
+    isolate,
+    local_cluster,
+    print_run,
+)
 
 isolate()   # before Ray is imported
 
@@ -59,18 +66,6 @@ def _first_checkpoint(paths, timeout_s: float = 600.0) -> float:
     raise TimeoutError("no checkpoint written")
 
 
-def drain(cluster, node, deadline_s: float) -> None:
-    """Ray's drain of ``node`` for pre-emption (as a spot interruption arrives), ``deadline_s`` ahead."""
-    import ray
-    from ray.core.generated import autoscaler_pb2
-
-    gcs = ray._raylet.GcsClient(address=cluster.address)
-    accepted, why = gcs.drain_node(node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                                   "spot interruption (bench)", int((time.time() + deadline_s) * 1000))
-    if not accepted:
-        raise RuntimeError(f"drain refused: {why}")
-
-
 def kill_a_worker_node(cluster, where: tuple, delay_s: float, out: dict, drain_s: float | None = None) -> None:
     """Wait for the first checkpoint, then ``delay_s`` (inside the next epoch), then remove the
     node of one worker; with ``drain_s``, first drain it for pre-emption and remove it at the deadline."""
@@ -82,7 +77,7 @@ def kill_a_worker_node(cluster, where: tuple, delay_s: float, out: dict, drain_s
         return
     if drain_s is not None:
         out["drained_at"] = time.time()
-        drain(cluster, node, drain_s)
+        drain_node(cluster, node, drain_s)
         time.sleep(drain_s)
     out["removed_at"] = time.time()
     cluster.remove_node(node, allow_graceful=False)

@@ -9,7 +9,11 @@ Then ``calm``: the same search undisturbed, in its own storage folder.  Compared
 the per-epoch validation accuracy and loss (and no duplicate curve rows), the chosen values; and how many
 trials failed with the node (Tune's ``error.txt``) and were retried.
 
-    python bench/node_loss_hpo.py [--nodes 3] [--concurrent 2] [--epochs 3] [--grid-points 4]
+``--drain S``: the node is first drained for pre-emption (Ray's drain API, deadline S seconds, as a
+spot interruption arrives) and removed at the deadline, with ``hpo.trial_retries: 0``: Tune must
+not charge a pre-empted trial to its failure budget, so every trial still finishes.
+
+    python bench/node_loss_hpo.py [--nodes 3] [--concurrent 2] [--epochs 3] [--grid-points 4] [--drain 2]
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ def job_dict(data_root: str, storage: str, name: str, args) -> dict:
             "space": {"num_layers": 12, "modules": {"lora": {"depths": [12], "widths": [4]}}},
             "retrain": {"epochs": args.epochs, "lr": 3e-3, "warmup_epochs": 1, "method": "lora", "seeds": [0]},
             "hpo": {"searcher": "grid", "scheduler": "fifo", "grid_points": args.grid_points,
-                    "max_concurrent": args.concurrent, "cpus_per_trial": 1, "trial_retries": 2,
+                    "max_concurrent": args.concurrent, "cpus_per_trial": 1,
+                    "trial_retries": 0 if args.drain is not None else 2,
                     "space": {"lr": {"low": 1e-3, "high": 3e-2, "log": True}}}}
 
 
@@ -47,8 +52,9 @@ def curves(uri: str):
     return c.sort_values(["grid_lr", "epoch"]).reset_index(drop=True)
 
 
-def kill_a_trial_node(cluster, uri: str, events: dict, stop: threading.Event, timeout_s: float = 600.0) -> None:
-    """After the first reported epoch, remove a worker node that runs a trial."""
+def kill_a_trial_node(cluster, uri: str, events: dict, stop: threading.Event, drain_s: float | None,
+                      timeout_s: float = 600.0) -> None:
+    """After the first reported epoch, remove a worker node that runs a trial (drained first with ``drain_s``)."""
     from noah_ray.store import results
 
     deadline = time.time() + timeout_s
@@ -59,7 +65,7 @@ def kill_a_trial_node(cluster, uri: str, events: dict, stop: threading.Event, ti
         except Exception:                        # the table does not exist yet
             pass
         time.sleep(0.2)
-    remove_a_busy_node(cluster, events, deadline, stop)
+    remove_a_busy_node(cluster, events, deadline, stop, drain_s=drain_s)
 
 
 def compare(lossy_uri: str, calm_uri: str, lossy, calm) -> dict:
@@ -90,7 +96,8 @@ def run(args) -> dict:
     with local_cluster(args.nodes) as cluster:
         events: dict = {}
         stop = threading.Event()
-        killer = threading.Thread(target=kill_a_trial_node, args=(cluster, uri["lossy"], events, stop), daemon=True)
+        killer = threading.Thread(target=kill_a_trial_node, args=(cluster, uri["lossy"], events, stop, args.drain),
+                                  daemon=True)
         killer.start()
         t0 = time.time()
         lossy = run_hpo(resolve(jobs["lossy"], ("hpo",), generate=True), "lora")
@@ -102,7 +109,8 @@ def run(args) -> dict:
         out = compare(uri["lossy"], uri["calm"], lossy, calm)
         # Tune leaves error.txt in the folder of a trial that failed (and was then retried)
         out.update(trials_failed_then_retried=len(list(Path(uri["lossy"], "hpo", "tune").rglob("error.txt"))),
-                   node_removed="removed_at" in events, wall_s_with_loss=round(wall_lossy, 1),
+                   node_removed="removed_at" in events, drained="drained_at" in events,
+                   trial_retries=jobs["lossy"].hpo.trial_retries, wall_s_with_loss=round(wall_lossy, 1),
                    wall_s_undisturbed=round(time.time() - t0, 1), **({"error": events["error"]} if "error" in events
                                                                       else {}))
         return out
@@ -114,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--grid-points", type=int, default=4)
     p.add_argument("--train-images", type=int, default=128)
+    p.add_argument("--drain", type=float, default=None, metavar="S",
+                   help="drain the node for pre-emption S seconds before removing it, with hpo.trial_retries 0")
     return print_run(run, p.parse_args(argv))
 
 

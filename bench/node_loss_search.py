@@ -12,6 +12,10 @@ recorded as scored twice (one ``done`` row per candidate in the ``trials`` table
 search's state says it scored), the winner and the Pareto front are the same.  Measured: the
 wall time of both runs, and the time from the node's removal to the next scored candidate.
 
+``--drain S``: the node is first drained for pre-emption (Ray's drain API, deadline S seconds) and
+removed at the deadline, with ``search.trial_retries: 0``: a pre-empted evaluation must not be
+charged to the failure budget, so every candidate is still scored.
+
 Prints one JSON line.
 
     python bench/node_loss_search.py              # ~3-4 min on 2 cores
@@ -30,7 +34,8 @@ from local_cluster import bench_parser, isolate, local_cluster, print_run, remov
 isolate()   # before Ray is imported
 
 
-def job_dict(data_root: str, storage: str, concurrent: int, population: int, generations: int) -> dict:
+def job_dict(data_root: str, storage: str, concurrent: int, population: int, generations: int,
+             retries: int = 2) -> dict:
     modules = {m: {"depths": [3, 12], "widths": [1, 5]} for m in ("vpt", "lora", "adapter")}
     return {"name": "searched", "storage": storage,
             "data": {"root": data_root, "dataset": "gen_color", "batch_size": 16, "eval_batch_size": 64,
@@ -40,7 +45,7 @@ def job_dict(data_root: str, storage: str, concurrent: int, population: int, gen
             "supernet": {"epochs": 1, "warmup_epochs": 0, "num_workers": 1, "eval_random_subnets": 0},
             "search": {"generations": generations, "population": population, "top_k": 3, "mutations": 2,
                        "crossovers": 2, "param_limit": 0.02, "max_concurrent": concurrent, "cpus_per_trial": 1,
-                       "trial_retries": 2, "hold_actors": False}}
+                       "trial_retries": retries, "hold_actors": False}}
 
 
 def scored(uri: str, run: str):
@@ -53,7 +58,7 @@ def scored(uri: str, run: str):
 
 
 def kill_while_scoring(cluster, uri: str, run: str, events: dict, stop: threading.Event,
-                       timeout_s: float = 600.0) -> None:
+                       drain_s: float | None = None, timeout_s: float = 600.0) -> None:
     """After the run's first scored candidate, remove a worker node that is running a trial (never
     after ``stop`` is set: the run ended)."""
     deadline = time.time() + timeout_s
@@ -64,7 +69,8 @@ def kill_while_scoring(cluster, uri: str, run: str, events: dict, stop: threadin
         except Exception:                        # the table does not exist yet
             pass
         time.sleep(0.3)
-    remove_a_busy_node(cluster, events, deadline, stop, lambda: {"done_before": len(scored(uri, run)[1])})
+    remove_a_busy_node(cluster, events, deadline, stop, lambda: {"done_before": len(scored(uri, run)[1])},
+                       drain_s=drain_s)
 
 
 def compare(uri: str, lossy, calm, events: dict) -> dict:
@@ -99,13 +105,14 @@ def run(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="noah-node-loss-search-"))
     write_generated_vtab(tmp / "data", "gen_color", num_train=64, num_val=args.val_images, num_test=16)
     job = JobConfig.from_dict(job_dict(str(tmp / "data"), str(tmp / "store"), args.concurrent, args.population,
-                                       args.generations))
+                                       args.generations, 0 if args.drain is not None else 2))
     uri = str(tmp / "store" / "searched")
     with local_cluster(args.nodes) as cluster:
         train_supernet(resolve(job, ("supernet",), generate=True))
         events: dict = {}
         stop = threading.Event()
-        killer = threading.Thread(target=kill_while_scoring, args=(cluster, uri, "lossy", events, stop), daemon=True)
+        killer = threading.Thread(target=kill_while_scoring, args=(cluster, uri, "lossy", events, stop, args.drain),
+                                  daemon=True)
         killer.start()
         t0 = time.time()
         lossy = run_search(job, run_name="lossy")
@@ -115,7 +122,11 @@ def run(args) -> dict:
         t0 = time.time()
         calm = run_search(job, run_name="calm")
         out = compare(uri, lossy, calm, events)
-        out.update(wall_s_with_loss=round(wall_lossy, 1), wall_s_undisturbed=round(time.time() - t0, 1))
+        # Tune leaves error.txt in the folder of a trial that failed (and was then retried)
+        failed = [f for f in Path(uri, "search", "tune").rglob("error.txt") if "lossy" in str(f)]
+        out.update(trials_failed_then_retried=len(failed), drained="drained_at" in events,
+                   trial_retries=job.search.trial_retries,
+                   wall_s_with_loss=round(wall_lossy, 1), wall_s_undisturbed=round(time.time() - t0, 1))
         return out
 
 
@@ -125,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--population", type=int, default=9)
     p.add_argument("--generations", type=int, default=2)
     p.add_argument("--val-images", type=int, default=128)
+    p.add_argument("--drain", type=float, default=None, metavar="S",
+                   help="drain the node for pre-emption S seconds before removing it, with search.trial_retries 0")
     return print_run(run, p.parse_args(argv))
 
 
