@@ -25,6 +25,7 @@ Prints one JSON line.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -151,7 +152,7 @@ def kill_at(sub: Submission, at: str, uri: str, endpoint: str, after: int, timeo
             return {"error": f"the run ended (rc {sub.proc.returncode}) before reaching {at}"}
         time.sleep(0.2)
     done = scored(uri, endpoint)
-    out = {"killed_at": time.time(), "checkpoints_before": supernet_checkpoints(uri, endpoint),
+    out = {"lost_at": time.time(), "checkpoints_before": supernet_checkpoints(uri, endpoint),
            "scored_before": 0 if done is None else len(done)}
     out["processes_killed"] = sub.kill()
     out["left_after_kill"] = len(sub.pids())
@@ -192,6 +193,7 @@ def start_s3() -> tuple[object, str]:
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # moto's line per request
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -226,10 +228,13 @@ def run(args) -> dict:
         left = [s.pids() for s in (first, again, calm)]
         if rc_again == 0 and out["undisturbed_rc"] == 0:
             out.update(compare(outcome(jobs["lossy"]), outcome(jobs["calm"])))
+            starts = out["supernet_start_epochs"]
+            # finished (checkpointed) epochs trained again; None: the supernet had ended before the loss
+            out["supernet_epochs_redone"] = max(0, out["checkpoints_before"] - starts[-1]) if len(starts) > 1 else None
         else:
             out["log_tail"] = (tmp / "again.log").read_text()[-1500:]
         out["processes_left"] = sum(len(p) for p in left)
-        out["killed_at"] = args.at
+        out["lost_during"] = args.at
         return out
     finally:
         server.stop()
