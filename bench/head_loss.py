@@ -99,15 +99,22 @@ class Submission:
         return found
 
     def kill(self) -> int:
-        """SIGKILL every process of this cluster at once; how many there were."""
-        pids = self.pids()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGKILL every process of this cluster (again while any is left: one being started
+        during a pass escapes it); how many were killed."""
+        killed: set[int] = set()
+        for _ in range(20):
+            pids = self.pids()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
         self.proc.wait(30)
-        return len(pids)
+        return len(killed)
 
     def wait(self, timeout_s: float) -> int:
         try:
