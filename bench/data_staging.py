@@ -26,19 +26,16 @@ import argparse
 import json
 import logging
 import os
-import socket
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-from local_cluster import FAST_HEALTH, isolate  # bench/local_cluster.py
+from local_cluster import FAST_HEALTH, isolate, start_s3, tiny_job  # bench/local_cluster.py
 
 isolate()   # before Ray is imported
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 PREFIX = "/bench/data/"
 
 
@@ -57,24 +54,6 @@ class DataGets(logging.Handler):
             self.gets[path[len(PREFIX):]] += 1
 
 
-def start_s3(log: DataGets) -> tuple[object, str]:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    werkzeug = logging.getLogger("werkzeug")
-    werkzeug.setLevel(logging.INFO)
-    werkzeug.propagate = False
-    werkzeug.addHandler(log)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-    return server, endpoint
-
-
 def upload(folder: Path, endpoint: str) -> list[str]:
     """The dataset folder under ``s3://bench/data/``; the object keys below that prefix."""
     from noah_ray.store import storage
@@ -90,13 +69,7 @@ def upload(folder: Path, endpoint: str) -> list[str]:
 
 
 def job_dict(endpoint: str, cpus: int) -> dict:
-    modules = {m: {"depths": [3, 12], "widths": [1, 5]} for m in ("lora", "adapter")}
-    return {"name": "staged", "storage": "s3://bench/store", "storage_endpoint": endpoint,
-            "data": {"root": "s3://bench/data", "dataset": "gen_color", "batch_size": 16, "eval_batch_size": 64,
-                     "num_workers": 0},
-            "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
-            "space": {"num_layers": 12, "modules": modules},
-            "supernet": {"epochs": 1, "warmup_epochs": 0, "num_workers": cpus, "eval_random_subnets": 0},
+    return {**tiny_job("staged", "s3://bench/store", "s3://bench/data", endpoint=endpoint, supernet_workers=cpus),
             "search": {"generations": 1, "population": 4 * cpus, "top_k": 2, "mutations": 1, "crossovers": 1,
                        "param_limit": 0.02, "max_concurrent": 2 * cpus, "cpus_per_trial": 1, "hold_actors": False},
             "race": {"enabled": False},
@@ -131,7 +104,6 @@ def run(args) -> dict:
     from noah_ray.data import write_generated_vtab
     from noah_ray.run.pipeline import run_stages
 
-    os.environ.update(CREDENTIALS)
     tmp = Path(tempfile.mkdtemp(prefix="noah-staging-"))
     caches = {n: tmp / "cache" / n for n in ("driver", "head", "node1", "node2", "late")}
     os.environ["NOAH_RAY_DATA_CACHE"] = str(caches["head"])

@@ -25,10 +25,8 @@ Prints one JSON line.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,22 +35,15 @@ import uuid
 from pathlib import Path
 
 import yaml
-from local_cluster import FAST_HEALTH, bench_parser, isolate  # bench/local_cluster.py
+from local_cluster import FAST_HEALTH, bench_parser, isolate, start_s3, tiny_job  # bench/local_cluster.py
 
 MARK = "NOAH_BENCH_CLUSTER"          # every process of one cluster (and its driver) carries MARK=<its id>
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 def job_dict(data_root: str, endpoint: str, name: str, args) -> dict:
-    modules = {m: {"depths": [3, 12], "widths": [1, 5]} for m in ("lora", "adapter")}
-    return {"name": name, "storage": "s3://bench/store", "storage_endpoint": endpoint,
-            "data": {"root": data_root, "dataset": "gen_color", "batch_size": 16, "eval_batch_size": 64,
-                     "num_workers": 0},
-            "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
-            "space": {"num_layers": 12, "modules": modules},
-            "supernet": {"epochs": args.epochs, "warmup_epochs": 0, "num_workers": 1, "eval_random_subnets": 0,
-                         "checkpoint_every": 1},
+    job = tiny_job(name, "s3://bench/store", data_root, endpoint=endpoint)
+    job["supernet"].update(epochs=args.epochs, checkpoint_every=1)
+    return {**job,
             "search": {"generations": 2, "population": 6, "top_k": 2, "mutations": 2, "crossovers": 2,
                        "param_limit": 0.02, "max_concurrent": args.nodes, "cpus_per_trial": 1, "hold_actors": False},
             "race": {"enabled": False},
@@ -196,28 +187,12 @@ def compare(lossy: dict, calm: dict) -> dict:
             "test_acc": lossy["test_acc"]}
 
 
-def start_s3() -> tuple[object, str]:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # moto's line per request
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-    return server, endpoint
-
-
 def run(args) -> dict:
     from noah_ray.data import write_generated_vtab
 
-    os.environ.update(CREDENTIALS)      # the moto endpoint's fake keys, inherited by every cluster
     tmp = Path(tempfile.mkdtemp(prefix="noah-head-loss-"))
     write_generated_vtab(tmp / "data", "gen_color", num_train=args.train_images, num_val=64, num_test=32)
-    server, endpoint = start_s3()
+    server, endpoint = start_s3()       # its fake keys are in the environment every cluster inherits
     jobs = {n: job_dict(str(tmp / "data"), endpoint, n, args) for n in ("lossy", "calm")}
     for n, job in jobs.items():
         (tmp / f"{n}.yaml").write_text(yaml.safe_dump(job))

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -91,10 +93,27 @@ def remove_a_busy_node(cluster: Any, events: dict, deadline: float, stop: thread
     events["error"] = "no busy worker node found"
 
 
-def bench_parser(doc: str | None, nodes: int, spare: str = ">= 2: one is lost") -> argparse.ArgumentParser:
-    """A node-loss bench's command line, with ``--nodes``."""
+def tiny_job(name: str, storage: str, data_root: str, kinds: tuple[str, ...] = ("lora", "adapter"),
+             endpoint: str | None = None, supernet_workers: int = 1) -> dict:
+    """The benches' job: the tiny ViT on generated ``gen_color``, a small space of ``kinds``, one
+    supernet epoch; a bench adds its own search, race and retrain sections."""
+    return {"name": name, "storage": storage, "storage_endpoint": endpoint,
+            "data": {"root": data_root, "dataset": "gen_color", "batch_size": 16, "eval_batch_size": 64,
+                     "num_workers": 0},
+            "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
+            "space": {"num_layers": 12, "modules": {m: {"depths": [3, 12], "widths": [1, 5]} for m in kinds}},
+            "supernet": {"epochs": 1, "warmup_epochs": 0, "num_workers": supernet_workers, "eval_random_subnets": 0}}
+
+
+def bench_parser(doc: str | None, nodes: int, spare: str = ">= 2: one is lost",
+                 drain: str | None = None) -> argparse.ArgumentParser:
+    """A node-loss bench's command line, with ``--nodes``; with ``drain`` (the stage's failure
+    budget setting, e.g. ``hpo.trial_retries``), ``--drain S`` too."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=nodes, help=f"worker nodes of 1 CPU each ({spare})")
+    if drain:
+        p.add_argument("--drain", type=float, default=None, metavar="S",
+                       help=f"drain the node for pre-emption S seconds before removing it, with {drain} 0")
     return p
 
 
@@ -102,3 +121,33 @@ def print_run(run: Callable[[argparse.Namespace], dict], args: argparse.Namespac
     """Run the scenario and print its outcome as one JSON line."""
     print(json.dumps(run(args)), flush=True)
     return 0
+
+
+#: the local S3 endpoint's fake keys (every process of a cluster started after they are set inherits them)
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def start_s3(request_log: logging.Handler | None = None) -> tuple[Any, str]:
+    """A real S3 endpoint (a moto server in this process) on 127.0.0.1 with the bucket ``bench``,
+    its fake keys in this process's environment; ``request_log`` gets moto's line per request
+    (else those lines are dropped).  Returns the server (``.stop()``) and its URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(S3_CREDENTIALS)
+    werkzeug = logging.getLogger("werkzeug")
+    if request_log is None:
+        werkzeug.setLevel(logging.WARNING)
+    else:
+        werkzeug.setLevel(logging.INFO)
+        werkzeug.propagate = False
+        werkzeug.addHandler(request_log)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    return server, endpoint

@@ -174,14 +174,12 @@ def report(lossy: dict, calm: dict, res, events: dict, wall_lossy: float, wall_c
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_parser(__doc__, 3, ">= 3: one spare")
+    p = bench_parser(__doc__, 3, ">= 3: one spare", drain="supernet.max_failures")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--train-images", type=int, default=256)
     p.add_argument("--delay", type=float, default=1.0, help="seconds after the first checkpoint")
     p.add_argument("--storage", default=None, help="default: a temporary folder")
     p.add_argument("--endpoint", default=None)
-    p.add_argument("--drain", type=float, default=None, metavar="S",
-                   help="drain the node for pre-emption S seconds before removing it, with supernet.max_failures 0")
     return print_run(run, p.parse_args(argv))
 
 

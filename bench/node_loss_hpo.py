@@ -117,13 +117,11 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_parser(__doc__, 3, ">= 2: one is lost")
+    p = bench_parser(__doc__, 3, ">= 2: one is lost", drain="hpo.trial_retries")
     p.add_argument("--concurrent", type=int, default=2, help="trials at once")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--grid-points", type=int, default=4)
     p.add_argument("--train-images", type=int, default=128)
-    p.add_argument("--drain", type=float, default=None, metavar="S",
-                   help="drain the node for pre-emption S seconds before removing it, with hpo.trial_retries 0")
     return print_run(run, p.parse_args(argv))
 
 

@@ -26,19 +26,20 @@ import threading
 import time
 from pathlib import Path
 
-from local_cluster import bench_parser, isolate, local_cluster, print_run, remove_a_busy_node  # bench/local_cluster.py
+from local_cluster import (  # bench/local_cluster.py
+    bench_parser,
+    isolate,
+    local_cluster,
+    print_run,
+    remove_a_busy_node,
+    tiny_job,
+)
 
 isolate()   # before Ray is imported
 
 
 def job_dict(data_root: str, storage: str, args) -> dict:
-    modules = {m: {"depths": [3, 12], "widths": [1, 5]} for m in ("lora", "adapter")}
-    return {"name": "raced", "storage": storage,
-            "data": {"root": data_root, "dataset": "gen_color", "batch_size": 16, "eval_batch_size": 64,
-                     "num_workers": 0},
-            "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
-            "space": {"num_layers": 12, "modules": modules},
-            "supernet": {"epochs": 1, "warmup_epochs": 0, "num_workers": 1, "eval_random_subnets": 0},
+    return {**tiny_job("raced", storage, data_root),
             "search": {"generations": 1, "population": 6, "top_k": 2, "mutations": 1, "crossovers": 1,
                        "param_limit": 0.02, "max_concurrent": args.concurrent, "cpus_per_trial": 1,
                        "hold_actors": False},
@@ -53,8 +54,10 @@ def race_curves(race_dir: Path):
     from noah_ray.store import storage
 
     loc = storage.resolve(str(race_dir))
-    c = storage.read_table(loc, "hpo_curves").to_pandas()
-    f = storage.read_table(loc, "finalists").to_pandas().drop_duplicates("trial_id", keep="last")
+    curves, table = storage.read_table(loc, "hpo_curves"), storage.read_table(loc, "finalists")
+    if curves is None or table is None:
+        raise RuntimeError(f"the race under {race_dir} wrote no curves or finalists")
+    c, f = curves.to_pandas(), table.to_pandas().drop_duplicates("trial_id", keep="last")
     c = c.assign(finalist=c["trial_id"].map(dict(zip(f["trial_id"], f["finalist"]))))
     return c.sort_values(["finalist", "epoch"]).reset_index(drop=True), f
 
@@ -121,12 +124,10 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_parser(__doc__, 3, ">= 2: one is lost")
+    p = bench_parser(__doc__, 3, ">= 2: one is lost", drain="race.trial_retries")
     p.add_argument("--concurrent", type=int, default=2, help="race trials at once")
     p.add_argument("--epochs", type=int, default=6, help="the race's top rung")
     p.add_argument("--train-images", type=int, default=128)
-    p.add_argument("--drain", type=float, default=None, metavar="S",
-                   help="drain the node for pre-emption S seconds before removing it, with race.trial_retries 0")
     return print_run(run, p.parse_args(argv))
 
 

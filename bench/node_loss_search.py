@@ -29,20 +29,21 @@ import threading
 import time
 from pathlib import Path
 
-from local_cluster import bench_parser, isolate, local_cluster, print_run, remove_a_busy_node  # bench/local_cluster.py
+from local_cluster import (  # bench/local_cluster.py
+    bench_parser,
+    isolate,
+    local_cluster,
+    print_run,
+    remove_a_busy_node,
+    tiny_job,
+)
 
 isolate()   # before Ray is imported
 
 
 def job_dict(data_root: str, storage: str, concurrent: int, population: int, generations: int,
              retries: int = 2) -> dict:
-    modules = {m: {"depths": [3, 12], "widths": [1, 5]} for m in ("vpt", "lora", "adapter")}
-    return {"name": "searched", "storage": storage,
-            "data": {"root": data_root, "dataset": "gen_color", "batch_size": 16, "eval_batch_size": 64,
-                     "num_workers": 0},
-            "model": {"name": "vit_noah_tiny_patch4_32", "drop_path_rate": 0.0},
-            "space": {"num_layers": 12, "modules": modules},
-            "supernet": {"epochs": 1, "warmup_epochs": 0, "num_workers": 1, "eval_random_subnets": 0},
+    return {**tiny_job("searched", storage, data_root, ("vpt", "lora", "adapter")),
             "search": {"generations": generations, "population": population, "top_k": 3, "mutations": 2,
                        "crossovers": 2, "param_limit": 0.02, "max_concurrent": concurrent, "cpus_per_trial": 1,
                        "trial_retries": retries, "hold_actors": False}}
@@ -131,13 +132,11 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_parser(__doc__, 3, ">= 2: one is lost")
+    p = bench_parser(__doc__, 3, ">= 2: one is lost", drain="search.trial_retries")
     p.add_argument("--concurrent", type=int, default=3, help="search trials at once")
     p.add_argument("--population", type=int, default=9)
     p.add_argument("--generations", type=int, default=2)
     p.add_argument("--val-images", type=int, default=128)
-    p.add_argument("--drain", type=float, default=None, metavar="S",
-                   help="drain the node for pre-emption S seconds before removing it, with search.trial_retries 0")
     return print_run(run, p.parse_args(argv))
 
 
