@@ -7,6 +7,8 @@ train, AdamW), one training step = forward + loss + backward + optimiser step, f
     sdpa             fused scaled_dot_product_attention
     sdpa+ckpt        + per-block non-reentrant gradient checkpointing
     sdpa+ckpt+bf16   + bf16 autocast
+    sdpa+ckpt-half   (not by default) checkpointing of the first half of the blocks only
+                     (``model.checkpoint_blocks``)
 
 printed as a table with ratios to plain.  Every mode runs in a fresh subprocess so its peak is
 its own.  Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (``peak``: everything
@@ -32,12 +34,14 @@ import subprocess
 import sys
 import time
 
-MODES = {  # name -> (fused_attn, grad_checkpointing, precision)
-    "plain": (False, False, "fp32"),
-    "sdpa": (True, False, "fp32"),
-    "sdpa+ckpt": (True, True, "fp32"),
-    "sdpa+ckpt+bf16": (True, True, "bf16"),
+MODES = {  # name -> (fused_attn, grad_checkpointing, precision, checkpointed share of the blocks)
+    "plain": (False, False, "fp32", 1.0),
+    "sdpa": (True, False, "fp32", 1.0),
+    "sdpa+ckpt": (True, True, "fp32", 1.0),
+    "sdpa+ckpt+bf16": (True, True, "bf16", 1.0),
+    "sdpa+ckpt-half": (True, True, "fp32", 0.5),
 }
+DEFAULT_MODES = ("plain", "sdpa", "sdpa+ckpt", "sdpa+ckpt+bf16")
 DEFAULTS = {"cuda": ("vit_base_patch16_224", 64, 10, 3), "cpu": ("vit_tiny_patch16_224", 8, 3, 1)}
 
 
@@ -57,13 +61,13 @@ def worker(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    fused, ckpt, precision = MODES[args.worker]
+    fused, ckpt, precision, share = MODES[args.worker]
     dev = torch.device(args.device)
     torch.manual_seed(0)
     vit = create_backbone(args.model, 100)
     model = PromptedViT(vit, SubnetConfig.uniform(len(vit.blocks), vpt=args.tokens)).to(dev).train()
     model.set_fused_attn(fused)
-    model.set_grad_checkpointing(ckpt)
+    model.set_grad_checkpointing(ckpt, None if share == 1.0 else round(share * len(vit.blocks)))
     model.set_precision(precision)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     size = model.vit.patch_embed.img_size
@@ -119,7 +123,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=100)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"a comma list of {', '.join(MODES)}")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

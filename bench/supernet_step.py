@@ -10,6 +10,8 @@ in interleaved rounds (so load drift hits all alike; per-step medians):
     supernet              PromptedViT supernet of the paper's VTAB space (VPT, LoRA, Adapter;
                           depths {3,6,9,12}, widths {1,5,10}), a random subnet per step
     supernet + ckpt       the same with per-block gradient checkpointing
+    supernet + ckpt N/D   (``--ckpt-blocks N ...``) checkpointing of the first N of D blocks only
+                          (``model.checkpoint_blocks``)
 
 The overhead ratio is supernet step time / plain step time (issue goal: <= 1.15).  On CUDA the
 peak memory (``torch.cuda.max_memory_allocated``) of the supernet step with and without
@@ -143,11 +145,12 @@ def build(args: argparse.Namespace) -> list[Variant]:
     variants.append(Variant("plain (head only)", head_only, x, y, args.precision))
     variants.append(plain_full_bwd(args, x, y))
     space = SearchSpace.paper_vtab(depth)
-    for ckpt in (False, True):
+    for ckpt, blocks in [(False, None), (True, None), *((True, n) for n in args.ckpt_blocks)]:
         net = PromptedViT.supernet(args.model, 100, space, recipe=args.recipe).to(dev).train()
         net.set_precision(args.precision)
-        net.set_grad_checkpointing(ckpt)
-        variants.append(Variant("supernet + ckpt" if ckpt else "supernet", net, x, y, args.precision, space))
+        net.set_grad_checkpointing(ckpt, blocks)
+        name = "supernet" + (" + ckpt" if ckpt else "") + (f" {blocks}/{depth}" if blocks is not None else "")
+        variants.append(Variant(name, net, x, y, args.precision, space))
     return variants
 
 
@@ -248,6 +251,8 @@ def main() -> None:
     p.add_argument("--recipe", default="noah", help="the supernet's recipe (noah_ray.space.recipes)")
     p.add_argument("--products", action="store_true", help="time the LoRA gradient products in both layouts")
     p.add_argument("--tokens", action="store_true", help="time the plain blocks on longer sequences")
+    p.add_argument("--ckpt-blocks", type=int, nargs="*", default=[], metavar="N",
+                   help="also time checkpointing of the first N blocks only (model.checkpoint_blocks)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -287,6 +292,8 @@ def main() -> None:
     sn, full = variants[2], variants[1]
     print(f"overhead ratio supernet / plain (head only): {sn.step_s / base.step_s:.2f}; "
           f"supernet / plain (full bwd): {sn.step_s / full.step_s:.2f} (issue goal <= 1.15)")
+    print("checkpointing / supernet: " + ", ".join(f"{v.name.split(' + ckpt')[1].strip() or 'all'} "
+                                                   f"{v.step_s / sn.step_s:.2f}" for v in variants[3:]))
     if cuda:
         ck = variants[3]
         print(f"supernet peak memory: {sn.peak_mib:.0f} MiB without, {ck.peak_mib:.0f} MiB with checkpointing "

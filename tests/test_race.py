@@ -238,3 +238,23 @@ def test_race_picks_the_best_top_rung_finalist_and_retraining_trains_it(ray_sess
         pipeline.run_stages(changed, ("race",))
     assert len(results.hpo(uri)) == 0                   # the race's trials are not hyper-parameter trials
     assert results.plot_finalists(uri, tmp_path / "f.png").stat().st_size > 5000
+
+
+def test_the_survivor_does_not_depend_on_the_order_tune_returns_results_in():
+    """Two learning rates of one finalist tie at the top rung (same accuracy and loss): the earlier
+    trial wins whatever order the results come in (a retried trial finishes last); then the rule's
+    other keys, each written out."""
+    def row(trial: str, finalist: int, acc: float, loss: float, epoch: int = 4) -> dict:
+        return {"trial_id": trial, "config": {"finalist": finalist}, "m": {"epoch": epoch, "val_acc": acc,
+                                                                          "val_loss": loss}}
+
+    params = [100, 300, 200]
+    tied = [row("r_00002", 0, 90.0, 0.5), row("r_00000", 0, 90.0, 0.5), row("r_00005", 2, 80.0, 0.1)]
+    for order in (tied, tied[::-1], tied[1:] + tied[:1]):
+        assert race.survivor(order, params)["trial_id"] == "r_00000"
+    assert race.survivor([row("a", 0, 90.0, 0.5), row("b", 1, 90.0, 0.4)], params)["trial_id"] == "b"  # lower loss
+    assert race.survivor([row("a", 0, 90.0, 0.5), row("b", 1, 90.0, 0.5)], params)["trial_id"] == "b"  # more params
+    same = [100, 100, 100]
+    assert race.survivor([row("b", 1, 90.0, 0.5), row("a", 2, 90.0, 0.5)], same)["trial_id"] == "b"  # earlier finalist
+    # only the trials that reached the top rung count, however good a stopped one was
+    assert race.survivor([row("a", 0, 99.0, 0.1, epoch=2), row("b", 1, 70.0, 0.9)], params)["trial_id"] == "b"

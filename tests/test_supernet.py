@@ -114,8 +114,10 @@ def test_only_modules_and_head_get_gradients(supernet):
             assert p.grad is None, name
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_grad_checkpointing_gives_same_loss_and_gradients(supernet, fused):
+@pytest.mark.parametrize("fused,blocks", [(True, None), (False, None), (True, 5), (True, 0)],
+                         ids=["sdpa-all", "explicit-all", "sdpa-first5", "sdpa-none"])
+def test_grad_checkpointing_gives_same_loss_and_gradients(supernet, fused, blocks):
+    """Every block, the first 5 of 12 or none checkpointed: the same loss and gradients."""
     cfg = ALL4.sample(random.Random(11))
     net = supernet.extract(cfg).train()
     net.set_fused_attn(fused)
@@ -123,7 +125,7 @@ def test_grad_checkpointing_gives_same_loss_and_gradients(supernet, fused):
 
     def run(ckpt: bool):
         net.zero_grad()
-        net.set_grad_checkpointing(ckpt)
+        net.set_grad_checkpointing(ckpt, blocks)
         torch.manual_seed(0)  # the same dropout masks in both runs (recomputation replays them)
         loss = F.cross_entropy(net(x), y)
         loss.backward()

@@ -91,6 +91,7 @@ class ModelConfig:
                                                                                   # the recipe's)
     fused_attn: bool = True
     grad_checkpointing: bool = False
+    checkpoint_blocks: int | None = None  # with grad_checkpointing: only the first N blocks (None: all)
     precision: str = "fp32"               # fp32 | bf16 | fp16
     # recipe (noah_ray.recipes; docs/recipes.md): noah | e2vpt | modern; None: noah, and e2vpt for
     # the e2vpt baseline.  Each setting below overrides the recipe's value (None: the recipe's).
@@ -111,6 +112,10 @@ class ModelConfig:
     def check(self, where: str) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"{where}.precision: {self.precision!r} unknown; use fp32, bf16 or fp16")
+        cb = self.checkpoint_blocks
+        if cb is not None and (isinstance(cb, bool) or not isinstance(cb, int) or cb < 0):
+            raise ConfigError(f"{where}.checkpoint_blocks: {cb!r} must be a whole number >= 0 (the first N blocks "
+                              f"are checkpointed; unset: all)")
         if not 0 <= self.drop_path_rate < 1:
             raise ConfigError(f"{where}.drop_path_rate: {self.drop_path_rate} must be in [0, 1)")
         try:

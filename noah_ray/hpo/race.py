@@ -11,11 +11,12 @@ values as retraining trains NOAH (method ``noah``, its recipe and optimiser; the
 on ``data.val_split`` (val200) every epoch; Ray Tune's ``ASHAScheduler`` stops the weak ones at the
 rungs (:func:`~noah_ray.config.race.rungs`; the cost: :func:`~noah_ray.config.race.race_budget`).
 
-The survivor (:func:`_choose`): among the trials that reached the top rung (the most epochs any
-trial ran), the best val accuracy at that last epoch; ties go to the lower val loss there, then to
-more parameters, then to the earlier finalist (the search's order, baselines last).  Retraining
-trains it (:func:`raced_subnet`, with its learning rate when ``race.lrs`` raced them and the job has
-no ``hpo`` section: :func:`raced_job`) on train800val200 for every seed and tests once.
+The survivor (:func:`survivor`, written by :func:`_choose`): among the trials that reached the
+top rung (the most epochs any trial ran), the best val accuracy at that last epoch; ties go to the
+lower val loss there, then to more parameters, then to the earlier finalist (the search's order,
+baselines last), then to the earlier trial.  Retraining trains it (:func:`raced_subnet`, with its
+learning rate when ``race.lrs`` raced them and the job has no ``hpo`` section: :func:`raced_job`)
+on train800val200 for every seed and tests once.
 
 Storage (:mod:`noah_ray.store.layout`, ``<job>/race/``): ``settings.json`` (a re-run must match),
 the trials' ``hpo_trials`` / ``hpo_curves`` rows as the hpo stage writes them, the ``finalists``
@@ -261,18 +262,28 @@ def _curves(job: JobConfig) -> dict[str, dict[int, float]]:
     return out
 
 
+def survivor(ok: list[dict], params: list[int]) -> dict:
+    """The race's survivor among finished trial rows (``config.finalist``, metrics ``m``; ``params``
+    per finalist): of those that reached the top rung, the best val accuracy there; ties go to the
+    lower val loss, then more parameters, then the earlier finalist, then the earlier trial (Tune's
+    trial ids end in the trial's creation index; two learning rates of one finalist can tie).  Not
+    the order Tune returns results in: that follows completion, which a retried trial changes."""
+    top = max(int(x["m"]["epoch"]) for x in ok)
+
+    def rank(x: dict) -> tuple:
+        f = int(x["config"]["finalist"])
+        return (x["m"][METRIC], -x["m"].get("val_loss", math.inf), params[f], -f)
+
+    return max(sorted((x for x in ok if int(x["m"]["epoch"]) == top), key=lambda x: str(x["trial_id"])), key=rank)
+
+
 def _choose(job: JobConfig, finalists: list[Finalist], results, tables: TrialTables, budget: int) -> RaceResult:
     """The survivor (the module docstring says how ties go); writes the ``finalists`` table and
     ``chosen.json``."""
     rows = trial_rows(results, tables)
     ok = finished_rows(rows, METRIC, "race")
     top = max(int(x["m"]["epoch"]) for x in ok)
-
-    def rank(x: dict) -> tuple:
-        f = int(x["config"]["finalist"])
-        return (x["m"][METRIC], -x["m"].get("val_loss", math.inf), finalists[f].params, -f)
-
-    best = max((x for x in ok if int(x["m"]["epoch"]) == top), key=rank)
+    best = survivor(ok, [f.params for f in finalists])
     f = int(best["config"]["finalist"])
     res = RaceResult(subnet=finalists[f].subnet.to_dict(), source=finalists[f].source, finalist=f,
                      trial_id=best["trial_id"], lr=best["config"].get("lr"), val_acc=float(best["m"][METRIC]),

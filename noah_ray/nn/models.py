@@ -92,7 +92,7 @@ def build_model(job: JobConfig, capacity: SubnetConfig | None, backbone: str | N
     model = PromptedViT(vit, capacity or job.space.largest(), lora_scale=job.model.lora_scale,
                         train_backbone=train_backbone, recipe=recipe or job.model.resolved_recipe(method))
     model.set_fused_attn(job.model.fused_attn)
-    model.set_grad_checkpointing(job.model.grad_checkpointing)
+    model.set_grad_checkpointing(job.model.grad_checkpointing, job.model.checkpoint_blocks)
     model.set_precision(job.model.precision)
     return model
 

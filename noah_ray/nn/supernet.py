@@ -122,6 +122,7 @@ class PromptedViT(nn.Module):
         self.vit.head.requires_grad_(True)
         self.vit.blocks = nn.Sequential(*(self._wrap_block(blk, capacity, i) for i, blk in enumerate(backbone.blocks)))
         self.grad_checkpointing = False
+        self.checkpoint_blocks: int | None = None       # checkpointed blocks from the first (None: all)
         self.precision = "fp32"
         self.set_active(capacity)
 
@@ -201,7 +202,8 @@ class PromptedViT(nn.Module):
                             getattr(d, name).copy_(t)
                         if getattr(s, "gate", None) is not None:  # fixed pruning gate (prune.py)
                             d.gate = cast(torch.Tensor, s.gate)[:w].detach().clone()
-        sub.grad_checkpointing, sub.precision = self.grad_checkpointing, self.precision
+        sub.grad_checkpointing, sub.checkpoint_blocks = self.grad_checkpointing, self.checkpoint_blocks
+        sub.precision = self.precision
         sub.set_fused_attn(cast(PromptBlock, self.vit.blocks[0]).block.attn.fused_attn)
         self.set_active(cfg)
         return sub
@@ -265,9 +267,16 @@ class PromptedViT(nn.Module):
         return out
 
     # --------------------------------------------------------------- switches
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Per-block non-reentrant checkpointing (prompt insertion happens inside each block)."""
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool = True, blocks: int | None = None) -> None:
+        """Per-block non-reentrant checkpointing (prompt insertion happens inside each block) of the
+        first ``blocks`` blocks (None: all).  The others keep their activations: each block left
+        out saves one block's recomputation in the backward and keeps one block's activations."""
+        depth = len(self.vit.blocks)
+        whole = isinstance(blocks, int) and not isinstance(blocks, bool)
+        if blocks is not None and not (whole and 0 <= blocks <= depth):
+            raise ConfigError(f"model.checkpoint_blocks: {blocks!r} must be a whole number from 0 to the model's "
+                              f"{depth} blocks (or unset: all)")
+        self.grad_checkpointing, self.checkpoint_blocks = enable, blocks
 
     def set_fused_attn(self, enable: bool = True) -> None:
         for blk in cast("list[PromptBlock]", self.vit.blocks):
@@ -294,7 +303,10 @@ class PromptedViT(nn.Module):
         vit = self.vit
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            x = checkpoint_seq(vit.blocks, x, use_reentrant=False)
+            n = len(vit.blocks) if self.checkpoint_blocks is None else self.checkpoint_blocks
+            if n:
+                x = checkpoint_seq(vit.blocks[:n], x, use_reentrant=False)
+            x = vit.blocks[n:](x)
         else:
             x = vit.blocks(x)
         return vit.norm(x)

@@ -92,6 +92,9 @@ def _check_model(job: JobConfig) -> BackboneShape:
     if job.space.num_layers != shape.depth:
         raise ConfigError(f"space.num_layers {job.space.num_layers} does not match {job.model.name} "
                           f"({shape.depth} blocks); set space.num_layers: {shape.depth}")
+    if (job.model.checkpoint_blocks or 0) > shape.depth:
+        raise ConfigError(f"model.checkpoint_blocks {job.model.checkpoint_blocks} is more than {job.model.name}'s "
+                          f"{shape.depth} blocks; set at most {shape.depth} (or leave it unset: all)")
     _check_img_size(job)
     return shape
 
