@@ -10,7 +10,9 @@ retraining trains.  ``enabled: false`` keeps NOAH's plain procedure (the search'
 retrained).  The survivor's result rows are named ``noah+``; ``retrain_plain: true`` also retrains
 the search's top-scored candidate (NOAH's choice, ``search.ties: best``) as the rows ``noah``, so
 one job compares both procedures on the same supernet and search.  The cost of the default
-brackets: :func:`race_budget`.
+brackets: :func:`race_budget`.  ASHA is asynchronous: a trial reaching a rung is compared with the
+results recorded there so far, so with ``max_concurrent`` above 1 which trials stop depends on the
+order results arrive; ``max_concurrent: 1`` makes the race repeatable.
 """
 
 from __future__ import annotations
