@@ -147,7 +147,8 @@ def kill_at(sub: Submission, at: str, uri: str, endpoint: str, after: int, timeo
     deadline = time.time() + timeout_s
     while not reached(at, uri, endpoint, after):
         if sub.proc.poll() is not None or time.time() > deadline:
-            return {"error": f"the run ended (rc {sub.proc.returncode}) before reaching {at}"}
+            sub.kill()
+            return {"error": f"the run ended (rc {sub.proc.returncode}) or timed out before reaching {at}"}
         time.sleep(0.2)
     done = scored(uri, endpoint)
     out = {"lost_at": time.time(), "checkpoints_before": supernet_checkpoints(uri, endpoint),
@@ -196,29 +197,34 @@ def run(args) -> dict:
     jobs = {n: job_dict(str(tmp / "data"), endpoint, n, args) for n in ("lossy", "calm")}
     for n, job in jobs.items():
         (tmp / f"{n}.yaml").write_text(yaml.safe_dump(job))
+    subs: list[Submission] = []
+
+    def submit(name: str, log: str) -> Submission:
+        subs.append(Submission(tmp / f"{name}.yaml", args.nodes, tmp / log))
+        return subs[-1]
+
     try:
-        first = Submission(tmp / "lossy.yaml", args.nodes, tmp / "first.log")
+        first = submit("lossy", "first.log")
         out = kill_at(first, args.at, "s3://bench/store/lossy", endpoint, args.after)
         first.wait(30)
         t0 = time.time()
-        again = Submission(tmp / "lossy.yaml", args.nodes, tmp / "again.log")
-        rc_again = again.wait(1800)
+        rc_again = submit("lossy", "again.log").wait(1800)
         out.update(resubmitted_rc=rc_again, resubmit_to_done_s=round(time.time() - t0, 1))
         t0 = time.time()
-        calm = Submission(tmp / "calm.yaml", args.nodes, tmp / "calm.log")
-        out.update(undisturbed_rc=calm.wait(1800), undisturbed_s=round(time.time() - t0, 1))
-        left = [s.pids() for s in (first, again, calm)]
+        out.update(undisturbed_rc=submit("calm", "calm.log").wait(1800), undisturbed_s=round(time.time() - t0, 1))
+        out["processes_left"] = sum(len(s.pids()) for s in subs)
         if rc_again == 0 and out["undisturbed_rc"] == 0:
             out.update(compare(outcome(jobs["lossy"]), outcome(jobs["calm"])))
-            starts = out["supernet_start_epochs"]
+            starts, before = out["supernet_start_epochs"], out.get("checkpoints_before")
             # finished (checkpointed) epochs trained again; None: the supernet had ended before the loss
-            out["supernet_epochs_redone"] = max(0, out["checkpoints_before"] - starts[-1]) if len(starts) > 1 else None
+            out["supernet_epochs_redone"] = max(0, before - starts[-1]) if len(starts) > 1 and before else None
         else:
             out["log_tail"] = (tmp / "again.log").read_text()[-1500:]
-        out["processes_left"] = sum(len(p) for p in left)
         out["lost_during"] = args.at
         return out
     finally:
+        for sub in subs:                 # whatever happened (Ctrl-C too): no process of any cluster is left
+            sub.kill()
         server.stop()
 
 

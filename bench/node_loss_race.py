@@ -14,7 +14,10 @@ deterministic, so a retried trial repeats its curve); no duplicate curve rows; e
 trials at once make timing-dependent even without a loss, so the epochs each trial ran (and so the
 survivor) may differ between two undisturbed races too; the bench reports whether they did.
 
-    python bench/node_loss_race.py [--nodes 3] [--concurrent 2] [--drain 1]     # ~2-3 min on 2 cores
+With ``--scheduler sync`` (each rung decided on all its results) the epochs each trial ran must be
+equal too.
+
+    python bench/node_loss_race.py [--nodes 3] [--concurrent 2] [--drain 1] [--scheduler sync]  # ~2-3 min
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def job_dict(data_root: str, storage: str, args) -> dict:
                        "hold_actors": False},
             "race": {"finalists": 2, "baselines": True, "max_epochs": args.epochs, "grace_period": 1,
                      "reduction_factor": 2, "max_concurrent": args.concurrent, "cpus_per_trial": 1,
+                     "scheduler": args.scheduler,
                      "trial_retries": 0 if args.drain is not None else 2},
             "retrain": {"epochs": args.epochs, "lr": 3e-3, "warmup_epochs": 0, "seeds": [0], "baselines": []}}
 
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrent", type=int, default=2, help="race trials at once")
     p.add_argument("--epochs", type=int, default=6, help="the race's top rung")
     p.add_argument("--train-images", type=int, default=128)
+    p.add_argument("--scheduler", default="asha", choices=("asha", "sync"), help="race.scheduler")
     return print_run(run, p.parse_args(argv))
 
 

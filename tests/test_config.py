@@ -93,3 +93,18 @@ def test_shipped_job_files_load():
     for p in jobs:
         job = JobConfig.load(p)
         assert JobConfig.from_dict(job.to_dict()) == job
+
+
+def test_checkpoint_blocks_is_a_memory_switch_not_a_setting_to_match_or_tune():
+    """A resumed hpo or race compares the model settings it started with: checkpoint_blocks is left
+    out (it changes memory, not results; settings written before it existed lack it), and hpo
+    cannot tune it."""
+    from noah_ray.config.schema import ModelConfig, hpo_path
+
+    with_it = ModelConfig(grad_checkpointing=True, checkpoint_blocks=4)
+    assert "checkpoint_blocks" not in with_it.settings()
+    assert with_it.settings() == ModelConfig(grad_checkpointing=True).settings()
+    assert set(with_it.settings()) == {f.name for f in dataclasses.fields(ModelConfig)} - {"checkpoint_blocks"}
+    with pytest.raises(ConfigError, match="'checkpoint_blocks' is not a tunable setting"):
+        hpo_path("checkpoint_blocks", "hpo.space")
+    assert hpo_path("lora_dropout", "hpo.space") == "model.lora_dropout"     # the other numeric keys still are

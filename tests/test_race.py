@@ -252,9 +252,88 @@ def test_the_survivor_does_not_depend_on_the_order_tune_returns_results_in():
     tied = [row("r_00002", 0, 90.0, 0.5), row("r_00000", 0, 90.0, 0.5), row("r_00005", 2, 80.0, 0.1)]
     for order in (tied, tied[::-1], tied[1:] + tied[:1]):
         assert race.survivor(order, params)["trial_id"] == "r_00000"
-    assert race.survivor([row("a", 0, 90.0, 0.5), row("b", 1, 90.0, 0.4)], params)["trial_id"] == "b"  # lower loss
+    assert race.survivor([row("a", 1, 90.0, 0.5), row("b", 0, 90.0, 0.4)], params)["trial_id"] == "b"  # lower loss
     assert race.survivor([row("a", 0, 90.0, 0.5), row("b", 1, 90.0, 0.5)], params)["trial_id"] == "b"  # more params
     same = [100, 100, 100]
     assert race.survivor([row("b", 1, 90.0, 0.5), row("a", 2, 90.0, 0.5)], same)["trial_id"] == "b"  # earlier finalist
     # only the trials that reached the top rung count, however good a stopped one was
     assert race.survivor([row("a", 0, 99.0, 0.1, epoch=2), row("b", 1, 70.0, 0.9)], params)["trial_id"] == "b"
+
+
+# ------------------------------------------------------------------ synchronous successive halving
+#: finalist -> val accuracy at epochs 1..6 (loss equal): the order changes from rung to rung
+_SH_ACC = {0: [10, 11, 12, 13, 14, 15], 1: [50, 30, 31, 32, 33, 34], 2: [40, 60, 61, 40, 41, 42],
+           3: [30, 50, 51, 70, 71, 72], 4: [20, 21, 22, 23, 24, 25]}
+
+
+def test_cohorts_replay_successive_halving_from_the_rung_scores():
+    """Rungs 1, 2, 4 (top 6), rf 2: 5 trials -> the best 3 at epoch 1 -> the best 2 at 2 -> 1 at 4,
+    worked out by hand from the table above; an undecided rung names itself."""
+    from noah_ray.hpo.halving import cohorts
+
+    def scores(upto: int, trials=range(5)) -> dict:
+        return {f"t{f}": {e: (float(_SH_ACC[f][e - 1]), 1.0) for e in (1, 2, 4) if e <= upto} for f in trials}
+
+    order = [f"t{f}" for f in range(5)]
+    def rank(t, s):
+        return s
+
+    assert cohorts(order, {}, (1, 2, 4), 2, rank).pending == 1
+    st = cohorts(order, scores(1), (1, 2, 4), 2, rank)
+    assert (st.racing, st.pending) == (("t1", "t2", "t3"), 2)              # 50, 40, 30 of 10..50
+    st = cohorts(order, scores(2, (1, 2, 3)) | {"t0": {1: (10.0, 1.0)}, "t4": {1: (20.0, 1.0)}}, (1, 2, 4), 2, rank)
+    assert (st.racing, st.pending) == (("t2", "t3"), 4)                     # 60, 50 beat 30
+    st = cohorts(order, scores(4, (2, 3)) | {f"t{f}": {e: (float(_SH_ACC[f][e - 1]), 1.0) for e in (1, 2)}
+                                            for f in (1,)} | {"t0": {1: (10.0, 1.0)}, "t4": {1: (20.0, 1.0)}},
+                 (1, 2, 4), 2, rank)
+    assert (st.racing, st.pending) == (("t3",), None)                       # 70 beats 40
+    # a rung waits for every trial still racing; equal scores go to the earlier trial
+    assert cohorts(order, {t: {1: (5.0, 1.0)} for t in order[:4]}, (1,), 2, rank).pending == 1
+    assert cohorts(order, {t: {1: (5.0, 1.0)} for t in order}, (1,), 2, rank).racing == ("t0", "t1", "t2")
+
+
+@pytest.mark.slow
+def test_sync_halving_stops_the_same_trials_whatever_order_results_arrive(ray_session, tmp_path):
+    """5 trials, 2 at a time, rungs 1, 2, 4, 6, rf 2 through real Ray Tune: the epochs each trial
+    ran are the hand-worked halving above, with two opposite orders of arrival (per-trial delays)."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    from noah_ray.hpo.halving import SyncHalving
+
+    acc = dict(_SH_ACC)                    # the trial function is pickled by value (this module is not
+                                           # importable in Ray's workers), with what it captures
+
+    def trainable(config):
+        """A race-like trial: deterministic scores, a checkpoint every epoch, resumes from it."""
+        import tempfile
+        import time
+        from pathlib import Path
+
+        from ray import tune
+
+        ckpt, start = tune.get_checkpoint(), 0
+        if ckpt is not None:
+            start = int((Path(ckpt.path) / "epoch").read_text())
+        for epoch in range(start + 1, 7):
+            time.sleep(config["delay"])
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / "epoch").write_text(str(epoch))
+                tune.report({"epoch": epoch, "val_acc": float(acc[config["finalist"]][epoch - 1]), "val_loss": 1.0},
+                            checkpoint=tune.Checkpoint.from_directory(d))
+
+    def run(delays: list[float], name: str) -> dict[int, int]:
+        sched = SyncHalving([1, 2, 4, 6], 2, 2, rank=lambda config, score, tid: score)
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": 1}),
+            param_space={"finalist": tune.grid_search(list(range(5))), "delay": tune.sample_from(
+                lambda spec: delays[spec.config.finalist])},
+            tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=sched, reuse_actors=True,
+                                        search_alg=BasicVariantGenerator(max_concurrent=0)),
+            run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0))
+        grid = tuner.fit()
+        return {r.config["finalist"]: int(r.metrics["epoch"]) for r in grid}
+
+    expected = {0: 1, 1: 2, 2: 4, 3: 6, 4: 1}
+    assert run([0.0, 0.3, 0.1, 0.2, 0.0], "a") == expected
+    assert run([0.3, 0.0, 0.2, 0.0, 0.1], "b") == expected

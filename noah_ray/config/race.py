@@ -12,7 +12,9 @@ the search's top-scored candidate (NOAH's choice, ``search.ties: best``) as the 
 one job compares both procedures on the same supernet and search.  The cost of the default
 brackets: :func:`race_budget`.  ASHA is asynchronous: a trial reaching a rung is compared with the
 results recorded there so far, so with ``max_concurrent`` above 1 which trials stop depends on the
-order results arrive; ``max_concurrent: 1`` makes the race repeatable.
+order results arrive; ``scheduler: sync`` (every trial waits at each rung until the rung is
+decided on all its results: :mod:`noah_ray.hpo.halving`) or ``max_concurrent: 1`` makes the race
+repeatable.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from noah_ray.errors import ConfigError
 
 #: more finalists than this is a typo (each is a standalone training)
 MAX_FINALISTS = 256
+#: the race's successive-halving schedulers (built by :mod:`noah_ray.hpo.race`)
+SCHEDULERS = ("asha", "sync")
 
 
 @dataclass
@@ -35,6 +39,8 @@ class RaceConfig:
     max_epochs: int | None = None         # the top rung (ASHA's max_t); default: retrain.epochs
     grace_period: int | None = None       # epochs before the first stop decision; default max(1, max_epochs // 16)
     reduction_factor: float = 4.0         # ASHA: the best 1/reduction_factor of a rung go on
+    scheduler: str = "asha"               # asha (Ray Tune's, asynchronous) | sync (each rung decided on all
+                                          # its results: repeatable at any max_concurrent; noah_ray.hpo.halving)
     lrs: list[float] = field(default_factory=list)
                                           # learning rates raced per finalist (each pair a trial);
                                           # empty: retrain.lr (or retrain.method_lr.noah)
@@ -50,6 +56,8 @@ class RaceConfig:
         positive(where, finalists=self.finalists, max_epochs=self.max_epochs, grace_period=self.grace_period,
                  max_concurrent=self.max_concurrent, cpus_per_trial=self.cpus_per_trial)
         at_most(where, MAX_FINALISTS, finalists=self.finalists)
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"{where}.scheduler: {self.scheduler!r} unknown; use one of {', '.join(SCHEDULERS)}")
         if self.reduction_factor <= 1:
             raise ConfigError(f"{where}.reduction_factor: {self.reduction_factor} must be > 1 (e.g. 4: the best "
                               f"quarter of each rung goes on)")

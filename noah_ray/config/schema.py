@@ -91,7 +91,8 @@ class ModelConfig:
                                                                                   # the recipe's)
     fused_attn: bool = True
     grad_checkpointing: bool = False
-    checkpoint_blocks: int | None = None  # with grad_checkpointing: only the first N blocks (None: all)
+    checkpoint_blocks: int | None = field(default=None, metadata={"tunable": "no"})
+                                          # with grad_checkpointing: only the first N blocks (None: all)
     precision: str = "fp32"               # fp32 | bf16 | fp16
     # recipe (noah_ray.recipes; docs/recipes.md): noah | e2vpt | modern; None: noah, and e2vpt for
     # the e2vpt baseline.  Each setting below overrides the recipe's value (None: the recipe's).
@@ -109,6 +110,11 @@ class ModelConfig:
     prune_shared: bool | None = None      # one pruning mask for all layers
     param_count: str | None = None        # exact | noah (the count search.param_limit applies to)
 
+    def settings(self) -> dict[str, Any]:
+        """What a resumed trial stage (hpo, race) must match: every field but ``checkpoint_blocks``
+        (it changes memory and speed, not what is computed; settings written before it existed lack it)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "checkpoint_blocks"}
+
     def check(self, where: str) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"{where}.precision: {self.precision!r} unknown; use fp32, bf16 or fp16")
@@ -116,6 +122,9 @@ class ModelConfig:
         if cb is not None and (isinstance(cb, bool) or not isinstance(cb, int) or cb < 0):
             raise ConfigError(f"{where}.checkpoint_blocks: {cb!r} must be a whole number >= 0 (the first N blocks "
                               f"are checkpointed; unset: all)")
+        if cb is not None and not self.grad_checkpointing:
+            raise ConfigError(f"{where}.checkpoint_blocks: {cb} needs grad_checkpointing: true beside it (it says how "
+                              f"many blocks are checkpointed); set both, or remove checkpoint_blocks")
         if not 0 <= self.drop_path_rate < 1:
             raise ConfigError(f"{where}.drop_path_rate: {self.drop_path_rate} must be in [0, 1)")
         try:
@@ -407,7 +416,8 @@ def _numeric(tp: Any) -> bool:
 def hpo_path(name: str, where: str) -> str:
     """The config path a space name stands for (``lr`` -> ``retrain.lr``; a bare numeric model key
     such as ``prompt_dropout`` -> ``model.prompt_dropout``); one-line error if none."""
-    numeric = [k for k, t in typing.get_type_hints(ModelConfig).items() if _numeric(t)]
+    fixed = {f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("tunable") == "no"}
+    numeric = [k for k, t in typing.get_type_hints(ModelConfig).items() if _numeric(t) and k not in fixed]
     path = HPO_ALIASES.get(name) or (f"model.{name}" if name in numeric else name)
     section, _, key = path.partition(".")
     if not ((section == "retrain" and key in HPO_RETRAIN_KEYS) or (section == "model" and key in numeric)):

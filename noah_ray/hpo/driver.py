@@ -177,7 +177,7 @@ def _settings(job: JobConfig, method: str, cfg: SubnetConfig, space: dict[str, H
     d, r = job.data, job.retrain
     hpo = {k: v for k, v in dataclasses.asdict(job.hpo).items() if k not in _RESOURCE_KEYS}
     return {"method": method, "subnet": cfg.to_dict(), "space": {k: dataclasses.asdict(p) for k, p in space.items()},
-            "hpo": hpo, "model": dataclasses.asdict(job.model),
+            "hpo": hpo, "model": job.model.settings(),
             "data": {"dataset": d.dataset, "format": d.format, "train_split": d.train_split, "val_split": d.val_split,
                      "batch_size": d.batch_size, "img_size": d.img_size, "shots": d.shots, "seed": d.seed},
             "retrain": {"epochs": job.hpo.epochs or r.epochs, "lr": r.method_lr.get(method, r.lr),

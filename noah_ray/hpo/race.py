@@ -27,10 +27,13 @@ table and ``chosen.json``.  A finished race is only read again; an interrupted o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 import pyarrow as pa
 from ray import tune
@@ -182,33 +185,56 @@ def _trial_job(job: JobConfig) -> dict:
 def _settings(job: JobConfig, finalists: list[Finalist]) -> dict:
     d, r = job.data, job.retrain
     race = {k: v for k, v in dataclasses.asdict(job.race).items() if k not in _RESOURCE_KEYS + _AFTER_KEYS}
+    if race["scheduler"] == "asha":              # the default: races started before the setting existed lack it
+        del race["scheduler"]
     return {"finalists": [{"subnet": f.subnet.to_dict(), "source": f.source} for f in finalists], "race": race,
-            "model": dataclasses.asdict(job.model),
+            "model": job.model.settings(),
             "data": {"dataset": d.dataset, "format": d.format, "train_split": d.train_split, "val_split": d.val_split,
                      "batch_size": d.batch_size, "img_size": d.img_size, "shots": d.shots, "seed": d.seed},
             "retrain": {"epochs": job.race.epochs(r.epochs), "lr": r.method_lr.get("noah", r.lr),
                         "weight_decay": r.weight_decay, "warmup_epochs": r.warmup_epochs, "min_lr": r.min_lr}}
 
 
-def _tuner(job: JobConfig, trainable, n: int, tables: TrialTables):
-    """A new Tune experiment (a grid over finalists x lrs under ASHA), or the interrupted one restored."""
+def _asha(job: JobConfig, params: list[int]) -> tuple[Any, int]:
+    """Ray Tune's asynchronous ASHA; the variant generator keeps ``max_concurrent`` trials live."""
     from ray.tune.schedulers import ASHAScheduler
+
+    r, e = job.race, job.retrain.epochs
+    return ASHAScheduler(time_attr="epoch", max_t=r.epochs(e), grace_period=r.grace(e),
+                         reduction_factor=r.reduction_factor), r.max_concurrent
+
+
+def _sync(job: JobConfig, params: list[int]) -> tuple[Any, int]:
+    """Synchronous successive halving (:mod:`noah_ray.hpo.halving`); it limits the trials running
+    itself (0: the variant generator creates every trial at once, paused ones do not count)."""
+    from noah_ray.hpo.halving import SyncHalving
+
+    r, e = job.race, job.retrain.epochs
+    return SyncHalving(rungs(r.grace(e), r.reduction_factor, r.epochs(e)), r.reduction_factor, r.max_concurrent,
+                       rank=functools.partial(_trial_rank, params), history=functools.partial(_scores, job)), 0
+
+
+#: race.scheduler -> (the Tune scheduler, the variant generator's max_concurrent)
+SCHEDULERS: dict[str, Callable[[JobConfig, list[int]], tuple[Any, int]]] = {"asha": _asha, "sync": _sync}
+
+
+def _tuner(job: JobConfig, trainable, params: list[int], tables: TrialTables):
+    """A new Tune experiment (a grid over finalists x lrs under ``race.scheduler``), or the
+    interrupted one restored.  ``params``: per finalist."""
     from ray.tune.search import BasicVariantGenerator
 
     r, tune_dir = job.race, JobPaths.of(job).race_tune
     restored = restored_tuner(tune_dir, RUN_ID, trainable, "[race] resuming the race")
     if restored is not None:
         return restored
-    top = r.epochs(job.retrain.epochs)
-    space: dict = {"finalist": tune.grid_search(list(range(n)))}
+    space: dict = {"finalist": tune.grid_search(list(range(len(params))))}
     if r.lrs:
         space["lr"] = tune.grid_search(list(r.lrs))
     run_config = trial_run_config(tune_dir, RUN_ID, [TrialRecorder(tables)], r.trial_retries)
-    search = BasicVariantGenerator(random_state=r.seed, max_concurrent=r.max_concurrent)
-    tune_config = tune.TuneConfig(
-        metric=METRIC, mode="max", search_alg=search,
-        scheduler=ASHAScheduler(time_attr="epoch", max_t=top, grace_period=r.grace(job.retrain.epochs),
-                                reduction_factor=r.reduction_factor), num_samples=1, reuse_actors=True)
+    scheduler, live = SCHEDULERS[r.scheduler](job, params)
+    search = BasicVariantGenerator(random_state=r.seed, max_concurrent=live)
+    tune_config = tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler, num_samples=1,
+                                  reuse_actors=True)
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
 
 
@@ -245,7 +271,7 @@ def run_race(job: ResolvedJob | JobConfig) -> RaceResult | None:
                                      res=TrialResources(r.cpus_per_trial, r.gpus_per_trial, r.seed, METRIC, fix))
     trainable = tune.with_resources(trainable, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
     with _quiet_snapshots(), tune_without_credentials():
-        results = _tuner(job, trainable, len(finalists), tables).fit()
+        results = _tuner(job, trainable, [f.params for f in finalists], tables).fit()
     res = _choose(job, finalists, results, tables, budget)
     progress.echo(f"[race] survivor: {res.source} finalist {res.finalist} (val {res.val_acc:.2f}% after "
                   f"{res.epochs} epochs, {res.params / 1e6:.4f} M params; {res.stopped_early} of {res.trials} trials "
@@ -253,26 +279,37 @@ def run_race(job: ResolvedJob | JobConfig) -> RaceResult | None:
     return res
 
 
-def _curves(job: JobConfig) -> dict[str, dict[int, float]]:
-    """trial id -> epoch -> val accuracy, from the race's ``hpo_curves`` rows."""
+def rank_key(finalist: int, acc: float, loss: float, params: list[int]) -> tuple:
+    """A race trial's standing at a rung (highest first): val accuracy, then the lower val loss,
+    then more parameters, then the earlier finalist."""
+    return (acc, -loss, params[finalist], -finalist)
+
+
+def _trial_rank(params: list[int], config: dict, score: tuple[float, float], trial_id: str) -> tuple:
+    """:func:`rank_key` of a Tune trial (the synchronous scheduler's key; equal keys go to the earlier trial)."""
+    return rank_key(int(config["finalist"]), score[0], score[1], params)
+
+
+def _scores(job: JobConfig) -> dict[str, dict[int, tuple[float, float]]]:
+    """trial id -> epoch -> (val accuracy, val loss), from the race's ``hpo_curves`` rows."""
     t = storage.read_table(JobPaths.of(job).race, "hpo_curves")
-    out: dict[str, dict[int, float]] = {}
+    out: dict[str, dict[int, tuple[float, float]]] = {}
     for row in [] if t is None else t.to_pylist():
-        out.setdefault(row["trial_id"], {})[int(row["epoch"])] = row["val_acc"]
+        loss = row.get("val_loss")
+        out.setdefault(row["trial_id"], {})[int(row["epoch"])] = (row["val_acc"], math.inf if loss is None else loss)
     return out
 
 
 def survivor(ok: list[dict], params: list[int]) -> dict:
     """The race's survivor among finished trial rows (``config.finalist``, metrics ``m``; ``params``
-    per finalist): of those that reached the top rung, the best val accuracy there; ties go to the
-    lower val loss, then more parameters, then the earlier finalist, then the earlier trial (Tune's
-    trial ids end in the trial's creation index; two learning rates of one finalist can tie).  Not
-    the order Tune returns results in: that follows completion, which a retried trial changes."""
+    per finalist): of those that reached the top rung, the best by :func:`rank_key` there; equal keys
+    go to the earlier trial (Tune's trial ids end in the trial's creation index; two learning rates
+    of one finalist can tie).  Not the order Tune returns results in: that follows completion, which
+    a retried trial changes."""
     top = max(int(x["m"]["epoch"]) for x in ok)
 
     def rank(x: dict) -> tuple:
-        f = int(x["config"]["finalist"])
-        return (x["m"][METRIC], -x["m"].get("val_loss", math.inf), params[f], -f)
+        return rank_key(int(x["config"]["finalist"]), x["m"][METRIC], x["m"].get("val_loss", math.inf), params)
 
     return max(sorted((x for x in ok if int(x["m"]["epoch"]) == top), key=lambda x: str(x["trial_id"])), key=rank)
 
@@ -303,7 +340,8 @@ def _write_finalists(job: JobConfig, finalists: list[Finalist], rows: list[dict]
     """The ``finalists`` table: one row per trial (a fixed part name: rewriting it is idempotent)."""
     r = job.race
     marks = rungs(r.grace(job.retrain.epochs), r.reduction_factor, tables.max_epochs)
-    curves, now = _curves(job), datetime.now(timezone.utc)
+    curves = {t: {e: acc for e, (acc, _) in per.items()} for t, per in _scores(job).items()}
+    now = datetime.now(timezone.utc)
     out = []
     for x in rows:
         f = finalists[int(x["config"]["finalist"])]
