@@ -332,6 +332,9 @@ def test_sync_halving_stops_the_same_trials_whatever_order_results_arrive(ray_se
                                         search_alg=BasicVariantGenerator(max_concurrent=0)),
             run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0))
         grid = tuner.fit()
+        assert grid.num_errors == 0 and grid.num_terminated == 5, grid.errors   # cut trials stop (none left paused)
+        failed = list((tmp_path / name).rglob("error.txt"))        # Tune's record of any failure, even recovered
+        assert failed == [], failed[0].read_text()[-1500:]
         return {r.config["finalist"]: int(r.metrics["epoch"]) for r in grid}
 
     expected = {0: 1, 1: 2, 2: 4, 3: 6, 4: 1}

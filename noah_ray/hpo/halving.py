@@ -71,6 +71,7 @@ class SyncHalving(FIFOScheduler):
         self.trials: dict[str, Trial] = {}          # every trial, in the order Tune added them
         self.withdrawn: set[str] = set()            # ended with an error: no longer waited for
         self.active: set[str] = set()               # started by this scheduler, not paused or ended since
+        self.stopped: set[str] = set()              # cut by a decision and stopped here (Tune calls back at once)
         self.scores: Scores = {}
         self.seeded = False
 
@@ -85,9 +86,13 @@ class SyncHalving(FIFOScheduler):
         return st.pending is not None and tid in st.racing and st.pending in self.scores.get(tid, {})
 
     def _apply(self, tune_controller, st: Standing) -> None:
-        """Stop the paused or waiting trials the decisions cut (the running ones stop at their next result)."""
-        for tid, trial in self.trials.items():
-            if tid not in st.racing and tid not in self.withdrawn and trial.status in (Trial.PAUSED, Trial.PENDING):
+        """Stop the paused, pausing or waiting trials the decisions cut (a running one stops at its
+        next result)."""
+        for tid, trial in list(self.trials.items()):
+            if tid in st.racing or tid in self.withdrawn or tid in self.stopped:
+                continue
+            if trial.status in (Trial.PAUSED, Trial.PENDING) or trial.is_saving:   # is_saving: pausing
+                self.stopped.add(tid)                # before the call: stop_trial calls on_trial_remove back
                 self.active.discard(tid)
                 tune_controller.stop_trial(trial)
 
