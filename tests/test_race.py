@@ -340,3 +340,33 @@ def test_sync_halving_stops_the_same_trials_whatever_order_results_arrive(ray_se
     expected = {0: 1, 1: 2, 2: 4, 3: 6, 4: 1}
     assert run([0.0, 0.3, 0.1, 0.2, 0.0], "a") == expected
     assert run([0.3, 0.0, 0.2, 0.0, 0.1], "b") == expected
+
+
+def test_a_restored_sync_race_decides_from_the_recorded_scores():
+    """``Tuner.restore`` re-creates the scheduler empty: it takes the rung scores recorded so far
+    (``history``) and goes on as before.  Recorded: all 5 at rung 1 (t1, t2, t3 went on), t1 and t2
+    at rung 2.  Only t3 may run (t1 and t2 wait at rung 2); its rung-2 score decides: t2 and t3 go
+    on, t1 (paused, resumed as pending) is stopped.  Tune's side is a stand-in recording calls."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from noah_ray.hpo.halving import SyncHalving
+
+    acc = {f"t{f}": {e: (float(_SH_ACC[f][e - 1]), 1.0) for e in (1, 2)} for f in range(5)}
+    history = {t: {1: s[1]} for t, s in acc.items()} | {t: acc[t] for t in ("t1", "t2")}
+    trials = [SimpleNamespace(trial_id=f"t{f}", config={"finalist": f}, is_saving=False,
+                              status=Trial.TERMINATED if f in (0, 4) else Trial.PENDING) for f in range(5)]
+    stopped: list[str] = []
+    tc = SimpleNamespace(get_trials=lambda: trials, stop_trial=lambda t: stopped.append(t.trial_id))
+    sched = SyncHalving([1, 2, 4, 6], 2, 2, rank=lambda config, score, tid: score, history=lambda: history)
+    for t in trials:
+        sched.on_trial_add(tc, t)
+    assert sched.standing().racing == ("t1", "t2", "t3") and sched.standing().pending == 2
+    assert sched.choose_trial_to_run(tc).trial_id == "t3"
+    trials[3].status = Trial.RUNNING
+    assert sched.choose_trial_to_run(tc) is None           # a slot is free, but t1 and t2 wait at rung 2
+    action = sched.on_trial_result(tc, trials[3], {"epoch": 2, "val_acc": acc["t3"][2][0], "val_loss": 1.0})
+    assert action == "CONTINUE" and stopped == ["t1"]                      # 60 and 50 beat 30
+    assert sched.standing().racing == ("t2", "t3") and sched.standing().pending == 4
+    assert sched.choose_trial_to_run(tc).trial_id == "t2"                  # let through: may run again
