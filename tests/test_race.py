@@ -294,15 +294,16 @@ def test_cohorts_replay_successive_halving_from_the_rung_scores():
 
 @pytest.mark.slow
 def test_sync_halving_stops_the_same_trials_whatever_order_results_arrive(ray_session, tmp_path):
-    """5 trials, 2 at a time, rungs 1, 2, 4, 6, rf 2 through real Ray Tune: the epochs each trial
-    ran are the hand-worked halving above, with two opposite orders of arrival (per-trial delays)."""
+    """5 trials, rungs 1, 2, 4, 6, rf 2 through real Ray Tune: the epochs each trial ran are the
+    hand-worked halving above, with two opposite orders of arrival (per-trial delays), 2 trials at
+    once and 1 at a time; with 1 at a time (the session's Ray has 2 CPUs) no two trials' epochs
+    overlap: the variant generator, not the CPUs, held the second trial back."""
     from ray import tune
-    from ray.tune.search import BasicVariantGenerator
 
-    from noah_ray.hpo.halving import SyncHalving
+    from noah_ray.hpo.halving import GatedVariants, SyncHalving
 
     acc = dict(_SH_ACC)                    # the trial function is pickled by value (this module is not
-                                           # importable in Ray's workers), with what it captures
+    log = str(tmp_path / "epochs.log")     # importable in Ray's workers), with what it captures
 
     def trainable(config):
         """A race-like trial: deterministic scores, a checkpoint every epoch, resumes from it."""
@@ -316,20 +317,23 @@ def test_sync_halving_stops_the_same_trials_whatever_order_results_arrive(ray_se
         if ckpt is not None:
             start = int((Path(ckpt.path) / "epoch").read_text())
         for epoch in range(start + 1, 7):
-            time.sleep(config["delay"])
+            t0 = time.time()
+            time.sleep(config["delay"] + 0.05)
+            with open(log, "a") as f:
+                f.write(f"{config['run']} {config['finalist']} {t0} {time.time()}\n")
             with tempfile.TemporaryDirectory() as d:
                 (Path(d) / "epoch").write_text(str(epoch))
                 tune.report({"epoch": epoch, "val_acc": float(acc[config["finalist"]][epoch - 1]), "val_loss": 1.0},
                             checkpoint=tune.Checkpoint.from_directory(d))
 
-    def run(delays: list[float], name: str) -> dict[int, int]:
-        sched = SyncHalving([1, 2, 4, 6], 2, 2, rank=lambda config, score, tid: score)
+    def run(delays: list[float], name: str, concurrent: int) -> dict[int, int]:
+        sched = SyncHalving(5, [1, 2, 4, 6], 2, concurrent, rank=lambda config, score, tid: score)
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": 1}),
-            param_space={"finalist": tune.grid_search(list(range(5))), "delay": tune.sample_from(
+            param_space={"finalist": tune.grid_search(list(range(5))), "run": name, "delay": tune.sample_from(
                 lambda spec: delays[spec.config.finalist])},
             tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=sched, reuse_actors=True,
-                                        search_alg=BasicVariantGenerator(max_concurrent=0)),
+                                        search_alg=GatedVariants(sched)),
             run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0))
         grid = tuner.fit()
         assert grid.num_errors == 0 and grid.num_terminated == 5, grid.errors   # cut trials stop (none left paused)
@@ -338,35 +342,116 @@ def test_sync_halving_stops_the_same_trials_whatever_order_results_arrive(ray_se
         return {r.config["finalist"]: int(r.metrics["epoch"]) for r in grid}
 
     expected = {0: 1, 1: 2, 2: 4, 3: 6, 4: 1}
-    assert run([0.0, 0.3, 0.1, 0.2, 0.0], "a") == expected
-    assert run([0.3, 0.0, 0.2, 0.0, 0.1], "b") == expected
+    assert run([0.0, 0.3, 0.1, 0.2, 0.0], "a", 2) == expected
+    assert run([0.3, 0.0, 0.2, 0.0, 0.1], "b", 1) == expected
+    spans = sorted((float(a), float(b), int(f)) for r, f, a, b in (ln.split() for ln in Path(log).read_text().splitlines())
+                   if r == "b")
+    assert len(spans) == sum(expected.values())                            # every epoch of run b logged once
+    assert all(nxt[0] >= cur[1] or nxt[2] == cur[2] for cur, nxt in zip(spans, spans[1:]))   # one at a time
 
 
-def test_a_restored_sync_race_decides_from_the_recorded_scores():
-    """``Tuner.restore`` re-creates the scheduler empty: it takes the rung scores recorded so far
-    (``history``) and goes on as before.  Recorded: all 5 at rung 1 (t1, t2, t3 went on), t1 and t2
-    at rung 2.  Only t3 may run (t1 and t2 wait at rung 2); its rung-2 score decides: t2 and t3 go
-    on, t1 (paused, resumed as pending) is stopped.  Tune's side is a stand-in recording calls."""
+class _Tune:
+    """A stand-in for Tune's controller: ``stop_trial`` records the trial, marks it ended and calls
+    the scheduler back at once, as Tune's does."""
+
+    def __init__(self, trials: list) -> None:
+        self.trials, self.stopped, self.sched = trials, [], None
+
+    def get_trials(self) -> list:
+        return self.trials
+
+    def stop_trial(self, trial) -> None:
+        from ray.tune.experiment import Trial
+
+        self.stopped.append(trial.trial_id)
+        if trial.status in (Trial.PENDING, Trial.PAUSED):
+            self.sched.on_trial_remove(self, trial)
+        trial.status = Trial.TERMINATED
+
+
+def _standin(n: int, rf: float, marks: list[int], acc: dict, history: dict | None = None, order=None):
+    """``n`` stand-in trials ``a_0000k`` (finalist k, pending), added in ``order``, under SyncHalving."""
     from types import SimpleNamespace
 
     from ray.tune.experiment import Trial
 
     from noah_ray.hpo.halving import SyncHalving
 
-    acc = {f"t{f}": {e: (float(_SH_ACC[f][e - 1]), 1.0) for e in (1, 2)} for f in range(5)}
-    history = {t: {1: s[1]} for t, s in acc.items()} | {t: acc[t] for t in ("t1", "t2")}
-    trials = [SimpleNamespace(trial_id=f"t{f}", config={"finalist": f}, is_saving=False,
-                              status=Trial.TERMINATED if f in (0, 4) else Trial.PENDING) for f in range(5)]
-    stopped: list[str] = []
-    tc = SimpleNamespace(get_trials=lambda: trials, stop_trial=lambda t: stopped.append(t.trial_id))
-    sched = SyncHalving([1, 2, 4, 6], 2, 2, rank=lambda config, score, tid: score, history=lambda: history)
-    for t in trials:
-        sched.on_trial_add(tc, t)
-    assert sched.standing().racing == ("t1", "t2", "t3") and sched.standing().pending == 2
-    assert sched.choose_trial_to_run(tc).trial_id == "t3"
-    trials[3].status = Trial.RUNNING
-    assert sched.choose_trial_to_run(tc) is None           # a slot is free, but t1 and t2 wait at rung 2
-    action = sched.on_trial_result(tc, trials[3], {"epoch": 2, "val_acc": acc["t3"][2][0], "val_loss": 1.0})
-    assert action == "CONTINUE" and stopped == ["t1"]                      # 60 and 50 beat 30
-    assert sched.standing().racing == ("t2", "t3") and sched.standing().pending == 4
-    assert sched.choose_trial_to_run(tc).trial_id == "t2"                  # let through: may run again
+    trials = [SimpleNamespace(trial_id=f"a_{k:05d}", config={"finalist": k}, is_saving=False, status=Trial.PENDING)
+              for k in range(n)]
+    tc = _Tune(trials)
+    tc.sched = SyncHalving(n, marks, rf, 2, rank=lambda config, score, tid: score,
+                           history=(lambda: history) if history is not None else None)
+    for k in order or range(n):
+        tc.sched.on_trial_add(tc, trials[k])
+    return tc, trials
+
+
+def _report(tc, trial, epoch: int, acc: float) -> str:
+    from ray.tune.experiment import Trial
+
+    trial.status = Trial.RUNNING
+    action = tc.sched.on_trial_result(tc, trial, {"epoch": epoch, "val_acc": acc, "val_loss": 1.0})
+    trial.status = {"PAUSE": Trial.PAUSED, "STOP": Trial.TERMINATED}.get(action, Trial.RUNNING)
+    return action
+
+
+def test_sync_halving_keeps_its_decisions_through_a_retry_and_a_permanent_error():
+    """The default race's shape: 11 trials, rf 4, rungs 6, 24, 96, 100.  After rung 6 (the best 3:
+    a_00000..2), a_00000 fails and Tune retries it (status ERROR, on_trial_error, then pending and
+    added again): it still races and nothing is stopped.  Then a_00001 fails for good: it leaves
+    rung 24, and no trial cut at rung 6 comes back."""
+    from ray.tune.experiment import Trial
+
+    tc, trials = _standin(11, 4, [6, 24, 96, 100], {})
+    for k, t in enumerate(trials):
+        assert _report(tc, t, 6, 100.0 - k) == ("STOP" if k == 10 else "PAUSE")   # the last decides, is cut
+    assert tc.sched.standing().racing == ("a_00000", "a_00001", "a_00002") and tc.sched.standing().pending == 24
+    assert sorted(tc.stopped) == [f"a_{k:05d}" for k in range(3, 10)]          # a_00010 stopped by STOP
+    first = list(tc.stopped)
+    t0 = trials[0]
+    t0.status = Trial.ERROR                                                   # Tune's retry sequence
+    tc.sched.on_trial_error(tc, t0)
+    t0.status = Trial.PENDING
+    tc.sched.on_trial_add(tc, t0)
+    assert tc.sched.standing().racing == ("a_00000", "a_00001", "a_00002") and tc.stopped == first
+    t1 = trials[1]
+    t1.status = Trial.RUNNING                                                 # a permanent failure
+    tc.sched.on_trial_error(tc, t1)
+    t1.status = Trial.ERROR
+    st = tc.sched.standing()
+    assert st.racing == ("a_00000", "a_00002") and st.pending == 24 and tc.stopped == first
+    assert _report(tc, trials[2], 24, 50.0) == "PAUSE" and _report(tc, t0, 24, 40.0) == "STOP"
+    assert tc.sched.standing().racing == ("a_00002",) and tc.stopped == first
+    assert tc.sched.choose_trial_to_run(tc) is trials[2]                      # the survivor resumes
+
+
+def test_sync_halving_ties_go_to_the_earlier_trial_in_any_order_of_adding():
+    """Tune adds restored trials newest first: a tie at a rung still goes to the earlier trial."""
+    for order in (range(4), [3, 2, 1, 0], [2, 0, 3, 1]):
+        tc, trials = _standin(4, 2, [1, 2], {}, order=list(order))
+        for t in trials:
+            _report(tc, t, 1, 70.0)
+        assert tc.sched.standing().racing == ("a_00000", "a_00001")
+
+
+def test_a_restored_sync_race_decides_from_the_recorded_scores():
+    """``Tuner.restore`` re-creates the scheduler empty: it takes the rung scores recorded so far
+    (``history``).  Recorded: all 5 at rung 1 (a_00001..3 went on), a_00001 and a_00002 at rung 2.
+    Tune starts the restored pending trials itself: one that trains past rung 2 is paused there; a_00003's
+    rung-2 score decides; the cut a_00001 is stopped; a_00002, let through, is the one to resume."""
+    from ray.tune.experiment import Trial
+
+    acc = {f"a_{f:05d}": {e: (float(_SH_ACC[f][e - 1]), 1.0) for e in (1, 2)} for f in range(5)}
+    history = {t: {1: s[1]} for t, s in acc.items()} | {t: acc[t] for t in ("a_00001", "a_00002")}
+    tc, trials = _standin(5, 2, [1, 2, 4, 6], acc, history=history, order=[4, 3, 2, 1, 0])
+    for k in (0, 4):
+        trials[k].status = Trial.TERMINATED
+    st = tc.sched.standing()
+    assert (st.racing, st.pending) == (("a_00001", "a_00002", "a_00003"), 2)
+    assert tc.sched.choose_trial_to_run(tc) is None                           # nothing paused to resume
+    assert _report(tc, trials[1], 3, 31.0) == "PAUSE"                          # past rung 2: wait there
+    assert _report(tc, trials[2], 3, 61.0) == "PAUSE"
+    assert _report(tc, trials[3], 2, acc["a_00003"][2][0]) == "CONTINUE"       # 60 and 50 beat 30
+    assert tc.stopped == ["a_00001"] and tc.sched.standing().racing == ("a_00002", "a_00003")
+    assert tc.sched.choose_trial_to_run(tc) is trials[2]

@@ -205,14 +205,15 @@ def _check_settings(loc: storage.Location, settings: dict, tables: TrialTables) 
                               f"setting, or use another job name")
 
 
-def restored_tuner(tune_dir: storage.Location, name: str, trainable, what: str):
+def restored_tuner(tune_dir: storage.Location, name: str, trainable, what: str, resume_errored: bool = True):
     """The interrupted Tune experiment ``name`` under ``tune_dir`` restored (ended trials stay
-    ended, errored ones run again), saying ``what`` first; None when there is none to restore."""
+    ended, errored ones run again unless ``resume_errored`` is false), saying ``what`` first; None
+    when there is none to restore."""
     path = tune_dir.join(name)
     if not tune.Tuner.can_restore(path.path, storage_filesystem=path.fs):
         return None
     progress.echo(f"{what} from {path.uri}")
-    return tune.Tuner.restore(path.path, trainable, resume_errored=True, storage_filesystem=path.fs)
+    return tune.Tuner.restore(path.path, trainable, resume_errored=resume_errored, storage_filesystem=path.fs)
 
 
 def trial_run_config(tune_dir: storage.Location, name: str, callbacks: list, retries: int):

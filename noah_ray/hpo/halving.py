@@ -7,13 +7,17 @@ arrive, unlike Ray Tune's asynchronous ``ASHAScheduler`` with several trials at 
 trial gives its CPU back and resumes from its checkpoint when its rung is decided (the race
 checkpoints every epoch).
 
-The decisions are a pure function of the rung scores (:func:`cohorts`), replayed from the scores
-at every result, so nothing else is state: a race restored after its driver died (``Tuner.restore``
-re-creates this scheduler empty) gets the scores recorded so far from ``history`` (the race's
-``hpo_curves`` rows) and decides exactly as before.
+The decisions are a pure function of the rung scores (:func:`cohorts`), replayed at every result,
+and a decision once made never changes: a trial that fails for good (withdrawn) leaves the rungs it
+had not reached, never one it had scored.  A race restored after its driver died (``Tuner.restore``
+re-creates this scheduler empty; its errored trials stay errored) takes the scores recorded so far
+from ``history`` (the race's ``hpo_curves`` rows) and decides exactly as before; a restored trial
+that trains past an undecided rung before it is paused changes no score (training is deterministic
+and resumable), it only spends an epoch.
 
-Concurrency is the scheduler's (``max_concurrent`` trials started and not yet paused or ended): a
-search algorithm's limit would count paused trials and wait for ever.
+Concurrency: Tune starts every pending trial by itself, so :class:`GatedVariants` creates the next
+trial only while fewer than ``max_concurrent`` are running or pending, and the scheduler resumes a
+paused trial only then (a search algorithm's own limit counts paused trials and would wait for ever).
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from dataclasses import dataclass
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator
 
 #: trial id -> epoch -> (val accuracy, val loss)
 Scores = dict[str, dict[int, tuple[float, float]]]
+_BUSY = (Trial.RUNNING, Trial.PENDING)
 
 
 @dataclass(frozen=True)
@@ -39,61 +45,71 @@ class Standing:
 
 
 def cohorts(order: Sequence[str], scores: Scores, marks: Sequence[int], reduction_factor: float,
-            rank: Callable[[str, tuple[float, float]], tuple]) -> Standing:
-    """Replay the decisions: all of ``order`` (trial ids, withdrawn ones left out) start; at each
-    rung of ``marks`` (the decision rungs, ascending), once every trial still racing has a score
-    there, the best ``ceil(n / reduction_factor)`` by ``rank(trial id, score)`` (highest first) go on."""
+            rank: Callable[[str, tuple[float, float]], tuple], withdrawn: frozenset[str] = frozenset()) -> Standing:
+    """Replay the decisions: all of ``order`` (trial ids in creation order) start; at each rung of
+    ``marks`` (the decision rungs, ascending) the ``withdrawn`` trials without a score there leave,
+    and once every trial still racing has one, the best ``ceil(n / reduction_factor)`` by
+    ``rank(trial id, score)`` (highest first; equal keys: the earlier trial) go on."""
     racing = list(order)
     for mark in marks:
+        racing = [t for t in racing if t not in withdrawn or mark in scores.get(t, {})]
         if len(racing) <= 1:
             return Standing(tuple(racing), None)
         if any(mark not in scores.get(t, {}) for t in racing):
             return Standing(tuple(racing), mark)
         keep = max(1, math.ceil(len(racing) / reduction_factor))
-        racing = sorted(racing, key=lambda t: rank(t, scores[t][mark]), reverse=True)[:keep]
-        racing.sort(key=order.index)
+        best = sorted(racing, key=lambda t: rank(t, scores[t][mark]), reverse=True)[:keep]   # stable: ties
+        racing = [t for t in racing if t in best]
     return Standing(tuple(racing), None)
 
 
 class SyncHalving(FIFOScheduler):
-    """Synchronous successive halving over ``marks`` (all rungs, the top one last; decisions at
-    every rung below the top).  ``rank(config, (val_acc, val_loss), trial_id)``: a trial's sort key
-    at a rung (highest goes on).  ``history()``: the scores already recorded, for a restored race."""
+    """Synchronous successive halving of ``size`` trials (all of them race, also those Tune has not
+    created yet) over ``marks`` (all rungs, the top one last; decisions at every rung below the
+    top).  ``rank(config, (val_acc, val_loss), trial_id)``: a trial's sort key at a rung (highest
+    goes on).  ``history()``: the scores already recorded, for a restored race."""
 
-    def __init__(self, marks: Sequence[int], reduction_factor: float, max_concurrent: int,
+    _supports_buffered_results = False
+
+    def __init__(self, size: int, marks: Sequence[int], reduction_factor: float, max_concurrent: int,
                  rank: Callable[[dict, tuple[float, float], str], tuple],
                  history: Callable[[], Scores] | None = None, time_attr: str = "epoch",
                  metrics: tuple[str, str] = ("val_acc", "val_loss")) -> None:
         super().__init__()
-        self.marks = tuple(sorted(marks)[:-1])
+        self.size, self.marks = size, tuple(sorted(marks)[:-1])
         self.reduction_factor, self.max_concurrent = reduction_factor, max_concurrent
         self.rank, self.history, self.time_attr, self.metrics = rank, history, time_attr, metrics
-        self.trials: dict[str, Trial] = {}          # every trial, in the order Tune added them
-        self.withdrawn: set[str] = set()            # ended with an error: no longer waited for
-        self.active: set[str] = set()               # started by this scheduler, not paused or ended since
+        self.trials: dict[str, Trial] = {}
+        self.withdrawn: set[str] = set()            # failed for good: not waited for where they had no score
         self.stopped: set[str] = set()              # cut by a decision and stopped here (Tune calls back at once)
         self.scores: Scores = {}
         self.seeded = False
 
     # ------------------------------------------------------------------ the decisions
     def standing(self) -> Standing:
-        order = [t for t in self.trials if t not in self.withdrawn]
-        return cohorts(order, self.scores, self.marks, self.reduction_factor,
-                       lambda t, s: self.rank(self.trials[t].config, s, t))
+        gone = self.withdrawn | {t for t, trial in self.trials.items() if trial.status == Trial.ERROR}
+        # trials not created yet race too (they have no score anywhere, so no rung is decided
+        # before they exist); "~" sorts after Tune's ids, which then stay in creation order
+        unborn = [f"~{i:05d}" for i in range(self.size - len(self.trials))]
+        return cohorts(sorted(self.trials) + unborn, self.scores, self.marks, self.reduction_factor,
+                       lambda t, s: self.rank(self.trials[t].config, s, t), frozenset(gone))
+
+    def busy(self) -> int:
+        """Trials running or about to (pending): what ``max_concurrent`` bounds."""
+        return sum(t.status in _BUSY for t in self.trials.values())
 
     def _must_wait(self, tid: str, st: Standing) -> bool:
         """Racing, with a score at the rung not yet decided: it may not train past it."""
         return st.pending is not None and tid in st.racing and st.pending in self.scores.get(tid, {})
 
     def _apply(self, tune_controller, st: Standing) -> None:
-        """Stop the paused, pausing or waiting trials the decisions cut (a running one stops at its
+        """Stop the paused, pausing or pending trials the decisions cut (a running one stops at its
         next result)."""
         for tid, trial in list(self.trials.items()):
             if tid in st.racing or tid in self.withdrawn or tid in self.stopped:
                 continue
             if trial.status in (Trial.PAUSED, Trial.PENDING) or trial.is_saving:   # is_saving: pausing
                 self.stopped.add(tid)                # before the call: stop_trial calls on_trial_remove back
-                self.active.discard(tid)
                 tune_controller.stop_trial(trial)
 
     # ------------------------------------------------------------------ Tune's hooks
@@ -110,48 +126,54 @@ class SyncHalving(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         epoch, tid = int(result.get(self.time_attr, 0)), trial.trial_id
-        if epoch in self.marks:
+        if epoch in self.marks:                      # the first report counts (a resumed trial may repeat one)
             acc, loss = self.metrics
-            self.scores.setdefault(tid, {})[epoch] = (float(result[acc]), float(result.get(loss, math.inf)))
+            self.scores.setdefault(tid, {}).setdefault(epoch, (float(result[acc]),
+                                                               float(result.get(loss, math.inf))))
         st = self.standing()
         self._apply(tune_controller, st)
         if tid not in st.racing:
-            self.active.discard(tid)
             return TrialScheduler.STOP
-        if self._must_wait(tid, st):
-            self.active.discard(tid)
-            return TrialScheduler.PAUSE
-        return TrialScheduler.CONTINUE
+        return TrialScheduler.PAUSE if self._must_wait(tid, st) else TrialScheduler.CONTINUE
 
-    def _ended(self, tune_controller, trial: Trial) -> None:
-        self.active.discard(trial.trial_id)
+    def on_trial_error(self, tune_controller, trial: Trial) -> None:
+        if trial.status == Trial.ERROR:              # Tune retries it (it is added again at once): still racing
+            return
+        self.withdrawn.add(trial.trial_id)           # failed for good
         self._apply(tune_controller, self.standing())
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
-        self._ended(tune_controller, trial)
-
-    def on_trial_error(self, tune_controller, trial: Trial) -> None:
-        self.withdrawn.add(trial.trial_id)           # a decision no longer waits for it
-        self._ended(tune_controller, trial)
+        self._apply(tune_controller, self.standing())
 
     def on_trial_remove(self, tune_controller, trial: Trial) -> None:
-        self._ended(tune_controller, trial)
+        self._apply(tune_controller, self.standing())
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
+        """A paused trial let through its rung, while a slot is free (Tune starts pending trials itself)."""
         st = self.standing()
-        waiting = [t for t in tune_controller.get_trials() if t.status in (Trial.PENDING, Trial.PAUSED)]
-        for trial in waiting:                        # one already counted (a retry after a failure)
-            if trial.trial_id in self.active and trial.status == Trial.PENDING:
-                return trial
-        if len(self.active) >= self.max_concurrent:
+        self._apply(tune_controller, st)             # a cut trial restored as pending must not start
+        if self.busy() >= self.max_concurrent:
             return None
-        for trial in waiting:
-            tid = trial.trial_id
-            if tid in st.racing and not self._must_wait(tid, st):
-                self.active.add(tid)
+        for tid in sorted(self.trials):
+            trial = self.trials[tid]
+            if trial.status == Trial.PAUSED and tid in st.racing and not self._must_wait(tid, st):
                 return trial
         return None
 
     def debug_string(self) -> str:
         st = self.standing()
         return f"SyncHalving: {len(st.racing)} racing, rung {st.pending} pending"
+
+
+class GatedVariants(BasicVariantGenerator):
+    """Tune's grid and random variants, each created only while ``scheduler`` has a free slot
+    (fewer than its ``max_concurrent`` trials running or pending; paused ones do not count)."""
+
+    def __init__(self, scheduler: SyncHalving, **kwargs) -> None:
+        super().__init__(max_concurrent=0, **kwargs)
+        self.scheduler = scheduler
+
+    def next_trial(self):
+        if self.scheduler.busy() >= self.scheduler.max_concurrent:
+            return None
+        return super().next_trial()

@@ -8,8 +8,10 @@ same parameter limit (:meth:`~noah_ray.space.ParamLimit.widest_uniform`).  Each 
 learning rate of ``race.lrs``: a grid, every pair one trial) trains standalone from its initial
 values as retraining trains NOAH (method ``noah``, its recipe and optimiser; the hpo stage's trial,
 :func:`~noah_ray.hpo.trial.train_trial`) on ``data.train_split`` (train800) and reports val accuracy
-on ``data.val_split`` (val200) every epoch; Ray Tune's ``ASHAScheduler`` stops the weak ones at the
-rungs (:func:`~noah_ray.config.race.rungs`; the cost: :func:`~noah_ray.config.race.race_budget`).
+on ``data.val_split`` (val200) every epoch; successive halving stops the weak ones at the rungs
+(:func:`~noah_ray.config.race.rungs`; the cost: :func:`~noah_ray.config.race.race_budget`):
+``race.scheduler`` picks Ray Tune's asynchronous ``ASHAScheduler`` (``asha``) or the synchronous
+:class:`~noah_ray.hpo.halving.SyncHalving` (``sync``: the same stops whatever order results arrive in).
 
 The survivor (:func:`survivor`, written by :func:`_choose`): among the trials that reached the
 top rung (the most epochs any trial ran), the best val accuracy at that last epoch; ties go to the
@@ -195,44 +197,47 @@ def _settings(job: JobConfig, finalists: list[Finalist]) -> dict:
                         "weight_decay": r.weight_decay, "warmup_epochs": r.warmup_epochs, "min_lr": r.min_lr}}
 
 
-def _asha(job: JobConfig, params: list[int]) -> tuple[Any, int]:
+def _asha(job: JobConfig, params: list[int]) -> tuple[Any, Any]:
     """Ray Tune's asynchronous ASHA; the variant generator keeps ``max_concurrent`` trials live."""
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     r, e = job.race, job.retrain.epochs
-    return ASHAScheduler(time_attr="epoch", max_t=r.epochs(e), grace_period=r.grace(e),
-                         reduction_factor=r.reduction_factor), r.max_concurrent
+    return (ASHAScheduler(time_attr="epoch", max_t=r.epochs(e), grace_period=r.grace(e),
+                          reduction_factor=r.reduction_factor),
+            BasicVariantGenerator(random_state=r.seed, max_concurrent=r.max_concurrent))
 
 
-def _sync(job: JobConfig, params: list[int]) -> tuple[Any, int]:
-    """Synchronous successive halving (:mod:`noah_ray.hpo.halving`); it limits the trials running
-    itself (0: the variant generator creates every trial at once, paused ones do not count)."""
-    from noah_ray.hpo.halving import SyncHalving
+def _sync(job: JobConfig, params: list[int]) -> tuple[Any, Any]:
+    """Synchronous successive halving (:mod:`noah_ray.hpo.halving`), with the variant generator
+    that creates trials only while the scheduler has a free slot."""
+    from noah_ray.hpo.halving import GatedVariants, SyncHalving
 
     r, e = job.race, job.retrain.epochs
-    return SyncHalving(rungs(r.grace(e), r.reduction_factor, r.epochs(e)), r.reduction_factor, r.max_concurrent,
-                       rank=functools.partial(_trial_rank, params), history=functools.partial(_scores, job)), 0
+    sched = SyncHalving(len(params) * max(1, len(r.lrs)), rungs(r.grace(e), r.reduction_factor, r.epochs(e)),
+                        r.reduction_factor, r.max_concurrent, rank=functools.partial(_trial_rank, params),
+                        history=functools.partial(_scores, job))
+    return sched, GatedVariants(sched, random_state=r.seed)
 
 
-#: race.scheduler -> (the Tune scheduler, the variant generator's max_concurrent)
-SCHEDULERS: dict[str, Callable[[JobConfig, list[int]], tuple[Any, int]]] = {"asha": _asha, "sync": _sync}
+#: race.scheduler -> (the Tune scheduler, its variant generator)
+SCHEDULERS: dict[str, Callable[[JobConfig, list[int]], tuple[Any, Any]]] = {"asha": _asha, "sync": _sync}
 
 
 def _tuner(job: JobConfig, trainable, params: list[int], tables: TrialTables):
     """A new Tune experiment (a grid over finalists x lrs under ``race.scheduler``), or the
     interrupted one restored.  ``params``: per finalist."""
-    from ray.tune.search import BasicVariantGenerator
-
     r, tune_dir = job.race, JobPaths.of(job).race_tune
-    restored = restored_tuner(tune_dir, RUN_ID, trainable, "[race] resuming the race")
+    # errored trials run again under ASHA; the synchronous race decided its rungs without them
+    restored = restored_tuner(tune_dir, RUN_ID, trainable, "[race] resuming the race",
+                              resume_errored=r.scheduler != "sync")
     if restored is not None:
         return restored
     space: dict = {"finalist": tune.grid_search(list(range(len(params))))}
     if r.lrs:
         space["lr"] = tune.grid_search(list(r.lrs))
     run_config = trial_run_config(tune_dir, RUN_ID, [TrialRecorder(tables)], r.trial_retries)
-    scheduler, live = SCHEDULERS[r.scheduler](job, params)
-    search = BasicVariantGenerator(random_state=r.seed, max_concurrent=live)
+    scheduler, search = SCHEDULERS[r.scheduler](job, params)
     tune_config = tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler, num_samples=1,
                                   reuse_actors=True)
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
@@ -256,7 +261,7 @@ def run_race(job: ResolvedJob | JobConfig) -> RaceResult | None:
     finalists = pick_finalists(job, rj.limit or param_limit(job, rj.shape))
     r, paths = job.race, JobPaths.of(job)
     top, grace = r.epochs(job.retrain.epochs), r.grace(job.retrain.epochs)
-    tables = TrialTables(paths.race.uri, job.storage_endpoint, job.name, job.data.dataset, RUN_ID, "grid", "asha",
+    tables = TrialTables(paths.race.uri, job.storage_endpoint, job.name, job.data.dataset, RUN_ID, "grid", r.scheduler,
                          METRIC, top, Fence.of(job, rj.lease), stage="race")
     _check_settings(paths.race, _settings(job, finalists), tables)
     n_trials = len(finalists) * max(1, len(r.lrs))
