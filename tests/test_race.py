@@ -455,3 +455,22 @@ def test_a_restored_sync_race_decides_from_the_recorded_scores():
     assert _report(tc, trials[3], 2, acc["a_00003"][2][0]) == "CONTINUE"       # 60 and 50 beat 30
     assert tc.stopped == ["a_00001"] and tc.sched.standing().racing == ("a_00002", "a_00003")
     assert tc.sched.choose_trial_to_run(tc) is trials[2]
+
+
+def test_a_restored_variant_generator_keeps_its_live_scheduler(tmp_path):
+    """Tune saves the generator's state in every experiment checkpoint and sets it back on restore:
+    the scheduler must not travel with it (a frozen copy would keep the gate shut for ever)."""
+    from noah_ray.hpo.halving import GatedVariants, SyncHalving
+
+    def sched() -> SyncHalving:
+        return SyncHalving(3, [1, 2], 2, 1, rank=lambda config, score, tid: score)
+
+    first = GatedVariants(sched())
+    assert "scheduler" not in first.get_state()
+    first.save_to_dir(str(tmp_path), "s")
+    live = sched()
+    again = GatedVariants(live)
+    again.restore_from_dir(str(tmp_path))
+    assert again.scheduler is live
+    again.set_state({**again.get_state(), "scheduler": sched()})      # a state that still carries one
+    assert again.scheduler is live

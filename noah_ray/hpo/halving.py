@@ -18,6 +18,8 @@ and resumable), it only spends an epoch.
 Concurrency: Tune starts every pending trial by itself, so :class:`GatedVariants` creates the next
 trial only while fewer than ``max_concurrent`` are running or pending, and the scheduler resumes a
 paused trial only then (a search algorithm's own limit counts paused trials and would wait for ever).
+On a restore Tune makes every unfinished trial pending at once, so for about one epoch more than
+``max_concurrent`` may run (as resources allow).
 """
 
 from __future__ import annotations
@@ -87,7 +89,10 @@ class SyncHalving(FIFOScheduler):
 
     # ------------------------------------------------------------------ the decisions
     def standing(self) -> Standing:
-        gone = self.withdrawn | {t for t, trial in self.trials.items() if trial.status == Trial.ERROR}
+        # ended trials never score again: where they have no score they leave (a cut or finished one
+        # has its scores, so no decision changes; Tune sets some errors without telling the scheduler)
+        ended = (Trial.ERROR, Trial.TERMINATED)
+        gone = self.withdrawn | {t for t, trial in self.trials.items() if trial.status in ended}
         # trials not created yet race too (they have no score anywhere, so no rung is decided
         # before they exist); "~" sorts after Tune's ids, which then stay in creation order
         unborn = [f"~{i:05d}" for i in range(self.size - len(self.trials))]
@@ -177,3 +182,15 @@ class GatedVariants(BasicVariantGenerator):
         if self.scheduler.busy() >= self.scheduler.max_concurrent:
             return None
         return super().next_trial()
+
+    # Tune saves the generator's state (a copy of its attributes) in every experiment checkpoint and
+    # sets it back on restore: the scheduler is not part of it (a restored copy would be frozen, and
+    # the gate would never open again); the restored generator keeps the live one it was built with.
+    def get_state(self):
+        state = super().get_state()
+        if state:
+            state.pop("scheduler", None)
+        return state
+
+    def set_state(self, state) -> None:
+        super().set_state({k: v for k, v in state.items() if k != "scheduler"})
