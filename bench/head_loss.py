@@ -5,7 +5,8 @@ A child process of this bench starts a local multi-node Ray (``ray.cluster_utils
 CPU-0 head and ``--nodes`` worker nodes of one CPU, each its own raylet) and runs
 ``noah-ray pipeline --address`` against it, as a user's ``ray job submit`` would.  Storage is a real
 S3 endpoint (a moto server in this process), so no node's disk holds the job.  When the run
-reaches ``--at`` (``supernet``: its first checkpoint; ``search``: ``--after`` scored candidates),
+reaches ``--at`` (``supernet``: its first checkpoint; ``search``: ``--after`` scored candidates;
+``race``: ``--after`` race epochs recorded, with the synchronous race on: ``race.scheduler: sync``),
 every process of that cluster and its driver is killed with SIGKILL at once, as when the head
 machine dies (its GCS gone, the worker nodes lose the cluster too).  A new cluster is started and
 the same job submitted again (the dead run's lease was held by a process of this host that is gone,
@@ -13,13 +14,14 @@ so it is taken over at once; from another host the new run would wait out the le
 Then the same job under another name, undisturbed, on a third cluster.
 
 Checked: the re-submitted run finished; the supernet's final weights, the search's scores and
-winner and the retrained model's test accuracy equal the undisturbed run's; no candidate scored
-twice; what was redone (supernet epochs, candidates).  Measured: re-submission to the pipeline's
-end, and the undisturbed pipeline's time.  No process of any of the clusters is left at the end.
+winner, the race's stops and survivor (``--at race``) and the retrained model's test accuracy equal
+the undisturbed run's; no candidate scored twice; what was redone (supernet epochs, candidates).
+Measured: re-submission to the pipeline's end, and the undisturbed pipeline's time.  No process
+of any of the clusters is left at the end.
 
 Prints one JSON line.
 
-    python bench/head_loss.py [--at supernet|search] [--nodes 2]      # ~4-6 min on 2 cores
+    python bench/head_loss.py [--at supernet|search|race] [--nodes 2]      # ~4-6 min on 2 cores
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ def job_dict(data_root: str, endpoint: str, name: str, args) -> dict:
     return {**job,
             "search": {"generations": 2, "population": 6, "top_k": 2, "mutations": 2, "crossovers": 2,
                        "param_limit": 0.02, "max_concurrent": args.nodes, "cpus_per_trial": 1, "hold_actors": False},
-            "race": {"enabled": False},
+            # --at race: the synchronous race (its restore replays the rung decisions from storage)
+            "race": {"enabled": True, "finalists": 2, "baselines": True, "max_epochs": 6, "grace_period": 1,
+                     "reduction_factor": 2, "max_concurrent": args.nodes, "scheduler": "sync"}
+            if args.at == "race" else {"enabled": False},
             "retrain": {"epochs": 2, "warmup_epochs": 0, "seeds": [0], "baselines": []}}
 
 
@@ -136,9 +141,21 @@ def scored(uri: str, endpoint: str):
     return t[t["status"] == "done"] if len(t) else None
 
 
+def race_epochs(uri: str, endpoint: str) -> int:
+    """Race epochs recorded so far (the race's ``hpo_curves`` rows)."""
+    from noah_ray.store import storage
+
+    try:
+        return len(storage.list_files(storage.resolve(uri, endpoint).join("race", "hpo_curves"), ".parquet"))
+    except Exception:                    # not written yet
+        return 0
+
+
 def reached(at: str, uri: str, endpoint: str, after: int) -> bool:
     if at == "supernet":
         return supernet_checkpoints(uri, endpoint) >= 1
+    if at == "race":
+        return race_epochs(uri, endpoint) >= after
     done = scored(uri, endpoint)
     return done is not None and len(done) >= after
 
@@ -152,7 +169,7 @@ def kill_at(sub: Submission, at: str, uri: str, endpoint: str, after: int, timeo
         time.sleep(0.2)
     done = scored(uri, endpoint)
     out = {"lost_at": time.time(), "checkpoints_before": supernet_checkpoints(uri, endpoint),
-           "scored_before": 0 if done is None else len(done)}
+           "scored_before": 0 if done is None else len(done), "race_epochs_before": race_epochs(uri, endpoint)}
     out["processes_killed"] = sub.kill()
     out["left_after_kill"] = len(sub.pids())
     return out
@@ -168,7 +185,9 @@ def outcome(job: dict) -> dict:
     state, meta = storage.load_state(storage.resolve(uri, endpoint).join("supernet", "final"))
     done = scored(uri, endpoint)
     runs = results.runs(uri, endpoint)
-    return {"state": state, "start_epochs": meta.get("start_epochs"),
+    race = results.finalists(uri, endpoint)
+    return {"race": {int(r.finalist): (int(r.epochs_run), bool(r.chosen)) for r in race.itertuples()},
+            "state": state, "start_epochs": meta.get("start_epochs"),
             "scores": dict(zip(done["config_key"], done["val_acc"])),
             "scored_twice": int(done["config_key"].duplicated().sum() + done["trial_id"].duplicated().sum()),
             "winner": load_best_subnet(JobConfig.from_dict(job)).to_dict(),
@@ -185,7 +204,8 @@ def compare(lossy: dict, calm: dict) -> dict:
             "candidates": len(lossy["scores"]), "scored_twice": lossy["scored_twice"],
             "same_winner": lossy["winner"] == calm["winner"],
             "same_test_acc": lossy["test_acc"] == calm["test_acc"] and bool(calm["test_acc"]),
-            "test_acc": lossy["test_acc"]}
+            "test_acc": lossy["test_acc"], "same_race": lossy["race"] == calm["race"],
+            "race_epochs_and_chosen": lossy["race"]}
 
 
 def run(args) -> dict:
@@ -232,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
         return child(sys.argv[2], int(sys.argv[4]))
     p = bench_parser(__doc__, 2, ">= 1")
-    p.add_argument("--at", choices=("supernet", "search"), default="supernet", help="where the head is lost")
+    p.add_argument("--at", choices=("supernet", "search", "race"), default="supernet",
+                   help="where the head is lost (race: the synchronous race runs, lost after --after epochs)")
     p.add_argument("--after", type=int, default=4, help="--at search: scored candidates before the loss")
     p.add_argument("--epochs", type=int, default=4, help="supernet epochs (a checkpoint after each)")
     p.add_argument("--train-images", type=int, default=128)
