@@ -270,12 +270,27 @@ def trial_rows(results, tables: TrialTables) -> list[dict]:
     before reporting (:class:`TrialRecorder` wrote its row)."""
     out = []
     for r in results:
-        trial_id = r.metrics.get("trial_id")
+        config, metrics = _result_of(r)
+        trial_id = metrics.get("trial_id")
         status = "error" if r.error else "done"
         if trial_id is not None:
-            tables.write_trial(trial_id, r.config, r.metrics, status, _error_line(r.error))
-        out.append({"trial_id": trial_id, "config": r.config, "m": r.metrics, "status": status, "error": r.error})
+            tables.write_trial(trial_id, config, metrics, status, _error_line(r.error))
+        out.append({"trial_id": trial_id, "config": config, "m": metrics, "status": status, "error": r.error})
     return out
+
+
+def _result_of(r) -> tuple[dict, dict]:
+    """A Tune result's config and last metrics.  A trial stopped while paused, in an experiment
+    restored later, comes back with neither (Ray Tune 2.60 keeps no last result for it): they are
+    read from its last reported row (``metrics_dataframe``, from the trial's own result files)."""
+    if r.config is not None:
+        return r.config, r.metrics
+    df = r.metrics_dataframe
+    if df is None or not len(df):
+        return {}, dict(r.metrics or {})
+    last = df.iloc[-1].to_dict()
+    config = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("config/")}
+    return config, {k: v for k, v in last.items() if not k.startswith("config/")}
 
 
 def finished_rows(rows: list[dict], metric: str, what: str) -> list[dict]:
