@@ -299,3 +299,22 @@ def test_the_chosen_trial_does_not_depend_on_the_order_trials_finished_in():
         assert best_row(order, "max")["trial_id"] == "a_00001"
     assert best_row([row("a_00000", 90.0, 2), row("a_00001", 90.0, 3)], "max")["trial_id"] == "a_00001"  # more epochs
     assert best_row([row("a_00000", 0.5), row("a_00001", 0.4)], "min")["trial_id"] == "a_00001"         # val_loss
+
+
+def test_a_result_without_config_is_read_from_its_last_reported_row():
+    """Ray Tune 2.60 restores a trial that was stopped while paused with no last result (no config,
+    no metrics): the trial rows take both from its last reported row instead."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from noah_ray.hpo.driver import _result_of
+
+    rows = pd.DataFrame({"epoch": [1, 2], "val_acc": [50.0, 61.0], "trial_id": ["a_00003"] * 2,
+                         "config/finalist": [3, 3], "config/lr": [0.01, 0.01]})
+    lost = SimpleNamespace(config=None, metrics={"trial_id": "a_00003"}, metrics_dataframe=rows)
+    config, metrics = _result_of(lost)
+    assert config == {"finalist": 3, "lr": 0.01}
+    assert metrics == {"epoch": 2, "val_acc": 61.0, "trial_id": "a_00003"}
+    whole = SimpleNamespace(config={"finalist": 1}, metrics={"epoch": 4}, metrics_dataframe=rows)
+    assert _result_of(whole) == ({"finalist": 1}, {"epoch": 4})               # a normal result as it is

@@ -377,8 +377,8 @@ def _standin(n: int, rf: float, marks: list[int], acc: dict, history: dict | Non
 
     from noah_ray.hpo.halving import SyncHalving
 
-    trials = [SimpleNamespace(trial_id=f"a_{k:05d}", config={"finalist": k}, is_saving=False, status=Trial.PENDING)
-              for k in range(n)]
+    trials = [SimpleNamespace(trial_id=f"a_{k:05d}", config={"finalist": k}, is_saving=False, status=Trial.PENDING,
+                              relative_logdir=f"trial_{k}") for k in range(n)]
     tc = _Tune(trials)
     tc.sched = SyncHalving(n, marks, rf, 2, rank=lambda config, score, tid: score,
                            history=(lambda: history) if history is not None else None)
@@ -445,10 +445,13 @@ def test_a_restored_sync_race_decides_from_the_recorded_scores():
     acc = {f"a_{f:05d}": {e: (float(_SH_ACC[f][e - 1]), 1.0) for e in (1, 2)} for f in range(5)}
     history = {t: {1: s[1]} for t, s in acc.items()} | {t: acc[t] for t in ("a_00001", "a_00002")}
     tc, trials = _standin(5, 2, [1, 2, 4, 6], acc, history=history, order=[4, 3, 2, 1, 0])
-    for k in (0, 4):
-        trials[k].status = Trial.TERMINATED
+    trials[4].status = Trial.TERMINATED
+    trials[0].relative_logdir = None      # made again by the generator after the restore: never started
     st = tc.sched.standing()
     assert (st.racing, st.pending) == (("a_00001", "a_00002", "a_00003"), 2)
+    tc.sched.on_trial_remove(tc, trials[4])
+    assert tc.stopped == []                      # Tune cannot report on a trial stopped before it had a folder
+    assert _report(tc, trials[0], 1, 10.0) == "STOP"                           # cut at rung 1: stops at once
     assert tc.sched.choose_trial_to_run(tc) is None                           # nothing paused to resume
     assert _report(tc, trials[1], 3, 31.0) == "PAUSE"                          # past rung 2: wait there
     assert _report(tc, trials[2], 3, 61.0) == "PAUSE"

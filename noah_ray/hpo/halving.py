@@ -108,12 +108,15 @@ class SyncHalving(FIFOScheduler):
         return st.pending is not None and tid in st.racing and st.pending in self.scores.get(tid, {})
 
     def _apply(self, tune_controller, st: Standing) -> None:
-        """Stop the paused, pausing or pending trials the decisions cut (a running one stops at its
-        next result)."""
+        """Stop the paused, pausing or restored pending trials the decisions cut (a running one
+        stops at its next result; so does a pending one that never started: one the generator made
+        again after a restore, whose scores were recorded before.  Tune cannot report on a trial
+        stopped before it had a folder)."""
         for tid, trial in list(self.trials.items()):
             if tid in st.racing or tid in self.withdrawn or tid in self.stopped:
                 continue
-            if trial.status in (Trial.PAUSED, Trial.PENDING) or trial.is_saving:   # is_saving: pausing
+            has_folder = bool(getattr(trial, "relative_logdir", None))
+            if trial.is_saving or trial.status == Trial.PAUSED or (trial.status == Trial.PENDING and has_folder):
                 self.stopped.add(tid)                # before the call: stop_trial calls on_trial_remove back
                 tune_controller.stop_trial(trial)
 
