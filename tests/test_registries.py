@@ -209,3 +209,22 @@ def test_width_columns_follow_the_module_kinds_and_keep_the_schema():
         assert names[i:i + len(written)] == written
         assert all(str(TABLES[table].field(c).type) == ("int16" if c.endswith("depth") else "list<item: int16>")
                    for c in written)
+
+
+def test_race_schedulers_build_tune_objects(tmp_path):
+    """``race.scheduler`` names come from one registry (config.race.RACE_SCHEDULERS); each entry
+    builds its Tune scheduler and the variant generator that goes with it."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from noah_ray.config.race import RACE_SCHEDULERS
+    from noah_ray.hpo.halving import GatedVariants, SyncHalving
+
+    built = {}
+    for name, entry in RACE_SCHEDULERS.items():
+        job = JobConfig.from_dict({"name": "r", "storage": str(tmp_path), "race": {"scheduler": name}})
+        sched, search = load_entry(entry)(job, [100, 200])
+        built[name] = (type(sched), type(search))
+    assert built == {"asha": (ASHAScheduler, BasicVariantGenerator), "sync": (SyncHalving, GatedVariants)}
+    with pytest.raises(ConfigError, match=r"race.scheduler: 'hyperband' unknown; use one of asha, sync"):
+        JobConfig.from_dict({"name": "r", "storage": str(tmp_path), "race": {"scheduler": "hyperband"}})

@@ -27,8 +27,9 @@ from noah_ray.errors import ConfigError
 
 #: more finalists than this is a typo (each is a standalone training)
 MAX_FINALISTS = 256
-#: the race's successive-halving schedulers (built by :mod:`noah_ray.hpo.race`)
-SCHEDULERS = ("asha", "sync")
+#: race.scheduler -> the factory of its (Tune scheduler, variant generator), as HPO_SCHEDULERS names
+#: the hpo stage's (``"package.module:attribute"``, imported on first use)
+RACE_SCHEDULERS: dict[str, str] = {"asha": "noah_ray.hpo.race:asha_race", "sync": "noah_ray.hpo.race:sync_race"}
 
 
 @dataclass
@@ -56,8 +57,8 @@ class RaceConfig:
         positive(where, finalists=self.finalists, max_epochs=self.max_epochs, grace_period=self.grace_period,
                  max_concurrent=self.max_concurrent, cpus_per_trial=self.cpus_per_trial)
         at_most(where, MAX_FINALISTS, finalists=self.finalists)
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"{where}.scheduler: {self.scheduler!r} unknown; use one of {', '.join(SCHEDULERS)}")
+        if self.scheduler not in RACE_SCHEDULERS:
+            raise ConfigError(f"{where}.scheduler: {self.scheduler!r} unknown; use one of {', '.join(RACE_SCHEDULERS)}")
         if self.reduction_factor <= 1:
             raise ConfigError(f"{where}.reduction_factor: {self.reduction_factor} must be > 1 (e.g. 4: the best "
                               f"quarter of each rung goes on)")

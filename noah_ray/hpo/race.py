@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -42,7 +41,8 @@ from ray import tune
 
 from noah_ray import progress
 from noah_ray.config import JobConfig, race_budget
-from noah_ray.config.race import rungs
+from noah_ray.config.entries import load_entry
+from noah_ray.config.race import RACE_SCHEDULERS, rungs
 from noah_ray.config.resolved import ResolvedJob, param_limit, resolved
 from noah_ray.errors import ConfigError
 from noah_ray.hpo.driver import (
@@ -197,7 +197,7 @@ def _settings(job: JobConfig, finalists: list[Finalist]) -> dict:
                         "weight_decay": r.weight_decay, "warmup_epochs": r.warmup_epochs, "min_lr": r.min_lr}}
 
 
-def _asha(job: JobConfig, params: list[int]) -> tuple[Any, Any]:
+def asha_race(job: JobConfig, params: list[int]) -> tuple[Any, Any]:
     """Ray Tune's asynchronous ASHA; the variant generator keeps ``max_concurrent`` trials live."""
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -208,7 +208,7 @@ def _asha(job: JobConfig, params: list[int]) -> tuple[Any, Any]:
             BasicVariantGenerator(random_state=r.seed, max_concurrent=r.max_concurrent))
 
 
-def _sync(job: JobConfig, params: list[int]) -> tuple[Any, Any]:
+def sync_race(job: JobConfig, params: list[int]) -> tuple[Any, Any]:
     """Synchronous successive halving (:mod:`noah_ray.hpo.halving`), with the variant generator
     that creates trials only while the scheduler has a free slot."""
     from noah_ray.hpo.halving import GatedVariants, SyncHalving
@@ -218,10 +218,6 @@ def _sync(job: JobConfig, params: list[int]) -> tuple[Any, Any]:
                         r.reduction_factor, r.max_concurrent, rank=functools.partial(_trial_rank, params),
                         history=functools.partial(_scores, job))
     return sched, GatedVariants(sched, random_state=r.seed)
-
-
-#: race.scheduler -> (the Tune scheduler, its variant generator)
-SCHEDULERS: dict[str, Callable[[JobConfig, list[int]], tuple[Any, Any]]] = {"asha": _asha, "sync": _sync}
 
 
 def _tuner(job: JobConfig, trainable, params: list[int], tables: TrialTables):
@@ -237,7 +233,7 @@ def _tuner(job: JobConfig, trainable, params: list[int], tables: TrialTables):
     if r.lrs:
         space["lr"] = tune.grid_search(list(r.lrs))
     run_config = trial_run_config(tune_dir, RUN_ID, [TrialRecorder(tables)], r.trial_retries)
-    scheduler, search = SCHEDULERS[r.scheduler](job, params)
+    scheduler, search = load_entry(RACE_SCHEDULERS[r.scheduler])(job, params)
     tune_config = tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler, num_samples=1,
                                   reuse_actors=True)
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
