@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,13 +306,18 @@ def finished_rows(rows: list[dict], metric: str, what: str) -> list[dict]:
     return ok
 
 
+def earliest_best(rows: list[dict], key: Callable[[dict], Any]) -> dict:
+    """The trial row with the highest ``key``; equal keys go to the earlier trial (Tune's trial ids
+    end in the trial's creation index).  Not the order Tune returns results in: that follows
+    completion, which a retried trial changes."""
+    return max(sorted(rows, key=lambda x: str(x["trial_id"])), key=key)
+
+
 def best_row(ok: list[dict], mode: str) -> dict:
     """The best finished trial by its best validation value (``mode`` max or min); ties: more
-    epochs, then the earlier trial (Tune's trial ids end in the trial's creation index).  Not the
-    order Tune returns results in: that follows completion, which a retried trial changes."""
+    epochs, then the earlier trial (:func:`earliest_best`)."""
     sign = 1.0 if mode == "max" else -1.0
-    ordered = sorted(ok, key=lambda x: str(x["trial_id"]))
-    return max(ordered, key=lambda x: (sign * x["m"]["best_val"], x["m"].get("epoch", 0)))
+    return earliest_best(ok, lambda x: (sign * x["m"]["best_val"], x["m"].get("epoch", 0)))
 
 
 def _choose(method: str, h: HpoConfig, results, tables: TrialTables, loc: storage.Location) -> HpoResult:

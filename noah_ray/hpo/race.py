@@ -48,6 +48,7 @@ from noah_ray.errors import ConfigError
 from noah_ray.hpo.driver import (
     _check_settings,
     _quiet_snapshots,
+    earliest_best,
     finished_rows,
     restored_tuner,
     trial_rows,
@@ -304,15 +305,14 @@ def _scores(job: JobConfig) -> dict[str, dict[int, tuple[float, float]]]:
 def survivor(ok: list[dict], params: list[int]) -> dict:
     """The race's survivor among finished trial rows (``config.finalist``, metrics ``m``; ``params``
     per finalist): of those that reached the top rung, the best by :func:`rank_key` there; equal keys
-    go to the earlier trial (Tune's trial ids end in the trial's creation index; two learning rates
-    of one finalist can tie).  Not the order Tune returns results in: that follows completion, which
-    a retried trial changes."""
+    go to the earlier trial (:func:`~noah_ray.hpo.driver.earliest_best`; two learning rates of one
+    finalist can tie)."""
     top = max(int(x["m"]["epoch"]) for x in ok)
 
     def rank(x: dict) -> tuple:
         return rank_key(int(x["config"]["finalist"]), x["m"][METRIC], x["m"].get("val_loss", math.inf), params)
 
-    return max(sorted((x for x in ok if int(x["m"]["epoch"]) == top), key=lambda x: str(x["trial_id"])), key=rank)
+    return earliest_best([x for x in ok if int(x["m"]["epoch"]) == top], rank)
 
 
 def _choose(job: JobConfig, finalists: list[Finalist], results, tables: TrialTables, budget: int) -> RaceResult:
