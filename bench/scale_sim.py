@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import random
-import socket
 import statistics
 import tempfile
 import time
@@ -196,28 +195,15 @@ def bench_state(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         _state_run(f"{tmp}/local", None, (1_000, 10_000), "local")
     try:
-        from moto.server import ThreadedMotoServer
+        import moto  # noqa: F401
     except ImportError:
         print("  (moto not installed: S3 skipped)")
         return
-    import boto3
+    from local_cluster import start_s3  # bench/local_cluster.py
 
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        os.environ.setdefault(k, v)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     requests = RequestCount()                     # moto's request log: one record per HTTP request
-    werkzeug = logging.getLogger("werkzeug")
-    werkzeug.setLevel(logging.INFO)
-    werkzeug.propagate = False
-    werkzeug.addHandler(requests)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server, endpoint = start_s3(requests)
     try:
-        endpoint = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
         _state_run("s3://bench/search", endpoint, (1_000,), "S3 (moto)", requests)
     finally:
         server.stop()
