@@ -60,6 +60,7 @@ def test_unknown_key_still_names_the_known_ones():
     ({"retrain": {"min_lr": 1.0}}, r"config.retrain.min_lr: 1.0 must be in \[0, lr=0.001\]"),
     ({"supernet": {"epochs": 0}}, r"config.supernet.epochs: 0 must be > 0"),
     ({"retrain": {"max_failures": -2}}, r"config.retrain.max_failures"),
+    ({"retrain": {"max_concurrent": 0}}, r"config.retrain.max_concurrent: 0 must be > 0"),
 ])
 def test_every_section_checks_with_its_own_where(data, match):
     with pytest.raises(ConfigError, match=match):

@@ -36,13 +36,13 @@ def fits(monkeypatch):
     return calls
 
 
-def _job(tiny_job, data_root, store, *, methods=("lora", "vpt"), epochs=3, max_failures=0):
+def _job(tiny_job, data_root, store, *, methods=("lora", "vpt"), epochs=3, max_failures=0, max_concurrent=1):
     return JobConfig.from_dict(tiny_job(
         data_root, store, name="sess", data={"batch_size": 16}, search=None, supernet=None,
         model={"drop_path_rate": 0.1},
         retrain={"epochs": epochs, "lr": 3e-3, "warmup_epochs": 0, "num_workers": 1, "seeds": [0, 1],
                  "method": methods[0], "baselines": list(methods[1:]), "baseline_widths": WIDTHS,
-                 "max_failures": max_failures, "keep_checkpoints": 1}))
+                 "max_failures": max_failures, "keep_checkpoints": 1, "max_concurrent": max_concurrent}))
 
 
 def _outcome(job):
@@ -130,3 +130,51 @@ def test_kill_in_second_run_resumes_exactly(reference, data_root, tmp_path, tiny
     got = _outcome(retried)
     _same(got, want)
     assert got["lora-seed1"][2]["start_epochs"] == [0, 2]
+
+
+@pytest.mark.slow
+def test_two_sessions_at_once_same_results(reference, data_root, tmp_path, tiny_job, fits):
+    """``retrain.max_concurrent: 2``: two worker groups at once, the runs dealt between them; every
+    run ends bit-equal with the one-session reference (the job's random backbone is written once,
+    before the sessions start: both would draw it from the driver's one torch RNG).  A run killed in
+    one session fails the stage only after the other session finished its runs; the re-run trains
+    only what is left and ends bit-equal too."""
+    want = reference[3]
+    two = _job(tiny_job, data_root, str(tmp_path / "two"), max_concurrent=2)
+    runs.retrain_methods(resolve(two, ("retrain",)), None, ("lora", "vpt"))
+    assert len(fits) == 2
+    _same(_outcome(two), want)
+
+    killed = _job(tiny_job, data_root, str(tmp_path / "killed2"), max_concurrent=2)
+    with pytest.raises(Exception, match="(?i)fail|died|error"):      # lora-seed0 and vpt-seed0 share a session
+        runs.retrain_methods(resolve(killed, ("retrain",)), None, ("lora", "vpt"), _faults={"vpt-seed0": [(1, "kill")]})
+    root = storage.resolve(killed.storage).join(killed.name, "retrain")
+    done = set(storage.read_table(root, "runs").to_pandas().run_id) if storage.exists(root.join("runs")) else set()
+    assert done == set()                                   # no row before the stage ends ...
+    for run_id in ("lora-seed1", "vpt-seed1"):             # ... but the other session's runs finished
+        assert [f for f in storage.list_files(root) if f"/{run_id}/" in f.uri and f.uri.endswith("final/meta.json")]
+    fits.clear()
+    runs.retrain_methods(resolve(killed, ("retrain",)), None, ("lora", "vpt"))
+    assert len(fits) == 1                                  # one session left (vpt-seed0), the other has nothing
+    got = _outcome(killed)
+    _same(got, want)
+    assert got["vpt-seed0"][2]["start_epochs"] == [0, 2] and got["lora-seed1"][2]["start_epochs"] == [0]
+
+
+def test_rows_with_one_config_train_once(reference, data_root, tmp_path, tiny_job, fits):
+    """Two rows (``noah+`` and ``noah``) that retrain the same subnet with the same seeds and
+    settings train it once: both rows carry its result; the first row's run folder holds it."""
+    from noah_ray.space import SubnetConfig
+
+    job = _job(tiny_job, data_root, str(tmp_path / "rows"), epochs=1)
+    cfg = SubnetConfig.uniform(job.space.num_layers, lora=2)
+    summary = runs.retrain_methods(resolve(job, ("retrain",)), {"noah+": cfg, "noah": cfg}, ("noah+", "noah"))
+    assert len(fits) == 1
+    rows = storage.read_table(storage.resolve(job.storage).join(job.name, "retrain"), "runs").to_pandas()
+    assert sorted(rows.run_id) == ["noah-seed0", "noah-seed1", "noahplus-seed0", "noahplus-seed1"]
+    by = rows.set_index("run_id")
+    for s in (0, 1):
+        assert by.loc[f"noah-seed{s}", "test_acc"] == by.loc[f"noahplus-seed{s}", "test_acc"]
+        assert by.loc[f"noah-seed{s}", "checkpoint_uri"] == by.loc[f"noahplus-seed{s}", "checkpoint_uri"]
+        assert f"/noahplus-seed{s}/" in by.loc[f"noah-seed{s}", "checkpoint_uri"]
+    assert summary["noah"]["runs"] == summary["noah+"]["runs"]

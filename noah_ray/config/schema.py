@@ -250,9 +250,12 @@ class RetrainConfig(TrainConfig):
                                           # per-method learning rate overriding `lr`, e.g. {full: 1.0e-4}
     init: str | None = None               # (noah) start from these weights, a subnet artifact
                                           # (noah-ray import-peft / export --out), instead of a fresh init
+    max_concurrent: int = 1               # worker groups training the stage's runs at once (each one session
+                                          # of reused workers; the runs dealt among them); 1: one after another
 
     def check_own(self, where: str) -> None:
         v: Any
+        _positive(where, max_concurrent=self.max_concurrent)
         seeds = list(self.seeds)
         if not seeds or len(set(seeds)) < len(seeds) or not all(0 <= s <= MAX_SEED for s in seeds):
             raise ConfigError(f"{where}.seeds: {seeds} must be a list of distinct integers in [0, {MAX_SEED}] "

@@ -15,11 +15,13 @@ last checkpoint.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import os
 import statistics
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -300,6 +302,40 @@ def _fit_session(runs: list[RunSpec], faults: dict[str, FaultPlan] | None = None
     return [b if isinstance(b, MetaRecord) else _end(b) for b in began]
 
 
+def _fit_sessions(runs: list[RunSpec], faults: dict[str, FaultPlan], limit: int) -> list[MetaRecord]:
+    """``runs`` in up to ``limit`` sessions at once (:func:`_fit_session`, each its own worker group,
+    started from its own thread); the runs are dealt to the sessions in turn, so each holds a share
+    of every method.  Each run trains exactly as it would alone.  Every session runs to its end even
+    when another fails (what each trained stays recorded); then the failure of the first session
+    that failed is raised.  An interrupt of the calling thread ends the wait at once: the command
+    then exits, which ends the worker groups, and a released lease fences any write they try.
+    Returns the final metas in the order of ``runs``."""
+    groups = [runs[i::limit] for i in range(min(limit, len(runs)))]
+    if len(groups) <= 1:
+        return _fit_session(runs, faults)
+    ensure_backbone(runs[0].job)                 # written here, once: it draws from the driver's torch RNG
+    outcome: list[list[MetaRecord] | BaseException | None] = [None] * len(groups)
+
+    def session(i: int) -> None:
+        try:
+            outcome[i] = _fit_session(groups[i], faults)
+        except BaseException as e:               # handed to the caller's thread below
+            outcome[i] = e
+
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(session, i), daemon=True,
+                                name=f"noah-ray-retrain-{i}") for i in range(len(groups))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():                      # a short join, so that SIGINT reaches this thread
+            t.join(0.25)
+    failed = [o for o in outcome if isinstance(o, BaseException)]
+    if failed:
+        raise failed[0]
+    metas = {r.run_id: m for g, o in zip(groups, outcome, strict=True) for r, m in zip(g, cast(list, o), strict=True)}
+    return [metas[r.run_id] for r in runs]
+
+
 def _after_failure(todo: list[RunSpec], err: BaseException, failures: dict[str, int]) -> None:
     """A session's worker group failed: a worker's ConfigError is raised as one line; else the
     failure counts against the run in flight (the first one not finished), which is restarted
@@ -421,10 +457,19 @@ def retrain_methods(job: JobConfig | ResolvedJob, subnet: SubnetConfig | Mapping
     alone = {m for m in methods if m == "e2vpt" and rj.job.prune is not None}
     planned = [(m, s, _plan_run(rj, m, cfgs[m], s, hpo=hpo)) for m in methods if m not in alone for s in seeds]
     plans = {k: p for k, v in (_faults or {}).items() if (p := FaultPlan.of(v)) is not None}
-    metas = _fit_session([run for _, _, run in planned], plans)
+    trained: dict[str, RunSpec] = {}              # fingerprint -> the run that trains it (rows may share one)
+    for _, _, run in planned:
+        trained.setdefault(cast(str, run.fingerprint), run)
+    metas = dict(zip(trained, _fit_sessions(list(trained.values()), plans, rj.job.retrain.max_concurrent),
+                     strict=True))
     results: dict[str, list[TrainResult]] = {m: [] for m in methods}
-    for (m, s, run), meta in zip(planned, metas, strict=True):
-        results[m].append(_record_run(rj, run, m, s, cfgs[m], meta, hpo))
+    for m, s, run in planned:
+        first = trained[cast(str, run.fingerprint)]
+        if first is not run:
+            progress.echo(f"[retrain] {m} seed {s} trains what {first.run_id} trained (same config, seed and "
+                          f"settings): its result is reused")
+        results[m].append(_record_run(rj, dataclasses.replace(run, run_dir=first.run_dir), m, s, cfgs[m],
+                                      metas[cast(str, run.fingerprint)], hpo))
     for m in alone:
         results[m] = [_retrain(rj, cfgs[m], m, s, hpo=hpo) for s in seeds]
     return {m: _seeds_summary(results[m]) for m in methods}
