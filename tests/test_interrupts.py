@@ -74,7 +74,8 @@ def job_file(tmp_path, tiny_job) -> Path:
     # written here, smaller than the 800-image default the command writes: epochs of about a second,
     # still 4 of them left after the signal is sent
     write_generated_vtab(tmp_path / "data", "gen_color", num_train=192, num_val=32, num_test=32)
-    cfg = tiny_job(tmp_path / "data", tmp_path / "store", name="sig", supernet={"epochs": 6})
+    cfg = tiny_job(tmp_path / "data", tmp_path / "store", name="sig", supernet={"epochs": 6},
+                   retrain={"epochs": 6, "seeds": [0, 1], "max_concurrent": 2})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -88,16 +89,16 @@ def ray_env():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _interrupt(job_file: Path, env: dict, sig: int) -> tuple[int, str, str, list[int]]:
-    """Run ``noah-ray supernet``, send ``sig`` after the second epoch line; the exit status, stdout,
-    stderr and the processes it had started that are still alive afterwards."""
-    proc = subprocess.Popen([str(EXE), "supernet", "--config", str(job_file)], stdout=subprocess.PIPE,
+def _interrupt(job_file: Path, env: dict, sig: int, command: list[str], line: str) -> tuple[int, str, str, list[int]]:
+    """Run ``noah-ray <command> --config job_file ...``, send ``sig`` after ``line``; the exit status,
+    stdout, stderr and the processes it had started that are still alive afterwards."""
+    proc = subprocess.Popen([str(EXE), command[0], "--config", str(job_file), *command[1:]], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=job_file.parent)
     out: list[str] = []
     pump = _lines(proc, out)
     started: list[int] = []
     try:
-        _wait_for(out, "[supernet supernet] epoch 2/6", proc, timeout=400)   # epoch 1's checkpoint is saved
+        _wait_for(out, line, proc, timeout=400)
         started = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert started, "the command started no Ray processes?"
         proc.send_signal(sig)
@@ -114,14 +115,21 @@ def _interrupt(job_file: Path, env: dict, sig: int) -> tuple[int, str, str, list
         _stop(started)
 
 
+#: the stage each signal stops: SIGTERM the supernet (one Ray Train run, then resumed); SIGINT a
+#: retraining of 2 runs in two worker groups at once (retrain.max_concurrent 2, each in a Ray task)
+STOPS = {"SIGTERM": (["supernet"], "[supernet supernet] epoch 2/6", "supernet"),   # epoch 1's checkpoint is saved
+         "SIGINT": (["retrain", "--method", "lora"], "[retrain lora-seed1] epoch 2/6", "retrain")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
 def test_a_signal_stops_the_stage_in_one_line_and_a_rerun_resumes(job_file, ray_env, sig, code, name):
-    rc, out, err, left = _interrupt(job_file, ray_env, sig)
+    command, line, stage = STOPS[name]
+    rc, out, err, left = _interrupt(job_file, ray_env, sig, command, line)
     assert rc == code, out[-2000:] + err[-3000:]
     assert err.count("\n") == 1, err[-3000:]
-    assert err.startswith(f"noah-ray: stopped: interrupted by {name} during the supernet stage; ")
-    assert err.rstrip().endswith(f"resume with: noah-ray supernet --config {job_file}"), err
+    assert err.startswith(f"noah-ray: stopped: interrupted by {name} during the {stage} stage; ")
+    assert err.rstrip().endswith(f"resume with: noah-ray {' '.join([command[0], '--config', str(job_file), *command[1:]])}"), err
     assert "SIGTERM received" not in err and "PC: @" not in err and "Traceback" not in err
     assert left == [], f"processes left running: {left}"
     job = yaml.safe_load(job_file.read_text())

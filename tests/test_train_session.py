@@ -132,43 +132,56 @@ def test_kill_in_second_run_resumes_exactly(reference, data_root, tmp_path, tiny
     assert got["lora-seed1"][2]["start_epochs"] == [0, 2]
 
 
+def _spans(job):
+    """Per run: (first, last) timestamp of its epochs in the ``train_metrics`` table."""
+    root = storage.resolve(job.storage).join(job.name, "retrain")
+    m = storage.read_table(root, "train_metrics").to_pandas()
+    return {r: (g.timestamp.min(), g.timestamp.max()) for r, g in m.groupby("run_id")}
+
+
 @pytest.mark.slow
-def test_two_sessions_at_once_same_results(reference, data_root, tmp_path, tiny_job, fits):
-    """``retrain.max_concurrent: 2``: two worker groups at once, the runs dealt between them; every
-    run ends bit-equal with the one-session reference (the job's random backbone is written once,
-    before the sessions start: both would draw it from the driver's one torch RNG).  A run killed in
-    one session fails the stage only after the other session finished its runs; the re-run trains
-    only what is left and ends bit-equal too."""
+def test_two_sessions_at_once_same_results(reference, data_root, tmp_path, tiny_job):
+    """``retrain.max_concurrent: 2``: two worker groups at once (each in a Ray task), the runs dealt
+    between them; every run ends bit-equal with the one-session reference (the job's random
+    backbone is written once, before the groups start: both would draw it from one torch RNG).  A
+    run killed in one group fails the stage only after the other group finished its runs; the
+    re-run trains only what is left and ends bit-equal too."""
     want = reference[3]
     two = _job(tiny_job, data_root, str(tmp_path / "two"), max_concurrent=2)
     runs.retrain_methods(resolve(two, ("retrain",)), None, ("lora", "vpt"))
-    assert len(fits) == 2
     _same(_outcome(two), want)
+    spans = _spans(two)                                    # lora-seed0 and lora-seed1: one in each group
+    assert spans["lora-seed0"][0] < spans["lora-seed1"][1] and spans["lora-seed1"][0] < spans["lora-seed0"][1]
 
     killed = _job(tiny_job, data_root, str(tmp_path / "killed2"), max_concurrent=2)
-    with pytest.raises(Exception, match="(?i)fail|died|error"):      # lora-seed0 and vpt-seed0 share a session
+    with pytest.raises(Exception, match="(?i)fail|died|error"):      # lora-seed0 and vpt-seed0 share a group
         runs.retrain_methods(resolve(killed, ("retrain",)), None, ("lora", "vpt"), _faults={"vpt-seed0": [(1, "kill")]})
     root = storage.resolve(killed.storage).join(killed.name, "retrain")
-    done = set(storage.read_table(root, "runs").to_pandas().run_id) if storage.exists(root.join("runs")) else set()
-    assert done == set()                                   # no row before the stage ends ...
-    for run_id in ("lora-seed1", "vpt-seed1"):             # ... but the other session's runs finished
-        assert [f for f in storage.list_files(root) if f"/{run_id}/" in f.uri and f.uri.endswith("final/meta.json")]
-    fits.clear()
+    other = {}                                             # the other group's runs finished
+    for run_id in ("lora-seed1", "vpt-seed1"):
+        final = [f for f in storage.list_files(root) if f"/{run_id}/" in f.uri and f.uri.endswith("/final/meta.json")]
+        assert len(final) == 1, run_id
+        other[run_id] = storage.read_bytes(final[0])
     runs.retrain_methods(resolve(killed, ("retrain",)), None, ("lora", "vpt"))
-    assert len(fits) == 1                                  # one session left (vpt-seed0), the other has nothing
     got = _outcome(killed)
     _same(got, want)
-    assert got["vpt-seed0"][2]["start_epochs"] == [0, 2] and got["lora-seed1"][2]["start_epochs"] == [0]
+    assert got["vpt-seed0"][2]["start_epochs"] == [0, 2] and got["lora-seed0"][2]["start_epochs"] == [0]
+    for run_id, before in other.items():                   # not trained again
+        final = [f for f in storage.list_files(root) if f"/{run_id}/" in f.uri and f.uri.endswith("/final/meta.json")
+                 and f"/{run_id}/final/" not in f.uri]
+        assert storage.read_bytes(final[0]) == before, run_id
 
 
 def test_rows_with_one_config_train_once(reference, data_root, tmp_path, tiny_job, fits):
     """Two rows (``noah+`` and ``noah``) that retrain the same subnet with the same seeds and
-    settings train it once: both rows carry its result; the first row's run folder holds it."""
+    settings train it once: both rows carry its result, the first row's run folder holds it, and
+    both count as done (a finished pipeline is not run again)."""
     from noah_ray.space import SubnetConfig
 
     job = _job(tiny_job, data_root, str(tmp_path / "rows"), epochs=1)
     cfg = SubnetConfig.uniform(job.space.num_layers, lora=2)
-    summary = runs.retrain_methods(resolve(job, ("retrain",)), {"noah+": cfg, "noah": cfg}, ("noah+", "noah"))
+    rj = resolve(job, ("retrain",))
+    summary = runs.retrain_methods(rj, {"noah+": cfg, "noah": cfg}, ("noah+", "noah"))
     assert len(fits) == 1
     rows = storage.read_table(storage.resolve(job.storage).join(job.name, "retrain"), "runs").to_pandas()
     assert sorted(rows.run_id) == ["noah-seed0", "noah-seed1", "noahplus-seed0", "noahplus-seed1"]
@@ -177,4 +190,7 @@ def test_rows_with_one_config_train_once(reference, data_root, tmp_path, tiny_jo
         assert by.loc[f"noah-seed{s}", "test_acc"] == by.loc[f"noahplus-seed{s}", "test_acc"]
         assert by.loc[f"noah-seed{s}", "checkpoint_uri"] == by.loc[f"noahplus-seed{s}", "checkpoint_uri"]
         assert f"/noahplus-seed{s}/" in by.loc[f"noah-seed{s}", "checkpoint_uri"]
+        for label in ("noah", "noah+"):
+            assert runs.retrain_done(job, cfg, label, s, rj.num_classes)
+    assert not runs.retrain_done(job, SubnetConfig.uniform(job.space.num_layers, lora=1), "noah", 0, rj.num_classes)
     assert summary["noah"]["runs"] == summary["noah+"]["runs"]

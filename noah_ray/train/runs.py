@@ -15,13 +15,11 @@ last checkpoint.
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import json
 import os
 import statistics
 import tempfile
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -262,34 +260,26 @@ def _trainer(run: RunSpec, loc: storage.Location, faults: FaultPlan | None):
 
 
 # ----------------------------------------------------------------------------- one session, many runs
-def _fit_session(runs: list[RunSpec], faults: dict[str, FaultPlan] | None = None) -> list[MetaRecord]:
-    """Train ``runs`` (same job, same workers) in one worker group, one after another
-    (:func:`noah_ray.train.worker.train_loop` with ``runs``): the fixed cost of starting workers,
-    importing, decoding the images is paid once, not per run.  Each run writes where it would
-    alone (checkpoints, ``best/``, ``final/``, metrics).  A run that fails restarts the group on the
-    runs left, up to ``max_failures`` times per run, from its newest checkpoint.  Returns the runs'
-    final metas, in order.  ``faults`` (tests): a :class:`FaultPlan` per run id."""
-    from ray.train import TrainingFailedError
-
+def _fit_session(runs: list[RunSpec], faults: dict[str, FaultPlan] | None = None, limit: int = 1) -> list[MetaRecord]:
+    """Train ``runs`` (same job, same worker shape) in sessions of reused workers
+    (:func:`noah_ray.train.worker.train_loop` with ``runs``): one worker group trains its runs one
+    after another, so the fixed cost of starting workers, importing, decoding the images is paid
+    once per group, not per run.  ``limit`` above 1: up to that many groups at once
+    (:func:`_train_groups`), the runs dealt to them in turn.  Each run writes where it would alone
+    (checkpoints, ``best/``, ``final/``, metrics) and ends as it would alone.  Every run is checked
+    (spec, lease, tracking) before any trains, and recorded here once its group ended.  Returns
+    the runs' final metas, in order.  ``faults`` (tests): a :class:`FaultPlan` per run id."""
+    if limit > 1:
+        ensure_backbone(runs[0].job)             # written here, once: it draws from this process's torch RNG
+        progress.sink_name()                     # the workers' progress sink, created before the groups start
     began = [_begin(r) for r in runs]
     todo = [r for r in began if isinstance(r, RunSpec)]
-    failures: dict[str, int] = {}
+    groups = [todo[i::limit] for i in range(min(limit, len(todo)))]
     try:
-        while todo:
-            failed: BaseException | None = None
-            try:
-                with tempfile.TemporaryDirectory(prefix="noah-session-") as folder:
-                    _launch(_session_trainer(todo, folder, faults or {}), todo[0])
-            except TrainingFailedError as e:
-                failed = e
-            for r in todo:
-                _raise_error_file(r)
-            if failed is not None:
-                _after_failure(todo, failed, failures)
-            elif not all(finished(r) for r in todo):
-                raise RunError(f"{next(r for r in todo if not finished(r)).tag} ended without an intact final/; "
-                               f"run the stage again")
-            todo = [r for r in todo if not finished(r)]
+        if len(groups) > 1:
+            _train_groups(groups, faults or {})
+        elif todo:
+            _train_session(todo, faults or {})
     except BaseException:
         for r in todo:                           # the runs that finished before it are recorded as such
             if finished(r):
@@ -302,38 +292,63 @@ def _fit_session(runs: list[RunSpec], faults: dict[str, FaultPlan] | None = None
     return [b if isinstance(b, MetaRecord) else _end(b) for b in began]
 
 
-def _fit_sessions(runs: list[RunSpec], faults: dict[str, FaultPlan], limit: int) -> list[MetaRecord]:
-    """``runs`` in up to ``limit`` sessions at once (:func:`_fit_session`, each its own worker group,
-    started from its own thread); the runs are dealt to the sessions in turn, so each holds a share
-    of every method.  Each run trains exactly as it would alone.  Every session runs to its end even
-    when another fails (what each trained stays recorded); then the failure of the first session
-    that failed is raised.  An interrupt of the calling thread ends the wait at once: the command
-    then exits, which ends the worker groups, and a released lease fences any write they try.
-    Returns the final metas in the order of ``runs``."""
-    groups = [runs[i::limit] for i in range(min(limit, len(runs)))]
-    if len(groups) <= 1:
-        return _fit_session(runs, faults)
-    ensure_backbone(runs[0].job)                 # written here, once: it draws from the driver's torch RNG
-    outcome: list[list[MetaRecord] | BaseException | None] = [None] * len(groups)
+def _train_session(todo: list[RunSpec], faults: dict[str, FaultPlan]) -> None:
+    """One worker group trains ``todo`` one after another; a run that fails restarts the group on
+    the runs left, up to ``max_failures`` times per run, from its newest checkpoint."""
+    from ray.train import TrainingFailedError
 
-    def session(i: int) -> None:
+    failures: dict[str, int] = {}
+    while todo:
+        failed: BaseException | None = None
         try:
-            outcome[i] = _fit_session(groups[i], faults)
-        except BaseException as e:               # handed to the caller's thread below
-            outcome[i] = e
+            with tempfile.TemporaryDirectory(prefix="noah-session-") as folder:
+                _launch(_session_trainer(todo, folder, faults), todo[0])
+        except TrainingFailedError as e:
+            failed = e
+        for r in todo:
+            _raise_error_file(r)
+        if failed is not None:
+            _after_failure(todo, failed, failures)
+        elif not all(finished(r) for r in todo):
+            raise RunError(f"{next(r for r in todo if not finished(r)).tag} ended without an intact final/; "
+                           f"run the stage again")
+        todo = [r for r in todo if not finished(r)]
 
-    threads = [threading.Thread(target=contextvars.copy_context().run, args=(session, i), daemon=True,
-                                name=f"noah-ray-retrain-{i}") for i in range(len(groups))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive():                      # a short join, so that SIGINT reaches this thread
-            t.join(0.25)
-    failed = [o for o in outcome if isinstance(o, BaseException)]
-    if failed:
-        raise failed[0]
-    metas = {r.run_id: m for g, o in zip(groups, outcome, strict=True) for r, m in zip(g, cast(list, o), strict=True)}
-    return [metas[r.run_id] for r in runs]
+
+def _session_task(runs: list[dict], faults: dict[str, dict]) -> None:
+    """A Ray task: :func:`_train_session` of ``runs`` (:meth:`RunSpec.to_dict`); the worker group's
+    controller belongs to this task, so cancelling the task ends the group."""
+    _train_session([RunSpec.from_dict(r) for r in runs], {k: FaultPlan.from_dict(f) for k, f in faults.items()})
+
+
+def _train_groups(groups: list[list[RunSpec]], faults: dict[str, FaultPlan]) -> None:
+    """Each group's :func:`_train_session` in its own Ray task (no CPU of its own; on this node
+    when it can), all at once.  Every group runs to its end even when another fails (what each
+    trained stays), then the first group's failure is raised (a Ray task's error as the error
+    itself).  An interrupt (KeyboardInterrupt) cancels the tasks, which ends their worker groups;
+    checkpoints and results written so far stay."""
+    import ray
+    from ray.exceptions import RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    task = ray.remote(_session_task).options(num_cpus=0, max_retries=0, scheduling_strategy=here,
+                                             name="noah-ray-retrain-session")
+    refs = [task.remote([r.to_dict() for r in g], {k: f.to_dict() for k, f in faults.items()
+                                                   if any(r.run_id == k for r in g)}) for g in groups]
+    try:
+        pending = list(refs)
+        while pending:                           # short waits, so that SIGINT reaches this thread
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.25)
+    except BaseException:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise
+    for ref in refs:
+        try:
+            ray.get(ref)
+        except RayTaskError as e:
+            raise e.cause if isinstance(e.cause, BaseException) else e from None
 
 
 def _after_failure(todo: list[RunSpec], err: BaseException, failures: dict[str, int]) -> None:
@@ -460,7 +475,7 @@ def retrain_methods(job: JobConfig | ResolvedJob, subnet: SubnetConfig | Mapping
     trained: dict[str, RunSpec] = {}              # fingerprint -> the run that trains it (rows may share one)
     for _, _, run in planned:
         trained.setdefault(cast(str, run.fingerprint), run)
-    metas = dict(zip(trained, _fit_sessions(list(trained.values()), plans, rj.job.retrain.max_concurrent),
+    metas = dict(zip(trained, _fit_session(list(trained.values()), plans, rj.job.retrain.max_concurrent),
                      strict=True))
     results: dict[str, list[TrainResult]] = {m: [] for m in methods}
     for m, s, run in planned:
@@ -494,8 +509,19 @@ def retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str, seed:
     spec = dataclasses.replace(spec_for(job, "retrain", method, cfg, lr, seed, num_classes), hpo=hpo or None)
     paths, run_id = JobPaths.of(job), retrain_run_id(label, seed)
     published = [paths.retrain_run(run_id).join(p) for p in ("best", "final")]
-    return _finished(paths.retrain_config(run_id, spec.fingerprint()), spec, job.retrain.epochs) \
-        and all(_intact(p) for p in published if storage.exists(p.join("meta.json")))
+    if _finished(paths.retrain_config(run_id, spec.fingerprint()), spec, job.retrain.epochs):
+        return all(_intact(p) for p in published if storage.exists(p.join("meta.json")))
+    return _reused(published, spec.fingerprint(), job.retrain.epochs)
+
+
+def _reused(published: list[storage.Location], fp: str, epochs: int) -> bool:
+    """Whether a row's published ``best/`` and ``final/`` hold a finished run of fingerprint ``fp``
+    that another row trained (:func:`retrain_methods` trains rows of one config, seed and settings
+    once): intact, that fingerprint, all ``epochs``."""
+    if not all(storage.exists(p.join("meta.json")) and _intact(p) for p in published):
+        return False
+    meta = _final_meta(published[1])
+    return meta.fingerprint == fp and meta.epochs_done >= epochs
 
 
 def _check_init(rj: ResolvedJob, cfg: SubnetConfig, method: str) -> None:
