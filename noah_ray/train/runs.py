@@ -15,6 +15,7 @@ last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -269,10 +270,7 @@ def _fit_session(runs: list[RunSpec], faults: dict[str, FaultPlan] | None = None
     (checkpoints, ``best/``, ``final/``, metrics) and ends as it would alone.  Every run is checked
     (spec, lease, tracking) before any trains, and recorded here once its group ended.  Returns
     the runs' final metas, in order.  ``faults`` (tests): a :class:`FaultPlan` per run id."""
-    if limit > 1:
-        ensure_backbone(runs[0].job)             # written here, once: it draws from this process's torch RNG
-        progress.sink_name()                     # the workers' progress sink, created before the groups start
-    began = [_begin(r) for r in runs]
+    began = [_begin(r) for r in runs]            # one at a time, here: the backbone, the sink, tracking
     todo = [r for r in began if isinstance(r, RunSpec)]
     groups = [todo[i::limit] for i in range(min(limit, len(todo)))]
     try:
@@ -331,9 +329,12 @@ def _train_groups(groups: list[list[RunSpec]], faults: dict[str, FaultPlan]) -> 
     from ray.exceptions import RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    if not ray.is_initialized():                 # as a Ray Train run would: start Ray on first use
+        ray.init()
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    task = ray.remote(_session_task).options(num_cpus=0, max_retries=0, scheduling_strategy=here,
-                                             name="noah-ray-retrain-session")
+    task = ray.remote(_session_task).options(
+        num_cpus=0, max_retries=0, scheduling_strategy=here, name="noah-ray-retrain-session",
+        runtime_env={"env_vars": {POLL_ENV: os.environ.get(POLL_ENV, POLL_S)}})   # the controllers' poll, as here
     refs = [task.remote([r.to_dict() for r in g], {k: f.to_dict() for k, f in faults.items()
                                                    if any(r.run_id == k for r in g)}) for g in groups]
     try:
@@ -342,13 +343,16 @@ def _train_groups(groups: list[list[RunSpec]], faults: dict[str, FaultPlan]) -> 
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.25)
     except BaseException:
         for ref in refs:
-            ray.cancel(ref, force=True)
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
         raise
     for ref in refs:
         try:
             ray.get(ref)
         except RayTaskError as e:
-            raise e.cause if isinstance(e.cause, BaseException) else e from None
+            if isinstance(e.cause, BaseException):
+                raise e.cause from e
+            raise
 
 
 def _after_failure(todo: list[RunSpec], err: BaseException, failures: dict[str, int]) -> None:
@@ -364,8 +368,12 @@ def _after_failure(todo: list[RunSpec], err: BaseException, failures: dict[str, 
     if 0 <= limit < failures[run.run_id]:
         raise err
     run.fence()                                  # no new worker group for a job whose lease is gone
-    progress.echo(f"{run.tag} failed ({type(err).__name__}); restarting it from its newest checkpoint "
-                  f"(failure {failures[run.run_id]} of {'unlimited' if limit < 0 else limit} allowed)")
+    text = (f"{run.tag} failed ({type(err).__name__}); restarting it from its newest checkpoint "
+            f"(failure {failures[run.run_id]} of {'unlimited' if limit < 0 else limit} allowed)")
+    if progress.current() is not None:
+        progress.echo(text)
+    else:                                        # in a group's Ray task: through the driver's sink
+        progress.say(run.progress, text)
 
 
 def _session_trainer(runs: list[RunSpec], folder: str, faults: dict[str, FaultPlan]):
