@@ -283,7 +283,8 @@ def _race(rj: ResolvedJob) -> dict | None:
         return None
     r = job.race
     progress.echo(f"== race: {r.finalists} search finalist(s)" + (" + the baselines" if r.baselines else "")
-                  + f", ASHA up to {r.epochs(job.retrain.epochs)} epoch(s)")
+                  + f", {'ASHA' if r.scheduler == 'asha' else 'synchronous successive halving'} up to "
+                  f"{r.epochs(job.retrain.epochs)} epoch(s)")
     res = run_race(rj)
     return None if res is None else dataclasses.asdict(res)
 
