@@ -67,7 +67,7 @@ def test_a_command_checks_once_however_many_runs_it_starts(data_root, tmp_path, 
     monkeypatch.setattr(preflight, "check_data", counted("check_data", preflight.check_data))
     fits = []
 
-    def finished_runs(session, faults=None):        # the retrain stage's one session of runs
+    def finished_runs(session, faults=None, limit=1):   # the retrain stage's sessions of runs
         fits.extend((run.run_id, run.num_classes, run.backbone) for run in session)
         return [MetaRecord.from_dict({"params": 16, "params_head": 4, "best_val": 50.0, "test_acc": 25.0,
                                       "best_epoch": 0, "epochs_done": 1, "train_time_s": 0.1, "best_uri": "unused"})

@@ -517,19 +517,22 @@ def retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str, seed:
     spec = dataclasses.replace(spec_for(job, "retrain", method, cfg, lr, seed, num_classes), hpo=hpo or None)
     paths, run_id = JobPaths.of(job), retrain_run_id(label, seed)
     published = [paths.retrain_run(run_id).join(p) for p in ("best", "final")]
-    if _finished(paths.retrain_config(run_id, spec.fingerprint()), spec, job.retrain.epochs):
-        return all(_intact(p) for p in published if storage.exists(p.join("meta.json")))
-    return _reused(published, spec.fingerprint(), job.retrain.epochs)
+    own = paths.retrain_config(run_id, spec.fingerprint())
+    if storage.exists(own.join("spec.json")):
+        return _finished(own, spec, job.retrain.epochs) \
+            and all(_intact(p) for p in published if storage.exists(p.join("meta.json")))
+    return _reused(published, run_id, spec.fingerprint(), job.retrain.epochs)
 
 
-def _reused(published: list[storage.Location], fp: str, epochs: int) -> bool:
-    """Whether a row's published ``best/`` and ``final/`` hold a finished run of fingerprint ``fp``
-    that another row trained (:func:`retrain_methods` trains rows of one config, seed and settings
-    once): intact, that fingerprint, all ``epochs``."""
+def _reused(published: list[storage.Location], run_id: str, fp: str, epochs: int) -> bool:
+    """Whether row ``run_id``, which never trained itself, has published the finished run of
+    fingerprint ``fp`` that another row trained (:func:`retrain_methods` trains rows of one config,
+    seed and settings once): ``best/`` and ``final/`` intact, that fingerprint, another run id,
+    all ``epochs``."""
     if not all(storage.exists(p.join("meta.json")) and _intact(p) for p in published):
         return False
     meta = _final_meta(published[1])
-    return meta.fingerprint == fp and meta.epochs_done >= epochs
+    return meta.fingerprint == fp and meta.run_id != run_id and meta.epochs_done >= epochs
 
 
 def _check_init(rj: ResolvedJob, cfg: SubnetConfig, method: str) -> None:
