@@ -487,12 +487,13 @@ def retrain_methods(job: JobConfig | ResolvedJob, subnet: SubnetConfig | Mapping
                      strict=True))
     results: dict[str, list[TrainResult]] = {m: [] for m in methods}
     for m, s, run in planned:
-        first = trained[cast(str, run.fingerprint)]
+        fp = cast(str, run.fingerprint)
+        first = trained[fp]
         if first is not run:
             progress.echo(f"[retrain] {m} seed {s} trains what {first.run_id} trained (same config, seed and "
                           f"settings): its result is reused")
         results[m].append(_record_run(rj, dataclasses.replace(run, run_dir=first.run_dir), m, s, cfgs[m],
-                                      metas[cast(str, run.fingerprint)], hpo))
+                                      metas[fp], hpo))
     for m in alone:
         results[m] = [_retrain(rj, cfgs[m], m, s, hpo=hpo) for s in seeds]
     return {m: _seeds_summary(results[m]) for m in methods}
@@ -529,9 +530,13 @@ def _reused(published: list[storage.Location], run_id: str, fp: str, epochs: int
     fingerprint ``fp`` that another row trained (:func:`retrain_methods` trains rows of one config,
     seed and settings once): ``best/`` and ``final/`` intact, that fingerprint, another run id,
     all ``epochs``."""
-    if not all(storage.exists(p.join("meta.json")) and _intact(p) for p in published):
+    best, final = published
+    if not (storage.exists(best.join("meta.json")) and storage.exists(final.join("meta.json")) and _intact(best)):
         return False
-    meta = _final_meta(published[1])
+    try:
+        meta = _final_meta(final)                # loads and checks final/ once
+    except ConfigError:
+        return False
     return meta.fingerprint == fp and meta.run_id != run_id and meta.epochs_done >= epochs
 
 
