@@ -213,6 +213,12 @@ def test_race_picks_the_best_top_rung_finalist_and_retraining_trains_it(ray_sess
     assert saved["trial_id"] == chosen.trial_id.iloc[0] and saved["lr"] == chosen.lr.iloc[0]
     assert SubnetConfig.from_json(chosen.config_json.iloc[0]) == SubnetConfig.from_dict(saved["subnet"])
     assert saved["epochs_trained"] == fin.epochs_run.sum() and summary["race"]["trial_id"] == saved["trial_id"]
+    # how close the last contested rung was: 32 val images; s.e. of the best there, written out
+    contested = max(e for e in (1, 2) if sum(e in list(r.rungs) for r in fin.itertuples()) > 1)
+    at = [r.rung_scores[list(r.rungs).index(contested)] for r in fin.itertuples() if contested in list(r.rungs)]
+    se = 100 * math.sqrt(max(at) / 100 * (1 - max(at) / 100) / 32)
+    assert saved["decided_at"] == contested and saved["val_images"] == 32 and math.isclose(saved["val_se"], se)
+    assert saved["tied"] == sum(max(at) - x <= se for x in at) - 1
     # retraining trained the survivor with its raced learning rate as the row noah+, and (retrain_plain)
     # the search's top-scored candidate with retrain.lr as the row noah: C1 (70.0, fewer params than C2)
     _, meta = storage.load_state(storage.resolve(str(tmp_path / "r" / "retrain" / "noahplus-seed0" / "final")))
@@ -238,6 +244,24 @@ def test_race_picks_the_best_top_rung_finalist_and_retraining_trains_it(ray_sess
         pipeline.run_stages(changed, ("race",))
     assert len(results.hpo(uri)) == 0                   # the race's trials are not hyper-parameter trials
     assert results.plot_finalists(uri, tmp_path / "f.png").stat().st_size > 5000
+
+
+def test_the_last_contested_rung_counts_the_trials_within_one_standard_error_of_its_best():
+    """At epoch 4 (the last rung two trials reached) the best is 92.0 % on 200 images: binomial
+    s.e. 100 * sqrt(0.92 * 0.08 / 200) = 1.918 points; 90.5 lies within it, 90.0 and 86.0 do not;
+    the epoch-10 rung had one trial and decided nothing."""
+    curves = {"a": {1: 60.0, 4: 92.0, 10: 94.0}, "b": {1: 58.0, 4: 90.5}, "c": {1: 57.0, 4: 90.0},
+              "d": {1: 55.0, 4: 86.0}, "e": {1: 40.0}}
+    ties = race.rung_ties(curves, [1, 4, 10], 200)
+    assert ties is not None and (ties.rung, ties.best, ties.n, ties.tied) == (4, 92.0, 200, 1)
+    assert math.isclose(ties.se, 1.9183326093250879)
+    assert race.rung_ties({"a": {1: 50.0, 4: 50.0}, "b": {1: 50.0}}, [1, 4], 100).tied == 1   # exact ties count
+    assert race.rung_ties({"a": {1: 70.0}}, [1, 4], 200) is None                             # one racer
+    unknown = race.rung_ties(curves, [1, 4, 10], None)                                       # images not recorded
+    assert unknown is not None and unknown.se is None and unknown.tied == 0
+    res = {"decided_at": 4, "tied": 1, "val_se": ties.se, "val_images": 200}
+    assert race.tie_clause(res) == "; at epoch 4, 1 other trial(s) within 1 s.e. (1.92 points on 200 images) of the best"
+    assert race.tie_clause({"decided_at": 0, "val_se": None}) == "" and race.tie_clause({}) == ""
 
 
 def test_the_survivor_does_not_depend_on_the_order_tune_returns_results_in():

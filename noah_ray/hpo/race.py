@@ -45,6 +45,7 @@ from noah_ray.config.entries import load_entry
 from noah_ray.config.race import RACE_SCHEDULERS, rungs
 from noah_ray.config.resolved import ResolvedJob, param_limit, resolved
 from noah_ray.errors import ConfigError
+from noah_ray.evolution.ties import standard_error
 from noah_ray.hpo.driver import (
     _check_settings,
     _quiet_snapshots,
@@ -97,6 +98,36 @@ class RaceResult:
     epochs_trained: int
     budget_epochs: int                    # race_budget of the brackets (synchronous halving)
     uri: str
+    decided_at: int = 0                   # the last rung more than one trial reached (0: none did)
+    tied: int = 0                         # other trials within one s.e. of the best there
+    val_se: float | None = None           # that s.e. (points; None: the images scored are unknown)
+    val_images: int | None = None
+
+
+@dataclass(frozen=True)
+class RungTies:
+    """How close the race's last contested rung was: at epoch ``rung`` (the last rung that more
+    than one trial reached) the best val accuracy ``best``, its binomial s.e. ``se`` on ``n``
+    images, and how many other trials scored within one s.e. of it (``tied``)."""
+
+    rung: int
+    best: float
+    se: float | None
+    n: int | None
+    tied: int
+
+
+def rung_ties(curves: dict[str, dict[int, float]], marks: list[int], n: int | None) -> RungTies | None:
+    """:class:`RungTies` of the trials' val accuracy ``curves`` (trial -> epoch -> %) at the rungs
+    ``marks``, scored on ``n`` images each; None when no rung was reached by two trials."""
+    for rung in sorted(marks, reverse=True):
+        scores = [c[rung] for c in curves.values() if rung in c]
+        if len(scores) > 1:
+            best = max(scores)
+            se = standard_error(best, n) if n else None
+            tied = sum(best - x <= se for x in scores) - 1 if se is not None else 0
+            return RungTies(rung, best, se, n, tied)
+    return None
 
 
 # ====================================================================== finalists
@@ -277,7 +308,7 @@ def run_race(job: ResolvedJob | JobConfig) -> RaceResult | None:
     res = _choose(job, finalists, results, tables, budget)
     progress.echo(f"[race] survivor: {res.source} finalist {res.finalist} (val {res.val_acc:.2f}% after "
                   f"{res.epochs} epochs, {res.params / 1e6:.4f} M params; {res.stopped_early} of {res.trials} trials "
-                  f"stopped early, {res.epochs_trained} epochs trained)")
+                  f"stopped early, {res.epochs_trained} epochs trained{tie_clause(dataclasses.asdict(res))})")
     return res
 
 
@@ -323,12 +354,16 @@ def _choose(job: JobConfig, finalists: list[Finalist], results, tables: TrialTab
     top = max(int(x["m"]["epoch"]) for x in ok)
     best = survivor(ok, [f.params for f in finalists])
     f = int(best["config"]["finalist"])
+    n = best["m"].get("val_images")
+    ties = rung_ties(_curves(job), _marks(job, tables), int(n) if n else None)
     res = RaceResult(subnet=finalists[f].subnet.to_dict(), source=finalists[f].source, finalist=f,
                      trial_id=best["trial_id"], lr=best["config"].get("lr"), val_acc=float(best["m"][METRIC]),
                      epochs=top, params=finalists[f].params, finalists=len(finalists), trials=len(rows),
                      stopped_early=sum(int(x["m"].get("epoch", 0)) < tables.max_epochs for x in ok),
                      epochs_trained=sum(int(x["m"].get("epoch", 0)) for x in rows), budget_epochs=budget,
                      uri=JobPaths.of(job).race.uri)
+    if ties is not None:
+        res = dataclasses.replace(res, decided_at=ties.rung, tied=ties.tied, val_se=ties.se, val_images=ties.n)
     tables.write_trial(best["trial_id"], best["config"], best["m"], "done", chosen=True)
     _write_finalists(job, finalists, rows, best["trial_id"], tables)
     tables.check()
@@ -336,12 +371,31 @@ def _choose(job: JobConfig, finalists: list[Finalist], results, tables: TrialTab
     return res
 
 
+def _marks(job: JobConfig, tables: TrialTables) -> list[int]:
+    """The race's rungs (epochs)."""
+    r = job.race
+    return rungs(r.grace(job.retrain.epochs), r.reduction_factor, tables.max_epochs)
+
+
+def _curves(job: JobConfig) -> dict[str, dict[int, float]]:
+    """Every trial's val accuracy per epoch, from the race's ``hpo_curves``."""
+    return {t: {e: acc for e, (acc, _) in per.items()} for t, per in _scores(job).items()}
+
+
+def tie_clause(res: dict) -> str:
+    """Of a race's result (:class:`RaceResult` as a dict): ``; at epoch 4, 2 other trial(s) within
+    1 s.e. (2.10 points on 200 images) of the best``, or nothing when no rung was contested or the
+    images scored are unknown (a race recorded before they were)."""
+    if not res.get("decided_at") or res.get("val_se") is None:
+        return ""
+    return (f"; at epoch {res['decided_at']}, {res['tied']} other trial(s) within 1 s.e. ({res['val_se']:.2f} "
+            f"points on {res['val_images']} images) of the best")
+
+
 def _write_finalists(job: JobConfig, finalists: list[Finalist], rows: list[dict], chosen: str | None,
                      tables: TrialTables) -> None:
     """The ``finalists`` table: one row per trial (a fixed part name: rewriting it is idempotent)."""
-    r = job.race
-    marks = rungs(r.grace(job.retrain.epochs), r.reduction_factor, tables.max_epochs)
-    curves = {t: {e: acc for e, (acc, _) in per.items()} for t, per in _scores(job).items()}
+    marks, curves = _marks(job, tables), _curves(job)
     now = datetime.now(timezone.utc)
     out = []
     for x in rows:

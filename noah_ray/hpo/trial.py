@@ -144,8 +144,8 @@ def trial_error(trial) -> str | None:
 
 
 # ====================================================================== the trial
-def _val_metrics(model, loader, device) -> tuple[float, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``loader``."""
+def _val_metrics(model, loader, device) -> tuple[float, float, int]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``loader``, and how many images."""
     import torch
     import torch.nn.functional as F
 
@@ -157,7 +157,7 @@ def _val_metrics(model, loader, device) -> tuple[float, float]:
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
             hits += float((logits.argmax(-1) == y).sum())
             count += y.numel()
-    return 100.0 * hits / max(count, 1), loss / max(count, 1)
+    return 100.0 * hits / max(count, 1), loss / max(count, 1), int(count)
 
 
 def _better(metric: str, new: float, old: float | None) -> bool:
@@ -245,13 +245,14 @@ def _epoch(objects: tuple[Any, Any, Any, Any], loaders: tuple, device, metric: s
     t0 = time.time()
     loss_sum, batches, images = train_epoch(model, loaders[0], opt, sched, scaler, device).tolist()
     check_loss(loss_sum / max(batches, 1), where, fix)
-    acc, vloss = _val_metrics(model, loaders[1], device)
+    acc, vloss, scored = _val_metrics(model, loaders[1], device)
     state["trial_time_s"] += time.time() - t0
     value = acc if metric == "val_acc" else vloss
     if _better(metric, value, state["best_val"]):
         state.update(best_val=value, best_epoch=epoch, best_val_acc=acc)
     state["epoch"] = epoch
-    return {"epoch": epoch + 1, "val_acc": acc, "val_loss": vloss, "train_loss": loss_sum / max(batches, 1),
+    return {"epoch": epoch + 1, "val_acc": acc, "val_loss": vloss, "val_images": scored,
+            "train_loss": loss_sum / max(batches, 1),
             "lr": sched.get_last_lr()[0], "images_per_s": images / max(time.time() - t0, 1e-9),
             "best_val": state["best_val"], "best_epoch": state["best_epoch"] + 1,   # reported from 1
             "best_val_acc": state["best_val_acc"], "trial_time_s": state["trial_time_s"],

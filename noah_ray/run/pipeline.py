@@ -347,11 +347,13 @@ def format_summary(summary: dict) -> str:
         else:
             lines.append(f"search: no finished result yet ({s['evaluated']} candidates scored); run it again to resume")
     if summary.get("race"):
+        from noah_ray.hpo.race import tie_clause
+
         r = summary["race"]
         lr = f", lr {r['lr']:g}" if r["lr"] is not None else ""
         lines.append(f"race: survivor {r['source']} (finalist {r['finalist']} of {r['finalists']}{lr}): val "
                      f"{r['val_acc']:.2f}% after {r['epochs']} epoch(s), {r['params'] / 1e6:.4f} M params; "
-                     f"{r['epochs_trained']} epochs trained -> {r['uri']}")
+                     f"{r['epochs_trained']} epochs trained{tie_clause(r)} -> {r['uri']}")
     for method, r in summary.get("hpo", {}).items():
         values = ", ".join(f"{k.partition('.')[2]} {v:.4g}" for k, v in r["values"].items())
         lines.append(f"hpo {method}: best {r['metric']} {r['best_val']:.4g} of {r['trials']} trials with {values}")
