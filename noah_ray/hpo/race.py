@@ -125,7 +125,7 @@ def rung_ties(curves: dict[str, dict[int, float]], marks: list[int], n: int | No
         if len(scores) > 1:
             best = max(scores)
             se = standard_error(best, n) if n else None
-            tied = sum(best - x <= se for x in scores) - 1 if se is not None else 0
+            tied = sum(x >= best - se - 1e-9 for x in scores) - 1 if se is not None else 0   # as evolution.ties
             return RungTies(rung, best, se, n, tied)
     return None
 
@@ -355,7 +355,8 @@ def _choose(job: JobConfig, finalists: list[Finalist], results, tables: TrialTab
     best = survivor(ok, [f.params for f in finalists])
     f = int(best["config"]["finalist"])
     n = best["m"].get("val_images")
-    ties = rung_ties(_curves(job), _marks(job, tables), int(n) if n else None)
+    marks, curves = _marks(job, tables), _curves(job)
+    ties = rung_ties(curves, marks, int(n) if n else None)
     res = RaceResult(subnet=finalists[f].subnet.to_dict(), source=finalists[f].source, finalist=f,
                      trial_id=best["trial_id"], lr=best["config"].get("lr"), val_acc=float(best["m"][METRIC]),
                      epochs=top, params=finalists[f].params, finalists=len(finalists), trials=len(rows),
@@ -365,7 +366,7 @@ def _choose(job: JobConfig, finalists: list[Finalist], results, tables: TrialTab
     if ties is not None:
         res = dataclasses.replace(res, decided_at=ties.rung, tied=ties.tied, val_se=ties.se, val_images=ties.n)
     tables.write_trial(best["trial_id"], best["config"], best["m"], "done", chosen=True)
-    _write_finalists(job, finalists, rows, best["trial_id"], tables)
+    _write_finalists(job, finalists, rows, best["trial_id"], tables, marks, curves)
     tables.check()
     storage.write_text(JobPaths.of(job).race_chosen, json.dumps(dataclasses.asdict(res), indent=1, sort_keys=True))
     return res
@@ -393,9 +394,9 @@ def tie_clause(res: dict) -> str:
 
 
 def _write_finalists(job: JobConfig, finalists: list[Finalist], rows: list[dict], chosen: str | None,
-                     tables: TrialTables) -> None:
-    """The ``finalists`` table: one row per trial (a fixed part name: rewriting it is idempotent)."""
-    marks, curves = _marks(job, tables), _curves(job)
+                     tables: TrialTables, marks: list[int], curves: dict[str, dict[int, float]]) -> None:
+    """The ``finalists`` table: one row per trial (a fixed part name: rewriting it is idempotent);
+    ``marks`` the race's rungs, ``curves`` every trial's val accuracy per epoch."""
     now = datetime.now(timezone.utc)
     out = []
     for x in rows:
