@@ -82,6 +82,9 @@ def data_root(tmp_path_factory):
     ({"grace_period": 5, "max_epochs": 2}, r"^config\.race\.grace_period: 5 exceeds max_epochs 2; lower it$"),
     ({"finalist": 3}, r"^config\.race: unknown key 'finalist'"),
     ({"enabled": "yes"}, r"^config\.race\.enabled: "),
+    ({"ties": "params"}, r"^config\.race\.ties: 'params' unknown; use one of baseline, best$"),
+    ({"tie_se": -1}, r"^config\.race\.tie_se: -1 must be between 0 and 10 standard errors \(e\.g\. 1\)$"),
+    ({"tie_se": float("nan")}, r"^config\.race\.tie_se: nan is not a finite number"),
 ])
 def test_bad_race_settings_fail_in_one_line(bad, match):
     with pytest.raises(ConfigError, match=match) as e:
@@ -204,12 +207,19 @@ def test_race_picks_the_best_top_rung_finalist_and_retraining_trains_it(ray_sess
         assert list(row.rungs) == [e for e in (1, 2) if e <= row.epochs_run]
         assert list(row.rung_scores) == [curves[(row.trial_id, e)] for e in row.rungs]
         assert row.last_val_acc == row.rung_scores[-1] and row.stopped == (row.epochs_run < 2)
-    # the survivor: the best val accuracy at the top rung among the trials that reached it
+    # the survivor (race.ties: baseline, the default): among the trials that reached the top rung, the
+    # best-scored baseline within one binomial s.e. (32 val images) of the best val accuracy, else the best
     top = fin[fin.epochs_run == fin.epochs_run.max()]
     chosen = fin[fin.chosen]
     assert len(chosen) == 1 and chosen.trial_id.iloc[0] in set(top.trial_id)
-    assert chosen.last_val_acc.iloc[0] == top.last_val_acc.max()
+    best = top.last_val_acc.max()
+    window = best - 100 * math.sqrt(best / 100 * (1 - best / 100) / 32) - 1e-9
+    tied = top[(top.source != "search") & (top.last_val_acc >= window)]
+    assert chosen.last_val_acc.iloc[0] == (tied.last_val_acc.max() if len(tied) else best)
+    assert chosen.source.iloc[0] != "search" or tied.empty
     saved = json.loads((tmp_path / "r" / "race" / "chosen.json").read_text())
+    assert saved["ties"] == "baseline"
+    assert saved["top_val_acc"] == (best if chosen.last_val_acc.iloc[0] < best else None)
     assert saved["trial_id"] == chosen.trial_id.iloc[0] and saved["lr"] == chosen.lr.iloc[0]
     assert SubnetConfig.from_json(chosen.config_json.iloc[0]) == SubnetConfig.from_dict(saved["subnet"])
     assert saved["epochs_trained"] == fin.epochs_run.sum() and summary["race"]["trial_id"] == saved["trial_id"]
@@ -393,7 +403,8 @@ class _Tune:
         trial.status = Trial.TERMINATED
 
 
-def _standin(n: int, rf: float, marks: list[int], acc: dict, history: dict | None = None, order=None):
+def _standin(n: int, rf: float, marks: list[int], acc: dict, history: dict | None = None, order=None,
+             rescue=None):
     """``n`` stand-in trials ``a_0000k`` (finalist k, pending), added in ``order``, under SyncHalving."""
     from types import SimpleNamespace
 
@@ -405,7 +416,7 @@ def _standin(n: int, rf: float, marks: list[int], acc: dict, history: dict | Non
                               relative_logdir=f"trial_{k}") for k in range(n)]
     tc = _Tune(trials)
     tc.sched = SyncHalving(n, marks, rf, 2, rank=lambda config, score, tid: score,
-                           history=(lambda: history) if history is not None else None)
+                           history=(lambda: history) if history is not None else None, rescue=rescue)
     for k in order or range(n):
         tc.sched.on_trial_add(tc, trials[k])
     return tc, trials
@@ -501,3 +512,64 @@ def test_a_restored_variant_generator_keeps_its_live_scheduler(tmp_path):
     assert again.scheduler is live
     again.set_state({**again.get_state(), "scheduler": sched()})      # a state that still carries one
     assert again.scheduler is live
+
+
+# ------------------------------------------------------------------ race.ties: baseline
+def _top(trial: str, finalist: int, acc: float, epoch: int = 4) -> dict:
+    return {"trial_id": trial, "config": {"finalist": finalist}, "m": {"epoch": epoch, "val_acc": acc, "val_loss": 1.0}}
+
+
+def test_a_baseline_within_one_standard_error_of_the_best_is_the_survivor():
+    """Finalists 0-2 from the search, 3-4 the hand-sized baselines; 200 val images.  The best at the
+    top rung scores 92.0 %: s.e. 100 * sqrt(0.92 * 0.08 / 200) = 1.918 points, so the window starts at
+    90.08.  Baselines at 90.5 and 90.2 are tied with it: the better of them survives; at 90.0 and
+    89.9 neither is, and the search's finalist does.  A baseline stopped at an earlier rung never
+    counts, and under ``ties: best`` (no rule) the best score wins."""
+    rule = race.TieRule(frozenset({3, 4}), 200, 1.0)
+    params = [100, 100, 100, 100, 100]
+    rows = [_top("a", 0, 92.0), _top("b", 1, 91.0), _top("c", 4, 90.2), _top("d", 3, 90.5)]
+    assert race.survivor(rows, params, rule)["trial_id"] == "d"
+    assert race.survivor(rows, params)["trial_id"] == "a"
+    apart = [_top("a", 0, 92.0), _top("c", 4, 89.9), _top("d", 3, 90.0), _top("e", 3, 99.0, epoch=1)]
+    assert race.survivor(apart, params, rule)["trial_id"] == "a"
+    assert race.survivor(apart, params, race.TieRule(frozenset({3, 4}), 200, 2.0))["trial_id"] == "d"   # 2 s.e.: 88.16
+    assert race.survivor(rows, params, race.TieRule(frozenset({3, 4}), None, 1.0))["trial_id"] == "a"   # n unknown
+    assert race.TieRule(frozenset({3}), 200, 1.0).pick([]) is None
+    assert race.TieRule(frozenset({3}), 200, 1.0).pick([(3, 90.08, "x"), (0, 90.0, "a")]) == "x"   # the best itself
+    assert race.TieRule(frozenset({3}), 200, 1.0).pick([(0, 92.0, "a"), (3, 90.082, "x")]) == "x"
+    assert race.TieRule(frozenset({3}), 200, 1.0).pick([(0, 92.0, "a"), (3, 90.08, "x")]) is None   # window from 90.0817
+    kept = {"top_finalist": 0, "top_val_acc": 92.0}
+    assert race.tie_clause(kept) == "; kept as tied with the best, finalist 0 (val 92.00%), under race.ties: baseline"
+
+
+def test_the_tie_rule_applies_to_baselines_only_and_is_in_the_race_settings(tiny_job, data_root, tmp_path):
+    """``TieRule.of``: the baselines' finalist indices, the val split's size asked only when the rule
+    applies; ``ties: best`` leaves the settings as races before the option wrote them."""
+    job = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path)))
+    assert job.race.ties == "baseline" and job.race.tie_se == 1.0                  # the default
+    write_search(job)
+    fin = race.pick_finalists(job, param_limit(job, shape_of(TINY, 1)))
+    rule = race.TieRule.of(job, fin, race._val_images)
+    assert rule is not None and rule.val_images == 32                              # data_root's val split
+    assert rule.baselines == {i for i, f in enumerate(fin) if f.source.startswith("baseline:")} == {3, 4}
+    assert race._settings(job, fin)["race"]["ties"] == "baseline"
+    best = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path), ties="best"))
+    assert race.TieRule.of(best, fin, lambda j: pytest.fail("val split read")) is None
+    assert "ties" not in race._settings(best, fin)["race"] and "tie_se" not in race._settings(best, fin)["race"]
+    search_only = [f for f in fin if f.source == "search"]
+    assert race.TieRule.of(job, search_only, lambda j: pytest.fail("val split read")) is None
+    assert race.sync_race(job, [f.params for f in fin], rule)[0].rescue is not None
+
+
+def test_sync_halving_keeps_a_tied_baseline_beside_the_rungs_best():
+    """5 trials, rf 2, rung 1 then the top at 4; finalists 3 and 4 are baselines; 200 val images.
+    Rung 1: 80, 78, 79 (search), 77.5 and 60 (baselines).  The best 3 go on (80, 79, 78); s.e. of 80 %
+    is 100 * sqrt(0.8 * 0.2 / 200) = 2.828, so 77.5 >= 77.17 is tied and goes on too; at 77.0 it is not."""
+    import functools
+
+    rule = race.TieRule(frozenset({3, 4}), 200, 1.0)
+    for baseline, racing in ((77.5, ("a_00000", "a_00001", "a_00002", "a_00003")), (77.0, ("a_00000", "a_00001", "a_00002"))):
+        tc, trials = _standin(5, 2, [1, 4], {}, rescue=functools.partial(race._rescue, rule))
+        actions = [_report(tc, t, 1, acc) for t, acc in zip(trials, (80.0, 78.0, 79.0, baseline, 60.0))]
+        assert tc.sched.standing().racing == racing and actions[-1] == "STOP"      # the last decides, is cut
+        assert tc.stopped == [t for t in ("a_00003",) if t not in racing]           # a paused one cut: stopped

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from noah_ray.config.sections import at_most, positive
 from noah_ray.errors import ConfigError
 
+#: race.ties: how a rung and the survivor treat the baselines tied with the best (module docstring)
+RACE_TIES = ("baseline", "best")
 #: more finalists than this is a typo (each is a standalone training)
 MAX_FINALISTS = 256
 #: race.scheduler -> the factory of its (Tune scheduler, variant generator), as HPO_SCHEDULERS names
@@ -42,6 +44,9 @@ class RaceConfig:
     reduction_factor: float = 4.0         # ASHA: the best 1/reduction_factor of a rung go on
     scheduler: str = "asha"               # asha (Ray Tune's, asynchronous) | sync (each rung decided on all
                                           # its results: repeatable at any max_concurrent; noah_ray.hpo.halving)
+    ties: str = "baseline"                # baseline: a baseline within tie_se s.e. of the best goes on and
+                                          # wins at the top; best: the best score (plain halving)
+    tie_se: float = 1.0                   # the tie window, in binomial standard errors of the val accuracy
     lrs: list[float] = field(default_factory=list)
                                           # learning rates raced per finalist (each pair a trial);
                                           # empty: retrain.lr (or retrain.method_lr.noah)
@@ -59,6 +64,10 @@ class RaceConfig:
         at_most(where, MAX_FINALISTS, finalists=self.finalists)
         if self.scheduler not in RACE_SCHEDULERS:
             raise ConfigError(f"{where}.scheduler: {self.scheduler!r} unknown; use one of {', '.join(RACE_SCHEDULERS)}")
+        if self.ties not in RACE_TIES:
+            raise ConfigError(f"{where}.ties: {self.ties!r} unknown; use one of {', '.join(RACE_TIES)}")
+        if not 0 <= self.tie_se <= 10:
+            raise ConfigError(f"{where}.tie_se: {self.tie_se} must be between 0 and 10 standard errors (e.g. 1)")
         if self.reduction_factor <= 1:
             raise ConfigError(f"{where}.reduction_factor: {self.reduction_factor} must be > 1 (e.g. 4: the best "
                               f"quarter of each rung goes on)")

@@ -1,7 +1,8 @@
 """Synchronous successive halving, a Ray Tune scheduler (``race.scheduler: sync``).
 
 Every trial pauses at each rung until all trials still in the race have reported there; then the
-best ``ceil(n / reduction_factor)`` of them go on and the others stop.  Each decision sees every
+best ``ceil(n / reduction_factor)`` of them go on (and the one trial a ``rescue`` rule names: the
+race's tied baseline) and the others stop.  Each decision sees every
 result of its rung, so which trials stop (and so the survivor) does not depend on the order results
 arrive, unlike Ray Tune's asynchronous ``ASHAScheduler`` with several trials at once.  A paused
 trial gives its CPU back and resumes from its checkpoint when its rung is decided (the race
@@ -46,12 +47,19 @@ class Standing:
     pending: int | None
 
 
+#: ``rescue(ranked)``: of a rung's trials with their scores there, best first, the one that goes on
+#: beside the rung's best (None: none)
+Rescue = Callable[[list[tuple[str, tuple[float, float]]]], str | None]
+
+
 def cohorts(order: Sequence[str], scores: Scores, marks: Sequence[int], reduction_factor: float,
-            rank: Callable[[str, tuple[float, float]], tuple], withdrawn: frozenset[str] = frozenset()) -> Standing:
+            rank: Callable[[str, tuple[float, float]], tuple], withdrawn: frozenset[str] = frozenset(),
+            rescue: Rescue | None = None) -> Standing:
     """Replay the decisions: all of ``order`` (trial ids in creation order) start; at each rung of
     ``marks`` (the decision rungs, ascending) the ``withdrawn`` trials without a score there leave,
     and once every trial still racing has one, the best ``ceil(n / reduction_factor)`` by
-    ``rank(trial id, score)`` (highest first; equal keys: the earlier trial) go on."""
+    ``rank(trial id, score)`` (highest first; equal keys: the earlier trial) go on, and the trial
+    ``rescue`` names, if any."""
     racing = list(order)
     for mark in marks:
         racing = [t for t in racing if t not in withdrawn or mark in scores.get(t, {})]
@@ -60,8 +68,10 @@ def cohorts(order: Sequence[str], scores: Scores, marks: Sequence[int], reductio
         if any(mark not in scores.get(t, {}) for t in racing):
             return Standing(tuple(racing), mark)
         keep = max(1, math.ceil(len(racing) / reduction_factor))
-        best = sorted(racing, key=lambda t: rank(t, scores[t][mark]), reverse=True)[:keep]   # stable: ties
-        racing = [t for t in racing if t in best]
+        ranked = sorted(racing, key=lambda t: rank(t, scores[t][mark]), reverse=True)   # stable: ties
+        best = set(ranked[:keep])
+        saved = rescue([(t, scores[t][mark]) for t in ranked]) if rescue is not None else None
+        racing = [t for t in racing if t in best or t == saved]
     return Standing(tuple(racing), None)
 
 
@@ -69,15 +79,19 @@ class SyncHalving(FIFOScheduler):
     """Synchronous successive halving of ``size`` trials (all of them race, also those Tune has not
     created yet) over ``marks`` (all rungs, the top one last; decisions at every rung below the
     top).  ``rank(config, (val_acc, val_loss), trial_id)``: a trial's sort key at a rung (highest
-    goes on).  ``history()``: the scores already recorded, for a restored race."""
+    goes on); ``rescue(ranked)``: of a rung's ``(config, score, trial_id)``, best first, the trial
+    id that goes on beside the best (None: none).  ``history()``: the scores already recorded, for
+    a restored race."""
 
     _supports_buffered_results = False
 
     def __init__(self, size: int, marks: Sequence[int], reduction_factor: float, max_concurrent: int,
                  rank: Callable[[dict, tuple[float, float], str], tuple],
                  history: Callable[[], Scores] | None = None, time_attr: str = "epoch",
-                 metrics: tuple[str, str] = ("val_acc", "val_loss")) -> None:
+                 metrics: tuple[str, str] = ("val_acc", "val_loss"),
+                 rescue: Callable[[list[tuple[dict, tuple[float, float], str]]], str | None] | None = None) -> None:
         super().__init__()
+        self.rescue = rescue
         self.size, self.marks = size, tuple(sorted(marks)[:-1])
         self.reduction_factor, self.max_concurrent = reduction_factor, max_concurrent
         self.rank, self.history, self.time_attr, self.metrics = rank, history, time_attr, metrics
@@ -96,8 +110,10 @@ class SyncHalving(FIFOScheduler):
         # trials not created yet race too (they have no score anywhere, so no rung is decided
         # before they exist); "~" sorts after Tune's ids, which then stay in creation order
         unborn = [f"~{i:05d}" for i in range(self.size - len(self.trials))]
+        rescue = None if self.rescue is None else \
+            (lambda ranked, r=self.rescue: r([(self.trials[t].config, s, t) for t, s in ranked]))
         return cohorts(sorted(self.trials) + unborn, self.scores, self.marks, self.reduction_factor,
-                       lambda t, s: self.rank(self.trials[t].config, s, t), frozenset(gone))
+                       lambda t, s: self.rank(self.trials[t].config, s, t), frozenset(gone), rescue)
 
     def busy(self) -> int:
         """Trials running or about to (pending): what ``max_concurrent`` bounds."""

@@ -16,7 +16,11 @@ on ``data.val_split`` (val200) every epoch; successive halving stops the weak on
 The survivor (:func:`survivor`, written by :func:`_choose`): among the trials that reached the
 top rung (the most epochs any trial ran), the best val accuracy at that last epoch; ties go to the
 lower val loss there, then to more parameters, then to the earlier finalist (the search's order,
-baselines last), then to the earlier trial.  Retraining trains it (:func:`raced_subnet`, with its
+baselines last), then to the earlier trial.  Under ``race.ties: baseline`` (the default,
+:class:`TieRule`) a hand-sized baseline within ``race.tie_se`` binomial standard errors of that
+best is the survivor instead (the best-ranked such baseline), and the synchronous scheduler keeps
+it at every rung where it is so tied: the service returns a searched subnet only when the val
+split tells it apart from what a user could size by hand.  Retraining trains it (:func:`raced_subnet`, with its
 learning rate when ``race.lrs`` raced them and the job has no ``hpo`` section: :func:`raced_job`)
 on train800val200 for every seed and tests once.
 
@@ -32,6 +36,7 @@ import dataclasses
 import functools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -102,6 +107,41 @@ class RaceResult:
     tied: int = 0                         # other trials within one s.e. of the best there
     val_se: float | None = None           # that s.e. (points; None: the images scored are unknown)
     val_images: int | None = None
+    ties: str = "best"                    # race.ties the survivor was chosen by
+    top_finalist: int | None = None       # the best-ranked trial's finalist at the top rung, when the
+    top_val_acc: float | None = None      # tie rule chose another (a baseline tied with it), and its score
+
+
+@dataclass(frozen=True)
+class TieRule:
+    """``race.ties: baseline`` as the race applies it: of a rung's trials ranked best first, the
+    best-ranked one racing a ``baselines`` finalist whose val accuracy is within ``tie_se``
+    binomial standard errors (on ``val_images`` images) of the first's (:meth:`pick`)."""
+
+    baselines: frozenset[int]             # the finalist indices of the hand-sized baselines
+    val_images: int | None                # the val split's size (None: unknown, no ties)
+    tie_se: float
+
+    @classmethod
+    def of(cls, job: JobConfig, finalists: list[Finalist],
+           val_images: Callable[[JobConfig], int | None]) -> TieRule | None:
+        """The rule of ``job.race`` (None under ``ties: best`` or without baselines); ``val_images(job)``
+        is asked only when the rule applies."""
+        base = frozenset(i for i, f in enumerate(finalists) if f.source.startswith("baseline:"))
+        return cls(base, val_images(job), job.race.tie_se) if job.race.ties == "baseline" and base else None
+
+    def pick(self, ranked: list[tuple[int, float, str]]) -> str | None:
+        """Of ``(finalist, val accuracy, trial id)`` best first, the tied baseline's trial id (None: none)."""
+        if not ranked or not self.val_images:
+            return None
+        best = ranked[0][1]
+        floor = best - self.tie_se * standard_error(best, self.val_images) - 1e-9   # as evolution.ties
+        return next((t for f, acc, t in ranked if f in self.baselines and acc >= floor), None)
+
+
+def _rescue(rule: TieRule, ranked: list[tuple[dict, tuple[float, float], str]]) -> str | None:
+    """:meth:`TieRule.pick` of the synchronous scheduler's rung (``(config, score, trial id)``)."""
+    return rule.pick([(int(c["finalist"]), s[0], t) for c, s, t in ranked])
 
 
 @dataclass(frozen=True)
@@ -221,6 +261,8 @@ def _settings(job: JobConfig, finalists: list[Finalist]) -> dict:
     race = {k: v for k, v in dataclasses.asdict(job.race).items() if k not in _RESOURCE_KEYS + _AFTER_KEYS}
     if race["scheduler"] == "asha":              # the default: races started before the setting existed lack it
         del race["scheduler"]
+    if race["ties"] == "best":                   # the rule of races started before race.ties existed
+        del race["ties"], race["tie_se"]
     return {"finalists": [{"subnet": f.subnet.to_dict(), "source": f.source} for f in finalists], "race": race,
             "model": job.model.settings(),
             "data": {"dataset": d.dataset, "format": d.format, "train_split": d.train_split, "val_split": d.val_split,
@@ -229,8 +271,9 @@ def _settings(job: JobConfig, finalists: list[Finalist]) -> dict:
                         "weight_decay": r.weight_decay, "warmup_epochs": r.warmup_epochs, "min_lr": r.min_lr}}
 
 
-def asha_race(job: JobConfig, params: list[int]) -> tuple[Any, Any]:
-    """Ray Tune's asynchronous ASHA; the variant generator keeps ``max_concurrent`` trials live."""
+def asha_race(job: JobConfig, params: list[int], rule: TieRule | None = None) -> tuple[Any, Any]:
+    """Ray Tune's asynchronous ASHA; the variant generator keeps ``max_concurrent`` trials live.
+    ``rule``: applied at the top rung only (:func:`survivor`): ASHA decides its rungs itself."""
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
@@ -240,19 +283,21 @@ def asha_race(job: JobConfig, params: list[int]) -> tuple[Any, Any]:
             BasicVariantGenerator(random_state=r.seed, max_concurrent=r.max_concurrent))
 
 
-def sync_race(job: JobConfig, params: list[int]) -> tuple[Any, Any]:
+def sync_race(job: JobConfig, params: list[int], rule: TieRule | None = None) -> tuple[Any, Any]:
     """Synchronous successive halving (:mod:`noah_ray.hpo.halving`), with the variant generator
-    that creates trials only while the scheduler has a free slot."""
+    that creates trials only while the scheduler has a free slot; ``rule`` keeps a tied baseline
+    at every rung."""
     from noah_ray.hpo.halving import GatedVariants, SyncHalving
 
     r, e = job.race, job.retrain.epochs
     sched = SyncHalving(len(params) * max(1, len(r.lrs)), rungs(r.grace(e), r.reduction_factor, r.epochs(e)),
                         r.reduction_factor, r.max_concurrent, rank=functools.partial(_trial_rank, params),
-                        history=functools.partial(_scores, job))
+                        history=functools.partial(_scores, job),
+                        rescue=None if rule is None else functools.partial(_rescue, rule))
     return sched, GatedVariants(sched, random_state=r.seed)
 
 
-def _tuner(job: JobConfig, trainable, params: list[int], tables: TrialTables):
+def _tuner(job: JobConfig, trainable, params: list[int], tables: TrialTables, rule: TieRule | None):
     """A new Tune experiment (a grid over finalists x lrs under ``race.scheduler``), or the
     interrupted one restored.  ``params``: per finalist."""
     r, tune_dir = job.race, JobPaths.of(job).race_tune
@@ -265,7 +310,7 @@ def _tuner(job: JobConfig, trainable, params: list[int], tables: TrialTables):
     if r.lrs:
         space["lr"] = tune.grid_search(list(r.lrs))
     run_config = trial_run_config(tune_dir, RUN_ID, [TrialRecorder(tables)], r.trial_retries)
-    scheduler, search = load_entry(RACE_SCHEDULERS[r.scheduler])(job, params)
+    scheduler, search = load_entry(RACE_SCHEDULERS[r.scheduler])(job, params, rule)
     tune_config = tune.TuneConfig(metric=METRIC, mode="max", search_alg=search, scheduler=scheduler, num_samples=1,
                                   reuse_actors=True)
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
@@ -292,6 +337,7 @@ def run_race(job: ResolvedJob | JobConfig) -> RaceResult | None:
     tables = TrialTables(paths.race.uri, job.storage_endpoint, job.name, job.data.dataset, RUN_ID, "grid", r.scheduler,
                          METRIC, top, Fence.of(job, rj.lease), stage="race")
     _check_settings(paths.race, _settings(job, finalists), tables)
+    rule = TieRule.of(job, finalists, _val_images)
     n_trials = len(finalists) * max(1, len(r.lrs))
     budget = race_budget(n_trials, grace, r.reduction_factor, top)
     marks = rungs(grace, r.reduction_factor, top)
@@ -304,12 +350,19 @@ def run_race(job: ResolvedJob | JobConfig) -> RaceResult | None:
                                      res=TrialResources(r.cpus_per_trial, r.gpus_per_trial, r.seed, METRIC, fix))
     trainable = tune.with_resources(trainable, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
     with _quiet_snapshots(), tune_without_credentials():
-        results = _tuner(job, trainable, [f.params for f in finalists], tables).fit()
-    res = _choose(job, finalists, results, tables, budget)
+        results = _tuner(job, trainable, [f.params for f in finalists], tables, rule).fit()
+    res = _choose(job, finalists, results, tables, budget, rule)
     progress.echo(f"[race] survivor: {res.source} finalist {res.finalist} (val {res.val_acc:.2f}% after "
                   f"{res.epochs} epochs, {res.params / 1e6:.4f} M params; {res.stopped_early} of {res.trials} trials "
                   f"stopped early, {res.epochs_trained} epochs trained{tie_clause(dataclasses.asdict(res))})")
     return res
+
+
+def _val_images(job: JobConfig) -> int:
+    """How many images the race's trials are scored on (the val split's size), for the tie rule."""
+    from noah_ray.data.readers import read_split
+
+    return len(read_split(job.data, job.data.val_split, endpoint=job.storage_endpoint))
 
 
 def rank_key(finalist: int, acc: float, loss: float, params: list[int]) -> tuple:
@@ -333,26 +386,34 @@ def _scores(job: JobConfig) -> dict[str, dict[int, tuple[float, float]]]:
     return out
 
 
-def survivor(ok: list[dict], params: list[int]) -> dict:
+def survivor(ok: list[dict], params: list[int], rule: TieRule | None = None) -> dict:
     """The race's survivor among finished trial rows (``config.finalist``, metrics ``m``; ``params``
     per finalist): of those that reached the top rung, the best by :func:`rank_key` there; equal keys
     go to the earlier trial (:func:`~noah_ray.hpo.driver.earliest_best`; two learning rates of one
-    finalist can tie)."""
+    finalist can tie).  ``rule``: a baseline tied with that best wins (:meth:`TieRule.pick`)."""
     top = max(int(x["m"]["epoch"]) for x in ok)
 
     def rank(x: dict) -> tuple:
         return rank_key(int(x["config"]["finalist"]), x["m"][METRIC], x["m"].get("val_loss", math.inf), params)
 
-    return earliest_best([x for x in ok if int(x["m"]["epoch"]) == top], rank)
+    at_top = [x for x in ok if int(x["m"]["epoch"]) == top]
+    best = earliest_best(at_top, rank)
+    if rule is None:
+        return best
+    ranked = sorted(sorted(at_top, key=lambda x: str(x["trial_id"])), key=rank, reverse=True)   # stable
+    tied = rule.pick([(int(x["config"]["finalist"]), float(x["m"][METRIC]), x["trial_id"]) for x in ranked])
+    return next((x for x in ranked if x["trial_id"] == tied), best)
 
 
-def _choose(job: JobConfig, finalists: list[Finalist], results, tables: TrialTables, budget: int) -> RaceResult:
+def _choose(job: JobConfig, finalists: list[Finalist], results, tables: TrialTables, budget: int,
+            rule: TieRule | None) -> RaceResult:
     """The survivor (the module docstring says how ties go); writes the ``finalists`` table and
     ``chosen.json``."""
     rows = trial_rows(results, tables)
     ok = finished_rows(rows, METRIC, "race")
     top = max(int(x["m"]["epoch"]) for x in ok)
-    best = survivor(ok, [f.params for f in finalists])
+    params = [f.params for f in finalists]
+    best, first = survivor(ok, params, rule), survivor(ok, params)
     f = int(best["config"]["finalist"])
     n = best["m"].get("val_images")
     marks, curves = _marks(job, tables), _curves(job)
@@ -365,6 +426,10 @@ def _choose(job: JobConfig, finalists: list[Finalist], results, tables: TrialTab
                      uri=JobPaths.of(job).race.uri)
     if ties is not None:
         res = dataclasses.replace(res, decided_at=ties.rung, tied=ties.tied, val_se=ties.se, val_images=ties.n)
+    res = dataclasses.replace(res, ties=job.race.ties)
+    if first["trial_id"] != best["trial_id"]:
+        res = dataclasses.replace(res, top_finalist=int(first["config"]["finalist"]),
+                                  top_val_acc=float(first["m"][METRIC]))
     tables.write_trial(best["trial_id"], best["config"], best["m"], "done", chosen=True)
     _write_finalists(job, finalists, rows, best["trial_id"], tables, marks, curves)
     tables.check()
@@ -386,11 +451,15 @@ def _curves(job: JobConfig) -> dict[str, dict[int, float]]:
 def tie_clause(res: dict) -> str:
     """Of a race's result (:class:`RaceResult` as a dict): ``; at epoch 4, 2 other trial(s) within
     1 s.e. (2.10 points on 200 images) of the best``, or nothing when no rung was contested or the
-    images scored are unknown (a race recorded before they were)."""
+    images scored are unknown (a race recorded before they were); then, when ``race.ties:
+    baseline`` kept a baseline over a better-scored trial, which one and its score."""
+    kept = "" if res.get("top_finalist") is None else \
+        (f"; kept as tied with the best, finalist {res['top_finalist']} (val {res['top_val_acc']:.2f}%), "
+         f"under race.ties: baseline")
     if not res.get("decided_at") or res.get("val_se") is None:
-        return ""
+        return kept
     return (f"; at epoch {res['decided_at']}, {res['tied']} other trial(s) within 1 s.e. ({res['val_se']:.2f} "
-            f"points on {res['val_images']} images) of the best")
+            f"points on {res['val_images']} images) of the best{kept}")
 
 
 def _write_finalists(job: JobConfig, finalists: list[Finalist], rows: list[dict], chosen: str | None,
