@@ -213,7 +213,8 @@ def test_race_picks_the_best_top_rung_finalist_and_retraining_trains_it(ray_sess
     chosen = fin[fin.chosen]
     assert len(chosen) == 1 and chosen.trial_id.iloc[0] in set(top.trial_id)
     best = top.last_val_acc.max()
-    window = best - 100 * math.sqrt(best / 100 * (1 - best / 100) / 32) - 1e-9
+    q = (best / 100 * 32 + 2) / 36                            # Agresti-Coull: two hits and two misses added
+    window = best - 100 * math.sqrt(q * (1 - q) / 36) - 1e-9
     tied = top[(top.source != "search") & (top.last_val_acc >= window)]
     assert chosen.last_val_acc.iloc[0] == (tied.last_val_acc.max() if len(tied) else best)
     assert chosen.source.iloc[0] != "search" or tied.empty
@@ -226,7 +227,8 @@ def test_race_picks_the_best_top_rung_finalist_and_retraining_trains_it(ray_sess
     # how close the last contested rung was: 32 val images; s.e. of the best there, written out
     contested = max(e for e in (1, 2) if sum(e in list(r.rungs) for r in fin.itertuples()) > 1)
     at = [r.rung_scores[list(r.rungs).index(contested)] for r in fin.itertuples() if contested in list(r.rungs)]
-    se = 100 * math.sqrt(max(at) / 100 * (1 - max(at) / 100) / 32)
+    q = (max(at) / 100 * 32 + 2) / 36
+    se = 100 * math.sqrt(q * (1 - q) / 36)
     assert saved["decided_at"] == contested and saved["val_images"] == 32 and math.isclose(saved["val_se"], se)
     assert saved["tied"] == sum(max(at) - x <= se for x in at) - 1
     # retraining trained the survivor with its raced learning rate as the row noah+, and (retrain_plain)
@@ -257,20 +259,21 @@ def test_race_picks_the_best_top_rung_finalist_and_retraining_trains_it(ray_sess
 
 
 def test_the_last_contested_rung_counts_the_trials_within_one_standard_error_of_its_best():
-    """At epoch 4 (the last rung two trials reached) the best is 92.0 % on 200 images: binomial
-    s.e. 100 * sqrt(0.92 * 0.08 / 200) = 1.918 points; 90.5 lies within it, 90.0 and 86.0 do not;
+    """At epoch 4 (the last rung two trials reached) the best is 92.0 % on 200 images (184 hits):
+    s.e. 100 * sqrt(q (1 - q) / 204) with q = 186 / 204 = 1.986 points; 90.5 lies within it, 90.0
+    and 86.0 do not;
     the epoch-10 rung had one trial and decided nothing."""
     curves = {"a": {1: 60.0, 4: 92.0, 10: 94.0}, "b": {1: 58.0, 4: 90.5}, "c": {1: 57.0, 4: 90.0},
               "d": {1: 55.0, 4: 86.0}, "e": {1: 40.0}}
     ties = race.rung_ties(curves, [1, 4, 10], 200)
     assert ties is not None and (ties.rung, ties.best, ties.n, ties.tied) == (4, 92.0, 200, 1)
-    assert math.isclose(ties.se, 1.9183326093250879)
+    assert math.isclose(ties.se, 100 * math.sqrt(186 * 18 / 204 ** 3))
     assert race.rung_ties({"a": {1: 50.0, 4: 50.0}, "b": {1: 50.0}}, [1, 4], 100).tied == 1   # exact ties count
     assert race.rung_ties({"a": {1: 70.0}}, [1, 4], 200) is None                             # one racer
     unknown = race.rung_ties(curves, [1, 4, 10], None)                                       # images not recorded
     assert unknown is not None and unknown.se is None and unknown.tied == 0
     res = {"decided_at": 4, "tied": 1, "val_se": ties.se, "val_images": 200}
-    assert race.tie_clause(res) == "; at epoch 4, 1 other trial(s) within 1 s.e. (1.92 points on 200 images) of the best"
+    assert race.tie_clause(res) == "; at epoch 4, 1 other trial(s) within 1 s.e. (1.99 points on 200 images) of the best"
     assert race.tie_clause({"decided_at": 0, "val_se": None}) == "" and race.tie_clause({}) == ""
 
 
@@ -521,8 +524,8 @@ def _top(trial: str, finalist: int, acc: float, epoch: int = 4) -> dict:
 
 def test_a_baseline_within_one_standard_error_of_the_best_is_the_survivor():
     """Finalists 0-2 from the search, 3-4 the hand-sized baselines; 200 val images.  The best at the
-    top rung scores 92.0 %: s.e. 100 * sqrt(0.92 * 0.08 / 200) = 1.918 points, so the window starts at
-    90.08.  Baselines at 90.5 and 90.2 are tied with it: the better of them survives; at 90.0 and
+    top rung scores 92.0 % (184 hits): s.e. 100 * sqrt(q (1 - q) / 204), q = 186 / 204, = 1.986 points,
+    so the window starts at 90.014.  Baselines at 90.5 and 90.2 are tied with it: the better of them survives; at 90.0 and
     89.9 neither is, and the search's finalist does.  A baseline stopped at an earlier rung never
     counts, and under ``ties: best`` (no rule) the best score wins."""
     rule = race.TieRule(frozenset({3, 4}), 200, 1.0)
@@ -532,12 +535,12 @@ def test_a_baseline_within_one_standard_error_of_the_best_is_the_survivor():
     assert race.survivor(rows, params)["trial_id"] == "a"
     apart = [_top("a", 0, 92.0), _top("c", 4, 89.9), _top("d", 3, 90.0), _top("e", 3, 99.0, epoch=1)]
     assert race.survivor(apart, params, rule)["trial_id"] == "a"
-    assert race.survivor(apart, params, race.TieRule(frozenset({3, 4}), 200, 2.0))["trial_id"] == "d"   # 2 s.e.: 88.16
+    assert race.survivor(apart, params, race.TieRule(frozenset({3, 4}), 200, 2.0))["trial_id"] == "d"   # 2 s.e.: 88.03
     assert race.survivor(rows, params, race.TieRule(frozenset({3, 4}), None, 1.0))["trial_id"] == "a"   # n unknown
     assert race.TieRule(frozenset({3}), 200, 1.0).pick([]) is None
     assert race.TieRule(frozenset({3}), 200, 1.0).pick([(3, 90.08, "x"), (0, 90.0, "a")]) == "x"   # the best itself
-    assert race.TieRule(frozenset({3}), 200, 1.0).pick([(0, 92.0, "a"), (3, 90.082, "x")]) == "x"
-    assert race.TieRule(frozenset({3}), 200, 1.0).pick([(0, 92.0, "a"), (3, 90.08, "x")]) is None   # window from 90.0817
+    assert race.TieRule(frozenset({3}), 200, 1.0).pick([(0, 92.0, "a"), (3, 90.015, "x")]) == "x"
+    assert race.TieRule(frozenset({3}), 200, 1.0).pick([(0, 92.0, "a"), (3, 90.014, "x")]) is None   # window from 90.0141
     kept = {"top_finalist": 0, "top_val_acc": 92.0}
     assert race.tie_clause(kept) == "; kept as tied with the best, finalist 0 (val 92.00%), under race.ties: baseline"
 
@@ -564,7 +567,8 @@ def test_the_tie_rule_applies_to_baselines_only_and_is_in_the_race_settings(tiny
 def test_sync_halving_keeps_a_tied_baseline_beside_the_rungs_best():
     """5 trials, rf 2, rung 1 then the top at 4; finalists 3 and 4 are baselines; 200 val images.
     Rung 1: 80, 78, 79 (search), 77.5 and 60 (baselines).  The best 3 go on (80, 79, 78); s.e. of 80 %
-    is 100 * sqrt(0.8 * 0.2 / 200) = 2.828, so 77.5 >= 77.17 is tied and goes on too; at 77.0 it is not."""
+    is 100 * sqrt(q (1 - q) / 204), q = 162 / 204, = 2.831, so 77.5 >= 77.169 is tied and goes on too; at
+    77.0 it is not."""
     import functools
 
     rule = race.TieRule(frozenset({3, 4}), 200, 1.0)

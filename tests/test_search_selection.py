@@ -24,12 +24,14 @@ SHAPE = BackboneShape(48, 3, 12, 4)          # tiny ViT: d=48, 12 layers
 
 
 # ----------------------------------------------------------------------------- standard error, ties
-def test_standard_error_is_the_binomial_one_in_points():
-    assert standard_error(75.0, 200) == pytest.approx(100 * math.sqrt(0.75 * 0.25 / 200))
-    assert standard_error(75.0, 200) == pytest.approx(3.0619, abs=1e-4)         # sqrt(0.0009375)
-    assert standard_error(80.0, 200) == pytest.approx(2.8284, abs=1e-4)         # sqrt(0.0008)
-    assert standard_error(50.0, 1000) == pytest.approx(1.5811, abs=1e-4)        # sqrt(0.00025)
-    assert standard_error(100.0, 200) == 0.0
+def test_standard_error_is_the_plus_four_binomial_one_in_points():
+    """Agresti-Coull: q = (k + 2) / (n + 4), s.e. = 100 sqrt(q (1 - q) / (n + 4))."""
+    assert standard_error(75.0, 200) == pytest.approx(100 * math.sqrt(152 / 204 * 52 / 204 / 204))   # k = 150
+    assert standard_error(75.0, 200) == pytest.approx(3.0513, abs=1e-4)
+    assert standard_error(80.0, 200) == pytest.approx(2.8310, abs=1e-4)         # q = 162 / 204
+    assert standard_error(50.0, 1000) == pytest.approx(1.5780, abs=1e-4)        # q = 1/2: sqrt(0.25 / 1004)
+    assert standard_error(100.0, 200) == pytest.approx(100 * math.sqrt(202 * 2 / 204 ** 3))   # 0.69, not 0
+    assert standard_error(0.0, 200) == pytest.approx(standard_error(100.0, 200))
 
 
 def _cand(cid: str, score: float, params: int, n: int | None = 200) -> Candidate:
@@ -43,7 +45,7 @@ CANDS = [_cand("a", 80.0, 100), _cand("b", 78.0, 500), _cand("c", 76.5, 900), _c
 
 
 def test_candidates_within_one_standard_error_of_the_top_are_tied_and_the_rule_picks_among_them():
-    se = 100 * math.sqrt(0.8 * 0.2 / 200)                # 2.83 points: 77.17 and above are tied with 80.0
+    se = 100 * math.sqrt(162 / 204 * 42 / 204 / 204)     # 2.83 points: 77.17 and above are tied with 80.0
     more = select(CANDS, "more_params", 1.0)
     assert more.se == pytest.approx(se) and more.n == 200 and more.top.cid == "a"
     assert [c.cid for c in more.tied] == ["a", "b"] and more.others_tied == 1

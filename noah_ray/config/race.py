@@ -15,6 +15,15 @@ results recorded there so far, so with ``max_concurrent`` above 1 which trials s
 order results arrive; ``scheduler: sync`` (every trial waits at each rung until the rung is
 decided on all its results: :mod:`noah_ray.hpo.halving`) or ``max_concurrent: 1`` makes the race
 repeatable.
+
+``ties: baseline`` (the default) makes the race noise-aware: a trial's val accuracy is a binomial
+estimate on the val split's ``n`` images (its s.e.: the search's,
+:func:`noah_ray.evolution.ties.standard_error`), and a hand-sized baseline within ``tie_se`` s.e.
+of a rung's best goes on (the best-ranked such baseline, beside the rung's top
+``1/reduction_factor``) and, at the top rung, is the survivor: a search finalist replaces it
+only by beating it by more than that.  ``ties: best`` takes the best score everywhere (plain
+successive halving).  Under ``scheduler: asha`` (Ray Tune decides its rungs) the rule applies at
+the top rung only.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ class RaceConfig:
                                           # its results: repeatable at any max_concurrent; noah_ray.hpo.halving)
     ties: str = "baseline"                # baseline: a baseline within tie_se s.e. of the best goes on and
                                           # wins at the top; best: the best score (plain halving)
-    tie_se: float = 1.0                   # the tie window, in binomial standard errors of the val accuracy
+    tie_se: float = 1.0                   # the tie window, in standard errors of the val accuracy
     lrs: list[float] = field(default_factory=list)
                                           # learning rates raced per finalist (each pair a trial);
                                           # empty: retrain.lr (or retrain.method_lr.noah)
