@@ -56,7 +56,7 @@ def _gone(pids: list[int], timeout: float = 30) -> list[int]:
                 pass
         if not alive or time.time() > deadline:
             return alive
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 def _stop(pids: list[int]) -> None:

@@ -185,7 +185,9 @@ def test_the_jobs_entrypoint_and_the_cli_know_sweep(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_pipeline_whose_process_dies_is_rerun_and_resumes(ray_session, tmp_path, tiny_job):
     """A system failure (the pipeline's worker process killed, as on a lost node) re-runs the
-    pipeline (sweep.task_retries); it takes over the dead run's lease and finishes from storage."""
+    pipeline (sweep.task_retries); it takes over the dead run's lease and finishes from storage.
+    The pipeline is the supernet stage (where the kill lands) and the retraining of a baseline
+    (LoRA): no search stage, whose Tune run would add its fixed cost and nothing this test checks."""
     import json
     import os
     import signal
@@ -203,7 +205,8 @@ def test_a_pipeline_whose_process_dies_is_rerun_and_resumes(ray_session, tmp_pat
         supernet={"epochs": 3, "warmup_epochs": 0, "eval_random_subnets": 0},
         search={"population": 2, "top_k": 1, "mutations": 0, "crossovers": 0, "param_limit": 0.004,
                 "max_concurrent": 1, "hold_actors": False},
-        retrain={"warmup_epochs": 0}, sweep={"datasets": ["gen_shape"], "task_retries": 1})
+        retrain={"warmup_epochs": 0, "method": "lora"},
+        sweep={"datasets": ["gen_shape"], "task_retries": 1, "stages": ["supernet", "retrain"]})
     lease_file = store / "sk-gen_shape" / "lease.json"
     holders: list[int] = []
 
@@ -241,6 +244,7 @@ def test_a_pipeline_whose_process_dies_is_rerun_and_resumes(ray_session, tmp_pat
     killer.join(timeout=5)
     assert outcome.ok, outcome.error
     assert len(holders) == 2 and holders[0] != holders[1]       # killed once, re-run by another worker
+    assert outcome.summary["supernet"]["epochs"] == 3 and "search" not in outcome.summary
     assert results.vtab_table(str(store))["gen_shape"].notna().all()
 
 
