@@ -38,6 +38,12 @@ def standard_error(acc_percent: float, n: int) -> float:
     return 100.0 * math.sqrt(q * (1.0 - q) / (n + 4.0))
 
 
+def tie_floor(best: float, se: float | None, tie_se: float = 1.0) -> float:
+    """The lowest score tied with ``best``: ``tie_se`` standard errors ``se`` (points) below it
+    (None: unknown, only equal scores are tied), less a float tolerance."""
+    return best - (tie_se * se if se is not None else 0.0) - 1e-9
+
+
 @dataclass(frozen=True)
 class Selection:
     """The winner of a search and the evidence: ``top`` (highest score), ``se`` (its s.e., points;
@@ -82,7 +88,7 @@ def select(cands: Sequence[Candidate], rule: str = "best", tie_se: float = 1.0) 
     top = scored[0]
     n = top.info.get("val_images")
     se = standard_error(cast(float, top.score), n) if isinstance(n, int) and n > 0 else None
-    window = tie_se * se if se is not None else 0.0
-    tied = tuple(c for c in scored if cast(float, c.score) >= cast(float, top.score) - window - 1e-9)
+    floor = tie_floor(cast(float, top.score), se, tie_se)
+    tied = tuple(c for c in scored if cast(float, c.score) >= floor)
     winner = min(tied, key=TIE_BREAKS[rule])
     return Selection(winner, top, se, n if se is not None else None, tied, rule, tie_se)

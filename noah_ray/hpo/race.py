@@ -50,7 +50,7 @@ from noah_ray.config.entries import load_entry
 from noah_ray.config.race import RACE_SCHEDULERS, rungs
 from noah_ray.config.resolved import ResolvedJob, param_limit, resolved
 from noah_ray.errors import ConfigError
-from noah_ray.evolution.ties import standard_error
+from noah_ray.evolution.ties import standard_error, tie_floor
 from noah_ray.hpo.driver import (
     _check_settings,
     _quiet_snapshots,
@@ -135,7 +135,7 @@ class TieRule:
         if not ranked or not self.val_images:
             return None
         best = ranked[0][1]
-        floor = best - self.tie_se * standard_error(best, self.val_images) - 1e-9   # as evolution.ties
+        floor = tie_floor(best, standard_error(best, self.val_images), self.tie_se)
         return next((t for f, acc, t in ranked if f in self.baselines and acc >= floor), None)
 
 
@@ -165,7 +165,7 @@ def rung_ties(curves: dict[str, dict[int, float]], marks: list[int], n: int | No
         if len(scores) > 1:
             best = max(scores)
             se = standard_error(best, n) if n else None
-            tied = sum(x >= best - se - 1e-9 for x in scores) - 1 if se is not None else 0   # as evolution.ties
+            tied = sum(x >= tie_floor(best, se) for x in scores) - 1 if se is not None else 0
             return RungTies(rung, best, se, n, tied)
     return None
 
