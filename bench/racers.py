@@ -146,6 +146,7 @@ def racer_job(run: Path, racer: Racer, seeds: list[int]):
 def run_task(spec_json: str) -> None:
     """Retrain every racer of one task (in this process; Ray at ``$RAY_ADDRESS``)."""
     from noah_ray.run import pipeline
+    from noah_ray.run.preflight import resolve
     from noah_ray.space.subnet import SubnetConfig
     from noah_ray.train.runs import retrain_methods
 
@@ -156,7 +157,7 @@ def run_task(spec_json: str) -> None:
         job = racer_job(run, racer, spec["seeds"])
         pipeline.prepare_data(job)
         t0 = time.time()
-        retrain_methods(job, SubnetConfig.from_json(racer.config_json), ("noah",))
+        retrain_methods(resolve(job, ("retrain",)), SubnetConfig.from_json(racer.config_json), ("noah",))
         print(f"RACER {racer.job} {time.time() - t0:.0f} s", flush=True)
 
 
