@@ -136,11 +136,12 @@ def task_racers(run: Path, task: str) -> list[Racer]:
 
 
 def racer_job(run: Path, racer: Racer, seeds: list[int]):
-    """The job that retrains ``racer`` as method ``noah`` (its own name, the recipe's retraining)."""
+    """The job that retrains ``racer`` as method ``noah`` (its own name, the recipe's retraining; one
+    worker group, since ``--parallel`` tasks already run at once)."""
     from noah_ray.data import minivtab
 
     return minivtab.job_config(racer.task, run / "storage" / "racers", run / "storage" / "data",
-                               {"retrain": {"seeds": seeds, "baselines": []}}, name=racer.job)
+                               {"retrain": {"seeds": seeds, "baselines": [], "max_concurrent": 1}}, name=racer.job)
 
 
 def run_task(spec_json: str) -> None:
