@@ -195,3 +195,40 @@ def test_rows_with_one_config_train_once(reference, data_root, tmp_path, tiny_jo
             assert runs.retrain_done(job, cfg, label, s, rj.num_classes)
     assert not runs.retrain_done(job, SubnetConfig.uniform(job.space.num_layers, lora=1), "noah", 0, rj.num_classes)
     assert summary["noah"]["runs"] == summary["noah+"]["runs"]
+
+
+def test_a_noah_row_with_a_baselines_config_reuses_the_baselines_runs(reference, data_root, tmp_path, tiny_job,
+                                                                      fits):
+    """A NOAH row whose subnet is a baseline's uniform config (a race that kept the hand-sized LoRA)
+    trains nothing of its own: the baseline's runs, under the baseline's name, are both rows'
+    results, and both rows count as done.  The same row trained by itself ends bit-equal to the
+    baseline (what makes the reuse right); a row whose own run exists keeps it, and a baseline
+    added later reuses that."""
+    from noah_ray.space import SubnetConfig
+
+    job = _job(tiny_job, data_root, str(tmp_path / "same"), methods=("lora",), epochs=1)
+    cfg = SubnetConfig.uniform(job.space.num_layers, lora=2)     # WIDTHS["lora"]: the baseline's own config
+    rj = resolve(job, ("retrain",))
+    summary = runs.retrain_methods(rj, {"noah+": cfg}, ("noah+", "lora"))
+    root = storage.resolve(job.storage).join(job.name, "retrain")
+    by = storage.read_table(root, "runs").to_pandas().set_index("run_id")
+    assert sorted(by.index) == ["lora-seed0", "lora-seed1", "noahplus-seed0", "noahplus-seed1"]
+    assert not [f for f in _files(root) if "noahplus" in f and (f.endswith("spec.json") or "train_metrics" in f)]
+    for s in (0, 1):
+        assert f"/lora-seed{s}/" in by.loc[f"noahplus-seed{s}", "checkpoint_uri"]
+        assert by.loc[f"noahplus-seed{s}", "test_acc"] == by.loc[f"lora-seed{s}", "test_acc"]
+        assert by.loc[f"noahplus-seed{s}", "method"] == "noah+"
+        for label in ("noah+", "lora"):
+            assert runs.retrain_done(job, cfg, label, s, rj.num_classes)
+    assert summary["noah+"]["runs"] == summary["lora"]["runs"]
+
+    alone = _job(tiny_job, data_root, str(tmp_path / "alone"), methods=("lora",), epochs=1)
+    rj2 = resolve(alone, ("retrain",))
+    runs.retrain_methods(rj2, {"noah+": cfg}, ("noah+",))        # trains itself: no baseline beside it
+    own, base = _outcome(alone), _outcome(job)
+    _same(own, {k.replace("lora", "noahplus"): base[k] for k in base if k.startswith("lora")})
+    before = len(fits)
+    runs.retrain_methods(rj2, {"noah+": cfg}, ("noah+", "lora"))  # the baseline joins: noah+'s run is reused
+    rows = storage.read_table(storage.resolve(alone.storage).join(alone.name, "retrain"), "runs").to_pandas()
+    assert all("/noahplus-seed" in u for u in rows[rows.method == "lora"].checkpoint_uri)
+    assert len(fits) - before <= 1 and all(runs.retrain_done(alone, cfg, "lora", s, rj2.num_classes) for s in (0, 1))
