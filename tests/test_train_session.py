@@ -197,7 +197,7 @@ def test_rows_with_one_config_train_once(reference, data_root, tmp_path, tiny_jo
     assert summary["noah"]["runs"] == summary["noah+"]["runs"]
 
 
-def test_a_noah_row_with_a_baselines_config_reuses_the_baselines_runs(reference, data_root, tmp_path, tiny_job,
+def test_a_noah_row_with_a_baselines_config_reuses_the_baselines_runs(ray_session, data_root, tmp_path, tiny_job,
                                                                       fits):
     """A NOAH row whose subnet is a baseline's uniform config (a race that kept the hand-sized LoRA)
     trains nothing of its own: the baseline's runs, under the baseline's name, are both rows'
@@ -230,5 +230,31 @@ def test_a_noah_row_with_a_baselines_config_reuses_the_baselines_runs(reference,
     before = len(fits)
     runs.retrain_methods(rj2, {"noah+": cfg}, ("noah+", "lora"))  # the baseline joins: noah+'s run is reused
     rows = storage.read_table(storage.resolve(alone.storage).join(alone.name, "retrain"), "runs").to_pandas()
-    assert all("/noahplus-seed" in u for u in rows[rows.method == "lora"].checkpoint_uri)
-    assert len(fits) - before <= 1 and all(runs.retrain_done(alone, cfg, "lora", s, rj2.num_classes) for s in (0, 1))
+    lora = rows[rows.method == "lora"]
+    assert len(lora) == 2 and all("/noahplus-seed" in u for u in lora.checkpoint_uri)
+    assert len(fits) == before                                   # nothing trained again
+    assert all(runs.retrain_done(alone, cfg, "lora", s, rj2.num_classes) for s in (0, 1))
+
+
+def test_the_training_key_ignores_the_row_name_but_not_what_training_differs_in(tiny_job, data_root, tmp_path):
+    """``noah`` on the LoRA baseline's config and ``lora`` itself share a training key (their
+    fingerprints differ); another learning rate, seed, config, NOAH's ``retrain.init`` or a trained
+    backbone does not."""
+    from noah_ray.space import SubnetConfig
+
+    job = _job(tiny_job, data_root, str(tmp_path), methods=("lora",))
+    cfg = SubnetConfig.uniform(job.space.num_layers, lora=2)
+
+    def key(method, lr=3e-3, seed=0, subnet=cfg, j=job):
+        return runs.training_key(runs.spec_for(j, "retrain", method, subnet, lr, seed, 4))
+
+    assert runs.spec_for(job, "retrain", "noah", cfg, 3e-3, 0, 4).fingerprint() != \
+        runs.spec_for(job, "retrain", "lora", cfg, 3e-3, 0, 4).fingerprint()
+    assert key("noah") == key("lora")
+    assert key("noah", lr=1e-3) != key("lora")
+    assert key("noah", seed=1) != key("lora")
+    assert key("noah", subnet=SubnetConfig.uniform(job.space.num_layers, lora=1)) != key("lora")
+    assert key("full", subnet=SubnetConfig.uniform(job.space.num_layers)) != \
+        key("linear", subnet=SubnetConfig.uniform(job.space.num_layers))
+    init = JobConfig.from_dict({**job.to_dict(), "retrain": {**job.to_dict()["retrain"], "init": "/x/subnet"}})
+    assert key("noah", j=init) != key("lora", j=init)
