@@ -195,3 +195,66 @@ def test_rows_with_one_config_train_once(reference, data_root, tmp_path, tiny_jo
             assert runs.retrain_done(job, cfg, label, s, rj.num_classes)
     assert not runs.retrain_done(job, SubnetConfig.uniform(job.space.num_layers, lora=1), "noah", 0, rj.num_classes)
     assert summary["noah"]["runs"] == summary["noah+"]["runs"]
+
+
+def test_a_noah_row_with_a_baselines_config_reuses_the_baselines_runs(ray_session, data_root, tmp_path, tiny_job,
+                                                                      fits):
+    """A NOAH row whose subnet is a baseline's uniform config (a race that kept the hand-sized LoRA)
+    trains nothing of its own: the baseline's runs, under the baseline's name, are both rows'
+    results, and both rows count as done.  The same row trained by itself ends bit-equal to the
+    baseline (what makes the reuse right); a row whose own run exists keeps it, and a baseline
+    added later reuses that."""
+    from noah_ray.space import SubnetConfig
+
+    job = _job(tiny_job, data_root, str(tmp_path / "same"), methods=("lora",), epochs=1)
+    cfg = SubnetConfig.uniform(job.space.num_layers, lora=2)     # WIDTHS["lora"]: the baseline's own config
+    rj = resolve(job, ("retrain",))
+    summary = runs.retrain_methods(rj, {"noah+": cfg}, ("noah+", "lora"))
+    root = storage.resolve(job.storage).join(job.name, "retrain")
+    by = storage.read_table(root, "runs").to_pandas().set_index("run_id")
+    assert sorted(by.index) == ["lora-seed0", "lora-seed1", "noahplus-seed0", "noahplus-seed1"]
+    assert not [f for f in _files(root) if "noahplus" in f and (f.endswith("spec.json") or "train_metrics" in f)]
+    for s in (0, 1):
+        assert f"/lora-seed{s}/" in by.loc[f"noahplus-seed{s}", "checkpoint_uri"]
+        assert by.loc[f"noahplus-seed{s}", "test_acc"] == by.loc[f"lora-seed{s}", "test_acc"]
+        assert by.loc[f"noahplus-seed{s}", "method"] == "noah+"
+        for label in ("noah+", "lora"):
+            assert runs.retrain_done(job, cfg, label, s, rj.num_classes)
+    assert summary["noah+"]["runs"] == summary["lora"]["runs"]
+
+    alone = _job(tiny_job, data_root, str(tmp_path / "alone"), methods=("lora",), epochs=1)
+    rj2 = resolve(alone, ("retrain",))
+    runs.retrain_methods(rj2, {"noah+": cfg}, ("noah+",))        # trains itself: no baseline beside it
+    own, base = _outcome(alone), _outcome(job)
+    _same(own, {k.replace("lora", "noahplus"): base[k] for k in base if k.startswith("lora")})
+    before = len(fits)
+    runs.retrain_methods(rj2, {"noah+": cfg}, ("noah+", "lora"))  # the baseline joins: noah+'s run is reused
+    rows = storage.read_table(storage.resolve(alone.storage).join(alone.name, "retrain"), "runs").to_pandas()
+    lora = rows[rows.method == "lora"]
+    assert len(lora) == 2 and all("/noahplus-seed" in u for u in lora.checkpoint_uri)
+    assert len(fits) == before                                   # nothing trained again
+    assert all(runs.retrain_done(alone, cfg, "lora", s, rj2.num_classes) for s in (0, 1))
+
+
+def test_the_training_key_ignores_the_row_name_but_not_what_training_differs_in(tiny_job, data_root, tmp_path):
+    """``noah`` on the LoRA baseline's config and ``lora`` itself share a training key (their
+    fingerprints differ); another learning rate, seed, config, NOAH's ``retrain.init`` or a trained
+    backbone does not."""
+    from noah_ray.space import SubnetConfig
+
+    job = _job(tiny_job, data_root, str(tmp_path), methods=("lora",))
+    cfg = SubnetConfig.uniform(job.space.num_layers, lora=2)
+
+    def key(method, lr=3e-3, seed=0, subnet=cfg, j=job):
+        return runs.training_key(runs.spec_for(j, "retrain", method, subnet, lr, seed, 4))
+
+    assert runs.spec_for(job, "retrain", "noah", cfg, 3e-3, 0, 4).fingerprint() != \
+        runs.spec_for(job, "retrain", "lora", cfg, 3e-3, 0, 4).fingerprint()
+    assert key("noah") == key("lora")
+    assert key("noah", lr=1e-3) != key("lora")
+    assert key("noah", seed=1) != key("lora")
+    assert key("noah", subnet=SubnetConfig.uniform(job.space.num_layers, lora=1)) != key("lora")
+    assert key("full", subnet=SubnetConfig.uniform(job.space.num_layers)) != \
+        key("linear", subnet=SubnetConfig.uniform(job.space.num_layers))
+    init = JobConfig.from_dict({**job.to_dict(), "retrain": {**job.to_dict()["retrain"], "init": "/x/subnet"}})
+    assert key("noah", j=init) != key("lora", j=init)

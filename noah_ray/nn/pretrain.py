@@ -233,7 +233,7 @@ def save_backbone(model: torch.nn.Module, out: Path, report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m noah_ray.pretrain", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m noah_ray.nn.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = PretrainConfig()
     for k, v in asdict(defaults).items():

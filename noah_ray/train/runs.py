@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -37,7 +38,7 @@ from noah_ray.nn import optim
 from noah_ray.nn.models import build_model, ensure_backbone, subnet_for
 from noah_ray.nn.prune import PrunePlan, prune
 from noah_ray.space import SubnetConfig
-from noah_ray.space.methods import method_of
+from noah_ray.space.methods import method_of, trains_backbone
 from noah_ray.store import lease, storage, tracking
 from noah_ray.store.layout import SUPERNET_RUN, JobPaths, retrain_run_id
 from noah_ray.store.records import BestRecord, MetaRecord, SpecRecord
@@ -480,23 +481,45 @@ def retrain_methods(job: JobConfig | ResolvedJob, subnet: SubnetConfig | Mapping
     alone = {m for m in methods if m == "e2vpt" and rj.job.prune is not None}
     planned = [(m, s, _plan_run(rj, m, cfgs[m], s, hpo=hpo)) for m in methods if m not in alone for s in seeds]
     plans = {k: p for k, v in (_faults or {}).items() if (p := FaultPlan.of(v)) is not None}
-    trained: dict[str, RunSpec] = {}              # fingerprint -> the run that trains it (rows may share one)
-    for _, _, run in planned:
-        trained.setdefault(cast(str, run.fingerprint), run)
-    metas = dict(zip(trained, _fit_session(list(trained.values()), plans, rj.job.retrain.max_concurrent),
+    trained = _trainers(rj, [run for _, _, run in planned])
+    firsts = list({t.run_id: t for t in (trained[run.run_id] for _, _, run in planned)}.values())
+    metas = dict(zip((t.run_id for t in firsts), _fit_session(firsts, plans, rj.job.retrain.max_concurrent),
                      strict=True))
     results: dict[str, list[TrainResult]] = {m: [] for m in methods}
     for m, s, run in planned:
-        fp = cast(str, run.fingerprint)
-        first = trained[fp]
+        first = trained[run.run_id]
         if first is not run:
             progress.echo(f"[retrain] {m} seed {s} trains what {first.run_id} trained (same config, seed and "
                           f"settings): its result is reused")
-        results[m].append(_record_run(rj, dataclasses.replace(run, run_dir=first.run_dir), m, s, cfgs[m],
-                                      metas[fp], hpo))
+        results[m].append(_record_run(rj, dataclasses.replace(run, run_dir=first.run_dir,
+                                                              fingerprint=first.fingerprint),
+                                      m, s, cfgs[m], metas[first.run_id], hpo))
     for m in alone:
         results[m] = [_retrain(rj, cfgs[m], m, s, hpo=hpo) for s in seeds]
     return {m: _seeds_summary(results[m]) for m in methods}
+
+
+def training_key(spec: SpecRecord) -> str:
+    """What a run trains, whatever its row is called: a hash of its spec with the method replaced by
+    what the method changes in training (whether the backbone trains; the recipe, config, learning
+    rate and seed are in the spec already).  A NOAH row whose subnet is a baseline's uniform config
+    (a race that kept the hand-sized LoRA) has the baseline's key."""
+    content = {**spec.content(), "method": None, "trains_backbone": trains_backbone(spec.method)}
+    return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _trainers(rj: ResolvedJob, planned: list[RunSpec]) -> dict[str, RunSpec]:
+    """Run id -> the run that trains it: rows of one :func:`training_key` train once, as the first
+    baseline row among them (NOAH rows after baselines: the baseline's run keeps its own name).
+    A row whose own run was started earlier keeps training (or holding) it, and rows after it reuse it."""
+    root = JobPaths.of(rj.job).root
+    started = {run.run_id for run in planned if storage.exists(root.join(run.run_dir, "spec.json"))}
+    by_key: dict[str, RunSpec] = {}
+    out: dict[str, RunSpec] = {}
+    for run in sorted(planned, key=lambda r: (r.run_id not in started, r.method == "noah")):
+        first = by_key.setdefault(training_key(run.spec), run)
+        out[run.run_id] = run if run.run_id in started else first
+    return out
 
 
 def _seeds_summary(results: list[TrainResult]) -> dict:
@@ -522,22 +545,27 @@ def retrain_done(job: JobConfig, subnet: SubnetConfig | None, method: str, seed:
     if storage.exists(own.join("spec.json")):
         return _finished(own, spec, job.retrain.epochs) \
             and all(_intact(p) for p in published if storage.exists(p.join("meta.json")))
-    return _reused(published, run_id, spec.fingerprint(), job.retrain.epochs)
+    return _reused(paths, published, run_id, spec, job.retrain.epochs)
 
 
-def _reused(published: list[storage.Location], run_id: str, fp: str, epochs: int) -> bool:
-    """Whether row ``run_id``, which never trained itself, has published the finished run of
-    fingerprint ``fp`` that another row trained (:func:`retrain_methods` trains rows of one config,
-    seed and settings once): ``best/`` and ``final/`` intact, that fingerprint, another run id,
-    all ``epochs``."""
+def _reused(paths: JobPaths, published: list[storage.Location], run_id: str, spec: SpecRecord, epochs: int) -> bool:
+    """Whether row ``run_id``, which never trained itself, has published the finished run that
+    another row trained with ``spec``'s training (:func:`retrain_methods` trains rows of one
+    :func:`training_key` once): ``best/`` and ``final/`` intact, another run id, all ``epochs``,
+    and that run's fingerprint ``spec``'s or its ``spec.json`` of the same training key."""
     best, final = published
     if not (storage.exists(best.join("meta.json")) and storage.exists(final.join("meta.json")) and _intact(best)):
         return False
     try:
         meta = _final_meta(final)                # loads and checks final/ once
-    except ConfigError:
+        if meta.run_id in (None, run_id) or meta.epochs_done < epochs or meta.fingerprint is None:
+            return False
+        if meta.fingerprint == spec.fingerprint():
+            return True
+        trainer = paths.retrain_config(meta.run_id, meta.fingerprint).join("spec.json")
+        return storage.exists(trainer) and training_key(_read_spec(trainer)) == training_key(spec)
+    except (ValueError, ConfigError):
         return False
-    return meta.fingerprint == fp and meta.run_id != run_id and meta.epochs_done >= epochs
 
 
 def _check_init(rj: ResolvedJob, cfg: SubnetConfig, method: str) -> None:
