@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,22 @@ def make_tiny_job(data_root: str | Path | None = None, storage: str | Path | Non
         else:
             job[key] = copy.deepcopy(value)
     return job
+
+
+@pytest.fixture(scope="session")
+def load_bench():
+    """``load_bench(name) -> module``: ``bench/<name>.py`` imported by its path (``bench/`` holds
+    scripts, not a package) and registered in ``sys.modules``, where its dataclasses look their
+    module up."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

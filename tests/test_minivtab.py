@@ -2,7 +2,6 @@
 backbone (loads by its timm tag, beats the random backbone on a linear probe)."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -134,17 +133,6 @@ def test_shipped_weights_load_by_tag_and_beat_the_random_backbone(tmp_path, one_
 
 
 # ------------------------------------------------------------------ the benchmark script
-def _bench():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("mini_vtab", Path(__file__).parents[1] / "bench" / "mini_vtab.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench          # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def _fake_results(out):
     """A stored benchmark without training: runs of noah, noah+, linear and lora on three tasks x
     3 seeds (linear = base + seed, lora = linear + 10, noah = linear + 8, noah+ = linear + 12), the
@@ -175,8 +163,8 @@ def _fake_results(out):
     (out / "times.json").write_text(json.dumps({"cores_per_task": 2.0, "jobs": {t: stages for t in base}}))
 
 
-def test_doc_writer_prints_averages_wins_intervals_and_costs_worked_out_by_hand(tmp_path):
-    bench = _bench()
+def test_doc_writer_prints_averages_wins_intervals_and_costs_worked_out_by_hand(tmp_path, load_bench):
+    bench = load_bench("mini_vtab")
     out = tmp_path / "storage"
     _fake_results(out)
     doc = tmp_path / "mv.md"
@@ -209,11 +197,11 @@ def test_doc_writer_prints_averages_wins_intervals_and_costs_worked_out_by_hand(
 
 
 @pytest.mark.slow
-def test_mini_vtab_bench_quick_on_one_task(tmp_path, ray_session):
+def test_mini_vtab_bench_quick_on_one_task(tmp_path, ray_session, load_bench):
     """``bench/mini_vtab.py --quick`` settings on one task, through the real pipeline on the
     session's local Ray: NOAH twice (the race's survivor ``noah+`` and the plain procedure
     ``noah``) + a linear probe, the random-backbone probe, the VTAB table and the Markdown report."""
-    bench = _bench()
+    bench = load_bench("mini_vtab")
     doc = tmp_path / "mini_vtab.md"
     rc = bench.main(["--quick", "--tasks", "mv_position", "--seeds", "0", "--methods", "linear",
                      "--supernet-epochs", "1", "--retrain-epochs", "1", "--out", str(tmp_path), "--doc", str(doc),

@@ -31,22 +31,12 @@ def test_a_supernet_worker_node_dies_mid_epoch_and_the_run_resumes_exactly(s3_bu
     assert out["weights_equal"] and out["max_abs_diff"] == 0.0    # = the run that never lost a node
 
 
-def _autoscale_bench():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("autoscale", REPO / "bench" / "autoscale.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def test_the_fake_autoscaling_config_keeps_our_yamls_node_types_scaled_to_this_machine():
+def test_the_fake_autoscaling_config_keeps_our_yamls_node_types_scaled_to_this_machine(load_bench):
     """``bench/autoscale.py`` runs Ray's autoscaler on ``cluster/aws.yaml``'s node types: same
     names and head, CPUs capped, GPUs a custom resource, max_workers capped, idle timeout short."""
     import yaml
 
-    bench = _autoscale_bench()
+    bench = load_bench("autoscale")
     aws = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
     cfg = bench.fake_config(REPO / "cluster" / "aws.yaml", "10.0.0.1:6400", cpus_per_node=1, max_per_type=2,
                             max_workers=3, idle_timeout_minutes=0.1)

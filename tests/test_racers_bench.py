@@ -1,21 +1,8 @@
 """bench/racers.py: the pool of a race, the leave-one-seed-out selection and the split of
 ``survivor - reference`` (expected values worked out by hand from the definitions)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pandas as pd
 import pytest
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("racers", Path(__file__).parents[1] / "bench" / "racers.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench          # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench
-
 
 LORA8 = '{"lora": [8, 8]}'
 
@@ -24,8 +11,8 @@ def _finalists(rows):
     return pd.DataFrame(rows, columns=["finalist", "source", "params", "config_json", "chosen"])
 
 
-def test_pool_counts_a_config_raced_at_two_rates_once_and_adds_the_reference():
-    b = _bench()
+def test_pool_counts_a_config_raced_at_two_rates_once_and_adds_the_reference(load_bench):
+    b = load_bench("racers")
     fin = _finalists([(0, "search", 100, '{"vpt": [1, 0]}', False),
                       (1, "search", 100, '{"vpt":[1,0]}', True),          # same config, another lr: the chosen one
                       (2, "baseline:lora", 90, '{"lora": [7, 7]}', False)])
@@ -35,15 +22,15 @@ def test_pool_counts_a_config_raced_at_two_rates_once_and_adds_the_reference():
     assert pool[-1].params == 120 and pool[-1].job == "t-racer3"
 
 
-def test_pool_flags_the_reference_when_the_race_held_it():
-    b = _bench()
+def test_pool_flags_the_reference_when_the_race_held_it(load_bench):
+    b = load_bench("racers")
     fin = _finalists([(0, "search", 100, '{"vpt": [1, 0]}', True), (1, "baseline:lora", 120, LORA8, False)])
     pool = b.pool_of("t", fin, LORA8, 120)
     assert [(r.index, r.reference) for r in pool] == [(0, False), (1, True)]
 
 
-def test_held_out_gain_picks_on_the_other_seeds_and_scores_the_left_out_one():
-    b = _bench()
+def test_held_out_gain_picks_on_the_other_seeds_and_scores_the_left_out_one(load_bench):
+    b = load_bench("racers")
     acc = {0: [90.0, 92.0, 94.0], 1: [91.0, 91.0, 91.0], 2: [95.0, 80.0, 96.0]}
     # seed 0 left out: means 93 / 91 / 88 -> racer 0, gain 0; seed 1: 92 / 91 / 95.5 -> racer 2,
     # 80 - 92 = -12; seed 2: 91 / 91 / 87.5 -> a tie, the lower index (0), gain 0
@@ -52,8 +39,8 @@ def test_held_out_gain_picks_on_the_other_seeds_and_scores_the_left_out_one():
         b.held_out_gain({0: [1.0, 2.0], 1: [1.0]}, 0)
 
 
-def test_ceiling_splits_the_survivors_gap_into_pool_and_selection():
-    b = _bench()
+def test_ceiling_splits_the_survivors_gap_into_pool_and_selection(load_bench):
+    b = load_bench("racers")
     racers = [b.Racer("t", 0, "baseline:lora", 120, LORA8, reference=True),
               b.Racer("t", 1, "search", 100, "{}"), b.Racer("t", 2, "search", 90, "{}", chosen=True),
               b.Racer("t", 3, "search", 110, "{}")]
