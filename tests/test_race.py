@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -82,7 +83,7 @@ def data_root(tmp_path_factory):
     ({"grace_period": 5, "max_epochs": 2}, r"^config\.race\.grace_period: 5 exceeds max_epochs 2; lower it$"),
     ({"finalist": 3}, r"^config\.race: unknown key 'finalist'"),
     ({"enabled": "yes"}, r"^config\.race\.enabled: "),
-    ({"ties": "params"}, r"^config\.race\.ties: 'params' unknown; use one of baseline, best$"),
+    ({"ties": "params"}, r"^config\.race\.ties: 'params' unknown; use one of incumbent, baseline, best$"),
     ({"tie_se": -1}, r"^config\.race\.tie_se: -1 must be between 0 and 10 standard errors \(e\.g\. 1\)$"),
     ({"tie_se": float("nan")}, r"^config\.race\.tie_se: nan is not a finite number"),
 ])
@@ -207,20 +208,34 @@ def test_race_picks_the_best_top_rung_finalist_and_retraining_trains_it(ray_sess
         assert list(row.rungs) == [e for e in (1, 2) if e <= row.epochs_run]
         assert list(row.rung_scores) == [curves[(row.trial_id, e)] for e in row.rungs]
         assert row.last_val_acc == row.rung_scores[-1] and row.stopped == (row.epochs_run < 2)
-    # the survivor (race.ties: baseline, the default): among the trials that reached the top rung, the
-    # best-scored baseline within one binomial s.e. (32 val images) of the best val accuracy, else the best
+    # the survivor (race.ties: incumbent, the default): the hand-sized LoRA (both of its learning rates)
+    # ran to the top rung, never cut; it survives unless the best-ranked trial there beats it by
+    # McNemar's exact one-sided test on the 32 val images at 0.05 / 8 (8 other trials started)
+    lora = fin[fin.source == "baseline:lora"]
+    assert len(lora) == 2 and (lora.epochs_run == 2).all() and (lora.status == "done").all()
     top = fin[fin.epochs_run == fin.epochs_run.max()]
     chosen = fin[fin.chosen]
     assert len(chosen) == 1 and chosen.trial_id.iloc[0] in set(top.trial_id)
-    best = top.last_val_acc.max()
-    q = (best / 100 * 32 + 2) / 36                            # Agresti-Coull: two hits and two misses added
-    window = best - 100 * math.sqrt(q * (1 - q) / 36) - 1e-9
-    tied = top[(top.source != "search") & (top.last_val_acc >= window)]
-    assert chosen.last_val_acc.iloc[0] == (tied.last_val_acc.max() if len(tied) else best)
-    assert chosen.source.iloc[0] != "search" or tied.empty
+    last = {r["trial_id"]: json.loads(r["config_json"])["last_result"] for r in
+            pq.read_table(tmp_path / "r" / "race" / "hpo_trials").to_pylist()}
+    ranked = sorted(top.itertuples(), key=lambda r: (-r.last_val_acc, r.last_val_loss, -r.params, r.finalist,
+                                                     r.trial_id))
+    best, inc = ranked[0], next(r for r in ranked if r.source == "baseline:lora")
     saved = json.loads((tmp_path / "r" / "race" / "chosen.json").read_text())
-    assert saved["ties"] == "baseline"
-    assert saved["top_val_acc"] == (best if chosen.last_val_acc.iloc[0] < best else None)
+    assert saved["ties"] == "incumbent" and saved["incumbent"] == inc.finalist
+    if best.trial_id == inc.trial_id:
+        assert chosen.trial_id.iloc[0] == inc.trial_id and saved["paired"] is None
+    else:
+        bits = [[(int(h, 16) >> (3 - i)) & 1 for h in last[t]["val_hits"] for i in range(4)][:32]
+                for t in (best.trial_id, inc.trial_id)]
+        assert [sum(b) for b in bits] == [round(x * 32 / 100) for x in (best.last_val_acc, inc.last_val_acc)]
+        b = sum(x and not y for x, y in zip(*bits))
+        c = sum(y and not x for x, y in zip(*bits))
+        p = sum(math.comb(b + c, k) for k in range(b, b + c + 1)) / 2 ** (b + c)
+        assert chosen.trial_id.iloc[0] == (best.trial_id if p < 0.05 / 8 else inc.trial_id)
+        assert (saved["paired"]["b"], saved["paired"]["c"], saved["paired"]["n"]) == (b, c, 32)
+        assert math.isclose(saved["paired"]["p"], p) and math.isclose(saved["paired"]["level"], 0.05 / 8)
+    assert saved["top_val_acc"] == (best.last_val_acc if chosen.trial_id.iloc[0] != best.trial_id else None)
     assert saved["trial_id"] == chosen.trial_id.iloc[0] and saved["lr"] == chosen.lr.iloc[0]
     assert SubnetConfig.from_json(chosen.config_json.iloc[0]) == SubnetConfig.from_dict(saved["subnet"])
     assert saved["epochs_trained"] == fin.epochs_run.sum() and summary["race"]["trial_id"] == saved["trial_id"]
@@ -537,10 +552,11 @@ def test_a_baseline_within_one_standard_error_of_the_best_is_the_survivor():
     assert race.survivor(apart, params, rule)["trial_id"] == "a"
     assert race.survivor(apart, params, race.TieRule(frozenset({3, 4}), 200, 2.0))["trial_id"] == "d"   # 2 s.e.: 88.03
     assert race.survivor(rows, params, race.TieRule(frozenset({3, 4}), None, 1.0))["trial_id"] == "a"   # n unknown
+    R = race.Racer
     assert race.TieRule(frozenset({3}), 200, 1.0).pick([]) is None
-    assert race.TieRule(frozenset({3}), 200, 1.0).pick([(3, 90.08, "x"), (0, 90.0, "a")]) == "x"   # the best itself
-    assert race.TieRule(frozenset({3}), 200, 1.0).pick([(0, 92.0, "a"), (3, 90.015, "x")]) == "x"
-    assert race.TieRule(frozenset({3}), 200, 1.0).pick([(0, 92.0, "a"), (3, 90.014, "x")]) is None   # window from 90.0141
+    assert race.TieRule(frozenset({3}), 200, 1.0).pick([R(3, 90.08, "x"), R(0, 90.0, "a")]) == "x"   # the best itself
+    assert race.TieRule(frozenset({3}), 200, 1.0).pick([R(0, 92.0, "a"), R(3, 90.015, "x")]) == "x"
+    assert race.TieRule(frozenset({3}), 200, 1.0).pick([R(0, 92.0, "a"), R(3, 90.014, "x")]) is None   # from 90.0141
     kept = {"top_finalist": 0, "top_val_acc": 92.0}
     assert race.tie_clause(kept) == "; kept as tied with the best, finalist 0 (val 92.00%), under race.ties: baseline"
 
@@ -548,8 +564,8 @@ def test_a_baseline_within_one_standard_error_of_the_best_is_the_survivor():
 def test_the_tie_rule_applies_to_baselines_only_and_is_in_the_race_settings(tiny_job, data_root, tmp_path):
     """``TieRule.of``: the baselines' finalist indices, the val split's size asked only when the rule
     applies; ``ties: best`` leaves the settings as races before the option wrote them."""
-    job = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path)))
-    assert job.race.ties == "baseline" and job.race.tie_se == 1.0                  # the default
+    job = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path), ties="baseline"))
+    assert job.race.tie_se == 1.0                                                  # the default
     write_search(job)
     fin = race.pick_finalists(job, param_limit(job, shape_of(TINY, 1)))
     rule = race.TieRule.of(job, fin, race._val_images)
@@ -577,3 +593,148 @@ def test_sync_halving_keeps_a_tied_baseline_beside_the_rungs_best():
         actions = [_report(tc, t, 1, acc) for t, acc in zip(trials, (80.0, 78.0, 79.0, baseline, 60.0))]
         assert tc.sched.standing().racing == racing and actions[-1] == "STOP"      # the last decides, is cut
         assert tc.stopped == [t for t in ("a_00003",) if t not in racing]           # a paused one cut: stopped
+
+
+# ------------------------------------------------------------------ race.ties: incumbent
+def _hits(right: set[int], n: int = 200) -> str:
+    """The paired record of ``right`` (image indices) among ``n``: image 0 in the high bit of the first byte."""
+    return bytes(sum(0x80 >> j for j in range(8) if 8 * i + j in right) for i in range((n + 7) // 8)).hex()
+
+
+#: 200 val images: both right on 0-169; only the challenger on 170-181 (b = 12), only the incumbent
+#: on 182-183 (c = 2): 182 vs 172 right (91.0 vs 86.0 %).  McNemar: P(Binomial(14, 1/2) >= 12) =
+#: (C(14,12) + C(14,13) + C(14,14)) / 2^14 = (91 + 14 + 1) / 16384 = 0.006470
+CHALLENGER = _hits(set(range(182)))
+INCUMBENT = _hits(set(range(170)) | {182, 183})
+P_12_2 = 106 / 16384
+
+
+def _top_hits(trial: str, finalist: int, acc: float, hits: str) -> dict:
+    row = _top(trial, finalist, acc, epoch=10)
+    row["m"].update(val_hits=hits, val_images=200)
+    return row
+
+
+def test_the_incumbent_survives_unless_a_paired_test_shows_the_best_challenger_better():
+    """Finalist 4 is the incumbent.  Against 10 challengers the level is 0.05 / 10 = 0.005 and p = 0.00647:
+    the incumbent survives though 5 points (2.5 s.e.) below; against 5 (level 0.01) the challenger does.
+    The unpaired rule (ties: baseline) cuts this incumbent: 86.0 is outside one s.e. of 91.0."""
+    params = [100] * 5
+    rows = [_top_hits("a", 0, 91.0, CHALLENGER), _top_hits("b", 1, 88.0, CHALLENGER), _top_hits("e", 4, 86.0, INCUMBENT)]
+    kept, verdict = race.decide(rows, params, race.IncumbentRule(4, 10, 0.05))
+    assert kept["trial_id"] == "e" and verdict is not None and verdict.trial_id == "e"
+    assert verdict.test is not None and (verdict.test.n, verdict.test.b, verdict.test.c) == (200, 12, 2)
+    assert math.isclose(verdict.test.p, P_12_2, rel_tol=1e-12) and math.isclose(verdict.level, 0.005)
+    beaten, verdict = race.decide(rows, params, race.IncumbentRule(4, 5, 0.05))
+    assert beaten["trial_id"] == "a" and verdict.trial_id is None and math.isclose(verdict.level, 0.01)
+    assert race.survivor(rows, params, race.TieRule(frozenset({3, 4}), 200, 1.0))["trial_id"] == "a"
+    # the incumbent ranked first: no test; not at the top rung (or not racing): the best
+    first = [_top_hits("e", 4, 92.0, INCUMBENT), _top_hits("a", 0, 91.0, CHALLENGER)]
+    assert race.decide(first, params, race.IncumbentRule(4, 10, 0.05))[1] == race.Verdict(None)
+    assert race.survivor(first, params, race.IncumbentRule(4, 10, 0.05))["trial_id"] == "e"
+    cut = rows[:2] + [_top("e", 4, 99.0, epoch=1)]
+    assert race.survivor(cut, params, race.IncumbentRule(4, 10, 0.05))["trial_id"] == "a"
+    # a trial without a paired record (reported before they existed): the incumbent stays
+    bare = [_top("a", 0, 99.0, epoch=10), _top_hits("e", 4, 50.0, INCUMBENT)]
+    assert race.survivor(bare, params, race.IncumbentRule(4, 10, 0.05))["trial_id"] == "e"
+    R = race.Racer
+    rule = race.IncumbentRule(4, 10, 0.05)
+    assert rule.keeps == {4} and rule.rescue([R(0, 90.0, "a"), R(2, 80.0, "c"), R(4, 10.0, "e")]) == "e"
+    assert rule.rescue([R(0, 90.0, "a")]) is None
+
+
+def test_clauses_say_what_the_incumbent_rule_decided():
+    kept = {"incumbent": 4, "top_finalist": 0, "top_val_acc": 91.0,
+            "paired": {"n": 200, "b": 12, "c": 2, "p": P_12_2, "level": 0.005}}
+    assert race.rule_clause(kept) == ("; kept the incumbent, finalist 4, over finalist 0 (val 91.00%; McNemar p "
+                                      "0.00647: 12 of 200 val images right only for the challenger, 2 only for "
+                                      "the incumbent; level 0.005)")
+    beaten = {**kept, "top_finalist": None, "paired": {**kept["paired"], "level": 0.01}}
+    assert race.rule_clause(beaten).startswith("; beat the incumbent, finalist 4 (McNemar p 0.00647: 12 of 200")
+    assert race.rule_clause({"top_finalist": None}) == ""
+
+
+def test_paired_records_of_two_models_and_mcnemars_exact_test():
+    from noah_ray.evolution.ties import hits_hex, paired_test
+
+    assert hits_hex([True, False, True, True, False, False, False, False, True]) == "b080"
+    assert hits_hex([]) == ""
+    t = paired_test(CHALLENGER, INCUMBENT, 200)
+    assert (t.b, t.c) == (12, 2) and math.isclose(t.p, P_12_2, rel_tol=1e-12)
+    assert paired_test(INCUMBENT, CHALLENGER, 200).p == pytest.approx(1 - 1 / 16384 * (1 + 14), rel=1e-12)  # P(X >= 2)
+    ten = _hits(set(range(10)), 16)
+    assert paired_test(ten, _hits(set(), 16), 16).p == pytest.approx(2 ** -10, rel=1e-12)          # b 10, c 0
+    five = (_hits(set(range(5)), 10), _hits(set(range(5, 10)), 10))
+    assert paired_test(*five, 10).p == pytest.approx(638 / 1024, rel=1e-12)                         # b 5, c 5
+    assert paired_test(ten, ten, 16).p == 1.0 and paired_test(_hits(set(), 16), ten, 16).p == 1.0
+    # large n: the tail summed exactly in integers
+    big = paired_test(_hits(set(range(700)), 1000), _hits(set(range(60, 700)) | set(range(700, 740)), 1000), 1000)
+    exact = sum(math.comb(100, k) for k in range(60, 101)) / 2 ** 100
+    assert (big.b, big.c) == (60, 40) and big.p == pytest.approx(exact, rel=1e-9)
+    with pytest.raises(ValueError, match="do not both hold 200 images"):
+        paired_test(CHALLENGER, "ff", 200)
+
+
+def test_the_incumbent_is_the_hand_sized_baseline_of_its_kind(tiny_job, data_root, tmp_path, monkeypatch):
+    job = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path)))
+    assert job.race.ties == "incumbent" and job.race.incumbent is None and job.race.alpha == 0.05   # the defaults
+    write_search(job)
+    limit = param_limit(job, shape_of(TINY, 1))
+    fin = race.pick_finalists(job, limit)
+    rule = race.RACE_RULES["incumbent"](job, fin)
+    assert isinstance(rule, race.IncumbentRule) and fin[rule.incumbent].source == "baseline:lora"
+    assert rule.challengers == len(fin) - 1 == 4 and rule.alpha == 0.05
+    settings = race._settings(job, fin)["race"]
+    assert settings["ties"] == "incumbent" and settings["incumbent"] is None and settings["alpha"] == 0.05
+    for ties in ("baseline", "best"):               # the settings of races started before race.incumbent
+        other = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path), ties=ties))
+        assert not {"incumbent", "alpha"} & set(race._settings(other, fin)["race"])
+    lrs = JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path), incumbent="adapter", lrs=[1e-3, 1e-2]))
+    rule = race.RACE_RULES["incumbent"](lrs, fin)
+    assert fin[rule.incumbent].source == "baseline:adapter" and rule.challengers == 4 * 2
+    assert race.RACE_RULES["incumbent"](job, [f for f in fin if f.source == "search"]) is None
+    # the LoRA baseline found by the search races once, as the search's, and is still the incumbent
+    base = limit.widest_uniform("lora", 12)
+    found = race.Finalist(base, "search", limit.count(base), 1, 65.0)
+    monkeypatch.setattr(race, "search_finalists", lambda job, limit, k: [fin[0], found])
+    again = race.pick_finalists(job, limit)
+    assert [f.source for f in again] == ["search", "search", "baseline:adapter"]
+    assert again[1].hand_sized == "lora" and race.RACE_RULES["incumbent"](job, again).incumbent == 1
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"incumbent": "vpt"}, r"^config\.race\.incumbent: 'vpt' is not a module kind of the search space; "
+                           r"use one of lora, adapter$"),
+    ({"alpha": 0.0}, r"^config\.race\.alpha: 0\.0 must be between 0 and 1 \(e\.g\. 0\.05\)$"),
+    ({"alpha": 1.5}, r"^config\.race\.alpha: 1\.5 must be between 0 and 1"),
+])
+def test_bad_incumbent_settings_are_one_line_config_errors(tiny_job, data_root, tmp_path, cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        JobConfig.from_dict(job_dict(tiny_job, data_root, str(tmp_path), **cfg))
+
+
+def test_sync_halving_keeps_the_incumbent_at_every_rung_and_asha_never_cuts_it():
+    """5 trials, rf 2, rungs 1 and 4; finalist 4 (the incumbent) scores worst at rung 1 and goes on
+    beside the best 3.  Under ASHA (rf 2, grace 1, max 4) the incumbent's worse score is answered
+    CONTINUE where another trial's is STOP; at max_t it ends like any trial."""
+    import functools
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from noah_ray.hpo.halving import KeepingASHA
+
+    rule = race.IncumbentRule(4, 4, 0.05)
+    tc, trials = _standin(5, 2, [1, 4], {}, rescue=functools.partial(race._rescue, rule))
+    for t, acc in zip(trials, (80.0, 78.0, 79.0, 77.0, 10.0)):
+        _report(tc, t, 1, acc)
+    assert tc.sched.standing().racing == ("a_00000", "a_00001", "a_00002", "a_00004")
+    asha = KeepingASHA(frozenset({4}), time_attr="epoch", metric="val_acc", mode="max", max_t=4, grace_period=1,
+                       reduction_factor=2)
+    t = [SimpleNamespace(trial_id=f"t{k}", config={"finalist": k}) for k in (0, 4, 1)]
+    for trial in t:
+        asha.on_trial_add(None, trial)
+    assert asha.on_trial_result(None, t[0], {"epoch": 1, "val_acc": 90.0}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, t[1], {"epoch": 1, "val_acc": 10.0}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, t[2], {"epoch": 1, "val_acc": 5.0}) == TrialScheduler.STOP
+    assert asha.on_trial_result(None, t[1], {"epoch": 4, "val_acc": 10.0}) == TrialScheduler.STOP

@@ -101,6 +101,7 @@ class JobConfig:
                                     f"{where}.supernet")
         if "race" in data:
             out.race = section_from_dict(RaceConfig, data["race"] or {}, f"{where}.race")
+            out.race.check_space(list(out.space.modules), f"{where}.race")
         if data.get("prune") is not None:
             out.prune = section_from_dict(PruneConfig, data["prune"], f"{where}.prune")
         if data.get("hpo") is not None:

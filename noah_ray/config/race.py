@@ -16,26 +16,35 @@ order results arrive; ``scheduler: sync`` (every trial waits at each rung until 
 decided on all its results: :mod:`noah_ray.hpo.halving`) or ``max_concurrent: 1`` makes the race
 repeatable.
 
-``ties: baseline`` (the default) makes the race noise-aware: a trial's val accuracy is a binomial
+``ties: incumbent`` (the default) makes the race a challenge to what a user would size by hand:
+the hand-sized baseline of the kind ``incumbent`` (default: LoRA when the space has it, else the
+space's first kind) goes on at every rung, under either scheduler, and at the top rung it is the
+survivor unless the best-ranked other trial beats it on the val images by McNemar's exact paired
+test at level ``alpha`` divided by the number of other trials that started (Bonferroni: that trial
+was picked as the best of them on the same images; :func:`noah_ray.evolution.ties.paired_test`).
+
+``ties: baseline`` is the unpaired rule: a trial's val accuracy is a binomial
 estimate on the val split's ``n`` images (its s.e.: the search's,
 :func:`noah_ray.evolution.ties.standard_error`), and a hand-sized baseline within ``tie_se`` s.e.
 of a rung's best goes on (the best-ranked such baseline, beside the rung's top
 ``1/reduction_factor``) and, at the top rung, is the survivor: a search finalist replaces it
-only by beating it by more than that.  ``ties: best`` takes the best score everywhere (plain
-successive halving).  Under ``scheduler: asha`` (Ray Tune decides its rungs) the rule applies at
-the top rung only.
+only by beating it by more than that (any baseline: the best-ranked tied one).  Under ``scheduler:
+asha`` (Ray Tune decides its rungs) this rule applies at the top rung only.  ``ties: best`` takes
+the best score everywhere (plain successive halving).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from noah_ray.config.sections import at_most, positive
 from noah_ray.errors import ConfigError
 
-#: race.ties: how a rung and the survivor treat the baselines tied with the best (module docstring)
-RACE_TIES = ("baseline", "best")
+#: race.ties: how a rung and the survivor treat the hand-sized baselines (module docstring); the
+#: rules themselves: noah_ray.hpo.race.RACE_RULES
+RACE_TIES = ("incumbent", "baseline", "best")
 #: more finalists than this is a typo (each is a standalone training)
 MAX_FINALISTS = 256
 #: race.scheduler -> the factory of its (Tune scheduler, variant generator), as HPO_SCHEDULERS names
@@ -53,9 +62,14 @@ class RaceConfig:
     reduction_factor: float = 4.0         # ASHA: the best 1/reduction_factor of a rung go on
     scheduler: str = "asha"               # asha (Ray Tune's, asynchronous) | sync (each rung decided on all
                                           # its results: repeatable at any max_concurrent; noah_ray.hpo.halving)
-    ties: str = "baseline"                # baseline: a baseline within tie_se s.e. of the best goes on and
-                                          # wins at the top; best: the best score (plain halving)
-    tie_se: float = 1.0                   # the tie window, in standard errors of the val accuracy
+    ties: str = "incumbent"               # incumbent: the hand-sized `incumbent` goes on at every rung and
+                                          # wins at the top unless a paired test says otherwise; baseline: a
+                                          # baseline within tie_se s.e. of the best goes on and wins at the
+                                          # top; best: the best score (plain halving)
+    tie_se: float = 1.0                   # ties: baseline's window, in standard errors of the val accuracy
+    incumbent: str | None = None          # ties: incumbent's module kind (None: lora if the space has it,
+                                          # else the space's first kind)
+    alpha: float = 0.05                   # ties: incumbent's test level, shared by the challengers
     lrs: list[float] = field(default_factory=list)
                                           # learning rates raced per finalist (each pair a trial);
                                           # empty: retrain.lr (or retrain.method_lr.noah)
@@ -75,6 +89,8 @@ class RaceConfig:
             raise ConfigError(f"{where}.scheduler: {self.scheduler!r} unknown; use one of {', '.join(RACE_SCHEDULERS)}")
         if self.ties not in RACE_TIES:
             raise ConfigError(f"{where}.ties: {self.ties!r} unknown; use one of {', '.join(RACE_TIES)}")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"{where}.alpha: {self.alpha} must be between 0 and 1 (e.g. 0.05)")
         if not 0 <= self.tie_se <= 10:
             raise ConfigError(f"{where}.tie_se: {self.tie_se} must be between 0 and 10 standard errors (e.g. 1)")
         if self.reduction_factor <= 1:
@@ -90,6 +106,16 @@ class RaceConfig:
             raise ConfigError(f"{where}.lrs: {self.lrs} names a value twice; list each learning rate once")
         if self.gpus_per_trial < 0 or self.trial_retries < 0:
             raise ConfigError(f"{where}: gpus_per_trial and trial_retries must be >= 0")
+
+    def check_space(self, kinds: Sequence[str], where: str) -> None:
+        """``incumbent`` names a module kind of the search space ``kinds``."""
+        if self.incumbent is not None and self.incumbent not in kinds:
+            raise ConfigError(f"{where}.incumbent: {self.incumbent!r} is not a module kind of the search space; "
+                              f"use one of {', '.join(kinds)}")
+
+    def incumbent_kind(self, kinds: Sequence[str]) -> str | None:
+        """The kind of ``ties: incumbent``'s hand-sized baseline (module docstring); None without kinds."""
+        return self.incumbent or ("lora" if "lora" in kinds else next(iter(kinds), None))
 
     def epochs(self, retrain_epochs: int) -> int:
         """The top rung: ``max_epochs``, else the retraining's epochs."""

@@ -38,6 +38,45 @@ def standard_error(acc_percent: float, n: int) -> float:
     return 100.0 * math.sqrt(q * (1.0 - q) / (n + 4.0))
 
 
+def hits_hex(correct: Sequence[bool]) -> str:
+    """One bit per image (1: right), the first image in the high bit of the first byte, as hex."""
+    out = bytearray((len(correct) + 7) // 8)
+    for i, ok in enumerate(correct):
+        if ok:
+            out[i // 8] |= 0x80 >> (i % 8)
+    return out.hex()
+
+
+@dataclass(frozen=True)
+class Paired:
+    """McNemar's exact one-sided test of "the first model is better" on ``n`` shared images: ``b``
+    images only the first got right, ``c`` only the second, ``p`` = P(Binomial(b + c, 1/2) >= b)."""
+
+    n: int
+    b: int
+    c: int
+    p: float
+
+
+def paired_test(first: str, second: str, n: int) -> Paired:
+    """:class:`Paired` of two :func:`hits_hex` records of the same ``n`` images (in the same order)."""
+    a, z = bytes.fromhex(first), bytes.fromhex(second)
+    if len(a) != len(z) or len(a) != (n + 7) // 8:
+        raise ValueError(f"paired records of {len(a)} and {len(z)} bytes do not both hold {n} images")
+    b = sum(bin(x & ~y & 0xFF).count("1") for x, y in zip(a, z))
+    c = sum(bin(y & ~x & 0xFF).count("1") for x, y in zip(a, z))
+    return Paired(n, b, c, binomial_tail(b, b + c))
+
+
+def binomial_tail(k: int, m: int) -> float:
+    """P(X >= k) for X ~ Binomial(m, 1/2) (1.0 for k <= 0), summed in log space."""
+    if k <= 0:
+        return 1.0
+    log_half = m * math.log(0.5)
+    terms = [math.lgamma(m + 1) - math.lgamma(j + 1) - math.lgamma(m - j + 1) + log_half for j in range(k, m + 1)]
+    return min(1.0, sum(math.exp(t) for t in terms))
+
+
 def tie_floor(best: float, se: float | None, tie_se: float = 1.0) -> float:
     """The lowest score tied with ``best``: ``tie_se`` standard errors ``se`` (points) below it
     (None: unknown, only equal scores are tied), less a float tolerance."""

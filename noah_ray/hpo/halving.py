@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator
 
 #: trial id -> epoch -> (val accuracy, val loss)
@@ -187,6 +187,23 @@ class SyncHalving(FIFOScheduler):
     def debug_string(self) -> str:
         st = self.standing()
         return f"SyncHalving: {len(st.racing)} racing, rung {st.pending} pending"
+
+
+class KeepingASHA(ASHAScheduler):
+    """Ray Tune's asynchronous ASHA, except that the trials of the finalists ``keep`` (``config["finalist"]``)
+    go on to ``max_t`` whatever their rung scores (which still count for the others: ``race.ties:
+    incumbent`` under ``race.scheduler: asha``)."""
+
+    def __init__(self, keep: frozenset[int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.keep = keep
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        kept = int(trial.config.get("finalist", -1)) in self.keep
+        if action == TrialScheduler.STOP and kept and result.get(self._time_attr, 0) < self._max_t:
+            return TrialScheduler.CONTINUE
+        return action
 
 
 class GatedVariants(BasicVariantGenerator):

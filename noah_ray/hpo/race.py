@@ -16,11 +16,18 @@ on ``data.val_split`` (val200) every epoch; successive halving stops the weak on
 The survivor (:func:`survivor`, written by :func:`_choose`): among the trials that reached the
 top rung (the most epochs any trial ran), the best val accuracy at that last epoch; ties go to the
 lower val loss there, then to more parameters, then to the earlier finalist (the search's order,
-baselines last), then to the earlier trial.  Under ``race.ties: baseline`` (the default,
-:class:`TieRule`) a hand-sized baseline within ``race.tie_se`` binomial standard errors of that
-best is the survivor instead (the best-ranked such baseline), and the synchronous scheduler keeps
-it at every rung where it is so tied: the service returns a searched subnet only when the val
-split tells it apart from what a user could size by hand.  Retraining trains it (:func:`raced_subnet`, with its
+baselines last), then to the earlier trial.  ``race.ties`` (:data:`RACE_RULES`) may name another:
+
+- ``incumbent`` (the default, :class:`IncumbentRule`): the hand-sized baseline of the kind
+  ``race.incumbent`` (LoRA by default) is never cut at a rung, and at the top rung it is the
+  survivor unless the best-ranked other trial beats it by McNemar's exact test on the val images'
+  paired record (each trial reports which images it got right) at level ``race.alpha`` divided by
+  the number of other trials that started.  The service returns something other than what a user
+  would size by hand only when the val split shows it better, allowing for having picked the best of
+  many challengers on the same images.
+- ``baseline`` (:class:`TieRule`): a hand-sized baseline within ``race.tie_se`` binomial standard
+  errors of that best is the survivor instead (the best-ranked such baseline), and the synchronous
+  scheduler keeps it at every rung where it is so tied.  Retraining trains it (:func:`raced_subnet`, with its
 learning rate when ``race.lrs`` raced them and the job has no ``hpo`` section: :func:`raced_job`)
 on train800val200 for every seed and tests once.
 
@@ -37,9 +44,9 @@ import functools
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 from ray import tune
@@ -50,7 +57,7 @@ from noah_ray.config.entries import load_entry
 from noah_ray.config.race import RACE_SCHEDULERS, rungs
 from noah_ray.config.resolved import ResolvedJob, param_limit, resolved
 from noah_ray.errors import ConfigError
-from noah_ray.evolution.ties import standard_error, tie_floor
+from noah_ray.evolution.ties import Paired, paired_test, standard_error, tie_floor
 from noah_ray.hpo.driver import (
     _check_settings,
     _quiet_snapshots,
@@ -83,6 +90,8 @@ class Finalist:
     params: int
     search_rank: int | None = None        # 0: the search's winner
     search_val_acc: float | None = None   # its supernet score
+    hand_sized: str | None = None         # the module kind whose hand-sized baseline this config is
+                                          # (also when the search found it: it then races as the search's)
 
 
 @dataclass
@@ -110,6 +119,47 @@ class RaceResult:
     ties: str = "best"                    # race.ties the survivor was chosen by
     top_finalist: int | None = None       # the best-ranked trial's finalist at the top rung, when the
     top_val_acc: float | None = None      # tie rule chose another (a baseline tied with it), and its score
+    incumbent: int | None = None          # ties: incumbent: the incumbent's finalist (None: none raced)
+    paired: dict | None = None            # its paired test against the best-ranked challenger at the top
+                                          # rung (n, b, c, p and the level it was held to), when they differ
+
+
+@dataclass(frozen=True)
+class Racer:
+    """A trial as a rule sees it at a rung, ranked among the others: its finalist, val accuracy and
+    trial id; at the top rung also its per-image record on the val split (``hits``, on ``images``)."""
+
+    finalist: int
+    acc: float
+    trial_id: str
+    hits: str | None = None
+    images: int | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A rule's survivor at the top rung: ``trial_id`` (None: the best-ranked trial) and, when a
+    paired test decided it, the test and the level it was held to."""
+
+    trial_id: str | None
+    test: Paired | None = None
+    level: float | None = None
+
+
+class RaceRule(Protocol):
+    """What ``race.ties`` changes in a race: the finalists no rung may cut (``keeps``, for ASHA), the
+    trial that goes on beside a rung's best (``rescue``, synchronous halving), and the survivor at
+    the top rung (``top``); ``ranked``: the rung's trials, best first by :func:`rank_key`."""
+
+    @property
+    def keeps(self) -> frozenset[int]: ...
+
+    @property
+    def incumbent(self) -> int | None: ...
+
+    def rescue(self, ranked: list[Racer]) -> str | None: ...
+
+    def top(self, ranked: list[Racer]) -> Verdict: ...
 
 
 @dataclass(frozen=True)
@@ -121,6 +171,8 @@ class TieRule:
     baselines: frozenset[int]             # the finalist indices of the hand-sized baselines
     val_images: int | None                # the val split's size (None: unknown, no ties)
     tie_se: float
+    keeps: frozenset[int] = frozenset()   # a tied baseline is kept by its score, never by name
+    incumbent: int | None = None          # no baseline is preferred by name
 
     @classmethod
     def of(cls, job: JobConfig, finalists: list[Finalist],
@@ -130,18 +182,74 @@ class TieRule:
         base = frozenset(i for i, f in enumerate(finalists) if f.source.startswith("baseline:"))
         return cls(base, val_images(job), job.race.tie_se) if job.race.ties == "baseline" and base else None
 
-    def pick(self, ranked: list[tuple[int, float, str]]) -> str | None:
-        """Of ``(finalist, val accuracy, trial id)`` best first, the tied baseline's trial id (None: none)."""
+    def pick(self, ranked: list[Racer]) -> str | None:
+        """Of the trials best first, the best-ranked tied baseline's trial id (None: none)."""
         if not ranked or not self.val_images:
             return None
-        best = ranked[0][1]
+        best = ranked[0].acc
         floor = tie_floor(best, standard_error(best, self.val_images), self.tie_se)
-        return next((t for f, acc, t in ranked if f in self.baselines and acc >= floor), None)
+        return next((r.trial_id for r in ranked if r.finalist in self.baselines and r.acc >= floor), None)
+
+    def rescue(self, ranked: list[Racer]) -> str | None:
+        return self.pick(ranked)
+
+    def top(self, ranked: list[Racer]) -> Verdict:
+        return Verdict(self.pick(ranked))
 
 
-def _rescue(rule: TieRule, ranked: list[tuple[dict, tuple[float, float], str]]) -> str | None:
-    """:meth:`TieRule.pick` of the synchronous scheduler's rung (``(config, score, trial id)``)."""
-    return rule.pick([(int(c["finalist"]), s[0], t) for c, s, t in ranked])
+@dataclass(frozen=True)
+class IncumbentRule:
+    """``race.ties: incumbent``: finalist ``incumbent`` (the hand-sized baseline of ``race.incumbent``'s
+    kind) goes on at every rung and survives the top rung unless the best-ranked other trial beats it
+    by McNemar's exact test at level ``alpha / challengers`` (``challengers``: the other trials that
+    started; the best of them on these images is the one tested)."""
+
+    incumbent: int
+    challengers: int
+    alpha: float
+    keeps: frozenset[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keeps", frozenset({self.incumbent}))
+
+    @classmethod
+    def of(cls, job: JobConfig, finalists: list[Finalist]) -> IncumbentRule | None:
+        """The rule of ``job.race``; None (with a line) when no finalist is the incumbent's kind's baseline."""
+        kind = job.race.incumbent_kind(list(job.space.modules))
+        at = next((i for i, f in enumerate(finalists) if kind is not None and f.hand_sized == kind), None)
+        if at is None:
+            progress.echo(f"[race] no {kind} baseline races (over the limit, or race.baselines: false): "
+                          f"race.ties: incumbent has no incumbent, the best score survives")
+            return None
+        lrs = max(1, len(job.race.lrs))
+        return cls(at, (len(finalists) - 1) * lrs, job.race.alpha)
+
+    def rescue(self, ranked: list[Racer]) -> str | None:
+        return next((r.trial_id for r in ranked if r.finalist == self.incumbent), None)
+
+    def top(self, ranked: list[Racer]) -> Verdict:
+        inc = next((r for r in ranked if r.finalist == self.incumbent), None)
+        if inc is None or not ranked or ranked[0] is inc:
+            return Verdict(None)
+        best, level = ranked[0], self.alpha / max(1, self.challengers)
+        if best.hits is None or inc.hits is None or not best.images:
+            return Verdict(inc.trial_id)      # no paired record (a trial reported before they existed)
+        test = paired_test(best.hits, inc.hits, best.images)
+        return Verdict(None if test.p < level else inc.trial_id, test, level)
+
+
+def _tie_rule(job: JobConfig, finalists: list[Finalist]) -> TieRule | None:
+    return TieRule.of(job, finalists, _val_images)
+
+
+#: race.ties -> the rule of a race over ``finalists`` (None: plain halving, the best score)
+RACE_RULES: dict[str, Callable[[JobConfig, list[Finalist]], RaceRule | None]] = {
+    "incumbent": IncumbentRule.of, "baseline": _tie_rule, "best": lambda job, finalists: None}
+
+
+def _rescue(rule: RaceRule, ranked: list[tuple[dict, tuple[float, float], str]]) -> str | None:
+    """:meth:`RaceRule.rescue` of the synchronous scheduler's rung (``(config, score, trial id)``)."""
+    return rule.rescue([Racer(int(c["finalist"]), s[0], t) for c, s, t in ranked])
 
 
 @dataclass(frozen=True)
@@ -229,9 +337,10 @@ def pick_finalists(job: JobConfig, limit: ParamLimit) -> list[Finalist]:
             progress.echo(f"[race] no {kind} baseline: width 1 in every layer is over the limit")
         elif cfg.key() in seen:
             progress.echo(f"[race] the {kind} baseline is a search finalist already")
+            out = [dataclasses.replace(f, hand_sized=kind) if f.subnet.key() == cfg.key() else f for f in out]
         else:
             seen.add(cfg.key())
-            out.append(Finalist(cfg, f"baseline:{kind}", limit.count(cfg)))
+            out.append(Finalist(cfg, f"baseline:{kind}", limit.count(cfg), hand_sized=kind))
     return out
 
 
@@ -261,6 +370,8 @@ def _settings(job: JobConfig, finalists: list[Finalist]) -> dict:
     race = {k: v for k, v in dataclasses.asdict(job.race).items() if k not in _RESOURCE_KEYS + _AFTER_KEYS}
     if race["scheduler"] == "asha":              # the default: races started before the setting existed lack it
         del race["scheduler"]
+    if race["ties"] != "incumbent":              # races started before race.incumbent existed
+        del race["incumbent"], race["alpha"]
     if race["ties"] == "best":                   # the rule of races started before race.ties existed
         del race["ties"], race["tie_se"]
     return {"finalists": [{"subnet": f.subnet.to_dict(), "source": f.source} for f in finalists], "race": race,
@@ -271,22 +382,24 @@ def _settings(job: JobConfig, finalists: list[Finalist]) -> dict:
                         "weight_decay": r.weight_decay, "warmup_epochs": r.warmup_epochs, "min_lr": r.min_lr}}
 
 
-def asha_race(job: JobConfig, params: list[int], rule: TieRule | None = None) -> tuple[Any, Any]:
+def asha_race(job: JobConfig, params: list[int], rule: RaceRule | None = None) -> tuple[Any, Any]:
     """Ray Tune's asynchronous ASHA; the variant generator keeps ``max_concurrent`` trials live.
-    ``rule``: applied at the top rung only (:func:`survivor`): ASHA decides its rungs itself."""
-    from ray.tune.schedulers import ASHAScheduler
+    ``rule``: its ``keeps`` are never cut (:class:`~noah_ray.hpo.halving.KeepingASHA`); otherwise it
+    applies at the top rung only (:func:`survivor`): ASHA decides its rungs itself."""
     from ray.tune.search import BasicVariantGenerator
 
+    from noah_ray.hpo.halving import KeepingASHA
+
     r, e = job.race, job.retrain.epochs
-    return (ASHAScheduler(time_attr="epoch", max_t=r.epochs(e), grace_period=r.grace(e),
-                          reduction_factor=r.reduction_factor),
+    return (KeepingASHA(rule.keeps if rule is not None else frozenset(), time_attr="epoch", max_t=r.epochs(e),
+                        grace_period=r.grace(e), reduction_factor=r.reduction_factor),
             BasicVariantGenerator(random_state=r.seed, max_concurrent=r.max_concurrent))
 
 
-def sync_race(job: JobConfig, params: list[int], rule: TieRule | None = None) -> tuple[Any, Any]:
+def sync_race(job: JobConfig, params: list[int], rule: RaceRule | None = None) -> tuple[Any, Any]:
     """Synchronous successive halving (:mod:`noah_ray.hpo.halving`), with the variant generator
-    that creates trials only while the scheduler has a free slot; ``rule`` keeps a tied baseline
-    at every rung."""
+    that creates trials only while the scheduler has a free slot; ``rule`` names the trial kept
+    beside each rung's best (:meth:`RaceRule.rescue`)."""
     from noah_ray.hpo.halving import GatedVariants, SyncHalving
 
     r, e = job.race, job.retrain.epochs
@@ -297,7 +410,7 @@ def sync_race(job: JobConfig, params: list[int], rule: TieRule | None = None) ->
     return sched, GatedVariants(sched, random_state=r.seed)
 
 
-def _tuner(job: JobConfig, trainable, params: list[int], tables: TrialTables, rule: TieRule | None):
+def _tuner(job: JobConfig, trainable, params: list[int], tables: TrialTables, rule: RaceRule | None):
     """A new Tune experiment (a grid over finalists x lrs under ``race.scheduler``), or the
     interrupted one restored.  ``params``: per finalist."""
     r, tune_dir = job.race, JobPaths.of(job).race_tune
@@ -337,7 +450,7 @@ def run_race(job: ResolvedJob | JobConfig) -> RaceResult | None:
     tables = TrialTables(paths.race.uri, job.storage_endpoint, job.name, job.data.dataset, RUN_ID, "grid", r.scheduler,
                          METRIC, top, Fence.of(job, rj.lease), stage="race")
     _check_settings(paths.race, _settings(job, finalists), tables)
-    rule = TieRule.of(job, finalists, _val_images)
+    rule = RACE_RULES[job.race.ties](job, finalists)
     n_trials = len(finalists) * max(1, len(r.lrs))
     budget = race_budget(n_trials, grace, r.reduction_factor, top)
     marks = rungs(grace, r.reduction_factor, top)
@@ -386,11 +499,16 @@ def _scores(job: JobConfig) -> dict[str, dict[int, tuple[float, float]]]:
     return out
 
 
-def survivor(ok: list[dict], params: list[int], rule: TieRule | None = None) -> dict:
+def survivor(ok: list[dict], params: list[int], rule: RaceRule | None = None) -> dict:
     """The race's survivor among finished trial rows (``config.finalist``, metrics ``m``; ``params``
     per finalist): of those that reached the top rung, the best by :func:`rank_key` there; equal keys
     go to the earlier trial (:func:`~noah_ray.hpo.driver.earliest_best`; two learning rates of one
-    finalist can tie).  ``rule``: a baseline tied with that best wins (:meth:`TieRule.pick`)."""
+    finalist can tie).  ``rule``: the trial its :meth:`RaceRule.top` names instead (:func:`decide`)."""
+    return decide(ok, params, rule)[0]
+
+
+def decide(ok: list[dict], params: list[int], rule: RaceRule | None = None) -> tuple[dict, Verdict | None]:
+    """:func:`survivor`, and the rule's verdict (None without a rule)."""
     top = max(int(x["m"]["epoch"]) for x in ok)
 
     def rank(x: dict) -> tuple:
@@ -399,21 +517,22 @@ def survivor(ok: list[dict], params: list[int], rule: TieRule | None = None) -> 
     at_top = [x for x in ok if int(x["m"]["epoch"]) == top]
     best = earliest_best(at_top, rank)
     if rule is None:
-        return best
+        return best, None
     ranked = sorted(sorted(at_top, key=lambda x: str(x["trial_id"])), key=rank, reverse=True)   # stable
-    tied = rule.pick([(int(x["config"]["finalist"]), float(x["m"][METRIC]), x["trial_id"]) for x in ranked])
-    return next((x for x in ranked if x["trial_id"] == tied), best)
+    verdict = rule.top([Racer(int(x["config"]["finalist"]), float(x["m"][METRIC]), x["trial_id"],
+                              x["m"].get("val_hits"), x["m"].get("val_images")) for x in ranked])
+    return next((x for x in ranked if x["trial_id"] == verdict.trial_id), best), verdict
 
 
 def _choose(job: JobConfig, finalists: list[Finalist], results, tables: TrialTables, budget: int,
-            rule: TieRule | None) -> RaceResult:
+            rule: RaceRule | None) -> RaceResult:
     """The survivor (the module docstring says how ties go); writes the ``finalists`` table and
     ``chosen.json``."""
     rows = trial_rows(results, tables)
     ok = finished_rows(rows, METRIC, "race")
     top = max(int(x["m"]["epoch"]) for x in ok)
     params = [f.params for f in finalists]
-    best, first = survivor(ok, params, rule), survivor(ok, params)
+    (best, verdict), first = decide(ok, params, rule), survivor(ok, params)
     f = int(best["config"]["finalist"])
     n = best["m"].get("val_images")
     marks, curves = _marks(job, tables), _curves(job)
@@ -426,7 +545,9 @@ def _choose(job: JobConfig, finalists: list[Finalist], results, tables: TrialTab
                      uri=JobPaths.of(job).race.uri)
     if ties is not None:
         res = dataclasses.replace(res, decided_at=ties.rung, tied=ties.tied, val_se=ties.se, val_images=ties.n)
-    res = dataclasses.replace(res, ties=job.race.ties)
+    res = dataclasses.replace(res, ties=job.race.ties, incumbent=None if rule is None else rule.incumbent)
+    if verdict is not None and verdict.test is not None:
+        res = dataclasses.replace(res, paired={**dataclasses.asdict(verdict.test), "level": verdict.level})
     if first["trial_id"] != best["trial_id"]:
         res = dataclasses.replace(res, top_finalist=int(first["config"]["finalist"]),
                                   top_val_acc=float(first["m"][METRIC]))
@@ -451,15 +572,30 @@ def _curves(job: JobConfig) -> dict[str, dict[int, float]]:
 def tie_clause(res: dict) -> str:
     """Of a race's result (:class:`RaceResult` as a dict): ``; at epoch 4, 2 other trial(s) within
     1 s.e. (2.10 points on 200 images) of the best``, or nothing when no rung was contested or the
-    images scored are unknown (a race recorded before they were); then, when ``race.ties:
-    baseline`` kept a baseline over a better-scored trial, which one and its score."""
-    kept = "" if res.get("top_finalist") is None else \
-        (f"; kept as tied with the best, finalist {res['top_finalist']} (val {res['top_val_acc']:.2f}%), "
-         f"under race.ties: baseline")
+    images scored are unknown (a race recorded before they were); then what the rule decided at the
+    top (:func:`rule_clause`)."""
+    kept = rule_clause(res)
     if not res.get("decided_at") or res.get("val_se") is None:
         return kept
     return (f"; at epoch {res['decided_at']}, {res['tied']} other trial(s) within 1 s.e. ({res['val_se']:.2f} "
             f"points on {res['val_images']} images) of the best{kept}")
+
+
+def rule_clause(res: dict) -> str:
+    """When ``race.ties`` kept a baseline over a better-scored trial, which one and its score; under
+    ``incumbent``, the paired test that decided between the incumbent and the best challenger."""
+    t = res.get("paired")
+    if t is not None:
+        test = (f"McNemar p {t['p']:.3g}: {t['b']} of {t['n']} val images right only for the challenger, "
+                f"{t['c']} only for the incumbent; level {t['level']:.3g}")
+        if res.get("top_finalist") is not None:
+            return (f"; kept the incumbent, finalist {res['incumbent']}, over finalist {res['top_finalist']} "
+                    f"(val {res['top_val_acc']:.2f}%; {test})")
+        return f"; beat the incumbent, finalist {res['incumbent']} ({test})"
+    if res.get("top_finalist") is None:
+        return ""
+    return (f"; kept as tied with the best, finalist {res['top_finalist']} (val {res['top_val_acc']:.2f}%), "
+            f"under race.ties: {res.get('ties', 'baseline')}")
 
 
 def _write_finalists(job: JobConfig, finalists: list[Finalist], rows: list[dict], chosen: str | None,

@@ -104,7 +104,7 @@ def hp_column(path: str) -> str:
 
 def _plain(result: dict) -> dict:
     keys = ("epoch", "val_acc", "val_loss", "train_loss", "lr", "best_val", "best_epoch", "best_val_acc",
-            "trial_time_s", "worker", "images_per_s")
+            "trial_time_s", "worker", "images_per_s", "val_images", "val_hits")
     return {k: result[k] for k in keys if k in result}
 
 
@@ -144,20 +144,35 @@ def trial_error(trial) -> str | None:
 
 
 # ====================================================================== the trial
-def _val_metrics(model, loader, device) -> tuple[float, float, int]:
-    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``loader``, and how many images."""
+@dataclass(frozen=True)
+class ValScore:
+    """A model on the validation split: top-1 accuracy (%), mean cross-entropy, how many images, and
+    which it got right (:func:`~noah_ray.evolution.ties.hits_hex`, in the split's order: the race's
+    paired test)."""
+
+    acc: float
+    loss: float
+    images: int
+    hits: str
+
+
+def _val_metrics(model, loader, device) -> ValScore:
+    """:class:`ValScore` of ``model`` on ``loader`` (unshuffled: the same image order for every trial)."""
     import torch
     import torch.nn.functional as F
 
+    from noah_ray.evolution.ties import hits_hex
+
     model.eval()
-    hits = loss = count = 0.0
+    loss = 0.0
+    right: list[bool] = []
     with torch.inference_mode():
         for x, y in loader:
             logits = model(x.to(device, non_blocking=True)).float().cpu()
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            hits += float((logits.argmax(-1) == y).sum())
-            count += y.numel()
-    return 100.0 * hits / max(count, 1), loss / max(count, 1), int(count)
+            right += (logits.argmax(-1) == y).tolist()
+    count = len(right)
+    return ValScore(100.0 * sum(right) / max(count, 1), loss / max(count, 1), count, hits_hex(right))
 
 
 def _better(metric: str, new: float, old: float | None) -> bool:
@@ -245,13 +260,14 @@ def _epoch(objects: tuple[Any, Any, Any, Any], loaders: tuple, device, metric: s
     t0 = time.time()
     loss_sum, batches, images = train_epoch(model, loaders[0], opt, sched, scaler, device).tolist()
     check_loss(loss_sum / max(batches, 1), where, fix)
-    acc, vloss, scored = _val_metrics(model, loaders[1], device)
+    val = _val_metrics(model, loaders[1], device)
     state["trial_time_s"] += time.time() - t0
-    value = acc if metric == "val_acc" else vloss
+    value = val.acc if metric == "val_acc" else val.loss
     if _better(metric, value, state["best_val"]):
-        state.update(best_val=value, best_epoch=epoch, best_val_acc=acc)
+        state.update(best_val=value, best_epoch=epoch, best_val_acc=val.acc)
     state["epoch"] = epoch
-    return {"epoch": epoch + 1, "val_acc": acc, "val_loss": vloss, "val_images": scored,
+    return {"epoch": epoch + 1, "val_acc": val.acc, "val_loss": val.loss, "val_images": val.images,
+            "val_hits": val.hits,
             "train_loss": loss_sum / max(batches, 1),
             "lr": sched.get_last_lr()[0], "images_per_s": images / max(time.time() - t0, 1e-9),
             "best_val": state["best_val"], "best_epoch": state["best_epoch"] + 1,   # reported from 1
