@@ -218,13 +218,14 @@ def test_race_schedulers_build_tune_objects(tmp_path):
     from ray.tune.search import BasicVariantGenerator
 
     from noah_ray.config.race import RACE_SCHEDULERS
-    from noah_ray.hpo.halving import GatedVariants, SyncHalving
+    from noah_ray.hpo.halving import GatedVariants, KeepingASHA, SyncHalving
 
     built = {}
     for name, entry in RACE_SCHEDULERS.items():
         job = JobConfig.from_dict({"name": "r", "storage": str(tmp_path), "race": {"scheduler": name}})
         sched, search = load_entry(entry)(job, [100, 200])
         built[name] = (type(sched), type(search))
-    assert built == {"asha": (ASHAScheduler, BasicVariantGenerator), "sync": (SyncHalving, GatedVariants)}
+    assert built == {"asha": (KeepingASHA, BasicVariantGenerator), "sync": (SyncHalving, GatedVariants)}
+    assert issubclass(KeepingASHA, ASHAScheduler)          # Tune's ASHA, keeping the race's incumbent
     with pytest.raises(ConfigError, match=r"race.scheduler: 'hyperband' unknown; use one of asha, sync"):
         JobConfig.from_dict({"name": "r", "storage": str(tmp_path), "race": {"scheduler": "hyperband"}})
