@@ -60,11 +60,12 @@ class Paired:
 
 def paired_test(first: str, second: str, n: int) -> Paired:
     """:class:`Paired` of two :func:`hits_hex` records of the same ``n`` images (in the same order)."""
-    a, z = bytes.fromhex(first), bytes.fromhex(second)
-    if len(a) != len(z) or len(a) != (n + 7) // 8:
-        raise ValueError(f"paired records of {len(a)} and {len(z)} bytes do not both hold {n} images")
-    b = sum(bin(x & ~y & 0xFF).count("1") for x, y in zip(a, z))
-    c = sum(bin(y & ~x & 0xFF).count("1") for x, y in zip(a, z))
+    size = 2 * ((n + 7) // 8)
+    if len(first) != size or len(second) != size:
+        raise ValueError(f"paired records of {len(first) // 2} and {len(second) // 2} bytes do not both hold "
+                         f"{n} images")
+    x, y = int(first or "0", 16), int(second or "0", 16)
+    b, c = (x & ~y).bit_count(), (y & ~x).bit_count()
     return Paired(n, b, c, binomial_tail(b, b + c))
 
 

@@ -44,7 +44,7 @@ import functools
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -171,8 +171,14 @@ class TieRule:
     baselines: frozenset[int]             # the finalist indices of the hand-sized baselines
     val_images: int | None                # the val split's size (None: unknown, no ties)
     tie_se: float
-    keeps: frozenset[int] = frozenset()   # a tied baseline is kept by its score, never by name
-    incumbent: int | None = None          # no baseline is preferred by name
+
+    @property
+    def keeps(self) -> frozenset[int]:
+        return frozenset()                # a tied baseline is kept by its score, never by name
+
+    @property
+    def incumbent(self) -> int | None:
+        return None                       # no baseline is preferred by name
 
     @classmethod
     def of(cls, job: JobConfig, finalists: list[Finalist],
@@ -207,10 +213,10 @@ class IncumbentRule:
     incumbent: int
     challengers: int
     alpha: float
-    keeps: frozenset[int] = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "keeps", frozenset({self.incumbent}))
+    @property
+    def keeps(self) -> frozenset[int]:
+        return frozenset({self.incumbent})
 
     @classmethod
     def of(cls, job: JobConfig, finalists: list[Finalist]) -> IncumbentRule | None:
@@ -229,7 +235,7 @@ class IncumbentRule:
 
     def top(self, ranked: list[Racer]) -> Verdict:
         inc = next((r for r in ranked if r.finalist == self.incumbent), None)
-        if inc is None or not ranked or ranked[0] is inc:
+        if inc is None or ranked[0] is inc:
             return Verdict(None)
         best, level = ranked[0], self.alpha / max(1, self.challengers)
         if best.hits is None or inc.hits is None or not best.images:
