@@ -2,10 +2,13 @@
 Ray Train worker group for all runs, the same results and files as one Ray Train run per run, and
 exact resume after a kill in the middle of the second run."""
 
+import io
+
 import pytest
 import torch
 from ray.train.torch import TorchTrainer
 
+from noah_ray import progress
 from noah_ray.config import JobConfig
 from noah_ray.data import write_generated_vtab
 from noah_ray.run.preflight import resolve
@@ -258,3 +261,31 @@ def test_the_training_key_ignores_the_row_name_but_not_what_training_differs_in(
         key("linear", subnet=SubnetConfig.uniform(job.space.num_layers))
     init = JobConfig.from_dict({**job.to_dict(), "retrain": {**job.to_dict()["retrain"], "init": "/x/subnet"}})
     assert key("noah", j=init) != key("lora", j=init)
+
+
+def test_a_linear_probe_trains_its_head_on_cached_features_as_on_the_images(ray_session, data_root, tmp_path,
+                                                                            tiny_job):
+    """The ``linear`` runs of a session (no drop-path, a deterministic transform) train the head on
+    pre-logit features computed once, and end where training on the images ends
+    (``retrain.cache_features: false``): the same val / test accuracy and best epoch, the same final
+    head to float rounding."""
+    outcomes, lines = [], []
+    for cache in (True, False):
+        job = JobConfig.from_dict(tiny_job(
+            data_root, str(tmp_path / str(cache)), name="probe", data={"batch_size": 16}, search=None,
+            supernet=None, retrain={"epochs": 3, "lr": 1e-2, "warmup_epochs": 0, "num_workers": 1, "seeds": [0, 1],
+                                    "method": "linear", "baselines": [], "cache_features": cache}))
+        out = io.StringIO()
+        with progress.session(stream=out):
+            runs.retrain_methods(resolve(job, ("retrain",)), None, ("linear",))
+        outcomes.append(_outcome(job))
+        lines.append(out.getvalue().count("the head on cached features"))
+    assert lines == [2, 0]
+    cached, images = outcomes
+    assert cached.keys() == images.keys() == {"linear-seed0", "linear-seed1"}
+    for k in cached:
+        assert cached[k][0] == images[k][0], k                  # (val, test, best epoch, epochs)
+        assert cached[k][1].keys() == images[k][1].keys()
+        for name in cached[k][1]:
+            torch.testing.assert_close(cached[k][1][name], images[k][1][name], rtol=0, atol=1e-6)
+    assert not torch.equal(cached["linear-seed0"][1]["vit.head.weight"], cached["linear-seed1"][1]["vit.head.weight"])

@@ -252,6 +252,9 @@ class RetrainConfig(TrainConfig):
                                           # (noah-ray import-peft / export --out), instead of a fresh init
     max_concurrent: int = 1               # worker groups training the stage's runs at once (each one session
                                           # of reused workers; the runs dealt among them); 1: one after another
+    cache_features: bool = True           # a run that trains the head only (linear) on a deterministic frozen
+                                          # network trains on pre-logit features computed once per session
+                                          # (noah_ray.nn.features); false: every epoch runs the backbone
 
     def check_own(self, where: str) -> None:
         v: Any

@@ -55,8 +55,8 @@ class ImageListDataset(Dataset):
 
     def __init__(self, samples: list[Sample], num_classes: int, transform: ImageTransform | Callable, *,
                  cache_decoded: bool = False, skip_corrupt: bool = False, source: str = "") -> None:
-        if not isinstance(transform, ImageTransform):
-            transform = ImageTransform(None, transform)
+        if not isinstance(transform, ImageTransform):     # a callable of unknown kind: may be random
+            transform = ImageTransform(None, transform, random=True)
         self.transform = transform
         self.num_classes = num_classes
         self.source = source

@@ -30,10 +30,14 @@ EVAL_CROP_PCT = 224 / 256
 
 @dataclass
 class ImageTransform:
-    """``post(pre(img))``; ``pre`` is deterministic (None: identity) so its output may be cached."""
+    """``post(pre(img))``; ``pre`` is deterministic (None: identity) so its output may be cached.
+    ``random``: ``post`` draws random numbers (augmentation), so an image's tensor differs between
+    epochs; False: the whole transform is a function of the image, so what a frozen network
+    computes from it may be cached too (:mod:`noah_ray.nn.features`)."""
 
     pre: Callable[[Image.Image], Image.Image] | None
     post: Callable[[Image.Image], Any]
+    random: bool = False
 
     def __call__(self, img: Image.Image) -> Any:
         return self.post(self.pre(img) if self.pre is not None else img)
@@ -50,7 +54,7 @@ def build_transform(fmt: str, *, train: bool, img_size: int, mean: Sequence[floa
 
             return ImageTransform(None, transforms_imagenet_train(
                 img_size, color_jitter=COLOR_JITTER, force_color_jitter=True, auto_augment=RAND_AUGMENT,
-                interpolation="bicubic", re_prob=0.0, mean=tuple(mean), std=tuple(std)))
+                interpolation="bicubic", re_prob=0.0, mean=tuple(mean), std=tuple(std)), random=True)
         resize = int(round(img_size / EVAL_CROP_PCT))
         return ImageTransform(T.Compose([T.Resize((resize, resize), interpolation=bicubic), T.CenterCrop(img_size)]),
                               normalize)

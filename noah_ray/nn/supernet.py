@@ -314,3 +314,14 @@ class PromptedViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self._autocast(x.device.type):
             return self.vit.forward_head(self.forward_features(x))
+
+    def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """What the classifier head receives (timm's ``forward_head(..., pre_logits=True)``):
+        ``head_logits(pre_logits(x))`` is ``forward(x)``."""
+        with self._autocast(x.device.type):
+            return self.vit.forward_head(self.forward_features(x), pre_logits=True)
+
+    def head_logits(self, f: torch.Tensor) -> torch.Tensor:
+        """The classifier head on :meth:`pre_logits` features."""
+        with self._autocast(f.device.type):
+            return self.vit.get_classifier()(f)

@@ -120,13 +120,19 @@ class Worker:
     opt: Any
     sched: Any
     scaler: Any
-    net: torch.nn.Module | None = None    # the model, DDP-wrapped with several workers
+    infer: torch.nn.Module | None = None  # what maps a loader's batch to logits: the model, or its head
+                                          # (nn.features.HeadOnly) when the loaders yield cached features
+    net: torch.nn.Module | None = None    # ``infer``, DDP-wrapped with several workers
     faults: FaultPlan | None = None       # tests: injected failures
     session: Session | None = None        # kept across the runs of a session
 
     @property
     def run_dir(self) -> storage.Location:
         return JobPaths.of(self.run.job).root.join(self.run.run_dir)
+
+    @property
+    def scorer(self) -> torch.nn.Module:
+        return self.infer if self.infer is not None else self.model
 
 
 # ----------------------------------------------------------------------------- subnets per step
@@ -180,6 +186,7 @@ class Session:
 
     direct: bool
     datasets: dict = dataclasses.field(default_factory=dict)
+    features: dict = dataclasses.field(default_factory=dict)   # cached pre-logit features (nn.features)
 
 
 def _session(runs: list[RunSpec], faults: dict[str, FaultPlan]) -> None:
@@ -251,33 +258,55 @@ def _setup(run: RunSpec, session: Session) -> Worker:
     if run.prune_plan:  # E2VPT rewinding: the fresh model holds the same initial values
         model, capacity = apply_plan(model, run.prune_plan), run.prune_plan.config()
     torch.manual_seed(run.seed + 1_000_003 * (rank + 1))  # independent drop-path / shuffling per rank
-    train_loader, sampler, val_loader, norm = _loaders(run, model, rank, world, device, session)
+    train_loader, sampler, val_loader, norm, infer = _loaders(run, model, rank, world, device, session)
     opt, sched, scaler = make_optimizer(model, run.tc, run.lr, len(train_loader), device, run.job.model.precision)
     return Worker(run, rank, world, device, model, capacity, train_loader, sampler, val_loader, norm,
-                  opt, sched, scaler, session=session)
+                  opt, sched, scaler, infer=infer, session=session)
 
 
 def _loaders(run: RunSpec, model: PromptedViT, rank: int, world: int, device: torch.device,
              session: Session) -> tuple:
-    """``(train loader, its DistributedSampler or None, val loader on rank 0, (mean, std, size))``."""
+    """``(train loader, its DistributedSampler or None, val loader on rank 0, (mean, std, size),
+    the module the loaders' batches go through)``.  When only the head trains and nothing before
+    it is random (:func:`~noah_ray.nn.features.frozen_below_head`, a deterministic transform, no
+    ``retrain.init``), the loaders yield cached pre-logit features and that module is the head."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     from noah_ray.data import build_loader, norm_for
+    from noah_ray.nn.features import HeadOnly, frozen_below_head
 
     job = run.job
     mean, std, size = norm_for(model)
     size = job.data.img_size or size
-    ds = _dataset(run, session, job.data.train_split, train=True, norm=(mean, std, size))
+    norm = (mean, std, size)
+    ds = _dataset(run, session, job.data.train_split, train=True, norm=norm)
+    val_ds = _dataset(run, session, job.data.val_split, train=False, norm=norm) if rank == 0 else None
+    cached = run.stage == "retrain" and run.job.retrain.cache_features and run.init is None and not getattr(ds.transform, "random", True) \
+        and frozen_below_head(model)
+    if cached:
+        ds = _features(run, session, model, ds, device)
+        val_ds = _features(run, session, model, val_ds, device) if val_ds is not None else None
     sampler: DistributedSampler | None
     sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=run.seed) if world > 1 else None
     nw = job.data.num_workers
     train_loader = DataLoader(ds, batch_size=job.data.batch_size // world, shuffle=sampler is None,
                               sampler=sampler, num_workers=nw, persistent_workers=nw > 0,
                               pin_memory=device.type == "cuda", drop_last=len(ds) >= 2 * job.data.batch_size)
-    val_loader = build_loader(job.data, job.data.val_split, train=False, img_size=size,
-                              dataset=_dataset(run, session, job.data.val_split, train=False, norm=(mean, std, size))) \
-        if rank == 0 else None
-    return train_loader, sampler, val_loader, (mean, std, size)
+    val_loader = build_loader(job.data, job.data.val_split, train=False, img_size=size, dataset=val_ds) \
+        if val_ds is not None else None
+    return train_loader, sampler, val_loader, norm, HeadOnly(model) if cached else model
+
+
+def _features(run: RunSpec, session: Session, model: PromptedViT, dataset: Any, device: torch.device) -> Any:
+    """The pre-logit features of ``dataset`` (:func:`~noah_ray.nn.features.pre_logit_dataset`),
+    computed once per session for its backbone (weights file and model settings): the seeds of a
+    linear probe share them."""
+    from noah_ray.nn.features import pre_logit_dataset
+
+    key = (id(dataset), run.backbone, json.dumps(dataclasses.asdict(run.job.model), sort_keys=True, default=str))
+    if key not in session.features:
+        session.features[key] = pre_logit_dataset(model, dataset, run.job.data.eval_batch_size, device)
+    return session.features[key]
 
 
 def _dataset(run: RunSpec, session: Session, split: str, *, train: bool, norm: tuple) -> Any:
@@ -316,10 +345,11 @@ def _resume(w: Worker) -> tuple[dict, int]:
         data = run.job.data
         _say(run, f"{run.tag} {w.world} worker(s) on {w.device.type}, {len(w.train_loader.dataset)} images, "
              f"global batch {data.batch_size}, {len(w.train_loader)} steps/epoch, " +
-             (f"resuming at epoch {start + 1}/{tc.epochs} from {ckpt['name']}" if ckpt else f"{tc.epochs} epochs"))
-    w.net = ray.train.torch.prepare_model(w.model, move_to_device=False,
+             (f"resuming at epoch {start + 1}/{tc.epochs} from {ckpt['name']}" if ckpt else f"{tc.epochs} epochs") +
+             (", the head on cached features" if w.scorer is not w.model else ""))
+    w.net = ray.train.torch.prepare_model(w.scorer, move_to_device=False,
                                           parallel_strategy_kwargs={"find_unused_parameters": True}) \
-        if w.world > 1 else w.model
+        if w.world > 1 else w.scorer
     return state, start
 
 
@@ -389,7 +419,7 @@ def _evaluate(w: Worker, epoch: int, state: dict, metrics: dict) -> dict[str, fl
     val = {}
     for name, cfg in fixed.items():
         w.model.set_active(cfg)
-        val[name] = evaluate(w.model, w.val_loader, w.device)[0]
+        val[name] = evaluate(w.scorer, w.val_loader, w.device)[0]
     state["val_acc"] = val
     metrics.update({f"val_acc_{k}": v for k, v in val.items()})
     if run.stage == "retrain" and val["model"] > state["best_val"]:
@@ -452,9 +482,11 @@ def _finish(w: Worker, state: dict) -> None:
     best = BestRecord.from_dict(best_meta)
     model.load_trainable_state_dict(best_tensors)
     mean, std, size = w.norm
-    test = build_loader(job.data, job.data.test_split, train=False, img_size=size,
-                        dataset=_dataset(run, w.session, job.data.test_split, train=False, norm=w.norm))
-    meta = dataclasses.replace(meta, test_acc=evaluate(model, test, w.device)[0], best_val=best.val_acc,
+    test_ds = _dataset(run, w.session, job.data.test_split, train=False, norm=w.norm)
+    if w.scorer is not model:                # the head on cached features
+        test_ds = _features(run, w.session, model, test_ds, w.device)
+    test = build_loader(job.data, job.data.test_split, train=False, img_size=size, dataset=test_ds)
+    meta = dataclasses.replace(meta, test_acc=evaluate(w.scorer, test, w.device)[0], best_val=best.val_acc,
                                best_epoch=best.epoch, best_uri=w.run_dir.join("best").uri)
     _say(run, f"[retrain {run.run_id}] test {meta.test_acc:.2f}% with the weights of epoch "
          f"{best.epoch + 1} (val {best.val_acc:.2f}%)")
