@@ -281,8 +281,8 @@ def _loaders(run: RunSpec, model: PromptedViT, rank: int, world: int, device: to
     norm = (mean, std, size)
     ds = _dataset(run, session, job.data.train_split, train=True, norm=norm)
     val_ds = _dataset(run, session, job.data.val_split, train=False, norm=norm) if rank == 0 else None
-    cached = run.stage == "retrain" and run.job.retrain.cache_features and run.init is None and not getattr(ds.transform, "random", True) \
-        and frozen_below_head(model)
+    cached = run.stage == "retrain" and run.job.retrain.cache_features and run.init is None \
+        and not getattr(ds.transform, "random", True) and frozen_below_head(model)
     if cached:
         ds = _features(run, session, model, ds, device)
         val_ds = _features(run, session, model, val_ds, device) if val_ds is not None else None
