@@ -96,7 +96,8 @@ def task_jobs(task: str, out: Path, budget: dict, seeds: list[int], methods: lis
     pre = minivtab.job_config(task, out / "pretrained", out / "data", over)
     rnd = minivtab.job_config(task, out / "random", out / "data", {
         **over, "model": {"name": RANDOM_BACKBONE, "drop_path_rate": 0.0},
-        "retrain": {**over["retrain"], "method": "linear", "baselines": []}}, name=f"{task}-random")
+        "retrain": {**over["retrain"], "method": "linear", "baselines": [],
+                    "max_concurrent": 1}}, name=f"{task}-random")   # 3 probes on cached features: one group
     return [[[s for s in PRE_STAGES if s in STAGES], pre.to_dict()], [["retrain"], rnd.to_dict()]]
 
 
@@ -391,6 +392,38 @@ def statistics_blocks(runs) -> dict[str, list[str]]:
     return {"averages": averages, "wins": wins, "intervals": intervals}
 
 
+def training_seconds(out: Path) -> dict[str, float]:
+    """Seconds spent in training epochs, summed over every job under ``out`` (pretrained and
+    random): the supernet runs' recorded training time, the race trials' and every distinct
+    retraining run's (a run two rows share counts once).  Not in it: start-up, data decoding,
+    the search's scoring, per-epoch validation of the supernet and test evaluation."""
+    import pyarrow.dataset as ds
+
+    from noah_ray.store import results
+
+    total = {"supernet": 0.0, "race": 0.0, "retrain": 0.0}
+    for meta in out.glob("*/*/supernet/final/meta.json"):
+        total["supernet"] += float(json.loads(meta.read_text()).get("train_time_s") or 0.0)
+    for trials in out.glob("*/*/race/hpo_trials"):
+        total["race"] += float(ds.dataset(trials, format="parquet").to_table(columns=["wall_time_s"])
+                               .column("wall_time_s").to_pandas().sum())
+    for kind in ("pretrained", "random"):
+        if (out / kind).is_dir():
+            rows = results.runs(str(out / kind))
+            run = rows["checkpoint_uri"].fillna(rows["job"].astype(str) + "/" + rows["run_id"].astype(str))
+            total["retrain"] += float(rows.loc[~run.duplicated(), "wall_time_s"].sum())
+    return total
+
+
+def compute_lines(out: Path, cores: int) -> list[str]:
+    """The training time of the whole run and the wall time it needs at least on ``cores`` cores."""
+    t = training_seconds(out)
+    cpu_min = sum(t.values()) / 60
+    return [f"training epochs alone: {cpu_min:.1f} CPU-minutes (supernet {t['supernet'] / 60:.1f}, race "
+            f"{t['race'] / 60:.1f}, retraining {t['retrain'] / 60:.1f}), so at least {cpu_min / cores:.1f} min of wall "
+            f"time on {cores} cores with no start-up cost and no idle core"]
+
+
 def cost_block(runs, times: Times) -> list[str]:
     costs = method_costs(runs, times)
     if not costs:
@@ -444,6 +477,7 @@ def write_doc(path: Path, out: Path, argv: list[str], wall: float | None, done: 
              "stage's other wall time split evenly over its runs); NOAH rows add the supernet and search stages, "
              "`noah+` also the race.  CPU-minutes = wall minutes x the cores a task had.\n",
              *cost_block(pre_runs, Times.read(out)), "",
+             *[f"- {ln}" for ln in compute_lines(out, os.cpu_count() or 1)], "",
              "## Runs (wall seconds per job and stage)\n",
              *([f"- {d['task']}: {d.get('error') or d.get('times')}" for d in done] or ["(none in this call)"]), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -524,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{title}:\n" + (df.to_string(index=False) if not df.empty else "(no runs)"))
     blocks = statistics_blocks(pre_runs)
     print("\n" + "\n".join(summary(pre, rnd) + blocks.get("wins", []) + blocks.get("intervals", [])
-                           + cost_block(pre_runs, Times.read(out))
+                           + cost_block(pre_runs, Times.read(out)) + compute_lines(out, os.cpu_count() or 1)
                            + ([f"wall time {wall / 60:.1f} min"] if wall is not None else [])))
     for d in done:
         if "error" in d:

@@ -155,10 +155,16 @@ def _fake_results(out):
                 i += 1
                 row = {"run_id": f"{method}-seed{seed}", "job": task, "dataset": task, "method": method, "seed": seed,
                        "params": params[method], "params_head": 40, "val_acc": 50.0, "test_acc": b + seed + off,
-                       "best_epoch": 1, "epochs": 1, "wall_time_s": 20.0, "timestamp": t0 + timedelta(seconds=i)}
+                       "best_epoch": 1, "epochs": 1, "wall_time_s": 20.0, "timestamp": t0 + timedelta(seconds=i),
+                       # noah+ reuses the lora runs (their folder): they trained once
+                       "checkpoint_uri": f"{task}/{'lora' if method == 'noah+' else method}-seed{seed}"}
                 storage.append_table(loc, "runs", pa.Table.from_pylist([row]), part=f"{method}-seed{seed}")
     (out / "pixels.json").write_text(json.dumps({f"v{minivtab.VERSION}": {"mv_digits": 55.0, "mv_photos": 25.0,
                                                                            "mv_count": 30.0}}))
+    storage.write_text(storage.resolve(str(out / "pretrained")).join("mv_digits", "supernet", "final", "meta.json"),
+                       json.dumps({"train_time_s": 90.0}))
+    storage.append_table(storage.resolve(str(out / "pretrained")).join("mv_digits", "race"), "hpo_trials",
+                         pa.Table.from_pylist([{"wall_time_s": 30.0}, {"wall_time_s": 6.0}]), part="race")
     stages = {"supernet": 60.0, "search": 120.0, "race": 30.0, "retrain": 300.0}
     (out / "times.json").write_text(json.dumps({"cores_per_task": 2.0, "jobs": {t: stages for t in base}}))
 
@@ -194,6 +200,9 @@ def test_doc_writer_prints_averages_wins_intervals_and_costs_worked_out_by_hand(
     assert costs["noah+"].wall_s == pytest.approx(3 * 285) and costs["lora"].wall_s == pytest.approx(3 * 75)
     assert "pixels" not in costs and "| noah+ | 28.5 | 14.2 | 3 |" in text
     assert "floor (pixels, mean over tasks 36.67 %): all 4 methods clear it" in text
+    # training: 3 tasks x 3 distinct methods (noah+ trained nothing) x 3 seeds x 20 s = 540 s; a
+    # supernet of 90 s, race trials of 30 + 6 s: 666 s = 11.1 CPU-minutes
+    assert "- training epochs alone: 11.1 CPU-minutes (supernet 1.5, race 0.6, retraining 9.0), so at least" in text
 
 
 @pytest.mark.slow
