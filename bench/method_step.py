@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             step(model, opt, x, y)
             times[m].append((time.perf_counter() - t0) / 2)
     first = statistics.median(times[args.methods[0]][2:])
-    print(f"threads {args.threads}, batch {args.batch}, {args.rounds} rounds x 2 steps (median, first 2 rounds dropped)")
+    print(f"threads {args.threads}, batch {args.batch}, {args.rounds} rounds x 2 steps (median; 2 rounds dropped)")
     print("| method | ms per step | / " + args.methods[0] + " | 25 steps (an 800-image epoch), s |")
     print("|---|---|---|---|")
     for m in args.methods:
