@@ -120,7 +120,7 @@ class Worker:
     opt: Any
     sched: Any
     scaler: Any
-    infer: torch.nn.Module | None = None  # what maps a loader's batch to logits: the model, or its head
+    infer: torch.nn.Module                # what maps a loader's batch to logits: the model, or its head
                                           # (nn.features.HeadOnly) when the loaders yield cached features
     net: torch.nn.Module | None = None    # ``infer``, DDP-wrapped with several workers
     faults: FaultPlan | None = None       # tests: injected failures
@@ -129,10 +129,6 @@ class Worker:
     @property
     def run_dir(self) -> storage.Location:
         return JobPaths.of(self.run.job).root.join(self.run.run_dir)
-
-    @property
-    def scorer(self) -> torch.nn.Module:
-        return self.infer if self.infer is not None else self.model
 
 
 # ----------------------------------------------------------------------------- subnets per step
@@ -261,7 +257,7 @@ def _setup(run: RunSpec, session: Session) -> Worker:
     train_loader, sampler, val_loader, norm, infer = _loaders(run, model, rank, world, device, session)
     opt, sched, scaler = make_optimizer(model, run.tc, run.lr, len(train_loader), device, run.job.model.precision)
     return Worker(run, rank, world, device, model, capacity, train_loader, sampler, val_loader, norm,
-                  opt, sched, scaler, infer=infer, session=session)
+                  opt, sched, scaler, infer, session=session)
 
 
 def _loaders(run: RunSpec, model: PromptedViT, rank: int, world: int, device: torch.device,
@@ -346,10 +342,10 @@ def _resume(w: Worker) -> tuple[dict, int]:
         _say(run, f"{run.tag} {w.world} worker(s) on {w.device.type}, {len(w.train_loader.dataset)} images, "
              f"global batch {data.batch_size}, {len(w.train_loader)} steps/epoch, " +
              (f"resuming at epoch {start + 1}/{tc.epochs} from {ckpt['name']}" if ckpt else f"{tc.epochs} epochs") +
-             (", the head on cached features" if w.scorer is not w.model else ""))
-    w.net = ray.train.torch.prepare_model(w.scorer, move_to_device=False,
+             (", the head on cached features" if w.infer is not w.model else ""))
+    w.net = ray.train.torch.prepare_model(w.infer, move_to_device=False,
                                           parallel_strategy_kwargs={"find_unused_parameters": True}) \
-        if w.world > 1 else w.scorer
+        if w.world > 1 else w.infer
     return state, start
 
 
@@ -419,7 +415,7 @@ def _evaluate(w: Worker, epoch: int, state: dict, metrics: dict) -> dict[str, fl
     val = {}
     for name, cfg in fixed.items():
         w.model.set_active(cfg)
-        val[name] = evaluate(w.scorer, w.val_loader, w.device)[0]
+        val[name] = evaluate(w.infer, w.val_loader, w.device)[0]
     state["val_acc"] = val
     metrics.update({f"val_acc_{k}": v for k, v in val.items()})
     if run.stage == "retrain" and val["model"] > state["best_val"]:
@@ -483,10 +479,10 @@ def _finish(w: Worker, state: dict) -> None:
     model.load_trainable_state_dict(best_tensors)
     mean, std, size = w.norm
     test_ds = _dataset(run, w.session, job.data.test_split, train=False, norm=w.norm)
-    if w.scorer is not model:                # the head on cached features
+    if w.infer is not model:                # the head on cached features
         test_ds = _features(run, w.session, model, test_ds, w.device)
     test = build_loader(job.data, job.data.test_split, train=False, img_size=size, dataset=test_ds)
-    meta = dataclasses.replace(meta, test_acc=evaluate(w.scorer, test, w.device)[0], best_val=best.val_acc,
+    meta = dataclasses.replace(meta, test_acc=evaluate(w.infer, test, w.device)[0], best_val=best.val_acc,
                                best_epoch=best.epoch, best_uri=w.run_dir.join("best").uri)
     _say(run, f"[retrain {run.run_id}] test {meta.test_acc:.2f}% with the weights of epoch "
          f"{best.epoch + 1} (val {best.val_acc:.2f}%)")
