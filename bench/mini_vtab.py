@@ -506,6 +506,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="baselines beside NOAH (default: linear vpt lora adapter full)")
     p.add_argument("--supernet-epochs", type=int, default=None, help="override the budget's supernet epochs")
     p.add_argument("--retrain-epochs", type=int, default=None, help="override the budget's retraining epochs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the recipe (noah_ray/configs/minivtab.yaml; the random-backbone job keeps "
+                   "its backbone and method), e.g. --set search.param_min=0.0157; values are YAML")
     p.add_argument("--parallel", type=int, default=2, help="tasks run at once (one process each)")
     p.add_argument("--out", type=Path, default=Path("./mini-vtab-results"))
     p.add_argument("--doc", type=Path, default=None, help="also write the whole section as Markdown here")
@@ -520,6 +523,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def budget_of(args: argparse.Namespace) -> dict:
+    """The overrides of the recipe that the options ask for: ``--quick``'s budgets, the epochs,
+    ``--backbone``, then each ``--set`` (:class:`~noah_ray.errors.ConfigError` on a bad one)."""
+    from noah_ray.cli.main import apply_overrides
+
+    budget = json.loads(json.dumps(QUICK if args.quick else FULL))
+    for section, value in (("supernet", args.supernet_epochs), ("retrain", args.retrain_epochs)):
+        if value is not None:
+            budget[section] = {**budget.get(section, {}), "epochs": value}
+    if args.backbone:                        # the pretrained job's backbone (the random job keeps its own)
+        budget["model"] = {**budget.get("model", {}), "name": args.backbone}
+    return apply_overrides(budget, args.set)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = _parser()
@@ -528,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         print("TIMES " + json.dumps(run_task(args.run_task)), flush=True)
         return 0
     from noah_ray.data import minivtab
+    from noah_ray.errors import ConfigError
 
     tasks = args.tasks or (list(QUICK_TASKS) if args.quick else list(minivtab.TASKS))
     bad = [t for t in tasks if t not in minivtab.TASKS]
@@ -538,12 +556,10 @@ def main(argv: list[str] | None = None) -> int:
         return _probe(args, tasks, out)
     t0, commit, done, wall = time.time(), source_commit(), [], None
     if not args.report:
-        budget = json.loads(json.dumps(QUICK if args.quick else FULL))
-        for section, value in (("supernet", args.supernet_epochs), ("retrain", args.retrain_epochs)):
-            if value is not None:
-                budget[section] = {**budget.get(section, {}), "epochs": value}
-        if args.backbone:                        # the pretrained job's backbone (the random job keeps its own)
-            budget["model"] = {**budget.get("model", {}), "name": args.backbone}
+        try:
+            budget = budget_of(args)
+        except ConfigError as e:
+            p.error(str(e))
         done = run(tasks, out, budget, args.seeds, args.parallel, args.methods)
         wall = time.time() - t0
     import pandas as pd

@@ -121,9 +121,16 @@ def ceiling(task: str, racers: list[Racer], acc: dict[int, list[float]]) -> Ceil
                    mean[surv] - mean[best], len(acc), sum(m >= mean[ref] + 1.0 for m in mean.values()))
 
 
+def of_sources(racers: list[Racer], sources: tuple[str, ...]) -> list[Racer]:
+    """The racers whose source kind (``search``, ``baseline``) is in ``sources`` (empty: all),
+    with the reference and the survivor always kept."""
+    return [r for r in racers if not sources or r.reference or r.chosen or r.source.split(":")[0] in sources]
+
+
 # ------------------------------------------------------------------ running the racers
-def task_racers(run: Path, task: str) -> list[Racer]:
-    """The pool of ``task``'s race in the finished mini-VTAB run under ``run``."""
+def task_racers(run: Path, task: str, sources: tuple[str, ...] = ()) -> list[Racer]:
+    """The pool of ``task``'s race in the finished mini-VTAB run under ``run`` (``sources``:
+    :func:`of_sources`)."""
     from noah_ray.data import minivtab
     from noah_ray.nn.backbones import shape_of
     from noah_ray.nn.models import subnet_for
@@ -132,7 +139,7 @@ def task_racers(run: Path, task: str) -> list[Racer]:
     job = minivtab.job_config(task, run / "storage" / "pretrained", run / "storage" / "data")
     fin = results.finalists(str(run / "storage" / "pretrained" / task))
     ref = subnet_for(REFERENCE, job, None)
-    return pool_of(task, fin, ref.to_json(), ref.param_count(shape_of(job.model.name)).modules)
+    return of_sources(pool_of(task, fin, ref.to_json(), ref.param_count(shape_of(job.model.name)).modules), sources)
 
 
 def racer_job(run: Path, racer: Racer, seeds: list[int]):
@@ -154,7 +161,7 @@ def run_task(spec_json: str) -> None:
     spec = json.loads(spec_json)
     pipeline.init_ray(spec["address"], quiet=True)
     run = Path(spec["run"])
-    for racer in task_racers(run, spec["task"]):
+    for racer in task_racers(run, spec["task"], tuple(spec["sources"])):
         job = racer_job(run, racer, spec["seeds"])
         pipeline.prepare_data(job)
         t0 = time.time()
@@ -162,17 +169,17 @@ def run_task(spec_json: str) -> None:
         print(f"RACER {racer.job} {time.time() - t0:.0f} s", flush=True)
 
 
-def _launch(run: Path, task: str, seeds: list[int], address: str) -> str | None:
+def _launch(run: Path, task: str, seeds: list[int], sources: tuple[str, ...], address: str) -> str | None:
     log = run / "racers-logs" / f"{task}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    spec = json.dumps({"address": address, "run": str(run), "task": task, "seeds": seeds})
+    spec = json.dumps({"address": address, "run": str(run), "task": task, "seeds": seeds, "sources": sources})
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, __file__, "--_run-task", spec], stdout=f, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     return None if proc.returncode == 0 else f"{task}: exit {proc.returncode} (log {log})"
 
 
-def run_all(run: Path, tasks: list[str], seeds: list[int], parallel: int) -> list[str]:
+def run_all(run: Path, tasks: list[str], seeds: list[int], parallel: int, sources: tuple[str, ...] = ()) -> list[str]:
     import ray
 
     from noah_ray.run import pipeline
@@ -180,18 +187,19 @@ def run_all(run: Path, tasks: list[str], seeds: list[int], parallel: int) -> lis
     pipeline.init_ray(None, quiet=True)
     address = ray.get_runtime_context().gcs_address
     with ThreadPoolExecutor(parallel) as pool:
-        errors = [e for e in pool.map(lambda t: _launch(run, t, seeds, address), tasks) if e]
+        errors = [e for e in pool.map(lambda t: _launch(run, t, seeds, sources, address), tasks) if e]
     ray.shutdown()
     return errors
 
 
 # ------------------------------------------------------------------ report
-def task_ceiling(run: Path, task: str, seeds: list[int]) -> tuple[Ceiling, list[Racer], dict] | None:
+def task_ceiling(run: Path, task: str, seeds: list[int],
+                 sources: tuple[str, ...] = ()) -> tuple[Ceiling, list[Racer], dict] | None:
     """The task's ceiling from the stored racer runs (None while a racer lacks a seed)."""
     from noah_ray.errors import ConfigError
     from noah_ray.store import results
 
-    racers = task_racers(run, task)
+    racers = task_racers(run, task, sources)
     try:
         rows = results.runs(str(run / "storage" / "racers"))
     except ConfigError:
@@ -205,10 +213,10 @@ def task_ceiling(run: Path, task: str, seeds: list[int]) -> tuple[Ceiling, list[
     return ceiling(task, racers, acc), racers, acc
 
 
-def report(run: Path, tasks: list[str], seeds: list[int]) -> dict:
+def report(run: Path, tasks: list[str], seeds: list[int], sources: tuple[str, ...] = ()) -> dict:
     rows, detail = [], {}
     for task in tasks:
-        got = task_ceiling(run, task, seeds)
+        got = task_ceiling(run, task, seeds, sources)
         if got is None:
             print(f"{task}: not every racer has seeds {seeds} yet")
             continue
@@ -240,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=2, help="tasks run at once (one process each)")
     p.add_argument("--report", action="store_true", help="run nothing: print from the stored runs")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--sources", nargs="+", choices=("search", "baseline"), default=[],
+                   help="only these racers (the reference and the survivor always; default: all)")
     p.add_argument("--_run-task", dest="run_task", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run_task:
@@ -255,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown task {bad[0]!r}; use {', '.join(minivtab.TASKS)}")
     t0, errors = time.time(), []
     if not args.report:
-        errors = run_all(run, tasks, args.seeds, args.parallel)
-    out = report(run, tasks, args.seeds)
+        errors = run_all(run, tasks, args.seeds, args.parallel, tuple(args.sources))
+    out = report(run, tasks, args.seeds, tuple(args.sources))
     if not args.report:
         print(f"wall time {(time.time() - t0) / 60:.1f} min")
     if args.json:

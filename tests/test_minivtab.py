@@ -205,6 +205,19 @@ def test_doc_writer_prints_averages_wins_intervals_and_costs_worked_out_by_hand(
     assert "- training epochs alone: 11.1 CPU-minutes (supernet 1.5, race 0.6, retraining 9.0), so at least" in text
 
 
+def test_mini_vtab_bench_set_overrides_the_recipe_of_both_jobs(tmp_path, load_bench):
+    bench = load_bench("mini_vtab")
+    args = bench._parser().parse_args(["--quick", "--set", "search.param_min=0.0157", "--set", "race.finalists=3"])
+    budget = bench.budget_of(args)
+    assert budget["search"]["param_min"] == 0.0157 and budget["search"]["generations"] == 1   # quick's kept
+    (_, pre), (_, rnd) = bench.task_jobs("mv_digits", tmp_path, budget, [0])
+    assert pre["search"]["param_min"] == 0.0157 and pre["race"]["finalists"] == 3
+    assert rnd["retrain"]["method"] == "linear" and rnd["search"]["param_min"] == 0.0157
+    with pytest.raises(SystemExit) as e:                   # a usage error: exit 2, before anything runs
+        bench.main(["--set", "search", "--out", str(tmp_path)])
+    assert e.value.code == 2
+
+
 @pytest.mark.slow
 def test_mini_vtab_bench_quick_on_one_task(tmp_path, ray_session, load_bench):
     """``bench/mini_vtab.py --quick`` settings on one task, through the real pipeline on the

@@ -53,3 +53,13 @@ def test_ceiling_splits_the_survivors_gap_into_pool_and_selection(load_bench):
     # left out 0: 93 / 91 / 88 / 94 -> 3: 94 - 90; 1: 92 / 91 / 95.5 / 94 -> 2: 80 - 92; 2: 91 / 91 / 87.5 / 94 -> 3: 0
     assert c.held_out == pytest.approx((4 - 12 + 0) / 3)
     assert (c.racers, c.above) == (4, 1)                       # only racer 3 reaches 92 + 1
+
+
+def test_sources_keep_the_named_kinds_the_reference_and_the_survivor(load_bench):
+    b = load_bench("racers")
+    racers = [b.Racer("t", 0, "search", 100, "{}"), b.Racer("t", 1, "baseline:vpt", 110, "{}", chosen=True),
+              b.Racer("t", 2, "baseline:adapter", 115, "{}"),
+              b.Racer("t", 3, "baseline:lora", 120, LORA8, reference=True)]
+    assert [r.index for r in b.of_sources(racers, ("search",))] == [0, 1, 3]
+    assert [r.index for r in b.of_sources(racers, ("baseline",))] == [1, 2, 3]
+    assert [r.index for r in b.of_sources(racers, ())] == [0, 1, 2, 3]
