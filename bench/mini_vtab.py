@@ -329,7 +329,7 @@ def summary(pre, rnd) -> list[str]:
     """The issue's comparisons: pretrained vs random linear probe; NOAH vs the best single module;
     every adapted method against the floor."""
     lines = []
-    if not rnd.empty and not pre.empty and "Mean" in pre:
+    if not rnd.empty and not pre.empty and "Mean" in pre and "linear" in set(pre["method"]):   # --methods may lack it
         tasks = [c for c in rnd.columns if c.startswith("mv_")]
         lin_pre = pre.set_index("method").loc["linear", tasks].mean()
         lin_rnd = rnd.set_index("method").loc["linear", tasks].mean()

@@ -4,6 +4,7 @@ backbone (loads by its timm tag, beats the random backbone on a linear probe).""
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -203,6 +204,17 @@ def test_doc_writer_prints_averages_wins_intervals_and_costs_worked_out_by_hand(
     # training: 3 tasks x 3 distinct methods (noah+ trained nothing) x 3 seeds x 20 s = 540 s; a
     # supernet of 90 s, race trials of 30 + 6 s: 666 s = 11.1 CPU-minutes
     assert "- training epochs alone: 11.1 CPU-minutes (supernet 1.5, race 0.6, retraining 9.0), so at least" in text
+
+
+def test_summary_of_a_run_without_a_linear_row_skips_the_probe_line(load_bench):
+    bench = load_bench("mini_vtab")
+    pre = pd.DataFrame({"method": ["noah", "lora"], "mv_digits": [90.0, 92.0], "Mean": [90.0, 92.0],
+                        "Mean_tasks": [90.0, 92.0], "params_m": [0.018, 0.018]})
+    rnd = pd.DataFrame({"method": ["linear"], "mv_digits": [20.0], "Mean": [20.0]})
+    lines = bench.summary(pre, rnd)                          # --methods lora: no linear row on the pretrained side
+    assert not any(ln.startswith("linear probe") for ln in lines)
+    assert "noah mean 90.00 % (0.0180 M) vs best single module at >= its params: lora 92.00 % (0.0180 M): " \
+           "-2.00 points" in lines
 
 
 def test_mini_vtab_bench_set_overrides_the_recipe_of_both_jobs(tmp_path, load_bench):
