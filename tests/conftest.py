@@ -188,6 +188,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     import importlib.util
     import tempfile
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):       # under pytest -n every worker collects every test;
+        return                                       # the one that gets the check starts mypy then
     if importlib.util.find_spec("mypy") and any(item.nodeid.endswith(MYPY_TEST) for item in session.items):
         cache = tempfile.mkdtemp(prefix="noah-mypy-")
         session.config.stash[_MYPY] = (start_mypy(cache), cache)
