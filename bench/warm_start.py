@@ -10,7 +10,9 @@ race (``results.finalists``): which finalist survived (a search candidate or a h
 baseline) and its val accuracy at the top rung.
 
 What this measures is the search's own objective on the same supernet (and the race's choice),
-not test accuracy after retraining.
+not test accuracy after retraining.  The recipe's ``search.param_min`` (0.0157 M since
+docs/mini_vtab.md section 15) is above every uniform config of the space, so no warm start is
+feasible there: measure warm starts on a run made with ``--set search.param_min=0``.
 
     python bench/warm_start.py --run /tmp/mv2 --copy /tmp/mv2-nowarm
 """

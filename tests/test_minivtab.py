@@ -219,12 +219,12 @@ def test_summary_of_a_run_without_a_linear_row_skips_the_probe_line(load_bench):
 
 def test_mini_vtab_bench_set_overrides_the_recipe_of_both_jobs(tmp_path, load_bench):
     bench = load_bench("mini_vtab")
-    args = bench._parser().parse_args(["--quick", "--set", "search.param_min=0.0157", "--set", "race.finalists=3"])
+    args = bench._parser().parse_args(["--quick", "--set", "search.param_min=0.012", "--set", "race.finalists=3"])
     budget = bench.budget_of(args)
-    assert budget["search"]["param_min"] == 0.0157 and budget["search"]["generations"] == 1   # quick's kept
+    assert budget["search"]["param_min"] == 0.012 and budget["search"]["generations"] == 1   # quick's kept
     (_, pre), (_, rnd) = bench.task_jobs("mv_digits", tmp_path, budget, [0])
-    assert pre["search"]["param_min"] == 0.0157 and pre["race"]["finalists"] == 3
-    assert rnd["retrain"]["method"] == "linear" and rnd["search"]["param_min"] == 0.0157
+    assert pre["search"]["param_min"] == 0.012 and pre["race"]["finalists"] == 3      # the recipe's: 0.0157
+    assert rnd["retrain"]["method"] == "linear" and rnd["search"]["param_min"] == 0.012
     with pytest.raises(SystemExit) as e:                   # a usage error: exit 2, before anything runs
         bench.main(["--set", "search", "--out", str(tmp_path)])
     assert e.value.code == 2
