@@ -15,12 +15,13 @@ from pathlib import Path
 
 def search_table(storage: Path, top: int = 4):
     import pandas as pd
-    import pyarrow.dataset as ds
     from scipy.stats import spearmanr
+
+    from noah_ray.store import results
 
     rows = []
     for trials in sorted(storage.glob("pretrained/*/search/trials")):
-        d = ds.dataset(trials, format="parquet").to_table().to_pandas()
+        d = results.load_trials(str(trials.parents[1]))         # the task's job: <storage>/pretrained/<task>
         d = d[d["status"] == "done"].drop_duplicates("config_key")
         best = d.sort_values("val_acc", ascending=False).head(top)
         rows.append({"task": str(d["dataset"].iloc[0]), "scored": len(d),
