@@ -6,7 +6,8 @@ For each method of the mini-VTAB recipe (``noah_ray/configs/minivtab.yaml``: the
 with :func:`noah_ray.nn.models.build_model` and one step (forward, backward, AdamW) on a batch of
 random images is timed; methods alternate in rounds in one process (medians per step), so the
 ratios to the first method hold within one run.  ``--profile`` also prints the top operators of
-each method's step by self CPU time (torch.profiler, 3 steps).
+each method's step by self CPU time (torch.profiler, 3 steps).  The process first applies the
+workers' glibc setting (:func:`noah_ray.nn.malloc.keep_freed_memory`) unless ``--glibc-default``.
 
     python bench/method_step.py [--threads 1] [--batch 32] [--methods linear full lora vpt adapter]
 """
@@ -20,6 +21,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from noah_ray.nn.malloc import keep_freed_memory
 
 
 def build(method: str, task: str = "mv_count"):
@@ -48,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--methods", nargs="+", default=["linear", "full", "lora", "vpt", "adapter"])
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--glibc-default", action="store_true",
+                   help="keep glibc's adaptive malloc thresholds (default: the workers' keep_freed_memory)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.glibc_default:
+        keep_freed_memory()
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
     models = {m: build(m) for m in args.methods}
     times: dict[str, list[float]] = {m: [] for m in args.methods}

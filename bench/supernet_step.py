@@ -37,9 +37,14 @@ tokens in every layer on average).
 torch.profiler (same random subnets) and prints milliseconds per step in forward / backward /
 optimizer and the top operators by self CPU time.
 
+On the CPU the process first applies the workers' glibc setting
+(:func:`noah_ray.nn.malloc.keep_freed_memory`: freed memory is kept for the next step);
+``--glibc-default`` leaves glibc's adaptive thresholds instead (the setting is process-wide, so the
+two are compared in separate runs).
+
 Usage: ``python bench/supernet_step.py [--device auto|cpu|cuda] [--model M] [--batch B]
 [--precision fp32|bf16] [--rounds R] [--steps S] [--threads T] [--profile N] [--ablate] [--recipe R]
-[--products] [--tokens]``
+[--products] [--tokens] [--glibc-default]``
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
+import resource
 import statistics
 import time
 
@@ -55,6 +61,7 @@ import torch.nn.functional as F
 
 from noah_ray.nn import optim
 from noah_ray.nn.backbones import create_backbone
+from noah_ray.nn.malloc import keep_freed_memory
 from noah_ray.nn.supernet import PromptedViT
 from noah_ray.space import SearchSpace, SubnetConfig
 
@@ -251,6 +258,8 @@ def main() -> None:
     p.add_argument("--recipe", default="noah", help="the supernet's recipe (noah_ray.space.recipes)")
     p.add_argument("--products", action="store_true", help="time the LoRA gradient products in both layouts")
     p.add_argument("--tokens", action="store_true", help="time the plain blocks on longer sequences")
+    p.add_argument("--glibc-default", action="store_true",
+                   help="keep glibc's adaptive malloc thresholds (default: the workers' keep_freed_memory)")
     p.add_argument("--ckpt-blocks", type=int, nargs="*", default=[], metavar="N",
                    help="also time checkpointing of the first N blocks only (model.checkpoint_blocks)")
     args = p.parse_args()
@@ -258,6 +267,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    kept = args.device == "cpu" and not args.glibc_default and keep_freed_memory()
+    print(f"glibc malloc: {'freed memory kept (noah_ray.nn.malloc)' if kept else 'default'}")
     model, batch, precision, rounds, steps = DEFAULTS[args.device]
     args.model, args.batch, args.precision = args.model or model, args.batch or batch, args.precision or precision
     args.rounds, args.steps = args.rounds or rounds, args.steps or steps
@@ -294,6 +305,7 @@ def main() -> None:
           f"supernet / plain (full bwd): {sn.step_s / full.step_s:.2f} (issue goal <= 1.15)")
     print("checkpointing / supernet: " + ", ".join(f"{v.name.split(' + ckpt')[1].strip() or 'all'} "
                                                    f"{v.step_s / sn.step_s:.2f}" for v in variants[3:]))
+    print(f"peak resident memory of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     if cuda:
         ck = variants[3]
         print(f"supernet peak memory: {sn.peak_mib:.0f} MiB without, {ck.peak_mib:.0f} MiB with checkpointing "

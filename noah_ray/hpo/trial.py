@@ -220,11 +220,14 @@ def train_trial(tuned: JobConfig, method: str, cfg: SubnetConfig, backbone: str 
 
     from noah_ray.nn import optim
     from noah_ray.nn.epoch import make_optimizer
+    from noah_ray.nn.malloc import keep_freed_memory
     from noah_ray.nn.models import build_model
 
     trial_id = tune.get_context().get_trial_id()
     torch.set_num_threads(max(1, int(res.cpus)))
     device = torch.device("cuda" if res.gpus > 0 and torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(res.seed)
     model = build_model(tuned, cfg, backbone, num_classes,
                         train_backbone=trains_backbone(method), method=method).to(device)   # the method's recipe

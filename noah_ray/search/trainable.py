@@ -55,12 +55,16 @@ class CandidateEvaluator(tune.Trainable):
     def _setup(self, job: dict, loader: Callable | None, val_data: Callable | None) -> None:
         import torch
 
+        from noah_ray.nn.malloc import keep_freed_memory
+
         t0 = time.perf_counter()
         self.job = JobConfig.from_dict(job)
         s = self.job.search
         torch.set_num_threads(max(1, int(round(s.cpus_per_trial))))
         use_gpu = s.gpus_per_trial > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
+        if not use_gpu:
+            keep_freed_memory()   # candidates of other widths change tensor sizes from batch to batch
         model = (loader or default_loader)(self.job)
         model.set_precision(self.job.model.precision)
         model.set_fused_attn(self.job.model.fused_attn)

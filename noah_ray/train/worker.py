@@ -35,6 +35,7 @@ from noah_ray.config import JobConfig, SupernetConfig, TrainConfig
 from noah_ray.errors import ConfigError
 from noah_ray.nn import optim
 from noah_ray.nn.epoch import check_loss, make_optimizer, train_epoch
+from noah_ray.nn.malloc import keep_freed_memory
 from noah_ray.nn.models import build_model, evaluate
 from noah_ray.nn.prune import PrunePlan, apply_plan
 from noah_ray.nn.supernet import PromptedViT
@@ -247,6 +248,8 @@ def _setup(run: RunSpec, session: Session) -> Worker:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32, as timm's train script
+    else:
+        keep_freed_memory()   # a random subnet per step changes tensor sizes: no page faults each step
     torch.manual_seed(run.seed)  # identical initial weights on every rank
     capacity = SubnetConfig.from_json(run.subnet) if run.subnet else None
     model = build_model(run.job, capacity, run.backbone, run.num_classes,
