@@ -43,7 +43,7 @@ On the CPU the process first applies the workers' glibc setting
 two are compared in separate runs).
 
 Usage: ``python bench/supernet_step.py [--device auto|cpu|cuda] [--model M] [--batch B]
-[--precision fp32|bf16] [--rounds R] [--steps S] [--threads T] [--profile N] [--ablate] [--recipe R]
+[--precision fp32|bf16] [--rounds R] [--steps S] [--warmup W] [--threads T] [--profile N] [--ablate] [--recipe R]
 [--products] [--tokens] [--glibc-default]``
 """
 
@@ -252,6 +252,7 @@ def main() -> None:
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"])
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps instead of timing")
     p.add_argument("--ablate", action="store_true", help="time each module kind alone instead")
@@ -276,9 +277,9 @@ def main() -> None:
         (products if args.products else tokens)(args)
         return
     variants = build_ablation(args) if args.ablate else build(args)
-    for v in variants:  # warm-up (kernels, AdamW state)
-        v.step()
-        v.step()
+    for v in variants:  # warm-up (kernels, AdamW state, the allocator's thresholds)
+        for _ in range(args.warmup):
+            v.step()
     if args.profile:
         profile(variants, args.profile)
         return
