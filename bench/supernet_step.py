@@ -34,6 +34,10 @@ sequence and on 1, 5 and 10 tokens more: what VPT's prompt tokens cost by themse
 frozen blocks run on a longer sequence (a random subnet of the paper's space carries 5.4 prompt
 tokens in every layer on average).
 
+``--compile N`` instead runs N steps of the supernet under ``torch.compile(dynamic=True)`` on random
+subnets and prints each step's time (a step that meets a new graph includes its compilation) with
+the graphs compiled so far, then the eager supernet's median step on the same subnets.
+
 ``--profile N`` instead profiles N steps of ``plain (full bwd)`` and ``supernet`` with
 torch.profiler (same random subnets) and prints milliseconds per step in forward / backward /
 optimizer and the top operators by self CPU time.
@@ -45,7 +49,7 @@ two are compared in separate runs).
 
 Usage: ``python bench/supernet_step.py [--device auto|cpu|cuda] [--model M] [--batch B]
 [--precision fp32|bf16] [--rounds R] [--steps S] [--warmup W] [--threads T] [--profile N] [--ablate] [--recipe R]
-[--products] [--tokens] [--glibc-default]``
+[--products] [--tokens] [--compile N] [--glibc-default]``
 """
 
 from __future__ import annotations
@@ -245,6 +249,33 @@ def tokens(args: argparse.Namespace) -> None:
         print(f"  {n + extra:4d} tokens (+{extra:2d}): {ms:8.1f} ms  x {ms / base:.3f}")
 
 
+def compiled(args: argparse.Namespace) -> None:
+    """``--compile N``: compile time, graphs and step time of the compiled supernet against eager."""
+    from torch._dynamo.utils import counters
+
+    depth, x, y = inputs(args)
+    space = SearchSpace.paper_vtab(depth)
+    net = PromptedViT.supernet(args.model, 100, space, recipe=args.recipe).to(args.device).train()
+    net.set_precision(args.precision)
+    comp = Variant("compiled", torch.compile(net, dynamic=True), x, y, args.precision, space, seed=1)
+    print(f"{args.model}, batch {args.batch}, recipe {args.recipe}, torch threads {torch.get_num_threads()}: "
+          f"torch.compile(dynamic=True), one random subnet per step")
+    t_start = time.perf_counter()
+    for i in range(args.compile):
+        comp.timed(1)
+        print(f"  step {i:3d}: {1e3 * comp.times[-1]:9.1f} ms, graphs compiled so far "
+              f"{counters['stats']['unique_graphs']}, frames {counters['frames']['ok']}", flush=True)
+    print(f"compiled: {time.perf_counter() - t_start:.1f} s for {args.compile} steps; median step "
+          f"{1e3 * comp.step_s:.1f} ms, last {min(5, args.compile)} steps' median "
+          f"{1e3 * statistics.median(comp.times[-5:]):.1f} ms")
+    eager = Variant("eager", net, x, y, args.precision, space, seed=1)
+    eager.step()
+    eager.rng = random.Random(1)          # the compiled run's subnets, in order
+    for _ in range(args.compile):
+        eager.timed(1)
+    print(f"eager on the same subnets: median step {1e3 * eager.step_s:.1f} ms")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -259,6 +290,8 @@ def main() -> None:
     p.add_argument("--ablate", action="store_true", help="time each module kind alone instead")
     p.add_argument("--recipe", default="noah", help="the supernet's recipe (noah_ray.space.recipes)")
     p.add_argument("--products", action="store_true", help="time the LoRA gradient products in both layouts")
+    p.add_argument("--compile", type=int, default=0, metavar="N",
+                   help="run N steps under torch.compile(dynamic=True) instead (compile time, graphs)")
     p.add_argument("--tokens", action="store_true", help="time the plain blocks on longer sequences")
     p.add_argument("--glibc-default", action="store_true",
                    help="keep glibc's adaptive malloc thresholds (default: the workers' keep_freed_memory)")
@@ -276,6 +309,9 @@ def main() -> None:
     args.rounds, args.steps = args.rounds or rounds, args.steps or steps
     if args.products or args.tokens:
         (products if args.products else tokens)(args)
+        return
+    if args.compile:
+        compiled(args)
         return
     variants = build_ablation(args) if args.ablate else build(args)
     for v in variants:  # warm-up (kernels, AdamW state, the allocator's thresholds)
