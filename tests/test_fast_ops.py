@@ -103,3 +103,21 @@ def test_thin_linear_under_autocast_keeps_the_layer_dtype_and_the_definition(wit
     assert y.dtype == torch.bfloat16
     want = alpha * x @ w.T + b + (base.float() if with_base else 0)
     assert torch.allclose(y.float(), want, atol=0.15, rtol=0.02)
+
+
+def test_under_torch_compile_the_ops_are_their_plain_expressions():
+    """Traced by dynamo (``backend="eager"``: no code generation), each op is its definition:
+    ``base + alpha * x W^T + b``, the spliced sequence, and a dropout whose elements are 0 or
+    ``x / (1 - p)`` with about ``1 - p`` of them kept (10^5 draws: 5 standard deviations is 0.0067)."""
+    torch.manual_seed(0)
+    x, w, b, base = torch.randn(4, 6, 8), torch.randn(3, 8), torch.randn(3), torch.randn(4, 6, 3)
+    lin = torch.compile(lambda x: thin_linear(x, w, b, base=base, alpha=0.5), backend="eager", fullgraph=True)
+    torch.testing.assert_close(lin(x), base + 0.5 * torch.einsum("btk,ok->bto", x, w) + b)
+    p = torch.randn(4, 2, 8)
+    spl = torch.compile(lambda x, p: splice(x, p, 1, 3), backend="eager", fullgraph=True)
+    assert torch.equal(spl(x, p), torch.cat([x[:, :1], p, x[:, 4:]], dim=1))
+    ones = torch.ones(100_000)
+    drop = torch.compile(lambda t: dropout(t, 0.25, True), backend="eager", fullgraph=True)
+    y = drop(ones)
+    assert torch.isin(torch.unique(y), torch.tensor([0.0, 1.0 / 0.75])).all()   # float32 values
+    assert abs((y > 0).float().mean().item() - 0.75) < 0.0067

@@ -14,6 +14,10 @@ equal in math.
   whose result is ``(many rows, r)`` for small ``r`` (``g @ B``, ``g.T @ h``: the gradients
   autograd forms for a rank-``r`` product); each such product is formed as the transpose of
   ``(r, many)`` instead.  Same products, summed in another order.
+
+Under ``torch.compile`` each is its plain torch expression (the compiler fuses those itself and
+traces neither the custom autograd functions nor numpy's generator); the dropout then draws its
+mask with torch's generator, the same distribution from another stream.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     or ``p == 0``."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0:
+    if x.device.type != "cpu" or p >= 1.0 or torch.compiler.is_compiling():
         return F.dropout(x, p, True)
     seed = int(torch.empty((), dtype=torch.int64).random_())
     n = x.numel()
@@ -124,7 +128,7 @@ def thin_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     """``base + alpha * F.linear(x, w) + bias`` (``base`` shaped like the result, optional) for a
     weight ``w`` with one small side; products arranged for CPU BLAS (module docstring).  Under
     autocast or off the CPU it is the plain torch expression."""
-    if x.device.type != "cpu" or torch.is_autocast_enabled(x.device.type):
+    if x.device.type != "cpu" or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
         return _plain_linear(x, w, bias, base, alpha)
     lead = x.shape[:-1]
     flat_base = None if base is None else base.reshape(-1, w.shape[0])
@@ -134,4 +138,6 @@ def thin_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
 
 def splice(x: torch.Tensor, p: torch.Tensor | None, start: int, n_old: int) -> torch.Tensor:
     """``x`` with its ``n_old`` tokens from ``start`` (dim 1) replaced by ``p`` (none if None)."""
+    if torch.compiler.is_compiling():
+        return torch.cat([x[:, :start]] + ([p] if p is not None else []) + [x[:, start + n_old:]], dim=1)
     return _Splice.apply(x, p, start, n_old)
