@@ -42,13 +42,17 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * noise
 
 
+def _spliced(x: torch.Tensor, p: torch.Tensor | None, start: int, n_old: int) -> torch.Tensor:
+    """The spliced sequence in plain torch ops (autograd's own backward: two slice-backwards)."""
+    return torch.cat([x[:, :start]] + ([p] if p is not None else []) + [x[:, start + n_old:]], dim=1)
+
+
 class _Splice(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: torch.Tensor | None, start: int, n_old: int) -> torch.Tensor:
         n_new = 0 if p is None else p.shape[1]
         ctx.shape, ctx.start, ctx.n_old, ctx.n_new = x.shape, start, n_old, n_new
-        parts = [x[:, :start]] + ([p] if p is not None else []) + [x[:, start + n_old:]]
-        return torch.cat(parts, dim=1)
+        return _spliced(x, p, start, n_old)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -139,5 +143,5 @@ def thin_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
 def splice(x: torch.Tensor, p: torch.Tensor | None, start: int, n_old: int) -> torch.Tensor:
     """``x`` with its ``n_old`` tokens from ``start`` (dim 1) replaced by ``p`` (none if None)."""
     if torch.compiler.is_compiling():
-        return torch.cat([x[:, :start]] + ([p] if p is not None else []) + [x[:, start + n_old:]], dim=1)
+        return _spliced(x, p, start, n_old)
     return _Splice.apply(x, p, start, n_old)
