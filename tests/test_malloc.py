@@ -7,15 +7,14 @@ setting is process-wide."""
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-from noah_ray.nn.malloc import keep_freed_memory
+from noah_ray.nn.malloc import keep_freed_memory, on_glibc
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+pytestmark = pytest.mark.skipif(not (on_glibc() and os.path.exists("/proc/self/statm")),
                                 reason="glibc on Linux only")
 
 _SCRIPT = r"""

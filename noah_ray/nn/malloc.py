@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 #: ``mallopt`` parameters (glibc ``malloc.h``)
 M_TRIM_THRESHOLD = -1
@@ -34,12 +33,21 @@ MMAP_THRESHOLD_MAX = 32 * 2**20
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
+def on_glibc() -> bool:
+    """Whether the running C library is glibc (asked of the library itself, not guessed from the
+    executable's file as ``platform.libc_ver`` does)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError, AttributeError):   # no such name off glibc / off POSIX
+        return False
+
+
 def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
     """Serve blocks up to 32 MiB from the heap and never trim it (module docstring).  True when
     glibc took both settings; False when the user set either in the environment or the C library
     is not glibc.  Idempotent."""
     env = os.environ if environ is None else environ
-    if any(k in env for k in USER_SETTINGS) or platform.libc_ver()[0] != "glibc":
+    if any(k in env for k in USER_SETTINGS) or not on_glibc():
         return False
     libc = ctypes.CDLL(None)
     mallopt = libc.mallopt
